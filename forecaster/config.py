@@ -1,0 +1,228 @@
+"""Settings: one ``Settings`` object, read once at the entry point and passed down.
+
+Every value can come from the environment with the prefix ``FORECASTER_`` and ``__`` between a section
+and its field, e.g. ``FORECASTER_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or
+``FORECASTER_MODEL__HIDDEN_SIZE=128``. Tests build ``Settings(...)`` directly.
+
+>>> s = Settings(model={"cell": "lstm"})
+>>> s.model.cell
+'lstm'
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from forecaster.errors import ConfigError
+
+ENV_PREFIX = "FORECASTER_"
+ENV_DELIMITER = "__"
+
+
+class KafkaSettings(BaseModel):
+    """Where the broker is, which topics to use, and how to authenticate."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    input_topic: str = "ts.input"
+    output_topic: str = "ts.forecasts"
+    deadletter_topic: str = "ts.deadletter"
+    changelog_topic: str = "ts.state-changelog"
+    group_id: str = "forecaster"
+    client_id: str = "forecaster"
+    # Partitions used when the service or the topic setup creates a missing topic.
+    partitions: int = Field(default=6, ge=1, le=10_000)
+    replication_factor: int = Field(default=1, ge=1, le=7)
+    auto_create_topics: bool = True
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_password: SecretStr | None = None
+    ssl_check_hostname: bool = True
+    request_timeout_ms: int = Field(default=30_000, ge=1_000)
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _hosts_have_ports(cls, value: str) -> str:
+        hosts = [h.strip() for h in value.split(",") if h.strip()]
+        if not hosts:
+            raise ValueError("needs at least one host:port")
+        for host in hosts:
+            name, _, port = host.rpartition(":")
+            if not name or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{host!r} is not host:port")
+        return ",".join(hosts)
+
+    @model_validator(mode="after")
+    def _security_is_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL"):
+            if self.sasl_mechanism is None:
+                raise ValueError(f"security_protocol={self.security_protocol} needs sasl_mechanism")
+            if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and (
+                not self.sasl_username or self.sasl_password is None
+            ):
+                raise ValueError(f"sasl_mechanism={self.sasl_mechanism} needs sasl_username and sasl_password")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}={path} is not a readable file")
+        return self
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments shared by kafka-python's producer, consumer and admin client."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            options["sasl_mechanism"] = self.sasl_mechanism
+        if self.sasl_username:
+            options["sasl_plain_username"] = self.sasl_username
+        if self.sasl_password is not None:
+            options["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            options["ssl_check_hostname"] = self.ssl_check_hostname
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                if getattr(self, name) is not None:
+                    options[name] = str(getattr(self, name))
+            if self.ssl_password is not None:
+                options["ssl_password"] = self.ssl_password.get_secret_value()
+        return options
+
+
+class ModelSettings(BaseModel):
+    """Shape of the recurrent forecaster used when no checkpoint exists yet (and by the trainer)."""
+
+    cell: Literal["gru", "lstm", "rnn"] = "gru"
+    hidden_size: int = Field(default=64, ge=1, le=4096)
+    num_layers: int = Field(default=2, ge=1, le=16)
+    horizon: int = Field(default=12, ge=1, le=1024)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
+class ScalingSettings(BaseModel):
+    """Causal per-series normalisation (see ``forecaster.scaling``)."""
+
+    kind: Literal["ewm", "none"] = "ewm"
+    # Effective memory of the running mean and variance, in values.
+    halflife: float = Field(default=256.0, gt=0.0)
+    # Floor of the scale relative to |mean| (and absolute), so a flat series does not divide by zero.
+    min_scale: float = Field(default=1e-3, gt=0.0)
+
+
+class StateSettings(BaseModel):
+    """The per-series state table."""
+
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    window: int = Field(default=256, ge=1, le=1_000_000)  # retained values per series (re-warm on swap)
+    initial_capacity: int = Field(default=1024, ge=1)
+    max_series: int = Field(default=1_000_000, ge=1)  # LRU eviction above this
+    ttl_seconds: float = Field(default=7 * 24 * 3600.0, gt=0.0)  # idle series are evicted after this
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "auto" and not (value == "cpu" or value == "cuda" or value.startswith("cuda:")):
+            raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+        return value
+
+
+class ServiceSettings(BaseModel):
+    """The streaming loop."""
+
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    max_poll_records: int = Field(default=2000, ge=1, le=1_000_000)
+    poll_timeout_ms: int = Field(default=100, ge=0, le=60_000)
+    commit_interval_ms: int = Field(default=100, ge=0)
+    commit_records: int = Field(default=20_000, ge=1)
+    max_window_values: int = Field(default=10_000, ge=1)  # values in one windowed input record
+    max_series_length: int = Field(default=256, ge=1, le=4096)  # characters in a series id
+    max_future_ms: int = Field(default=366 * 24 * 3600 * 1000, ge=0)  # ts further ahead is absurd
+    transactional_id: str | None = None  # default: "<group_id>-<instance id>"
+    instance_id: str = "0"
+    checkpoint_poll_seconds: float = Field(default=5.0, gt=0.0)
+
+
+class MetricsSettings(BaseModel):
+    """The Prometheus endpoint (``/metrics``) and the health answer (``/healthz``)."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=9108, ge=0, le=65535)  # 0: do not serve
+
+
+class CheckpointSettings(BaseModel):
+    """Where versioned checkpoints live."""
+
+    dir: Path = Path("checkpoints")
+
+
+class TrainSettings(BaseModel):
+    """The offline trainer."""
+
+    epochs: int = Field(default=20, ge=1)
+    chunk_length: int = Field(default=64, ge=2)  # truncated BPTT chunk
+    batch_series: int = Field(default=64, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+    validation_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    patience: int = Field(default=3, ge=1)
+    season: int | None = Field(default=None, ge=1)
+    publish_only_if_better: bool = True
+    metrics_port: int = Field(default=9109, ge=0, le=65535)
+    max_values: int = Field(default=5_000_000, ge=1)
+
+
+class Settings(BaseSettings):
+    """All settings of forecaster, one section per part."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        env_file=None,
+        extra="ignore",
+        protected_namespaces=(),
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    model: ModelSettings = ModelSettings()
+    scaling: ScalingSettings = ScalingSettings()
+    state: StateSettings = StateSettings()
+    service: ServiceSettings = ServiceSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    checkpoints: CheckpointSettings = CheckpointSettings()
+    train: TrainSettings = TrainSettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def masked_json(self) -> str:
+        """The effective settings as JSON, secrets masked."""
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment, turning a bad value into a one-line ``ConfigError``."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per bad value, naming the environment variable that sets it."""
+    lines = []
+    for error in exc.errors():
+        location = [str(part) for part in error["loc"] if not str(part).isdigit()]
+        variable = ENV_PREFIX + ENV_DELIMITER.join(part.upper() for part in location)
+        given = error.get("input")
+        shown = "" if isinstance(given, dict) or "password" in variable.lower() else f" (got {given!r})"
+        lines.append(f"{variable}: {error['msg']}{shown}")
+    return "invalid settings: " + "; ".join(lines)

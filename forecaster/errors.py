@@ -1,0 +1,34 @@
+"""One exception family: everything forecaster raises on purpose is a ``ForecasterError``."""
+
+
+class ForecasterError(Exception):
+    """Base of every error forecaster raises on purpose."""
+
+
+class ConfigError(ForecasterError):
+    """A setting has a bad value; the message names the environment variable."""
+
+
+class InvalidRecord(ForecasterError):
+    """An input record failed validation; ``reason`` is a short stable code used as a metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class CheckpointError(ForecasterError):
+    """A checkpoint is missing, incomplete, tampered with or does not match its manifest."""
+
+
+class StateError(ForecasterError):
+    """A state snapshot cannot be restored (corrupt bytes, unknown format, wrong shape)."""
+
+
+class KafkaSetupError(ForecasterError):
+    """The broker or a topic is not as the service needs it (unreachable, wrong partition count)."""
+
+
+class DataError(ForecasterError):
+    """A data file cannot be read as a time series (missing columns, empty, unknown format)."""
