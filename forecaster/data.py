@@ -1,0 +1,162 @@
+"""Reading series files: CSV (long or wide) and Parquet, into one long frame ``series, ts, value``.
+
+Long format has the columns ``series``, ``ts`` and ``value`` (one row per value). Wide format has one
+time column (``ts``, ``time``, ``timestamp``, ``date``, ``datetime`` or else the first column) and one
+numeric column per series. Timestamps are epoch milliseconds (integers) or anything ISO-8601-like that
+pandas parses (dates, date-times; naive ones are read as UTC).
+
+Bad rows never raise: they are returned with their line number and reason so callers can report and skip
+them. A file that cannot be read as series at all raises ``DataError`` with a one-line message.
+
+>>> import io
+>>> loaded = read_series(io.StringIO("series,ts,value\\na,1000,1.5\\na,2000,x\\n"))
+>>> loaded.frame.to_dict("list")
+{'series': ['a'], 'ts': [1000], 'value': [1.5], 'line': [2]}
+>>> [(bad.line, bad.reason) for bad in loaded.bad_rows]
+[(3, 'value_not_number')]
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import pandas as pd
+
+from forecaster.errors import DataError
+
+TIME_COLUMNS = ("ts", "time", "timestamp", "date", "datetime")
+LONG_COLUMNS = ("series", "ts", "value")
+# 1970-01-01 .. 2200-01-01 in epoch ms: anything outside is not a timestamp a user meant.
+MIN_TS_MS = 0
+MAX_TS_MS = 7_258_118_400_000
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that was skipped: its 1-based line number in the file (header = line 1) and why."""
+
+    line: int
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class LoadedSeries:
+    """Good rows as a long frame (``series`` str, ``ts`` int64 ms, ``value`` float64, ``line``) plus the bad."""
+
+    frame: pd.DataFrame
+    bad_rows: list[BadRow] = field(default_factory=list)
+    layout: str = "long"
+
+    def bad_summary(self) -> dict[str, int]:
+        """Count of skipped rows per reason."""
+        return dict(Counter(bad.reason for bad in self.bad_rows))
+
+
+def read_series(source: str | os.PathLike[str] | IO[str], *, fmt: str | None = None) -> LoadedSeries:
+    """Read a long or wide CSV (or a Parquet file) into a ``LoadedSeries``."""
+    raw = _read_table(source, fmt)
+    if raw.columns.size == 0 or raw.empty:
+        raise DataError(f"{_name(source)}: the file has no data rows")
+    raw.columns = [str(c).strip() for c in raw.columns]
+    lowered = {c.lower(): c for c in raw.columns}
+    if all(c in lowered for c in LONG_COLUMNS):
+        return _long(raw.rename(columns={lowered[c]: c for c in LONG_COLUMNS}))
+    if "series" in lowered or "value" in lowered:
+        missing = [c for c in LONG_COLUMNS if c not in lowered]
+        raise DataError(f"{_name(source)}: long format needs columns series,ts,value; missing {','.join(missing)}")
+    return _wide(raw, source)
+
+
+def parse_timestamps(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Epoch-ms int64 array and a boolean mask of the entries that parsed to a sane timestamp."""
+    if pd.api.types.is_datetime64_any_dtype(column):
+        column = column.astype(str)
+    numeric = pd.to_numeric(column, errors="coerce")
+    looks_numeric = numeric.notna() | column.isna()
+    ms = np.zeros(len(column), dtype=np.int64)
+    ok = np.zeros(len(column), dtype=bool)
+    if looks_numeric.all():
+        finite = np.isfinite(numeric.to_numpy(dtype=np.float64, na_value=np.nan))
+        ms[finite] = numeric.to_numpy(dtype=np.float64, na_value=np.nan)[finite].astype(np.int64)
+        ok = finite
+    else:
+        parsed = pd.to_datetime(column.astype("string"), errors="coerce", utc=True, format="mixed")
+        ok = parsed.notna().to_numpy()
+        ms[ok] = parsed[ok].astype("datetime64[ms, UTC]").astype("int64").to_numpy()
+    ok = ok & (ms >= MIN_TS_MS) & (ms < MAX_TS_MS)
+    return ms, ok
+
+
+def _read_table(source: str | os.PathLike[str] | IO[str], fmt: str | None) -> pd.DataFrame:
+    name = _name(source)
+    fmt = fmt or ("parquet" if name.lower().endswith((".parquet", ".pq")) else "csv")
+    try:
+        if fmt == "parquet":
+            return pd.read_parquet(source).reset_index(drop=True)
+        if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+            raise DataError(f"{name}: no such file")
+        return pd.read_csv(source, dtype=str, keep_default_na=False, skip_blank_lines=True)
+    except DataError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{name}: the file is empty") from None
+    except (ValueError, OSError, ImportError, pd.errors.ParserError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{name}: cannot read as {fmt}: {first_line}") from None
+
+
+def _long(raw: pd.DataFrame) -> LoadedSeries:
+    lines = np.arange(len(raw), dtype=np.int64) + 2
+    series = raw["series"].astype("string").str.strip()
+    values = pd.to_numeric(raw["value"].replace("", np.nan), errors="coerce").to_numpy(dtype=np.float64)
+    ts, ts_ok = parse_timestamps(raw["ts"])
+    reasons = np.full(len(raw), "", dtype=object)
+    reasons[~np.isfinite(values)] = "value_not_number"
+    reasons[~ts_ok] = "bad_ts"
+    reasons[(series.isna() | (series == "")).to_numpy()] = "missing_series"
+    good = reasons == ""
+    bad = [BadRow(int(line), str(reason)) for line, reason in zip(lines[~good], reasons[~good], strict=True)]
+    frame = pd.DataFrame(
+        {"series": series[good].astype(str).to_numpy(), "ts": ts[good], "value": values[good], "line": lines[good]}
+    )
+    return LoadedSeries(frame.reset_index(drop=True), bad, "long")
+
+
+def _wide(raw: pd.DataFrame, source: object) -> LoadedSeries:
+    lowered = {c.lower(): c for c in raw.columns}
+    time_column = next((lowered[c] for c in TIME_COLUMNS if c in lowered), raw.columns[0])
+    value_columns = [c for c in raw.columns if c != time_column]
+    if not value_columns:
+        raise DataError(
+            f"{_name(source)}: needs long columns series,ts,value or a time column plus one column per series"
+        )
+    lines = np.arange(len(raw), dtype=np.int64) + 2
+    ts, ts_ok = parse_timestamps(raw[time_column])
+    bad = [BadRow(int(line), "bad_ts") for line in lines[~ts_ok]]
+    parts = []
+    for column in value_columns:
+        cells = raw[column]
+        blank = (cells.astype("string").str.strip() == "").fillna(True).to_numpy(dtype=bool)
+        values = pd.to_numeric(cells, errors="coerce").to_numpy(dtype=np.float64)
+        bad_value = ts_ok & ~blank & ~np.isfinite(values)
+        bad += [BadRow(int(line), "value_not_number", str(column)) for line in lines[bad_value]]
+        keep = ts_ok & np.isfinite(values)
+        parts.append(pd.DataFrame({"series": str(column), "ts": ts[keep], "value": values[keep], "line": lines[keep]}))
+    frame = pd.concat(parts, ignore_index=True)
+    bad.sort(key=lambda row: row.line)
+    return LoadedSeries(frame, bad, "wide")
+
+
+def _name(source: object) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, io.IOBase):
+        return getattr(source, "name", "<stream>")
+    return "<data>"
