@@ -141,7 +141,7 @@ class StateSettings(BaseModel):
 class ServiceSettings(BaseModel):
     """The streaming loop."""
 
-    processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = "at_least_once"
     max_poll_records: int = Field(default=2000, ge=1, le=1_000_000)
     poll_timeout_ms: int = Field(default=100, ge=0, le=60_000)
     commit_interval_ms: int = Field(default=100, ge=0)
