@@ -78,18 +78,17 @@ def parse_timestamps(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Epoch-ms int64 array and a boolean mask of the entries that parsed to a sane timestamp."""
     if pd.api.types.is_datetime64_any_dtype(column):
         column = column.astype(str)
-    numeric = pd.to_numeric(column, errors="coerce")
-    looks_numeric = numeric.notna() | column.isna()
+    numeric = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     ms = np.zeros(len(column), dtype=np.int64)
-    ok = np.zeros(len(column), dtype=bool)
-    if looks_numeric.all():
-        finite = np.isfinite(numeric.to_numpy(dtype=np.float64, na_value=np.nan))
-        ms[finite] = numeric.to_numpy(dtype=np.float64, na_value=np.nan)[finite].astype(np.int64)
-        ok = finite
-    else:
-        parsed = pd.to_datetime(column.astype("string"), errors="coerce", utc=True, format="mixed")
-        ok = parsed.notna().to_numpy()
-        ms[ok] = parsed[ok].astype("datetime64[ms, UTC]").astype("int64").to_numpy()
+    ok = np.isfinite(numeric)
+    ms[ok] = numeric[ok].astype(np.int64)
+    text = ~ok & column.notna().to_numpy()
+    if text.any():
+        parsed = pd.to_datetime(column[text].astype("string"), errors="coerce", utc=True, format="mixed")
+        parsed_ok = parsed.notna().to_numpy()
+        where = np.flatnonzero(text)[parsed_ok]
+        ms[where] = parsed[parsed_ok].astype("datetime64[ms, UTC]").astype("int64").to_numpy()
+        ok[where] = True
     ok = ok & (ms >= MIN_TS_MS) & (ms < MAX_TS_MS)
     return ms, ok
 

@@ -1,0 +1,89 @@
+"""Reading series files: long and wide CSV, bad rows reported with line numbers, clear errors."""
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forecaster.data import parse_timestamps, read_series
+from forecaster.errors import DataError
+
+
+def test_long_csv_keeps_good_rows_in_file_order():
+    text = "series,ts,value\nb,2000,2\na,1000,1.5\nb,1000,-3e2\n"
+    loaded = read_series(io.StringIO(text))
+    assert loaded.layout == "long"
+    assert loaded.frame["series"].tolist() == ["b", "a", "b"]
+    assert loaded.frame["ts"].tolist() == [2000, 1000, 1000]
+    assert loaded.frame["value"].tolist() == [2.0, 1.5, -300.0]
+    assert loaded.bad_rows == []
+
+
+def test_long_csv_column_names_are_case_insensitive():
+    loaded = read_series(io.StringIO("Series,TS,Value\nx,5,1\n"))
+    assert loaded.frame[["series", "ts", "value"]].values.tolist() == [["x", 5, 1.0]]
+
+
+def test_bad_rows_are_skipped_with_line_numbers_and_reasons():
+    text = "series,ts,value\na,1,1\na,2,abc\n,3,1\na,not-a-time,2\na,4,\na,5,inf\na,6,nan\na,7,7\n"
+    loaded = read_series(io.StringIO(text))
+    assert loaded.frame["ts"].tolist() == [1, 7]
+    assert [(b.line, b.reason) for b in loaded.bad_rows] == [
+        (3, "value_not_number"),
+        (4, "missing_series"),
+        (5, "bad_ts"),
+        (6, "value_not_number"),
+        (7, "value_not_number"),
+        (8, "value_not_number"),
+    ]
+    assert loaded.bad_summary() == {"value_not_number": 4, "missing_series": 1, "bad_ts": 1}
+
+
+def test_iso_timestamps_become_epoch_milliseconds_utc():
+    ms, ok = parse_timestamps(pd.Series(["1970-01-01T00:00:01Z", "1970-01-02", "2020-01-01T01:00:00+01:00"]))
+    assert ok.all()
+    assert ms.tolist() == [1000, 86_400_000, 1_577_836_800_000]
+
+
+def test_timestamps_before_1970_or_far_ahead_are_bad():
+    ms, ok = parse_timestamps(pd.Series(["-1", "1000", str(10**15)]))
+    assert ok.tolist() == [False, True, False]
+
+
+def test_wide_csv_has_one_series_per_column_and_skips_blank_cells():
+    text = "date,north,south\n2020-01-01,1,10\n2020-01-02,,11\n2020-01-03,3,x\n"
+    loaded = read_series(io.StringIO(text))
+    assert loaded.layout == "wide"
+    north = loaded.frame[loaded.frame["series"] == "north"]
+    south = loaded.frame[loaded.frame["series"] == "south"]
+    assert north["value"].tolist() == [1.0, 3.0]
+    assert south["value"].tolist() == [10.0, 11.0]
+    assert [(b.line, b.reason, b.detail) for b in loaded.bad_rows] == [(4, "value_not_number", "south")]
+    day = 86_400_000
+    assert np.diff(north["ts"].to_numpy()).tolist() == [2 * day]
+
+
+def test_wide_csv_time_column_found_by_name_not_position():
+    loaded = read_series(io.StringIO("a,time\n1,1000\n2,2000\n"))
+    assert loaded.frame["series"].unique().tolist() == ["a"]
+    assert loaded.frame["ts"].tolist() == [1000, 2000]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("series,ts,value\n", "no data rows"),
+        ("series,ts\na,1\n", "missing value"),
+        ("time\n1\n", "one column per series"),
+    ],
+)
+def test_unreadable_files_raise_one_clear_data_error(text, message):
+    with pytest.raises(DataError, match=message):
+        read_series(io.StringIO(text))
+
+
+def test_missing_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_series(tmp_path / "absent.csv")
