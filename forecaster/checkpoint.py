@@ -1,0 +1,352 @@
+"""Versioned checkpoints: ``<dir>/<version>/`` holds ``weights.pt`` and ``manifest.json``; ``<dir>/LATEST``
+names the published version.
+
+A checkpoint is written under a temporary name in the same folder and renamed into place, and ``LATEST``
+is replaced atomically last, so a watcher never sees half a checkpoint. ``load_checkpoint`` is the one
+loader: it checks the manifest, the weights' sha256, the build arguments, the shapes and the cell, that all
+weights are finite, and runs a smoke forecast; any failure raises ``CheckpointError`` naming the check.
+Weights are read with ``torch.load(weights_only=True)``: a file cannot run code when it is loaded.
+
+>>> import tempfile
+>>> from forecaster.model import RecurrentForecaster
+>>> from forecaster.scaling import Scaling
+>>> root = tempfile.mkdtemp()
+>>> version = save_checkpoint(root, RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2), Scaling())
+>>> _ = promote(root, version)
+>>> loaded = load_checkpoint(root)  # a checkpoint root resolves through LATEST
+>>> loaded.version == version, loaded.model.build_args["cell"]
+(True, 'gru')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forecaster.errors import CheckpointError
+from forecaster.model import CELLS, RecurrentForecaster
+from forecaster.scaling import Scaling
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.pt"
+MANIFEST_FILE = "manifest.json"
+LATEST_FILE = "LATEST"
+# Versions are folder names: sortable UTC time to the millisecond, then a short random tag.
+VERSION_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{9}Z-[0-9a-f]{6}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Build arguments a checkpoint may ask for; anything outside is refused before building a model.
+_BUILD_LIMITS = {"input_size": 64, "hidden_size": 4096, "num_layers": 16, "horizon": 1024}
+# Gate rows per hidden unit in rnn.weight_ih_l0: tells the cell the weights were trained as.
+_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+_MAX_WEIGHTS_BYTES = 2 * 1024**3
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A validated checkpoint: the model (eval mode, on the requested device), its version and manifest."""
+
+    model: RecurrentForecaster
+    version: str
+    manifest: dict[str, Any]
+    path: Path = field(default_factory=Path)
+
+    @property
+    def scaling(self) -> Scaling:
+        """The scaling the model was trained with."""
+        return Scaling(**self.manifest["scaling"])
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One entry of ``list_checkpoints``: what the manifest says, without loading the weights."""
+
+    version: str
+    path: Path
+    created_at: str
+    latest: bool
+    manifest: dict[str, Any] | None
+    problem: str | None = None  # why the manifest could not be read, if it could not
+
+
+def new_version(now: dt.datetime | None = None) -> str:
+    """A fresh, sortable, unique version name, e.g. ``20261128T150102123Z-ab12cd``."""
+    now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    return f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
+
+
+def save_checkpoint(
+    root: str | os.PathLike[str],
+    model: RecurrentForecaster,
+    scaling: Scaling,
+    *,
+    data: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    parent: str | None = None,
+    extra: dict[str, Any] | None = None,
+    clock: Callable[[], dt.datetime] | None = None,
+) -> str:
+    """Write ``model`` as a new checkpoint folder under ``root`` and return its version (LATEST untouched)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    now = (clock or (lambda: dt.datetime.now(dt.UTC)))()
+    # Step 1. Serialise the weights once; the manifest pins their hash.
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buffer)
+    weights = buffer.getvalue()
+    version = new_version(now)
+    while (root / version).exists():
+        version = new_version(now)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "created_at": now.astimezone(dt.UTC).isoformat(),
+        "model": model.build_args,
+        "scaling": scaling.settings,
+        "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights)},
+        "data": data or {},
+        "metrics": metrics or {},
+        "parent": parent,
+        **(extra or {}),
+    }
+    # Step 2. Write both files into a hidden temporary folder next to the final one.
+    tmp = root / f".tmp-{version}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        _write_file(tmp / WEIGHTS_FILE, weights)
+        _write_file(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        # Step 3. Rename into place: the folder appears complete or not at all.
+        os.replace(tmp, root / version)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(root)
+    return version
+
+
+def promote(root: str | os.PathLike[str], version: str, *, verify: bool = True) -> LoadedCheckpoint | None:
+    """Point ``LATEST`` at ``version`` (publish or roll back); by default the checkpoint is validated first."""
+    root = Path(root)
+    _check_name(version)
+    if not (root / version).is_dir():
+        raise CheckpointError(f"version {version}: no such checkpoint in {root}")
+    loaded = load_checkpoint(root / version) if verify else None
+    tmp = root / f".{LATEST_FILE}.tmp-{os.getpid()}"
+    _write_file(tmp, (version + "\n").encode())
+    os.replace(tmp, root / LATEST_FILE)
+    _fsync_dir(root)
+    return loaded
+
+
+def latest_version(root: str | os.PathLike[str]) -> str | None:
+    """The version ``LATEST`` names, or None when nothing is published."""
+    try:
+        text = (Path(root) / LATEST_FILE).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"LATEST: cannot be read: {exc}") from None
+    _check_name(text)
+    return text
+
+
+def list_checkpoints(root: str | os.PathLike[str]) -> list[CheckpointInfo]:
+    """Every checkpoint folder under ``root``, oldest first, with its manifest (weights not loaded)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    try:
+        latest = latest_version(root)
+    except CheckpointError:
+        latest = None
+    found = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and _SAFE_NAME.match(p.name)):
+        manifest, problem = None, None
+        try:
+            manifest = _read_manifest(path)
+        except CheckpointError as exc:
+            problem = str(exc)
+        created = str(manifest.get("created_at", "")) if manifest else ""
+        found.append(CheckpointInfo(path.name, path, created, path.name == latest, manifest, problem))
+    return found
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Load and validate one checkpoint folder (or, given a checkpoint root, the one LATEST names)."""
+    path = Path(path)
+    if (path / LATEST_FILE).is_file() and not (path / MANIFEST_FILE).exists():
+        version = latest_version(path)
+        if version is None:  # pragma: no cover - is_file() just said it exists
+            raise CheckpointError(f"{path}: nothing published")
+        path = path / version
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    # Step 1. The manifest: readable, a known format, naming this folder.
+    manifest = _read_manifest(path)
+    version = manifest.get("version")
+    if version != path.name:
+        raise CheckpointError(f"{path.name}: manifest version {version!r} does not match the folder")
+    build_args = _check_build_args(manifest.get("model"))
+    _check_scaling(manifest.get("scaling"))
+    # Step 2. The weights file: present, the size and sha256 the manifest pins.
+    weights = _read_weights(path, manifest.get("weights"))
+    # Step 3. Deserialise tensors only: weights_only refuses any object that would run code.
+    try:
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{version}: weights cannot be read as tensors: {first[:300]}") from None
+    # Step 4. The tensors match the model the manifest describes (names, cell, shapes) and are finite.
+    model = RecurrentForecaster(**build_args)
+    _check_state(version, state, model)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    # Step 5. A smoke forecast: forward runs, gives finite values, and its one-step case agrees.
+    _smoke(version, model)
+    model.to(device)
+    return LoadedCheckpoint(model=model, version=version, manifest=manifest, path=path)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        raw = (path / MANIFEST_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.name}: manifest.json is missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path.name}: manifest.json cannot be read: {exc}") from None
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path.name}: manifest.json is not JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path.name}: manifest.json is not an object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path.name}: unknown manifest format_version {manifest.get('format_version')!r}")
+    return manifest
+
+
+def _check_build_args(args: Any) -> dict[str, Any]:
+    if not isinstance(args, dict):
+        raise CheckpointError("manifest: model build arguments are missing")
+    expected = {"cell", "input_size", "hidden_size", "num_layers", "horizon", "dropout"}
+    if set(args) != expected:
+        raise CheckpointError(f"manifest: model build arguments must be exactly {sorted(expected)}, got {sorted(args)}")
+    if args["cell"] not in CELLS:
+        raise CheckpointError(f"manifest: unknown cell {args['cell']!r}")
+    for name, limit in _BUILD_LIMITS.items():
+        value = args[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise CheckpointError(f"manifest: {name}={value!r} is not an integer in 1..{limit}")
+    dropout = args["dropout"]
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise CheckpointError(f"manifest: dropout={dropout!r} is not in [0, 1)")
+    return dict(args)
+
+
+def _check_scaling(settings: Any) -> Scaling:
+    if not isinstance(settings, dict):
+        raise CheckpointError("manifest: scaling settings are missing")
+    try:
+        return Scaling(**settings)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"manifest: bad scaling settings: {exc}") from None
+
+
+def _read_weights(path: Path, entry: Any) -> bytes:
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise CheckpointError(f"{path.name}: manifest has no weights sha256")
+    name = entry.get("file", WEIGHTS_FILE)
+    if name != WEIGHTS_FILE:
+        raise CheckpointError(f"{path.name}: manifest names weights file {name!r}, expected {WEIGHTS_FILE}")
+    file = path / WEIGHTS_FILE
+    try:
+        size = file.stat().st_size
+        if size > _MAX_WEIGHTS_BYTES:
+            raise CheckpointError(f"{path.name}: weights file is {size} bytes, over the limit")
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.name}: weights file is missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path.name}: weights file cannot be read: {exc}") from None
+    if "bytes" in entry and entry["bytes"] != len(data):
+        raise CheckpointError(f"{path.name}: weights file is {len(data)} bytes, manifest says {entry['bytes']} (truncated?)")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        raise CheckpointError(f"{path.name}: weights sha256 {digest[:12]}... does not match the manifest's")
+    return data
+
+
+def _check_state(version: str, state: Any, model: RecurrentForecaster) -> None:
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"{version}: weights are not a dict of named tensors")
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise CheckpointError(f"{version}: weights do not match the manifest's model: missing {missing}, unexpected {unexpected}")
+    first = state.get("rnn.weight_ih_l0")
+    if isinstance(first, torch.Tensor) and first.dim() == 2 and first.shape[0] % model.hidden_size == 0:
+        gates = first.shape[0] // model.hidden_size
+        trained = next((cell for cell, g in _GATES.items() if g == gates), f"{gates}-gate")
+        if trained != model.cell:
+            raise CheckpointError(f"{version}: weights are of a {trained} cell, the manifest says {model.cell}")
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{version}: weight {name} is not a tensor")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{version}: weight {name} has shape {tuple(tensor.shape)}, "
+                f"the manifest's model needs {tuple(expected[name].shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{version}: weight {name} is {tensor.dtype}, not floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{version}: weight {name} has NaN or infinite values")
+
+
+def _smoke(version: str, model: RecurrentForecaster) -> None:
+    steps = 8
+    x = torch.linspace(-1.0, 1.0, 2 * steps * model.input_size).reshape(2, steps, model.input_size)
+    try:
+        with torch.no_grad():
+            y, _ = model(x)  # (2, steps, horizon)
+            y1, _ = model.step(x[:, 0], model.initial_state(2))  # (2, horizon)
+    except Exception as exc:
+        raise CheckpointError(f"{version}: smoke forecast failed: {exc}") from None
+    if tuple(y.shape) != (2, steps, model.horizon) or not bool(torch.isfinite(y).all()):
+        raise CheckpointError(f"{version}: smoke forecast is not finite or has the wrong shape")
+    if not math.isclose(float((y[:, 0] - y1).abs().max()), 0.0, abs_tol=1e-4):
+        raise CheckpointError(f"{version}: smoke forecast: one step disagrees with the full forward pass")
+
+
+def _check_name(version: str) -> None:
+    if not _SAFE_NAME.match(version or ""):
+        raise CheckpointError(f"{version!r} is not a valid checkpoint version name")
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

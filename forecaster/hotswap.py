@@ -1,0 +1,237 @@
+"""Hot swap: the service's first model, and a watcher that swaps in newly published checkpoints.
+
+``initial_model`` picks what the service starts with: the checkpoint ``LATEST`` names, else the newest
+valid one, else a fresh (untrained) model. ``ModelSwapper`` watches ``LATEST`` on a daemon thread, loads
+and validates a new version there (off the hot path), and ``swap_if_ready(engine)``, called by the
+service between two batches, re-warms every resident series with the new model over its retained window
+(``engine.rewarm``) and returns the new version. Values that arrive during the swap are simply in the next
+poll, so none is skipped or stepped twice. A refused checkpoint is logged and counted once; the old model
+keeps serving.
+
+The metrics (``forecaster_model_swaps_total{result}``, ``forecaster_model_swap_seconds``) live here, on
+the registry the caller injects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+
+from forecaster.checkpoint import LoadedCheckpoint, latest_version, list_checkpoints, load_checkpoint
+from forecaster.errors import CheckpointError
+from forecaster.model import RecurrentForecaster
+from forecaster.scaling import Scaling
+
+log = logging.getLogger(__name__)
+
+INIT_VERSION = "init"
+SWAP_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 120.0)
+
+
+class Rewarmable(Protocol):
+    """What the swapper needs from the engine."""
+
+    def rewarm(self, model: RecurrentForecaster, version: str) -> Any: ...
+
+
+def fresh_model(settings: Any, device: str | torch.device = "cpu") -> RecurrentForecaster:
+    """An untrained model built from ``settings.model`` (seeded), in eval mode on ``device``."""
+    args = settings.model.model_dump()
+    seed = args.pop("seed", 0)
+    torch.manual_seed(seed)
+    return RecurrentForecaster(**args).to(device).eval()
+
+
+def initial_model(settings: Any, device: str | torch.device = "cpu") -> tuple[RecurrentForecaster, str]:
+    """The model the service starts with and its version; never raises on a bad checkpoint.
+
+    ``LATEST`` if it loads and was trained with the configured scaling; else the newest valid checkpoint;
+    else a fresh model with version ``"init"``.
+    """
+    root = Path(settings.checkpoints.dir)
+    scaling = Scaling.from_settings(settings.scaling)
+    try:
+        wanted = latest_version(root)
+    except CheckpointError as exc:
+        log.error("checkpoint LATEST in %s is unusable: %s", root, exc)
+        wanted = None
+    if wanted is not None:
+        loaded = _load_compatible(root / wanted, device, scaling)
+        if loaded is not None:
+            log.info("serving checkpoint %s from %s", loaded.version, root)
+            return loaded.model, loaded.version
+    for info in reversed(list_checkpoints(root)):
+        if info.version == wanted or info.problem is not None:
+            continue
+        loaded = _load_compatible(info.path, device, scaling)
+        if loaded is not None:
+            log.warning("serving checkpoint %s, the newest valid one in %s (LATEST: %s)", loaded.version, root, wanted)
+            return loaded.model, loaded.version
+    log.warning("no valid checkpoint in %s: serving an untrained model (version %r)", root, INIT_VERSION)
+    return fresh_model(settings, device), INIT_VERSION
+
+
+def _load_compatible(path: Path, device: str | torch.device, scaling: Scaling) -> LoadedCheckpoint | None:
+    try:
+        loaded = load_checkpoint(path, device=device)
+        _check_compatible(loaded, scaling=scaling, horizon=None)
+        return loaded
+    except CheckpointError as exc:
+        log.error("checkpoint %s refused: %s", path, exc)
+        return None
+
+
+def _check_compatible(loaded: LoadedCheckpoint, *, scaling: Scaling | None, horizon: int | None) -> None:
+    if scaling is not None and loaded.scaling != scaling:
+        raise CheckpointError(f"{loaded.version}: trained with {loaded.scaling}, the service runs {scaling}")
+    if horizon is not None and loaded.model.horizon != horizon:
+        raise CheckpointError(f"{loaded.version}: horizon {loaded.model.horizon}, the service forecasts {horizon}")
+
+
+class SwapMetrics:
+    """The swap metrics on one registry: ``swaps`` (Counter, label result=ok|refused) and ``seconds``."""
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+        self.swaps = Counter(
+            "forecaster_model_swaps_total",
+            "Model hot swaps, by result (ok: serving the new version; refused: it failed validation)",
+            ["result"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "forecaster_model_swap_seconds",
+            "Time the service loop paused to swap models (re-warm of every resident series included)",
+            buckets=SWAP_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        for result in ("ok", "refused"):
+            self.swaps.labels(result=result)
+
+
+class ModelSwapper:
+    """Watches a checkpoint folder and hands a validated new model to the engine between two batches.
+
+    >>> import tempfile
+    >>> from prometheus_client import CollectorRegistry
+    >>> swapper = ModelSwapper(tempfile.mkdtemp(), "init", registry=CollectorRegistry(), poll_seconds=1.0)
+    >>> swapper.check_now() is None   # nothing published yet
+    True
+    >>> swapper.swap_if_ready(engine=None) is None
+    True
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike[str],
+        current_version: str,
+        registry: CollectorRegistry | None = REGISTRY,
+        poll_seconds: float = 5.0,
+        device: str | torch.device = "cpu",
+        clock: Callable[[], float] = time.perf_counter,
+        *,
+        scaling: Scaling | None = None,
+        horizon: int | None = None,
+        metrics: SwapMetrics | None = None,
+    ) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.current_version = current_version
+        self.poll_seconds = float(poll_seconds)
+        self.device = device
+        self.clock = clock
+        self.scaling = scaling  # refuse checkpoints trained with another scaling
+        self.horizon = horizon  # refuse checkpoints whose forecasts have another length
+        self.metrics = metrics or SwapMetrics(registry)
+        self._lock = threading.Lock()
+        self._ready: LoadedCheckpoint | None = None
+        self._refused: set[str] = set()
+        self._last_pointer_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pending_version(self) -> str | None:
+        """The validated version waiting for the next batch boundary, if any."""
+        with self._lock:
+            return self._ready.version if self._ready else None
+
+    def check_now(self) -> str | None:
+        """Look at ``LATEST`` once; load and validate a new version. Returns the version now pending."""
+        try:
+            wanted = latest_version(self.checkpoint_dir)
+        except CheckpointError as exc:
+            if str(exc) != self._last_pointer_error:  # log and count a bad pointer once, not every poll
+                self._last_pointer_error = str(exc)
+                self._refuse(None, exc)
+            return self.pending_version
+        self._last_pointer_error = None
+        with self._lock:
+            pending = self._ready.version if self._ready else None
+        if wanted is None or wanted in (self.current_version, pending) or wanted in self._refused:
+            return pending
+        try:
+            loaded = load_checkpoint(self.checkpoint_dir / wanted, device=self.device)
+            _check_compatible(loaded, scaling=self.scaling, horizon=self.horizon)
+        except CheckpointError as exc:
+            self._refuse(wanted, exc)
+            return pending
+        log.info("checkpoint %s validated; swapping it in at the next batch boundary", wanted)
+        with self._lock:
+            self._ready = loaded
+        return wanted
+
+    def swap_if_ready(self, engine: Rewarmable | None) -> str | None:
+        """Swap in the pending model (re-warming every resident series); the new version, or None."""
+        with self._lock:
+            ready, self._ready = self._ready, None
+        if ready is None or engine is None:
+            return None
+        started = self.clock()
+        try:
+            engine.rewarm(ready.model, ready.version)
+        except Exception as exc:  # the old model keeps serving whatever went wrong
+            self._refuse(ready.version, exc)
+            return None
+        seconds = self.clock() - started
+        self.metrics.seconds.observe(seconds)
+        self.metrics.swaps.labels(result="ok").inc()
+        log.info("model swapped: %s -> %s in %.3f s", self.current_version, ready.version, seconds)
+        self.current_version = ready.version
+        return ready.version
+
+    def start(self) -> ModelSwapper:
+        """Start the watcher thread (a daemon); returns self."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._watch, name="forecaster-model-swapper", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the watcher thread and wait for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                self.check_now()
+            except Exception:  # the watcher must outlive any surprise; the service keeps serving
+                log.exception("checkpoint watcher: unexpected error")
+            if self._stop.wait(self.poll_seconds):
+                return
+
+    def _refuse(self, version: str | None, exc: Exception) -> None:
+        if version is not None:
+            self._refused.add(version)
+        self.metrics.swaps.labels(result="refused").inc()
+        log.error("checkpoint %s refused, still serving %s: %s", version or "LATEST", self.current_version, exc)
