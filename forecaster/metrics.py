@@ -1,0 +1,300 @@
+"""Every Prometheus metric of the service, on an injected registry, and the ``/metrics`` + health server.
+
+No metric carries a series id as a label. The online error of the model (one-step-ahead, from the engine)
+is exposed per ``model_version`` as two summaries without quantiles, so that
+``rate(forecaster_forecast_abs_error_sum[5m]) / rate(forecaster_forecast_abs_error_count[5m])`` is the mean
+absolute error and the same over ``forecaster_forecast_squared_error`` the mean squared error.
+
+>>> from prometheus_client import CollectorRegistry
+>>> metrics = ServiceMetrics(CollectorRegistry())
+>>> metrics.records_consumed.inc(3)
+>>> metrics.registry.get_sample_value("forecaster_records_consumed_total")
+3.0
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import HistogramMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
+
+# 100 us .. 10 s, with a boundary at the 25 ms latency goal.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 100_000)
+
+
+class BulkHistogram(Collector):
+    """A classic histogram that takes a whole array of observations at once (one lock, one bincount).
+
+    >>> from prometheus_client import CollectorRegistry
+    >>> registry = CollectorRegistry()
+    >>> h = BulkHistogram("demo_seconds", "demo", buckets=(0.1, 1.0), registry=registry)
+    >>> h.observe_many(np.array([0.05, 0.5, 5.0]))
+    >>> registry.get_sample_value("demo_seconds_bucket", {"le": "1.0"}), registry.get_sample_value("demo_seconds_count")
+    (2.0, 3.0)
+    """
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Iterable[float], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = np.array(sorted(buckets), dtype=np.float64)
+        self._counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)  # last: above every bound (+Inf)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: np.ndarray) -> None:
+        if len(values) == 0:
+            return
+        # side="left": a value equal to a bound falls in that bound's bucket (le is inclusive).
+        counts = np.bincount(np.searchsorted(self.bounds, values, side="left"), minlength=len(self._counts))
+        with self._lock:
+            self._counts += counts
+            self._sum += float(np.sum(values))
+
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        buckets = [(_le(b), float(c)) for b, c in zip(self.bounds.tolist(), cumulative, strict=False)]
+        buckets.append(("+Inf", float(cumulative[-1])))
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], buckets, total)
+        yield family
+
+    def describe(self) -> Iterable[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+
+class OnlineError(Collector):
+    """Cumulative one-step-ahead error per model version, fed with the engine's cumulative totals.
+
+    ``update(errors)`` takes ``{version: stats}`` with ``count``, ``sum_abs`` and ``sum_sq``; it adds the
+    increase since the last call, so a total that goes down (a new engine) counts from zero again.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._seen: dict[str, tuple[float, float, float]] = {}
+        self._totals: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def update(self, errors: Mapping[str, Any]) -> None:
+        with self._lock:
+            for version, stats in errors.items():
+                now = (float(stats.count), float(stats.sum_abs), float(stats.sum_sq))
+                before = self._seen.get(version, (0.0, 0.0, 0.0))
+                delta = now if now[0] < before[0] else tuple(a - b for a, b in zip(now, before, strict=True))
+                totals = self._totals.setdefault(version, [0.0, 0.0, 0.0])
+                for i in range(3):
+                    totals[i] += delta[i]
+                self._seen[version] = now
+
+    def collect(self) -> Iterable[SummaryMetricFamily]:
+        doc = "One-step-ahead forecast error of the values stepped, per model version"
+        absolute = SummaryMetricFamily(
+            "forecaster_forecast_abs_error", doc + " (absolute, data units)", labels=["model_version"]
+        )
+        squared = SummaryMetricFamily(
+            "forecaster_forecast_squared_error", doc + " (squared, data units)", labels=["model_version"]
+        )
+        with self._lock:
+            for version, (count, sum_abs, sum_sq) in self._totals.items():
+                absolute.add_metric([version], count_value=count, sum_value=sum_abs)
+                squared.add_metric([version], count_value=count, sum_value=sum_sq)
+        yield absolute
+        yield squared
+
+    def describe(self) -> Iterable[SummaryMetricFamily]:
+        return self.collect()
+
+
+class ServiceMetrics:
+    """The service's metrics on one registry (a fresh ``CollectorRegistry`` unless one is given).
+
+    >>> from prometheus_client import CollectorRegistry
+    >>> m = ServiceMetrics(CollectorRegistry())
+    >>> m.set_model("v1", "gru")
+    >>> m.registry.get_sample_value("forecaster_model_info", {"version": "v1", "cell": "gru"})
+    1.0
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.records_consumed = Counter(
+            "forecaster_records_consumed_total", "Input records polled", registry=r
+        )
+        self.records_invalid = Counter(
+            "forecaster_records_invalid_total",
+            "Input records sent to the dead-letter topic",
+            ["reason"],
+            registry=r,
+        )
+        self.values_stepped = Counter(
+            "forecaster_values_stepped_total", "Values stepped by the model", registry=r
+        )
+        self.values_duplicate = Counter(
+            "forecaster_values_duplicate_total",
+            "Values not newer than their series' last ts (dropped)",
+            registry=r,
+        )
+        self.forecasts_emitted = Counter(
+            "forecaster_forecasts_emitted_total", "Forecast records produced", registry=r
+        )
+        self.batch_size = Histogram(
+            "forecaster_batch_size", "Input records per polled batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.step_seconds = Histogram(
+            "forecaster_step_seconds", "Engine time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.end_to_end_latency = BulkHistogram(
+            "forecaster_end_to_end_latency_seconds",
+            "Input record timestamp to its forecast handed to the producer",
+            LATENCY_BUCKETS,
+            r,
+        )
+        self.online_error = OnlineError(r)
+        self.series_resident = Gauge("forecaster_series_resident", "Series with state in memory", registry=r)
+        self.state_evictions = Counter(
+            "forecaster_state_evictions_total",
+            "Series evicted from the state table (idle or LRU)",
+            registry=r,
+        )
+        self.state_bytes = Gauge("forecaster_state_bytes", "Bytes held by the state table", registry=r)
+        self.consumer_lag = Gauge(
+            "forecaster_consumer_lag",
+            "Records between the consumer position and the end",
+            ["partition"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "forecaster_model_info", "The model serving (value 1)", ["version", "cell"], registry=r
+        )
+        self.commits = Counter("forecaster_commits_total", "Offset commits", registry=r)
+        self._evictions_seen = 0
+
+    def set_model(self, version: str, cell: str) -> None:
+        """The model now serving (the previous label set is removed)."""
+        self.model_info.clear()
+        self.model_info.labels(version=version, cell=cell).set(1)
+
+    def update_state(self, resident: int, evictions_total: int, state_bytes: int) -> None:
+        """Copy the state table's figures (``evictions_total`` cumulative, as the table counts it)."""
+        self.series_resident.set(resident)
+        self.state_bytes.set(state_bytes)
+        if evictions_total > self._evictions_seen:
+            self.state_evictions.inc(evictions_total - self._evictions_seen)
+        self._evictions_seen = evictions_total
+
+    def set_lag(self, lag: Mapping[int, int]) -> None:
+        """Lag per assigned partition; partitions no longer assigned disappear."""
+        self.consumer_lag.clear()
+        for partition, value in lag.items():
+            self.consumer_lag.labels(partition=str(partition)).set(value)
+
+    def invalid(self, reason: str) -> None:
+        self.records_invalid.labels(reason=reason).inc()
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+class MetricsServer:
+    """``/metrics`` (Prometheus text), ``/healthz`` (alive: 200) and ``/readyz`` (``ready()``: 200, else 503).
+
+    A ``ThreadingHTTPServer`` on a daemon thread; ``port=0`` picks a free port (read ``server.port``).
+
+    >>> from prometheus_client import CollectorRegistry
+    >>> server = MetricsServer(CollectorRegistry(), host="127.0.0.1", port=0, ready=lambda: False).start()
+    >>> server.port > 0
+    True
+    >>> server.stop()
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str = "0.0.0.0",
+        port: int = 9108,
+        ready: Callable[[], bool] = bool,
+    ) -> None:
+        self.registry = registry
+        self.ready = ready
+        handler = type("Handler", (_Handler,), {"owner": self})
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> MetricsServer:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="forecaster-metrics", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: MetricsServer
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._answer(200, generate_latest(self.owner.registry), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._answer(200, b"ok\n")
+        elif path == "/readyz":
+            ready = bool(self.owner.ready())
+            self._answer(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
+        else:
+            self._answer(404, b"not found\n")
+
+    def _answer(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line each
+        pass

@@ -1,0 +1,241 @@
+"""Wire formats: decoding, validation reasons, and the forecast / dead-letter encodings."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from forecaster.errors import InvalidRecord
+from forecaster.records import (
+    REASONS,
+    RecordDecoder,
+    encode_dead_letter,
+    encode_forecast,
+    encode_input,
+    encode_window,
+)
+
+NOW_S = 1_800_000_000.0
+TS = 1_700_000_000_000
+
+
+@pytest.fixture
+def decoder() -> RecordDecoder:
+    return RecordDecoder(max_series_length=16, max_window_values=5, max_future_ms=1000, clock=lambda: NOW_S)
+
+
+def record(value: bytes | None, key: bytes | None = None, offset: int = 0, timestamp: int = TS):
+    return SimpleNamespace(topic="in", partition=2, offset=offset, timestamp=timestamp, key=key, value=value)
+
+
+def reason_of(
+    decoder: RecordDecoder, raw: bytes | None, key: bytes | None = None, record_ts: int = TS
+) -> str:
+    with pytest.raises(InvalidRecord) as caught:
+        decoder.decode(raw, key, record_ts)
+    assert caught.value.reason in REASONS
+    return caught.value.reason
+
+
+def test_single_value_with_epoch_ms(decoder):
+    assert decoder.decode(b'{"series": "s1", "ts": 1700000000000, "value": 21.5}', b"s1", 5) == (
+        "s1",
+        TS,
+        21.5,
+    )
+
+
+def test_iso_timestamp_naive_is_utc_and_offsets_are_honoured(decoder):
+    expected = int(datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC).timestamp() * 1000)
+    for text in ("2023-11-14T22:13:20", "2023-11-14T22:13:20Z", "2023-11-14T23:13:20+01:00"):
+        raw = json.dumps({"series": "a", "ts": text, "value": 1}).encode()
+        assert decoder.decode(raw, None, -1)[1] == expected
+
+
+def test_missing_ts_takes_the_record_timestamp(decoder):
+    assert decoder.decode(b'{"series": "a", "value": 2}', None, 1234)[1:] == (1234, 2.0)
+
+
+def test_missing_ts_and_no_record_timestamp_is_bad_ts(decoder):
+    assert reason_of(decoder, b'{"series": "a", "value": 2}', record_ts=-1) == "bad_ts"
+
+
+def test_integer_value_is_a_float(decoder):
+    _, _, value = decoder.decode(b'{"series": "a", "ts": 1, "value": 3}', None, -1)
+    assert type(value) is float and value == 3.0
+
+
+def test_window_decodes_to_arrays(decoder):
+    series, ts, values = decoder.decode(
+        b'{"series": "w", "ts": [3, "1970-01-01T00:00:01Z"], "values": [1, 2.5]}', None, 0
+    )
+    assert series == "w"
+    np.testing.assert_array_equal(ts, [3, 1000])
+    np.testing.assert_array_equal(values, [1.0, 2.5])
+    assert ts.dtype == np.int64 and values.dtype == np.float64
+
+
+def test_schema_one_is_accepted(decoder):
+    assert decoder.decode(b'{"schema": 1, "series": "a", "ts": 1, "value": 1}', None, 0)[0] == "a"
+
+
+BAD_CORPUS = [
+    (b"\xff\xfe{}", None, "not_utf8"),
+    (b"{not json", None, "not_json"),
+    (None, None, "not_json"),
+    (b"[1, 2]", None, "not_object"),
+    (b'"s1"', None, "not_object"),
+    (b'{"schema": 2, "series": "a", "value": 1}', None, "unknown_schema"),
+    (b'{"schema": "1", "series": "a", "value": 1}', None, "unknown_schema"),
+    (b'{"series": "a", "value": 1, "unit": "C"}', None, "unknown_field"),
+    (b'{"ts": 1, "value": 1}', None, "missing_series"),
+    (b'{"series": 7, "value": 1}', None, "bad_series"),
+    (b'{"series": "", "value": 1}', None, "bad_series"),
+    (b'{"series": "\\ud800", "value": 1}', None, "bad_series"),
+    (b'{"series": "abcdefghijklmnopq", "value": 1}', None, "series_too_long"),
+    (b'{"series": "a", "value": 1}', b"b", "key_mismatch"),
+    (b'{"series": "a", "ts": 1}', None, "missing_value"),
+    (b'{"series": "a", "value": "1.5"}', None, "bad_value"),
+    (b'{"series": "a", "value": true}', None, "bad_value"),
+    (b'{"series": "a", "value": null}', None, "bad_value"),
+    (b'{"series": "a", "value": NaN}', None, "non_finite"),
+    (b'{"series": "a", "value": Infinity}', None, "non_finite"),
+    (b'{"series": "a", "value": -Infinity}', None, "non_finite"),
+    (b'{"series": "a", "value": 1e999}', None, "non_finite"),
+    (b'{"series": "a", "value": 1' + b"0" * 400 + b"}", None, "non_finite"),
+    (b'{"series": "a", "ts": "yesterday", "value": 1}', None, "bad_ts"),
+    (b'{"series": "a", "ts": true, "value": 1}', None, "bad_ts"),
+    (b'{"series": "a", "ts": [1], "value": 1}', None, "bad_ts"),
+    (b'{"series": "a", "ts": -1, "value": 1}', None, "ts_out_of_range"),
+    (b'{"series": "a", "ts": "1969-12-31T23:59:59Z", "value": 1}', None, "ts_out_of_range"),
+    (b'{"series": "a", "ts": 99999999999999999999, "value": 1}', None, "ts_out_of_range"),
+    (b'{"series": "a", "ts": [1, 2], "values": [1]}', None, "length_mismatch"),
+    (
+        b'{"series": "a", "ts": [1, 2, 3, 4, 5, 6], "values": [1, 2, 3, 4, 5, 6]}',
+        None,
+        "window_too_large",
+    ),
+    (b'{"series": "a", "ts": [], "values": []}', None, "empty_window"),
+    (b'{"series": "a", "ts": [1, 2], "values": [1, "x"]}', None, "bad_value"),
+    (b'{"series": "a", "ts": [1, 2], "values": [1, false]}', None, "bad_value"),
+    (b'{"series": "a", "ts": [1, 2], "values": [1, NaN]}', None, "non_finite"),
+    (b'{"series": "a", "ts": 1, "values": 3}', None, "bad_value"),
+    (b'{"series": "a", "ts": 1, "values": [3]}', None, "bad_ts"),
+    (b'{"series": "a", "values": [3]}', None, "bad_ts"),
+    (b'{"series": "a", "ts": [1, -5], "values": [1, 2]}', None, "ts_out_of_range"),
+    (b'{"series": "a", "ts": [1, "nope"], "values": [1, 2]}', None, "bad_ts"),
+    (b'{"series": "a", "ts": 1, "value": 1, "values": [1]}', None, "bad_value"),
+]
+
+
+@pytest.mark.parametrize(("raw", "key", "reason"), BAD_CORPUS)
+def test_each_bad_record_has_its_reason(decoder, raw, key, reason):
+    assert reason_of(decoder, raw, key) == reason
+
+
+def test_far_future_ts_is_out_of_range_near_future_is_not(decoder):
+    now_ms = int(NOW_S * 1000)
+    ok = json.dumps({"series": "a", "ts": now_ms + 1000, "value": 1}).encode()
+    assert decoder.decode(ok, None, 0)[1] == now_ms + 1000
+    late = json.dumps({"series": "a", "ts": now_ms + 1001, "value": 1}).encode()
+    assert reason_of(decoder, late) == "ts_out_of_range"
+
+
+def test_every_reason_code_is_reachable_by_the_corpus():
+    # The parametrised corpus above covers every reason; this guards the list against dead entries.
+    covered = {reason for _, _, reason in BAD_CORPUS}
+    assert covered == set(REASONS)
+
+
+def test_batch_keeps_good_records_and_collects_bad_ones(decoder):
+    records = [
+        record(b'{"series": "a", "ts": 10, "value": 1.0}', offset=0),
+        record(b"garbage", offset=1),
+        record(b'{"series": "b", "ts": [20, 30], "values": [2.0, 3.0]}', offset=2),
+        record(b'{"series": "a", "value": 4.0}', offset=3, timestamp=40),
+        record(b'{"series": "a", "ts": 50, "value": NaN}', offset=4),
+    ]
+    batch = decoder.decode_batch(records)
+    assert len(batch) == 4
+    rows = sorted(
+        zip(
+            batch.series,
+            batch.ts.tolist(),
+            batch.values.tolist(),
+            batch.record.tolist(),
+            batch.index.tolist(),
+            strict=True,
+        )
+    )
+    assert rows == [("a", 10, 1.0, 0, -1), ("a", 40, 4.0, 3, -1), ("b", 20, 2.0, 2, 0), ("b", 30, 3.0, 2, 1)]
+    assert [(r.offset, e.reason) for r, e in batch.invalid] == [(1, "not_json"), (4, "non_finite")]
+
+
+def test_empty_batch(decoder):
+    batch = decoder.decode_batch([])
+    assert len(batch) == 0 and batch.ts.dtype == np.int64 and batch.values.dtype == np.float64
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_never_raise_anything_but_invalid_record(raw):
+    decoder = RecordDecoder(clock=lambda: NOW_S)
+    batch = decoder.decode_batch([record(raw)])
+    assert len(batch) + len(batch.invalid) == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=5),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(["series", "ts", "value", "values", "schema", "x"]), inner, max_size=5
+            )
+        ),
+        max_leaves=10,
+    )
+)
+def test_arbitrary_json_never_raises_anything_but_invalid_record(body):
+    decoder = RecordDecoder(clock=lambda: NOW_S)
+    batch = decoder.decode_batch([record(json.dumps(body).encode())])
+    assert len(batch) + len(batch.invalid) == 1
+    if len(batch):
+        assert np.isfinite(batch.values).all() and (batch.ts >= 0).all()
+
+
+def test_input_encoders_round_trip(decoder):
+    assert decoder.decode(encode_input("s", 7, 1.25), b"s", -1) == ("s", 7, 1.25)
+    series, ts, values = decoder.decode(encode_window("s", [1, 2], [0.5, 0.25]), None, -1)
+    assert series == "s" and ts.tolist() == [1, 2] and values.tolist() == [0.5, 0.25]
+
+
+def test_forecast_record_fields():
+    body = json.loads(encode_forecast("s1", 5, "v3", [1.0, 2.0], partition=1, offset=9))
+    assert body == {
+        "series": "s1",
+        "ts": 5,
+        "model_version": "v3",
+        "forecast": [1.0, 2.0],
+        "input": {"partition": 1, "offset": 9},
+    }
+    assert json.loads(encode_forecast("s1", 5, "v3", [1.0], 1, 9, index=2))["index"] == 2
+
+
+def test_dead_letter_carries_raw_bytes_and_where_from():
+    raw = b"\x00\xffnot json"
+    body = json.loads(
+        encode_dead_letter(record(raw, key=b"k1", offset=12), InvalidRecord("not_utf8", "bad byte"))
+    )
+    assert body["reason"] == "not_utf8" and body["detail"] == "bad byte"
+    assert (body["topic"], body["partition"], body["offset"], body["key"]) == ("in", 2, 12, "k1")
+    assert base64.b64decode(body["raw"]) == raw
+    assert json.loads(encode_dead_letter(record(None), InvalidRecord("not_json", "x")))["raw"] is None
