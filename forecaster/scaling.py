@@ -1,0 +1,136 @@
+"""Causal per-series normalisation, the only one: serving steps ``update``, training loops it (``transform``).
+
+Each series keeps an exponentially weighted running mean and variance in float64. The statistics at
+value t include value t, so the model input ``x_t = (v_t - mean_t) / scale_t`` uses values up to t only.
+The weight of a new value is ``max(1 / count, 1 - 0.5 ** (1 / halflife))``: the first values act as a
+cumulative mean, later ones as an EWM with the given half-life (in values).
+
+The arithmetic is written once and runs on numpy arrays or torch tensors alike (the engine keeps the
+statistics of a CPU table as numpy views, of a GPU table as CUDA tensors). Both compute in float64;
+``transform`` on the CPU runs the numpy path, as the engine does on a CPU table.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+Array = Any  # np.ndarray or torch.Tensor, same kind throughout one call
+
+
+def _lib(a: Array) -> ModuleType:
+    return torch if isinstance(a, torch.Tensor) else np
+
+
+class Scaling:
+    """Causal running normalisation of each series.
+
+    ``kind="ewm"`` scales by the running mean and standard deviation; ``kind="none"`` is the identity
+    (model input = value, forecast = model output).
+
+    >>> s = Scaling(halflife=10.0)
+    >>> x, stats = s.transform(np.array([1.0, 2.0, 3.0]))
+    >>> [round(float(v), 4) for v in x]
+    [0.0, 1.0, 1.2247]
+    >>> y = s.denormalize(stats[-1:], torch.zeros(1, 2))
+    >>> [round(float(v), 4) for v in y[0]]
+    [2.0, 2.0]
+    """
+
+    N_STATS = 3  # count, mean, variance
+    KINDS = ("ewm", "none")
+
+    def __init__(self, kind: str = "ewm", halflife: float = 256.0, min_scale: float = 1e-3) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        if not halflife > 0.0 or not min_scale > 0.0:
+            raise ValueError("halflife and min_scale must be > 0")
+        self.kind = kind
+        self.halflife = float(halflife)
+        self.min_scale = float(min_scale)
+        self.alpha = 1.0 - 0.5 ** (1.0 / self.halflife)  # weight of a new value in the long run
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Scaling:
+        """Build from a ``ScalingSettings`` section."""
+        return cls(kind=settings.kind, halflife=settings.halflife, min_scale=settings.min_scale)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments (saved with checkpoints so training and serving agree)."""
+        return {"kind": self.kind, "halflife": self.halflife, "min_scale": self.min_scale}
+
+    def __repr__(self) -> str:
+        return f"Scaling(kind={self.kind!r}, halflife={self.halflife}, min_scale={self.min_scale})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Scaling) and self.settings == other.settings
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.settings.items()))
+
+    def initial_stats(self, n: int, device: torch.device | str | None = "cpu") -> torch.Tensor:
+        """Statistics of ``n`` series that have seen nothing: (n, N_STATS) float64 zeros."""
+        return torch.zeros(n, self.N_STATS, dtype=torch.float64, device=device)
+
+    def update(self, stats: Array, values: Array) -> Array:
+        """Fold one new value per series in: stats (n, N_STATS), values (n,) float64 -> new stats."""
+        if self.kind == "none":
+            return stats
+        count = stats[:, 0] + 1.0  # (n,)
+        alpha = (1.0 / count).clip(min=self.alpha)  # (n,)
+        delta = values - stats[:, 1]  # (n,)
+        mean = stats[:, 1] + alpha * delta  # (n,)
+        var = (1.0 - alpha) * (stats[:, 2] + alpha * delta * delta)  # (n,)
+        return _lib(stats).stack([count, mean, var], -1)  # (n, N_STATS)
+
+    def scale(self, stats: Array) -> Array:
+        """The divisor of each series (n,), floored so a flat series never divides by zero."""
+        lib = _lib(stats)
+        floor = self.min_scale * abs(stats[:, 1]).clip(min=1.0)  # (n,)
+        return lib.maximum(lib.sqrt(stats[:, 2]), floor)  # (n,)
+
+    def normalize(self, stats: Array, values: Array) -> Array:
+        """Model input of the value just folded in by ``update``: (n,) float32."""
+        if self.kind == "none":
+            return values.astype(np.float32) if isinstance(values, np.ndarray) else values.float()
+        x = (values - stats[:, 1]) / self.scale(stats)  # (n,) float64
+        return x.astype(np.float32) if isinstance(x, np.ndarray) else x.float()
+
+    def denormalize(self, stats: Array, y: Array) -> Array:
+        """Model output (n, horizon) in scaled units -> forecasts in data units (float64)."""
+        if isinstance(y, torch.Tensor) and not isinstance(stats, torch.Tensor):
+            stats = torch.as_tensor(stats, device=y.device)
+        elif isinstance(stats, torch.Tensor) and not isinstance(y, torch.Tensor):
+            y = torch.as_tensor(y, device=stats.device)
+        y = y.astype(np.float64) if isinstance(y, np.ndarray) else y.double()
+        if self.kind == "none":
+            return y
+        return y * self.scale(stats)[:, None] + stats[:, 1:2]  # (n, horizon)
+
+    def transform(self, values: Array) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale whole series: values (T,) or (batch, T) -> model inputs (same shape, float32) and
+        the statistics after each value (..., T, N_STATS) float64. It is ``update`` looped over time."""
+        v = torch.as_tensor(values, dtype=torch.float64)
+        squeeze = v.dim() == 1
+        v = v.reshape(1, -1) if squeeze else v  # (batch, T)
+        if v.dim() != 2:
+            raise ValueError(f"values must be (T,) or (batch, T), got shape {tuple(v.shape)}")
+        batch, steps = v.shape
+        # The loop runs on numpy for a CPU tensor (same float64 arithmetic, far less per-call overhead).
+        vv = v.numpy() if v.device.type == "cpu" else v
+        stats = self.initial_stats(batch, v.device)  # (batch, N_STATS)
+        stats = stats.numpy() if v.device.type == "cpu" else stats
+        xs, all_stats = [], []
+        for t in range(steps):
+            stats = self.update(stats, vv[:, t])
+            xs.append(self.normalize(stats, vv[:, t]))
+            all_stats.append(stats)
+        lib = _lib(stats)
+        x = lib.stack(xs, 1) if xs else lib.zeros((batch, 0), dtype=lib.float32)  # (batch, T)
+        st = lib.stack(all_stats, 1) if xs else lib.zeros((batch, 0, self.N_STATS), dtype=lib.float64)
+        x, st = torch.as_tensor(x, device=v.device), torch.as_tensor(st, device=v.device)
+        return (x[0], st[0]) if squeeze else (x, st)

@@ -1,0 +1,98 @@
+"""RecurrentForecaster: shapes, the one-step path equals forward, warm-up over variable-length windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from forecaster.model import RecurrentForecaster
+
+CELLS = ["gru", "lstm", "rnn"]
+
+
+def _state_close(a, b, atol: float = 1e-6) -> bool:
+    if isinstance(a, tuple):
+        return all(torch.allclose(x, y, atol=atol) for x, y in zip(a, b, strict=True))
+    return torch.allclose(a, b, atol=atol)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_shapes(cell: str) -> None:
+    model = RecurrentForecaster(cell, input_size=2, hidden_size=8, num_layers=3, horizon=5)
+    y, h = model(torch.randn(4, 7, 2))
+    assert y.shape == (4, 7, 5)
+    h0 = h[0] if cell == "lstm" else h
+    assert h0.shape == (3, 4, 8)
+    y1, _ = model.step(torch.randn(4, 2), model.initial_state(4))
+    assert y1.shape == (4, 5)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@settings(max_examples=8, deadline=None)
+@given(batch=st.integers(1, 5), steps=st.integers(1, 12), layers=st.integers(1, 3), seed=st.integers(0, 99))
+def test_step_equals_forward(cell: str, batch: int, steps: int, layers: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = RecurrentForecaster(cell, hidden_size=8, num_layers=layers, horizon=3).eval()
+    x = torch.randn(batch, steps, 1)
+    with torch.inference_mode():
+        y, h_full = model(x)
+        h = model.initial_state(batch)
+        for t in range(steps):
+            y_t, h = model.step(x[:, t], h)
+            assert torch.allclose(y_t, y[:, t], atol=1e-6)
+    assert _state_close(h, h_full)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_continues_a_given_state(cell: str) -> None:
+    torch.manual_seed(1)
+    model = RecurrentForecaster(cell, hidden_size=8, num_layers=2, horizon=2).eval()
+    x = torch.randn(3, 10, 1)
+    y, _ = model(x)
+    _, h = model(x[:, :6])
+    y_step, _ = model.step(x[:, 6], h)
+    assert torch.allclose(y_step, y[:, 6], atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_warm_equals_forward_over_each_rows_own_values(cell: str) -> None:
+    torch.manual_seed(2)
+    model = RecurrentForecaster(cell, hidden_size=8, num_layers=2, horizon=3).eval()
+    window, lengths = 6, [6, 1, 3, 5, 2]
+    series = [torch.randn(n, 1) for n in lengths]
+    x = torch.zeros(len(lengths), window, 1)
+    for i, s in enumerate(series):
+        x[i, window - len(s) :] = s
+    x[1, :3] = 99.0  # padding must be ignored whatever it holds
+    y, h = model.warm(x, torch.tensor(lengths))
+    for i, s in enumerate(series):
+        y_ref, h_ref = model(s[None])
+        assert torch.allclose(y[i], y_ref[0, -1], atol=1e-6)
+        got = (h[0][:, i : i + 1], h[1][:, i : i + 1]) if cell == "lstm" else h[:, i : i + 1]
+        assert _state_close(got, h_ref)
+
+
+def test_build_args_rebuild_the_same_module() -> None:
+    model = RecurrentForecaster("lstm", input_size=1, hidden_size=16, num_layers=1, horizon=4, dropout=0.0)
+    assert model.build_args == {"cell": "lstm", "input_size": 1, "hidden_size": 16, "num_layers": 1,
+                                "horizon": 4, "dropout": 0.0}
+    twin = RecurrentForecaster(**model.build_args)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(2, 5, 1)
+    assert torch.equal(twin(x)[0], model(x)[0])
+
+
+def test_step_in_eval_ignores_dropout() -> None:
+    torch.manual_seed(3)
+    model = RecurrentForecaster("gru", hidden_size=8, num_layers=2, horizon=2, dropout=0.5).eval()
+    x = torch.randn(2, 1)
+    y, _ = model(x[:, None])
+    y_step, _ = model.step(x, model.initial_state(2))
+    assert torch.allclose(y_step, y[:, 0], atol=1e-6)
+
+
+def test_unknown_cell_is_refused() -> None:
+    with pytest.raises(ValueError, match="cell"):
+        RecurrentForecaster("transformer")

@@ -1,0 +1,126 @@
+"""Scaling: causal, equal to its own stepwise update, hand-checked statistics, safe on flat series."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from forecaster.config import ScalingSettings
+from forecaster.scaling import Scaling
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
+
+
+def test_first_values_are_a_cumulative_mean_and_variance() -> None:
+    x, stats = Scaling(halflife=1e9).transform(np.array([1.0, 2.0, 3.0]))
+    assert stats[-1, 0] == 3
+    assert stats[-1, 1] == pytest.approx(2.0)
+    assert stats[-1, 2] == pytest.approx(2.0 / 3.0)  # population variance of 1, 2, 3
+    assert float(x[-1]) == pytest.approx(1.0 / math.sqrt(2.0 / 3.0), rel=1e-6)
+    assert float(x[0]) == 0.0  # the first value is its own mean
+
+
+def test_mean_follows_an_ewm_with_the_half_life() -> None:
+    values = np.random.default_rng(0).normal(size=50)
+    _, stats = Scaling(halflife=1.0).transform(values)  # alpha = 0.5 from the second value on
+    expected = pd.Series(values).ewm(alpha=0.5, adjust=False).mean().to_numpy()
+    np.testing.assert_allclose(stats[:, 1].numpy(), expected, rtol=1e-12)
+
+
+def test_variance_matches_a_hand_written_recursion() -> None:
+    values = [3.0, -1.0, 4.0, 1.5]
+    alpha_long = 1 - 0.5 ** (1 / 2.0)
+    mean = var = 0.0
+    for n, v in enumerate(values, start=1):
+        a = max(1 / n, alpha_long)
+        d = v - mean
+        mean += a * d
+        var = (1 - a) * (var + a * d * d)
+    _, stats = Scaling(halflife=2.0).transform(np.array(values))
+    assert stats[-1, 1] == pytest.approx(mean, rel=1e-12)
+    assert stats[-1, 2] == pytest.approx(var, rel=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(values=arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 30)), elements=finite),
+       halflife=st.floats(0.5, 100.0))
+def test_transform_equals_stepwise_update(values: np.ndarray, halflife: float) -> None:
+    scaling = Scaling(halflife=halflife)
+    x_seq, stats_seq = scaling.transform(values)
+    stats = scaling.initial_stats(values.shape[0]).numpy()
+    for t in range(values.shape[1]):
+        stats = scaling.update(stats, values[:, t])  # the engine's path on a CPU table
+        assert np.array_equal(stats, stats_seq[:, t].numpy())
+        assert np.array_equal(scaling.normalize(stats, values[:, t]), x_seq[:, t].numpy())
+
+
+@settings(max_examples=20, deadline=None)
+@given(values=arrays(np.float64, st.integers(2, 30), elements=finite), cut=st.integers(1, 29))
+def test_causal_future_values_do_not_change_the_past(values: np.ndarray, cut: int) -> None:
+    cut = min(cut, len(values) - 1)
+    scaling = Scaling(halflife=4.0)
+    x, _ = scaling.transform(values)
+    changed = values.copy()
+    changed[cut:] += 100.0
+    x2, _ = scaling.transform(changed)
+    assert torch.equal(x[:cut], x2[:cut])
+
+
+def test_flat_series_never_divides_by_zero() -> None:
+    scaling = Scaling(min_scale=1e-3)
+    x, stats = scaling.transform(np.full(20, 5.0))
+    assert torch.isfinite(x).all() and (x == 0).all()
+    assert scaling.scale(stats[-1:]).item() == pytest.approx(5e-3)  # min_scale * |mean|
+    _, zero_stats = scaling.transform(np.zeros(5))
+    assert scaling.scale(zero_stats[-1:]).item() == pytest.approx(1e-3)  # min_scale * 1
+
+
+@settings(max_examples=20, deadline=None)
+@given(values=arrays(np.float64, st.integers(1, 20), elements=finite))
+def test_denormalize_inverts_normalize(values: np.ndarray) -> None:
+    scaling = Scaling(halflife=3.0)
+    x, stats = scaling.transform(values)
+    back = scaling.denormalize(stats, x.double()[:, None])[:, 0]
+    np.testing.assert_allclose(back.numpy(), values, atol=1e-4 * (1 + np.abs(values).max()))
+
+
+def test_numpy_and_torch_paths_agree() -> None:
+    # torch's vectorised float64 sqrt may differ from numpy's by one ulp; nothing more.
+    scaling = Scaling(halflife=7.0)
+    rng = np.random.default_rng(1)
+    stats_np = np.zeros((6, Scaling.N_STATS))
+    stats_t = scaling.initial_stats(6)
+    for _ in range(10):
+        v = rng.normal(size=6) * 10
+        stats_np = scaling.update(stats_np, v)
+        stats_t = scaling.update(stats_t, torch.from_numpy(v))
+        np.testing.assert_allclose(stats_np, stats_t.numpy(), rtol=1e-13)
+        x_t = scaling.normalize(stats_t, torch.from_numpy(v)).numpy()
+        np.testing.assert_allclose(scaling.normalize(stats_np, v), x_t, rtol=1e-6)
+        y = rng.normal(size=(6, 3)).astype(np.float32)
+        f_t = scaling.denormalize(stats_t, torch.from_numpy(y)).numpy()
+        np.testing.assert_allclose(scaling.denormalize(stats_np, y), f_t, rtol=1e-13)
+
+
+def test_none_is_the_identity() -> None:
+    scaling = Scaling(kind="none")
+    values = np.array([3.0, -2.5, 100.0])
+    x, stats = scaling.transform(values)
+    assert np.array_equal(x.numpy(), values.astype(np.float32))
+    y = torch.tensor([[1.5, 2.0]])
+    assert torch.equal(scaling.denormalize(stats[:1], y), y.double())
+
+
+def test_from_settings() -> None:
+    scaling = Scaling.from_settings(ScalingSettings(kind="ewm", halflife=12.0, min_scale=0.01))
+    assert scaling == Scaling("ewm", 12.0, 0.01)
+    assert scaling.settings == {"kind": "ewm", "halflife": 12.0, "min_scale": 0.01}
+    with pytest.raises(ValueError):
+        Scaling(kind="zscore")
