@@ -1,0 +1,306 @@
+"""The engine: a batch of observations -> ordered rounds -> gather / step / scatter -> forecasts.
+
+No Kafka in here: the service, the replay tool, the notebooks and the benchmarks drive the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from forecaster.model import RecurrentForecaster
+from forecaster.scaling import Scaling
+from forecaster.state import StateTable
+
+REWARM_CHUNK = 65_536  # series re-warmed per batched call (bounds the (chunk, W) window copy)
+
+
+@dataclass
+class ErrorStats:
+    """Cumulative one-step-ahead error of one model version (the metrics layer reads deltas)."""
+
+    count: int = 0
+    sum_abs: float = 0.0
+    sum_sq: float = 0.0
+
+    @property
+    def mae(self) -> float:
+        return self.sum_abs / self.count if self.count else float("nan")
+
+    @property
+    def rmse(self) -> float:
+        return (self.sum_sq / self.count) ** 0.5 if self.count else float("nan")
+
+
+@dataclass
+class EngineOutput:
+    """One row per stepped value, in stepped order (round by round).
+
+    ``index`` gives each row's position in the arguments of ``process`` (to find its input record).
+    """
+
+    series: list[str]
+    ts: np.ndarray  # (n,) int64 epoch ms
+    values: np.ndarray  # (n, horizon) float32 forecasts in data units
+    version: str
+    duplicates: int = 0
+    index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (n,) int64
+
+    def __len__(self) -> int:
+        return len(self.series)
+
+
+class _ErrorAccumulator:
+    """count on the host; sums on the device (no sync per step)."""
+
+    def __init__(self, like: Any) -> None:
+        self.count = 0
+        self.sums = like.new_zeros(2) if isinstance(like, torch.Tensor) else np.zeros(2)
+
+    def stats(self) -> ErrorStats:
+        sums = self.sums.tolist()
+        return ErrorStats(self.count, float(sums[0]), float(sums[1]))
+
+
+class Engine:
+    """Forecasts for a stream of (series, ts, value), one recurrent step per new value.
+
+    >>> model = RecurrentForecaster("gru", hidden_size=8, num_layers=1, horizon=2)
+    >>> engine = Engine(model, version="v1", window=16)
+    >>> out = engine.process(["a", "b", "a"], [2, 1, 1], [0.5, 1.0, 0.25])
+    >>> out.series, out.ts.tolist(), out.values.shape, out.index.tolist()
+    (['a', 'b', 'a'], [1, 1, 2], (3, 2), [2, 1, 0])
+    >>> engine.process(["a"], [2], [9.0]).duplicates
+    1
+    """
+
+    def __init__(
+        self,
+        model: RecurrentForecaster,
+        version: str = "init",
+        device: torch.device | str = "cpu",
+        window: int = 256,
+        capacity: int = 1024,
+        max_series: int = 1_000_000,
+        ttl_seconds: float = 7 * 24 * 3600.0,
+        scaling: Scaling | None = Scaling(),  # noqa: B008 - immutable
+        clock: Callable[[], float] = time.time,
+        on_evict: Callable[[str, bytes], None] | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.scaling = scaling if scaling is not None else Scaling(kind="none")
+        self.clock = clock
+        self.ttl_seconds = ttl_seconds
+        self.model = model.to(self.device).eval()
+        self.version = version
+        self.table = StateTable(
+            model.num_layers, model.hidden_size, model.horizon, window=window, lstm=model.is_lstm,
+            device=self.device, capacity=capacity, max_series=max_series, on_evict=on_evict, version=version,
+        )
+        self.duplicates_total = 0
+        self.values_total = 0
+        self._cpu = self.device.type == "cpu"
+        self._errors: dict[str, _ErrorAccumulator] = {}
+
+    @classmethod
+    def from_settings(cls, model: RecurrentForecaster, settings: Any, **kwargs: Any) -> Engine:
+        """Build from ``Settings`` (state and scaling sections); ``kwargs`` override (version, clock...)."""
+        device = settings.state.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        options = dict(device=device, window=settings.state.window, capacity=settings.state.initial_capacity,
+                       max_series=settings.state.max_series, ttl_seconds=settings.state.ttl_seconds,
+                       scaling=Scaling.from_settings(settings.scaling))
+        options.update(kwargs)
+        return cls(model, **options)
+
+    # ---- the hot path --------------------------------------------------------------------------------
+
+    def process(self, series: Sequence[str], ts: Sequence[int], values: Sequence[float]) -> EngineOutput:
+        """Step every new value once, in ts order per series; returns the forecast made after each."""
+        ts = np.asarray(ts, dtype=np.int64).reshape(-1)
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if not len(series) == len(ts) == len(values):
+            raise ValueError(f"series, ts and values differ in length: {len(series)}, {len(ts)}, {len(values)}")
+        if not np.isfinite(values).all():
+            raise ValueError("values must be finite (validate records before the engine)")
+        if len(ts) == 0:
+            return self._output([], ts, np.zeros((0, self.model.horizon), np.float32), 0, ts)
+        # Step 1. codes per series and their slots (new series get one, possibly evicting LRU ones).
+        if len(ts) == 1:
+            codes, names = np.zeros(1, dtype=np.int64), [series[0]]
+        else:
+            codes, uniques = pd.factorize(np.asarray(series, dtype=object))
+            names = uniques.tolist()
+        slot_of_code, _ = self.table.acquire(names, self.clock())
+        # Step 2. order by (series, ts); drop values not newer than the series' last ts or a twin in the batch.
+        order = np.lexsort((ts, codes))  # stable: of equal (series, ts) the first given wins
+        c, t = codes[order], ts[order]
+        first = np.empty(len(c), dtype=bool)
+        first[0] = True
+        np.not_equal(c[1:], c[:-1], out=first[1:])
+        keep = t > self.table.last_ts[slot_of_code[c]]
+        keep[1:] &= first[1:] | (t[1:] != t[:-1])
+        duplicates = len(t) - int(keep.sum())
+        rows, c = order[keep], c[keep]
+        # Step 3. rank within series = round number; stepped order is (round, series).
+        m = len(rows)
+        starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]]) if m else np.zeros(0, dtype=np.int64)
+        if m:
+            ends = np.r_[starts[1:], m] - 1
+            self.table.last_ts[slot_of_code[c[ends]]] = ts[rows[ends]]
+            rank = np.arange(m) - np.repeat(starts, np.diff(np.r_[starts, m]))
+            by_round = np.argsort(rank, kind="stable")
+            rows = rows[by_round]
+            bounds = np.r_[0, np.cumsum(np.bincount(rank))]
+        slots = slot_of_code[codes[rows]]
+        # Step 4. one batched step per round.
+        forecasts = []
+        with torch.inference_mode():
+            for k in range(len(bounds) - 1 if m else 0):
+                lo, hi = bounds[k], bounds[k + 1]
+                forecasts.append(self._step(slots[lo:hi], values[rows[lo:hi]]))
+        self.table.mark_dirty(slots)
+        self.duplicates_total += duplicates
+        self.values_total += m
+        out_names = [names[i] for i in codes[rows].tolist()]
+        return self._output(out_names, ts[rows], self._concat(forecasts), duplicates, rows)
+
+    def _step(self, slots: np.ndarray, v: np.ndarray) -> Any:
+        """Score, scale, step and store one value for each of ``slots`` (distinct); returns forecasts."""
+        tb, scaling = self.table, self.scaling
+        count = tb.count[slots]  # (n,)
+        if self._cpu:
+            idx, idx_t = slots, torch.from_numpy(slots)
+        else:
+            idx = idx_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
+            v = torch.from_numpy(v).to(self.device, non_blocking=True)
+        # Step 1. score the value against the one-step-ahead forecast made at the previous step.
+        has = count > 0  # (n,) a previous forecast exists
+        err = v - tb.forecast_a[idx, 0]  # (n,) float64
+        if not has.all():
+            err = err * (has if self._cpu else torch.from_numpy(has).to(self.device))
+        acc = self._accumulator(err)
+        acc.count += int(has.sum())
+        acc.sums[0] += abs(err).sum()
+        acc.sums[1] += (err * err).sum()
+        # Step 2. scale, and keep the model input in the ring buffer.
+        stats = scaling.update(tb.stats_a[idx], v)  # (n, N_STATS)
+        x = scaling.normalize(stats, v)  # (n,) float32
+        pos = count % tb.window_size
+        tb.ring_a[idx, pos if self._cpu else torch.from_numpy(pos).to(self.device)] = x
+        # Step 3. one recurrent step for every series of the round.
+        y, h = self.model.step((torch.from_numpy(x) if self._cpu else x)[:, None], tb.gather(idx_t))
+        tb.scatter(idx_t, h)
+        # Step 4. forecasts back in data units; remember them for the next score.
+        f = scaling.denormalize(stats, y.numpy() if self._cpu else y)  # (n, horizon) float64
+        f = f.astype(np.float32) if self._cpu else f.float()
+        tb.forecast_a[idx] = f
+        tb.stats_a[idx] = stats
+        tb.count[slots] = count + 1
+        return f
+
+    def _accumulator(self, like: Any) -> _ErrorAccumulator:
+        acc = self._errors.get(self.version)
+        if acc is None:
+            acc = self._errors[self.version] = _ErrorAccumulator(like)
+        return acc
+
+    def _concat(self, forecasts: list[Any]) -> np.ndarray:
+        if not forecasts:
+            return np.zeros((0, self.model.horizon), dtype=np.float32)
+        if self._cpu:
+            return forecasts[0] if len(forecasts) == 1 else np.concatenate(forecasts)
+        return torch.cat(forecasts).cpu().numpy()
+
+    def _output(self, names: list[str], ts: np.ndarray, f: np.ndarray, dup: int, rows: np.ndarray) -> EngineOutput:
+        return EngineOutput(names, ts, f, self.version, dup, rows.astype(np.int64, copy=False))
+
+    # ---- errors, state, models -----------------------------------------------------------------------
+
+    @property
+    def errors(self) -> dict[str, ErrorStats]:
+        """Cumulative online one-step-ahead error per model version."""
+        return {version: acc.stats() for version, acc in self._errors.items()}
+
+    @property
+    def resident(self) -> int:
+        return self.table.resident
+
+    @property
+    def evictions_total(self) -> int:
+        return self.table.evictions_total
+
+    @property
+    def state_bytes(self) -> int:
+        return self.table.state_bytes
+
+    def evict_idle(self, now: float | None = None) -> list[str]:
+        """Evict series idle longer than ``ttl_seconds`` (snapshots go to ``on_evict``)."""
+        return self.table.evict_idle(self.clock() if now is None else now, self.ttl_seconds)
+
+    def take_dirty(self) -> set[str]:
+        return self.table.take_dirty()
+
+    def snapshot(self, series: str) -> bytes:
+        return self.table.snapshot(series)
+
+    def restore(self, series: str, data: bytes) -> None:
+        """Load a series' snapshot; a state made by another model version is re-warmed with this one."""
+        version = self.table.restore(series, data, self.clock())
+        if version != self.version:
+            self._rewarm_slots(np.array([self.table.slots[series]], dtype=np.int64))
+
+    def set_model(self, model: RecurrentForecaster, version: str) -> None:
+        """Use ``model`` from the next value on, keeping the states as they are (same shape only)."""
+        shape = (model.num_layers, model.hidden_size, model.horizon, model.is_lstm)
+        tb = self.table
+        if shape != (tb.num_layers, tb.hidden_size, tb.horizon, tb.lstm):
+            raise ValueError(f"model shape {shape} does not fit the state table; use rewarm()")
+        self.model, self.version, tb.version = model.to(self.device).eval(), version, version
+
+    def rewarm(self, model: RecurrentForecaster, version: str) -> None:
+        """Switch to ``model``: every resident series restarts from the zero state and runs the new model
+        over its retained window; last forecasts are recomputed. A different shape is fine."""
+        model = model.to(self.device).eval()
+        tb = self.table
+        if (model.num_layers, model.hidden_size, model.horizon, model.is_lstm) != (
+            tb.num_layers, tb.hidden_size, tb.horizon, tb.lstm):
+            tb.reshape_model(model.num_layers, model.hidden_size, model.horizon, model.is_lstm)
+        self.model, self.version, tb.version = model, version, version
+        self._rewarm_slots(tb.occupied())
+
+    def _rewarm_slots(self, slots: np.ndarray) -> None:
+        tb = self.table
+        slots = slots[tb.count[slots] > 0]
+        with torch.inference_mode():
+            for lo in range(0, len(slots), REWARM_CHUNK):
+                chunk = slots[lo : lo + REWARM_CHUNK]
+                x, lengths = tb.window(chunk)  # (n, W, 1), (n,)
+                y, h = self.model.warm(x, lengths)  # (n, horizon)
+                stats = tb.stats.index_select(0, torch.from_numpy(chunk).to(self.device))  # (n, N_STATS)
+                tb.write_states(chunk, h, self.scaling.denormalize(stats, y))
+
+
+def reference_forecast(
+    model: RecurrentForecaster, values: Any, scaling: Scaling | None = Scaling()  # noqa: B008 - immutable
+) -> np.ndarray:
+    """The plain full-sequence path for one series: scale, one ``model(x)`` over all T values,
+    back to data units with the statistics at each t. Returns (T, horizon) float64."""
+    scaling = scaling if scaling is not None else Scaling(kind="none")
+    x, stats = scaling.transform(np.asarray(values, dtype=np.float64))  # (T,), (T, N_STATS)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            y, _ = model(x.to(device)[None, :, None])  # (1, T, horizon)
+    finally:
+        model.train(was_training)
+    return scaling.denormalize(stats, y[0].cpu()).numpy()

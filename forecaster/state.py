@@ -1,0 +1,316 @@
+"""The state table: series id -> slot, and everything the engine keeps per slot.
+
+On the device (torch): hidden state ``h`` (layers, capacity, hidden) and, for an LSTM, ``c``; the last
+forecast (capacity, horizon) float32 in data units; scaling statistics (capacity, N_STATS) float64; a
+ring buffer of the last W model inputs (capacity, W) float32. On the host (numpy): last event ts (int64
+epoch ms), count of values ever stepped, last-seen wall time, a dirty flag. Capacity doubles when full
+(amortised growth); freed slots are reused. Idle series are evicted after ``ttl_seconds`` and the least
+recently seen one when a new series would pass ``max_series``; an optional ``on_evict(series, snapshot)``
+receives each evicted series' snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from forecaster import snapshot as snap
+from forecaster.errors import StateError
+from forecaster.scaling import Scaling
+
+NO_TS = np.iinfo(np.int64).min  # last ts of a slot that has seen nothing
+
+
+def _inference(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a method under inference mode, so the table's tensors are all inference tensors."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
+    return wrapped
+
+
+class StateTable:
+    """Per-series state, one slot per resident series.
+
+    >>> table = StateTable(num_layers=2, hidden_size=8, horizon=3, window=4, capacity=2)
+    >>> slots, new = table.acquire(["a", "b", "c"], now=0.0)
+    >>> slots.tolist(), new.tolist(), table.capacity, table.resident
+    ([0, 1, 2], [True, True, True], 4, 3)
+    >>> table.evict_idle(now=10.0, ttl_seconds=5.0), table.resident
+    (['a', 'b', 'c'], 0)
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        horizon: int,
+        window: int = 256,
+        lstm: bool = False,
+        device: torch.device | str = "cpu",
+        capacity: int = 1024,
+        max_series: int = 1_000_000,
+        on_evict: Callable[[str, bytes], None] | None = None,
+        version: str = "init",
+    ) -> None:
+        if min(num_layers, hidden_size, horizon, window, capacity, max_series) < 1:
+            raise ValueError("num_layers, hidden_size, horizon, window, capacity and max_series must be >= 1")
+        self.num_layers, self.hidden_size, self.horizon, self.window_size = num_layers, hidden_size, horizon, window
+        self.lstm = lstm
+        self.device = torch.device(device)
+        self.max_series = max_series
+        self.on_evict = on_evict
+        self.version = version  # model version that made the states (written into snapshots)
+        self.evictions_total = 0
+        self.slots: dict[str, int] = {}
+        self._series: list[str | None] = []
+        self._free: list[int] = []
+        self.capacity = 0
+        self._allocate(capacity)
+
+    # ---- storage -------------------------------------------------------------------------------------
+
+    @_inference
+    def _allocate(self, capacity: int) -> None:
+        """(Re)allocate every array at ``capacity`` slots, keeping the first ``self.capacity`` rows."""
+        old, keep = self.capacity, min(self.capacity, capacity)
+        dev = self.device
+
+        def grow(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, dim: int = 0) -> torch.Tensor:
+            new = torch.zeros(shape, dtype=dtype, device=dev)
+            if t is not None and keep:
+                new.narrow(dim, 0, keep).copy_(t.narrow(dim, 0, keep))
+            return new
+
+        def grow_np(a: np.ndarray | None, fill: Any, dtype: Any) -> np.ndarray:
+            new = np.full(capacity, fill, dtype=dtype)
+            if a is not None and keep:
+                new[:keep] = a[:keep]
+            return new
+
+        first = old == 0
+        layers, hidden = self.num_layers, self.hidden_size
+        self.h = grow(None if first else self.h, (layers, capacity, hidden), torch.float32, 1)
+        prev_c = None if first else self.c
+        self.c = grow(prev_c, (layers, capacity, hidden), torch.float32, 1) if self.lstm else None
+        self.forecast = grow(None if first else self.forecast, (capacity, self.horizon), torch.float32)
+        self.stats = grow(None if first else self.stats, (capacity, Scaling.N_STATS), torch.float64)
+        self.ring = grow(None if first else self.ring, (capacity, self.window_size), torch.float32)
+        self.last_ts = grow_np(None if first else self.last_ts, NO_TS, np.int64)
+        self.count = grow_np(None if first else self.count, 0, np.int64)
+        self.last_seen = grow_np(None if first else self.last_seen, np.inf, np.float64)  # inf: free
+        self.dirty = grow_np(None if first else self.dirty, False, bool)
+        self._series.extend([None] * (capacity - old))
+        self._free[:0] = range(capacity - 1, old - 1, -1)  # new slots go under the free ones; low first
+        self.capacity = capacity
+        self._views()
+
+    def _views(self) -> None:
+        # Arrays the engine indexes per step: numpy views on CPU (cheap fancy indexing), tensors elsewhere.
+        cpu = self.device.type == "cpu"
+        self.forecast_a = self.forecast.numpy() if cpu else self.forecast
+        self.stats_a = self.stats.numpy() if cpu else self.stats
+        self.ring_a = self.ring.numpy() if cpu else self.ring
+
+    @_inference
+    def reshape_model(self, num_layers: int, hidden_size: int, horizon: int, lstm: bool) -> None:
+        """Fit the model-shaped arrays to a new model: states and forecasts start from zero."""
+        self.num_layers, self.hidden_size, self.horizon, self.lstm = num_layers, hidden_size, horizon, lstm
+        shape = (num_layers, self.capacity, hidden_size)
+        self.h = torch.zeros(shape, device=self.device)
+        self.c = torch.zeros(shape, device=self.device) if lstm else None
+        self.forecast = torch.zeros(self.capacity, horizon, device=self.device)
+        self._views()
+
+    @property
+    def resident(self) -> int:
+        return len(self.slots)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes held by the per-slot tensors and arrays (all capacity, used or not)."""
+        tensors = [self.h, self.forecast, self.stats, self.ring] + ([self.c] if self.c is not None else [])
+        arrays = [self.last_ts, self.count, self.last_seen, self.dirty]
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(a.nbytes for a in arrays)
+
+    # ---- slots ---------------------------------------------------------------------------------------
+
+    @_inference
+    def acquire(self, series: Sequence[str], now: float) -> tuple[np.ndarray, np.ndarray]:
+        """Slots of ``series`` (distinct ids), allocating new ones; marks them all seen at ``now``.
+
+        Returns (slots int64, is_new bool). Making room evicts the least recently seen series not in
+        ``series``; if every resident series is in ``series`` the table goes past ``max_series``.
+        """
+        get = self.slots.get
+        slots = np.fromiter((get(s, -1) for s in series), dtype=np.int64, count=len(series))
+        new = slots < 0
+        n_new = int(new.sum())
+        if n_new:
+            over = self.resident + n_new - self.max_series
+            if over > 0:
+                self._evict_lru(over, protected=slots[~new])
+            if n_new > len(self._free):
+                capacity = self.capacity
+                while capacity - self.resident < n_new:
+                    capacity *= 2
+                self._allocate(capacity)
+            fresh = np.array(self._free[-n_new:][::-1], dtype=np.int64)
+            del self._free[-n_new:]
+            for name, slot in zip((s for s, is_new in zip(series, new, strict=True) if is_new), fresh.tolist(), strict=True):
+                self.slots[name] = slot
+                self._series[slot] = name
+            slots[new] = fresh
+            self._clear(fresh)
+        self.last_seen[slots] = now
+        return slots, new
+
+    def _clear(self, slots: np.ndarray) -> None:
+        idx = torch.from_numpy(slots).to(self.device)
+        for t in (self.h, self.c):
+            if t is not None:
+                t.index_fill_(1, idx, 0.0)
+        for t in (self.forecast, self.stats, self.ring):
+            t.index_fill_(0, idx, 0.0)
+        self.last_ts[slots] = NO_TS
+        self.count[slots] = 0
+        self.dirty[slots] = False
+
+    def slot_of(self, series: str) -> int | None:
+        return self.slots.get(series)
+
+    def occupied(self) -> np.ndarray:
+        """Slots of every resident series, ascending."""
+        return np.flatnonzero(np.isfinite(self.last_seen))
+
+    def series_at(self, slots: Iterable[int]) -> list[str]:
+        return [self._series[s] for s in slots]  # type: ignore[misc]
+
+    # ---- eviction ------------------------------------------------------------------------------------
+
+    def evict(self, series: Iterable[str]) -> list[str]:
+        """Drop these series (snapshots go to ``on_evict``); returns those that were resident."""
+        gone = [s for s in series if s in self.slots]
+        for name in gone:
+            if self.on_evict is not None:
+                self.on_evict(name, self.snapshot(name))
+            slot = self.slots.pop(name)
+            self._series[slot] = None
+            self.last_seen[slot] = np.inf
+            self.dirty[slot] = False
+            self._free.append(slot)
+        self.evictions_total += len(gone)
+        return gone
+
+    def evict_idle(self, now: float, ttl_seconds: float) -> list[str]:
+        """Evict every series not seen for longer than ``ttl_seconds``; returns them."""
+        idle = np.flatnonzero(self.last_seen < now - ttl_seconds)
+        return self.evict(self.series_at(idle.tolist()))
+
+    def _evict_lru(self, n: int, protected: np.ndarray) -> None:
+        """Evict the ``n`` least recently seen series, never those in ``protected`` (this batch's)."""
+        seen = self.last_seen.copy()  # free slots hold inf
+        seen[protected] = np.inf
+        candidates = np.flatnonzero(np.isfinite(seen))
+        n = min(n, len(candidates))
+        if n <= 0:
+            return
+        pick = candidates[np.argpartition(seen[candidates], n - 1)[:n]] if n < len(candidates) else candidates
+        pick = pick[np.argsort(seen[pick], kind="stable")]
+        self.evict(self.series_at(pick.tolist()))
+
+    # ---- dirty tracking ------------------------------------------------------------------------------
+
+    def mark_dirty(self, slots: np.ndarray) -> None:
+        self.dirty[slots] = True
+
+    def take_dirty(self) -> set[str]:
+        """Series changed since the last call (then forgotten)."""
+        slots = np.flatnonzero(self.dirty)
+        self.dirty[slots] = False
+        return set(self.series_at(slots.tolist()))
+
+    # ---- hidden state --------------------------------------------------------------------------------
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """States of slots ``idx`` (device int64): (layers, n, hidden), or (h, c) for an LSTM."""
+        h = self.h.index_select(1, idx)  # (layers, n, hidden)
+        return (h, self.c.index_select(1, idx)) if self.c is not None else h
+
+    def scatter(self, idx: torch.Tensor, state: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Write states of slots ``idx`` back (the inverse of ``gather``)."""
+        if self.c is not None:
+            self.h.index_copy_(1, idx, state[0])
+            self.c.index_copy_(1, idx, state[1])
+        else:
+            self.h.index_copy_(1, idx, state)  # type: ignore[arg-type]
+
+    @_inference
+    def write_states(self, slots: np.ndarray, state: Any, forecast: torch.Tensor | None = None) -> None:
+        """Scatter states (and optionally last forecasts, data units) for host ``slots``."""
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        self.scatter(idx, state)
+        if forecast is not None:
+            self.forecast.index_copy_(0, idx, forecast.to(self.forecast.dtype))
+
+    @_inference
+    def window(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Retained inputs of ``slots``, oldest first and right-aligned: x (n, W, 1) with zeros before
+        each series' values, and lengths (n,) int64 = min(count, W)."""
+        count = torch.as_tensor(self.count[slots], device=self.device)  # (n,)
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        w = self.window_size
+        cols = (count[:, None] - w + torch.arange(w, device=self.device)) % w  # (n, W) ring positions
+        x = self.ring.index_select(0, idx).gather(1, cols)  # (n, W)
+        lengths = count.clamp(max=w)  # (n,)
+        x = x.masked_fill(torch.arange(w, device=self.device) < (w - lengths)[:, None], 0.0)
+        return x.unsqueeze(-1), lengths  # (n, W, 1)
+
+    # ---- snapshots -----------------------------------------------------------------------------------
+
+    def _shape(self) -> dict[str, Any]:
+        return {"layers": self.num_layers, "hidden": self.hidden_size, "horizon": self.horizon,
+                "window": self.window_size, "lstm": self.lstm, "n_stats": Scaling.N_STATS}
+
+    @_inference
+    def snapshot(self, series: str) -> bytes:
+        """Everything needed to continue ``series`` elsewhere, as versioned bytes (no pickle)."""
+        slot = self.slots.get(series)
+        if slot is None:
+            raise StateError(f"series {series!r} is not resident")
+        arrays = {
+            "h": self.h[:, slot].cpu().numpy(),
+            "c": self.c[:, slot].cpu().numpy() if self.c is not None else None,
+            "forecast": self.forecast[slot].cpu().numpy(),
+            "stats": self.stats[slot].cpu().numpy(),
+            "ring": self.ring[slot].cpu().numpy(),
+            "last_ts": np.array(self.last_ts[slot], dtype=np.int64),
+            "count": np.array(self.count[slot], dtype=np.int64),
+        }
+        return snap.encode(self._shape(), self.version, arrays)
+
+    @_inference
+    def restore(self, series: str, data: bytes, now: float) -> str:
+        """Load a snapshot into ``series``' slot (allocating one); returns the model version it names.
+
+        Raises ``StateError`` for corrupt bytes, an unknown format version or a shape that does not fit.
+        """
+        version, arrays = snap.decode(data, self._shape())
+        (slot,), _ = self.acquire([series], now)
+        idx = torch.tensor([slot], device=self.device)
+        self.h.index_copy_(1, idx, torch.from_numpy(arrays["h"]).to(self.device)[:, None])
+        if self.c is not None:
+            self.c.index_copy_(1, idx, torch.from_numpy(arrays["c"]).to(self.device)[:, None])
+        self.forecast[slot] = torch.from_numpy(arrays["forecast"]).to(self.device)
+        self.stats[slot] = torch.from_numpy(arrays["stats"]).to(self.device)
+        self.ring[slot] = torch.from_numpy(arrays["ring"]).to(self.device)
+        self.last_ts[slot] = int(arrays["last_ts"])
+        self.count[slot] = int(arrays["count"])
+        self.dirty[slot] = True
+        return version

@@ -1,0 +1,288 @@
+"""Engine: incremental equals full (invariant 1), duplicates, eviction and restore, re-warm, online error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from forecaster.engine import Engine, reference_forecast
+from forecaster.errors import StateError
+from forecaster.model import RecurrentForecaster
+from forecaster.scaling import Scaling
+
+CELLS = ["gru", "lstm", "rnn"]
+SCALINGS = {"none": None, "ewm": Scaling(halflife=6.0)}
+
+
+def _model(cell: str = "gru", seed: int = 0, **kwargs) -> RecurrentForecaster:
+    torch.manual_seed(seed)
+    options = dict(hidden_size=8, num_layers=2, horizon=3)
+    options.update(kwargs)
+    return RecurrentForecaster(cell, **options).eval()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@st.composite
+def streams(draw, max_series: int = 6, max_len: int = 14):
+    """Per-series values with increasing ts, interleaved at random and cut into batches; rows of a batch
+    are shuffled (the engine must order them)."""
+    n_series = draw(st.integers(1, max_series))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    data = {}
+    for i in range(n_series):
+        n = draw(st.integers(1, max_len))
+        ts = np.cumsum(rng.integers(1, 1000, size=n)) + 1_700_000_000_000
+        data[f"series-{i}"] = (ts, rng.normal(loc=rng.uniform(-3, 3), scale=rng.uniform(0.1, 3), size=n))
+    events = []
+    cursors = {s: 0 for s in data}
+    while cursors:  # random interleaving that keeps each series' order: new series appear mid-stream
+        s = list(cursors)[rng.integers(len(cursors))]
+        k = cursors[s]
+        events.append((s, int(data[s][0][k]), float(data[s][1][k])))
+        cursors[s] += 1
+        if cursors[s] == len(data[s][0]):
+            del cursors[s]
+    batches, i = [], 0
+    while i < len(events):
+        size = int(rng.integers(1, 12))
+        batch = events[i : i + size]
+        rng.shuffle(batch)
+        batches.append(batch)
+        i += size
+    return data, batches
+
+
+def _run(engine: Engine, batches) -> dict[str, list]:
+    got: dict[str, list] = {}
+    for batch in batches:
+        names, ts, values = zip(*batch, strict=True)
+        out = engine.process(list(names), list(ts), list(values))
+        for j, (s, t, f) in enumerate(zip(out.series, out.ts, out.values, strict=True)):
+            assert names[out.index[j]] == s and ts[out.index[j]] == t
+            got.setdefault(s, []).append((int(t), f))
+    return got
+
+
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+@pytest.mark.parametrize("cell", CELLS)
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=streams())
+def test_incremental_equals_full(cell: str, scaling: str, stream) -> None:
+    data, batches = stream
+    model = _model(cell)
+    engine = Engine(model, window=4, capacity=2, scaling=SCALINGS[scaling])
+    got = _run(engine, batches)
+    assert engine.duplicates_total == 0
+    assert set(got) == set(data)
+    for s, (ts, values) in data.items():
+        assert [t for t, _ in got[s]] == ts.tolist()  # every value stepped once, in ts order
+        expected = reference_forecast(model, values, SCALINGS[scaling])
+        np.testing.assert_allclose(np.stack([f for _, f in got[s]]), expected, atol=1e-5, rtol=0)
+
+
+def _expected_kept(batches):
+    """Oracle for duplicates: per batch and series, values in ts order newer than everything before."""
+    last: dict[str, int] = {}
+    kept: dict[str, list] = {}
+    dropped = 0
+    for batch in batches:
+        fresh: dict[str, int] = {}
+        for s, t, v in sorted(batch, key=lambda e: (e[0], e[1])):  # stable: first given of a ts wins
+            if t <= last.get(s, -(2**63)) or t <= fresh.get(s, -(2**63)):
+                dropped += 1
+                continue
+            fresh[s] = t
+            kept.setdefault(s, []).append((t, v))
+        last.update(fresh)
+    return kept, dropped
+
+
+@settings(max_examples=15, deadline=None)
+@given(stream=streams(max_series=3, max_len=10), seed=st.integers(0, 1000))
+def test_duplicates_and_out_of_order_values_are_counted_never_stepped(stream, seed: int) -> None:
+    _, batches = stream
+    rng = np.random.default_rng(seed)
+    noisy = []
+    seen = []
+    for batch in batches:
+        batch = list(batch)
+        for _ in range(int(rng.integers(0, 3))):  # replays of earlier rows, with other values
+            if seen:
+                s, t, _v = seen[rng.integers(len(seen))]
+                batch.insert(int(rng.integers(len(batch) + 1)), (s, t, float(rng.normal())))
+        seen.extend(batch)
+        noisy.append(batch)
+    model = _model("gru")
+    engine = Engine(model, window=4, scaling=None)
+    got = _run(engine, noisy)
+    kept, dropped = _expected_kept(noisy)
+    assert engine.duplicates_total == dropped
+    for s, rows in kept.items():
+        assert [t for t, _ in got[s]] == [t for t, _ in rows]
+        expected = reference_forecast(model, [v for _, v in rows], None)
+        np.testing.assert_allclose(np.stack([f for _, f in got[s]]), expected, atol=1e-5, rtol=0)
+
+
+def test_duplicates_within_and_across_calls() -> None:
+    engine = Engine(_model(), scaling=None)
+    out = engine.process(["a", "a", "a", "b"], [5, 5, 3, 1], [1.0, 2.0, 3.0, 4.0])
+    assert out.duplicates == 1 and sorted(out.index.tolist()) == [0, 2, 3]
+    out = engine.process(["a", "a", "b"], [5, 4, 2], [1.0, 1.0, 1.0])
+    assert out.duplicates == 2 and out.series == ["b"]
+    assert engine.duplicates_total == 3 and engine.values_total == 4
+
+
+def test_non_finite_values_are_refused_before_any_change() -> None:
+    engine = Engine(_model(), scaling=None)
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="finite"):
+            engine.process(["a", "b"], [1, 1], [1.0, bad])
+    assert engine.resident == 0
+    with pytest.raises(ValueError, match="length"):
+        engine.process(["a"], [1, 2], [1.0])
+    assert len(engine.process([], [], [])) == 0
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_evict_snapshot_restore_continues_exactly(cell: str) -> None:
+    rng = np.random.default_rng(3)
+    values = {s: rng.normal(size=20) for s in ("a", "b", "c")}
+    model = _model(cell)
+
+    def feed(engine, lo, hi):
+        outs = []
+        for t in range(lo, hi):
+            out = engine.process(list(values), [t] * 3, [values[s][t] for s in values])
+            outs.append(out.values)
+        return np.concatenate(outs)
+
+    straight = Engine(model, window=8)
+    expected = feed(straight, 0, 20)
+    clock = Clock()
+    saved: dict[str, bytes] = {}
+    first = Engine(model, window=8, clock=clock, ttl_seconds=10.0, on_evict=saved.__setitem__)
+    head = feed(first, 0, 12)
+    clock.now = 100.0
+    assert sorted(first.evict_idle()) == ["a", "b", "c"] and first.evictions_total == 3
+    second = Engine(model, window=8, capacity=1)
+    for s, data in saved.items():
+        second.restore(s, data)
+    tail = feed(second, 12, 20)
+    assert np.array_equal(np.concatenate([head, tail]), expected)
+
+
+def test_growth_past_initial_capacity_loses_nothing() -> None:
+    rng = np.random.default_rng(4)
+    model = _model()
+    engine = Engine(model, window=4, capacity=1)
+    series = [f"s{i}" for i in range(40)]
+    values = rng.normal(size=(40, 6))
+    outs = [engine.process(series, [t] * 40, values[:, t]) for t in range(6)]
+    assert engine.table.capacity >= 40 and engine.resident == 40
+    for i, s in enumerate(series):
+        got = np.stack([out.values[out.series.index(s)] for out in outs])
+        np.testing.assert_allclose(got, reference_forecast(model, values[i]), atol=1e-5, rtol=0)
+
+
+def test_lru_and_ttl_eviction_through_the_engine() -> None:
+    clock = Clock()
+    evicted: list[str] = []
+    engine = Engine(_model(), max_series=2, ttl_seconds=5.0, clock=clock, on_evict=lambda s, _: evicted.append(s))
+    for t, s in enumerate(["a", "b", "a", "c"]):
+        clock.now = float(t)
+        engine.process([s], [t], [1.0])
+    assert evicted == ["b"] and engine.resident == 2
+    clock.now = 7.5  # a seen at 2, c at 3
+    assert engine.evict_idle() == ["a"] and engine.evictions_total == 2
+    # an evicted series that comes back starts from scratch
+    out = engine.process(["b"], [0], [2.0])
+    assert out.duplicates == 0 and len(out) == 1
+
+
+def test_online_error_matches_a_hand_computation() -> None:
+    engine = Engine(_model(), version="v1", scaling=None)
+    a, b = [1.0, 2.0, 4.0], [0.5, -1.0]
+    out1 = engine.process(["a", "b", "a"], [1, 1, 2], [a[0], b[0], a[1]])  # rounds: (a0, b0), (a1)
+    out2 = engine.process(["a", "b"], [3, 2], [a[2], b[1]])
+    forecast = {(s, int(t)): f for out in (out1, out2) for s, t, f in zip(out.series, out.ts, out.values, strict=True)}
+    errors = [a[1] - forecast["a", 1][0], a[2] - forecast["a", 2][0], b[1] - forecast["b", 1][0]]
+    stats = engine.errors["v1"]
+    assert stats.count == 3
+    assert stats.sum_abs == pytest.approx(sum(abs(e) for e in errors), rel=1e-6)
+    assert stats.sum_sq == pytest.approx(sum(e * e for e in errors), rel=1e-6)
+    engine.set_model(_model(seed=9), "v2")
+    out3 = engine.process(["b"], [3], [7.0])
+    assert out3.version == "v2"
+    assert engine.errors["v2"].count == 1
+    assert engine.errors["v2"].sum_abs == pytest.approx(abs(7.0 - float(out2.values[1][0])), rel=1e-6)
+    assert engine.errors["v1"].count == 3
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+def test_rewarm_equals_the_new_models_forward_over_the_retained_window(cell: str, scaling: str) -> None:
+    window = 6
+    rng = np.random.default_rng(5)
+    lengths = {"short": 3, "exact": 6, "long": 15}
+    values = {s: rng.normal(size=n) + 2 for s, n in lengths.items()}
+    engine = Engine(_model(cell, seed=1), window=window, scaling=SCALINGS[scaling])
+    for s, v in values.items():
+        engine.process([s] * len(v), list(range(len(v))), v)
+    new = _model(cell, seed=2)
+    engine.rewarm(new, "v2")
+    sc = SCALINGS[scaling] or Scaling(kind="none")
+    for s, v in values.items():
+        x, stats = sc.transform(v)
+        y_ref, h_ref = new(x[-window:][None, :, None])  # the new model from zero over the last W inputs
+        slot = engine.table.slots[s]
+        h = engine.table.h[:, slot]
+        h_expected = h_ref[0][:, 0] if cell == "lstm" else h_ref[:, 0]
+        torch.testing.assert_close(h, h_expected, atol=1e-6, rtol=0)
+        if cell == "lstm":
+            torch.testing.assert_close(engine.table.c[:, slot], h_ref[1][:, 0], atol=1e-6, rtol=0)
+        forecast = sc.denormalize(stats[-1:], y_ref[0, -1:].double())[0]
+        torch.testing.assert_close(engine.table.forecast[slot].double(), forecast, atol=1e-5, rtol=0)
+    out = engine.process(["short"], [100], [1.0])
+    assert out.version == "v2"
+
+
+def test_rewarm_to_a_different_shape_and_set_model_refuses_one() -> None:
+    engine = Engine(_model("gru"), window=4, scaling=None)
+    engine.process(["a", "a"], [1, 2], [1.0, 2.0])
+    with pytest.raises(ValueError, match="shape"):
+        engine.set_model(_model("lstm"), "v2")
+    bigger = _model("lstm", hidden_size=16, horizon=5)
+    engine.rewarm(bigger, "v2")
+    out = engine.process(["a"], [3], [3.0])
+    np.testing.assert_allclose(out.values[0], reference_forecast(bigger, [1.0, 2.0, 3.0], None)[-1], atol=1e-5)
+
+
+def test_restore_of_another_versions_snapshot_is_rewarmed() -> None:
+    old, new = _model(seed=1), _model(seed=2)
+    source = Engine(old, version="v1", window=8, scaling=None)
+    values = [0.5, 1.5, -0.5, 2.0]
+    source.process(["a"] * 4, [1, 2, 3, 4], values)
+    target = Engine(new, version="v2", window=8, scaling=None)
+    target.restore("a", source.snapshot("a"))
+    out = target.process(["a"], [5], [1.0])
+    np.testing.assert_allclose(out.values[0], reference_forecast(new, values + [1.0], None)[-1], atol=1e-5)
+    with pytest.raises(StateError):
+        target.restore("b", b"not a snapshot")
+
+
+def test_take_dirty_lists_stepped_series() -> None:
+    engine = Engine(_model())
+    engine.process(["a", "b"], [1, 1], [1.0, 2.0])
+    assert engine.take_dirty() == {"a", "b"}
+    engine.process(["a", "b"], [2, 1], [1.0, 2.0])  # b's value is a duplicate
+    assert engine.take_dirty() == {"a"}
