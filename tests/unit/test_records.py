@@ -18,6 +18,7 @@ from forecaster.records import (
     RecordDecoder,
     encode_dead_letter,
     encode_forecast,
+    encode_forecasts,
     encode_input,
     encode_window,
 )
@@ -239,3 +240,31 @@ def test_dead_letter_carries_raw_bytes_and_where_from():
     assert (body["topic"], body["partition"], body["offset"], body["key"]) == ("in", 2, 12, "k1")
     assert base64.b64decode(body["raw"]) == raw
     assert json.loads(encode_dead_letter(record(None), InvalidRecord("not_json", "x")))["raw"] is None
+
+
+def test_batch_forecast_encoding_equals_the_single_one():
+    forecasts = np.array([[1.5, -2.25], [0.1, 3e10]], dtype=np.float32)
+    encoded = encode_forecasts(
+        ["s\u00e9", 'q"uote'],
+        np.array([5, 6]),
+        "v1",
+        forecasts,
+        np.array([0, 3]),
+        np.array([10, 11]),
+        np.array([-1, 4]),
+    )
+    for i, raw in enumerate(encoded):
+        body = json.loads(raw)
+        single = json.loads(
+            encode_forecast(
+                ["s\u00e9", 'q"uote'][i],
+                [5, 6][i],
+                "v1",
+                forecasts[i].tolist(),
+                [0, 3][i],
+                [10, 11][i],
+                [-1, 4][i],
+            )
+        )
+        assert body == single
+    assert json.loads(encoded[1])["forecast"] == forecasts[1].tolist()

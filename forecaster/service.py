@@ -1,0 +1,322 @@
+"""The streaming service: poll -> decode -> engine -> produce -> commit, at least once.
+
+Input offsets are committed only after the broker acknowledged the forecasts and dead letters of those
+records (flush, then commit); a replay after a crash is harmless because the engine drops values not newer
+than their series' last timestamp (counted as duplicates). ``stop()`` (SIGTERM/SIGINT in the CLI) lets
+the current batch finish, then flushes, commits and closes.
+
+>>> from forecaster.config import Settings
+>>> service = Service(Settings(metrics={"port": 0}), consumer=None, producer=None)  # clients built in start()
+>>> service.ready()
+False
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from kafka import ConsumerRebalanceListener
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from forecaster.config import Settings
+from forecaster.engine import Engine
+from forecaster.errors import ForecasterError, InvalidRecord
+from forecaster.hotswap import ModelSwapper, initial_model
+from forecaster.kafka import TopicSpec, ensure_topics, make_consumer, make_producer, wait_for_broker
+from forecaster.metrics import MetricsServer, ServiceMetrics
+from forecaster.records import DecodedBatch, KafkaRecord, RecordDecoder, encode_dead_letter, encode_forecasts
+from forecaster.scaling import Scaling
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryError(ForecasterError):
+    """The broker did not acknowledge some forecasts or dead letters: offsets stay uncommitted."""
+
+
+class Service:
+    """One member of the consumer group: Kafka in, forecasts out. Collaborators are injectable.
+
+    >>> from forecaster.config import Settings
+    >>> Service(Settings(metrics={"port": 0}), consumer=None, producer=None).pending_offsets
+    {}
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: Engine | None = None,
+        consumer: Any = None,
+        producer: Any = None,
+        metrics: ServiceMetrics | None = None,
+        swapper: ModelSwapper | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.consumer = consumer
+        self.producer = producer
+        self.metrics = metrics or ServiceMetrics()
+        self.swapper = swapper
+        self.clock = clock
+        self.decoder = RecordDecoder.from_settings(settings.service, clock=clock)
+        self.pending_offsets: dict[TopicPartition, int] = {}  # next offset to read, per partition
+        self._pending_records = 0
+        self._last_commit = clock()
+        self._in_flight: list[Any] = []  # producer futures since the last commit
+        self._stopping = threading.Event()
+        self._polling = False
+        self._next_refresh = 0.0
+        self._next_lag = 0.0
+        self._server: MetricsServer | None = None
+
+    # ---- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until ``stop()``; returns the exit status (0)."""
+        self.start()
+        try:
+            while not self._stopping.is_set():
+                self.process(self.poll())
+                self.swap_model_if_ready()
+                self.refresh_metrics()
+        finally:
+            self.close()
+        return 0
+
+    def process(self, records: Sequence[KafkaRecord]) -> None:
+        """One batch: validate, dead-letter the bad, step the good, produce forecasts, commit when due."""
+        batch = self.decoder.decode_batch(records)  # validation, before any state changes
+        self.send_dead_letters(batch.invalid)
+        self.send_forecasts(self.step(batch), batch)
+        if self.commit_due():
+            self.commit()
+
+    def poll(self) -> list[KafkaRecord]:
+        """The next batch of records, all partitions together; notes the offsets to commit."""
+        service = self.settings.service
+        polled = self.consumer.poll(timeout_ms=service.poll_timeout_ms, max_records=service.max_poll_records)
+        self._polling = True
+        records: list[KafkaRecord] = []
+        for tp, part in polled.items():
+            if part:
+                records.extend(part)
+                self.pending_offsets[tp] = part[-1].offset + 1
+        self._pending_records += len(records)
+        self.metrics.records_consumed.inc(len(records))
+        if records:
+            self.metrics.batch_size.observe(len(records))
+        return records
+
+    def step(self, batch: DecodedBatch) -> Any:
+        """The engine over the good values of the batch."""
+        started = time.perf_counter()
+        out = self.engine.process(batch.series, batch.ts, batch.values)
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.metrics.values_stepped.inc(len(out))
+        self.metrics.values_duplicate.inc(out.duplicates)
+        return out
+
+    def send_forecasts(self, out: Any, batch: DecodedBatch) -> None:
+        """One forecast record per stepped value, keyed by series id."""
+        if not len(out):
+            return
+        topic = self.settings.kafka.output_topic
+        record = batch.record[out.index]  # (n,) which input record each forecast answers
+        partition = np.array([r.partition for r in batch.records], dtype=np.int64)[record]
+        offset = np.array([r.offset for r in batch.records], dtype=np.int64)[record]
+        encoded = encode_forecasts(
+            out.series, out.ts, out.version, out.values, partition, offset, batch.index[out.index]
+        )
+        send, in_flight = self.producer.send, self._in_flight
+        for name, value in zip(out.series, encoded, strict=True):
+            in_flight.append(send(topic, key=name.encode(), value=value))
+        created = np.array([r.timestamp for r in batch.records], dtype=np.float64)[record] / 1000.0
+        latency = self.clock() - created[created >= 0]
+        self.metrics.end_to_end_latency.observe_many(latency)
+        self.metrics.forecasts_emitted.inc(len(out))
+
+    def send_dead_letters(self, invalid: Sequence[tuple[KafkaRecord, InvalidRecord]]) -> None:
+        """Each bad record to the dead-letter topic with its reason, counted; one log line per batch."""
+        if not invalid:
+            return
+        topic = self.settings.kafka.deadletter_topic
+        for record, error in invalid:
+            self._in_flight.append(
+                self.producer.send(topic, key=record.key, value=encode_dead_letter(record, error))
+            )
+            self.metrics.invalid(error.reason)
+        examples = ", ".join(f"{e.reason} at {r.topic}[{r.partition}]@{r.offset}" for r, e in invalid[:3])
+        log.warning("%d invalid record(s) sent to %s: %s", len(invalid), topic, examples)
+
+    # ---- commit (at least once) ----------------------------------------------------------------------
+
+    def commit_due(self) -> bool:
+        service = self.settings.service
+        elapsed_ms = (self.clock() - self._last_commit) * 1000.0
+        return bool(self.pending_offsets) and (
+            self._pending_records >= service.commit_records or elapsed_ms >= service.commit_interval_ms
+        )
+
+    def commit(self) -> None:
+        """Make the output of the records polled so far durable, then move the group's offsets past them."""
+        self._last_commit = self.clock()
+        if not self.pending_offsets:
+            return
+        # Step 1. Wait until the broker acknowledged every forecast and dead letter sent so far.
+        self.producer.flush()
+        # Step 2. Any send that failed leaves those records' output missing: do not commit past them.
+        failed = [future for future in self._in_flight if future.failed()]
+        self._in_flight = []
+        if failed:
+            raise DeliveryError(
+                f"{len(failed)} record(s) not acknowledged by the broker: {failed[0].exception}"
+            )
+        # Step 3. Commit the input offsets: the next offset to read, per partition.
+        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self.pending_offsets.items()}
+        self.pending_offsets, self._pending_records = {}, 0
+        try:
+            self.consumer.commit(offsets)
+        except CommitFailedError as exc:  # the group rebalanced: the new owner replays these records
+            log.warning("offset commit refused after a rebalance; those records will be replayed: %s", exc)
+            return
+        self.metrics.commits.inc()
+
+    # ---- between batches -----------------------------------------------------------------------------
+
+    def swap_model_if_ready(self) -> None:
+        if self.swapper is None:
+            return
+        version = self.swapper.swap_if_ready(self.engine)
+        if version is not None:
+            self.metrics.set_model(version, self.engine.model.cell)
+
+    def refresh_metrics(self, force: bool = False) -> None:
+        """State figures and online error every ``refresh_seconds``; consumer lag every ``lag_interval_seconds``."""
+        now, settings = time.monotonic(), self.settings.metrics
+        if force or now >= self._next_refresh:
+            self._next_refresh = now + settings.refresh_seconds
+            engine = self.engine
+            self.metrics.update_state(engine.resident, engine.evictions_total, engine.state_bytes)
+            self.metrics.online_error.update(engine.errors)
+            engine.evict_idle()
+        if force or now >= self._next_lag:
+            self._next_lag = now + settings.lag_interval_seconds
+            self.metrics.set_lag(self.consumer_lag())
+
+    def consumer_lag(self) -> dict[int, int]:
+        """Records between the position and the end of each assigned partition (empty on broker trouble)."""
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return {}
+        try:
+            ends = self.consumer.end_offsets(assigned)
+            return {
+                tp.partition: max(0, ends[tp] - self.consumer.position(tp)) for tp in assigned if tp in ends
+            }
+        except KafkaError as exc:
+            log.debug("consumer lag unavailable: %s", exc)
+            return {}
+
+    def ready(self) -> bool:
+        """Polling with partitions assigned (the ``/readyz`` answer)."""
+        return self._polling and not self._stopping.is_set() and bool(self.consumer.assignment())
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Topics, clients, model, metrics server and swapper, in that order."""
+        settings, kafka = self.settings, self.settings.kafka
+        if self.consumer is None or self.producer is None:
+            wait_for_broker(kafka, timeout=kafka.request_timeout_ms / 1000.0)
+        if kafka.auto_create_topics:
+            topics = (kafka.input_topic, kafka.output_topic, kafka.deadletter_topic)
+            created = ensure_topics(
+                kafka, [TopicSpec(t, kafka.partitions, kafka.replication_factor) for t in topics]
+            )
+            if created:
+                log.info("created topics %s", ", ".join(created))
+        if self.engine is None:
+            self.engine = build_engine(settings)
+        if self.producer is None:
+            self.producer = make_producer(kafka, linger_ms=settings.service.linger_ms)
+        if self.consumer is None:
+            self.consumer = make_consumer(kafka, max_poll_records=settings.service.max_poll_records)
+        self.consumer.subscribe([kafka.input_topic], listener=_Rebalance(self))
+        self.metrics.set_model(self.engine.version, self.engine.model.cell)
+        if self.swapper is None:
+            self.swapper = ModelSwapper(
+                settings.checkpoints.dir,
+                self.engine.version,
+                registry=self.metrics.registry,
+                poll_seconds=settings.service.checkpoint_poll_seconds,
+                device=self.engine.device,
+                scaling=Scaling.from_settings(settings.scaling),
+            )
+        self.swapper.start()
+        if settings.metrics.port and self._server is None:
+            self._server = MetricsServer(
+                self.metrics.registry, settings.metrics.host, settings.metrics.port, self.ready
+            )
+            self._server.start()
+            log.info("metrics on http://%s:%d/metrics", settings.metrics.host, self._server.port)
+        log.info("serving %s -> %s (group %s)", kafka.input_topic, kafka.output_topic, kafka.group_id)
+
+    def stop(self) -> None:
+        """Ask the loop to finish the current batch and close (safe from a signal handler)."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        """Final flush and commit, then close the clients; the metrics server goes last."""
+        self._stopping.set()
+        try:
+            if self.consumer is not None and self.engine is not None:
+                self.commit()
+                self.refresh_metrics(force=True)
+        finally:
+            self._polling = False
+            if self.swapper is not None:
+                self.swapper.stop()
+            if self.consumer is not None:
+                self.consumer.close(autocommit=False)
+            if self.producer is not None:
+                self.producer.close(timeout=self.settings.service.close_timeout_seconds)
+            if self._server is not None:
+                self._server.stop()
+                self._server = None
+        log.info("stopped")
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Commit what was processed before partitions move, so the next owner does not replay it."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        if revoked:
+            self.service.commit()
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+        self.service._next_lag = 0.0
+
+
+def resolve_device(setting: str) -> str:
+    """``auto`` -> cuda when available, else cpu."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if setting == "auto" else setting
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The engine over the model the service starts with (``LATEST`` checkpoint, or a fresh ``init``)."""
+    device = resolve_device(settings.state.device)
+    model, version = initial_model(settings, device)
+    return Engine.from_settings(model, settings, version=version, device=device)
