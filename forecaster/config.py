@@ -152,6 +152,8 @@ class ServiceSettings(BaseModel):
     transactional_id: str | None = None  # default: "<group_id>-<instance id>"
     instance_id: str = "0"
     checkpoint_poll_seconds: float = Field(default=5.0, gt=0.0)
+    linger_ms: int = Field(default=5, ge=0, le=10_000)  # producer batching delay for forecasts
+    close_timeout_seconds: float = Field(default=30.0, gt=0.0)  # flush on stop at most this long
 
 
 class MetricsSettings(BaseModel):
@@ -159,6 +161,8 @@ class MetricsSettings(BaseModel):
 
     host: str = "0.0.0.0"
     port: int = Field(default=9108, ge=0, le=65535)  # 0: do not serve
+    refresh_seconds: float = Field(default=1.0, gt=0.0)  # state figures and online error copied this often
+    lag_interval_seconds: float = Field(default=5.0, gt=0.0)  # consumer lag asked of the broker this often
 
 
 class CheckpointSettings(BaseModel):
@@ -180,6 +184,10 @@ class TrainSettings(BaseModel):
     publish_only_if_better: bool = True
     metrics_port: int = Field(default=9109, ge=0, le=65535)
     max_values: int = Field(default=5_000_000, ge=1)
+    # Forecasts made before a series has this many values are not scored in training (scale unsettled).
+    warmup: int = Field(default=8, ge=0)
+    # Publish only if the validation MAE is at least this fraction below the published model's.
+    min_improvement: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
 class Settings(BaseSettings):
