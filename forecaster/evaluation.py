@@ -1,0 +1,125 @@
+"""Forecast quality on the validation part of each series: models against the naive baselines.
+
+``model_forecasts`` is the batched full-sequence path (``Scaling.transform``, one ``model(x)``,
+``Scaling.denormalize``): per series it equals ``engine.reference_forecast``, so it is what the service
+would have emitted. ``evaluate`` scores every model and both baselines on exactly the same points: the
+forecasts made from the last training value on, whose targets lie in the validation part.
+
+>>> from forecaster.model import RecurrentForecaster
+>>> from forecaster.scaling import Scaling
+>>> model = RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2)
+>>> v = [np.arange(40.0) % 5]
+>>> result = evaluate({"model": (model, Scaling())}, v, validation_fraction=0.25, season=5)
+>>> sorted(result.errors), result.errors["seasonal_naive"].overall_mae()
+(['last_value', 'model', 'seasonal_naive'], 0.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from forecaster.baselines import ForecastErrors, last_value, mase, seasonal_naive, targets
+from forecaster.fit import split_point
+from forecaster.model import RecurrentForecaster
+from forecaster.scaling import Scaling
+
+BASELINES = ("last_value", "seasonal_naive")
+
+
+def model_forecasts(
+    model: RecurrentForecaster, scaling: Scaling, values: Sequence[np.ndarray], *, batch_series: int = 256,
+    chunk_length: int = 1024,
+) -> list[np.ndarray]:
+    """The forecast after each value of each series, in data units: a list of (T_i, horizon) float64."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[np.ndarray] = [np.zeros((0, model.horizon))] * len(values)
+    order = sorted(range(len(values)), key=lambda i: len(values[i]))
+    try:
+        with torch.inference_mode():
+            for lo in range(0, len(order), batch_series):
+                rows = [i for i in order[lo : lo + batch_series] if len(values[i])]
+                if not rows:
+                    continue
+                length = max(len(values[i]) for i in rows)
+                raw = np.stack([np.pad(np.asarray(values[i], np.float64), (0, length - len(values[i])), mode="edge")
+                                for i in rows])  # (B, L): right padding never reaches earlier values
+                x, stats = scaling.transform(raw)  # (B, L), (B, L, N_STATS)
+                h, ys = None, []
+                for start in range(0, length, chunk_length):
+                    y, h = model(x[:, start : start + chunk_length, None].to(device), h)  # (B, T, H)
+                    ys.append(y.cpu())
+                y = torch.cat(ys, 1)  # (B, L, H)
+                for r, i in enumerate(rows):
+                    n = len(values[i])
+                    out[i] = scaling.denormalize(stats[r, :n], y[r, :n]).numpy()  # (n, H)
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass
+class Evaluation:
+    """Errors per method (each model by name, ``last_value``, ``seasonal_naive``) on common points."""
+
+    errors: dict[str, ForecastErrors]
+    season: int
+    horizon: int
+
+    def mae(self, name: str) -> float:
+        return self.errors[name].overall_mae()
+
+    def mase(self, name: str, baseline: str = "seasonal_naive") -> float:
+        return mase(self.errors[name], self.errors[baseline])[0]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready figures per method, plus MASE of each model against both baselines."""
+        report: dict[str, Any] = {"season": self.season, "horizon": self.horizon}
+        for name, errors in self.errors.items():
+            entry = errors.summary()
+            if name not in BASELINES:
+                for baseline in BASELINES:
+                    overall, per = mase(errors, self.errors[baseline])
+                    entry[f"mase_vs_{baseline}"] = overall
+                    entry[f"mase_vs_{baseline}_by_horizon"] = per
+            report[name] = entry
+        return report
+
+
+def evaluate(
+    models: Mapping[str, tuple[RecurrentForecaster, Scaling]],
+    values: Sequence[np.ndarray],
+    *,
+    validation_fraction: float,
+    season: int,
+) -> Evaluation:
+    """Score ``models`` (name -> (model, scaling)) and the baselines on each series' validation part.
+
+    The horizon scored is the shortest of the models'; a point counts only where every method has a
+    forecast (the seasonal-naive one needs a season of history) and the target exists.
+    """
+    horizon = min(model.horizon for model, _ in models.values())
+    forecasts = {name: model_forecasts(model, scaling, values) for name, (model, scaling) in models.items()}
+    errors = {name: ForecastErrors.empty(horizon) for name in [*models, *BASELINES]}
+    for i, v in enumerate(values):
+        n = len(v)
+        first = split_point(n, validation_fraction) - 1  # the forecast made after the last training value
+        if n < 2 or first < 0 or first >= n - 1:
+            continue
+        rows = slice(first, n - 1)
+        made = {name: f[i][rows, :horizon] for name, f in forecasts.items()}
+        made["last_value"] = last_value(v, horizon)[rows]
+        made["seasonal_naive"] = seasonal_naive(v, horizon, season)[rows]
+        target = targets(v, horizon)[rows]  # (T, H)
+        common = np.isfinite(target)
+        for f in made.values():
+            common &= np.isfinite(f)
+        for name, f in made.items():
+            errors[name] = errors[name] + ForecastErrors.of(f, target, common)
+    return Evaluation(errors=errors, season=season, horizon=horizon)

@@ -1,0 +1,207 @@
+"""Training history: per-series value arrays read from the input topic or from a series file.
+
+Both sources end in the same shape: each series' values in event-time order, a value whose ``ts`` is not
+newer than the one before it dropped as a duplicate (the first one read is kept), exactly the values the
+engine would step when it is fed the same records in time order. Kafka records are decoded and validated
+by the service's own ``RecordDecoder``; file rows by ``forecaster.data.read_series``.
+
+>>> import io
+>>> h = read_history_file(io.StringIO("series,ts,value\\na,2,2.0\\na,1,1.0\\na,2,9.0\\nb,5,5.0\\n"))
+>>> h.series, [v.tolist() for v in h.values], h.dropped
+(['a', 'b'], [[1.0, 2.0], [5.0]], {'duplicates': 1})
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+
+from forecaster.data import read_series
+from forecaster.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class History:
+    """Per-series ``ts`` (int64 ms, strictly increasing) and ``values`` (float64), plus where they came from."""
+
+    series: list[str]
+    ts: list[np.ndarray]
+    values: list[np.ndarray]
+    source: dict[str, Any] = field(default_factory=dict)  # for the checkpoint manifest
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    @property
+    def total_values(self) -> int:
+        return int(sum(len(v) for v in self.values))
+
+    @classmethod
+    def from_long(
+        cls, series: Sequence[str], ts: np.ndarray, values: np.ndarray, source: dict[str, Any] | None = None
+    ) -> History:
+        """Group flat ``(series, ts, value)`` in read order into per-series arrays (time order, no duplicates)."""
+        ts = np.asarray(ts, dtype=np.int64)
+        values = np.asarray(values, dtype=np.float64)
+        names, codes = np.unique(np.asarray(series, dtype=object).astype(str), return_inverse=True)
+        order = np.lexsort((np.arange(len(ts)), ts, codes))  # by series, then ts, then read order
+        codes, ts, values = codes[order], ts[order], values[order]
+        same = np.zeros(len(ts), dtype=bool)
+        same[1:] = (codes[1:] == codes[:-1]) & (ts[1:] == ts[:-1])
+        codes, ts, values = codes[~same], ts[~same], values[~same]
+        bounds = np.searchsorted(codes, np.arange(len(names) + 1))
+        return cls(
+            series=[str(n) for n in names],
+            ts=[ts[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+            values=[values[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+            source=dict(source or {}),
+            dropped={"duplicates": int(same.sum())},
+        )
+
+    def time_range(self) -> dict[str, int | None]:
+        """First and last ts over every series (epoch ms)."""
+        firsts = [int(t[0]) for t in self.ts if len(t)]
+        lasts = [int(t[-1]) for t in self.ts if len(t)]
+        return {"first_ts": min(firsts, default=None), "last_ts": max(lasts, default=None)}
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's ``data`` entry: source, range, counts."""
+        return {
+            **self.source,
+            **self.time_range(),
+            "series": len(self.series),
+            "values": self.total_values,
+            "dropped": dict(self.dropped),
+        }
+
+    def tail(self, max_values: int) -> History:
+        """The most recent ``max_values`` values, taken evenly: each series keeps at most its share."""
+        if self.total_values <= max_values:
+            return self
+        share = max(1, max_values // max(1, len(self.series)))
+        log.warning("history has %d values, over the limit %d: keeping the last %d per series",
+                    self.total_values, max_values, share)
+        return History(self.series, [t[-share:] for t in self.ts], [v[-share:] for v in self.values],
+                       {**self.source, "truncated_to_per_series": share}, dict(self.dropped))
+
+
+def read_history_file(source: str | os.PathLike[str] | IO[str]) -> History:
+    """A series file (long/wide CSV, Parquet; what ``forecaster produce`` reads) as training history."""
+    loaded = read_series(source)
+    frame = loaded.frame
+    name = str(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "<stream>")
+    history = History.from_long(frame["series"].to_numpy(), frame["ts"].to_numpy(), frame["value"].to_numpy(),
+                                {"kind": "file", "path": name, "rows": len(frame)})
+    if loaded.bad_rows:
+        history.dropped.update({f"bad_row_{k}": v for k, v in loaded.bad_summary().items()})
+        first = loaded.bad_rows[0]
+        log.warning("%s: skipped %d bad rows (first: line %d, %s)", name, len(loaded.bad_rows), first.line, first.reason)
+    return history
+
+
+def read_history_kafka(
+    consumer: Any,
+    topic: str,
+    decode_batch: Callable[[Sequence[Any]], Any],
+    *,
+    start_ms: int | None = None,
+    start_offset: int | None = None,
+    max_records: int | None = None,
+    poll_timeout_ms: int = 500,
+    idle_polls: int = 20,
+) -> History:
+    """Every record of ``topic`` (all partitions) from a start time or offset up to the end seen at the start.
+
+    ``consumer`` is a kafka-python consumer without a group (assigned here, never committed);
+    ``decode_batch`` is the service's ``RecordDecoder.decode_batch``: invalid records are counted, not read.
+    ``max_records`` starts each partition late enough to read at most that many records overall.
+    """
+    from kafka import TopicPartition
+
+    # Step 1. Every partition, and where to start and stop in each.
+    partitions = sorted(consumer.partitions_for_topic(topic) or [])
+    if not partitions:
+        raise DataError(f"topic {topic}: no such topic or it has no partitions")
+    tps = [TopicPartition(topic, p) for p in partitions]
+    consumer.assign(tps)
+    begin = consumer.beginning_offsets(tps)
+    end = consumer.end_offsets(tps)
+    start = dict(begin)
+    if start_offset is not None:
+        start = {tp: min(max(begin[tp], start_offset), end[tp]) for tp in tps}
+    elif start_ms is not None:
+        found = consumer.offsets_for_times({tp: start_ms for tp in tps})
+        start = {tp: (found[tp].offset if found.get(tp) is not None else end[tp]) for tp in tps}
+    if max_records is not None:
+        share = max(1, max_records // len(tps))
+        start = {tp: max(start[tp], end[tp] - share) for tp in tps}
+    for tp in tps:
+        consumer.seek(tp, start[tp])
+    # Step 2. Poll until every partition reached its end offset (records past it are ignored).
+    pending = {tp for tp in tps if start[tp] < end[tp]}
+    series: list[str] = []
+    ts_parts: list[np.ndarray] = []
+    value_parts: list[np.ndarray] = []
+    records_read = {tp.partition: 0 for tp in tps}
+    invalid = 0
+    idle = 0
+    while pending:
+        polled = consumer.poll(timeout_ms=poll_timeout_ms)
+        if not polled:
+            idle += 1
+            if idle >= idle_polls:
+                raise DataError(f"topic {topic}: no records within {idle_polls} polls before the end offsets")
+            continue
+        idle = 0
+        for tp, records in polled.items():
+            records = [r for r in records if r.offset < end.get(tp, 0)]
+            if records:
+                batch = decode_batch(records)
+                series.extend(batch.series)
+                ts_parts.append(np.asarray(batch.ts, dtype=np.int64))
+                value_parts.append(np.asarray(batch.values, dtype=np.float64))
+                invalid += len(batch.invalid)
+                records_read[tp.partition] += len(records)
+            if consumer.position(tp) >= end[tp]:
+                pending.discard(tp)
+    # Step 3. Per-series arrays, and the range read for the manifest.
+    source = {
+        "kind": "kafka",
+        "topic": topic,
+        "partitions": {
+            str(tp.partition): {"start_offset": int(start[tp]), "end_offset": int(end[tp]),
+                                "records": records_read[tp.partition]}
+            for tp in tps
+        },
+    }
+    empty = np.zeros(0)
+    history = History.from_long(series, np.concatenate(ts_parts) if ts_parts else empty.astype(np.int64),
+                                np.concatenate(value_parts) if value_parts else empty, source)
+    history.dropped["invalid_records"] = invalid
+    return history
+
+
+def read_history(settings: Any, *, input_path: Any = None, start_ms: int | None = None,
+                 start_offset: int | None = None, consumer: Any = None) -> History:
+    """History from ``input_path`` if given, else the input topic of ``settings.kafka``; capped at
+    ``settings.train.max_values``."""
+    if input_path is not None:
+        return read_history_file(input_path).tail(settings.train.max_values)
+    from forecaster.kafka import make_consumer
+    from forecaster.records import RecordDecoder
+
+    own = consumer is None
+    consumer = consumer or make_consumer(settings.kafka, group_id=None, client_id=f"{settings.kafka.client_id}-trainer")
+    try:
+        decoder = RecordDecoder.from_settings(settings.service)
+        history = read_history_kafka(consumer, settings.kafka.input_topic, decoder.decode_batch, start_ms=start_ms,
+                                     start_offset=start_offset, max_records=settings.train.max_values)
+    finally:
+        if own:
+            consumer.close()
+    return history.tail(settings.train.max_values)

@@ -1,0 +1,155 @@
+"""The offline trainer: history in, a validated and (if better) published checkpoint out.
+
+``train_once`` fits the serving model on the training part of each series (``forecaster.fit``), scores it
+on the validation part against the last-value and seasonal-naive baselines and against the currently
+published checkpoint (``forecaster.evaluation``), and publishes a new version only if it is better than the
+published one (unless ``settings.train.publish_only_if_better`` is off). The decision and every figure go
+to the log and to the manifest.
+
+>>> import tempfile
+>>> import numpy as np
+>>> from forecaster.config import Settings
+>>> from forecaster.history import History
+>>> settings = Settings(model={"hidden_size": 4, "num_layers": 1, "horizon": 2},
+...                     train={"epochs": 1}, checkpoints={"dir": tempfile.mkdtemp()})
+>>> values = np.sin(np.arange(80) / 3.0) + 5.0
+>>> history = History.from_long(["a"] * 80, np.arange(80), values)
+>>> outcome = train_once(settings, history, progress=False)
+>>> outcome.published is not None, outcome.reason
+(True, 'first model')
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from forecaster.baselines import detect_season
+from forecaster.checkpoint import LoadedCheckpoint, latest_version, load_checkpoint, promote, save_checkpoint
+from forecaster.errors import CheckpointError, DataError
+from forecaster.evaluation import BASELINES, Evaluation, evaluate
+from forecaster.fit import FitResult, fit, split_point
+from forecaster.history import History
+from forecaster.model import RecurrentForecaster
+from forecaster.scaling import Scaling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    """What one training run did: the version published (None if nothing), why, and the figures."""
+
+    published: str | None
+    reason: str
+    fit: FitResult
+    evaluation: Evaluation
+    parent: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def build_model(settings: Any) -> RecurrentForecaster:
+    """A fresh model of the configured shape, seeded by ``settings.model.seed``."""
+    args = settings.model.model_dump()
+    torch.manual_seed(args.pop("seed", 0))
+    return RecurrentForecaster(**args)
+
+
+def resolve_season(settings: Any, history: History) -> int:
+    """``settings.train.season``, or the period detected on the training parts of the series."""
+    if settings.train.season is not None:
+        return int(settings.train.season)
+    fraction = settings.train.validation_fraction
+    season = detect_season([v[: split_point(len(v), fraction)] for v in history.values])
+    log.info("season detected by autocorrelation: %d", season)
+    return season
+
+
+def published_checkpoint(root: Any, device: str = "cpu") -> LoadedCheckpoint | None:
+    """The checkpoint LATEST names, or None if nothing (valid) is published."""
+    try:
+        version = latest_version(root)
+        return load_checkpoint(root / version, device=device) if version else None
+    except CheckpointError as exc:
+        log.error("the published checkpoint cannot be compared against: %s", exc)
+        return None
+
+
+def train_once(settings: Any, history: History, *, progress: bool | None = None) -> TrainOutcome:
+    """Fit, evaluate, decide, publish. Raises ``DataError`` when the history cannot train a model."""
+    train = settings.train
+    values = [v for v in history.values if len(v) > 0]
+    if not values:
+        raise DataError("no history to train on")
+    scaling = Scaling.from_settings(settings.scaling)
+    season = resolve_season(settings, history)
+    # Step 1. Fit the serving model on the training part of every series.
+    model = build_model(settings)
+    fitted = fit(
+        model, values, scaling, epochs=train.epochs, chunk_length=train.chunk_length,
+        batch_series=train.batch_series, learning_rate=train.learning_rate,
+        validation_fraction=train.validation_fraction, patience=train.patience, warmup=train.warmup,
+        seed=settings.model.seed, progress=progress,
+    )  # fmt: skip
+    if not fitted.train_losses or not math.isfinite(fitted.train_losses[0]):
+        raise DataError(
+            f"history too short to train: {len(values)} series, longest {max(len(v) for v in values)} values "
+            f"(need more than warmup={train.warmup} + validation)"
+        )
+    # Step 2. Score it, the baselines and the published model on the same validation points.
+    published = published_checkpoint(settings.checkpoints.dir)
+    models = {"model": (model, scaling)}
+    if published is not None:
+        models["published"] = (published.model, published.scaling)
+    evaluation = evaluate(models, values, validation_fraction=train.validation_fraction, season=season)
+    # Step 3. Decide.
+    publish, reason = _decide(evaluation, published, train)
+    summary = evaluation.summary()
+    metrics = {
+        "validation": summary,
+        "fit": {"epochs": fitted.epochs, "train_loss": fitted.train_losses[-1],
+                "best_validation_loss": fitted.best_validation_loss, "stopped_early": fitted.stopped_early},
+        "decision": {"published": publish, "reason": reason,
+                     "compared_with": published.version if published else None},
+    }  # fmt: skip
+    _log_figures(evaluation, published, publish, reason)
+    if not publish:
+        return TrainOutcome(None, reason, fitted, evaluation, published.version if published else None, metrics)
+    # Step 4. Write the checkpoint, then point LATEST at it (validated by the one loader on the way).
+    version = save_checkpoint(
+        settings.checkpoints.dir, model, scaling, data=history.describe(), metrics=metrics,
+        parent=published.version if published else None,
+        extra={"training": {**train.model_dump(mode="json"), "season_used": season, "seed": settings.model.seed}},
+    )  # fmt: skip
+    promote(settings.checkpoints.dir, version)
+    log.info("published checkpoint %s in %s", version, settings.checkpoints.dir)
+    return TrainOutcome(version, reason, fitted, evaluation, published.version if published else None, metrics)
+
+
+def _decide(evaluation: Evaluation, published: LoadedCheckpoint | None, train: Any) -> tuple[bool, str]:
+    new = evaluation.mae("model")
+    if published is None:
+        return True, "first model"
+    old = evaluation.mae("published")
+    if not train.publish_only_if_better:
+        return True, "publish_only_if_better is off"
+    if not math.isfinite(new):
+        return False, "no validation points to compare on"
+    if not math.isfinite(old) or new < old * (1.0 - train.min_improvement):
+        return True, f"validation MAE {new:.6g} < {old:.6g} of {published.version}"
+    return False, f"validation MAE {new:.6g} is not better than {old:.6g} of {published.version}"
+
+
+def _log_figures(evaluation: Evaluation, published: LoadedCheckpoint | None, publish: bool, reason: str) -> None:
+    figures = ", ".join(f"{name} {evaluation.mae(name):.6g}" for name in evaluation.errors)
+    log.info("validation MAE (season %d, %d points): %s", evaluation.season,
+             int(evaluation.errors["model"].count.sum()), figures)
+    best_baseline = min(evaluation.mae(name) for name in BASELINES)
+    if not evaluation.mae("model") < best_baseline:
+        log.warning("the model does not beat the best naive baseline on the validation data (%.6g vs %.6g)",
+                    evaluation.mae("model"), best_baseline)
+    log.info("decision: %s (%s)", "publish" if publish else "keep %s" % (published.version if published else "-"), reason)
