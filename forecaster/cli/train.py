@@ -1,0 +1,140 @@
+"""``forecaster train``: fit a model on the input topic's history (or a file) and publish it if it is better.
+
+    forecaster train                          # the whole input topic, once
+    forecaster train --input data.csv         # a series file (long/wide CSV, Parquet)
+    forecaster train --from-time 2026-01-01   # Kafka history from a start time (or --from-offset N)
+    forecaster train --every 15m              # periodically, with /metrics on settings.train.metrics_port
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prometheus_client import CollectorRegistry
+
+from forecaster.checkpoint import latest_version
+from forecaster.config import Settings
+from forecaster.errors import CheckpointError, ConfigError
+from forecaster.history import read_history
+from forecaster.periodic import TrainerMetrics, parse_duration, run_periodically
+from forecaster.train import TrainOutcome, train_once
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", type=Path, help="series file to train on instead of the input topic")
+    parser.add_argument("--every", help="run periodically, e.g. 15m, 1h (a long-lived process with /metrics)")
+    parser.add_argument("--from-time", help="Kafka history from this time (epoch ms or ISO-8601)")
+    parser.add_argument("--from-offset", type=int, help="Kafka history from this offset in every partition")
+    parser.add_argument("--epochs", type=int, help="maximum epochs (settings.train.epochs)")
+    parser.add_argument("--learning-rate", type=float, help="Adam learning rate")
+    parser.add_argument("--season", type=int, help="season of the seasonal-naive baseline (default: detected)")
+    parser.add_argument("--cell", choices=("gru", "lstm", "rnn"), help="recurrent cell (settings.model.cell)")
+    parser.add_argument("--checkpoint-dir", type=Path, help="checkpoint folder (settings.checkpoints.dir)")
+    parser.add_argument("--always-publish", action="store_true", help="publish even if not better than LATEST")
+    parser.add_argument("--metrics-port", type=int, help="/metrics port with --every (0: none)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def apply_overrides(args: argparse.Namespace, settings: Settings) -> Settings:
+    """Settings with the command-line options applied (validated like the environment)."""
+    train: dict[str, Any] = {}
+    for option, field in (("epochs", "epochs"), ("learning_rate", "learning_rate"), ("season", "season"),
+                          ("metrics_port", "metrics_port")):
+        if getattr(args, option, None) is not None:
+            train[field] = getattr(args, option)
+    if getattr(args, "always_publish", False):
+        train["publish_only_if_better"] = False
+    data = settings.model_dump()
+    data["train"].update(train)
+    if getattr(args, "cell", None):
+        data["model"]["cell"] = args.cell
+    if getattr(args, "checkpoint_dir", None) is not None:
+        data["checkpoints"]["dir"] = args.checkpoint_dir
+    try:
+        return Settings.model_validate(data)
+    except ValueError as exc:
+        raise ConfigError(f"invalid option: {exc}") from None
+
+
+def parse_start_ms(text: str | None) -> int | None:
+    """Epoch ms from ``--from-time`` (an integer, or anything pandas parses as a time; naive means UTC)."""
+    if text is None:
+        return None
+    if text.strip().isdigit():
+        return int(text)
+    try:
+        stamp = pd.Timestamp(text)
+    except ValueError:
+        raise ConfigError(f"--from-time {text!r} is not epoch ms or an ISO-8601 time") from None
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp
+    return int(stamp.value // 1_000_000)
+
+
+def summarize(outcome: TrainOutcome) -> dict[str, Any]:
+    """The figures a person reads after a run: decision, MAE of each method, MASE of the model."""
+    evaluation = outcome.evaluation
+    return {
+        "published": outcome.published,
+        "reason": outcome.reason,
+        "epochs": outcome.fit.epochs,
+        "season": evaluation.season,
+        "validation_points": int(evaluation.errors["model"].count.sum()),
+        "mae": {name: evaluation.mae(name) for name in evaluation.errors},
+        "mase_vs_seasonal_naive": evaluation.mase("model", "seasonal_naive"),
+        "mase_vs_last_value": evaluation.mase("model", "last_value"),
+    }
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    settings = apply_overrides(args, settings)
+    start_ms = parse_start_ms(args.from_time)
+    progress = False if args.no_progress else None
+
+    def once() -> TrainOutcome:
+        history = read_history(settings, input_path=args.input, start_ms=start_ms, start_offset=args.from_offset)
+        log.info("history: %s", json.dumps(history.describe(), default=str))
+        return train_once(settings, history, progress=progress)
+
+    if not args.every:
+        outcome = once()
+        print(json.dumps(summarize(outcome), indent=2))
+        return 0
+    every = parse_duration(args.every)
+    metrics = TrainerMetrics(CollectorRegistry())
+    try:
+        current = latest_version(settings.checkpoints.dir)
+    except CheckpointError:
+        current = None
+    if current:
+        metrics.published.info({"version": current})
+    server = None
+    if settings.train.metrics_port:
+        from forecaster.metrics import MetricsServer
+
+        server = MetricsServer(metrics.registry, settings.metrics.host, settings.train.metrics_port).start()
+        log.info("trainer metrics on http://%s:%d/metrics", settings.metrics.host, server.port)
+    stop = threading.Event()
+
+    def on_signal(*_: Any) -> None:  # the first signal finishes the current run; a second one interrupts it
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.info("stopping after the current run")
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    try:
+        run_periodically(once, every, metrics, stop=stop)
+    finally:
+        if server is not None:
+            server.stop()
+    return 0

@@ -1,0 +1,115 @@
+"""The trainer as a long-lived process: one training run every period, with its own metrics.
+
+>>> from prometheus_client import CollectorRegistry
+>>> parse_duration("15m"), parse_duration("1h30m"), parse_duration("90")
+(900.0, 5400.0, 90.0)
+>>> metrics = TrainerMetrics(CollectorRegistry())
+>>> runs = run_periodically(lambda: None, 0.0, metrics, max_runs=2)
+>>> runs, metrics.registry.get_sample_value("forecaster_trainer_runs_total", {"result": "not_published"})
+(2, 2.0)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+
+from forecaster.errors import ConfigError, ForecasterError
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"90"``, ``"30s"``, ``"15m"``, ``"1h30m"``, ``"1d"``; ``ConfigError`` otherwise."""
+    text = text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(a + b for a, b in parts) != text:
+        raise ConfigError(f"{text!r} is not a duration like 90, 30s, 15m, 1h30m or 1d")
+    return sum(float(amount) * _UNITS[unit] for amount, unit in parts)
+
+
+class TrainerMetrics:
+    """The trainer's metrics on one registry (``registry`` attribute), served by ``forecaster train --every``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.runs = Counter(
+            "forecaster_trainer_runs_total",
+            "Training runs by result: published, not_published (not better), failed",
+            ["result"], registry=registry,
+        )  # fmt: skip
+        self.loss = Gauge("forecaster_trainer_loss", "Loss (scaled MSE) of the last run, by split",
+                          ["split"], registry=registry)
+        self.duration = Gauge("forecaster_trainer_duration_seconds", "Duration of the last training run",
+                              registry=registry)
+        self.last_success = Gauge("forecaster_trainer_last_success_timestamp_seconds",
+                                  "Unix time the last run finished without error", registry=registry)
+        self.published = Info("forecaster_trainer_published_version",
+                              "The checkpoint version LATEST names", registry=registry)
+        for result in ("published", "not_published", "failed"):
+            self.runs.labels(result=result)
+
+    def record(self, outcome: Any, seconds: float, now: float) -> None:
+        """A finished run: ``outcome`` is a ``TrainOutcome`` (or None when the run had nothing to do)."""
+        published = getattr(outcome, "published", None)
+        self.runs.labels(result="published" if published else "not_published").inc()
+        self.duration.set(seconds)
+        self.last_success.set(now)
+        fit = getattr(outcome, "fit", None)
+        if fit is not None and fit.train_losses:
+            self.loss.labels(split="train").set(fit.train_losses[-1])
+            self.loss.labels(split="validation").set(fit.best_validation_loss)
+        if published:
+            self.published.info({"version": published})
+
+    def failed(self, seconds: float) -> None:
+        self.runs.labels(result="failed").inc()
+        self.duration.set(seconds)
+
+
+def run_periodically(
+    run_once: Callable[[], Any],
+    every_seconds: float,
+    metrics: TrainerMetrics,
+    *,
+    stop: threading.Event | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
+    max_runs: int | None = None,
+) -> int:
+    """Call ``run_once`` every ``every_seconds`` (start to start) until ``stop`` is set; returns the runs made.
+
+    A run that raises a ``ForecasterError`` is logged and counted as failed; the next one still happens.
+    """
+    stop = stop or threading.Event()
+    runs = 0
+    while not stop.is_set() and (max_runs is None or runs < max_runs):
+        started = clock()
+        try:
+            outcome = run_once()
+        except ForecasterError as exc:
+            metrics.failed(clock() - started)
+            log.error("training run failed: %s", exc)
+        else:
+            metrics.record(outcome, clock() - started, wall())
+        runs += 1
+        if max_runs is not None and runs >= max_runs:
+            break
+        left = every_seconds - (clock() - started)
+        if left > 0:
+            log.info("next training run in %.0f s", left)
+            stop.wait(left)
+    return runs
