@@ -5,7 +5,7 @@ records (flush, then commit); a replay after a crash is harmless because the eng
 than their series' last timestamp (counted as duplicates). ``stop()`` (SIGTERM/SIGINT in the CLI) lets
 the current batch finish, then flushes, commits and closes.
 
->>> from forecaster.config import Settings
+>>> from forecaster.config import KafkaSettings, Settings
 >>> service = Service(Settings(metrics={"port": 0}), consumer=None, producer=None)  # clients built in start()
 >>> service.ready()
 False
@@ -25,11 +25,18 @@ from kafka import ConsumerRebalanceListener
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from forecaster.config import Settings
+from forecaster.config import KafkaSettings, Settings
 from forecaster.engine import Engine
-from forecaster.errors import ForecasterError, InvalidRecord
+from forecaster.errors import ForecasterError, InvalidRecord, KafkaSetupError
 from forecaster.hotswap import ModelSwapper, initial_model
-from forecaster.kafka import TopicSpec, ensure_topics, make_consumer, make_producer, wait_for_broker
+from forecaster.kafka import (
+    TopicSpec,
+    ensure_topics,
+    make_admin,
+    make_consumer,
+    make_producer,
+    wait_for_broker,
+)
 from forecaster.metrics import MetricsServer, ServiceMetrics
 from forecaster.records import DecodedBatch, KafkaRecord, RecordDecoder, encode_dead_letter, encode_forecasts
 from forecaster.scaling import Scaling
@@ -44,7 +51,7 @@ class DeliveryError(ForecasterError):
 class Service:
     """One member of the consumer group: Kafka in, forecasts out. Collaborators are injectable.
 
-    >>> from forecaster.config import Settings
+    >>> from forecaster.config import KafkaSettings, Settings
     >>> Service(Settings(metrics={"port": 0}), consumer=None, producer=None).pending_offsets
     {}
     """
@@ -238,9 +245,8 @@ class Service:
         if self.consumer is None or self.producer is None:
             wait_for_broker(kafka, timeout=kafka.request_timeout_ms / 1000.0)
         if kafka.auto_create_topics:
-            topics = (kafka.input_topic, kafka.output_topic, kafka.deadletter_topic)
-            created = ensure_topics(
-                kafka, [TopicSpec(t, kafka.partitions, kafka.replication_factor) for t in topics]
+            created = create_missing_topics(
+                kafka, (kafka.input_topic, kafka.output_topic, kafka.deadletter_topic)
             )
             if created:
                 log.info("created topics %s", ", ".join(created))
@@ -249,7 +255,12 @@ class Service:
         if self.producer is None:
             self.producer = make_producer(kafka, linger_ms=settings.service.linger_ms)
         if self.consumer is None:
-            self.consumer = make_consumer(kafka, max_poll_records=settings.service.max_poll_records)
+            self.consumer = make_consumer(
+                kafka,
+                max_poll_records=settings.service.max_poll_records,
+                session_timeout_ms=settings.service.session_timeout_ms,
+                heartbeat_interval_ms=max(100, settings.service.session_timeout_ms // 3),
+            )
         self.consumer.subscribe([kafka.input_topic], listener=_Rebalance(self))
         self.metrics.set_model(self.engine.version, self.engine.model.cell)
         if self.swapper is None:
@@ -308,6 +319,20 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
         self.service._next_lag = 0.0
+
+
+def create_missing_topics(kafka: KafkaSettings, names: Sequence[str]) -> list[str]:
+    """Create those of ``names`` that do not exist (``kafka.partitions`` each); existing ones are left as
+    they are: at least once, no topic has to be co-partitioned with the input."""
+    admin = make_admin(kafka)
+    try:
+        existing = set(admin.list_topics())
+        specs = [TopicSpec(n, kafka.partitions, kafka.replication_factor) for n in names if n not in existing]
+        return ensure_topics(admin, specs)
+    except KafkaError as exc:
+        raise KafkaSetupError(f"cannot list or create topics {', '.join(names)}: {exc}") from exc
+    finally:
+        admin.close()
 
 
 def resolve_device(setting: str) -> str:

@@ -6,8 +6,9 @@ import argparse
 import sys
 
 from forecaster.config import Settings
-from forecaster.kafka import TopicSpec, ensure_topics, make_producer
+from forecaster.kafka import make_producer
 from forecaster.producer import produce_file, produce_synthetic
+from forecaster.service import create_missing_topics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     kafka = settings.kafka
     topic = args.topic or kafka.input_topic
     if kafka.auto_create_topics:
-        ensure_topics(kafka, [TopicSpec(topic, kafka.partitions, kafka.replication_factor)])
+        create_missing_topics(kafka, [topic])
     producer = make_producer(kafka, linger_ms=20)
     try:
         options = dict(window=args.window, rate=args.rate, progress=not args.no_progress)

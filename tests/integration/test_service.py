@@ -1,0 +1,242 @@
+"""``forecaster serve`` against the real broker, as a real process: forecasts, dead letters, restarts, metrics."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+import pandas as pd
+
+from forecaster.engine import reference_forecast
+from forecaster.hotswap import fresh_model
+from forecaster.records import REASONS, encode_input, encode_window
+from forecaster.scaling import Scaling
+from forecaster.synthetic import generate
+
+START_MS = 1_700_000_000_000
+NEVER_COMMIT = {
+    "FORECASTER_SERVICE__COMMIT_INTERVAL_MS": str(10**9),
+    "FORECASTER_SERVICE__COMMIT_RECORDS": str(10**9),
+}
+FAST_REJOIN = {"FORECASTER_SERVICE__SESSION_TIMEOUT_MS": "6000"}
+
+
+def records_of(
+    frame: pd.DataFrame, windowed: set[str] = frozenset(), window: int = 7
+) -> list[tuple[bytes, bytes]]:
+    """Input records keyed by series: windows of ``window`` values for ``windowed`` series, single values
+    for the others; interleaved across series in time order."""
+    chunks = []
+    for name, group in frame.groupby("series", sort=False):
+        ts, values = group["ts"].tolist(), group["value"].tolist()
+        step = window if name in windowed else 1
+        for lo in range(0, len(ts), step):
+            if name in windowed:
+                value = encode_window(name, ts[lo : lo + step], values[lo : lo + step])
+            else:
+                value = encode_input(name, ts[lo], values[lo])
+            chunks.append((ts[lo], name.encode(), value))
+    chunks.sort(key=lambda c: c[0])
+    return [(key, value) for _, key, value in chunks]
+
+
+def forecasts_by_series(records) -> dict[str, list[dict]]:
+    out = defaultdict(list)
+    for record in records:
+        body = record.json()
+        assert record.key == body["series"].encode()
+        out[body["series"]].append(body)
+    return out
+
+
+def test_end_to_end_forecasts_equal_the_reference(topics, serve, broker):
+    frame = generate(n_series=12, n_values=30, start_ms=START_MS, step_ms=60_000, seed=3)
+    windowed = {f"series-{i}" for i in range(0, 12, 3)}
+    service = serve().start()
+    n_records = broker.send(topics.input, records_of(frame, windowed))
+
+    forecasts = broker.read(topics.output, count=len(frame), timeout=30)
+    assert len(forecasts) == len(frame)
+    time.sleep(0.5)  # nothing more arrives: exactly one forecast per value
+    assert len(broker.read(topics.output)) == len(frame)
+
+    settings = topics.settings()
+    model, scaling = fresh_model(settings), Scaling.from_settings(settings.scaling)
+    inputs = {(r.partition, r.offset): r.json() for r in broker.read(topics.input, count=n_records)}
+    for name, bodies in forecasts_by_series(forecasts).items():
+        expected_frame = frame[frame["series"] == name]
+        bodies.sort(key=lambda b: b["ts"])
+        assert [b["ts"] for b in bodies] == expected_frame["ts"].tolist()
+        assert {b["model_version"] for b in bodies} == {"init"}
+        expected = reference_forecast(model, expected_frame["value"].to_numpy(), scaling)  # (T, horizon)
+        np.testing.assert_allclose(np.array([b["forecast"] for b in bodies]), expected, rtol=1e-6, atol=1e-5)
+        for body in bodies:  # the input coordinates point at the record holding that value
+            source = inputs[(body["input"]["partition"], body["input"]["offset"])]
+            assert source["series"] == name
+            if name in windowed:
+                assert source["ts"][body["index"]] == body["ts"]
+            else:
+                assert "index" not in body and source["ts"] == body["ts"]
+    assert service.terminate() == 0
+
+
+# One malformed record per reason (keys: None unless the case is about the key).
+BAD = [
+    (None, b"\xff\xfe\x00garbage", "not_utf8"),
+    (None, b"{this is not json", "not_json"),
+    (None, b"[1, 2, 3]", "not_object"),
+    (None, b'{"schema": 99, "series": "x", "ts": 1, "value": 1}', "unknown_schema"),
+    (None, b'{"series": "x", "ts": 1, "value": 1, "colour": "red"}', "unknown_field"),
+    (None, b'{"ts": 1700000000000, "value": 1}', "missing_series"),
+    (None, b'{"series": 42, "ts": 1, "value": 1}', "bad_series"),
+    (None, json.dumps({"series": "x" * 300, "ts": 1, "value": 1}).encode(), "series_too_long"),
+    (b"other", b'{"series": "x", "ts": 1, "value": 1}', "key_mismatch"),
+    (None, b'{"series": "x", "ts": 1}', "missing_value"),
+    (None, b'{"series": "x", "ts": 1, "value": "twelve"}', "bad_value"),
+    (None, b'{"series": "x", "ts": 1, "value": NaN}', "non_finite"),
+    (None, b'{"series": "x", "ts": "last tuesday", "value": 1}', "bad_ts"),
+    (None, b'{"series": "x", "ts": 99999999999999999, "value": 1}', "ts_out_of_range"),
+    (None, b'{"series": "x", "ts": [1, 2, 3], "values": [1, 2]}', "length_mismatch"),
+    (None, json.dumps({"series": "x", "ts": list(range(1, 20_002)), "values": [1.0] * 20_001}).encode(), "window_too_large"),
+    (None, b'{"series": "x", "ts": [], "values": []}', "empty_window"),
+]  # fmt: skip
+
+
+def test_every_bad_record_is_dead_lettered_and_good_ones_are_unaffected(topics, serve, broker):
+    assert {reason for _, _, reason in BAD} == set(REASONS)
+    frame = generate(n_series=4, n_values=10, start_ms=START_MS, seed=5)
+    good = records_of(frame, windowed={"series-1"}, window=3)
+    mixed = []  # a bad record after every good one, the same batches hold both
+    for i, record in enumerate(good):
+        mixed.append(record)
+        if i < len(BAD):
+            mixed.append(BAD[i][:2])
+    mixed += [b[:2] for b in BAD[len(good) :]]
+    service = serve().start()
+    broker.send(topics.input, mixed)
+
+    dead = broker.read(topics.deadletter, count=len(BAD), timeout=30)
+    forecasts = broker.read(topics.output, count=len(frame), timeout=30)
+    expected_reason = {raw: reason for _, raw, reason in BAD}
+    assert len(dead) == len(BAD)
+    for record in dead:
+        body = record.json()
+        raw = base64.b64decode(body["raw"])
+        assert body["reason"] == expected_reason[raw], body["detail"]
+        assert body["topic"] == topics.input and body["detail"]
+        assert record.key == next(key for key, value, _ in BAD if value == raw)
+    assert sorted(body["reason"] for body in (r.json() for r in dead)) == sorted(REASONS)
+
+    assert len(forecasts) == len(frame)
+    got = {(b["series"], b["ts"]) for b in (r.json() for r in forecasts)}
+    assert got == set(zip(frame["series"], frame["ts"], strict=True))
+    assert service.http("/readyz")[0] == 200  # still up and serving
+    samples = service.metrics()
+    for reason in REASONS:
+        assert samples[("forecaster_records_invalid_total", (("reason", reason),))] == 1
+    assert service.terminate() == 0
+
+
+def produce_slowly(topics, broker, records, pause: float = 0.002) -> threading.Thread:
+    def run() -> None:
+        for lo in range(0, len(records), 20):
+            broker.send(topics.input, records[lo : lo + 20])
+            time.sleep(pause * 20)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def stream_and_stop(topics, serve, broker, stop: str) -> tuple[list, pd.DataFrame, int]:
+    """Stream values, stop the service mid-stream (``terminate`` or ``kill``), restart it, let it finish.
+
+    Offsets are committed only on graceful stop (commit interval and count set out of reach), so what a
+    kill -9 leaves uncommitted is known: everything the first run did. Returns (forecasts, frame, n1)
+    with n1 the forecasts present when the first run had stopped.
+    """
+    frame = generate(n_series=10, n_values=60, start_ms=START_MS, seed=7)
+    records = records_of(frame)
+    first = serve(**NEVER_COMMIT, **FAST_REJOIN).start()
+    producer = produce_slowly(topics, broker, records)
+    broker.wait_for(lambda: len(broker.read(topics.output, timeout=5)) >= 100, what="first forecasts")
+    code = first.terminate() if stop == "terminate" else first.kill()
+    assert producer.is_alive(), "the stream should still be running when the service stops"
+    assert code == (0 if stop == "terminate" else -9), first.tail()
+    n1 = len(broker.read(topics.output))
+    assert 0 < n1 < len(frame)
+    second = serve(**NEVER_COMMIT, **FAST_REJOIN).start()
+    producer.join(60)
+    expected = len(frame) + (n1 if stop == "kill" else 0)
+    forecasts = broker.read(topics.output, count=expected, timeout=40)
+    assert second.terminate() == 0
+    return forecasts, frame, n1
+
+
+def test_restart_after_sigterm_loses_nothing_and_duplicates_nothing(topics, serve, broker):
+    forecasts, frame, _ = stream_and_stop(topics, serve, broker, "terminate")
+    per_value = Counter((b["series"], b["ts"]) for b in (r.json() for r in forecasts))
+    assert set(per_value) == set(zip(frame["series"], frame["ts"], strict=True))  # nothing lost
+    assert set(per_value.values()) == {1}  # the graceful stop committed what it had done
+
+
+def test_restart_after_kill_9_loses_nothing_and_replays_the_uncommitted(topics, serve, broker):
+    forecasts, frame, n1 = stream_and_stop(topics, serve, broker, "kill")
+    per_value = Counter((b["series"], b["ts"]) for b in (r.json() for r in forecasts))
+    assert set(per_value) == set(zip(frame["series"], frame["ts"], strict=True))  # nothing lost
+    duplicates = sum(n - 1 for n in per_value.values())
+    print(f"kill -9: {duplicates} duplicate forecasts of {len(frame)} values (at least once)")
+    assert duplicates == n1  # everything the killed run emitted was uncommitted, hence replayed once
+    assert max(per_value.values()) == 2
+
+
+def test_metrics_after_a_run(topics, serve, broker):
+    frame = generate(n_series=6, n_values=20, start_ms=START_MS, seed=9)
+    good = records_of(frame, windowed={"series-0"}, window=5)
+    bad = [(None, b"nope"), (None, b'{"series": "a", "ts": 1, "value": Infinity}')]
+    service = serve().start()
+    broker.send(topics.input, good + bad)
+    broker.read(topics.output, count=len(frame), timeout=30)
+    broker.send(topics.input, good[:10])  # a replay: harmless, counted as duplicates
+    n_replayed = sum(len(json.loads(v).get("values", [0])) for _, v in good[:10])
+
+    def metric(name: str, **labels: str) -> float | None:
+        return service.metrics().get((name, tuple(sorted(labels.items()))))
+
+    consumed = len(good) + len(bad) + 10
+    broker.wait_for(
+        lambda: metric("forecaster_records_consumed_total") == consumed, what="all records consumed"
+    )
+    broker.wait_for(
+        lambda: metric("forecaster_values_duplicate_total") == n_replayed, what="duplicates counted"
+    )
+    broker.wait_for(
+        lambda: all(metric("forecaster_consumer_lag", partition=str(p)) == 0 for p in range(3)), what="lag 0"
+    )
+    broker.wait_for(lambda: (metric("forecaster_series_resident") or 0) == 6, what="resident series")
+    assert metric("forecaster_forecasts_emitted_total") == len(frame)
+    assert metric("forecaster_values_stepped_total") == len(frame)
+    assert metric("forecaster_records_invalid_total", reason="not_json") == 1
+    assert metric("forecaster_records_invalid_total", reason="non_finite") == 1
+    assert metric("forecaster_batch_size_count") >= 1
+    assert metric("forecaster_batch_size_sum") == consumed
+    assert metric("forecaster_step_seconds_count") >= 1
+    assert metric("forecaster_end_to_end_latency_seconds_count") == len(frame)
+    assert metric("forecaster_end_to_end_latency_seconds_bucket", le="+Inf") == len(frame)
+    assert 0 < metric("forecaster_end_to_end_latency_seconds_sum") < 60 * len(frame)
+    errors = metric("forecaster_forecast_abs_error_count", model_version="init")
+    assert errors == len(frame) - 6  # every value but the first of each series is scored
+    assert metric("forecaster_forecast_abs_error_sum", model_version="init") > 0
+    assert metric("forecaster_forecast_squared_error_count", model_version="init") == errors
+    assert metric("forecaster_forecast_squared_error_sum", model_version="init") > 0
+    assert metric("forecaster_state_bytes") > 0
+    assert metric("forecaster_state_evictions_total") == 0
+    assert metric("forecaster_model_info", version="init", cell="gru") == 1
+    assert metric("forecaster_model_swaps_total", result="ok") == 0
+    assert not any("series-" in str(labels) for _, labels in service.metrics())  # no series id as a label
+    assert service.http("/healthz")[0] == 200
+    assert service.terminate() == 0
