@@ -91,7 +91,7 @@ def _load_compatible(path: Path, device: str | torch.device, scaling: Scaling) -
 
 def _check_compatible(loaded: LoadedCheckpoint, *, scaling: Scaling | None, horizon: int | None) -> None:
     if scaling is not None and loaded.scaling != scaling:
-        raise CheckpointError(f"{loaded.version}: trained with {loaded.scaling}, the service runs {scaling}")
+        raise CheckpointError(f"{loaded.version}: trained with scaling {loaded.scaling.settings}, the service runs {scaling.settings}")
     if horizon is not None and loaded.model.horizon != horizon:
         raise CheckpointError(f"{loaded.version}: horizon {loaded.model.horizon}, the service forecasts {horizon}")
 
