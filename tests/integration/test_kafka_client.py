@@ -159,7 +159,9 @@ def test_ensure_topics_refuses_a_topic_that_is_not_compacted(kafka_admin, topic_
         ensure_topics(kafka_admin, [TopicSpec(topic, partitions=2, config=COMPACTED)])
 
 
-def test_producing_to_a_missing_topic_fails_rather_than_creating_it(kafka_settings, kafka_admin, group_factory):
+def test_producing_to_a_missing_topic_fails_rather_than_creating_it(
+    kafka_settings, kafka_admin, group_factory
+):
     name = group_factory("never-created")
     producer = make_producer(kafka_settings, max_block_ms=2000)
     with pytest.raises(Exception):  # noqa: B017 - kafka-python's exact error type is not the point
