@@ -1,0 +1,307 @@
+"""The service loop with in-memory consumer and producer: ordering of flush and commit, dead letters,
+graceful stop, readiness, hot-swap hook. The real-broker behaviour is in tests/integration/test_service.py."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from kafka.errors import CommitFailedError
+from kafka.structs import TopicPartition
+
+from forecaster.config import Settings
+from forecaster.engine import Engine, reference_forecast
+from forecaster.model import RecurrentForecaster
+from forecaster.records import encode_input, encode_window
+from forecaster.scaling import Scaling
+from forecaster.service import DeliveryError, Service
+
+TOPIC = "in"
+NOW = 1_800_000_000.0
+
+
+class Future:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.exception = error
+
+    def failed(self) -> bool:
+        return self.exception is not None
+
+
+class FakeProducer:
+    def __init__(self, events: list, fail: bool = False) -> None:
+        self.events, self.fail = events, fail
+        self.sent: list[tuple[str, bytes | None, bytes]] = []
+        self.closed = False
+
+    def send(self, topic, key=None, value=None):
+        self.sent.append((topic, key, value))
+        self.events.append(("send", topic))
+        return Future(RuntimeError("broker said no") if self.fail else None)
+
+    def flush(self, timeout=None):
+        self.events.append(("flush",))
+
+    def close(self, timeout=None):
+        self.closed = True
+
+    def bodies(self, topic: str) -> list[dict]:
+        return [json.loads(value) for t, _, value in self.sent if t == topic]
+
+
+class FakeConsumer:
+    """Serves the given batches one poll each, then empty polls; ``on_poll(n)`` runs before poll n."""
+
+    def __init__(
+        self, events: list, batches: list[list], on_poll=None, commit_error: Exception | None = None
+    ):
+        self.events, self.batches, self.on_poll = events, list(batches), on_poll
+        self.commit_error = commit_error
+        self.commits: list[dict] = []
+        self.polls = 0
+        self.closed = False
+        self.listener = None
+        self.assigned: set[TopicPartition] = set()
+
+    def subscribe(self, topics, listener=None):
+        self.listener = listener
+
+    def poll(self, timeout_ms=0, max_records=None):
+        self.polls += 1
+        if self.on_poll:
+            self.on_poll(self.polls)
+        self.assigned = {TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)}
+        if not self.batches:
+            return {}
+        grouped: dict[TopicPartition, list] = {}
+        for record in self.batches.pop(0):
+            grouped.setdefault(TopicPartition(TOPIC, record.partition), []).append(record)
+        return grouped
+
+    def commit(self, offsets):
+        self.events.append(("commit",))
+        if self.commit_error:
+            raise self.commit_error
+        self.commits.append({tp.partition: meta.offset for tp, meta in offsets.items()})
+
+    def assignment(self):
+        return self.assigned
+
+    def end_offsets(self, tps):
+        return {tp: 10 for tp in tps}
+
+    def position(self, tp):
+        return 7
+
+    def close(self, autocommit=True):
+        self.closed = True
+
+
+class FakeSwapper:
+    def __init__(self, version: str | None = None) -> None:
+        self.version, self.started, self.stopped = version, False, False
+
+    def start(self):
+        self.started = True
+        return self
+
+    def stop(self):
+        self.stopped = True
+
+    def swap_if_ready(self, engine):
+        version, self.version = self.version, None
+        if version:
+            engine.version = version
+        return version
+
+
+def rec(
+    partition: int,
+    offset: int,
+    value: bytes | None,
+    key: bytes | None = None,
+    timestamp: int = 1_700_000_000_000,
+):
+    return SimpleNamespace(
+        topic=TOPIC, partition=partition, offset=offset, timestamp=timestamp, key=key, value=value
+    )
+
+
+def make_service(batches, *, fail=False, on_poll=None, commit_error=None, swapper=None, **service_settings):
+    settings = Settings(
+        kafka={"input_topic": TOPIC, "auto_create_topics": False},
+        metrics={"port": 0},
+        service={"commit_interval_ms": 0, **service_settings},
+    )
+    events: list = []
+    torch_model = RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2)
+    engine = Engine(torch_model, version="v1", window=8, clock=lambda: NOW)
+    service = Service(
+        settings,
+        engine=engine,
+        consumer=FakeConsumer(events, batches, on_poll, commit_error),
+        producer=FakeProducer(events, fail),
+        swapper=swapper or FakeSwapper(),
+        clock=lambda: NOW,
+    )
+    return service, events
+
+
+def run_batches(service: Service, polls: int) -> None:
+    service.start()
+    for _ in range(polls):
+        service.process(service.poll())
+
+
+def test_good_and_bad_records_in_one_batch():
+    batch = [
+        rec(0, 0, encode_input("a", 1000, 1.0), b"a"),
+        rec(0, 1, b"not json"),
+        rec(1, 0, encode_input("b", 1000, 2.0), b"b"),
+        rec(1, 1, b'{"series": "zzz", "ts": 5, "value": NaN}'),
+        rec(0, 2, encode_input("a", 2000, 1.5), b"a"),
+    ]
+    service, _ = make_service([batch])
+    run_batches(service, 1)
+    producer, metrics = service.producer, service.metrics.registry.get_sample_value
+    forecasts = producer.bodies("ts.forecasts")
+    assert sorted((f["series"], f["ts"]) for f in forecasts) == [("a", 1000), ("a", 2000), ("b", 1000)]
+    assert {(f["series"], f["input"]["partition"], f["input"]["offset"]) for f in forecasts} == {
+        ("a", 0, 0), ("a", 0, 2), ("b", 1, 0)
+    }  # fmt: skip
+    assert all(f["model_version"] == "v1" and len(f["forecast"]) == 2 for f in forecasts)
+    assert all(
+        key == f["series"].encode()
+        for (t, key, _), f in zip(producer.sent, forecasts, strict=False)
+        if t == "ts.forecasts"
+    )
+    dead = producer.bodies("ts.deadletter")
+    assert sorted((d["reason"], d["partition"], d["offset"]) for d in dead) == [
+        ("non_finite", 1, 1),
+        ("not_json", 0, 1),
+    ]
+    assert metrics("forecaster_records_invalid_total", {"reason": "not_json"}) == 1
+    assert metrics("forecaster_records_consumed_total") == 5
+    assert metrics("forecaster_forecasts_emitted_total") == 3
+    assert metrics("forecaster_end_to_end_latency_seconds_count") == 3
+    assert service.engine.table.slot_of("zzz") is None  # a bad record changes no state
+
+
+def test_forecasts_equal_the_reference_across_batches():
+    values = [10.0, 11.0, 9.5, 12.0, 10.5]
+    batches = [[rec(0, i, encode_input("s", 1000 * (i + 1), v), b"s")] for i, v in enumerate(values)]
+    service, _ = make_service(batches)
+    run_batches(service, len(values))
+    got = np.array([f["forecast"] for f in service.producer.bodies("ts.forecasts")])
+    expected = reference_forecast(service.engine.model, values, Scaling())
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-5)
+
+
+def test_windowed_record_gives_one_forecast_per_value_with_its_index():
+    batch = [rec(1, 4, encode_window("w", [30, 10, 20], [3.0, 1.0, 2.0]), b"w")]
+    service, _ = make_service([batch])
+    run_batches(service, 1)
+    forecasts = service.producer.bodies("ts.forecasts")
+    assert [(f["ts"], f["index"]) for f in forecasts] == [(10, 1), (20, 2), (30, 0)]  # stepped in ts order
+    assert {(f["input"]["partition"], f["input"]["offset"]) for f in forecasts} == {(1, 4)}
+
+
+def test_commit_comes_after_flush_with_the_next_offsets():
+    batch = [rec(0, 5, encode_input("a", 1, 1.0)), rec(1, 9, b"bad"), rec(0, 6, encode_input("a", 2, 1.0))]
+    service, events = make_service([batch])
+    run_batches(service, 1)
+    assert service.consumer.commits == [{0: 7, 1: 10}]
+    kinds = [e[0] for e in events]
+    assert kinds.index("flush") > max(i for i, k in enumerate(kinds) if k == "send")
+    assert kinds.index("commit") > kinds.index("flush")
+
+
+def test_a_failed_send_stops_before_the_commit():
+    service, events = make_service([[rec(0, 0, encode_input("a", 1, 1.0))]], fail=True)
+    with pytest.raises(DeliveryError):
+        run_batches(service, 1)
+    assert service.consumer.commits == [] and ("commit",) not in events
+
+
+def test_commit_waits_for_interval_or_record_count():
+    clock = [NOW]
+    service, _ = make_service([], commit_interval_ms=1000, commit_records=3)
+    service.clock = lambda: clock[0]
+    service._last_commit = clock[0]
+    service.pending_offsets = {TopicPartition(TOPIC, 0): 1}
+    service._pending_records = 1
+    assert not service.commit_due()
+    clock[0] += 1.0
+    assert service.commit_due()
+    clock[0] = NOW
+    service._pending_records = 3
+    assert service.commit_due()
+    service.pending_offsets = {}
+    assert not service.commit_due()  # nothing to commit
+
+
+def test_a_refused_commit_after_rebalance_is_not_fatal():
+    service, _ = make_service(
+        [[rec(0, 0, encode_input("a", 1, 1.0))]], commit_error=CommitFailedError("rebalanced")
+    )
+    run_batches(service, 1)
+    assert service.pending_offsets == {}
+    assert service.metrics.registry.get_sample_value("forecaster_commits_total") == 0
+
+
+def test_revoked_partitions_commit_what_was_processed():
+    service, _ = make_service([[rec(0, 3, encode_input("a", 1, 1.0))]], commit_interval_ms=10**9)
+    run_batches(service, 1)
+    assert service.consumer.commits == []
+    service.consumer.listener.on_partitions_revoked([TopicPartition(TOPIC, 0)])
+    assert service.consumer.commits == [{0: 4}]
+
+
+def test_stop_finishes_the_batch_commits_and_closes():
+    service = None
+
+    def stop_during_second_poll(n: int) -> None:
+        if n == 2:
+            service.stop()  # what the SIGTERM handler does
+
+    batches = [[rec(0, 0, encode_input("a", 1, 1.0))], [rec(0, 1, encode_input("a", 2, 2.0))]]
+    service, _ = make_service(batches, on_poll=stop_during_second_poll, commit_interval_ms=10**9)
+    assert service.run() == 0
+    assert service.consumer.polls == 2  # no poll after the stop
+    assert len(service.producer.bodies("ts.forecasts")) == 2  # the batch in hand was finished
+    assert service.consumer.commits == [{0: 2}]
+    assert service.consumer.closed and service.producer.closed and service.swapper.stopped
+
+
+def test_ready_only_while_polling_with_partitions():
+    service, _ = make_service([])
+    service.start()
+    assert not service.ready()
+    service.poll()
+    assert service.ready()
+    service.close()
+    assert not service.ready()
+
+
+def test_a_swap_between_batches_updates_the_model_info():
+    service, _ = make_service([], swapper=FakeSwapper("v2"))
+    service.start()
+    get = service.metrics.registry.get_sample_value
+    assert get("forecaster_model_info", {"version": "v1", "cell": "gru"}) == 1
+    service.swap_model_if_ready()
+    assert get("forecaster_model_info", {"version": "v2", "cell": "gru"}) == 1
+    assert get("forecaster_model_info", {"version": "v1", "cell": "gru"}) is None
+
+
+def test_refresh_copies_state_error_and_lag():
+    values = [rec(0, i, encode_input(s, 1000 * (i + 1), float(i)), s.encode()) for i, s in enumerate("aabb")]
+    service, _ = make_service([values])
+    run_batches(service, 1)
+    service.refresh_metrics(force=True)
+    get = service.metrics.registry.get_sample_value
+    assert get("forecaster_series_resident") == 2
+    assert get("forecaster_state_bytes") == service.engine.state_bytes
+    assert get("forecaster_forecast_abs_error_count", {"model_version": "v1"}) == 2  # second value of a and b
+    assert get("forecaster_consumer_lag", {"partition": "0"}) == 3  # fake end 10, position 7
