@@ -1,0 +1,334 @@
+"""The trainer: baselines and errors, history, truncated BPTT, evaluation, publish decisions, periodic runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from forecaster.baselines import ForecastErrors, detect_season, last_value, mase, seasonal_naive, targets
+from forecaster.checkpoint import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    latest_version,
+    list_checkpoints,
+    load_checkpoint,
+)
+from forecaster.cli import main
+from forecaster.config import Settings
+from forecaster.engine import reference_forecast
+from forecaster.errors import ConfigError, DataError
+from forecaster.evaluation import evaluate, model_forecasts
+from forecaster.fit import chunk_targets, fit, make_batches, split_point
+from forecaster.history import History, read_history_file
+from forecaster.model import RecurrentForecaster
+from forecaster.periodic import TrainerMetrics, parse_duration, run_periodically
+from forecaster.scaling import Scaling
+from forecaster.synthetic import SeriesShape, generate
+from forecaster.train import train_once
+
+# ---- baselines and errors ------------------------------------------------------------------------------
+
+
+def test_baselines_by_hand() -> None:
+    v = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    nan = np.nan
+    np.testing.assert_array_equal(targets(v, 2), [[2, 3], [3, 4], [4, 5], [5, nan], [nan, nan]])
+    np.testing.assert_array_equal(last_value(v, 2), [[1, 1], [2, 2], [3, 3], [4, 4], [5, 5]])
+    # season 2, horizon 3: steps 1 and 2 look back one season, step 3 (same phase as step 1) too
+    np.testing.assert_array_equal(
+        seasonal_naive(v, 3, season=2), [[nan, 1, nan], [1, 2, 1], [2, 3, 2], [3, 4, 3], [4, 5, 4]]
+    )
+    np.testing.assert_array_equal(seasonal_naive(v, 2, season=1), last_value(v, 2))
+
+
+def test_errors_and_mase_by_hand() -> None:
+    forecast = np.array([[1.0, 2.0], [3.0, np.nan]])
+    target = np.array([[2.0, 2.0], [1.0, 4.0]])
+    errors = ForecastErrors.of(forecast, target)
+    assert errors.count.tolist() == [2, 1]
+    np.testing.assert_allclose(errors.mae(), [1.5, 0.0])
+    np.testing.assert_allclose(errors.rmse(), [np.sqrt(2.5), 0.0])
+    assert errors.overall_mae() == pytest.approx(1.0)
+    baseline = ForecastErrors.of(np.array([[0.0, 0.0], [0.0, 0.0]]), target, np.isfinite(forecast))
+    overall, per = mase(errors, baseline)
+    assert overall == pytest.approx(3.0 / 5.0)
+    assert per == pytest.approx([1.5 / 1.5, 0.0 / 2.0])
+
+
+@pytest.mark.parametrize("period", [7, 24])
+def test_detect_season_finds_the_period(period: int) -> None:
+    rng = np.random.default_rng(period)
+    t = np.arange(40 * period)
+    series = [10 + np.sin(2 * np.pi * t / period + p) + 0.2 * rng.normal(size=len(t)) + 0.01 * t for p in (0, 1, 2)]
+    assert detect_season(series) == period
+
+
+def test_detect_season_without_a_period_is_one() -> None:
+    rng = np.random.default_rng(1)
+    assert detect_season([rng.normal(size=500) for _ in range(3)]) == 1
+    assert detect_season([np.ones(3)]) == 1
+
+
+# ---- history ----------------------------------------------------------------------------------------------
+
+
+def test_history_orders_by_time_and_keeps_the_first_duplicate() -> None:
+    h = History.from_long(["b", "a", "a", "a", "b"], np.array([5, 3, 1, 3, 4]), np.array([5.0, 3.0, 1.0, 9.0, 4.0]))
+    assert h.series == ["a", "b"]
+    assert [t.tolist() for t in h.ts] == [[1, 3], [4, 5]]
+    assert [v.tolist() for v in h.values] == [[1.0, 3.0], [4.0, 5.0]]
+    assert h.dropped == {"duplicates": 1}
+    assert h.time_range() == {"first_ts": 1, "last_ts": 5}
+
+
+def test_long_and_wide_files_give_the_same_history() -> None:
+    frame = generate(3, 20, seed=4)
+    long_csv = frame.to_csv(index=False)
+    wide_csv = frame.pivot(index="ts", columns="series", values="value").reset_index().to_csv(index=False)
+    a, b = read_history_file(io.StringIO(long_csv)), read_history_file(io.StringIO(wide_csv))
+    assert a.series == b.series == ["series-0", "series-1", "series-2"]
+    for x, y in zip(a.values, b.values, strict=True):
+        np.testing.assert_allclose(x, y)
+    for x, y in zip(a.ts, b.ts, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_bad_rows_are_counted_not_trained_on() -> None:
+    h = read_history_file(io.StringIO("series,ts,value\na,1,1.0\na,2,oops\na,3,3.0\n"))
+    assert h.values[0].tolist() == [1.0, 3.0]
+    assert h.dropped["bad_row_value_not_number"] == 1
+
+
+def test_tail_keeps_the_most_recent_values() -> None:
+    h = History.from_long(["a"] * 10 + ["b"] * 4, np.r_[np.arange(10), np.arange(4)], np.arange(14.0))
+    t = h.tail(6)
+    assert [v.tolist() for v in t.values] == [[7.0, 8.0, 9.0], [11.0, 12.0, 13.0]]
+
+
+# ---- fitting ----------------------------------------------------------------------------------------------
+
+
+def tiny(cell: str = "gru", seed: int = 0, **kwargs) -> RecurrentForecaster:
+    torch.manual_seed(seed)
+    options = dict(hidden_size=8, num_layers=1, horizon=3)
+    options.update(kwargs)
+    return RecurrentForecaster(cell, **options)
+
+
+def test_targets_are_the_inverse_of_the_served_forecast() -> None:
+    scaling = Scaling(halflife=5.0)
+    values = [np.array([3.0, 5.0, 4.0, 8.0, 7.0, 9.0, 6.0, 10.0, 12.0, 11.0])]
+    (batch,) = make_batches(values, scaling, 3, 4, validation_fraction=0.3)  # n_train = 7
+    target, mask = chunk_targets(batch, 0, 9, 3, warmup=2, part="train")
+    # A model output equal to the target is the forecast of exactly the next values, in data units.
+    forecast = scaling.denormalize(batch.stats[0, :9], target[0].double()).numpy()  # (9, 3)
+    expected = targets(values[0], 3)[:9]
+    np.testing.assert_allclose(np.where(mask[0].numpy(), forecast, np.nan), np.where(mask[0].numpy(), expected, np.nan),
+                               rtol=1e-5)
+    index = np.arange(9)[:, None] + np.arange(1, 4)[None, :]
+    assert (mask[0].numpy() == ((index < 7) & (np.arange(9)[:, None] >= 2))).all()
+    _, val_mask = chunk_targets(batch, 0, 9, 3, warmup=2, part="validation")
+    assert (val_mask[0].numpy() == ((index >= 7) & (index < 10) & (np.arange(9)[:, None] >= 2))).all()
+
+
+def test_state_is_carried_across_chunks_and_detached(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny()
+    seen = []
+    forward = model.forward
+
+    def recording(x, h=None):
+        if model.training:
+            seen.append((x.shape[1], None if h is None else h.requires_grad))
+        return forward(x, h)
+
+    monkeypatch.setattr(model, "forward", recording)
+    fit(model, [np.sin(np.arange(50) / 2.0) + 3.0], Scaling(), epochs=1, chunk_length=10,
+        validation_fraction=0.2, progress=False)
+    # 40 training values: origins 0..38 in chunks of 10; the first starts from zero, the rest carry it
+    assert [length for length, _ in seen] == [10, 10, 10, 9]
+    assert [grad for _, grad in seen] == [None, False, False, False]
+
+
+def test_loss_decreases() -> None:
+    values = [10 + np.sin(np.arange(120) * 2 * np.pi / 12 + p) for p in (0.0, 1.0, 2.0)]
+    result = fit(tiny(), values, Scaling(), epochs=6, chunk_length=24, learning_rate=0.02, patience=6,
+                 progress=False)
+    assert result.epochs == 6
+    assert result.train_losses[-1] < 0.5 * result.train_losses[0]
+    assert result.validation_losses[-1] < result.validation_losses[0]
+
+
+def test_batched_forecasts_equal_the_reference_path() -> None:
+    model = tiny("lstm").eval()
+    scaling = Scaling(halflife=6.0)
+    rng = np.random.default_rng(0)
+    values = [rng.normal(5.0, 2.0, n) for n in (1, 7, 30, 13)]
+    got = model_forecasts(model, scaling, values, batch_series=3, chunk_length=8)
+    for v, f in zip(values, got, strict=True):
+        np.testing.assert_allclose(f, reference_forecast(model, v, scaling), rtol=1e-5, atol=1e-5)
+
+
+def test_evaluation_scores_only_the_validation_part() -> None:
+    v = np.arange(40.0) % 5
+    result = evaluate({"model": (tiny(horizon=2), Scaling())}, [v], validation_fraction=0.25, season=5)
+    # n_train = 30: forecasts made after values 29..38; the one made after 38 has no second target
+    assert result.errors["model"].count.tolist() == [10, 9]
+    assert result.mae("seasonal_naive") == 0.0
+    assert result.mae("last_value") > 0.0
+    assert split_point(40, 0.25) == 30
+
+
+# ---- train, evaluate, publish ---------------------------------------------------------------------------
+
+
+def synthetic_csv(path: Path, n_series: int = 16, n_values: int = 400) -> Path:
+    frame = generate(n_series, n_values, seed=1, shape=SeriesShape(noise=2.0, shift_probability=0.0))
+    frame.to_csv(path, index=False)
+    return path
+
+
+def trainer_settings(root: Path, **train) -> Settings:
+    options = {"epochs": 15, "learning_rate": 0.01, "chunk_length": 32, "batch_series": 16, "season": 24, **train}
+    return Settings(model={"hidden_size": 32, "num_layers": 1, "horizon": 6}, train=options,
+                    checkpoints={"dir": root})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """One training run on a small synthetic set, shared by the tests that read its results."""
+    folder = tmp_path_factory.mktemp("train")
+    history = read_history_file(synthetic_csv(folder / "data.csv"))
+    settings = trainer_settings(folder / "checkpoints")
+    return settings, history, train_once(settings, history, progress=False)
+
+
+def test_training_learns_and_beats_seasonal_naive(trained) -> None:
+    _, _, outcome = trained
+    assert outcome.fit.train_losses[-1] < 0.5 * outcome.fit.train_losses[0]
+    assert outcome.evaluation.mase("model", "seasonal_naive") < 1.0
+    assert outcome.evaluation.mase("model", "last_value") < 1.0
+
+
+def test_the_published_checkpoint_is_complete(trained) -> None:
+    settings, history, outcome = trained
+    root = settings.checkpoints.dir
+    assert outcome.published and latest_version(root) == outcome.published
+    assert sorted(p.name for p in (root / outcome.published).iterdir()) == [MANIFEST_FILE, WEIGHTS_FILE]
+    manifest = json.loads((root / outcome.published / MANIFEST_FILE).read_text())
+    assert manifest["data"]["kind"] == "file" and manifest["data"]["series"] == 16
+    assert manifest["data"]["values"] == 16 * 400
+    assert manifest["data"]["first_ts"] == int(history.ts[0][0]) and manifest["data"]["last_ts"] == int(history.ts[0][-1])
+    validation = manifest["metrics"]["validation"]
+    assert validation["model"]["mae"] == pytest.approx(outcome.evaluation.mae("model"))
+    assert {"last_value", "seasonal_naive", "season"} <= set(validation)
+    assert validation["model"]["mase_vs_seasonal_naive"] < 1.0
+    assert manifest["metrics"]["decision"] == {"published": True, "reason": "first model", "compared_with": None}
+    assert manifest["parent"] is None
+    assert manifest["training"]["epochs"] == 15
+    loaded = load_checkpoint(root)
+    np.testing.assert_allclose(  # what is served is what was evaluated
+        model_forecasts(loaded.model, loaded.scaling, history.values[:2])[1],
+        reference_forecast(loaded.model, history.values[1], Scaling.from_settings(settings.scaling)),
+        rtol=1e-5, atol=1e-4,
+    )
+
+
+def test_a_run_that_does_not_improve_publishes_nothing(trained) -> None:
+    settings, history, first = trained
+    again = train_once(settings, history, progress=False)  # same data, same seed: the same model
+    assert again.published is None
+    assert "not better" in again.reason
+    assert latest_version(settings.checkpoints.dir) == first.published
+    assert [c.version for c in list_checkpoints(settings.checkpoints.dir)] == [first.published]
+
+
+def test_publishing_regardless_records_the_parent(tmp_path: Path) -> None:
+    values = 10 + np.sin(np.arange(150) * 2 * np.pi / 12)
+    history = History.from_long(["a"] * 150, np.arange(150), values)
+    settings = trainer_settings(tmp_path, epochs=1, publish_only_if_better=False)
+    first = train_once(settings, history, progress=False).published
+    second = train_once(settings, history, progress=False)
+    assert second.published and second.published != first and second.parent == first
+    assert load_checkpoint(tmp_path / second.published).manifest["parent"] == first
+
+
+def test_too_little_history_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="too short"):
+        train_once(trainer_settings(tmp_path), History.from_long(["a"] * 4, np.arange(4), np.ones(4)), progress=False)
+    with pytest.raises(DataError, match="no history"):
+        train_once(trainer_settings(tmp_path), History.from_long([], np.zeros(0), np.zeros(0)), progress=False)
+
+
+# ---- periodic runs and the command line -----------------------------------------------------------------
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("15m") == 900 and parse_duration("2h") == 7200 and parse_duration("1d") == 86400
+    assert parse_duration("1h30m") == 5400 and parse_duration(" 45s ") == 45
+    for bad in ("", "15x", "m15", "1h-3m"):
+        with pytest.raises(ConfigError):
+            parse_duration(bad)
+
+
+def test_periodic_runs_count_results_and_survive_failures() -> None:
+    registry = CollectorRegistry()
+    metrics = TrainerMetrics(registry)
+
+    class Outcome:
+        published = "v2"
+
+        class fit:  # noqa: N801 - stands in for a FitResult
+            train_losses = [0.5, 0.25]
+            best_validation_loss = 0.3
+
+    results = iter([DataError("broker empty"), Outcome(), None])
+    stop = threading.Event()
+
+    def once():
+        result = next(results)
+        if isinstance(result, Exception):
+            raise result
+        if result is None:
+            stop.set()
+        return result
+
+    runs = run_periodically(once, 0.0, metrics, stop=stop, wall=lambda: 1234.0)
+    assert runs == 3
+    sample = registry.get_sample_value
+    assert sample("forecaster_trainer_runs_total", {"result": "failed"}) == 1
+    assert sample("forecaster_trainer_runs_total", {"result": "published"}) == 1
+    assert sample("forecaster_trainer_runs_total", {"result": "not_published"}) == 1
+    assert sample("forecaster_trainer_loss", {"split": "train"}) == 0.25
+    assert sample("forecaster_trainer_loss", {"split": "validation"}) == 0.3
+    assert sample("forecaster_trainer_last_success_timestamp_seconds") == 1234.0
+    assert sample("forecaster_trainer_published_version_info", {"version": "v2"}) == 1
+    assert sample("forecaster_trainer_duration_seconds") is not None
+
+
+def test_cli_train_list_and_promote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    data = synthetic_csv(tmp_path / "data.csv", n_series=2, n_values=120)
+    for name, value in {"CHECKPOINTS__DIR": tmp_path / "ck", "MODEL__HIDDEN_SIZE": 4, "MODEL__NUM_LAYERS": 1,
+                        "MODEL__HORIZON": 2}.items():
+        monkeypatch.setenv(f"FORECASTER_{name}", str(value))
+    assert main(["train", "--input", str(data), "--epochs", "1", "--no-progress"]) == 0
+    first = json.loads(capsys.readouterr().out)["published"]
+    assert main(["train", "--input", str(data), "--epochs", "1", "--no-progress", "--always-publish",
+                 "--learning-rate", "0.05"]) == 0
+    second = json.loads(capsys.readouterr().out)["published"]
+    assert latest_version(tmp_path / "ck") == second != first
+    assert main(["checkpoints", "promote", first]) == 0
+    assert latest_version(tmp_path / "ck") == first
+    capsys.readouterr()
+    assert main(["checkpoints", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("* " + first) for line in lines)
+    assert any(line.startswith("  " + second) for line in lines)
+    assert main(["checkpoints", "promote", "20990101T000000000Z-000000"]) == 1
+    assert main(["train", "--input", str(tmp_path / "missing.csv"), "--no-progress"]) == 1
