@@ -115,10 +115,15 @@ def read_history_kafka(
     poll_timeout_ms: int = 500,
     idle_polls: int = 20,
 ) -> History:
-    """Every record of ``topic`` (all partitions) from a start time or offset up to the end seen at the start.
+    """Every record of ``topic`` (all partitions) from an offset up to the end seen at the start.
+
+    ``start_ms`` keeps the values whose event time ``ts`` is at or after it (record timestamps are when
+    records were written, not when the values happened, so the topic is read from ``start_offset`` or
+    its beginning either way).
 
     ``consumer`` is a kafka-python consumer without a group (assigned here, never committed);
-    ``decode_batch`` is the service's ``RecordDecoder.decode_batch``: invalid records are counted, not read.
+    ``decode_batch`` is the service's ``RecordDecoder.decode_batch`` (a ``DecodedBatch`` with ``series``,
+    ``ts``, ``values``, ``record``, ``index`` and ``invalid``): invalid records are counted, not read.
     ``max_records`` starts each partition late enough to read at most that many records overall.
     """
     from kafka import TopicPartition
@@ -134,9 +139,6 @@ def read_history_kafka(
     start = dict(begin)
     if start_offset is not None:
         start = {tp: min(max(begin[tp], start_offset), end[tp]) for tp in tps}
-    elif start_ms is not None:
-        found = consumer.offsets_for_times({tp: start_ms for tp in tps})
-        start = {tp: (found[tp].offset if found.get(tp) is not None else end[tp]) for tp in tps}
     if max_records is not None:
         share = max(1, max_records // len(tps))
         start = {tp: max(start[tp], end[tp] - share) for tp in tps}
@@ -149,6 +151,7 @@ def read_history_kafka(
     value_parts: list[np.ndarray] = []
     records_read = {tp.partition: 0 for tp in tps}
     invalid = 0
+    before_start = 0
     idle = 0
     while pending:
         polled = consumer.poll(timeout_ms=poll_timeout_ms)
@@ -162,9 +165,13 @@ def read_history_kafka(
             records = [r for r in records if r.offset < end.get(tp, 0)]
             if records:
                 batch = decode_batch(records)
-                series.extend(batch.series)
-                ts_parts.append(np.asarray(batch.ts, dtype=np.int64))
-                value_parts.append(np.asarray(batch.values, dtype=np.float64))
+                order = np.lexsort((batch.index, batch.record))  # back to record order, then window order
+                ts = np.asarray(batch.ts, dtype=np.int64)[order]
+                keep = ts >= (start_ms if start_ms is not None else np.iinfo(np.int64).min)
+                series.extend(batch.series[i] for i in order[keep])
+                ts_parts.append(ts[keep])
+                value_parts.append(np.asarray(batch.values, dtype=np.float64)[order][keep])
+                before_start += int((~keep).sum())
                 invalid += len(batch.invalid)
                 records_read[tp.partition] += len(records)
             if consumer.position(tp) >= end[tp]:
@@ -173,6 +180,7 @@ def read_history_kafka(
     source = {
         "kind": "kafka",
         "topic": topic,
+        "start_ms": start_ms,
         "partitions": {
             str(tp.partition): {"start_offset": int(start[tp]), "end_offset": int(end[tp]),
                                 "records": records_read[tp.partition]}
@@ -183,6 +191,8 @@ def read_history_kafka(
     history = History.from_long(series, np.concatenate(ts_parts) if ts_parts else empty.astype(np.int64),
                                 np.concatenate(value_parts) if value_parts else empty, source)
     history.dropped["invalid_records"] = invalid
+    if start_ms is not None:
+        history.dropped["before_start_ms"] = before_start
     return history
 
 
