@@ -155,6 +155,7 @@ class ServiceSettings(BaseModel):
     linger_ms: int = Field(default=5, ge=0, le=10_000)  # producer batching delay for forecasts
     close_timeout_seconds: float = Field(default=30.0, gt=0.0)  # flush on stop at most this long
     session_timeout_ms: int = Field(default=10_000, ge=1_000)  # a member silent this long leaves the group
+    torch_threads: int = Field(default=1, ge=0, le=1024)  # intra-op threads; one process per core. 0: torch's default
 
 
 class MetricsSettings(BaseModel):
