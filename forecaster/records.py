@@ -331,8 +331,16 @@ def encode_forecasts(
     offset: np.ndarray,
     index: np.ndarray,
 ) -> list[bytes]:
-    """Many forecast records at once (the service's hot path); each equals ``encode_forecast``'s."""
-    version_json = json.dumps(version)
+    """Many forecast records at once (the service's hot path); each parses to ``encode_forecast``'s.
+
+    Forecasts are written with 9 significant digits, which round-trips float32 exactly.
+    """
+    horizon = forecasts.shape[1] if forecasts.ndim == 2 else 0
+    template = (
+        '{"series":%s,"ts":%d,"model_version":' + json.dumps(version).replace("%", "%%") + ',"forecast":['
+        + ",".join(["%.9g"] * horizon) + '],"input":{"partition":%d,"offset":%d}%s}'
+    )  # fmt: skip
+    finite = np.isfinite(forecasts).all(axis=1) if horizon else np.ones(len(forecasts), dtype=bool)
     names: dict[str, str] = {}
     encoded = []
     rows = zip(
@@ -344,15 +352,16 @@ def encode_forecasts(
         index.tolist(),
         strict=True,
     )
-    for name, when, forecast, part, off, i in rows:
+    for k, (name, when, forecast, part, off, i) in enumerate(rows):
         name_json = names.get(name)
         if name_json is None:
             name_json = names[name] = json.dumps(name)
-        tail = f',"index":{i}}}' if i >= 0 else "}"
-        encoded.append(
-            f'{{"series":{name_json},"ts":{when},"model_version":{version_json},"forecast":{json.dumps(forecast)},'
-            f'"input":{{"partition":{part},"offset":{off}}}{tail}'.encode()
-        )
+        tail = f',"index":{i}' if i >= 0 else ""
+        if finite[k]:
+            encoded.append((template % (name_json, when, *forecast, part, off, tail)).encode())
+        else:  # a diverged model: null where a forecast is not a number, still valid JSON
+            clean = [f if math.isfinite(f) else None for f in forecast]
+            encoded.append(encode_forecast(name, when, version, clean, part, off, i))  # type: ignore[arg-type]
     return encoded
 
 

@@ -6,6 +6,8 @@ import argparse
 import logging
 import signal
 
+import torch
+
 from forecaster.config import Settings
 from forecaster.service import Service
 
@@ -51,6 +53,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         )
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python narrates every connection at INFO
+    if settings.service.torch_threads:
+        torch.set_num_threads(
+            settings.service.torch_threads
+        )  # threads fighting over shared cores step slower
     service = Service(settings)
 
     def stop(signum: int, _frame: object) -> None:

@@ -266,5 +266,23 @@ def test_batch_forecast_encoding_equals_the_single_one():
                 [-1, 4][i],
             )
         )
+        for one in (body, single):  # the batch writes 9 digits: the same float32
+            one["forecast"] = np.array(one["forecast"], dtype=np.float32).tolist()
         assert body == single
-    assert json.loads(encoded[1])["forecast"] == forecasts[1].tolist()
+
+
+def test_batch_forecasts_round_trip_float32_exactly_and_stay_valid_json_when_not_finite():
+    rng = np.random.default_rng(0)
+    forecasts = (rng.normal(size=(50, 4)) * 10.0 ** rng.integers(-8, 9, size=(50, 1))).astype(np.float32)
+    forecasts[3, 1], forecasts[7, 0] = np.nan, np.inf
+    n = len(forecasts)
+    encoded = encode_forecasts(
+        ["s"] * n, np.arange(n), "v%1", forecasts, np.zeros(n, int), np.arange(n), -np.ones(n, int)
+    )
+    bodies = [json.loads(raw, parse_constant=pytest.fail) for raw in encoded]  # NaN/Infinity are not JSON
+    for k, body in enumerate(bodies):
+        assert body["model_version"] == "v%1"
+        if k in (3, 7):
+            assert None in body["forecast"]
+        else:
+            np.testing.assert_array_equal(np.array(body["forecast"], dtype=np.float32), forecasts[k])
