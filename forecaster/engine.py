@@ -139,38 +139,50 @@ class Engine:
             codes, uniques = pd.factorize(np.asarray(series, dtype=object))
             names = uniques.tolist()
         slot_of_code, _ = self.table.acquire(names, self.clock())
-        # Step 2. order by (series, ts); drop values not newer than the series' last ts or a twin in the batch.
-        order = np.lexsort((ts, codes))  # stable: of equal (series, ts) the first given wins
-        c, t = codes[order], ts[order]
-        first = np.empty(len(c), dtype=bool)
-        first[0] = True
-        np.not_equal(c[1:], c[:-1], out=first[1:])
-        keep = t > self.table.last_ts[slot_of_code[c]]
-        keep[1:] &= first[1:] | (t[1:] != t[:-1])
-        duplicates = len(t) - int(keep.sum())
-        rows, c = order[keep], c[keep]
-        # Step 3. rank within series = round number; stepped order is (round, series).
-        m = len(rows)
-        starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]]) if m else np.zeros(0, dtype=np.int64)
-        if m:
-            ends = np.r_[starts[1:], m] - 1
-            self.table.last_ts[slot_of_code[c[ends]]] = ts[rows[ends]]
-            rank = np.arange(m) - np.repeat(starts, np.diff(np.r_[starts, m]))
-            by_round = np.argsort(rank, kind="stable")
-            rows = rows[by_round]
-            bounds = np.r_[0, np.cumsum(np.bincount(rank))]
+        # Step 2. which values are new, and in which round each steps.
+        rows, bounds = self._plan(codes, ts, slot_of_code, len(names))
+        duplicates = len(ts) - len(rows)
         slots = slot_of_code[codes[rows]]
-        # Step 4. one batched step per round.
+        # Step 3. one batched step per round.
         forecasts = []
         with torch.inference_mode():
-            for k in range(len(bounds) - 1 if m else 0):
-                lo, hi = bounds[k], bounds[k + 1]
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
                 forecasts.append(self._step(slots[lo:hi], values[rows[lo:hi]]))
         self.table.mark_dirty(slots)
         self.duplicates_total += duplicates
-        self.values_total += m
+        self.values_total += len(rows)
         out_names = [names[i] for i in codes[rows].tolist()]
         return self._output(out_names, ts[rows], self._concat(forecasts), duplicates, rows)
+
+    def _plan(self, codes: np.ndarray, ts: np.ndarray, slot_of_code: np.ndarray, n_series: int) -> tuple:
+        """Rows to step, in stepped order (round by round), and the round bounds within them.
+
+        A value is dropped when its ts is not newer than its series' last one or than an earlier value
+        of the same series in this batch (of equal ts, the first given wins). Round k holds the k-th new
+        value of every series; sets the series' last ts.
+        """
+        last_ts = self.table.last_ts
+        if n_series == len(ts):  # one value per series (the common poll): a single round, input order
+            rows = np.flatnonzero(ts > last_ts[slot_of_code[codes]])
+            last_ts[slot_of_code[codes[rows]]] = ts[rows]
+            return rows, [0, len(rows)]
+        order = np.lexsort((ts, codes))  # by series, then ts; stable
+        c, t = codes[order], ts[order]
+        new_series = np.empty(len(c), dtype=bool)
+        new_series[0] = True
+        np.not_equal(c[1:], c[:-1], out=new_series[1:])
+        keep = t > last_ts[slot_of_code[c]]
+        keep[1:] &= new_series[1:] | (t[1:] != t[:-1])
+        rows, c = order[keep], c[keep]
+        m = len(rows)
+        if m == 0:
+            return rows, [0]
+        starts = np.flatnonzero(np.concatenate(([True], c[1:] != c[:-1])))  # first row of each series
+        ends = np.append(starts[1:], m) - 1
+        last_ts[slot_of_code[c[ends]]] = ts[rows[ends]]
+        rank = np.arange(m) - np.repeat(starts, ends - starts + 1)  # k-th new value of its series
+        rows = rows[np.argsort(rank, kind="stable")]
+        return rows, np.concatenate(([0], np.cumsum(np.bincount(rank)))).tolist()
 
     def _step(self, slots: np.ndarray, v: np.ndarray) -> Any:
         """Score, scale, step and store one value for each of ``slots`` (distinct); returns forecasts."""
@@ -184,22 +196,24 @@ class Engine:
         # Step 1. score the value against the one-step-ahead forecast made at the previous step.
         has = count > 0  # (n,) a previous forecast exists
         err = v - tb.forecast_a[idx, 0]  # (n,) float64
-        if not has.all():
+        n_scored = int(has.sum())
+        if n_scored < len(slots):
             err = err * (has if self._cpu else torch.from_numpy(has).to(self.device))
-        acc = self._accumulator(err)
-        acc.count += int(has.sum())
+        acc = self._errors.get(self.version) or self._accumulator(err)
+        acc.count += n_scored
         acc.sums[0] += abs(err).sum()
-        acc.sums[1] += (err * err).sum()
+        acc.sums[1] += err @ err
         # Step 2. scale, and keep the model input in the ring buffer.
         stats = scaling.update(tb.stats_a[idx], v)  # (n, N_STATS)
-        x = scaling.normalize(stats, v)  # (n,) float32
-        pos = count % tb.window_size
-        tb.ring_a[idx, pos if self._cpu else torch.from_numpy(pos).to(self.device)] = x
+        scale = scaling.scale(stats)  # (n,)
+        x = scaling.normalize(stats, v, scale)  # (n,) float32
+        at = slots * tb.window_size + count % tb.window_size  # (n,) flat ring positions
+        tb.ring_flat[at if self._cpu else torch.from_numpy(at).to(self.device)] = x
         # Step 3. one recurrent step for every series of the round.
         y, h = self.model.step((torch.from_numpy(x) if self._cpu else x)[:, None], tb.gather(idx_t))
         tb.scatter(idx_t, h)
         # Step 4. forecasts back in data units; remember them for the next score.
-        f = scaling.denormalize(stats, y.numpy() if self._cpu else y)  # (n, horizon) float64
+        f = scaling.denormalize(stats, y.numpy() if self._cpu else y, scale)  # (n, horizon) float64
         f = f.astype(np.float32) if self._cpu else f.float()
         tb.forecast_a[idx] = f
         tb.stats_a[idx] = stats

@@ -59,6 +59,11 @@ class RecurrentForecaster(nn.Module):
         rnn_dropout = self.dropout if num_layers > 1 else 0.0
         self.rnn = CELLS[cell](input_size, hidden_size, num_layers, batch_first=True, dropout=rnn_dropout)
         self.head = nn.Linear(hidden_size, horizon)
+        self._packed: list[list[Tensor]] | None = None  # per layer [w_ih, w_hh, b_ih, b_hh], for step()
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): weights may be new tensors
+        self._packed = None
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def build_args(self) -> dict[str, Any]:
@@ -92,7 +97,9 @@ class RecurrentForecaster(nn.Module):
         if self.training and self.dropout > 0.0 and self.num_layers > 1:
             y, h = self.forward(x.unsqueeze(1), h)  # dropout between layers: leave it to nn.RNNBase
             return y.squeeze(1), h
-        weights = self.rnn.all_weights  # per layer: [w_ih, w_hh, b_ih, b_hh]
+        weights = self._packed
+        if weights is None:  # fetched once: nn.RNNBase.all_weights costs more than a small step
+            weights = self._packed = self.rnn.all_weights  # per layer: [w_ih, w_hh, b_ih, b_hh]
         if self.is_lstm:
             hs, cs = h
             new_h, new_c = [], []

@@ -25,6 +25,11 @@ def _lib(a: Array) -> ModuleType:
     return torch if isinstance(a, torch.Tensor) else np
 
 
+def _floor(a: Array, low: float) -> Array:
+    """max(a, low) elementwise (numpy's ``clip`` is a slow Python wrapper)."""
+    return a.clamp(min=low) if isinstance(a, torch.Tensor) else np.maximum(a, low)
+
+
 class Scaling:
     """Causal running normalisation of each series.
 
@@ -81,27 +86,31 @@ class Scaling:
         if self.kind == "none":
             return stats
         count = stats[:, 0] + 1.0  # (n,)
-        alpha = (1.0 / count).clip(min=self.alpha)  # (n,)
+        alpha = _floor(1.0 / count, self.alpha)  # (n,)
         delta = values - stats[:, 1]  # (n,)
         mean = stats[:, 1] + alpha * delta  # (n,)
         var = (1.0 - alpha) * (stats[:, 2] + alpha * delta * delta)  # (n,)
-        return _lib(stats).stack([count, mean, var], -1)  # (n, N_STATS)
+        out = _lib(stats).empty_like(stats)  # (n, N_STATS); cheaper than stack for small n
+        out[:, 0], out[:, 1], out[:, 2] = count, mean, var
+        return out
 
     def scale(self, stats: Array) -> Array:
         """The divisor of each series (n,), floored so a flat series never divides by zero."""
         lib = _lib(stats)
-        floor = self.min_scale * abs(stats[:, 1]).clip(min=1.0)  # (n,)
+        floor = self.min_scale * _floor(abs(stats[:, 1]), 1.0)  # (n,)
         return lib.maximum(lib.sqrt(stats[:, 2]), floor)  # (n,)
 
-    def normalize(self, stats: Array, values: Array) -> Array:
-        """Model input of the value just folded in by ``update``: (n,) float32."""
+    def normalize(self, stats: Array, values: Array, scale: Array | None = None) -> Array:
+        """Model input of the value just folded in by ``update``: (n,) float32.
+        ``scale``: ``self.scale(stats)`` if the caller has it already."""
         if self.kind == "none":
             return values.astype(np.float32) if isinstance(values, np.ndarray) else values.float()
-        x = (values - stats[:, 1]) / self.scale(stats)  # (n,) float64
+        x = (values - stats[:, 1]) / (self.scale(stats) if scale is None else scale)  # (n,) float64
         return x.astype(np.float32) if isinstance(x, np.ndarray) else x.float()
 
-    def denormalize(self, stats: Array, y: Array) -> Array:
-        """Model output (n, horizon) in scaled units -> forecasts in data units (float64)."""
+    def denormalize(self, stats: Array, y: Array, scale: Array | None = None) -> Array:
+        """Model output (n, horizon) in scaled units -> forecasts in data units (float64).
+        ``scale``: ``self.scale(stats)`` if the caller has it already."""
         if isinstance(y, torch.Tensor) and not isinstance(stats, torch.Tensor):
             stats = torch.as_tensor(stats, device=y.device)
         elif isinstance(stats, torch.Tensor) and not isinstance(y, torch.Tensor):
@@ -109,7 +118,8 @@ class Scaling:
         y = y.astype(np.float64) if isinstance(y, np.ndarray) else y.double()
         if self.kind == "none":
             return y
-        return y * self.scale(stats)[:, None] + stats[:, 1:2]  # (n, horizon)
+        scale = self.scale(stats) if scale is None else scale
+        return y * scale[:, None] + stats[:, 1:2]  # (n, horizon)
 
     def transform(self, values: Array) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale whole series: values (T,) or (batch, T) -> model inputs (same shape, float32) and

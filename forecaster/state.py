@@ -12,6 +12,7 @@ receives each evicted series' snapshot.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -116,7 +117,10 @@ class StateTable:
         cpu = self.device.type == "cpu"
         self.forecast_a = self.forecast.numpy() if cpu else self.forecast
         self.stats_a = self.stats.numpy() if cpu else self.stats
-        self.ring_a = self.ring.numpy() if cpu else self.ring
+        self.ring_flat = self.ring.view(-1).numpy() if cpu else self.ring.view(-1)  # [slot * W + pos]
+        # numpy fancy indexing beats index_select / index_copy_ on CPU
+        self._h_a = self.h.numpy() if cpu else None
+        self._c_a = self.c.numpy() if cpu and self.c is not None else None
 
     @_inference
     def reshape_model(self, num_layers: int, hidden_size: int, horizon: int, lstm: bool) -> None:
@@ -148,8 +152,7 @@ class StateTable:
         Returns (slots int64, is_new bool). Making room evicts the least recently seen series not in
         ``series``; if every resident series is in ``series`` the table goes past ``max_series``.
         """
-        get = self.slots.get
-        slots = np.fromiter((get(s, -1) for s in series), dtype=np.int64, count=len(series))
+        slots = np.fromiter(map(self.slots.get, series, repeat(-1)), dtype=np.int64, count=len(series))
         new = slots < 0
         n_new = int(new.sum())
         if n_new:
@@ -240,12 +243,23 @@ class StateTable:
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """States of slots ``idx`` (device int64): (layers, n, hidden), or (h, c) for an LSTM."""
+        if self._h_a is not None:
+            ix = idx.numpy()
+            h = torch.from_numpy(self._h_a[:, ix])  # (layers, n, hidden)
+            return (h, torch.from_numpy(self._c_a[:, ix])) if self._c_a is not None else h
         h = self.h.index_select(1, idx)  # (layers, n, hidden)
         return (h, self.c.index_select(1, idx)) if self.c is not None else h
 
     def scatter(self, idx: torch.Tensor, state: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> None:
         """Write states of slots ``idx`` back (the inverse of ``gather``)."""
-        if self.c is not None:
+        if self._h_a is not None:
+            ix = idx.numpy()
+            if self._c_a is not None:
+                self._h_a[:, ix] = state[0].numpy()
+                self._c_a[:, ix] = state[1].numpy()
+            else:
+                self._h_a[:, ix] = state.numpy()  # type: ignore[union-attr]
+        elif self.c is not None:
             self.h.index_copy_(1, idx, state[0])
             self.c.index_copy_(1, idx, state[1])
         else:

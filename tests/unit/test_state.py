@@ -116,7 +116,7 @@ def test_window_is_chronological_and_right_aligned(count: int) -> None:
     table = _table(window=5)
     (slot,), _ = table.acquire(["a"], now=0.0)
     for k in range(count):  # as the engine writes: position = count % W
-        table.ring_a[slot, table.count[slot] % table.window_size] = k + 1
+        table.ring_flat[slot * table.window_size + table.count[slot] % table.window_size] = k + 1
         table.count[slot] += 1
     x, lengths = table.window(np.array([slot]))
     n = min(count, 5)

@@ -1,0 +1,309 @@
+"""Benchmark of the engine against the two obvious alternatives, in the same run; prints JSON.
+
+    python bench/engine.py [--device cpu|cuda] [--quick]
+
+Model: GRU, hidden 64, 2 layers, horizon 12, float32. Baselines:
+  (a) window: for every new value, re-run ``nn.GRU`` over the series' last W values (W = 16 ... 1024);
+  (b) incremental: ``index_select`` the states, ``nn.GRU`` over one step, head, ``index_copy_`` back.
+The engine does everything the service needs (ordering, duplicates, scaling, online error, ring buffer),
+the baselines only the recurrence. Every figure is a median with min and max over repeats; engine and
+baselines alternate within each repeat so that load on the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from forecaster.engine import Engine
+from forecaster.model import RecurrentForecaster
+
+MODEL = {"cell": "gru", "hidden_size": 64, "num_layers": 2, "horizon": 12}
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Stream:
+    """Feeds an engine: ``batch`` distinct series out of ``names``, one new value each per call.
+
+    With more names than ``batch``, calls cycle through a few random subsets drawn beforehand."""
+
+    def __init__(self, engine: Engine, names: list[str], batch: int, seed: int = 0, subsets: int = 8) -> None:
+        self.engine, self.batch = engine, batch
+        rng = np.random.default_rng(seed)
+        if len(names) == batch:
+            self.subsets = [names]
+        else:
+            self.subsets = [[names[i] for i in rng.choice(len(names), batch, replace=False)] for _ in range(subsets)]
+        self.ts = 1_700_000_000_000
+        self.values = rng.normal(size=batch)
+        self.calls = 0
+
+    def call(self) -> None:
+        self.ts += 1
+        self.calls += 1
+        names = self.subsets[self.calls % len(self.subsets)]
+        self.engine.process(names, np.full(self.batch, self.ts), self.values)
+
+
+def populate(engine: Engine, names: list[str], chunk: int = 65_536) -> None:
+    for lo in range(0, len(names), chunk):
+        part = names[lo : lo + chunk]
+        engine.process(part, np.zeros(len(part), dtype=np.int64), np.ones(len(part)))
+
+
+def timed(fn: Callable[[], Any], calls: int, sync: Callable[[], None]) -> float:
+    """Seconds per call."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / calls
+
+
+def calls_for(batch: int, budget_values: int) -> int:
+    return max(3, budget_values // batch)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        torch.manual_seed(0)
+        self.model = RecurrentForecaster(**MODEL).to(self.device).eval()
+        cuda = self.device.type == "cuda"
+        self.sync: Callable[[], None] = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def engine(self, capacity: int = 1024) -> Engine:
+        return Engine(self.model, device=self.device, window=self.args.window, capacity=capacity,
+                      max_series=10_000_000)
+
+    # ---- engine throughput and baseline (b) ----------------------------------------------------------
+
+    def incremental_baseline(self, batch: int, capacity: int) -> Callable[[], None]:
+        gru, head = self.model.rnn, self.model.head
+        table = torch.zeros(MODEL["num_layers"], capacity, MODEL["hidden_size"], device=self.device)
+        idx = torch.randperm(capacity, device=self.device)[:batch]
+        x = torch.randn(batch, 1, 1, device=self.device)
+
+        def step() -> None:
+            with torch.inference_mode():
+                h = table.index_select(1, idx)  # (layers, batch, hidden)
+                out, h = gru(x, h)  # (batch, 1, hidden)
+                head(out[:, -1]).cpu()  # (batch, horizon) forecasts, on the host like the engine's
+                table.index_copy_(1, idx, h)
+
+        return step
+
+    def throughput(self, batches: list[int], with_baseline: set[int]) -> dict[str, Any]:
+        engine_rates: dict[str, Any] = {}
+        base_rates: dict[str, Any] = {}
+        for batch in batches:
+            engine = self.engine(capacity=max(1024, batch))
+            stream = Stream(engine, [f"s{i}" for i in range(batch)], batch)
+            stream.call()
+            base = self.incremental_baseline(batch, max(1024, batch)) if batch in with_baseline else None
+            calls = calls_for(batch, self.args.budget)
+            e, b = [], []
+            for _ in range(self.args.repeats):
+                e.append(batch / timed(stream.call, calls, self.sync))
+                if base is not None:
+                    base()
+                    b.append(batch / timed(base, calls, self.sync))
+            engine_rates[str(batch)] = summary(e)
+            if b:
+                base_rates[str(batch)] = summary(b)
+        return {"engine": engine_rates, "incremental_baseline": base_rates}
+
+    # ---- baseline (a): re-run the window per value ---------------------------------------------------
+
+    def window_baseline(self, windows: list[int], batch: int) -> dict[str, Any]:
+        out = {}
+        for w in windows:
+            x = torch.randn(batch, w, 1, device=self.device)
+
+            def run(x: torch.Tensor = x) -> None:
+                with torch.inference_mode():
+                    y, _ = self.model(x)  # (batch, W, horizon)
+                    y[:, -1].cpu()
+
+            run()
+            reps = [batch / timed(run, 1, self.sync) for _ in range(max(1, self.args.repeats // 2))]
+            out[str(w)] = summary(reps)
+        return out
+
+    # ---- cost per value vs history length and resident series ---------------------------------------
+
+    def history_cost(self, batch: int, lengths: list[int]) -> dict[str, Any]:
+        engine = self.engine(capacity=batch)
+        stream = Stream(engine, [f"s{i}" for i in range(batch)], batch)
+        out, done = {}, 0
+        for length in lengths:
+            while done < length:
+                stream.call()
+                done += 1
+            calls = calls_for(batch, self.args.budget)
+            reps = [timed(stream.call, calls, self.sync) / batch * 1e6 for _ in range(self.args.repeats)]
+            done += calls * self.args.repeats
+            out[str(length)] = summary(reps)
+        return out
+
+    def resident_cost(self, batch: int, sizes: list[int]) -> dict[str, Any]:
+        out = {}
+        for size in sizes:
+            gc.collect()
+            rss_before = rss_bytes()
+            engine = self.engine(capacity=1024)
+            names = [f"series-{i:09d}" for i in range(size)]
+            populate(engine, names)
+            stream = Stream(engine, names, min(batch, size))
+            stream.call()
+            calls = calls_for(stream.batch, self.args.budget)
+            reps = [timed(stream.call, calls, self.sync) / stream.batch * 1e6 for _ in range(self.args.repeats)]
+            out[str(size)] = {
+                "us_per_value": summary(reps),
+                "state_bytes": engine.state_bytes,
+                "state_bytes_per_slot": engine.state_bytes / engine.table.capacity,
+                "rss_bytes": rss_bytes(),
+                "rss_growth_per_series": (rss_bytes() - rss_before) / size,
+                "capacity": engine.table.capacity,
+            }
+            del engine, stream, names
+            gc.collect()
+        return out
+
+    def step_paths(self, batches: list[int]) -> dict[str, Any]:
+        """The model's fused one-step path against ``forward`` over time = 1 (what it replaces)."""
+        out = {}
+        for batch in batches:
+            x = torch.randn(batch, 1, device=self.device)
+            h = self.model.initial_state(batch, self.device)
+
+            def fused(x: torch.Tensor = x, h: Any = h) -> None:
+                with torch.inference_mode():
+                    self.model.step(x, h)
+
+            def forward(x: torch.Tensor = x, h: Any = h) -> None:
+                with torch.inference_mode():
+                    self.model(x[:, None], h)
+
+            calls = calls_for(batch, self.args.budget)
+            f, g = [], []
+            for _ in range(self.args.repeats):
+                f.append(timed(fused, calls, self.sync) * 1e6)
+                g.append(timed(forward, calls, self.sync) * 1e6)
+            out[str(batch)] = {"fused_step_us": summary(f), "forward_step_us": summary(g)}
+        return out
+
+
+def ratio(a: dict[str, float], b: dict[str, float]) -> float:
+    return a["median"] / b["median"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of well under a minute")
+    parser.add_argument("--window", type=int, default=256, help="retained values per series (W)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--budget", type=int, default=None, help="values stepped per timed repeat")
+    parser.add_argument("--batches", default=None, help="comma list of engine batch sizes")
+    parser.add_argument("--windows", default=None, help="comma list of W for baseline (a)")
+    parser.add_argument("--window-batch", type=int, default=None, help="batch of baseline (a)")
+    parser.add_argument("--history", default=None, help="comma list of history lengths")
+    parser.add_argument("--history-batch", type=int, default=None)
+    parser.add_argument("--resident", default=None, help="comma list of resident series counts")
+    parser.add_argument("--resident-batch", type=int, default=None, help="series per step at each size")
+    parser.add_argument("--threads", default="1,all", help="torch intra-op threads: comma list, 'all' = default")
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    q = args.quick
+    args.repeats = args.repeats or (3 if q else 7)
+    args.budget = args.budget or (2_000 if q else 50_000)
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    batches = ints(args.batches or ("1,64,1024" if q else "1,64,1024,16384"))
+    windows = ints(args.windows or ("16,64,256" if q else "16,64,256,1024"))
+    window_batch = args.window_batch or (64 if q else 1024)
+    history = ints(args.history or ("16,512" if q else "16,4096"))
+    history_batch = args.history_batch or (64 if q else 1024)
+    resident = ints(args.resident or ("1000,10000" if q else "1000,100000,1000000"))
+    resident_batch = args.resident_batch or (100_000 if cuda else 1024)
+    if cuda:
+        batches = sorted(set(batches) | {100_000})
+
+    default_threads = torch.get_num_threads()
+    bench = Bench(args)
+    report: dict[str, Any] = {
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "model": MODEL,
+        "window": args.window,
+        "quick": q,
+        "repeats": args.repeats,
+        "runs": {},
+    }
+    started = time.perf_counter()
+    for threads in args.threads.split(","):
+        n = default_threads if threads == "all" else int(threads)
+        torch.set_num_threads(n)
+        run: dict[str, Any] = {"threads": n}
+        run["throughput_values_per_s"] = bench.throughput(batches, {1, 1024})
+        run["window_baseline_values_per_s"] = {"batch": window_batch, **bench.window_baseline(windows, window_batch)}
+        run["step_paths"] = bench.step_paths([1, 1024])
+        eng, inc = run["throughput_values_per_s"]["engine"], run["throughput_values_per_s"]["incremental_baseline"]
+        ratios = {}
+        if "256" in run["window_baseline_values_per_s"] and "1024" in eng:
+            ratios["engine_over_window_W256_batch1024"] = ratio(eng["1024"], run["window_baseline_values_per_s"]["256"])
+        for b in ("1", "1024"):
+            if b in eng and b in inc:
+                ratios[f"engine_over_incremental_batch{b}"] = ratio(eng[b], inc[b])
+        run["ratios"] = ratios
+        report["runs"][threads] = run
+    # History and resident-series costs once, at the default thread count.
+    torch.set_num_threads(default_threads)
+    hist = bench.history_cost(history_batch, history)
+    res = bench.resident_cost(resident_batch, resident)
+    layers, hidden = MODEL["num_layers"], MODEL["hidden_size"]
+    biggest = res[str(max(resident))]
+    report["history_us_per_value"] = {"batch": history_batch, **hist,
+                                      "ratio_longest_over_shortest": ratio(hist[str(max(history))], hist[str(min(history))])}
+    report["resident"] = {"batch": resident_batch, **res,
+                          "ratio_largest_over_smallest": ratio(biggest["us_per_value"], res[str(min(resident))]["us_per_value"])}
+    report["memory"] = {
+        "state_bytes_per_series": biggest["state_bytes_per_slot"],
+        "goal_bytes_per_series": 2 * (layers * hidden * 4 + args.window * 4),
+        "rss_bytes_at_largest": biggest["rss_bytes"],
+        "largest_resident": max(resident),
+    }
+    report["seconds"] = time.perf_counter() - started
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
