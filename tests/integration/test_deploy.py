@@ -433,6 +433,24 @@ def test_local_scripts_parse(script: str) -> None:
         assert os.access(path, os.X_OK), f"{script} is not executable"
 
 
+def test_local_up_defaults_are_valid_commands() -> None:
+    """The producer arguments and the trainer period deploy/local/up uses when none are given."""
+    from forecaster.periodic import parse_duration
+
+    text = (ROOT / "deploy" / "local" / "up").read_text()
+    produce = re.search(r'^default_produce_args="([^"]*)"$', text, re.M).group(1).split()
+    every = re.search(r'^train_every="\$\{TRAIN_EVERY:-([^}]*)\}"$', text, re.M).group(1)
+    try:
+        build_parser().parse_args(["produce", *produce])
+        build_parser().parse_args(["train", "--every", every])
+    except SystemExit:
+        pytest.fail(f"deploy/local/up's defaults are refused by the CLI: produce {produce}, --every {every}")
+    assert parse_duration(every) > 0
+    assert "--values" in produce and produce[produce.index("--values") + 1] == "0", (
+        "the demo producer must not stop"
+    )
+
+
 def test_makefile_targets_call_the_scripts() -> None:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
