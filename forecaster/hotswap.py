@@ -3,10 +3,14 @@
 ``initial_model`` picks what the service starts with: the checkpoint ``LATEST`` names, else the newest
 valid one, else a fresh (untrained) model. ``ModelSwapper`` watches ``LATEST`` on a daemon thread, loads
 and validates a new version there (off the hot path), and ``swap_if_ready(engine)``, called by the
-service between two batches, re-warms every resident series with the new model over its retained window
-(``engine.rewarm``) and returns the new version. Values that arrive during the swap are simply in the next
-poll, so none is skipped or stepped twice. A refused checkpoint is logged and counted once; the old model
-keeps serving.
+service between two batches, swaps it in with every resident series re-warmed over its retained window
+and returns the new version. A refused checkpoint is logged and counted once; the old model keeps serving.
+
+Small tables re-warm at the batch boundary (``engine.rewarm``). Above ``background_above`` retained
+values, the windows are copied at one boundary, the new model runs over the copy on another thread while
+the old one keeps serving, and a later boundary steps the values that arrived meanwhile with the new
+model before swapping (``forecaster.rewarm``): the pause is the copy plus the catch-up, not the re-warm.
+Either way no value is skipped or stepped twice.
 
 The metrics (``forecaster_model_swaps_total{result}``, ``forecaster_model_swap_seconds``) live here, on
 the registry the caller injects.
@@ -28,18 +32,47 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from forecaster.checkpoint import LoadedCheckpoint, latest_version, list_checkpoints, load_checkpoint
 from forecaster.errors import CheckpointError
 from forecaster.model import RecurrentForecaster
+from forecaster.rewarm import Warmed, apply_warmed, copy_windows, warm_windows
 from forecaster.scaling import Scaling
 
 log = logging.getLogger(__name__)
 
 INIT_VERSION = "init"
+BACKGROUND_ABOVE = 1 << 20  # retained values (series x W) above which the re-warm leaves the hot path
 SWAP_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 120.0)
 
 
 class Rewarmable(Protocol):
-    """What the swapper needs from the engine."""
+    """What the swapper needs from the engine (``forecaster.engine.Engine``)."""
+
+    table: Any
 
     def rewarm(self, model: RecurrentForecaster, version: str) -> Any: ...
+
+
+class _RewarmJob:
+    """The new model warming over copied windows on its own thread."""
+
+    def __init__(self, loaded: LoadedCheckpoint, engine: Any) -> None:
+        self.loaded = loaded
+        self.engine = engine
+        self.copy = copy_windows(engine.table)
+        self.warmed: Warmed | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="forecaster-rewarm", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.warmed = warm_windows(self.loaded.model, self.copy)
+        except BaseException as exc:  # reported on the service thread at the next boundary
+            self.error = exc
+        finally:
+            self.seconds = time.perf_counter() - started
+            self.done.set()
 
 
 def fresh_model(settings: Any, device: str | torch.device = "cpu") -> RecurrentForecaster:
@@ -140,6 +173,7 @@ class ModelSwapper:
         scaling: Scaling | None = None,
         horizon: int | None = None,
         metrics: SwapMetrics | None = None,
+        background_above: int = BACKGROUND_ABOVE,
     ) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.current_version = current_version
@@ -149,6 +183,9 @@ class ModelSwapper:
         self.scaling = scaling  # refuse checkpoints trained with another scaling
         self.horizon = horizon  # refuse checkpoints whose forecasts have another length
         self.metrics = metrics or SwapMetrics(registry)
+        self.background_above = background_above
+        self._job: _RewarmJob | None = None
+        self._paused = 0.0  # seconds of the boundary that copied the windows
         self._lock = threading.Lock()
         self._ready: LoadedCheckpoint | None = None
         self._refused: set[str] = set()
@@ -188,23 +225,65 @@ class ModelSwapper:
         return wanted
 
     def swap_if_ready(self, engine: Rewarmable | None) -> str | None:
-        """Swap in the pending model (re-warming every resident series); the new version, or None."""
+        """At a batch boundary: swap in the pending model if it is ready; the new version, or None.
+
+        A large table takes two boundaries: this one copies the windows and starts the background
+        re-warm (returns None), a later one catches up and swaps (returns the version).
+        """
+        if engine is None:
+            return None
+        if self._job is not None:
+            return self._finish_job(engine) if self._job.done.is_set() else None
         with self._lock:
             ready, self._ready = self._ready, None
-        if ready is None or engine is None:
+        if ready is None:
             return None
         started = self.clock()
+        if _retained_values(engine) > self.background_above:
+            try:
+                self._job = _RewarmJob(ready, engine)
+            except Exception as exc:
+                self._refuse(ready.version, exc)
+                return None
+            self._paused = self.clock() - started
+            log.info("re-warming %d series with %s in the background", len(self._job.copy.slots), ready.version)
+            return None
         try:
             engine.rewarm(ready.model, ready.version)
         except Exception as exc:  # the old model keeps serving whatever went wrong
             self._refuse(ready.version, exc)
             return None
-        seconds = self.clock() - started
+        return self._swapped(ready.version, self.clock() - started, "")
+
+    def wait_rewarm(self, timeout: float | None = None) -> bool:
+        """Block until a background re-warm in progress is ready to swap (True), or ``timeout`` passes."""
+        job = self._job
+        return True if job is None else job.done.wait(timeout)
+
+    def _finish_job(self, engine: Rewarmable) -> str | None:
+        job, self._job = self._job, None
+        assert job is not None
+        version = job.loaded.version
+        if job.error is not None or job.warmed is None or job.engine is not engine:
+            self._refuse(version, job.error or RuntimeError("the engine changed during the re-warm"))
+            return None
+        started = self.clock()
+        try:
+            counts = apply_warmed(engine, job.loaded.model, version, job.warmed)
+        except Exception as exc:
+            # The engine may hold the new model with some states written: re-warm everything with it.
+            log.error("catching up after the background re-warm failed (%s); re-warming at the boundary", exc)
+            engine.rewarm(job.loaded.model, version)
+            counts = {}
+        detail = f" (background re-warm {job.seconds:.3f} s; {counts})"
+        return self._swapped(version, self._paused + self.clock() - started, detail)
+
+    def _swapped(self, version: str, seconds: float, detail: str) -> str:
         self.metrics.seconds.observe(seconds)
         self.metrics.swaps.labels(result="ok").inc()
-        log.info("model swapped: %s -> %s in %.3f s", self.current_version, ready.version, seconds)
-        self.current_version = ready.version
-        return ready.version
+        log.info("model swapped: %s -> %s, paused %.3f s%s", self.current_version, version, seconds, detail)
+        self.current_version = version
+        return version
 
     def start(self) -> ModelSwapper:
         """Start the watcher thread (a daemon); returns self."""
@@ -230,8 +309,13 @@ class ModelSwapper:
             if self._stop.wait(self.poll_seconds):
                 return
 
-    def _refuse(self, version: str | None, exc: Exception) -> None:
+    def _refuse(self, version: str | None, exc: BaseException) -> None:
         if version is not None:
             self._refused.add(version)
         self.metrics.swaps.labels(result="refused").inc()
         log.error("checkpoint %s refused, still serving %s: %s", version or "LATEST", self.current_version, exc)
+
+
+def _retained_values(engine: Any) -> int:
+    table = getattr(engine, "table", None)
+    return 0 if table is None else int(table.resident) * int(table.window_size)

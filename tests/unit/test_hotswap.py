@@ -291,3 +291,75 @@ def test_the_watcher_thread_loads_new_versions(tmp_path: Path) -> None:
         swapper.stop()
     assert swapper._thread is None
     assert engine.version == version
+
+
+# ---- re-warm in the background, catch-up at the swap ---------------------------------------------------
+
+
+def send_values(engine: Engine, name: str, values: np.ndarray, first_ts: int) -> list[str]:
+    out = engine.process([name] * len(values), first_ts + np.arange(len(values)), values)
+    return [out.version] * len(out)
+
+
+@pytest.mark.parametrize(
+    "old_cell, new_cell, new_shape",
+    [("gru", "gru", {}), ("lstm", "lstm", {}), ("rnn", "rnn", {}), ("gru", "lstm", {"hidden_size": 10, "num_layers": 1})],
+)
+def test_background_rewarm_catches_up_every_value_exactly(tmp_path: Path, old_cell, new_cell, new_shape) -> None:
+    registry = CollectorRegistry()
+    engine = Engine(model_of(old_cell, seed=1), version="init", window=WINDOW, scaling=SCALING, capacity=4)
+    data = stream({"a": 30, "b": 5, "c": 20, "d": 12, "e": 10}, seed=3)
+    feed(engine, data)
+    copied = {name: len(v) for name, v in data.items()}  # values stepped when the windows are copied
+    new_model = model_of(new_cell, seed=2, **new_shape)
+    swapper = ModelSwapper(tmp_path, "init", registry=registry, scaling=SCALING, background_above=0)
+    version = publish(tmp_path, new_model)
+    swapper.check_now()
+    # Step 1. This boundary copies the windows and starts the re-warm; the old model keeps serving.
+    assert swapper.swap_if_ready(engine) is None
+    rng = np.random.default_rng(5)
+    since = {"a": 3, "c": WINDOW + 2, "d": 1, "f": 4}  # c: more than the ring holds; f: a new series
+    versions = []
+    for name, n in since.items():
+        more = 50.0 + rng.normal(size=n)
+        versions += send_values(engine, name, more, first_ts=100_000)
+        data[name] = np.concatenate([data.get(name, np.zeros(0)), more])
+    engine.table.evict(["e"])
+    assert set(versions) == {"init"}
+    assert swapper.wait_rewarm(30.0)
+    # Step 2. The next boundary catches up and swaps.
+    assert swapper.swap_if_ready(engine) == version == engine.version
+    assert swaps(registry, "ok") == 1 and registry.get_sample_value("forecaster_model_swap_seconds_count") == 1
+    assert engine.table.slot_of("e") is None
+    # Step 3. Each series runs on from the new model's pass over one contiguous run of its inputs: the
+    # window it had at the copy plus everything since, or its current window where that was impossible.
+    names = ["a", "b", "c", "d", "f"]
+    out = engine.process(names, [200_000] * len(names), [51.0] * len(names))
+    assert out.version == version
+    for name in names:
+        values = np.append(data[name], 51.0)
+        x, stats = SCALING.transform(values)
+        stepped = len(values) - 1
+        caught_up = name in copied and stepped - copied[name] <= WINDOW
+        start = copied[name] - min(copied[name], WINDOW) if caught_up else stepped - min(stepped, WINDOW)
+        with torch.no_grad():
+            y, _ = new_model(x[start:][None, :, None])
+        expected = SCALING.denormalize(stats[-1:], y[0, -1:]).numpy()[0]
+        np.testing.assert_allclose(out.values[out.series.index(name)], expected, rtol=1e-5, atol=1e-4,
+                                   err_msg=f"series {name} (start {start})")
+
+
+def test_a_failed_background_rewarm_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = CollectorRegistry()
+    engine = Engine(model_of(seed=1), version="init", window=WINDOW, scaling=SCALING)
+    feed(engine, stream({"a": 12}))
+    swapper = ModelSwapper(tmp_path, "init", registry=registry, background_above=0)
+    version = publish(tmp_path, model_of(seed=2))
+    swapper.check_now()
+    monkeypatch.setattr(swapper._ready.model, "warm", lambda *a: (_ for _ in ()).throw(RuntimeError("oom")))
+    assert swapper.swap_if_ready(engine) is None
+    assert swapper.wait_rewarm(30.0)
+    assert swapper.swap_if_ready(engine) is None
+    assert swaps(registry, "refused") == 1 and engine.version == "init"
+    assert swapper.check_now() is None  # not retried
+    assert version in swapper._refused
