@@ -8,9 +8,9 @@ and returns the new version. A refused checkpoint is logged and counted once; th
 
 Small tables re-warm at the batch boundary (``engine.rewarm``). Above ``background_above`` retained
 values, the windows are copied at one boundary, the new model runs over the copy on another thread while
-the old one keeps serving, and a later boundary steps the values that arrived meanwhile with the new
-model before swapping (``forecaster.rewarm``): the pause is the copy plus the catch-up, not the re-warm.
-Either way no value is skipped or stepped twice.
+the old one keeps serving, and later boundaries catch up the values that arrived meanwhile before the
+swap (``forecaster.rewarm.RewarmJob``): the pauses are the copies and a short last catch-up, not the
+re-warm. Either way no value is skipped or stepped twice.
 
 The metrics (``forecaster_model_swaps_total{result}``, ``forecaster_model_swap_seconds``) live here, on
 the registry the caller injects.
@@ -32,7 +32,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from forecaster.checkpoint import LoadedCheckpoint, latest_version, list_checkpoints, load_checkpoint
 from forecaster.errors import CheckpointError
 from forecaster.model import RecurrentForecaster
-from forecaster.rewarm import Warmed, apply_warmed, copy_windows, warm_windows
+from forecaster.rewarm import RewarmJob
 from forecaster.scaling import Scaling
 
 log = logging.getLogger(__name__)
@@ -48,31 +48,6 @@ class Rewarmable(Protocol):
     table: Any
 
     def rewarm(self, model: RecurrentForecaster, version: str) -> Any: ...
-
-
-class _RewarmJob:
-    """The new model warming over copied windows on its own thread."""
-
-    def __init__(self, loaded: LoadedCheckpoint, engine: Any) -> None:
-        self.loaded = loaded
-        self.engine = engine
-        self.copy = copy_windows(engine.table)
-        self.warmed: Warmed | None = None
-        self.error: BaseException | None = None
-        self.seconds = 0.0
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="forecaster-rewarm", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        started = time.perf_counter()
-        try:
-            self.warmed = warm_windows(self.loaded.model, self.copy)
-        except BaseException as exc:  # reported on the service thread at the next boundary
-            self.error = exc
-        finally:
-            self.seconds = time.perf_counter() - started
-            self.done.set()
 
 
 def fresh_model(settings: Any, device: str | torch.device = "cpu") -> RecurrentForecaster:
@@ -184,8 +159,8 @@ class ModelSwapper:
         self.horizon = horizon  # refuse checkpoints whose forecasts have another length
         self.metrics = metrics or SwapMetrics(registry)
         self.background_above = background_above
-        self._job: _RewarmJob | None = None
-        self._paused = 0.0  # seconds of the boundary that copied the windows
+        self._job: RewarmJob | None = None
+        self._paused = 0.0  # seconds the boundaries of the job in progress paused the loop
         self._lock = threading.Lock()
         self._ready: LoadedCheckpoint | None = None
         self._refused: set[str] = set()
@@ -233,7 +208,7 @@ class ModelSwapper:
         if engine is None:
             return None
         if self._job is not None:
-            return self._finish_job(engine) if self._job.done.is_set() else None
+            return self._advance_job(engine)
         with self._lock:
             ready, self._ready = self._ready, None
         if ready is None:
@@ -241,12 +216,12 @@ class ModelSwapper:
         started = self.clock()
         if _retained_values(engine) > self.background_above:
             try:
-                self._job = _RewarmJob(ready, engine)
+                self._job = RewarmJob(ready.model, ready.version, engine)
             except Exception as exc:
                 self._refuse(ready.version, exc)
                 return None
             self._paused = self.clock() - started
-            log.info("re-warming %d series with %s in the background", len(self._job.copy.slots), ready.version)
+            log.info("re-warming %d series with %s in the background", len(self._job.slots), ready.version)
             return None
         try:
             engine.rewarm(ready.model, ready.version)
@@ -256,27 +231,30 @@ class ModelSwapper:
         return self._swapped(ready.version, self.clock() - started, "")
 
     def wait_rewarm(self, timeout: float | None = None) -> bool:
-        """Block until a background re-warm in progress is ready to swap (True), or ``timeout`` passes."""
+        """Block until background work in progress is done (True), or ``timeout`` passes."""
         job = self._job
-        return True if job is None else job.done.wait(timeout)
+        return True if job is None else job.wait(timeout)
 
-    def _finish_job(self, engine: Rewarmable) -> str | None:
-        job, self._job = self._job, None
+    def _advance_job(self, engine: Rewarmable) -> str | None:
+        job = self._job
         assert job is not None
-        version = job.loaded.version
-        if job.error is not None or job.warmed is None or job.engine is not engine:
-            self._refuse(version, job.error or RuntimeError("the engine changed during the re-warm"))
+        if job.busy:
             return None
         started = self.clock()
         try:
-            counts = apply_warmed(engine, job.loaded.model, version, job.warmed)
-        except Exception as exc:
-            # The engine may hold the new model with some states written: re-warm everything with it.
-            log.error("catching up after the background re-warm failed (%s); re-warming at the boundary", exc)
-            engine.rewarm(job.loaded.model, version)
-            counts = {}
-        detail = f" (background re-warm {job.seconds:.3f} s; {counts})"
-        return self._swapped(version, self._paused + self.clock() - started, detail)
+            if job.engine is not engine:
+                raise RuntimeError("the engine changed during the re-warm")
+            counts = job.at_boundary(engine)
+        except Exception as exc:  # the background work failed: the engine was not touched
+            self._job = None
+            self._refuse(job.version, exc)
+            return None
+        self._paused += self.clock() - started
+        if counts is None:  # another background pass started
+            return None
+        self._job = None
+        detail = f" (background {job.background_seconds:.3f} s; {counts})"
+        return self._swapped(job.version, self._paused, detail)
 
     def _swapped(self, version: str, seconds: float, detail: str) -> str:
         self.metrics.seconds.observe(seconds)

@@ -1,29 +1,32 @@
 """Re-warm off the hot path: copy the retained windows at one batch boundary, run the new model over the
-copy on another thread, and at a later boundary catch up the values stepped meanwhile.
+copy on another thread while the old model keeps serving, then catch up the values stepped meanwhile.
 
 A series' state after the swap is the new model's pass, from the zero state, over the inputs it had
 retained when the windows were copied followed by every input stepped since: one contiguous run of its
 inputs, none skipped or used twice. The ring buffer's per-slot count says how many were stepped since
-(the newest ``delta`` entries of the ring). Series that cannot be caught up that way (more than W values
-since, evicted and replaced, new since the copy) are re-warmed over their current window at the swap.
+(the newest entries of the ring). Catching up happens in passes: at each boundary the inputs stepped
+since the last pass are copied and stepped in the background, until few enough are left to step at the
+boundary that swaps. Series that cannot be caught up that way (more than W values since a pass, evicted
+and replaced, new since the copy) are re-warmed over their current window at the swap.
 
 >>> from forecaster.engine import Engine
 >>> from forecaster.model import RecurrentForecaster
 >>> engine = Engine(RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2), window=4)
 >>> _ = engine.process(["a", "a", "b"], [1, 2, 1], [1.0, 2.0, 3.0])
->>> copied = copy_windows(engine.table)
->>> new = RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2)
->>> warmed = warm_windows(new, copied)
+>>> job = RewarmJob(RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2), "v2", engine)
 >>> _ = engine.process(["a"], [3], [4.0])          # the old model keeps serving meanwhile
->>> apply_warmed(engine, new, "v2", warmed)
-{'caught_up': 2, 'rewarmed': 0, 'values_caught_up': 1}
+>>> job.wait(10.0)
+True
+>>> job.at_boundary(engine)
+{'caught_up': 2, 'rewarmed': 0, 'passes': 1}
 >>> engine.version
 'v2'
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -34,102 +37,164 @@ from forecaster.model import RecurrentForecaster, State
 CHUNK = 65_536  # series per batched call (bounds the (chunk, W) window copies)
 
 
-@dataclass
-class WindowCopy:
-    """The retained inputs of every resident series at one batch boundary."""
+class RewarmJob:
+    """One model swap prepared in the background; ``at_boundary(engine)`` moves it on between batches.
 
-    slots: np.ndarray  # (n,) int64
-    names: list[str]
-    counts: np.ndarray  # (n,) int64 values ever stepped, at the copy
-    x: torch.Tensor  # (n, W, 1) right-aligned inputs
-    lengths: torch.Tensor  # (n,) int64 min(count, W)
+    ``final_values``: at most this many caught-up values are stepped at the boundary that swaps (more
+    go to another background pass, up to ``max_passes``).
+    """
+
+    def __init__(self, model: RecurrentForecaster, version: str, engine: Any, *, final_values: int = 50_000,
+                 max_passes: int = 8) -> None:  # fmt: skip
+        self.model, self.version, self.engine = model.to(engine.device).eval(), version, engine
+        self.final_values, self.max_passes = final_values, max_passes
+        table = engine.table
+        # Step 1 (this boundary). Copy every resident series' window.
+        slots = table.occupied()
+        self.slots = slots[table.count[slots] > 0]  # (n,)
+        self.names = table.series_at(self.slots.tolist())
+        self.counts = table.count[self.slots].copy()  # (n,) inputs already in self.state
+        self.valid = np.ones(len(self.slots), dtype=bool)
+        with torch.inference_mode():
+            x, lengths = table.window(self.slots)  # (n, W, 1), (n,): a gathered copy
+        self.state: State | None = None
+        self.y: torch.Tensor | None = None  # (n, horizon) scaled forecast after the last input in state
+        self.error: BaseException | None = None
+        self.passes = 0
+        self.background_seconds = 0.0
+        self._idle = threading.Event()
+        self._start(self._warm, x, lengths)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the background work in progress is done (True) or ``timeout`` passed."""
+        return self._idle.wait(timeout)
+
+    @property
+    def busy(self) -> bool:
+        return not self._idle.is_set()
+
+    def at_boundary(self, engine: Any) -> dict[str, int] | None:
+        """Between two batches: None while work goes on; once swapped, how many series took each path.
+
+        Raises what the background work raised (the engine is untouched then).
+        """
+        if self.busy:
+            return None
+        if self.error is not None:
+            raise self.error
+        table = engine.table
+        # Step 2. Rows still holding the same series, and the inputs each stepped since the last pass.
+        same = np.array([a == b for a, b in zip(table.series_at(self.slots.tolist()), self.names, strict=True)],
+                        dtype=bool)  # fmt: skip
+        pending = table.count[self.slots] - self.counts  # (n,)
+        self.valid &= same & (pending >= 0) & (pending <= table.window_size)
+        pending = np.where(self.valid, pending, 0)
+        rows = np.flatnonzero(pending > 0)
+        inputs = _pending_inputs(table, self.slots[rows], self.counts[rows], pending[rows])  # (m, max)
+        self.counts[rows] += pending[rows]
+        if int(pending.sum()) > self.final_values and self.passes < self.max_passes:
+            # Step 3. Many values arrived meanwhile: catch them up in another background pass.
+            self._start(self._catch_up, rows, inputs, pending[rows])
+            return None
+        # Step 4. Few left: catch them up here and swap.
+        self._catch_up(rows, inputs, pending[rows])
+        try:
+            return self._swap(engine)
+        except Exception:
+            # Half-written states must not serve: fall back to re-warming everything at this boundary.
+            engine.rewarm(self.model, self.version)
+            return {"caught_up": 0, "rewarmed": int(table.resident), "passes": self.passes}
+
+    # ---- background work ------------------------------------------------------------------------------
+
+    def _start(self, work: Any, *args: Any) -> None:
+        self._idle.clear()
+        self.passes += 1
+
+        def run() -> None:
+            started = time.perf_counter()
+            try:
+                work(*args)
+            except BaseException as exc:  # reported on the service thread at the next boundary
+                self.error = exc
+            finally:
+                self.background_seconds += time.perf_counter() - started
+                self._idle.set()
+
+        threading.Thread(target=run, name="forecaster-rewarm", daemon=True).start()
+
+    def _warm(self, x: torch.Tensor, lengths: torch.Tensor) -> None:
+        hs, cs, ys = [], [], []
+        with torch.inference_mode():
+            for lo in range(0, len(self.slots), CHUNK):
+                y, h = self.model.warm(x[lo : lo + CHUNK], lengths[lo : lo + CHUNK])  # (n, horizon)
+                ys.append(y)
+                hs.append(h[0] if isinstance(h, tuple) else h)
+                if isinstance(h, tuple):
+                    cs.append(h[1])
+            if not ys:
+                self.state = self.model.initial_state(0, x.device)
+                self.y = torch.zeros(0, self.model.horizon, device=x.device)
+                return
+            self.state = (torch.cat(hs, 1), torch.cat(cs, 1)) if cs else torch.cat(hs, 1)  # (layers, n, hidden)
+            self.y = torch.cat(ys)  # (n, horizon)
+
+    def _catch_up(self, rows: np.ndarray, inputs: torch.Tensor, pending: np.ndarray) -> None:
+        """Step row ``rows[i]`` over ``inputs[i, :pending[i]]``: round k steps every row's k-th input."""
+        if not len(rows):
+            return
+        with torch.inference_mode():
+            device = inputs.device
+            rows_t = torch.as_tensor(rows, device=device)
+            pending_t = torch.as_tensor(pending, device=device)
+            state = _select(self.state, rows_t)  # (layers, m, hidden)
+            y = self.y.index_select(0, rows_t)  # (m, horizon)
+            for k in range(int(pending.max())):
+                active = torch.nonzero(pending_t > k).squeeze(1)  # (b,)
+                y_k, s_k = self.model.step(inputs[active, k], _select(state, active))  # (b, horizon)
+                _put(state, active, s_k)
+                y[active] = y_k
+            _put(self.state, rows_t, state)
+            self.y[rows_t] = y
+
+    # ---- the swap -------------------------------------------------------------------------------------
+
+    def _swap(self, engine: Any) -> dict[str, int]:
+        table, model = engine.table, self.model
+        with torch.inference_mode():
+            if (model.num_layers, model.hidden_size, model.horizon, model.is_lstm) != (
+                table.num_layers, table.hidden_size, table.horizon, table.lstm
+            ):
+                table.reshape_model(model.num_layers, model.hidden_size, model.horizon, model.is_lstm)
+            engine.set_model(model, self.version)
+            rows = np.flatnonzero(self.valid)
+            slots = self.slots[rows]
+            idx = torch.as_tensor(slots, device=table.device)
+            if len(rows):
+                rows_t = torch.as_tensor(rows, device=table.device)
+                stats = table.stats.index_select(0, idx)  # (m, N_STATS): the statistics as they are now
+                y = self.y.index_select(0, rows_t)  # (m, horizon)
+                table.write_states(slots, _select(self.state, rows_t), engine.scaling.denormalize(stats, y))
+            # Everything else resident re-warms over its current window, now.
+            rest = np.setdiff1d(table.occupied(), slots)
+            rest = rest[table.count[rest] > 0]
+            for lo in range(0, len(rest), CHUNK):
+                chunk = rest[lo : lo + CHUNK]
+                x, lengths = table.window(chunk)  # (n, W, 1), (n,)
+                y_r, h_r = model.warm(x, lengths)  # (n, horizon)
+                stats = table.stats.index_select(0, torch.as_tensor(chunk, device=table.device))
+                table.write_states(chunk, h_r, engine.scaling.denormalize(stats, y_r))
+        return {"caught_up": len(rows), "rewarmed": len(rest), "passes": self.passes}
 
 
-@dataclass
-class Warmed:
-    """The new model's state and forecast (scaled) after each copied window."""
-
-    copy: WindowCopy
-    state: State  # (layers, n, hidden), or (h, c)
-    y: torch.Tensor  # (n, horizon)
-
-
-def copy_windows(table: Any) -> WindowCopy:
-    """Copy every resident series' window (call at a batch boundary, on the service thread)."""
-    slots = table.occupied()
-    slots = slots[table.count[slots] > 0]
+def _pending_inputs(table: Any, slots: np.ndarray, first: np.ndarray, pending: np.ndarray) -> torch.Tensor:
+    """The ring entries stepped since ``first`` (ordinals first .. first + pending - 1), as (m, max) float32."""
+    width = int(pending.max()) if len(pending) else 0
+    device = table.device
     with torch.inference_mode():
-        x, lengths = table.window(slots)  # (n, W, 1), (n,) — a gathered copy, not a view
-    return WindowCopy(slots, table.series_at(slots.tolist()), table.count[slots].copy(), x, lengths)
-
-
-def warm_windows(model: RecurrentForecaster, copy: WindowCopy) -> Warmed:
-    """Run ``model`` from the zero state over each copied window (safe on any thread: touches no table)."""
-    hs, cs, ys = [], [], []
-    with torch.inference_mode():
-        for lo in range(0, len(copy.slots), CHUNK):
-            y, h = model.warm(copy.x[lo : lo + CHUNK], copy.lengths[lo : lo + CHUNK])  # (n, horizon)
-            ys.append(y)
-            if isinstance(h, tuple):
-                hs.append(h[0])
-                cs.append(h[1])
-            else:
-                hs.append(h)
-        if not ys:
-            empty = model.initial_state(0, copy.x.device)
-            return Warmed(copy, empty, torch.zeros(0, model.horizon, device=copy.x.device))
-        state: State = (torch.cat(hs, 1), torch.cat(cs, 1)) if cs else torch.cat(hs, 1)  # (layers, n, hidden)
-    return Warmed(copy, state, torch.cat(ys))
-
-
-def apply_warmed(engine: Any, model: RecurrentForecaster, version: str, warmed: Warmed) -> dict[str, int]:
-    """Swap ``model`` into ``engine`` with the warmed states, stepping the inputs that arrived since the
-    copy (call at a batch boundary, on the service thread). Returns how many series took each path."""
-    table, copy = engine.table, warmed.copy
-    model = model.to(engine.device).eval()
-    window = table.window_size
-    # Step 1. Which copied series can be caught up: same series in the same slot, at most W values since.
-    now_names = table.series_at(copy.slots.tolist())
-    delta = table.count[copy.slots] - copy.counts  # (n,)
-    same = np.array([a == b for a, b in zip(now_names, copy.names, strict=True)], dtype=bool)
-    ok = same & (delta >= 0) & (delta <= window)
-    rows = np.flatnonzero(ok)
-    # Step 2. The engine takes the new model (the table is reshaped first if the new shape differs).
-    if (model.num_layers, model.hidden_size, model.horizon, model.is_lstm) != (
-        table.num_layers, table.hidden_size, table.horizon, table.lstm
-    ):
-        table.reshape_model(model.num_layers, model.hidden_size, model.horizon, model.is_lstm)
-    engine.set_model(model, version)
-    with torch.inference_mode():
-        # Step 3. Catch up: round k steps the k-th input stepped since the copy, for every series that has one.
-        device = table.device
-        row_idx = torch.as_tensor(rows, device=device)
-        state = _select(warmed.state, row_idx)  # (layers, m, hidden)
-        y = warmed.y.index_select(0, row_idx)  # (m, horizon)
-        slots = copy.slots[rows]
-        slot_idx = torch.as_tensor(slots, device=device)
-        start = torch.as_tensor(copy.counts[rows], device=device)  # (m,) ordinal of the first input since
-        pending = delta[rows]
-        for k in range(int(pending.max()) if len(rows) else 0):
-            active = np.flatnonzero(pending > k)
-            a = torch.as_tensor(active, device=device)
-            x = table.ring[slot_idx[a], (start[a] + k) % window]  # (b,) inputs, in stepped order
-            y_k, s_k = model.step(x[:, None].to(torch.float32), _select(state, a))  # (b, horizon)
-            state = _put(state, a, s_k)
-            y[a] = y_k
-        if len(rows):
-            stats = table.stats.index_select(0, slot_idx)  # (m, N_STATS): statistics as they are now
-            table.write_states(slots, state, engine.scaling.denormalize(stats, y))
-        # Step 4. Everything else resident re-warms over its current window, now.
-        rest = np.setdiff1d(table.occupied(), slots)
-        rest = rest[table.count[rest] > 0]
-        for lo in range(0, len(rest), CHUNK):
-            chunk = rest[lo : lo + CHUNK]
-            x, lengths = table.window(chunk)  # (n, W, 1), (n,)
-            y_r, h_r = model.warm(x, lengths)  # (n, horizon)
-            stats = table.stats.index_select(0, torch.as_tensor(chunk, device=device))
-            table.write_states(chunk, h_r, engine.scaling.denormalize(stats, y_r))
-    return {"caught_up": len(rows), "rewarmed": len(rest), "values_caught_up": int(pending.sum()) if len(rows) else 0}
+        ordinals = torch.as_tensor(first, device=device)[:, None] + torch.arange(width, device=device)  # (m, max)
+        slot_idx = torch.as_tensor(slots, device=device)[:, None].expand(-1, width)  # (m, max)
+        return table.ring[slot_idx, ordinals % table.window_size].to(torch.float32).unsqueeze(-1)  # (m, max, 1)
 
 
 def _select(state: State, idx: torch.Tensor) -> State:
@@ -138,10 +203,9 @@ def _select(state: State, idx: torch.Tensor) -> State:
     return state.index_select(1, idx)
 
 
-def _put(state: State, idx: torch.Tensor, new: State) -> State:
+def _put(state: State, idx: torch.Tensor, new: State) -> None:
     if isinstance(state, tuple):
         state[0][:, idx] = new[0]
         state[1][:, idx] = new[1]
-        return state
-    state[:, idx] = new
-    return state
+    else:
+        state[:, idx] = new

@@ -24,6 +24,7 @@ from forecaster.config import Settings
 from forecaster.engine import Engine
 from forecaster.hotswap import INIT_VERSION, ModelSwapper, initial_model
 from forecaster.model import RecurrentForecaster
+from forecaster.rewarm import RewarmJob
 from forecaster.scaling import Scaling
 
 CELLS = ["gru", "lstm", "rnn"]
@@ -363,3 +364,35 @@ def test_a_failed_background_rewarm_is_refused(tmp_path: Path, monkeypatch: pyte
     assert swaps(registry, "refused") == 1 and engine.version == "init"
     assert swapper.check_now() is None  # not retried
     assert version in swapper._refused
+
+
+def test_catch_up_in_several_passes_loses_nothing() -> None:
+    engine = Engine(model_of("gru", seed=1), version="init", window=WINDOW, scaling=SCALING)
+    data = stream({"a": 20, "b": 9, "c": 3}, seed=8)
+    feed(engine, data)
+    copied = {name: len(v) for name, v in data.items()}
+    new_model = model_of("gru", seed=2)
+    job = RewarmJob(new_model, "v2", engine, final_values=0, max_passes=3)
+    rng = np.random.default_rng(9)
+    ts = 100_000
+    swapped = None
+    while swapped is None:  # values keep arriving between boundaries until the job swaps
+        for name in ("a", "b"):
+            more = 50.0 + rng.normal(size=2)
+            out = engine.process([name, name], [ts, ts + 1], more)
+            assert out.version == "init"
+            data[name] = np.concatenate([data[name], more])
+        ts += 2
+        assert job.wait(30.0)
+        swapped = job.at_boundary(engine)
+    assert job.passes == 3 and swapped["caught_up"] == 3
+    names = list(data)
+    out = engine.process(names, [ts + 10] * 3, [51.0] * 3)
+    for name in names:
+        values = np.append(data[name], 51.0)
+        x, stats = SCALING.transform(values)
+        start = copied[name] - min(copied[name], WINDOW)
+        with torch.no_grad():
+            y, _ = new_model(x[start:][None, :, None])
+        np.testing.assert_allclose(out.values[out.series.index(name)],
+                                   SCALING.denormalize(stats[-1:], y[0, -1:]).numpy()[0], rtol=1e-5, atol=1e-4)
