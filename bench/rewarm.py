@@ -6,9 +6,10 @@
    over its retained window, batched) for N resident series x W retained values (default 100k x 256 on
    CPU, 1M x 256 with ``--device cuda``). The windows are filled directly in the state table (the fill
    is not what is measured); median, min and max over repeats.
-2. ``loop``: the service's loop around a swap: batches of values through ``Engine.process`` with a
-   ``ModelSwapper.swap_if_ready`` between two of them, over a smaller resident set; the p50/p99 batch
-   time in steady state next to the pause of the batch boundary that swapped.
+2. ``loop``: the service's loop around a swap: batches of values through ``Engine.process`` with
+   ``ModelSwapper.swap_if_ready`` after each, over a smaller resident set; the p50/p99 batch time in
+   steady state next to the batches around the swap, for the re-warm at the boundary and in the
+   background (copy of the windows, batches served while the new model warms, catch-up and swap).
 3. ``distance``: a briefly trained model on synthetic series; for W in 16, 64, 256, 1024, the state after
    running from zero over the last W values against the state after the whole history, and the same for
    the forecast (in data units, next to the model's own forecast error so that the size is meaningful).
@@ -92,19 +93,23 @@ def bench_rewarm(n_series: int, window: int, device: torch.device, repeats: int)
     }
 
 
-def bench_loop(n_series: int, window: int, batch: int, batches: int, device: torch.device) -> dict[str, Any]:
+def bench_loop(n_series: int, window: int, batch: int, batches: int, device: torch.device,
+               background: bool) -> dict[str, Any]:
     """Batch times of the service loop (process, then swap_if_ready) with one swap in the middle."""
     engine = resident_engine(n_series, window, device)
     names = [f"s{i}" for i in range(n_series)]
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as root:
-        swapper = ModelSwapper(root, "v1", registry=CollectorRegistry(), device=device)
+        swapper = ModelSwapper(root, "v1", registry=CollectorRegistry(), device=device,
+                               background_above=0 if background else 2**62)  # fmt: skip
         ts = 1_700_000_000_000
-        times, swap_at = [], batches // 2
-        for i in range(batches + 1):
-            if i == swap_at:  # published and validated off the hot path, ready for the next boundary
+        phases: dict[str, list[float]] = {"steady": [], "copy": [], "during": [], "swap": []}
+        phase, i = "steady", 0
+        while i < batches or phase in ("copy", "during"):
+            if i == batches // 2 and phase == "steady":  # published and validated off the hot path
                 promote(root, save_checkpoint(root, model_of(9), Scaling()))
                 assert swapper.check_now() is not None
+                phase = "armed"
             chosen = rng.choice(n_series, size=batch, replace=False)
             ts += 1
             sync(device)
@@ -113,18 +118,27 @@ def bench_loop(n_series: int, window: int, batch: int, batches: int, device: tor
             swapped = swapper.swap_if_ready(engine)
             sync(device)
             elapsed = time.perf_counter() - started
-            if i > 0:  # the first batch pays one-off allocations
-                times.append((elapsed, swapped is not None))
-    steady = [t for t, swapped in times if not swapped]
-    pause = [t for t, swapped in times if swapped]
+            if swapped is not None:
+                phases["swap"].append(elapsed)
+                phase = "done"
+            elif phase == "armed":
+                phases["copy"].append(elapsed)
+                phase = "during"
+            elif i > 0:  # the first batch pays one-off allocations
+                phases["during" if phase == "during" else "steady"].append(elapsed)
+            i += 1
     return {
+        "mode": "background" if background else "at the boundary",
         "series": n_series,
         "window": window,
         "batch": batch,
-        "batches": len(times),
-        "steady_p50_seconds": float(np.percentile(steady, 50)),
-        "steady_p99_seconds": float(np.percentile(steady, 99)),
-        "swap_batch_seconds": pause[0] if pause else None,
+        "steady_batches": len(phases["steady"]),
+        "steady_p50_seconds": float(np.percentile(phases["steady"], 50)),
+        "steady_p99_seconds": float(np.percentile(phases["steady"], 99)),
+        "copy_batch_seconds": phases["copy"][0] if phases["copy"] else None,
+        "batches_during_rewarm": len(phases["during"]),
+        "during_rewarm_p99_seconds": float(np.percentile(phases["during"], 99)) if phases["during"] else None,
+        "swap_batch_seconds": phases["swap"][0] if phases["swap"] else None,
     }
 
 
@@ -180,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in seconds")
     parser.add_argument("--skip-distance", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     n_series = args.series or (1_000_000 if device.type == "cuda" else 100_000)
     repeats = args.repeats
@@ -201,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["rewarm"] = bench_rewarm(n_series, args.window, device, repeats)
     print(json.dumps(report["rewarm"]), file=sys.stderr)
-    report["loop"] = bench_loop(window=args.window, device=device, **loop)
+    report["loop"] = [bench_loop(window=args.window, device=device, background=b, **loop) for b in (False, True)]
     print(json.dumps(report["loop"]), file=sys.stderr)
     if not args.skip_distance:
         report["distance"] = bench_distance(**distance)
