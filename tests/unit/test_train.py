@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -332,3 +339,38 @@ def test_cli_train_list_and_promote(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert any(line.startswith("  " + second) for line in lines)
     assert main(["checkpoints", "promote", "20990101T000000000Z-000000"]) == 1
     assert main(["train", "--input", str(tmp_path / "missing.csv"), "--no-progress"]) == 1
+
+
+@pytest.mark.slow
+def test_cli_every_serves_metrics_and_stops_on_sigterm(tmp_path: Path) -> None:
+    data = synthetic_csv(tmp_path / "data.csv", n_series=2, n_values=100)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FORECASTER_CHECKPOINTS__DIR": str(tmp_path / "ck"), "FORECASTER_MODEL__HIDDEN_SIZE": "4",
+           "FORECASTER_MODEL__NUM_LAYERS": "1", "FORECASTER_METRICS__HOST": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forecaster", "train", "--input", str(data), "--every", "1h", "--epochs", "1",
+         "--metrics-port", str(port), "--no-progress"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        text, deadline = "", time.monotonic() + 60
+        while 'forecaster_trainer_runs_total{result="published"} 1.0' not in text:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.3)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+                    text = answer.read().decode()
+            except OSError:
+                continue
+        version = latest_version(tmp_path / "ck")
+        assert f'forecaster_trainer_published_version_info{{version="{version}"}} 1.0' in text
+        assert "forecaster_trainer_last_success_timestamp_seconds" in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stderr.close()
