@@ -186,7 +186,9 @@ class ModelSwapper:
         self._last_pointer_error = None
         with self._lock:
             pending = self._ready.version if self._ready else None
-        if wanted is None or wanted in (self.current_version, pending) or wanted in self._refused:
+        job = self._job
+        in_flight = job.version if job is not None else None  # being re-warmed in the background
+        if wanted is None or wanted in (self.current_version, pending, in_flight) or wanted in self._refused:
             return pending
         try:
             loaded = load_checkpoint(self.checkpoint_dir / wanted, device=self.device)

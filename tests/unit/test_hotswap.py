@@ -318,6 +318,7 @@ def test_background_rewarm_catches_up_every_value_exactly(tmp_path: Path, old_ce
     swapper.check_now()
     # Step 1. This boundary copies the windows and starts the re-warm; the old model keeps serving.
     assert swapper.swap_if_ready(engine) is None
+    assert swapper.check_now() is None  # the version being re-warmed is not loaded again
     rng = np.random.default_rng(5)
     since = {"a": 3, "c": WINDOW + 2, "d": 1, "f": 4}  # c: more than the ring holds; f: a new series
     versions = []
@@ -331,6 +332,7 @@ def test_background_rewarm_catches_up_every_value_exactly(tmp_path: Path, old_ce
     # Step 2. The next boundary catches up and swaps.
     assert swapper.swap_if_ready(engine) == version == engine.version
     assert swaps(registry, "ok") == 1 and registry.get_sample_value("forecaster_model_swap_seconds_count") == 1
+    assert swapper.check_now() is None and swapper.swap_if_ready(engine) is None  # swapped once
     assert engine.table.slot_of("e") is None
     # Step 3. Each series runs on from the new model's pass over one contiguous run of its inputs: the
     # window it had at the copy plus everything since, or its current window where that was impossible.
