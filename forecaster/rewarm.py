@@ -34,7 +34,14 @@ import torch
 
 from forecaster.model import RecurrentForecaster, State
 
-CHUNK = 65_536  # series per batched call (bounds the (chunk, W) window copies)
+# Retained values per batched ``model.warm`` call: nn.GRU/LSTM keep every layer's output, so one call
+# holds about layers x values x hidden x 4 bytes (1 GiB at 2^22 values and hidden 64).
+VALUES_PER_CALL = {"cpu": 1 << 20, "cuda": 1 << 22}
+
+
+def rows_per_call(window: int, device: torch.device) -> int:
+    """Series per batched warm call for windows of ``window`` values on ``device``."""
+    return max(1, VALUES_PER_CALL.get(device.type, 1 << 20) // max(window, 1))
 
 
 class RewarmJob:
@@ -125,9 +132,10 @@ class RewarmJob:
 
     def _warm(self, x: torch.Tensor, lengths: torch.Tensor) -> None:
         hs, cs, ys = [], [], []
+        chunk = rows_per_call(x.shape[1], x.device)
         with torch.inference_mode():
-            for lo in range(0, len(self.slots), CHUNK):
-                y, h = self.model.warm(x[lo : lo + CHUNK], lengths[lo : lo + CHUNK])  # (n, horizon)
+            for lo in range(0, len(self.slots), chunk):
+                y, h = self.model.warm(x[lo : lo + chunk], lengths[lo : lo + chunk])  # (n, horizon)
                 ys.append(y)
                 hs.append(h[0] if isinstance(h, tuple) else h)
                 if isinstance(h, tuple):
@@ -178,8 +186,9 @@ class RewarmJob:
             # Everything else resident re-warms over its current window, now.
             rest = np.setdiff1d(table.occupied(), slots)
             rest = rest[table.count[rest] > 0]
-            for lo in range(0, len(rest), CHUNK):
-                chunk = rest[lo : lo + CHUNK]
+            step = rows_per_call(table.window_size, table.device)
+            for lo in range(0, len(rest), step):
+                chunk = rest[lo : lo + step]
                 x, lengths = table.window(chunk)  # (n, W, 1), (n,)
                 y_r, h_r = model.warm(x, lengths)  # (n, horizon)
                 stats = table.stats.index_select(0, torch.as_tensor(chunk, device=table.device))
