@@ -47,15 +47,13 @@ def rss_bytes() -> int:
 class Stream:
     """Feeds an engine: ``batch`` distinct series out of ``names``, one new value each per call.
 
-    With more names than ``batch``, calls cycle through a few random subsets drawn beforehand."""
+    Calls cycle through a few random subsets (random orders when ``batch`` is all of them) drawn
+    beforehand, so every size sees the same access pattern."""
 
     def __init__(self, engine: Engine, names: list[str], batch: int, seed: int = 0, subsets: int = 8) -> None:
         self.engine, self.batch = engine, batch
         rng = np.random.default_rng(seed)
-        if len(names) == batch:
-            self.subsets = [names]
-        else:
-            self.subsets = [[names[i] for i in rng.choice(len(names), batch, replace=False)] for _ in range(subsets)]
+        self.subsets = [[names[i] for i in rng.choice(len(names), batch, replace=False)] for _ in range(subsets)]
         self.ts = 1_700_000_000_000
         self.values = rng.normal(size=batch)
         self.calls = 0
@@ -83,8 +81,15 @@ def timed(fn: Callable[[], Any], calls: int, sync: Callable[[], None]) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def calls_for(batch: int, budget_values: int) -> int:
-    return max(3, budget_values // batch)
+def calls_for(fn: Callable[[], Any], seconds: float, sync: Callable[[], None]) -> int:
+    """Calls that take about ``seconds`` (one timed repeat), at least 3."""
+    fn()
+    once = timed(fn, 1, sync)
+    return max(3, int(seconds / max(once, 1e-7)))
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 class Bench:
@@ -125,13 +130,14 @@ class Bench:
             stream = Stream(engine, [f"s{i}" for i in range(batch)], batch)
             stream.call()
             base = self.incremental_baseline(batch, max(1024, batch)) if batch in with_baseline else None
-            calls = calls_for(batch, self.args.budget)
+            progress(f"throughput batch {batch} ({torch.get_num_threads()} threads)")
+            calls = calls_for(stream.call, self.args.seconds, self.sync)
+            base_calls = calls_for(base, self.args.seconds, self.sync) if base is not None else 0
             e, b = [], []
             for _ in range(self.args.repeats):
                 e.append(batch / timed(stream.call, calls, self.sync))
                 if base is not None:
-                    base()
-                    b.append(batch / timed(base, calls, self.sync))
+                    b.append(batch / timed(base, base_calls, self.sync))
             engine_rates[str(batch)] = summary(e)
             if b:
                 base_rates[str(batch)] = summary(b)
@@ -142,6 +148,7 @@ class Bench:
     def window_baseline(self, windows: list[int], batch: int) -> dict[str, Any]:
         out = {}
         for w in windows:
+            progress(f"window baseline W={w} batch {batch}")
             x = torch.randn(batch, w, 1, device=self.device)
 
             def run(x: torch.Tensor = x) -> None:
@@ -149,7 +156,8 @@ class Bench:
                     y, _ = self.model(x)  # (batch, W, horizon)
                     y[:, -1].cpu()
 
-            run()
+            if w == windows[0]:
+                run()  # first call: one-off allocations
             reps = [batch / timed(run, 1, self.sync) for _ in range(max(1, self.args.repeats // 2))]
             out[str(w)] = summary(reps)
         return out
@@ -161,10 +169,11 @@ class Bench:
         stream = Stream(engine, [f"s{i}" for i in range(batch)], batch)
         out, done = {}, 0
         for length in lengths:
+            progress(f"history {length} batch {batch}")
             while done < length:
                 stream.call()
                 done += 1
-            calls = calls_for(batch, self.args.budget)
+            calls = max(3, min(length // 4, calls_for(stream.call, self.args.seconds, self.sync)))
             reps = [timed(stream.call, calls, self.sync) / batch * 1e6 for _ in range(self.args.repeats)]
             done += calls * self.args.repeats
             out[str(length)] = summary(reps)
@@ -173,14 +182,14 @@ class Bench:
     def resident_cost(self, batch: int, sizes: list[int]) -> dict[str, Any]:
         out = {}
         for size in sizes:
+            progress(f"resident {size}")
             gc.collect()
             rss_before = rss_bytes()
             engine = self.engine(capacity=1024)
             names = [f"series-{i:09d}" for i in range(size)]
             populate(engine, names)
             stream = Stream(engine, names, min(batch, size))
-            stream.call()
-            calls = calls_for(stream.batch, self.args.budget)
+            calls = calls_for(stream.call, self.args.seconds, self.sync)
             reps = [timed(stream.call, calls, self.sync) / stream.batch * 1e6 for _ in range(self.args.repeats)]
             out[str(size)] = {
                 "us_per_value": summary(reps),
@@ -209,7 +218,7 @@ class Bench:
                 with torch.inference_mode():
                     self.model(x[:, None], h)
 
-            calls = calls_for(batch, self.args.budget)
+            calls = calls_for(fused, self.args.seconds, self.sync)
             f, g = [], []
             for _ in range(self.args.repeats):
                 f.append(timed(fused, calls, self.sync) * 1e6)
@@ -228,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of well under a minute")
     parser.add_argument("--window", type=int, default=256, help="retained values per series (W)")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--budget", type=int, default=None, help="values stepped per timed repeat")
+    parser.add_argument("--seconds", type=float, default=None, help="length of one timed repeat")
     parser.add_argument("--batches", default=None, help="comma list of engine batch sizes")
     parser.add_argument("--windows", default=None, help="comma list of W for baseline (a)")
     parser.add_argument("--window-batch", type=int, default=None, help="batch of baseline (a)")
@@ -236,12 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history-batch", type=int, default=None)
     parser.add_argument("--resident", default=None, help="comma list of resident series counts")
     parser.add_argument("--resident-batch", type=int, default=None, help="series per step at each size")
-    parser.add_argument("--threads", default="1,all", help="torch intra-op threads: comma list, 'all' = default")
+    parser.add_argument("--threads", default=None,
+                        help="torch intra-op threads: comma list, 'all' = torch's default (quick: 1; else 1,all)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     q = args.quick
     args.repeats = args.repeats or (3 if q else 7)
-    args.budget = args.budget or (2_000 if q else 50_000)
+    args.seconds = args.seconds or (0.1 if q else 0.4)
+    args.threads = args.threads or ("1" if q else "1,all")
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     batches = ints(args.batches or ("1,64,1024" if q else "1,64,1024,16384"))
     windows = ints(args.windows or ("16,64,256" if q else "16,64,256,1024"))
@@ -284,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                 ratios[f"engine_over_incremental_batch{b}"] = ratio(eng[b], inc[b])
         run["ratios"] = ratios
         report["runs"][threads] = run
-    # History and resident-series costs once, at the default thread count.
-    torch.set_num_threads(default_threads)
+    # History and resident-series costs once, at one thread: a busy machine makes several threads wait
+    # on each other, which would hide what these two figures are about.
+    torch.set_num_threads(1)
     hist = bench.history_cost(history_batch, history)
     res = bench.resident_cost(resident_batch, resident)
     layers, hidden = MODEL["num_layers"], MODEL["hidden_size"]

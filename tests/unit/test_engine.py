@@ -286,3 +286,21 @@ def test_take_dirty_lists_stepped_series() -> None:
     assert engine.take_dirty() == {"a", "b"}
     engine.process(["a", "b"], [2, 1], [1.0, 2.0])  # b's value is a duplicate
     assert engine.take_dirty() == {"a"}
+
+
+def test_from_settings_uses_the_state_and_scaling_sections() -> None:
+    from forecaster.config import Settings
+
+    settings = Settings(state={"device": "cpu", "window": 7, "initial_capacity": 3, "max_series": 5,
+                               "ttl_seconds": 9.0}, scaling={"kind": "none"})
+    engine = Engine.from_settings(_model(), settings, version="v3")
+    assert engine.table.window_size == 7 and engine.table.capacity == 3 and engine.table.max_series == 5
+    assert engine.ttl_seconds == 9.0 and engine.scaling == Scaling(kind="none") and engine.version == "v3"
+
+
+def test_more_new_series_than_max_series_in_one_batch_still_steps_all() -> None:
+    engine = Engine(_model(), max_series=2, scaling=None)
+    out = engine.process(["a", "b", "c"], [1, 1, 1], [1.0, 2.0, 3.0])
+    assert len(out) == 3 and engine.resident == 3  # a batch's own series are never evicted mid-batch
+    engine.process(["d"], [1], [1.0])
+    assert engine.resident == 2 and engine.evictions_total == 2

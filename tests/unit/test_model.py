@@ -96,3 +96,17 @@ def test_step_in_eval_ignores_dropout() -> None:
 def test_unknown_cell_is_refused() -> None:
     with pytest.raises(ValueError, match="cell"):
         RecurrentForecaster("transformer")
+
+
+def test_step_follows_weights_loaded_or_moved_after_first_use() -> None:
+    torch.manual_seed(4)
+    model = RecurrentForecaster("gru", hidden_size=8, num_layers=2, horizon=2).eval()
+    x = torch.randn(3, 1)
+    model.step(x, model.initial_state(3))  # caches the weight list
+    model.load_state_dict(RecurrentForecaster("gru", hidden_size=8, num_layers=2, horizon=2).state_dict())
+    y, _ = model(x[:, None])
+    assert torch.allclose(model.step(x, model.initial_state(3))[0], y[:, 0], atol=1e-6)
+    model = model.double()
+    y, _ = model(x.double()[:, None])
+    y_step, _ = model.step(x.double(), model.initial_state(3).double())
+    assert y_step.dtype == torch.float64 and torch.allclose(y_step, y[:, 0], atol=1e-12)
