@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from forecaster.model import RecurrentForecaster
@@ -124,6 +123,7 @@ class Engine:
 
     def process(self, series: Sequence[str], ts: Sequence[int], values: Sequence[float]) -> EngineOutput:
         """Step every new value once, in ts order per series; returns the forecast made after each."""
+        series = series if isinstance(series, list | tuple) else list(series)  # positional indexing below
         ts = np.asarray(ts, dtype=np.int64).reshape(-1)
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         if not len(series) == len(ts) == len(values):
@@ -132,17 +132,12 @@ class Engine:
             raise ValueError("values must be finite (validate records before the engine)")
         if len(ts) == 0:
             return self._output([], ts, np.zeros((0, self.model.horizon), np.float32), 0, ts)
-        # Step 1. codes per series and their slots (new series get one, possibly evicting LRU ones).
-        if len(ts) == 1:
-            codes, names = np.zeros(1, dtype=np.int64), [series[0]]
-        else:
-            codes, uniques = pd.factorize(np.asarray(series, dtype=object))
-            names = uniques.tolist()
-        slot_of_code, _ = self.table.acquire(names, self.clock())
+        # Step 1. the slot of every row (new series get one, possibly evicting LRU ones).
+        row_slots = self.table.locate(series, self.clock())
         # Step 2. which values are new, and in which round each steps.
-        rows, bounds = self._plan(codes, ts, slot_of_code, len(names))
+        rows, bounds = self._plan(row_slots, ts)
         duplicates = len(ts) - len(rows)
-        slots = slot_of_code[codes[rows]]
+        slots = row_slots[rows]
         # Step 3. one batched step per round.
         forecasts = []
         with torch.inference_mode():
@@ -151,10 +146,10 @@ class Engine:
         self.table.mark_dirty(slots)
         self.duplicates_total += duplicates
         self.values_total += len(rows)
-        out_names = [names[i] for i in codes[rows].tolist()]
+        out_names = [series[i] for i in rows.tolist()]
         return self._output(out_names, ts[rows], self._concat(forecasts), duplicates, rows)
 
-    def _plan(self, codes: np.ndarray, ts: np.ndarray, slot_of_code: np.ndarray, n_series: int) -> tuple:
+    def _plan(self, row_slots: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """Rows to step, in stepped order (round by round), and the round bounds within them.
 
         A value is dropped when its ts is not newer than its series' last one or than an earlier value
@@ -162,16 +157,17 @@ class Engine:
         value of every series; sets the series' last ts.
         """
         last_ts = self.table.last_ts
-        if n_series == len(ts):  # one value per series (the common poll): a single round, input order
-            rows = np.flatnonzero(ts > last_ts[slot_of_code[codes]])
-            last_ts[slot_of_code[codes[rows]]] = ts[rows]
+        sorted_slots = np.sort(row_slots)
+        if not (sorted_slots[1:] == sorted_slots[:-1]).any():  # one value per series: one round, input order
+            rows = np.flatnonzero(ts > last_ts[row_slots])
+            last_ts[row_slots[rows]] = ts[rows]
             return rows, [0, len(rows)]
-        order = np.lexsort((ts, codes))  # by series, then ts; stable
-        c, t = codes[order], ts[order]
+        order = np.lexsort((ts, row_slots))  # by series, then ts; stable
+        c, t = row_slots[order], ts[order]
         new_series = np.empty(len(c), dtype=bool)
         new_series[0] = True
         np.not_equal(c[1:], c[:-1], out=new_series[1:])
-        keep = t > last_ts[slot_of_code[c]]
+        keep = t > last_ts[c]
         keep[1:] &= new_series[1:] | (t[1:] != t[:-1])
         rows, c = order[keep], c[keep]
         m = len(rows)
@@ -179,7 +175,7 @@ class Engine:
             return rows, [0]
         starts = np.flatnonzero(np.concatenate(([True], c[1:] != c[:-1])))  # first row of each series
         ends = np.append(starts[1:], m) - 1
-        last_ts[slot_of_code[c[ends]]] = ts[rows[ends]]
+        last_ts[c[ends]] = ts[rows[ends]]
         rank = np.arange(m) - np.repeat(starts, ends - starts + 1)  # k-th new value of its series
         rows = rows[np.argsort(rank, kind="stable")]
         return rows, np.concatenate(([0], np.cumsum(np.bincount(rank)))).tolist()

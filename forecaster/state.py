@@ -72,6 +72,7 @@ class StateTable:
         self.slots: dict[str, int] = {}
         self._series: list[str | None] = []
         self._free: list[int] = []
+        self._last_fresh = np.zeros(0, dtype=np.int64)  # slots the last locate() handed to new series
         self.capacity = 0
         self._allocate(capacity)
 
@@ -145,34 +146,52 @@ class StateTable:
 
     # ---- slots ---------------------------------------------------------------------------------------
 
-    @_inference
     def acquire(self, series: Sequence[str], now: float) -> tuple[np.ndarray, np.ndarray]:
         """Slots of ``series`` (distinct ids), allocating new ones; marks them all seen at ``now``.
 
         Returns (slots int64, is_new bool). Making room evicts the least recently seen series not in
         ``series``; if every resident series is in ``series`` the table goes past ``max_series``.
         """
+        slots = self.locate(series, now)
+        return slots, np.isin(slots, self._last_fresh) if len(self._last_fresh) else np.zeros(len(slots), bool)
+
+    @_inference
+    def locate(self, series: Sequence[str], now: float) -> np.ndarray:
+        """Slot of every row of ``series`` (ids may repeat), allocating slots for new ids (evicting the
+        least recently seen series not in ``series`` if needed); marks them all seen at ``now``."""
         slots = np.fromiter(map(self.slots.get, series, repeat(-1)), dtype=np.int64, count=len(series))
-        new = slots < 0
-        n_new = int(new.sum())
-        if n_new:
-            over = self.resident + n_new - self.max_series
-            if over > 0:
-                self._evict_lru(over, protected=slots[~new])
-            if n_new > len(self._free):
-                capacity = self.capacity
-                while capacity - self.resident < n_new:
-                    capacity *= 2
-                self._allocate(capacity)
-            fresh = np.array(self._free[-n_new:][::-1], dtype=np.int64)
-            del self._free[-n_new:]
-            for name, slot in zip((s for s, is_new in zip(series, new, strict=True) if is_new), fresh.tolist(), strict=True):
-                self.slots[name] = slot
-                self._series[slot] = name
-            slots[new] = fresh
-            self._clear(fresh)
+        unknown = np.flatnonzero(slots < 0)
+        self._last_fresh = unknown[:0]
+        if len(unknown):
+            names = list(dict.fromkeys(series[i] for i in unknown.tolist()))  # distinct, in order
+            fresh = self._allocate_series(names, protected=slots[slots >= 0])
+            if len(names) == len(unknown):
+                slots[unknown] = fresh
+            else:
+                where = dict(zip(names, fresh.tolist(), strict=True))
+                slots[unknown] = [where[series[i]] for i in unknown.tolist()]
+            self._last_fresh = fresh
         self.last_seen[slots] = now
-        return slots, new
+        return slots
+
+    def _allocate_series(self, names: list[str], protected: np.ndarray) -> np.ndarray:
+        """Clean slots for new ``names``, making room first; returns them in the order of ``names``."""
+        n_new = len(names)
+        over = self.resident + n_new - self.max_series
+        if over > 0:
+            self._evict_lru(over, protected=protected)
+        if n_new > len(self._free):
+            capacity = self.capacity
+            while capacity - self.resident < n_new:
+                capacity *= 2
+            self._allocate(capacity)
+        fresh = np.array(self._free[-n_new:][::-1], dtype=np.int64)
+        del self._free[-n_new:]
+        for name, slot in zip(names, fresh.tolist(), strict=True):
+            self.slots[name] = slot
+            self._series[slot] = name
+        self._clear(fresh)
+        return fresh
 
     def _clear(self, slots: np.ndarray) -> None:
         idx = torch.from_numpy(slots).to(self.device)

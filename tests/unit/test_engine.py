@@ -304,3 +304,13 @@ def test_more_new_series_than_max_series_in_one_batch_still_steps_all() -> None:
     assert len(out) == 3 and engine.resident == 3  # a batch's own series are never evicted mid-batch
     engine.process(["d"], [1], [1.0])
     assert engine.resident == 2 and engine.evictions_total == 2
+
+
+def test_accepts_arrays_and_pandas_columns() -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame({"series": ["b", "a", "b"], "ts": [2, 1, 1], "value": [1.0, 2.0, 3.0]}, index=[7, 3, 5])
+    out = Engine(_model(), scaling=None).process(frame["series"], frame["ts"], frame["value"])
+    assert sorted(zip(out.series, out.ts.tolist(), strict=True)) == [("a", 1), ("b", 1), ("b", 2)]
+    out = Engine(_model(), scaling=None).process(np.array(["x", "y"]), np.array([1, 1]), np.array([0.5, 0.5]))
+    assert out.series == ["x", "y"] and out.index.tolist() == [0, 1]
