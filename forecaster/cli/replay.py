@@ -1,0 +1,92 @@
+"""``forecaster replay``: a series file through the engine, no broker; forecasts and their quality.
+
+    forecaster replay --input data.csv                                  # the checkpoint LATEST names
+    forecaster replay --input data.csv --checkpoint checkpoints/<version> --output forecasts.csv
+    forecaster replay --input data.csv --report report.png --season 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from forecaster.checkpoint import LoadedCheckpoint, latest_version, load_checkpoint
+from forecaster.config import Settings
+from forecaster.engine import Engine
+from forecaster.errors import CheckpointError
+from forecaster.replay import format_metrics, format_problems, replay, write_forecasts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", type=Path, required=True,
+                        help="series file: CSV long (series,ts,value) or wide (time column + one per series), Parquet")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="checkpoint folder, or a checkpoint root (its LATEST); default: LATEST in checkpoints.dir")
+    parser.add_argument("--output", type=Path, help="write the forecasts here (CSV: series,ts,model_version,h1..hH)")
+    parser.add_argument("--report", type=Path, help="write a PNG report here (needs matplotlib)")
+    parser.add_argument("--season", type=int, help="season of the seasonal-naive baseline (default: detected)")
+    parser.add_argument("--batch-rows", type=int, help="rows per engine batch (default: service.max_poll_records)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: state.device)")
+
+
+def resolve_checkpoint(path: Path | None, settings: Settings, device: str = "cpu") -> LoadedCheckpoint:
+    """The checkpoint at ``path``, or the one ``LATEST`` names under ``settings.checkpoints.dir``."""
+    if path is not None:
+        return load_checkpoint(path, device=device)
+    root = Path(settings.checkpoints.dir)
+    version = latest_version(root)
+    if version is None:
+        raise CheckpointError(
+            f"no published checkpoint in {root} (no LATEST): train one with `forecaster train --input FILE`, "
+            "or pass --checkpoint DIR"
+        )
+    return load_checkpoint(root / version, device=device)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.season is not None and args.season < 1:
+        print("forecaster replay: --season must be >= 1", file=sys.stderr)
+        return 2
+    if args.batch_rows is not None and args.batch_rows < 1:
+        print("forecaster replay: --batch-rows must be >= 1", file=sys.stderr)
+        return 2
+    if args.report is not None:
+        from forecaster.report import require_matplotlib
+
+        require_matplotlib()  # before the work, not after it
+    device = args.device or settings.state.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    checkpoint = resolve_checkpoint(args.checkpoint, settings, device)
+    engine = Engine.from_settings(checkpoint.model, settings, version=checkpoint.version, device=device,
+                                  scaling=checkpoint.scaling)  # fmt: skip
+    result = replay(args.input, engine, season=args.season,
+                    batch_rows=args.batch_rows or settings.service.max_poll_records,
+                    progress=False if args.no_progress else None)  # fmt: skip
+    for line in format_problems(result):
+        print(line, file=sys.stderr)
+    if args.output is not None:
+        write_forecasts(result.rows, args.output)
+    if args.report is not None:
+        from forecaster.report import write_report
+
+        write_report(result, args.report)
+    if args.json:
+        print(json.dumps({"checkpoint": checkpoint.version, "values": len(result.rows),
+                          "duplicates": result.duplicates, "bad_rows": len(result.bad_rows),
+                          **result.metrics()}, indent=2))  # fmt: skip
+        return 0
+    print(f"replayed {len(result.rows)} values of {len(result.rows.by_series())} series with checkpoint "
+          f"{checkpoint.version}; season {result.season}")  # fmt: skip
+    print(format_metrics(result))
+    if args.output is not None:
+        print(f"forecasts: {args.output}")
+    if args.report is not None:
+        print(f"report: {args.report}")
+    return 0

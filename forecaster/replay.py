@@ -1,0 +1,266 @@
+"""Replay: a series file through the engine, as the service would see it, and the quality of what came out.
+
+Rows are read by ``forecaster.data.read_series`` (bad rows skipped with their line numbers), put in event-time
+order (ties keep file order, as ``forecaster produce`` sends them) and fed to one ``Engine`` in batches of
+rows, the way the service feeds it polled batches: same engine, same checkpoint, same forecasts. A value
+whose ts is not newer than its series' last one is a duplicate, dropped and counted, as in the service.
+
+The forecasts are then scored against what happened next, next to the seasonal-naive and last-value
+baselines on exactly the same points (``forecaster.baselines``): per horizon step and overall MAE, RMSE,
+and MASE (MAE over the baseline's MAE).
+
+>>> import io
+>>> from forecaster.model import RecurrentForecaster
+>>> model = RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2)
+>>> rows = "series,ts,value\\n" + "".join(f"a,{t},{t % 3}\\n" for t in range(1, 13)) + "a,5,9\\na,6,x\\n"
+>>> result = replay(io.StringIO(rows), Engine(model, version="v1"), season=3, progress=False)
+>>> len(result.rows), result.duplicates, [b.line for b in result.bad_rows]
+(12, 1, [15])
+>>> result.errors["seasonal_naive"].overall_mae()
+0.0
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from forecaster.baselines import ForecastErrors, detect_season, last_value, mase, seasonal_naive, targets
+from forecaster.data import BadRow, read_series
+from forecaster.engine import Engine
+
+BASELINES = ("seasonal_naive", "last_value")
+SHOW_BAD_ROWS = 5  # line numbers listed in the summary; the rest are counted
+
+
+@dataclass
+class Stepped:
+    """What the engine emitted, one row per stepped value, in stepped order."""
+
+    series: list[str]
+    ts: np.ndarray  # (n,) int64 epoch ms
+    values: np.ndarray  # (n,) float64: the value stepped
+    forecasts: np.ndarray  # (n, horizon) float32
+    versions: list[str]  # (n,) model version of each forecast
+    duplicate_lines: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.series)
+
+    @property
+    def horizon(self) -> int:
+        return int(self.forecasts.shape[1])
+
+    def by_series(self) -> dict[str, np.ndarray]:
+        """Row positions of each series, in stepped (hence time) order."""
+        codes, names = pd.factorize(np.asarray(self.series, dtype=object))
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
+        return {str(name): order[a:b] for name, a, b in zip(names, bounds[:-1], bounds[1:], strict=True)}
+
+
+@dataclass
+class ReplayResult:
+    """Forecasts of a replayed file and their errors per method (``model`` and the baselines)."""
+
+    rows: Stepped
+    errors: dict[str, ForecastErrors]
+    season: int
+    bad_rows: list[BadRow] = field(default_factory=list)
+    out_of_order: int = 0  # rows whose ts is older than a row above them in the file
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.rows.duplicate_lines)
+
+    @property
+    def horizon(self) -> int:
+        return self.rows.horizon
+
+    def metrics(self) -> dict[str, Any]:
+        """JSON-ready figures: per method MAE/RMSE overall and by horizon; MASE of the model vs each baseline."""
+        report: dict[str, Any] = {"season": self.season, "horizon": self.horizon,
+                                  "points": int(self.errors["model"].count.sum())}  # fmt: skip
+        for name, errors in self.errors.items():
+            entry = errors.summary()
+            if name not in BASELINES:
+                for baseline in BASELINES:
+                    overall, per = mase(errors, self.errors[baseline])
+                    entry[f"mase_vs_{baseline}"] = overall
+                    entry[f"mase_vs_{baseline}_by_horizon"] = per
+            report[name] = entry
+        return report
+
+
+def load_rows(source: str | os.PathLike[str] | IO[str]) -> tuple[pd.DataFrame, list[BadRow], int]:
+    """Good rows of a series file in event-time order (ties in file order), the bad rows, and how many
+    rows were out of time order in the file."""
+    loaded = read_series(source)
+    frame = loaded.frame
+    ts = frame["ts"].to_numpy()
+    out_of_order = int((ts < np.maximum.accumulate(ts)).sum()) if len(ts) else 0
+    frame = frame.sort_values(["ts", "line"], kind="stable").reset_index(drop=True)
+    return frame, loaded.bad_rows, out_of_order
+
+
+def step_rows(engine: Engine, frame: pd.DataFrame, *, batch_rows: int = 2000, progress: bool | None = None) -> Stepped:
+    """Feed ``frame`` (``series, ts, value, line``, in event-time order) to ``engine`` in batches of rows."""
+    if batch_rows < 1:
+        raise ValueError("batch_rows must be >= 1")
+    names = frame["series"].to_numpy(dtype=object)
+    ts = frame["ts"].to_numpy(dtype=np.int64)
+    values = frame["value"].to_numpy(dtype=np.float64)
+    lines = frame["line"].to_numpy(dtype=np.int64) if "line" in frame else np.arange(len(frame)) + 2
+    series: list[str] = []
+    parts: dict[str, list[np.ndarray]] = {"ts": [], "values": [], "forecasts": []}
+    versions: list[str] = []
+    duplicate_lines: list[int] = []
+    with tqdm(total=len(frame), unit="values", desc="replay", disable=_disabled(progress)) as bar:
+        for lo in range(0, len(frame), batch_rows):
+            hi = min(lo + batch_rows, len(frame))
+            out = engine.process(names[lo:hi].tolist(), ts[lo:hi], values[lo:hi])
+            series.extend(out.series)
+            parts["ts"].append(out.ts)
+            parts["values"].append(values[lo:hi][out.index])
+            parts["forecasts"].append(out.values)
+            versions.extend([out.version] * len(out))
+            if out.duplicates:
+                stepped = np.zeros(hi - lo, dtype=bool)
+                stepped[out.index] = True
+                duplicate_lines.extend(lines[lo:hi][~stepped].tolist())
+            bar.update(hi - lo)
+    horizon = engine.model.horizon
+    return Stepped(
+        series=series,
+        ts=np.concatenate(parts["ts"]) if parts["ts"] else np.zeros(0, np.int64),
+        values=np.concatenate(parts["values"]) if parts["values"] else np.zeros(0),
+        forecasts=np.concatenate(parts["forecasts"]) if parts["forecasts"] else np.zeros((0, horizon), np.float32),
+        versions=versions,
+        duplicate_lines=sorted(duplicate_lines),
+    )
+
+
+def score(
+    values: Sequence[np.ndarray],
+    forecasts: Mapping[str, Sequence[np.ndarray]],
+    *,
+    horizon: int,
+    season: int,
+    first_origin: Sequence[int] | None = None,
+) -> dict[str, ForecastErrors]:
+    """Errors of each method in ``forecasts`` (name -> per-series (T_i, >= horizon) arrays) and of both
+    baselines, on the points where every method has a forecast and the target exists.
+
+    ``first_origin[i]``: forecasts made before this position of series ``i`` are not scored (default 0).
+    """
+    errors = {name: ForecastErrors.empty(horizon) for name in [*forecasts, *BASELINES]}
+    for i, v in enumerate(values):
+        start = 0 if first_origin is None else int(first_origin[i])
+        if len(v) < 2 or start >= len(v) - 1:
+            continue
+        rows = slice(start, len(v) - 1)  # the last value has nothing after it to score
+        made = {name: np.asarray(f[i], dtype=np.float64)[rows, :horizon] for name, f in forecasts.items()}
+        made["seasonal_naive"] = seasonal_naive(v, horizon, season)[rows]
+        made["last_value"] = last_value(v, horizon)[rows]
+        target = targets(v, horizon)[rows]  # (T, H)
+        common = np.isfinite(target)
+        for f in made.values():
+            common &= np.isfinite(f)
+        for name, f in made.items():
+            errors[name] = errors[name] + ForecastErrors.of(f, target, common)
+    return errors
+
+
+def replay(
+    source: str | os.PathLike[str] | IO[str],
+    engine: Engine,
+    *,
+    season: int | None = None,
+    batch_rows: int = 2000,
+    score_from: int | None = None,
+    progress: bool | None = None,
+) -> ReplayResult:
+    """Replay a series file through ``engine`` and score its forecasts.
+
+    ``season``: of the seasonal-naive baseline (None: detected from the file's values). ``score_from``
+    (epoch ms): only forecasts whose next value is at or after this time are scored (an evaluation on
+    the later part of a file, after the engine has stepped through the earlier part).
+    """
+    frame, bad_rows, out_of_order = load_rows(source)
+    rows = step_rows(engine, frame, batch_rows=batch_rows, progress=progress)
+    groups = rows.by_series()
+    values = [rows.values[at] for at in groups.values()]
+    made = [rows.forecasts[at] for at in groups.values()]
+    if season is None:
+        season = detect_season(values)
+    first = None
+    if score_from is not None:  # origin i counts when value i + 1 is in the scored part
+        first = [max(int(np.searchsorted(rows.ts[at], score_from, side="left")) - 1, 0) for at in groups.values()]
+    errors = score(values, {"model": made}, horizon=rows.horizon, season=season, first_origin=first)
+    return ReplayResult(rows, errors, season, bad_rows, out_of_order)
+
+
+def forecasts_frame(rows: Stepped) -> pd.DataFrame:
+    """One row per stepped value: ``series, ts, model_version, h1..hH``."""
+    frame = pd.DataFrame({"series": rows.series, "ts": rows.ts, "model_version": rows.versions})
+    for k in range(rows.horizon):
+        frame[f"h{k + 1}"] = rows.forecasts[:, k]
+    return frame
+
+
+def write_forecasts(rows: Stepped, path: str | os.PathLike[str]) -> None:
+    """The forecasts as CSV (float32 values written exactly: 9 significant digits)."""
+    forecasts_frame(rows).to_csv(path, index=False, float_format="%.9g")
+
+
+def format_metrics(result: ReplayResult) -> str:
+    """A plain-text table: per horizon step and overall, MAE, RMSE and MASE against both baselines."""
+    e = result.errors
+    model, naive, last = e["model"], e["seasonal_naive"], e["last_value"]
+    _, mase_naive = mase(model, naive)
+    _, mase_last = mase(model, last)
+    header = f"{'step':>7} {'points':>9} {'MAE':>12} {'RMSE':>12} {'MASE/snaive':>12} {'MASE/last':>10} " \
+             f"{'snaive MAE':>12} {'last MAE':>12}"  # fmt: skip
+    lines = [header]
+    for k in range(result.horizon):
+        lines.append(
+            f"{'h' + str(k + 1):>7} {int(model.count[k]):>9} {model.mae()[k]:>12.6g} {model.rmse()[k]:>12.6g} "
+            f"{mase_naive[k]:>12.4f} {mase_last[k]:>10.4f} {naive.mae()[k]:>12.6g} {last.mae()[k]:>12.6g}"
+        )
+    lines.append(
+        f"{'overall':>7} {int(model.count.sum()):>9} {model.overall_mae():>12.6g} {model.overall_rmse():>12.6g} "
+        f"{mase(model, naive)[0]:>12.4f} {mase(model, last)[0]:>10.4f} {naive.overall_mae():>12.6g} "
+        f"{last.overall_mae():>12.6g}"
+    )
+    return "\n".join(lines)
+
+
+def format_problems(result: ReplayResult) -> list[str]:
+    """Lines about the rows that were skipped, dropped as duplicates, or out of time order."""
+    lines = []
+    if result.bad_rows:
+        counts = pd.Series([b.reason for b in result.bad_rows]).value_counts()
+        reasons = ", ".join(f"{reason} {n}" for reason, n in counts.items())
+        shown = ", ".join(f"line {b.line} ({b.reason}{': ' + b.detail if b.detail else ''})"
+                          for b in result.bad_rows[:SHOW_BAD_ROWS])  # fmt: skip
+        more = f", and {len(result.bad_rows) - SHOW_BAD_ROWS} more" if len(result.bad_rows) > SHOW_BAD_ROWS else ""
+        lines.append(f"skipped {len(result.bad_rows)} bad rows ({reasons}): {shown}{more}")
+    if result.duplicates:
+        shown = ", ".join(str(line) for line in result.rows.duplicate_lines[:SHOW_BAD_ROWS])
+        more = ", ..." if result.duplicates > SHOW_BAD_ROWS else ""
+        lines.append(f"dropped {result.duplicates} duplicate rows (ts not newer than an earlier row of the same "
+                     f"series): lines {shown}{more}")  # fmt: skip
+    if result.out_of_order:
+        lines.append(f"{result.out_of_order} rows were out of time order in the file; replayed in event-time order")
+    return lines
+
+
+def _disabled(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: True hides, None shows on a terminal only."""
+    return {True: False, False: True, None: None}[progress]

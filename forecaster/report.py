@@ -1,0 +1,82 @@
+"""The replay report: one PNG with actuals against forecasts for a few series, and the error by horizon.
+
+matplotlib (the ``notebooks`` extra) is imported only here, lazily, with the Agg backend: nothing else in
+the package needs it, and a missing install gives a one-line ``ForecasterError``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from forecaster.errors import ForecasterError
+from forecaster.replay import ReplayResult
+
+SERIES_SHOWN = 4
+LAST_POINTS = 200  # values of each series drawn (its most recent ones)
+
+
+class ReportError(ForecasterError):
+    """The report cannot be drawn (matplotlib missing) or written."""
+
+
+def require_matplotlib() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or ``ReportError`` saying how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ReportError(
+            "--report needs matplotlib: pip install 'forecaster[notebooks]' (or pip install matplotlib)"
+        ) from None
+    return plt
+
+
+def pick_series(result: ReplayResult, n: int = SERIES_SHOWN) -> list[str]:
+    """The ``n`` series with the most values (ties by name)."""
+    groups = result.rows.by_series()
+    return sorted(groups, key=lambda name: (-len(groups[name]), name))[:n]
+
+
+def write_report(result: ReplayResult, path: str | os.PathLike[str]) -> None:
+    """Draw the report of ``result`` into the PNG ``path``."""
+    plt = require_matplotlib()
+    shown = pick_series(result)
+    rows = result.rows
+    groups = rows.by_series()
+    fig, axes = plt.subplots(len(shown) + 1, 1, figsize=(11, 2.6 * (len(shown) + 1)), squeeze=False)
+    try:
+        # Panels 1..n: what happened, the one-step forecasts, and the full horizon from the last origin.
+        for ax, name in zip(axes[:-1, 0], shown, strict=True):
+            at = groups[name][-LAST_POINTS:]
+            t = (rows.ts[at] - rows.ts[at][0]) if len(at) else rows.ts[at]
+            step = float(np.median(np.diff(rows.ts[at]))) if len(at) > 1 else 1.0
+            x = t / step if step > 0 else np.arange(len(at))
+            ax.plot(x, rows.values[at], color="black", lw=1.2, label="actual")
+            if len(at) > 1:
+                ax.plot(x[1:], rows.forecasts[at][:-1, 0], color="tab:blue", lw=1.0, label="forecast, 1 step")
+                ahead = x[-1] + np.arange(1, result.horizon + 1)
+                ax.plot(ahead, rows.forecasts[at][-1], color="tab:orange", lw=1.0, ls="--",
+                        label=f"forecast, {result.horizon} steps")  # fmt: skip
+            ax.set_title(f"{name} (last {len(at)} values, x in steps)", fontsize=9)
+            ax.legend(fontsize=7, loc="upper left")
+        # Last panel: MAE by horizon step, the model against both baselines on the same points.
+        ax = axes[-1, 0]
+        steps = np.arange(1, result.horizon + 1)
+        for name, style in (("model", "-o"), ("seasonal_naive", "--s"), ("last_value", ":^")):
+            label = f"seasonal naive (season {result.season})" if name == "seasonal_naive" else name.replace("_", " ")
+            ax.plot(steps, result.errors[name].mae(), style, ms=3, label=label)
+        ax.set_xlabel("horizon step")
+        ax.set_ylabel("MAE")
+        ax.set_title("error by horizon", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+    except OSError as exc:
+        raise ReportError(f"{path}: cannot write the report: {exc}") from None
+    finally:
+        plt.close(fig)
