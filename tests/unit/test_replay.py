@@ -1,0 +1,210 @@
+"""Replay: event-time order, duplicates and bad rows, metrics by hand, engine parity, the command and its report."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from forecaster.baselines import detect_season
+from forecaster.checkpoint import promote, save_checkpoint
+from forecaster.cli import main
+from forecaster.engine import Engine, reference_forecast
+from forecaster.model import RecurrentForecaster
+from forecaster.replay import format_metrics, format_problems, replay, score
+from forecaster.scaling import Scaling
+
+# Unsorted rows, a duplicate (line 6: same series and ts as line 5) and a bad value (line 11).
+TINY = """series,ts,value
+b,1000,10
+a,1000,1
+a,3000,2
+a,2000,3
+a,2000,99
+a,4000,4
+b,2000,10
+a,5000,3
+b,3000,12
+a,6000,oops
+"""
+
+
+def constant_model(forecast: list[float]) -> RecurrentForecaster:
+    """A model whose every forecast is ``forecast`` (zero weights, the head's bias), with no scaling."""
+    model = RecurrentForecaster("gru", hidden_size=2, num_layers=1, horizon=len(forecast))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.head.bias.copy_(torch.tensor(forecast))
+    return model
+
+
+def test_metrics_of_a_tiny_file_equal_a_hand_computation() -> None:
+    engine = Engine(constant_model([2.0, 3.0]), version="const", scaling=Scaling(kind="none"))
+    result = replay(io.StringIO(TINY), engine, season=2, batch_rows=3, progress=False)
+
+    # In event-time order a = 1, 3, 2, 4, 3 and b = 10, 10, 12 (the first of two equal timestamps wins).
+    assert len(result.rows) == 8
+    assert result.rows.duplicate_lines == [6]
+    assert [(b.line, b.reason) for b in result.bad_rows] == [(11, "value_not_number")]
+    assert result.out_of_order == 4
+    assert result.rows.ts.tolist() == sorted(result.rows.ts.tolist())
+    # Points where the target and the seasonal-naive forecast (season 2) exist, worked out on paper:
+    # h1: a at t=1,2,3 (targets 2,4,3), b at t=1 (12); h2: a at t=0,1,2 (2,4,3), b at t=0 (12).
+    model, naive, last = (result.errors[k] for k in ("model", "seasonal_naive", "last_value"))
+    assert model.count.tolist() == [4, 4]
+    np.testing.assert_allclose(model.mae(), [13 / 4, 11 / 4])
+    np.testing.assert_allclose(naive.mae(), [5 / 4, 5 / 4])
+    np.testing.assert_allclose(last.mae(), [6 / 4, 5 / 4])
+    np.testing.assert_allclose(model.rmse(), [math.sqrt(105 / 4), math.sqrt(83 / 4)])
+    metrics = result.metrics()
+    assert metrics["model"]["mae"] == pytest.approx(3.0)
+    assert metrics["model"]["mase_vs_seasonal_naive"] == pytest.approx(3.0 / 1.25)
+    assert metrics["model"]["mase_vs_seasonal_naive_by_horizon"] == pytest.approx([13 / 5, 11 / 5])
+    assert metrics["model"]["mase_vs_last_value"] == pytest.approx(3.0 / (11 / 8))
+    assert metrics["model"]["mase_vs_last_value_by_horizon"] == pytest.approx([13 / 6, 11 / 5])
+    table = format_metrics(result)
+    assert table.splitlines()[-1].split()[:6] == ["overall", "8", "3", f"{math.sqrt(188 / 8):.6g}", "2.4000", "2.1818"]
+    problems = "\n".join(format_problems(result))
+    assert "skipped 1 bad rows" in problems and "line 11" in problems
+    assert "dropped 1 duplicate" in problems and "lines 6" in problems
+    assert "4 rows were out of time order" in problems
+
+
+def test_replay_forecasts_equal_the_reference_whatever_the_batch_size() -> None:
+    torch.manual_seed(1)
+    model = RecurrentForecaster("lstm", hidden_size=6, num_layers=2, horizon=3)
+    rng = np.random.default_rng(0)
+    rows = [(f"s{i}", 1000 * t, float(v)) for i in range(4) for t, v in enumerate(rng.normal(10, 2, 25 + 5 * i))]
+    rng.shuffle(rows)
+    text = "series,ts,value\n" + "".join(f"{s},{t},{v!r}\n" for s, t, v in rows)
+    frame = pd.DataFrame(rows, columns=["series", "ts", "value"]).sort_values("ts", kind="stable")
+    for batch_rows in (1, 7, 10_000):
+        result = replay(io.StringIO(text), Engine(model, window=8), season=1, batch_rows=batch_rows, progress=False)
+        groups = result.rows.by_series()
+        assert sorted(groups) == ["s0", "s1", "s2", "s3"]
+        for name, at in groups.items():
+            values = frame[frame["series"] == name].sort_values("ts")["value"].to_numpy().copy()
+            np.testing.assert_array_equal(result.rows.values[at], values)
+            np.testing.assert_allclose(result.rows.forecasts[at], reference_forecast(model, values), atol=1e-5)
+
+
+def test_score_from_scores_only_the_later_part() -> None:
+    values = [np.arange(10.0)]
+    model = [np.repeat(np.arange(10.0)[:, None] + 1.0, 2, axis=1)]  # exact at step 1, off by 1 at step 2
+    errors = score(values, {"model": model}, horizon=2, season=1, first_origin=[6])
+    # origins 6, 7 and 8 (9 is last): step 1 has 3 targets, step 2 has 2 (from origins 6 and 7)
+    assert errors["model"].count.tolist() == [3, 2]
+    np.testing.assert_allclose(errors["model"].mae(), [0.0, 1.0])
+    np.testing.assert_allclose(errors["last_value"].mae(), [1.0, 2.0])
+    text = "series,ts,value\n" + "".join(f"a,{t},{t}\n" for t in range(10))
+    engine = Engine(constant_model([0.0, 0.0]), scaling=Scaling(kind="none"))
+    result = replay(io.StringIO(text), engine, season=1, score_from=7, progress=False)
+    assert result.errors["model"].count.tolist() == [3, 2]
+
+
+def test_season_is_detected_when_not_given() -> None:
+    t = np.arange(120)
+    values = 10 + np.sin(2 * np.pi * t / 6) * 3 + np.random.default_rng(0).normal(0, 0.1, 120)
+    text = "ts,x\n" + "".join(f"{i},{v}\n" for i, v in zip(t, values, strict=True))  # wide layout
+    result = replay(io.StringIO(text), Engine(constant_model([0.0])), progress=False)
+    assert result.season == detect_season([values]) == 6
+
+
+# ---- the command ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    """A published checkpoint under a checkpoint root that the settings point at."""
+    root = tmp_path / "checkpoints"
+    torch.manual_seed(0)
+    version = save_checkpoint(root, RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2), Scaling())
+    promote(root, version)
+    monkeypatch.setenv("FORECASTER_CHECKPOINTS__DIR", str(root))
+    monkeypatch.setenv("FORECASTER_STATE__DEVICE", "cpu")
+    return root, version
+
+
+def write(tmp_path: Path, text: str, name: str = "data.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_cli_writes_forecasts_and_prints_the_metrics(tmp_path, published, capsys) -> None:
+    _, version = published
+    data = write(tmp_path, TINY)
+    out = tmp_path / "forecasts.csv"
+    assert main(["replay", "--input", str(data), "--output", str(out), "--season", "2", "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    forecasts = pd.read_csv(out)
+    assert forecasts.columns.tolist() == ["series", "ts", "model_version", "h1", "h2"]
+    assert len(forecasts) == 8 and set(forecasts["model_version"]) == {version}
+    assert forecasts["ts"].is_monotonic_increasing
+    assert "overall" in printed.out and "MASE/snaive" in printed.out and version in printed.out
+    assert "line 11" in printed.err and "duplicate" in printed.err
+
+
+def test_cli_json_figures(tmp_path, published, capsys) -> None:
+    data = write(tmp_path, TINY)
+    assert main(["replay", "--input", str(data), "--json", "--season", "2", "--no-progress"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["values"] == 8 and figures["duplicates"] == 1 and figures["bad_rows"] == 1
+    assert figures["season"] == 2 and len(figures["model"]["mae_by_horizon"]) == 2
+
+
+def test_cli_without_a_published_checkpoint_says_so(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("FORECASTER_CHECKPOINTS__DIR", str(tmp_path / "nothing"))
+    assert main(["replay", "--input", str(write(tmp_path, TINY)), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "no published checkpoint" in err and "forecaster train" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("series,value\na,1\n", "missing ts"),
+        ("series,ts,value\n", "no data rows"),
+    ],
+)
+def test_cli_malformed_files_give_one_line(tmp_path, published, capsys, text, message) -> None:
+    assert main(["replay", "--input", str(write(tmp_path, text)), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_missing_file(tmp_path, published, capsys) -> None:
+    assert main(["replay", "--input", str(tmp_path / "absent.csv"), "--no-progress"]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_non_numeric_and_unsorted_rows_are_counted_not_fatal(tmp_path, published, capsys) -> None:
+    text = "series,ts,value\na,3000,1\na,1000,x\na,2000,2\na,2000,3\nb,1000,\n"
+    assert main(["replay", "--input", str(write(tmp_path, text)), "--season", "1", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 bad rows" in err and "line 3" in err and "line 6" in err
+    assert "dropped 1 duplicate" in err and "out of time order" in err
+
+
+def test_cli_report_png(tmp_path, published) -> None:
+    pytest.importorskip("matplotlib")
+    report = tmp_path / "report.png"
+    assert main(["replay", "--input", str(write(tmp_path, TINY)), "--report", str(report), "--no-progress"]) == 0
+    assert report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_report_without_matplotlib_says_how_to_install(tmp_path, published, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    report = tmp_path / "report.png"
+    assert main(["replay", "--input", str(write(tmp_path, TINY)), "--report", str(report), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install" in err and not report.exists()
