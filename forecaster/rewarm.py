@@ -1,5 +1,6 @@
 """Re-warm off the hot path: copy the retained windows at one batch boundary, run the new model over the
 copy on another thread while the old model keeps serving, then catch up the values stepped meanwhile.
+The copy itself is spread over boundaries, a bounded number of series at each.
 
 A series' state after the swap is the new model's pass, from the zero state, over the inputs it had
 retained when the windows were copied followed by every input stepped since: one contiguous run of its
@@ -18,7 +19,7 @@ and replaced, new since the copy) are re-warmed over their current window at the
 >>> job.wait(10.0)
 True
 >>> job.at_boundary(engine)
-{'caught_up': 2, 'rewarmed': 0, 'passes': 1}
+{'caught_up': 2, 'rewarmed': 0, 'copies': 1, 'passes': 0}
 >>> engine.version
 'v2'
 """
@@ -47,30 +48,34 @@ def rows_per_call(window: int, device: torch.device) -> int:
 class RewarmJob:
     """One model swap prepared in the background; ``at_boundary(engine)`` moves it on between batches.
 
-    ``final_values``: at most this many caught-up values are stepped at the boundary that swaps (more
-    go to another background pass, up to ``max_passes``).
+    The windows are copied ``rows_per_copy`` series per boundary (each copy warmed in the background
+    before the next), so no boundary pauses for a whole-table copy. ``final_values``: at most this many
+    caught-up values are stepped at the boundary that swaps (more go to another background pass, up to
+    ``max_passes`` passes).
     """
 
     def __init__(self, model: RecurrentForecaster, version: str, engine: Any, *, final_values: int = 50_000,
-                 max_passes: int = 8) -> None:  # fmt: skip
+                 max_passes: int = 8, rows_per_copy: int | None = None) -> None:  # fmt: skip
         self.model, self.version, self.engine = model.to(engine.device).eval(), version, engine
         self.final_values, self.max_passes = final_values, max_passes
         table = engine.table
-        # Step 1 (this boundary). Copy every resident series' window.
         slots = table.occupied()
-        self.slots = slots[table.count[slots] > 0]  # (n,)
+        self.slots = slots[table.count[slots] > 0]  # (n,) every series resident now
         self.names = table.series_at(self.slots.tolist())
-        self.counts = table.count[self.slots].copy()  # (n,) inputs already in self.state
+        self.counts = np.zeros(len(self.slots), dtype=np.int64)  # (n,) inputs in self.state, per row
         self.valid = np.ones(len(self.slots), dtype=bool)
+        self.rows_per_copy = rows_per_copy or rows_per_call(table.window_size, table.device)
+        self.copied = 0  # rows whose window has been copied
         with torch.inference_mode():
-            x, lengths = table.window(self.slots)  # (n, W, 1), (n,): a gathered copy
-        self.state: State | None = None
-        self.y: torch.Tensor | None = None  # (n, horizon) scaled forecast after the last input in state
+            self.state: State = model.initial_state(len(self.slots), table.device)  # (layers, n, hidden)
+            self.y = torch.zeros(len(self.slots), model.horizon, device=table.device)  # (n, horizon) scaled
         self.error: BaseException | None = None
+        self.copies = 0
         self.passes = 0
         self.background_seconds = 0.0
         self._idle = threading.Event()
-        self._start(self._warm, x, lengths)
+        self._idle.set()
+        self._copy_next(table)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the background work in progress is done (True) or ``timeout`` passed."""
@@ -90,17 +95,21 @@ class RewarmJob:
         if self.error is not None:
             raise self.error
         table = engine.table
-        # Step 2. Rows still holding the same series, and the inputs each stepped since the last pass.
+        if self.copied < len(self.slots):  # Step 1. Copy the next windows; warm them in the background.
+            self._copy_next(table)
+            return None
+        # Step 2. Rows still holding the same series, and the inputs each stepped since it was last caught up.
         same = np.array([a == b for a, b in zip(table.series_at(self.slots.tolist()), self.names, strict=True)],
                         dtype=bool)  # fmt: skip
         pending = table.count[self.slots] - self.counts  # (n,)
         self.valid &= same & (pending >= 0) & (pending <= table.window_size)
         pending = np.where(self.valid, pending, 0)
         rows = np.flatnonzero(pending > 0)
-        inputs = _pending_inputs(table, self.slots[rows], self.counts[rows], pending[rows])  # (m, max)
+        inputs = _pending_inputs(table, self.slots[rows], self.counts[rows], pending[rows])  # (m, max, 1)
         self.counts[rows] += pending[rows]
         if int(pending.sum()) > self.final_values and self.passes < self.max_passes:
             # Step 3. Many values arrived meanwhile: catch them up in another background pass.
+            self.passes += 1
             self._start(self._catch_up, rows, inputs, pending[rows])
             return None
         # Step 4. Few left: catch them up here and swap.
@@ -110,13 +119,26 @@ class RewarmJob:
         except Exception:
             # Half-written states must not serve: fall back to re-warming everything at this boundary.
             engine.rewarm(self.model, self.version)
-            return {"caught_up": 0, "rewarmed": int(table.resident), "passes": self.passes}
+            return {"caught_up": 0, "rewarmed": int(table.resident), "copies": self.copies, "passes": self.passes}
 
     # ---- background work ------------------------------------------------------------------------------
 
+    def _copy_next(self, table: Any) -> None:
+        """Copy the raw ring rows and counts of the next rows (a plain copy: the reordering and the warm
+        happen on the background thread)."""
+        lo, hi = self.copied, min(self.copied + self.rows_per_copy, len(self.slots))
+        if lo >= hi:
+            return
+        slots = self.slots[lo:hi]
+        with torch.inference_mode():
+            ring = table.ring.index_select(0, torch.as_tensor(slots, device=table.device))  # (b, W) copy
+        self.counts[lo:hi] = table.count[slots]
+        self.copied = hi
+        self.copies += 1
+        self._start(self._warm, lo, hi, ring)
+
     def _start(self, work: Any, *args: Any) -> None:
         self._idle.clear()
-        self.passes += 1
 
         def run() -> None:
             started = time.perf_counter()
@@ -130,22 +152,23 @@ class RewarmJob:
 
         threading.Thread(target=run, name="forecaster-rewarm", daemon=True).start()
 
-    def _warm(self, x: torch.Tensor, lengths: torch.Tensor) -> None:
-        hs, cs, ys = [], [], []
-        chunk = rows_per_call(x.shape[1], x.device)
+    def _warm(self, lo: int, hi: int, ring: torch.Tensor) -> None:
+        """The new model from the zero state over rows lo..hi's copied windows (the layout of
+        ``StateTable.window``: the value with ordinal j sits at ring position j % W)."""
+        width = ring.shape[1]
         with torch.inference_mode():
-            for lo in range(0, len(self.slots), chunk):
-                y, h = self.model.warm(x[lo : lo + chunk], lengths[lo : lo + chunk])  # (n, horizon)
-                ys.append(y)
-                hs.append(h[0] if isinstance(h, tuple) else h)
-                if isinstance(h, tuple):
-                    cs.append(h[1])
-            if not ys:
-                self.state = self.model.initial_state(0, x.device)
-                self.y = torch.zeros(0, self.model.horizon, device=x.device)
-                return
-            self.state = (torch.cat(hs, 1), torch.cat(cs, 1)) if cs else torch.cat(hs, 1)  # (layers, n, hidden)
-            self.y = torch.cat(ys)  # (n, horizon)
+            count = torch.as_tensor(self.counts[lo:hi], device=ring.device)  # (b,)
+            cols = (count[:, None] - width + torch.arange(width, device=ring.device)) % width  # (b, W)
+            lengths = count.clamp(max=width)  # (b,)
+            x = ring.gather(1, cols)  # (b, W) oldest first, right-aligned
+            x = x.masked_fill(torch.arange(width, device=ring.device) < (width - lengths)[:, None], 0.0)
+            step = rows_per_call(width, ring.device)
+            for a in range(0, hi - lo, step):
+                b = min(a + step, hi - lo)
+                y, h = self.model.warm(x[a:b, :, None], lengths[a:b])  # (rows, horizon)
+                idx = torch.arange(lo + a, lo + b, device=ring.device)
+                _put(self.state, idx, h)
+                self.y[lo + a : lo + b] = y
 
     def _catch_up(self, rows: np.ndarray, inputs: torch.Tensor, pending: np.ndarray) -> None:
         """Step row ``rows[i]`` over ``inputs[i, :pending[i]]``: round k steps every row's k-th input."""
@@ -193,7 +216,7 @@ class RewarmJob:
                 y_r, h_r = model.warm(x, lengths)  # (n, horizon)
                 stats = table.stats.index_select(0, torch.as_tensor(chunk, device=table.device))
                 table.write_states(chunk, h_r, engine.scaling.denormalize(stats, y_r))
-        return {"caught_up": len(rows), "rewarmed": len(rest), "passes": self.passes}
+        return {"caught_up": len(rows), "rewarmed": len(rest), "copies": self.copies, "passes": self.passes}
 
 
 def _pending_inputs(table: Any, slots: np.ndarray, first: np.ndarray, pending: np.ndarray) -> torch.Tensor:

@@ -39,6 +39,20 @@ def model_of(cell: str = "gru", seed: int = 0, **kwargs) -> RecurrentForecaster:
     return RecurrentForecaster(cell, **options).eval()
 
 
+def long_memory(model: RecurrentForecaster) -> RecurrentForecaster:
+    """The same model made to remember far back (gates that mostly keep the state), so that where a
+    re-warm starts shows in its forecasts."""
+    hidden = model.hidden_size
+    with torch.no_grad():
+        for layer in range(model.num_layers):
+            if model.cell in ("gru", "lstm"):  # update gate (gru: r, z, n) / forget gate (lstm: i, f, g, o)
+                getattr(model.rnn, f"bias_ih_l{layer}")[hidden : 2 * hidden] += 4.0
+            else:
+                weight = getattr(model.rnn, f"weight_hh_l{layer}")
+                weight.copy_(0.97 * torch.linalg.qr(torch.randn(hidden, hidden))[0])
+    return model
+
+
 def publish(root: Path, model: RecurrentForecaster, scaling: Scaling = SCALING) -> str:
     version = save_checkpoint(root, model, scaling)
     promote(root, version)
@@ -139,7 +153,7 @@ def test_swap_rewarms_every_series_over_its_window(tmp_path: Path, cell: str) ->
     data = stream({"short": 5, "long": 30, "exact": WINDOW})
     feed(engine, data)
     swapper = ModelSwapper(tmp_path, "init", registry=registry, scaling=SCALING)
-    new_model = model_of(cell, seed=2)
+    new_model = long_memory(model_of(cell, seed=2))
     version = publish(tmp_path, new_model)
     # Step 1. Validated off the hot path: nothing changes in the engine yet.
     assert swapper.check_now() == version == swapper.pending_version
@@ -163,7 +177,7 @@ def test_state_right_after_swap_equals_the_window_pass(tmp_path: Path) -> None:
     engine = Engine(model_of("lstm", seed=1), version="init", window=WINDOW, scaling=SCALING)
     data = stream({"a": 20, "b": 3})
     feed(engine, data)
-    new_model = model_of("lstm", seed=2)
+    new_model = long_memory(model_of("lstm", seed=2))
     swapper = ModelSwapper(tmp_path, "init", registry=CollectorRegistry())
     publish(tmp_path, new_model)
     swapper.check_now()
@@ -312,7 +326,7 @@ def test_background_rewarm_catches_up_every_value_exactly(tmp_path: Path, old_ce
     data = stream({"a": 30, "b": 5, "c": 20, "d": 12, "e": 10}, seed=3)
     feed(engine, data)
     copied = {name: len(v) for name, v in data.items()}  # values stepped when the windows are copied
-    new_model = model_of(new_cell, seed=2, **new_shape)
+    new_model = long_memory(model_of(new_cell, seed=2, **new_shape))
     swapper = ModelSwapper(tmp_path, "init", registry=registry, scaling=SCALING, background_above=0)
     version = publish(tmp_path, new_model)
     swapper.check_now()
@@ -368,13 +382,16 @@ def test_a_failed_background_rewarm_is_refused(tmp_path: Path, monkeypatch: pyte
     assert version in swapper._refused
 
 
-def test_catch_up_in_several_passes_loses_nothing() -> None:
+@pytest.mark.parametrize("rows_per_copy", [None, 1])
+def test_catch_up_in_several_passes_loses_nothing(rows_per_copy) -> None:
     engine = Engine(model_of("gru", seed=1), version="init", window=WINDOW, scaling=SCALING)
     data = stream({"a": 20, "b": 9, "c": 3}, seed=8)
     feed(engine, data)
-    copied = {name: len(v) for name, v in data.items()}
-    new_model = model_of("gru", seed=2)
-    job = RewarmJob(new_model, "v2", engine, final_values=0, max_passes=3)
+    # Values stepped when each window is copied: one series per boundary with rows_per_copy=1 (a now, b
+    # after the first round of new values below, c after the second; c gets none).
+    copied = {"a": 20, "b": 9 + (2 if rows_per_copy == 1 else 0), "c": 3}
+    new_model = long_memory(model_of("gru", seed=2))
+    job = RewarmJob(new_model, "v2", engine, final_values=0, max_passes=3, rows_per_copy=rows_per_copy)
     rng = np.random.default_rng(9)
     ts = 100_000
     swapped = None
@@ -387,7 +404,7 @@ def test_catch_up_in_several_passes_loses_nothing() -> None:
         ts += 2
         assert job.wait(30.0)
         swapped = job.at_boundary(engine)
-    assert job.passes == 3 and swapped["caught_up"] == 3
+    assert swapped == {"caught_up": 3, "rewarmed": 0, "copies": 3 if rows_per_copy == 1 else 1, "passes": 3}
     names = list(data)
     out = engine.process(names, [ts + 10] * 3, [51.0] * 3)
     for name in names:
