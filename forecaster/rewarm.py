@@ -1,14 +1,15 @@
-"""Re-warm off the hot path: copy the retained windows at one batch boundary, run the new model over the
-copy on another thread while the old model keeps serving, then catch up the values stepped meanwhile.
-The copy itself is spread over boundaries, a bounded number of series at each.
+"""Re-warm off the hot path: the new model runs over copies of the retained windows on another thread
+while the old model keeps serving; the values stepped meanwhile are caught up before the swap.
 
 A series' state after the swap is the new model's pass, from the zero state, over the inputs it had
-retained when the windows were copied followed by every input stepped since: one contiguous run of its
+retained when its window was copied followed by every input stepped since: one contiguous run of its
 inputs, none skipped or used twice. The ring buffer's per-slot count says how many were stepped since
-(the newest entries of the ring). Catching up happens in passes: at each boundary the inputs stepped
-since the last pass are copied and stepped in the background, until few enough are left to step at the
-boundary that swaps. Series that cannot be caught up that way (more than W values since a pass, evicted
-and replaced, new since the copy) are re-warmed over their current window at the swap.
+(the newest entries of the ring). Each batch boundary, while the job runs, copies the next
+``rows_per_copy`` windows and the inputs stepped since the last boundary by series already copied; the
+background thread catches those up and warms the new windows. Once every window is warmed, further
+passes catch up until few enough values are left to step at the boundary that swaps. Series that cannot
+be caught up that way (more than W values between two boundaries, evicted and replaced, new since the
+job began) are re-warmed over their current window at the swap.
 
 >>> from forecaster.engine import Engine
 >>> from forecaster.model import RecurrentForecaster
@@ -48,10 +49,9 @@ def rows_per_call(window: int, device: torch.device) -> int:
 class RewarmJob:
     """One model swap prepared in the background; ``at_boundary(engine)`` moves it on between batches.
 
-    The windows are copied ``rows_per_copy`` series per boundary (each copy warmed in the background
-    before the next), so no boundary pauses for a whole-table copy. ``final_values``: at most this many
-    caught-up values are stepped at the boundary that swaps (more go to another background pass, up to
-    ``max_passes`` passes).
+    ``rows_per_copy`` windows are copied per boundary (default: one warm call's worth), so no boundary
+    pauses for a whole-table copy. ``final_values``: at most this many caught-up values are stepped at
+    the boundary that swaps (more go to another background pass, up to ``max_passes`` passes).
     """
 
     def __init__(self, model: RecurrentForecaster, version: str, engine: Any, *, final_values: int = 50_000,
@@ -74,8 +74,7 @@ class RewarmJob:
         self.passes = 0
         self.background_seconds = 0.0
         self._idle = threading.Event()
-        self._idle.set()
-        self._copy_next(table)
+        self._start(self._warm, *self._copy_rows(table))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the background work in progress is done (True) or ``timeout`` passed."""
@@ -95,25 +94,20 @@ class RewarmJob:
         if self.error is not None:
             raise self.error
         table = engine.table
-        if self.copied < len(self.slots):  # Step 1. Copy the next windows; warm them in the background.
-            self._copy_next(table)
+        # Step 1. The inputs stepped since each copied row was last caught up (rows still holding their series).
+        rows, inputs, pending = self._take_pending(table)
+        if self.copied < len(self.slots):
+            # Step 2. Copy the next windows; catch up the copied rows and warm the new ones in the background.
+            lo, hi, ring = self._copy_rows(table)
+            self._start(self._catch_up_then_warm, rows, inputs, pending, lo, hi, ring)
             return None
-        # Step 2. Rows still holding the same series, and the inputs each stepped since it was last caught up.
-        same = np.array([a == b for a, b in zip(table.series_at(self.slots.tolist()), self.names, strict=True)],
-                        dtype=bool)  # fmt: skip
-        pending = table.count[self.slots] - self.counts  # (n,)
-        self.valid &= same & (pending >= 0) & (pending <= table.window_size)
-        pending = np.where(self.valid, pending, 0)
-        rows = np.flatnonzero(pending > 0)
-        inputs = _pending_inputs(table, self.slots[rows], self.counts[rows], pending[rows])  # (m, max, 1)
-        self.counts[rows] += pending[rows]
         if int(pending.sum()) > self.final_values and self.passes < self.max_passes:
             # Step 3. Many values arrived meanwhile: catch them up in another background pass.
             self.passes += 1
-            self._start(self._catch_up, rows, inputs, pending[rows])
+            self._start(self._catch_up, rows, inputs, pending)
             return None
         # Step 4. Few left: catch them up here and swap.
-        self._catch_up(rows, inputs, pending[rows])
+        self._catch_up(rows, inputs, pending)
         try:
             return self._swap(engine)
         except Exception:
@@ -123,19 +117,38 @@ class RewarmJob:
 
     # ---- background work ------------------------------------------------------------------------------
 
-    def _copy_next(self, table: Any) -> None:
+    def _take_pending(self, table: Any) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+        """Copied rows with inputs stepped since they were last caught up: (rows, inputs (m, max, 1),
+        pending (m,)). Rows whose series moved or that fell more than W behind are dropped (re-warmed at
+        the swap)."""
+        n = self.copied
+        slots = self.slots[:n]
+        same = np.array([a == b for a, b in zip(table.series_at(slots.tolist()), self.names[:n], strict=True)],
+                        dtype=bool)  # fmt: skip
+        pending = table.count[slots] - self.counts[:n]  # (n,)
+        self.valid[:n] &= same & (pending >= 0) & (pending <= table.window_size)
+        pending = np.where(self.valid[:n], pending, 0)
+        rows = np.flatnonzero(pending > 0)
+        inputs = _pending_inputs(table, slots[rows], self.counts[rows], pending[rows])  # (m, max, 1)
+        self.counts[rows] += pending[rows]
+        return rows, inputs, pending[rows]
+
+    def _copy_rows(self, table: Any) -> tuple[int, int, torch.Tensor]:
         """Copy the raw ring rows and counts of the next rows (a plain copy: the reordering and the warm
         happen on the background thread)."""
         lo, hi = self.copied, min(self.copied + self.rows_per_copy, len(self.slots))
-        if lo >= hi:
-            return
         slots = self.slots[lo:hi]
         with torch.inference_mode():
             ring = table.ring.index_select(0, torch.as_tensor(slots, device=table.device))  # (b, W) copy
         self.counts[lo:hi] = table.count[slots]
         self.copied = hi
         self.copies += 1
-        self._start(self._warm, lo, hi, ring)
+        return lo, hi, ring
+
+    def _catch_up_then_warm(self, rows: np.ndarray, inputs: torch.Tensor, pending: np.ndarray, lo: int, hi: int,
+                            ring: torch.Tensor) -> None:  # fmt: skip
+        self._catch_up(rows, inputs, pending)
+        self._warm(lo, hi, ring)
 
     def _start(self, work: Any, *args: Any) -> None:
         self._idle.clear()
