@@ -2,7 +2,7 @@
 
     forecaster train                          # the whole input topic, once
     forecaster train --input data.csv         # a series file (long/wide CSV, Parquet)
-    forecaster train --from-time 2026-01-01   # Kafka history from a start time (or --from-offset N)
+    forecaster train --from-time 2026-01-01   # Kafka values from this event time on (or --from-offset N)
     forecaster train --every 15m              # periodically, with /metrics on settings.train.metrics_port
 """
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", type=Path, help="series file to train on instead of the input topic")
     parser.add_argument("--every", help="run periodically, e.g. 15m, 1h (a long-lived process with /metrics)")
-    parser.add_argument("--from-time", help="Kafka history from this time (epoch ms or ISO-8601)")
+    parser.add_argument("--from-time", help="Kafka history: only values with ts at or after this (epoch ms or ISO-8601)")
     parser.add_argument("--from-offset", type=int, help="Kafka history from this offset in every partition")
     parser.add_argument("--epochs", type=int, help="maximum epochs (settings.train.epochs)")
     parser.add_argument("--learning-rate", type=float, help="Adam learning rate")
