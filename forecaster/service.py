@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from kafka import ConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from forecaster.config import KafkaSettings, Settings
@@ -173,8 +173,12 @@ class Service:
             self._pending_records >= service.commit_records or elapsed_ms >= service.commit_interval_ms
         )
 
-    def commit(self) -> None:
-        """Make the output of the records polled so far durable, then move the group's offsets past them."""
+    def commit(self, wait: bool = True) -> None:
+        """Make the output of the records polled so far durable, then move the group's offsets past them.
+
+        ``wait=False`` sends the offset commit without waiting for its answer: the rebalance listener runs
+        on the consumer's network thread, where a blocking commit is not allowed.
+        """
         self._last_commit = self.clock()
         if not self.pending_offsets:
             return
@@ -190,12 +194,23 @@ class Service:
         # Step 3. Commit the input offsets: the next offset to read, per partition.
         offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self.pending_offsets.items()}
         self.pending_offsets, self._pending_records = {}, 0
+        if not wait:
+            self.consumer.commit_async(offsets, callback=self._on_commit)
+            return
         try:
             self.consumer.commit(offsets)
-        except CommitFailedError as exc:  # the group rebalanced: the new owner replays these records
-            log.warning("offset commit refused after a rebalance; those records will be replayed: %s", exc)
+        except KafkaError as exc:
+            self._on_commit(offsets, exc)
             return
         self.metrics.commits.inc()
+
+    def _on_commit(self, offsets: dict, result: Any) -> None:
+        if isinstance(result, Exception):  # e.g. the group rebalanced: the next reader replays these records
+            log.warning(
+                "offset commit failed, the records since the last commit will be replayed: %r", result
+            )
+        elif result is not None:
+            self.metrics.commits.inc()
 
     # ---- between batches -----------------------------------------------------------------------------
 
@@ -261,6 +276,7 @@ class Service:
                 session_timeout_ms=settings.service.session_timeout_ms,
                 heartbeat_interval_ms=max(100, settings.service.session_timeout_ms // 3),
             )
+        self._await_topic(kafka.input_topic, timeout=kafka.request_timeout_ms / 1000.0)
         self.consumer.subscribe([kafka.input_topic], listener=_Rebalance(self))
         self.metrics.set_model(self.engine.version, self.engine.model.cell)
         if self.swapper is None:
@@ -280,6 +296,15 @@ class Service:
             self._server.start()
             log.info("metrics on http://%s:%d/metrics", settings.metrics.host, self._server.port)
         log.info("serving %s -> %s (group %s)", kafka.input_topic, kafka.output_topic, kafka.group_id)
+
+    def _await_topic(self, topic: str, timeout: float) -> None:
+        """Join the group only once the input topic's partitions are known: a member that joins before
+        sees no partitions, and would not look again until the next metadata refresh (minutes)."""
+        deadline = time.monotonic() + timeout
+        while not self.consumer.partitions_for_topic(topic):
+            if time.monotonic() > deadline:
+                raise KafkaSetupError(f"topic {topic} does not exist (or has no partitions) on the broker")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         """Ask the loop to finish the current batch and close (safe from a signal handler)."""
@@ -314,7 +339,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         if revoked:
-            self.service.commit()
+            self.service.commit(wait=False)
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))

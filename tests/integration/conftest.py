@@ -130,6 +130,8 @@ class ServeProcess:
             pytest.fail(f"forecaster serve did not stop within {timeout} s:\n{self.tail()}")
         self.log.close()
         self.exit_codes.append(code)
+        if code not in (0, -9):
+            print(f"forecaster serve exited with {code}:\n{self.tail()}")  # shown with the failure
         return code
 
     def tail(self, lines: int = 40) -> str:
@@ -170,6 +172,8 @@ def serve(topics: Topics, tmp_path: Path) -> Iterator[Callable[..., ServeProcess
     for process in made:
         if process.proc is not None and process.proc.poll() is None:
             process.kill()
+        if process.proc is not None:  # shown by pytest when the test failed
+            print(f"--- {process.log_path.name} (exit {process.proc.returncode}) ---\n{process.tail(25)}")
 
 
 def send(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]]) -> int:

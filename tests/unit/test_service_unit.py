@@ -86,8 +86,16 @@ class FakeConsumer:
             raise self.commit_error
         self.commits.append({tp.partition: meta.offset for tp, meta in offsets.items()})
 
+    def commit_async(self, offsets, callback=None):
+        self.events.append(("commit_async",))
+        self.commits.append({tp.partition: meta.offset for tp, meta in offsets.items()})
+        callback(offsets, self.commit_error or object())
+
     def assignment(self):
         return self.assigned
+
+    def partitions_for_topic(self, topic):
+        return {0, 1}
 
     def end_offsets(self, tps):
         return {tp: 10 for tp in tps}
@@ -257,6 +265,7 @@ def test_revoked_partitions_commit_what_was_processed():
     assert service.consumer.commits == []
     service.consumer.listener.on_partitions_revoked([TopicPartition(TOPIC, 0)])
     assert service.consumer.commits == [{0: 4}]
+    assert ("commit_async",) in service.consumer.events  # no blocking call on the consumer's network thread
 
 
 def test_stop_finishes_the_batch_commits_and_closes():
