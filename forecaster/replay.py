@@ -186,24 +186,44 @@ def replay(
     score_from: int | None = None,
     progress: bool | None = None,
 ) -> ReplayResult:
-    """Replay a series file through ``engine`` and score its forecasts.
-
-    ``season``: of the seasonal-naive baseline (None: detected from the file's values). ``score_from``
-    (epoch ms): only forecasts whose next value is at or after this time are scored (an evaluation on
-    the later part of a file, after the engine has stepped through the earlier part).
-    """
+    """Replay a series file through ``engine`` and score its forecasts (see ``replay_frame``)."""
     frame, bad_rows, out_of_order = load_rows(source)
+    result = replay_frame(frame, engine, season=season, batch_rows=batch_rows, score_from=score_from,
+                          progress=progress)  # fmt: skip
+    result.bad_rows, result.out_of_order = bad_rows, out_of_order
+    return result
+
+
+def replay_frame(
+    frame: pd.DataFrame,
+    engine: Engine,
+    *,
+    season: int | None = None,
+    batch_rows: int = 2000,
+    score_from: int | None = None,
+    progress: bool | None = None,
+) -> ReplayResult:
+    """Step ``frame`` (``series, ts, value`` [, ``line``], in event-time order) and score the forecasts.
+
+    ``season``: of the seasonal-naive baseline (None: detected from the values). ``score_from`` (epoch
+    ms): only forecasts whose next value is at or after this time are scored (an evaluation on the later
+    part of a file, after the engine has stepped through the earlier part).
+    """
     rows = step_rows(engine, frame, batch_rows=batch_rows, progress=progress)
-    groups = rows.by_series()
-    values = [rows.values[at] for at in groups.values()]
-    made = [rows.forecasts[at] for at in groups.values()]
+    groups = list(rows.by_series().values())
+    values = [rows.values[at] for at in groups]
     if season is None:
         season = detect_season(values)
-    first = None
-    if score_from is not None:  # origin i counts when value i + 1 is in the scored part
-        first = [max(int(np.searchsorted(rows.ts[at], score_from, side="left")) - 1, 0) for at in groups.values()]
-    errors = score(values, {"model": made}, horizon=rows.horizon, season=season, first_origin=first)
-    return ReplayResult(rows, errors, season, bad_rows, out_of_order)
+    first = None if score_from is None else first_origins(rows, score_from)
+    errors = score(values, {"model": [rows.forecasts[at] for at in groups]}, horizon=rows.horizon, season=season,
+                   first_origin=first)  # fmt: skip
+    return ReplayResult(rows, errors, season)
+
+
+def first_origins(rows: Stepped, score_from: int) -> list[int]:
+    """Per series (in ``rows.by_series()`` order), the first origin whose next value is at or after
+    ``score_from``."""
+    return [max(int(np.searchsorted(rows.ts[at], score_from, side="left")) - 1, 0) for at in rows.by_series().values()]
 
 
 def forecasts_frame(rows: Stepped) -> pd.DataFrame:

