@@ -858,7 +858,7 @@ NB04 = [
             "step µs, 1 series": 1e6 * step_seconds(m, 1, reps),
             "step µs / series, batch 1024": 1e6 * step_seconds(m, 1024, reps) / 1024,
         }
-    cost = pd.DataFrame(cost).T
+    cost = pd.DataFrame(cost).T.astype({"parameters": int, "state floats / series": int})
     display(errors, cost)
     """),
     code(r"""
@@ -1127,8 +1127,14 @@ NB05 = [
     plt.tight_layout()
     """),
     md(r"""
+    A window that holds the series' whole history gives the full-history forecasts (up to float32
+    rounding, the floor near $10^{-6}$); shorter windows start off by more, sometimes by more than the
+    model's own forecast error, and close the gap as values are stepped.
+
     The swap costs one batched pass over $W$ inputs per series (`forecaster_model_swap_seconds` measures it
-    in the service), the ring buffer costs $W$ floats per series, and the error left by a short window keeps
+    in the service; with more than about a million retained values the swapper runs that pass on another
+    thread while the old model keeps serving, then catches up, `forecaster.rewarm.RewarmJob`), the ring
+    buffer costs $W$ floats per series, and the error left by a short window keeps
     shrinking as new values are stepped: each step moves the state further from the zero state the window
     started from. The setting is `FORECASTER_STATE__WINDOW` (256 by default).
 
