@@ -3,7 +3,7 @@
 Long format has the columns ``series``, ``ts`` and ``value`` (one row per value). Wide format has one
 time column (``ts``, ``time``, ``timestamp``, ``date``, ``datetime`` or else the first column) and one
 numeric column per series. Timestamps are epoch milliseconds (integers) or anything ISO-8601-like that
-pandas parses (dates, date-times; naive ones are read as UTC).
+pandas parses (dates, date-times; naive ones are read as UTC), from year 1 to 2200.
 
 Bad rows never raise: they are returned with their line number and reason so callers can report and skip
 them. A file that cannot be read as series at all raises ``DataError`` with a one-line message.
@@ -32,8 +32,9 @@ from forecaster.errors import DataError
 
 TIME_COLUMNS = ("ts", "time", "timestamp", "date", "datetime")
 LONG_COLUMNS = ("series", "ts", "value")
-# 1970-01-01 .. 2200-01-01 in epoch ms: anything outside is not a timestamp a user meant.
-MIN_TS_MS = 0
+# 0001-01-01 .. 2200-01-01 in epoch ms: history files may well predate 1970 (unlike live records);
+# anything outside is not a timestamp a user meant.
+MIN_TS_MS = -62_135_596_800_000
 MAX_TS_MS = 7_258_118_400_000
 
 
