@@ -91,6 +91,7 @@ class Engine:
         scaling: Scaling | None = Scaling(),  # noqa: B008 - immutable
         clock: Callable[[], float] = time.time,
         on_evict: Callable[[str, bytes], None] | None = None,
+        host_views: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.scaling = scaling if scaling is not None else Scaling(kind="none")
@@ -101,10 +102,11 @@ class Engine:
         self.table = StateTable(
             model.num_layers, model.hidden_size, model.horizon, window=window, lstm=model.is_lstm,
             device=self.device, capacity=capacity, max_series=max_series, on_evict=on_evict, version=version,
+            host_views=host_views,
         )
         self.duplicates_total = 0
         self.values_total = 0
-        self._cpu = self.device.type == "cpu"
+        self._cpu = self.table.host_views  # numpy on the host; False: torch tensors on the device
         self._errors: dict[str, _ErrorAccumulator] = {}
 
     @classmethod

@@ -59,12 +59,18 @@ class StateTable:
         max_series: int = 1_000_000,
         on_evict: Callable[[str, bytes], None] | None = None,
         version: str = "init",
+        host_views: bool | None = None,
     ) -> None:
         if min(num_layers, hidden_size, horizon, window, capacity, max_series) < 1:
             raise ValueError("num_layers, hidden_size, horizon, window, capacity and max_series must be >= 1")
         self.num_layers, self.hidden_size, self.horizon, self.window_size = num_layers, hidden_size, horizon, window
         self.lstm = lstm
         self.device = torch.device(device)
+        # Index per-slot arrays through numpy views (CPU only; cheaper per call than torch indexing).
+        # False runs the torch path a GPU table takes, which tests use to cover it on a CPU.
+        self.host_views = self.device.type == "cpu" if host_views is None else host_views
+        if self.host_views and self.device.type != "cpu":
+            raise ValueError("host_views needs a CPU table")
         self.max_series = max_series
         self.on_evict = on_evict
         self.version = version  # model version that made the states (written into snapshots)
@@ -115,7 +121,7 @@ class StateTable:
 
     def _views(self) -> None:
         # Arrays the engine indexes per step: numpy views on CPU (cheap fancy indexing), tensors elsewhere.
-        cpu = self.device.type == "cpu"
+        cpu = self.host_views
         self.forecast_a = self.forecast.numpy() if cpu else self.forecast
         self.stats_a = self.stats.numpy() if cpu else self.stats
         self.ring_flat = self.ring.view(-1).numpy() if cpu else self.ring.view(-1)  # [slot * W + pos]

@@ -81,12 +81,32 @@ def test_incremental_equals_full(cell: str, scaling: str, stream) -> None:
     data, batches = stream
     model = _model(cell)
     engine = Engine(model, window=4, capacity=2, scaling=SCALINGS[scaling])
+    _check_incremental_equals_full(engine, model, data, batches, SCALINGS[scaling])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=streams())
+def test_incremental_equals_full_on_the_device_path(cell: str, stream) -> None:
+    """The torch-indexed path a GPU table takes, run on the CPU."""
+    data, batches = stream
+    model = _model(cell)
+    scaling = SCALINGS["ewm"]
+    engine = Engine(model, window=4, capacity=2, scaling=scaling, host_views=False)
+    _check_incremental_equals_full(engine, model, data, batches, scaling)
+    engine.rewarm(_model(cell, seed=3), "v2")  # and the re-warm / snapshot paths through it
+    name = next(iter(data))
+    Engine(model, window=4, host_views=False).restore(name, engine.snapshot(name))
+    assert engine.errors["init"].count == sum(len(ts) - 1 for ts, _ in data.values())
+
+
+def _check_incremental_equals_full(engine, model, data, batches, scaling) -> None:
     got = _run(engine, batches)
     assert engine.duplicates_total == 0
     assert set(got) == set(data)
     for s, (ts, values) in data.items():
         assert [t for t, _ in got[s]] == ts.tolist()  # every value stepped once, in ts order
-        expected = reference_forecast(model, values, SCALINGS[scaling])
+        expected = reference_forecast(model, values, scaling)
         np.testing.assert_allclose(np.stack([f for _, f in got[s]]), expected, atol=1e-5, rtol=0)
 
 
@@ -209,8 +229,9 @@ def test_lru_and_ttl_eviction_through_the_engine() -> None:
     assert out.duplicates == 0 and len(out) == 1
 
 
-def test_online_error_matches_a_hand_computation() -> None:
-    engine = Engine(_model(), version="v1", scaling=None)
+@pytest.mark.parametrize("host_views", [True, False])
+def test_online_error_matches_a_hand_computation(host_views: bool) -> None:
+    engine = Engine(_model(), version="v1", scaling=None, host_views=host_views)
     a, b = [1.0, 2.0, 4.0], [0.5, -1.0]
     out1 = engine.process(["a", "b", "a"], [1, 1, 2], [a[0], b[0], a[1]])  # rounds: (a0, b0), (a1)
     out2 = engine.process(["a", "b"], [3, 2], [a[2], b[1]])
@@ -228,14 +249,16 @@ def test_online_error_matches_a_hand_computation() -> None:
     assert engine.errors["v1"].count == 3
 
 
+@pytest.mark.parametrize("host_views", [True, False])
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("scaling", list(SCALINGS))
-def test_rewarm_equals_the_new_models_forward_over_the_retained_window(cell: str, scaling: str) -> None:
+def test_rewarm_equals_the_new_models_forward_over_the_retained_window(cell: str, scaling: str,
+                                                                       host_views: bool) -> None:
     window = 6
     rng = np.random.default_rng(5)
     lengths = {"short": 3, "exact": 6, "long": 15}
     values = {s: rng.normal(size=n) + 2 for s, n in lengths.items()}
-    engine = Engine(_model(cell, seed=1), window=window, scaling=SCALINGS[scaling])
+    engine = Engine(_model(cell, seed=1), window=window, scaling=SCALINGS[scaling], host_views=host_views)
     for s, v in values.items():
         engine.process([s] * len(v), list(range(len(v))), v)
     new = _model(cell, seed=2)
