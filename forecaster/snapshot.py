@@ -2,6 +2,7 @@
 
 No pickle: arrays are written with ``ndarray.tobytes`` and read back with ``np.frombuffer`` against
 the shapes and dtypes the reading table expects, so a snapshot can only ever fill those arrays.
+``take`` / ``put`` copy one series between a ``StateTable`` and this format.
 
 Layout: ``MAGIC`` | u16 format version | u32 header length | header (UTF-8 JSON: model version, table
 shape, array names/dtypes/shapes) | array bytes in header order | u32 CRC32 of everything before it.
@@ -12,11 +13,16 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from forecaster.errors import StateError
+from forecaster.scaling import Scaling
+
+if TYPE_CHECKING:
+    from forecaster.state import StateTable
 
 MAGIC = b"FCSTATE"
 FORMAT_VERSION = 1
@@ -88,3 +94,45 @@ def decode(data: bytes, shape: dict[str, Any]) -> tuple[str, dict[str, np.ndarra
     if offset != len(body):
         raise StateError("state snapshot has trailing bytes")
     return version, arrays
+
+
+def table_shape(table: StateTable) -> dict[str, Any]:
+    return {"layers": table.num_layers, "hidden": table.hidden_size, "horizon": table.horizon,
+            "window": table.window_size, "lstm": table.lstm, "n_stats": Scaling.N_STATS}
+
+
+def take(table: StateTable, series: str) -> bytes:
+    """Snapshot of one resident series of ``table``."""
+    slot = table.slots.get(series)
+    if slot is None:
+        raise StateError(f"series {series!r} is not resident")
+    with torch.inference_mode():
+        arrays = {
+            "h": table.h[:, slot].cpu().numpy(),
+            "c": table.c[:, slot].cpu().numpy() if table.c is not None else None,
+            "forecast": table.forecast[slot].cpu().numpy(),
+            "stats": table.stats[slot].cpu().numpy(),
+            "ring": table.ring[slot].cpu().numpy(),
+            "last_ts": np.array(table.last_ts[slot], dtype=np.int64),
+            "count": np.array(table.count[slot], dtype=np.int64),
+        }
+    return encode(table_shape(table), table.version, arrays)
+
+
+def put(table: StateTable, series: str, data: bytes, now: float) -> str:
+    """Load a snapshot into ``series``' slot of ``table`` (allocating one); returns its model version."""
+    version, arrays = decode(data, table_shape(table))
+    (slot,), _ = table.acquire([series], now)
+    device = table.device
+    with torch.inference_mode():
+        idx = torch.tensor([slot], device=device)
+        table.h.index_copy_(1, idx, torch.from_numpy(arrays["h"]).to(device)[:, None])
+        if table.c is not None:
+            table.c.index_copy_(1, idx, torch.from_numpy(arrays["c"]).to(device)[:, None])
+        table.forecast[slot] = torch.from_numpy(arrays["forecast"]).to(device)
+        table.stats[slot] = torch.from_numpy(arrays["stats"]).to(device)
+        table.ring[slot] = torch.from_numpy(arrays["ring"]).to(device)
+    table.last_ts[slot] = int(arrays["last_ts"])
+    table.count[slot] = int(arrays["count"])
+    table.dirty[slot] = True
+    return version

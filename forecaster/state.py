@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from forecaster import snapshot as snap
-from forecaster.errors import StateError
 from forecaster.scaling import Scaling
 
 NO_TS = np.iinfo(np.int64).min  # last ts of a slot that has seen nothing
@@ -311,45 +310,15 @@ class StateTable:
         x = x.masked_fill(torch.arange(w, device=self.device) < (w - lengths)[:, None], 0.0)
         return x.unsqueeze(-1), lengths  # (n, W, 1)
 
-    # ---- snapshots -----------------------------------------------------------------------------------
+    # ---- snapshots (format and copying in forecaster.snapshot) ---------------------------------------
 
-    def _shape(self) -> dict[str, Any]:
-        return {"layers": self.num_layers, "hidden": self.hidden_size, "horizon": self.horizon,
-                "window": self.window_size, "lstm": self.lstm, "n_stats": Scaling.N_STATS}
-
-    @_inference
     def snapshot(self, series: str) -> bytes:
         """Everything needed to continue ``series`` elsewhere, as versioned bytes (no pickle)."""
-        slot = self.slots.get(series)
-        if slot is None:
-            raise StateError(f"series {series!r} is not resident")
-        arrays = {
-            "h": self.h[:, slot].cpu().numpy(),
-            "c": self.c[:, slot].cpu().numpy() if self.c is not None else None,
-            "forecast": self.forecast[slot].cpu().numpy(),
-            "stats": self.stats[slot].cpu().numpy(),
-            "ring": self.ring[slot].cpu().numpy(),
-            "last_ts": np.array(self.last_ts[slot], dtype=np.int64),
-            "count": np.array(self.count[slot], dtype=np.int64),
-        }
-        return snap.encode(self._shape(), self.version, arrays)
+        return snap.take(self, series)
 
-    @_inference
     def restore(self, series: str, data: bytes, now: float) -> str:
         """Load a snapshot into ``series``' slot (allocating one); returns the model version it names.
 
         Raises ``StateError`` for corrupt bytes, an unknown format version or a shape that does not fit.
         """
-        version, arrays = snap.decode(data, self._shape())
-        (slot,), _ = self.acquire([series], now)
-        idx = torch.tensor([slot], device=self.device)
-        self.h.index_copy_(1, idx, torch.from_numpy(arrays["h"]).to(self.device)[:, None])
-        if self.c is not None:
-            self.c.index_copy_(1, idx, torch.from_numpy(arrays["c"]).to(self.device)[:, None])
-        self.forecast[slot] = torch.from_numpy(arrays["forecast"]).to(self.device)
-        self.stats[slot] = torch.from_numpy(arrays["stats"]).to(self.device)
-        self.ring[slot] = torch.from_numpy(arrays["ring"]).to(self.device)
-        self.last_ts[slot] = int(arrays["last_ts"])
-        self.count[slot] = int(arrays["count"])
-        self.dirty[slot] = True
-        return version
+        return snap.put(self, series, data, now)
