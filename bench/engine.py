@@ -193,6 +193,8 @@ class Bench:
             reps = [timed(stream.call, calls, self.sync) / stream.batch * 1e6 for _ in range(self.args.repeats)]
             out[str(size)] = {
                 "us_per_value": summary(reps),
+                "series_per_step": stream.batch,
+                "ms_per_step": summary([r * stream.batch / 1000 for r in reps]),
                 "state_bytes": engine.state_bytes,
                 "state_bytes_per_slot": engine.state_bytes / engine.table.capacity,
                 "rss_bytes": rss_bytes(),

@@ -159,7 +159,7 @@ class Engine:
         value of every series; sets the series' last ts.
         """
         last_ts = self.table.last_ts
-        sorted_slots = np.sort(row_slots)
+        sorted_slots = row_slots if len(row_slots) == 1 else np.sort(row_slots)
         if not (sorted_slots[1:] == sorted_slots[:-1]).any():  # one value per series: one round, input order
             rows = np.flatnonzero(ts > last_ts[row_slots])
             last_ts[row_slots[rows]] = ts[rows]
