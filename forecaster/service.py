@@ -5,7 +5,7 @@ records (flush, then commit); a replay after a crash is harmless because the eng
 than their series' last timestamp (counted as duplicates). ``stop()`` (SIGTERM/SIGINT in the CLI) lets
 the current batch finish, then flushes, commits and closes.
 
->>> from forecaster.config import KafkaSettings, Settings
+>>> from forecaster.config import Settings
 >>> service = Service(Settings(metrics={"port": 0}), consumer=None, producer=None)  # clients built in start()
 >>> service.ready()
 False
@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from kafka import ConsumerRebalanceListener
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 
+from forecaster.commit import AtLeastOnceCommitter
 from forecaster.config import KafkaSettings, Settings
 from forecaster.engine import Engine
-from forecaster.errors import ForecasterError, InvalidRecord, KafkaSetupError
+from forecaster.errors import InvalidRecord, KafkaSetupError
 from forecaster.hotswap import ModelSwapper, initial_model
 from forecaster.kafka import (
     TopicSpec,
@@ -44,16 +45,12 @@ from forecaster.scaling import Scaling
 log = logging.getLogger(__name__)
 
 
-class DeliveryError(ForecasterError):
-    """The broker did not acknowledge some forecasts or dead letters: offsets stay uncommitted."""
-
-
 class Service:
     """One member of the consumer group: Kafka in, forecasts out. Collaborators are injectable.
 
-    >>> from forecaster.config import KafkaSettings, Settings
-    >>> Service(Settings(metrics={"port": 0}), consumer=None, producer=None).pending_offsets
-    {}
+    >>> from forecaster.config import Settings
+        >>> Service(Settings(metrics={"port": 0}), consumer=None, producer=None).committer is None  # built in start()
+        True
     """
 
     def __init__(
@@ -75,10 +72,7 @@ class Service:
         self.swapper = swapper
         self.clock = clock
         self.decoder = RecordDecoder.from_settings(settings.service, clock=clock)
-        self.pending_offsets: dict[TopicPartition, int] = {}  # next offset to read, per partition
-        self._pending_records = 0
-        self._last_commit = clock()
-        self._in_flight: list[Any] = []  # producer futures since the last commit
+        self.committer: AtLeastOnceCommitter | None = None
         self._stopping = threading.Event()
         self._polling = False
         self._next_refresh = 0.0
@@ -104,20 +98,16 @@ class Service:
         batch = self.decoder.decode_batch(records)  # validation, before any state changes
         self.send_dead_letters(batch.invalid)
         self.send_forecasts(self.step(batch), batch)
-        if self.commit_due():
-            self.commit()
+        if self.committer.due():
+            self.committer.commit()
 
     def poll(self) -> list[KafkaRecord]:
         """The next batch of records, all partitions together; notes the offsets to commit."""
         service = self.settings.service
         polled = self.consumer.poll(timeout_ms=service.poll_timeout_ms, max_records=service.max_poll_records)
         self._polling = True
-        records: list[KafkaRecord] = []
-        for tp, part in polled.items():
-            if part:
-                records.extend(part)
-                self.pending_offsets[tp] = part[-1].offset + 1
-        self._pending_records += len(records)
+        self.committer.track(polled)
+        records: list[KafkaRecord] = [record for part in polled.values() for record in part]
         self.metrics.records_consumed.inc(len(records))
         if records:
             self.metrics.batch_size.observe(len(records))
@@ -143,7 +133,7 @@ class Service:
         encoded = encode_forecasts(
             out.series, out.ts, out.version, out.values, partition, offset, batch.index[out.index]
         )
-        send, in_flight = self.producer.send, self._in_flight
+        send, in_flight = self.producer.send, self.committer.in_flight
         for name, value in zip(out.series, encoded, strict=True):
             in_flight.append(send(topic, key=name.encode(), value=value))
         created = np.array([r.timestamp for r in batch.records], dtype=np.float64)[record] / 1000.0
@@ -157,60 +147,12 @@ class Service:
             return
         topic = self.settings.kafka.deadletter_topic
         for record, error in invalid:
-            self._in_flight.append(
+            self.committer.in_flight.append(
                 self.producer.send(topic, key=record.key, value=encode_dead_letter(record, error))
             )
             self.metrics.invalid(error.reason)
         examples = ", ".join(f"{e.reason} at {r.topic}[{r.partition}]@{r.offset}" for r, e in invalid[:3])
         log.warning("%d invalid record(s) sent to %s: %s", len(invalid), topic, examples)
-
-    # ---- commit (at least once) ----------------------------------------------------------------------
-
-    def commit_due(self) -> bool:
-        service = self.settings.service
-        elapsed_ms = (self.clock() - self._last_commit) * 1000.0
-        return bool(self.pending_offsets) and (
-            self._pending_records >= service.commit_records or elapsed_ms >= service.commit_interval_ms
-        )
-
-    def commit(self, wait: bool = True) -> None:
-        """Make the output of the records polled so far durable, then move the group's offsets past them.
-
-        ``wait=False`` sends the offset commit without waiting for its answer: the rebalance listener runs
-        on the consumer's network thread, where a blocking commit is not allowed.
-        """
-        self._last_commit = self.clock()
-        if not self.pending_offsets:
-            return
-        # Step 1. Wait until the broker acknowledged every forecast and dead letter sent so far.
-        self.producer.flush()
-        # Step 2. Any send that failed leaves those records' output missing: do not commit past them.
-        failed = [future for future in self._in_flight if future.failed()]
-        self._in_flight = []
-        if failed:
-            raise DeliveryError(
-                f"{len(failed)} record(s) not acknowledged by the broker: {failed[0].exception}"
-            )
-        # Step 3. Commit the input offsets: the next offset to read, per partition.
-        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self.pending_offsets.items()}
-        self.pending_offsets, self._pending_records = {}, 0
-        if not wait:
-            self.consumer.commit_async(offsets, callback=self._on_commit)
-            return
-        try:
-            self.consumer.commit(offsets)
-        except KafkaError as exc:
-            self._on_commit(offsets, exc)
-            return
-        self.metrics.commits.inc()
-
-    def _on_commit(self, offsets: dict, result: Any) -> None:
-        if isinstance(result, Exception):  # e.g. the group rebalanced: the next reader replays these records
-            log.warning(
-                "offset commit failed, the records since the last commit will be replayed: %r", result
-            )
-        elif result is not None:
-            self.metrics.commits.inc()
 
     # ---- between batches -----------------------------------------------------------------------------
 
@@ -276,6 +218,13 @@ class Service:
                 session_timeout_ms=settings.service.session_timeout_ms,
                 heartbeat_interval_ms=max(100, settings.service.session_timeout_ms // 3),
             )
+        self.committer = AtLeastOnceCommitter(
+            self.consumer,
+            self.producer,
+            interval_ms=settings.service.commit_interval_ms,
+            max_records=settings.service.commit_records,
+            on_commit=lambda ok: ok and self.metrics.commits.inc(),
+        )
         self._await_topic(kafka.input_topic, timeout=kafka.request_timeout_ms / 1000.0)
         self.consumer.subscribe([kafka.input_topic], listener=_Rebalance(self))
         self.metrics.set_model(self.engine.version, self.engine.model.cell)
@@ -314,8 +263,8 @@ class Service:
         """Final flush and commit, then close the clients; the metrics server goes last."""
         self._stopping.set()
         try:
-            if self.consumer is not None and self.engine is not None:
-                self.commit()
+            if self.committer is not None:
+                self.committer.commit()
                 self.refresh_metrics(force=True)
         finally:
             self._polling = False
@@ -339,7 +288,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         if revoked:
-            self.service.commit(wait=False)
+            self.service.committer.commit(wait=False)
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))

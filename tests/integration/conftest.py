@@ -249,6 +249,15 @@ class Broker:
     def read(self, topic: str, count: int | None = None, timeout: float = 30.0) -> list[Consumed]:
         return read_topic(self.bootstrap, topic, count, timeout)
 
+    def committed(self, topic: str, group: str) -> dict[int, int]:
+        """The group's committed offset per partition of ``topic`` (0 where none is committed)."""
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False)
+        try:
+            partitions = sorted(consumer.partitions_for_topic(topic) or [])
+            return {p: consumer.committed(TopicPartition(topic, p)) or 0 for p in partitions}
+        finally:
+            consumer.close(autocommit=False)
+
     wait_for = staticmethod(wait_until)
 
 

@@ -155,9 +155,9 @@ def produce_slowly(topics, broker, records, pause: float = 0.002) -> threading.T
 def stream_and_stop(topics, serve, broker, stop: str) -> tuple[list, pd.DataFrame, int]:
     """Stream values, stop the service mid-stream (``terminate`` or ``kill``), restart it, let it finish.
 
-    Offsets are committed only on graceful stop (commit interval and count set out of reach), so what a
-    kill -9 leaves uncommitted is known: everything the first run did. Returns (forecasts, frame, n1)
-    with n1 the forecasts present when the first run had stopped.
+    Offsets are committed only on a stop or a rebalance (commit interval and count set out of reach), so
+    what a kill -9 leaves to replay is known: the first run's forecasts of records at or past the offsets
+    committed when it died. Returns (all forecasts, the values, how many forecasts must be replays).
     """
     frame = generate(n_series=10, n_values=60, start_ms=START_MS, seed=7)
     records = records_of(frame)
@@ -167,30 +167,33 @@ def stream_and_stop(topics, serve, broker, stop: str) -> tuple[list, pd.DataFram
     code = first.terminate() if stop == "terminate" else first.kill()
     assert producer.is_alive(), "the stream should still be running when the service stops"
     assert code == (0 if stop == "terminate" else -9), first.tail()
-    n1 = len(broker.read(topics.output))
-    assert 0 < n1 < len(frame)
+    committed = broker.committed(topics.input, topics.group)
+    first_run = [r.json()["input"] for r in broker.read(topics.output)]
+    assert 0 < len(first_run) < len(frame)
+    replays = sum(1 for i in first_run if i["offset"] >= committed[i["partition"]])
     second = serve(**NEVER_COMMIT, **FAST_REJOIN).start()
     producer.join(60)
-    expected = len(frame) + (n1 if stop == "kill" else 0)
-    forecasts = broker.read(topics.output, count=expected, timeout=40)
+    forecasts = broker.read(topics.output, count=len(frame) + replays, timeout=40)
     assert second.terminate() == 0
-    return forecasts, frame, n1
+    return forecasts, frame, replays
 
 
 def test_restart_after_sigterm_loses_nothing_and_duplicates_nothing(topics, serve, broker):
-    forecasts, frame, _ = stream_and_stop(topics, serve, broker, "terminate")
+    forecasts, frame, replays = stream_and_stop(topics, serve, broker, "terminate")
+    assert replays == 0  # the graceful stop committed everything it had done
     per_value = Counter((b["series"], b["ts"]) for b in (r.json() for r in forecasts))
     assert set(per_value) == set(zip(frame["series"], frame["ts"], strict=True))  # nothing lost
-    assert set(per_value.values()) == {1}  # the graceful stop committed what it had done
+    assert set(per_value.values()) == {1}
 
 
 def test_restart_after_kill_9_loses_nothing_and_replays_the_uncommitted(topics, serve, broker):
-    forecasts, frame, n1 = stream_and_stop(topics, serve, broker, "kill")
+    forecasts, frame, replays = stream_and_stop(topics, serve, broker, "kill")
+    assert replays > 0  # kill -9 committed nothing at the end
     per_value = Counter((b["series"], b["ts"]) for b in (r.json() for r in forecasts))
     assert set(per_value) == set(zip(frame["series"], frame["ts"], strict=True))  # nothing lost
     duplicates = sum(n - 1 for n in per_value.values())
     print(f"kill -9: {duplicates} duplicate forecasts of {len(frame)} values (at least once)")
-    assert duplicates == n1  # everything the killed run emitted was uncommitted, hence replayed once
+    assert duplicates == replays  # exactly the uncommitted records were replayed, once
     assert max(per_value.values()) == 2
 
 

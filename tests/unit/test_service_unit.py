@@ -11,12 +11,13 @@ import pytest
 from kafka.errors import CommitFailedError
 from kafka.structs import TopicPartition
 
+from forecaster.commit import AtLeastOnceCommitter, DeliveryError
 from forecaster.config import Settings
 from forecaster.engine import Engine, reference_forecast
 from forecaster.model import RecurrentForecaster
 from forecaster.records import encode_input, encode_window
 from forecaster.scaling import Scaling
-from forecaster.service import DeliveryError, Service
+from forecaster.service import Service
 
 TOPIC = "in"
 NOW = 1_800_000_000.0
@@ -234,20 +235,17 @@ def test_a_failed_send_stops_before_the_commit():
 
 
 def test_commit_waits_for_interval_or_record_count():
-    clock = [NOW]
-    service, _ = make_service([], commit_interval_ms=1000, commit_records=3)
-    service.clock = lambda: clock[0]
-    service._last_commit = clock[0]
-    service.pending_offsets = {TopicPartition(TOPIC, 0): 1}
-    service._pending_records = 1
-    assert not service.commit_due()
+    clock = [100.0]
+    committer = AtLeastOnceCommitter(None, None, interval_ms=1000, max_records=3, clock=lambda: clock[0])
+    assert not committer.due()  # nothing to commit
+    committer.track({TopicPartition(TOPIC, 0): [rec(0, 5, b"")]})
+    assert not committer.due()
     clock[0] += 1.0
-    assert service.commit_due()
-    clock[0] = NOW
-    service._pending_records = 3
-    assert service.commit_due()
-    service.pending_offsets = {}
-    assert not service.commit_due()  # nothing to commit
+    assert committer.due()
+    clock[0] -= 1.0
+    committer.track({TopicPartition(TOPIC, 1): [rec(1, 0, b""), rec(1, 1, b"")]})
+    assert committer.due()  # three records
+    assert committer.pending == {TopicPartition(TOPIC, 0): 6, TopicPartition(TOPIC, 1): 2}
 
 
 def test_a_refused_commit_after_rebalance_is_not_fatal():
@@ -255,7 +253,7 @@ def test_a_refused_commit_after_rebalance_is_not_fatal():
         [[rec(0, 0, encode_input("a", 1, 1.0))]], commit_error=CommitFailedError("rebalanced")
     )
     run_batches(service, 1)
-    assert service.pending_offsets == {}
+    assert service.committer.pending == {}
     assert service.metrics.registry.get_sample_value("forecaster_commits_total") == 0
 
 
