@@ -54,7 +54,7 @@ class RewarmJob:
     the boundary that swaps (more go to another background pass, up to ``max_passes`` passes).
     """
 
-    def __init__(self, model: RecurrentForecaster, version: str, engine: Any, *, final_values: int = 50_000,
+    def __init__(self, model: RecurrentForecaster, version: str, engine: Any, *, final_values: int = 10_000,
                  max_passes: int = 8, rows_per_copy: int | None = None) -> None:  # fmt: skip
         self.model, self.version, self.engine = model.to(engine.device).eval(), version, engine
         self.final_values, self.max_passes = final_values, max_passes
