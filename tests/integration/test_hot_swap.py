@@ -44,7 +44,9 @@ def publish_nan_checkpoint(root: Path, model: RecurrentForecaster, scaling: Scal
     torch.save(state, buffer)
     (root / version / WEIGHTS_FILE).write_bytes(buffer.getvalue())
     manifest = json.loads((root / version / MANIFEST_FILE).read_text())
-    manifest["weights"].update(sha256=hashlib.sha256(buffer.getvalue()).hexdigest(), bytes=len(buffer.getvalue()))
+    manifest["weights"].update(
+        sha256=hashlib.sha256(buffer.getvalue()).hexdigest(), bytes=len(buffer.getvalue())
+    )
     (root / version / MANIFEST_FILE).write_text(json.dumps(manifest))
     (root / LATEST_FILE).write_text(version + "\n")
     return version
@@ -65,8 +67,11 @@ class Traffic(threading.Thread):
         producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=2)
         for tick in range(N_TICKS):
             for name, values in self.values.items():
-                producer.send(self.topic, key=name.encode(), value=encode_input(name, START_MS + tick * 1000,
-                                                                                float(values[tick])))
+                producer.send(
+                    self.topic,
+                    key=name.encode(),
+                    value=encode_input(name, START_MS + tick * 1000, float(values[tick])),
+                )
             producer.flush()
             with self._moved:
                 self.tick = tick
@@ -76,7 +81,9 @@ class Traffic(threading.Thread):
 
     def reached(self, tick: int, timeout: float = 60.0) -> None:
         with self._moved:
-            assert self._moved.wait_for(lambda: self.tick >= tick, timeout), f"traffic stuck before tick {tick}"
+            assert self._moved.wait_for(lambda: self.tick >= tick, timeout), (
+                f"traffic stuck before tick {tick}"
+            )
 
 
 def swaps(service, result: str) -> float:
@@ -87,7 +94,9 @@ def test_swaps_under_traffic_skip_nothing_and_rewarm_over_the_window(topics, ser
     settings = topics.settings()
     scaling = Scaling.from_settings(settings.scaling)
     root = tmp_path / "checkpoints"
-    service = serve(FORECASTER_STATE__WINDOW=str(WINDOW), FORECASTER_SERVICE__CHECKPOINT_POLL_SECONDS="0.05").start()
+    service = serve(
+        FORECASTER_STATE__WINDOW=str(WINDOW), FORECASTER_SERVICE__CHECKPOINT_POLL_SECONDS="0.05"
+    ).start()
     traffic = Traffic(topics.bootstrap, topics.input)
     traffic.start()
     # Step 1. Publish v1, a bad checkpoint, then v2, while the values flow.
@@ -98,7 +107,9 @@ def test_swaps_under_traffic_skip_nothing_and_rewarm_over_the_window(topics, ser
     broker.wait_for(lambda: swaps(service, "ok") >= 1, timeout=30, what="the swap to v1")
     traffic.reached(80)
     bad = publish_nan_checkpoint(root, new_model(12, settings), scaling)
-    broker.wait_for(lambda: swaps(service, "refused") >= 1, timeout=30, what="the refusal of the bad checkpoint")
+    broker.wait_for(
+        lambda: swaps(service, "refused") >= 1, timeout=30, what="the refusal of the bad checkpoint"
+    )
     traffic.reached(100)
     models[v2 := save_checkpoint(root, new_model(13, settings), scaling)] = new_model(13, settings)
     promote(root, v2)
@@ -128,14 +139,23 @@ def test_swaps_under_traffic_skip_nothing_and_rewarm_over_the_window(topics, ser
         got = np.array([b["forecast"] for b in bodies])  # (T, horizon)
         x, stats = scaling.transform(values)  # (T,), (T, N_STATS)
         first = {v: rank.index(i) for i, v in enumerate(order)}
-        np.testing.assert_allclose(got[: first[v1]], reference_forecast(models["init"], values[: first[v1]], scaling),
-                                   rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(
+            got[: first[v1]],
+            reference_forecast(models["init"], values[: first[v1]], scaling),
+            rtol=1e-5,
+            atol=1e-4,
+        )
         for version, end in ((v1, first[v2]), (v2, N_TICKS)):
             k = first[version]
             start = k - min(k, WINDOW)
             with torch.no_grad():
                 y, _ = models[version](x[start:end][None, :, None])  # (1, end - start, horizon)
             expected = scaling.denormalize(stats[start:end], y[0]).numpy()[k - start :]
-            np.testing.assert_allclose(got[k:end], expected, rtol=1e-5, atol=1e-4,
-                                       err_msg=f"{name} under {version} (swapped in at value {k})")
+            np.testing.assert_allclose(
+                got[k:end],
+                expected,
+                rtol=1e-5,
+                atol=1e-4,
+                err_msg=f"{name} under {version} (swapped in at value {k})",
+            )
     assert service.terminate() == 0

@@ -19,10 +19,15 @@ START_MS = 1_700_000_000_000
 STEP_MS = 60_000
 
 
-def produce_file(bootstrap: str, topic: str, path: Path, monkeypatch: pytest.MonkeyPatch, window: int) -> None:
+def produce_file(
+    bootstrap: str, topic: str, path: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
     """``forecaster produce --file`` (the operator's way to load a file into the topic)."""
     monkeypatch.setenv("FORECASTER_KAFKA__BOOTSTRAP_SERVERS", bootstrap)
-    assert main(["produce", "--file", str(path), "--topic", topic, "--window", str(window), "--no-progress"]) == 0
+    assert (
+        main(["produce", "--file", str(path), "--topic", topic, "--window", str(window), "--no-progress"])
+        == 0
+    )
 
 
 def send_raw(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
@@ -42,7 +47,9 @@ def assert_same(a: History, b: History) -> None:
 
 
 @pytest.mark.parametrize("window", [1, 5])
-def test_topic_and_file_give_the_same_history(kafka_bootstrap, topic_factory, tmp_path, monkeypatch, window) -> None:
+def test_topic_and_file_give_the_same_history(
+    kafka_bootstrap, topic_factory, tmp_path, monkeypatch, window
+) -> None:
     path = tmp_path / "data.csv"
     generate(6, 40, start_ms=START_MS, step_ms=STEP_MS, seed=5).to_csv(path, index=False)
     topic = topic_factory(partitions=3)
@@ -67,7 +74,9 @@ def test_topic_and_file_give_the_same_history(kafka_bootstrap, topic_factory, tm
     )
 
 
-def test_start_time_and_offset_bound_the_history(kafka_bootstrap, topic_factory, tmp_path, monkeypatch) -> None:
+def test_start_time_and_offset_bound_the_history(
+    kafka_bootstrap, topic_factory, tmp_path, monkeypatch
+) -> None:
     path = tmp_path / "data.csv"
     generate(3, 30, start_ms=START_MS, step_ms=STEP_MS, seed=6).to_csv(path, index=False)
     topic = topic_factory(partitions=2)
@@ -79,11 +88,14 @@ def test_start_time_and_offset_bound_the_history(kafka_bootstrap, topic_factory,
     assert [t.tolist() for t in later.ts] == [t[t >= cut].tolist() for t in full.ts]
     assert later.dropped["before_start_ms"] == 3 * 10
     skipped = read_history(settings, start_offset=10)
-    assert skipped.total_values == full.total_values - sum(min(10, p["end_offset"])
-                                                           for p in skipped.source["partitions"].values())
+    assert skipped.total_values == full.total_values - sum(
+        min(10, p["end_offset"]) for p in skipped.source["partitions"].values()
+    )
 
 
-def test_train_from_the_topic_publishes(kafka_bootstrap, topic_factory, tmp_path, monkeypatch, capsys) -> None:
+def test_train_from_the_topic_publishes(
+    kafka_bootstrap, topic_factory, tmp_path, monkeypatch, capsys
+) -> None:
     path = tmp_path / "data.csv"
     generate(4, 150, start_ms=START_MS, step_ms=STEP_MS, seed=7).to_csv(path, index=False)
     topic = topic_factory(partitions=3)
