@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from forecaster import snapshot as snap
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
 from forecaster.state import StateTable
@@ -104,6 +105,7 @@ class Engine:
             device=self.device, capacity=capacity, max_series=max_series, on_evict=on_evict, version=version,
             host_views=host_views,
         )
+        self._check_context(model)
         self.duplicates_total = 0
         self.values_total = 0
         self._cpu = self.table.host_views  # numpy on the host; False: torch tensors on the device
@@ -207,8 +209,10 @@ class Engine:
         x = scaling.normalize(stats, v, scale)  # (n,) float32
         at = slots * tb.window_size + count % tb.window_size  # (n,) flat ring positions
         tb.ring_flat[at if self._cpu else torch.from_numpy(at).to(self.device)] = x
-        # Step 3. one recurrent step for every series of the round.
-        y, h = self.model.step((torch.from_numpy(x) if self._cpu else x)[:, None], tb.gather(idx_t))
+        # Step 3. one recurrent step for every series of the round (with the inputs before this one, for a
+        # model that forecasts over a seasonal baseline).
+        past = self._past(slots, count) if self.model.context else None
+        y, h = self.model.step((torch.from_numpy(x) if self._cpu else x)[:, None], tb.gather(idx_t), past)
         tb.scatter(idx_t, h)
         # Step 4. forecasts back in data units; remember them for the next score.
         f = scaling.denormalize(stats, y.numpy() if self._cpu else y, scale)  # (n, horizon) float64
@@ -217,6 +221,22 @@ class Engine:
         tb.stats_a[idx] = stats
         tb.count[slots] = count + 1
         return f
+
+    def _past(self, slots: np.ndarray, count: np.ndarray) -> torch.Tensor:
+        """The ``model.context`` inputs each series stepped before its current one, from the ring buffer;
+        zeros before its first value. (n, context) float32."""
+        tb, context, w = self.table, self.model.context, self.table.window_size
+        ordinal = count[:, None] - context + np.arange(context)  # (n, context) ordinals of those inputs
+        at = slots[:, None] * w + ordinal % w  # (n, context) flat ring positions
+        if self._cpu:
+            return torch.from_numpy(np.where(ordinal >= 0, tb.ring_flat[at], np.float32(0.0)))
+        before = torch.from_numpy(ordinal < 0).to(self.device)
+        return tb.ring_flat[torch.from_numpy(at).to(self.device)].masked_fill(before, 0.0)
+
+    def _check_context(self, model: RecurrentForecaster) -> None:
+        if model.context >= self.table.window_size:
+            raise ValueError(f"the model's baseline reads {model.context} values before the current one; the "
+                             f"retained window ({self.table.window_size}) must be longer (state.window)")  # fmt: skip
 
     def _accumulator(self, like: Any) -> _ErrorAccumulator:
         acc = self._errors.get(self.version)
@@ -269,12 +289,30 @@ class Engine:
         if version != self.version:
             self._rewarm_slots(np.array([self.table.slots[series]], dtype=np.int64))
 
+    def snapshot_many(self, series: Sequence[str]) -> list[bytes]:
+        """Snapshots of many resident series in one gather (the changelog writes these at every commit)."""
+        return snap.take_many(self.table, series)
+
+    def restore_many(self, items: Sequence[tuple[str, bytes]]) -> list[tuple[str, Any]]:
+        """Load many snapshots (distinct series) at once; those made by another model version are
+        re-warmed with this one in batched calls. Returns the refused ones as (series, StateError)."""
+        names, versions, refused = snap.put_many(self.table, items, self.clock())
+        stale = [self.table.slots[n] for n, v in zip(names, versions, strict=True) if v != self.version]
+        if stale:
+            self._rewarm_slots(np.array(stale, dtype=np.int64))
+        return refused
+
+    def drop(self, series: Sequence[str]) -> list[str]:
+        """Forget these series without an eviction (their state is kept elsewhere)."""
+        return self.table.drop(series)
+
     def set_model(self, model: RecurrentForecaster, version: str) -> None:
         """Use ``model`` from the next value on, keeping the states as they are (same shape only)."""
         shape = (model.num_layers, model.hidden_size, model.horizon, model.is_lstm)
         tb = self.table
         if shape != (tb.num_layers, tb.hidden_size, tb.horizon, tb.lstm):
             raise ValueError(f"model shape {shape} does not fit the state table; use rewarm()")
+        self._check_context(model)
         self.model, self.version, tb.version = model.to(self.device).eval(), version, version
 
     def rewarm(self, model: RecurrentForecaster, version: str) -> None:
@@ -282,6 +320,7 @@ class Engine:
         over its retained window; last forecasts are recomputed. A different shape is fine."""
         model = model.to(self.device).eval()
         tb = self.table
+        self._check_context(model)
         if (model.num_layers, model.hidden_size, model.horizon, model.is_lstm) != (
             tb.num_layers, tb.hidden_size, tb.horizon, tb.lstm):
             tb.reshape_model(model.num_layers, model.hidden_size, model.horizon, model.is_lstm)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -73,15 +75,11 @@ def decode(data: bytes, shape: dict[str, Any]) -> tuple[str, dict[str, np.ndarra
     if fmt != FORMAT_VERSION:
         raise StateError(f"unknown state snapshot format version {fmt} (this build reads {FORMAT_VERSION})")
     start = len(MAGIC) + _PREFIX.size
-    try:
-        header = json.loads(body[start : start + head_len])
-        version, their_shape = str(header["model_version"]), header["shape"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise StateError(f"state snapshot header is unreadable: {exc}") from None
+    version, their_shape, layout = _header(body[start : start + head_len])
     if their_shape != shape:
         raise StateError(f"state snapshot shape {their_shape} does not fit this table {shape}")
     spec = expected_arrays(shape)
-    if [[n, d, list(s)] for n, (d, s) in spec.items()] != header.get("arrays"):
+    if [[n, d, list(s)] for n, (d, s) in spec.items()] != layout:
         raise StateError("state snapshot arrays do not match the expected layout")
     offset, arrays = start + head_len, {}
     for name, (dtype, dims) in spec.items():
@@ -94,6 +92,16 @@ def decode(data: bytes, shape: dict[str, Any]) -> tuple[str, dict[str, np.ndarra
     if offset != len(body):
         raise StateError("state snapshot has trailing bytes")
     return version, arrays
+
+
+@lru_cache(maxsize=64)
+def _header(head: bytes) -> tuple[str, Any, Any]:
+    """(model version, shape, array layout) of a header; cached: a restore reads thousands alike."""
+    try:
+        header = json.loads(head)
+        return str(header["model_version"]), header["shape"], header.get("arrays")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"state snapshot header is unreadable: {exc}") from None
 
 
 def table_shape(table: StateTable) -> dict[str, Any]:
@@ -136,3 +144,71 @@ def put(table: StateTable, series: str, data: bytes, now: float) -> str:
     table.count[slot] = int(arrays["count"])
     table.dirty[slot] = True
     return version
+
+
+def take_many(table: StateTable, series: Sequence[str]) -> list[bytes]:
+    """Snapshots of many resident series at once (one gather per array); each equals ``take``'s bytes."""
+    if not series:
+        return []
+    missing = [s for s in series if s not in table.slots]
+    if missing:
+        raise StateError(f"series {missing[0]!r} is not resident")
+    slots = np.array([table.slots[s] for s in series], dtype=np.int64)
+    with torch.inference_mode():
+        idx = torch.from_numpy(slots).to(table.device)
+        per_series = [table.h.index_select(1, idx).transpose(0, 1)]  # (n, layers, hidden)
+        if table.c is not None:
+            per_series.append(table.c.index_select(1, idx).transpose(0, 1))  # (n, layers, hidden)
+        per_series += [t.index_select(0, idx) for t in (table.forecast, table.stats, table.ring)]
+        arrays = [np.ascontiguousarray(t.cpu().numpy()) for t in per_series]
+    arrays += [table.last_ts[slots].astype(np.int64), table.count[slots].astype(np.int64)]
+    spec = expected_arrays(table_shape(table))
+    header = {"model_version": table.version, "shape": table_shape(table),
+              "arrays": [[name, dtype, list(dims)] for name, (dtype, dims) in spec.items()]}
+    head = json.dumps(header, sort_keys=True).encode()
+    prefix = MAGIC + _PREFIX.pack(FORMAT_VERSION, len(head)) + head
+    out = []
+    for i in range(len(series)):
+        body = prefix + b"".join(a[i].tobytes() for a in arrays)
+        out.append(body + _CRC.pack(zlib.crc32(body)))
+    return out
+
+
+def put_many(
+    table: StateTable, items: Sequence[tuple[str, bytes]], now: float
+) -> tuple[list[str], list[str], list[tuple[str, StateError]]]:
+    """Load many snapshots (distinct series) in one batched write; the loaded series are not marked dirty
+    (their state is what the snapshots say). Returns (series loaded, their model versions, refused)."""
+    shape = table_shape(table)
+    names: list[str] = []
+    versions: list[str] = []
+    decoded: list[dict[str, np.ndarray]] = []
+    refused: list[tuple[str, StateError]] = []
+    for series, data in items:
+        try:
+            version, arrays = decode(data, shape)
+        except StateError as exc:
+            refused.append((series, exc))
+            continue
+        names.append(series)
+        versions.append(version)
+        decoded.append(arrays)
+    if not names:
+        return names, versions, refused
+    slots, _ = table.acquire(names, now)
+    device = table.device
+
+    def stacked(name: str, axis: int = 0) -> torch.Tensor:
+        return torch.from_numpy(np.stack([a[name] for a in decoded], axis=axis)).to(device)
+
+    with torch.inference_mode():
+        idx = torch.from_numpy(slots).to(device)
+        table.h.index_copy_(1, idx, stacked("h", axis=1))  # (layers, n, hidden)
+        if table.c is not None:
+            table.c.index_copy_(1, idx, stacked("c", axis=1))
+        for name in ("forecast", "stats", "ring"):
+            getattr(table, name).index_copy_(0, idx, stacked(name))
+    table.last_ts[slots] = [int(a["last_ts"]) for a in decoded]
+    table.count[slots] = [int(a["count"]) for a in decoded]
+    table.dirty[slots] = False
+    return names, versions, refused

@@ -235,6 +235,18 @@ class StateTable:
         self.evictions_total += len(gone)
         return gone
 
+    def drop(self, series: Iterable[str]) -> list[str]:
+        """Forget these series (no ``on_evict``, not counted as evictions): their state lives on elsewhere,
+        e.g. in the changelog of a partition this instance no longer owns. Returns those that were resident."""
+        gone = [s for s in series if s in self.slots]
+        for name in gone:
+            slot = self.slots.pop(name)
+            self._series[slot] = None
+            self.last_seen[slot] = np.inf
+            self.dirty[slot] = False
+            self._free.append(slot)
+        return gone
+
     def evict_idle(self, now: float, ttl_seconds: float) -> list[str]:
         """Evict every series not seen for longer than ``ttl_seconds``; returns them."""
         idle = np.flatnonzero(self.last_seen < now - ttl_seconds)
