@@ -50,6 +50,9 @@ VERSION_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{9}Z-[0-9a-f]{6}$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Build arguments a checkpoint may ask for; anything outside is refused before building a model.
 _BUILD_LIMITS = {"input_size": 64, "hidden_size": 4096, "num_layers": 16, "horizon": 1024}
+# Build arguments added later: a manifest without them was written for a model without a baseline.
+_OPTIONAL_BUILD_ARGS = {"season": 1, "base_seasons": 0}
+_OPTIONAL_LIMITS = {"season": (1, 100_000), "base_seasons": (0, 16)}
 # Gate rows per hidden unit in rnn.weight_ih_l0: tells the cell the weights were trained as.
 _GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 _MAX_WEIGHTS_BYTES = 2 * 1024**3
@@ -242,8 +245,16 @@ def _check_build_args(args: Any) -> dict[str, Any]:
     if not isinstance(args, dict):
         raise CheckpointError("manifest: model build arguments are missing")
     expected = {"cell", "input_size", "hidden_size", "num_layers", "horizon", "dropout"}
-    if set(args) != expected:
-        raise CheckpointError(f"manifest: model build arguments must be exactly {sorted(expected)}, got {sorted(args)}")
+    if not expected <= set(args) <= expected | set(_OPTIONAL_BUILD_ARGS):
+        raise CheckpointError(f"manifest: model build arguments must be {sorted(expected)} and optionally "
+                              f"{sorted(_OPTIONAL_BUILD_ARGS)}, got {sorted(args)}")  # fmt: skip
+    args = {**_OPTIONAL_BUILD_ARGS, **args}
+    for name, (low, high) in _OPTIONAL_LIMITS.items():
+        value = args[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise CheckpointError(f"manifest: {name}={value!r} is not an integer in {low}..{high}")
+    if args["base_seasons"] and args["input_size"] != 1:
+        raise CheckpointError("manifest: a seasonal baseline needs input_size 1")
     if args["cell"] not in CELLS:
         raise CheckpointError(f"manifest: unknown cell {args['cell']!r}")
     for name, limit in _BUILD_LIMITS.items():

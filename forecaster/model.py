@@ -3,6 +3,13 @@
 ``forward`` runs a whole sequence; ``step`` is its time = 1 case, which serving calls once per new value.
 ``step`` takes a fused path (torch's ``gru_cell`` / ``lstm_cell`` / ``rnn_tanh_cell`` per layer on the
 module's own weights) that skips ``nn.GRU``'s per-call checks; a test holds it equal to ``forward``.
+
+With ``base_seasons = m > 0`` the model forecasts a residual over a seasonal baseline read from its own
+recent inputs: for step k, the mean of the (scaled) inputs at the same phase in each of the last m
+seasons (``season = 1, m = 1``: the last value). The head starts at zero, so an untrained model forecasts
+exactly that baseline, and training learns what the baseline misses. The baseline needs the ``context``
+inputs before the current one: ``forward`` and ``step`` take them as ``past`` (zeros before a series'
+first value), ``warm`` reads them from its window.
 """
 
 from __future__ import annotations
@@ -43,22 +50,36 @@ class RecurrentForecaster(nn.Module):
         num_layers: int = 2,
         horizon: int = 12,
         dropout: float = 0.0,
+        season: int = 1,
+        base_seasons: int = 0,
     ) -> None:
         super().__init__()
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
-        if min(input_size, hidden_size, num_layers, horizon) < 1:
-            raise ValueError("input_size, hidden_size, num_layers and horizon must be >= 1")
+        if min(input_size, hidden_size, num_layers, horizon, season) < 1 or base_seasons < 0:
+            raise ValueError("input_size, hidden_size, num_layers, horizon and season must be >= 1, base_seasons >= 0")
+        if base_seasons and input_size != 1:
+            raise ValueError("a seasonal baseline reads the value input: input_size must be 1")
         self.cell = cell
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.horizon = horizon
         self.dropout = float(dropout)
+        self.season = int(season)
+        self.base_seasons = int(base_seasons)
         # nn.GRU warns about dropout with a single layer; it has no effect there anyway.
         rnn_dropout = self.dropout if num_layers > 1 else 0.0
         self.rnn = CELLS[cell](input_size, hidden_size, num_layers, batch_first=True, dropout=rnn_dropout)
         self.head = nn.Linear(hidden_size, horizon)
+        if self.base_seasons:  # an untrained model forecasts the baseline itself
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        # How far back from the newest input the baseline reads, per season averaged and step: (m, horizon).
+        step = torch.arange(1, horizon + 1)
+        back = self.season * torch.ceil(step / self.season).long() - step  # (horizon,) in [0, season)
+        seasons = torch.arange(max(self.base_seasons, 1))[:, None] * self.season  # (m, 1)
+        self.register_buffer("_back", back[None, :] + seasons, persistent=False)  # (m, horizon)
         self._packed: list[list[Tensor]] | None = None  # per layer [w_ih, w_hh, b_ih, b_hh], for step()
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): weights may be new tensors
@@ -75,6 +96,8 @@ class RecurrentForecaster(nn.Module):
             "num_layers": self.num_layers,
             "horizon": self.horizon,
             "dropout": self.dropout,
+            "season": self.season,
+            "base_seasons": self.base_seasons,
         }
 
     @property
@@ -87,16 +110,56 @@ class RecurrentForecaster(nn.Module):
         h = torch.zeros(self.num_layers, batch, self.hidden_size, device=device)  # (layers, batch, hidden)
         return (h, torch.zeros_like(h)) if self.is_lstm else h
 
-    def forward(self, x: Tensor, h: State | None = None) -> tuple[Tensor, State]:
-        """``x`` (batch, time, input_size) -> forecasts (batch, time, horizon) and the final state."""
-        out, h = self.rnn(x, h)  # (batch, time, hidden)
-        return self.head(out), h  # (batch, time, horizon)
+    @property
+    def context(self) -> int:
+        """Inputs before the current one that the baseline reads (0: no baseline)."""
+        return self.season * self.base_seasons - 1 if self.base_seasons else 0
 
-    def step(self, x: Tensor, h: State) -> tuple[Tensor, State]:
-        """One value per series: ``x`` (batch, input_size) -> forecasts (batch, horizon) and the new state."""
+    def past(self, x: Tensor, start: int) -> Tensor | None:
+        """The ``context`` inputs of sequences ``x`` (batch, T[, 1]) before position ``start``, zeros before
+        the first: the ``past`` of ``forward(x[:, start:], ...)``. None when there is no baseline."""
+        if not self.base_seasons:
+            return None
+        values = x[..., 0] if x.dim() == 3 else x  # (batch, T)
+        got = values[:, max(0, start - self.context) : start]  # (batch, <= context)
+        return F.pad(got, (self.context - got.shape[1], 0))  # (batch, context)
+
+    def baseline(self, recent: Tensor) -> Tensor:
+        """Baseline forecasts in scaled units after the newest of ``recent`` (batch, n) inputs (zeros stand
+        for values before a series began; fewer than ``context + 1`` are padded so): (batch, horizon)."""
+        need = self.context + 1
+        recent = F.pad(recent, (need - recent.shape[1], 0)) if recent.shape[1] < need else recent[:, -need:]
+        return self._baseline_seq(recent)[:, 0]  # (batch, horizon)
+
+    def _baseline_seq(self, full: Tensor) -> Tensor:
+        """``full`` (batch, context + T) inputs -> the baseline after each of the last T: (batch, T, horizon)."""
+        steps = full.shape[1] - self.context
+        idx = self.context + torch.arange(steps, device=full.device)[:, None, None] - self._back  # (T, m, horizon)
+        return full[:, idx].mean(2)  # (batch, T, horizon)
+
+    def _with_past(self, values: Tensor, past: Tensor | None) -> Tensor:
+        past = values.new_zeros(values.shape[0], self.context) if past is None else past.to(values.dtype)
+        return torch.cat([past, values], 1)  # (batch, context + T)
+
+    def forward(self, x: Tensor, h: State | None = None, past: Tensor | None = None) -> tuple[Tensor, State]:
+        """``x`` (batch, time, input_size) -> forecasts (batch, time, horizon) and the final state.
+
+        ``past`` (batch, context): the inputs before ``x[:, 0]`` for the baseline (None: zeros, the series
+        starts with ``x``)."""
+        out, h = self.rnn(x, h)  # (batch, time, hidden)
+        y = self.head(out)  # (batch, time, horizon)
+        if self.base_seasons:
+            y = y + self._baseline_seq(self._with_past(x[..., 0], past))
+        return y, h
+
+    def step(self, x: Tensor, h: State, past: Tensor | None = None) -> tuple[Tensor, State]:
+        """One value per series: ``x`` (batch, input_size) -> forecasts (batch, horizon) and the new state.
+
+        ``past`` (batch, context): each series' inputs before ``x`` (as in ``forward``)."""
         if self.training and self.dropout > 0.0 and self.num_layers > 1:
-            y, h = self.forward(x.unsqueeze(1), h)  # dropout between layers: leave it to nn.RNNBase
+            y, h = self.forward(x.unsqueeze(1), h, past)  # dropout between layers: leave it to nn.RNNBase
             return y.squeeze(1), h
+        value = x[:, :1]  # (batch, 1) the value input, for the baseline
         weights = self._packed
         if weights is None:  # fetched once: nn.RNNBase.all_weights costs more than a small step
             weights = self._packed = self.rnn.all_weights  # per layer: [w_ih, w_hh, b_ih, b_hh]
@@ -115,7 +178,19 @@ class RecurrentForecaster(nn.Module):
                 x = cell(x, h[layer], w_ih, w_hh, b_ih, b_hh)  # (batch, hidden)
                 new_h.append(x)
             state = torch.stack(new_h)  # (layers, batch, hidden)
-        return F.linear(x, self.head.weight, self.head.bias), state  # (batch, horizon)
+        y = F.linear(x, self.head.weight, self.head.bias)  # (batch, horizon)
+        if self.base_seasons:
+            y = y + self.baseline(self._with_past(value, past))
+        return y, state
+
+    def readout(self, h: State, recent: Tensor | None = None) -> Tensor:
+        """The forecast (batch, horizon) of state ``h`` whose newest inputs are ``recent`` (batch, n):
+        what ``step`` returned when it made ``h``."""
+        top = h[0][-1] if self.is_lstm else h[-1]  # (batch, hidden)
+        y = self.head(top)  # (batch, horizon)
+        if self.base_seasons:
+            y = y + self.baseline(recent)
+        return y
 
     def warm(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, State]:
         """Run from the zero state over right-aligned windows of different lengths.
@@ -126,11 +201,11 @@ class RecurrentForecaster(nn.Module):
         must be >= 1.
         """
         window = x.shape[1]
+        recent = x[..., 0]  # (batch, W) right-aligned, zeros before each series' values
         lengths = lengths.to(device=x.device, dtype=torch.long)
         # Left-align each row so packing sees its values first: row i starts at W - lengths[i].
         shift = torch.arange(window, device=x.device) + (window - lengths)[:, None]  # (batch, W)
         x = x.gather(1, (shift % window).unsqueeze(-1).expand(-1, -1, x.shape[2]))  # (batch, W, input)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         _, h = self.rnn(packed, None)  # h: (layers, batch, hidden) in the original row order
-        top = h[0][-1] if self.is_lstm else h[-1]  # (batch, hidden)
-        return self.head(top), h  # (batch, horizon)
+        return self.readout(h, recent), h  # (batch, horizon)

@@ -218,6 +218,9 @@ class RewarmJob:
                 rows_t = torch.as_tensor(rows, device=table.device)
                 stats = table.stats.index_select(0, idx)  # (m, N_STATS): the statistics as they are now
                 y = self.y.index_select(0, rows_t)  # (m, horizon)
+                if model.context:  # catch-up steps ran without their past: the baseline comes from the window
+                    recent, _ = table.window(slots)  # (m, W, 1)
+                    y = model.readout(_select(self.state, rows_t), recent[..., 0])  # (m, horizon)
                 table.write_states(slots, _select(self.state, rows_t), engine.scaling.denormalize(stats, y))
             # Everything else resident re-warms over its current window, now.
             rest = np.setdiff1d(table.occupied(), slots)

@@ -100,6 +100,37 @@ def test_incremental_equals_full_on_the_device_path(cell: str, stream) -> None:
     assert engine.errors["init"].count == sum(len(ts) - 1 for ts, _ in data.values())
 
 
+def _residual_model(cell: str, seed: int = 0) -> RecurrentForecaster:
+    """A model forecasting over a seasonal baseline (season 2, two seasons: three inputs back), head random."""
+    model = _model(cell, seed=seed, season=2, base_seasons=2)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("host_views", [True, False])
+@pytest.mark.parametrize("cell", CELLS)
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=streams())
+def test_incremental_equals_full_over_a_seasonal_baseline(cell: str, host_views: bool, stream) -> None:
+    """The baseline's inputs come from the ring buffer; the window (4) is shorter than most series."""
+    data, batches = stream
+    model = _residual_model(cell)
+    engine = Engine(model, window=4, capacity=2, scaling=SCALINGS["ewm"], host_views=host_views)
+    _check_incremental_equals_full(engine, model, data, batches, SCALINGS["ewm"])
+
+
+def test_a_baseline_longer_than_the_window_is_refused() -> None:
+    model = _model("gru", season=3, base_seasons=2)  # reads 5 inputs before the current one
+    with pytest.raises(ValueError, match="window"):
+        Engine(model, window=5)
+    engine = Engine(_model("gru"), window=5)
+    with pytest.raises(ValueError, match="window"):
+        engine.rewarm(model, "v2")
+    Engine(model, window=6).process(["a"], [1], [1.0])
+
+
 def _check_incremental_equals_full(engine, model, data, batches, scaling) -> None:
     got = _run(engine, batches)
     assert engine.duplicates_total == 0

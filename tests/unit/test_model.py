@@ -77,7 +77,7 @@ def test_warm_equals_forward_over_each_rows_own_values(cell: str) -> None:
 def test_build_args_rebuild_the_same_module() -> None:
     model = RecurrentForecaster("lstm", input_size=1, hidden_size=16, num_layers=1, horizon=4, dropout=0.0)
     assert model.build_args == {"cell": "lstm", "input_size": 1, "hidden_size": 16, "num_layers": 1,
-                                "horizon": 4, "dropout": 0.0}
+                                "horizon": 4, "dropout": 0.0, "season": 1, "base_seasons": 0}
     twin = RecurrentForecaster(**model.build_args)
     twin.load_state_dict(model.state_dict())
     x = torch.randn(2, 5, 1)
@@ -110,3 +110,69 @@ def test_step_follows_weights_loaded_or_moved_after_first_use() -> None:
     y, _ = model(x.double()[:, None])
     y_step, _ = model.step(x.double(), model.initial_state(3).double())
     assert y_step.dtype == torch.float64 and torch.allclose(y_step, y[:, 0], atol=1e-12)
+
+
+# ---- forecasting over a seasonal baseline ---------------------------------------------------------------
+
+
+def _residual(cell: str, season: int, base_seasons: int, seed: int = 0, horizon: int = 5) -> RecurrentForecaster:
+    torch.manual_seed(seed)
+    return RecurrentForecaster(cell, hidden_size=6, num_layers=2, horizon=horizon, season=season,
+                               base_seasons=base_seasons).eval()  # fmt: skip
+
+
+def test_an_untrained_residual_model_forecasts_its_baseline_by_hand() -> None:
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])[..., None]  # (1, 7, 1)
+    # season 3, one season: step k forecasts the input at t + k - 3 * ceil(k / 3); zeros before the start.
+    y, _ = _residual("gru", 3, 1, horizon=4)(x)
+    assert y[0, 6].tolist() == [5.0, 6.0, 7.0, 5.0]
+    assert y[0, 0].tolist() == [0.0, 0.0, 1.0, 0.0]
+    # two seasons: the mean of the two values at that phase, 3 and 6 inputs back for step 1 after t = 6
+    y, _ = _residual("gru", 3, 2, horizon=4)(x)
+    assert y[0, 6].tolist() == [3.5, 4.5, 5.5, 3.5]
+    # season 1: the last value
+    y, _ = _residual("rnn", 1, 1, horizon=3)(x)
+    assert y[0, 4].tolist() == [5.0, 5.0, 5.0]
+
+
+def _randomize_head(model: RecurrentForecaster) -> RecurrentForecaster:
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize(("season", "base_seasons"), [(1, 1), (3, 1), (4, 3)])
+def test_residual_step_chunks_and_warm_equal_forward(cell: str, season: int, base_seasons: int) -> None:
+    model = _randomize_head(_residual(cell, season, base_seasons, seed=2))
+    x = torch.randn(3, 20, 1)
+    y, _ = model(x)
+    # forward in chunks, each given the inputs before it
+    y1, h = model(x[:, :7])
+    y2, _ = model(x[:, 7:], h, past=model.past(x, 7))
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, atol=1e-5, rtol=0)
+    # one step at a time
+    h = model.initial_state(3)
+    for t in range(20):
+        y_t, h = model.step(x[:, t], h, past=model.past(x, t))
+        torch.testing.assert_close(y_t, y[:, t], atol=1e-5, rtol=0)
+    # warm over a right-aligned window equals forward over those inputs alone
+    window = torch.zeros(3, 16, 1)
+    window[:, -12:] = x[:, -12:]
+    y_w, h_w = model.warm(window, torch.tensor([12, 12, 12]))
+    y_ref, _ = model(x[:, -12:])
+    torch.testing.assert_close(y_w, y_ref[:, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.readout(h_w, window[..., 0]), y_w, atol=1e-6, rtol=0)
+
+
+def test_residual_build_args_and_context() -> None:
+    model = _residual("lstm", 12, 3)
+    assert model.context == 35 and _residual("gru", 4, 0).context == 0
+    rebuilt = RecurrentForecaster(**model.build_args)
+    assert (rebuilt.season, rebuilt.base_seasons, rebuilt.context) == (12, 3, 35)
+    assert set(model.state_dict()) == set(_residual("lstm", 1, 0).state_dict())  # no new weights
+    with pytest.raises(ValueError):
+        RecurrentForecaster("gru", season=0)
+    with pytest.raises(ValueError):
+        RecurrentForecaster("gru", input_size=2, season=3, base_seasons=1)
