@@ -89,26 +89,31 @@ def run_periodically(
     clock: Callable[[], float] = time.monotonic,
     wall: Callable[[], float] = time.time,
     max_runs: int | None = None,
+    retry_seconds: float = 60.0,
 ) -> int:
     """Call ``run_once`` every ``every_seconds`` (start to start) until ``stop`` is set; returns the runs made.
 
-    A run that raises a ``ForecasterError`` is logged and counted as failed; the next one still happens.
+    A run that raises a ``ForecasterError`` is logged and counted as failed; the next one comes after
+    ``min(every_seconds, retry_seconds)``, so a fresh deployment whose input topic is still empty gets its
+    first model soon after data arrives rather than a whole period later.
     """
     stop = stop or threading.Event()
     runs = 0
     while not stop.is_set() and (max_runs is None or runs < max_runs):
         started = clock()
+        period = every_seconds
         try:
             outcome = run_once()
         except ForecasterError as exc:
             metrics.failed(clock() - started)
-            log.error("training run failed: %s", exc)
+            period = min(every_seconds, retry_seconds)
+            log.error("training run failed: %s (next try in %.0f s)", exc, period)
         else:
             metrics.record(outcome, clock() - started, wall())
         runs += 1
         if max_runs is not None and runs >= max_runs:
             break
-        left = every_seconds - (clock() - started)
+        left = period - (clock() - started)
         if left > 0:
             log.info("next training run in %.0f s", left)
             stop.wait(left)
