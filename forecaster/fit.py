@@ -171,7 +171,7 @@ def _train_epoch(model: RecurrentForecaster, batches: list[Batch], optimizer: to
         h = None
         for start in range(0, max(end, 0), chunk_length):
             stop = min(start + chunk_length, end)
-            y, h = model(batch.x[:, start:stop], h)  # (B, T, H)
+            y, h = model(batch.x[:, start:stop], h, model.past(batch.x, start))  # (B, T, H)
             h = tuple(s.detach() for s in h) if isinstance(h, tuple) else h.detach()
             target, mask = chunk_targets(batch, start, stop, model.horizon, warmup, "train")
             bar.update(1)
@@ -201,7 +201,7 @@ def validation_mse(model: RecurrentForecaster, batches: list[Batch], chunk_lengt
             first = max(int(batch.n_train.min()) - 1, 0)  # forecasts before it have no validation target
             for start in range(0, length, max(chunk_length, 256)):
                 stop = min(start + max(chunk_length, 256), length)
-                y, h = model(batch.x[:, start:stop], h)  # (B, T, H)
+                y, h = model(batch.x[:, start:stop], h, model.past(batch.x, start))  # (B, T, H)
                 if stop <= first:
                     continue
                 target, mask = chunk_targets(batch, start, stop, model.horizon, warmup, "validation")

@@ -72,14 +72,14 @@ def initial_model(settings: Any, device: str | torch.device = "cpu") -> tuple[Re
         log.error("checkpoint LATEST in %s is unusable: %s", root, exc)
         wanted = None
     if wanted is not None:
-        loaded = _load_compatible(root / wanted, device, scaling)
+        loaded = _load_compatible(root / wanted, device, scaling, settings.state.window)
         if loaded is not None:
             log.info("serving checkpoint %s from %s", loaded.version, root)
             return loaded.model, loaded.version
     for info in reversed(list_checkpoints(root)):
         if info.version == wanted or info.problem is not None:
             continue
-        loaded = _load_compatible(info.path, device, scaling)
+        loaded = _load_compatible(info.path, device, scaling, settings.state.window)
         if loaded is not None:
             log.warning("serving checkpoint %s, the newest valid one in %s (LATEST: %s)", loaded.version, root, wanted)
             return loaded.model, loaded.version
@@ -87,17 +87,21 @@ def initial_model(settings: Any, device: str | torch.device = "cpu") -> tuple[Re
     return fresh_model(settings, device), INIT_VERSION
 
 
-def _load_compatible(path: Path, device: str | torch.device, scaling: Scaling) -> LoadedCheckpoint | None:
+def _load_compatible(path: Path, device: str | torch.device, scaling: Scaling, window: int) -> LoadedCheckpoint | None:
     try:
         loaded = load_checkpoint(path, device=device)
-        _check_compatible(loaded, scaling=scaling, horizon=None)
+        _check_compatible(loaded, scaling=scaling, horizon=None, window=window)
         return loaded
     except CheckpointError as exc:
         log.error("checkpoint %s refused: %s", path, exc)
         return None
 
 
-def _check_compatible(loaded: LoadedCheckpoint, *, scaling: Scaling | None, horizon: int | None) -> None:
+def _check_compatible(loaded: LoadedCheckpoint, *, scaling: Scaling | None, horizon: int | None,
+                      window: int | None = None) -> None:
+    if window is not None and loaded.model.context >= window:
+        raise CheckpointError(f"{loaded.version}: its baseline reads {loaded.model.context} values back, the "
+                              f"service retains {window} (state.window)")  # fmt: skip
     if scaling is not None and loaded.scaling != scaling:
         raise CheckpointError(f"{loaded.version}: trained with scaling {loaded.scaling.settings}, the service runs {scaling.settings}")
     if horizon is not None and loaded.model.horizon != horizon:

@@ -1,6 +1,9 @@
 """The offline trainer: history in, a validated and (if better) published checkpoint out.
 
-``train_once`` fits the serving model on the training part of each series (``forecaster.fit``), scores it
+``train_once`` first picks the baseline the model forecasts over (seasonal naive over one, two or three
+seasons, or the last value: the one with the lowest error over the history, ``choose_baseline``), fits the
+serving model on the training part of each series (``forecaster.fit``), keeps its untrained baseline
+instead if that does better on the validation part (the fitted model is not trusted then), scores it
 on the validation part against the last-value and seasonal-naive baselines and against the currently
 published checkpoint (``forecaster.evaluation``), and publishes a new version only if it is better than the
 published one (unless ``settings.train.publish_only_if_better`` is off). The decision and every figure go
@@ -28,10 +31,10 @@ from typing import Any
 
 import torch
 
-from forecaster.baselines import detect_season
+from forecaster.baselines import ForecastErrors, detect_season, targets
 from forecaster.checkpoint import LoadedCheckpoint, latest_version, load_checkpoint, promote, save_checkpoint
 from forecaster.errors import CheckpointError, DataError
-from forecaster.evaluation import BASELINES, Evaluation, evaluate
+from forecaster.evaluation import BASELINES, Evaluation, evaluate, model_forecasts
 from forecaster.fit import FitResult, fit, split_point
 from forecaster.history import History
 from forecaster.model import RecurrentForecaster
@@ -52,11 +55,39 @@ class TrainOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def build_model(settings: Any) -> RecurrentForecaster:
-    """A fresh model of the configured shape, seeded by ``settings.model.seed``."""
+BASE_SEASONS = (1, 2, 3)  # seasons averaged by the seasonal baselines tried
+
+
+def build_model(settings: Any, **overrides: Any) -> RecurrentForecaster:
+    """A fresh model of the configured shape, seeded by ``settings.model.seed``; ``overrides``: other
+    build arguments (``season``, ``base_seasons``)."""
     args = settings.model.model_dump()
     torch.manual_seed(args.pop("seed", 0))
-    return RecurrentForecaster(**args)
+    return RecurrentForecaster(**{**args, **overrides})
+
+
+def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) -> dict[str, int]:
+    """``season`` and ``base_seasons`` of the baseline with the lowest MAE over the whole history:
+    seasonal naive averaged over 1, 2 or 3 seasons (those the retained window holds), or the last value.
+
+    Each is scored as an untrained model (zero head: its forecast is the baseline, in the serving code's
+    units) on every forecast made after ``warmup`` values and after its longest look-back."""
+    horizon, window, warmup = settings.model.horizon, settings.state.window, settings.train.warmup
+    candidates = [{"season": 1, "base_seasons": 1}]
+    if season > 1:
+        candidates += [{"season": season, "base_seasons": m} for m in BASE_SEASONS if season * m <= window]
+    first = max(warmup, max(season * c["base_seasons"] for c in candidates))  # the same points for all
+    best, best_mae = candidates[0], math.inf
+    for candidate in candidates:
+        model = RecurrentForecaster("rnn", hidden_size=1, num_layers=1, horizon=horizon, **candidate)
+        errors = ForecastErrors.empty(horizon)
+        for v, f in zip(values, model_forecasts(model, scaling, values), strict=True):
+            errors = errors + ForecastErrors.of(f[first:], targets(v, horizon)[first:])
+        mae = errors.overall_mae()
+        log.info("baseline season %d x %d: MAE %.6g", candidate["season"], candidate["base_seasons"], mae)
+        if mae < best_mae:
+            best, best_mae = candidate, mae
+    return best
 
 
 def resolve_season(settings: Any, history: History) -> int:
@@ -87,8 +118,9 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
         raise DataError("no history to train on")
     scaling = Scaling.from_settings(settings.scaling)
     season = resolve_season(settings, history)
-    # Step 1. Fit the serving model on the training part of every series.
-    model = build_model(settings)
+    # Step 1. The baseline the model forecasts over, then fit the model on the training part of every series.
+    baseline = choose_baseline(settings, values, scaling, season)
+    model = build_model(settings, **baseline)
     fitted = fit(
         model, values, scaling, epochs=train.epochs, chunk_length=train.chunk_length,
         batch_series=train.batch_series, learning_rate=train.learning_rate,
@@ -100,17 +132,28 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
             f"history too short to train: {len(values)} series, longest {max(len(v) for v in values)} values "
             f"(need more than warmup={train.warmup} + validation)"
         )
-    # Step 2. Score it, the baselines and the published model on the same validation points.
+    # Step 2. An untrained model forecasts its baseline: keep that where the fitted model does worse.
+    untrained = build_model(settings, **baseline)
+    trust = evaluate({"model": (model, scaling), "untrained": (untrained, scaling)}, values,
+                     validation_fraction=train.validation_fraction, season=season)  # fmt: skip
+    if trust.mae("untrained") < trust.mae("model"):
+        log.warning("the fitted model does worse than its baseline on the validation data (MAE %.6g vs %.6g): "
+                    "keeping the baseline", trust.mae("model"), trust.mae("untrained"))  # fmt: skip
+        model, fell_back = untrained.eval(), True
+    else:
+        fell_back = False
+    # Step 3. Score it, the naive baselines and the published model on the same validation points.
     published = published_checkpoint(settings.checkpoints.dir)
     models = {"model": (model, scaling)}
     if published is not None:
         models["published"] = (published.model, published.scaling)
     evaluation = evaluate(models, values, validation_fraction=train.validation_fraction, season=season)
-    # Step 3. Decide.
+    # Step 4. Decide.
     publish, reason = _decide(evaluation, published, train)
     summary = evaluation.summary()
     metrics = {
         "validation": summary,
+        "baseline": {**baseline, "kept_untrained": fell_back},
         "fit": {"epochs": fitted.epochs, "train_loss": fitted.train_losses[-1],
                 "best_validation_loss": fitted.best_validation_loss, "stopped_early": fitted.stopped_early},
         "decision": {"published": publish, "reason": reason,
@@ -119,7 +162,7 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
     _log_figures(evaluation, published, publish, reason)
     if not publish:
         return TrainOutcome(None, reason, fitted, evaluation, published.version if published else None, metrics)
-    # Step 4. Write the checkpoint, then point LATEST at it (validated by the one loader on the way).
+    # Step 5. Write the checkpoint, then point LATEST at it (validated by the one loader on the way).
     version = save_checkpoint(
         settings.checkpoints.dir, model, scaling, data=history.describe(), metrics=metrics,
         parent=published.version if published else None,

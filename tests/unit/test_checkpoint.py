@@ -325,3 +325,42 @@ def test_loading_onto_a_device_keeps_the_checks(tmp_path: Path) -> None:
     loaded = load_checkpoint(tmp_path / version, device="cpu")
     assert next(loaded.model.parameters()).device.type == "cpu"
     assert loaded.model.cell == "lstm"
+
+
+# ---- models that forecast over a seasonal baseline ----------------------------------------------------------
+
+
+def test_a_residual_model_round_trips(tmp_path: Path) -> None:
+    version, model = saved(tmp_path, season=4, base_seasons=2)
+    with torch.no_grad():
+        model.head.bias.fill_(0.5)
+    version = save_checkpoint(tmp_path, model, Scaling(halflife=12.0))
+    loaded = load_checkpoint(tmp_path / version)
+    assert (loaded.model.season, loaded.model.base_seasons) == (4, 2)
+    x = torch.randn(2, 9, 1)
+    assert torch.equal(loaded.model(x)[0], model(x)[0])
+
+
+def test_a_manifest_from_before_the_baseline_loads_as_a_plain_model(tmp_path: Path) -> None:
+    version, model = saved(tmp_path)
+    manifest = _manifest(tmp_path / version)
+    for name in ("season", "base_seasons"):
+        del manifest["model"][name]
+    _write_manifest(tmp_path / version, manifest)
+    loaded = load_checkpoint(tmp_path / version)
+    assert (loaded.model.season, loaded.model.base_seasons, loaded.model.context) == (1, 0, 0)
+    x = torch.randn(2, 5, 1)
+    assert torch.equal(loaded.model(x)[0], model(x)[0])
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("season", 0, "season=0"), ("base_seasons", -1, "base_seasons=-1"), ("base_seasons", 99, "base_seasons=99"),
+    ("season", "12", "season='12'"), ("colour", "red", "optionally"),
+])  # fmt: skip
+def test_bad_baseline_build_args_are_refused(tmp_path: Path, field: str, value, words: str) -> None:
+    version, _ = saved(tmp_path)
+    manifest = _manifest(tmp_path / version)
+    manifest["model"][field] = value
+    _write_manifest(tmp_path / version, manifest)
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        load_checkpoint(tmp_path / version)

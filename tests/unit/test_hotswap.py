@@ -415,3 +415,47 @@ def test_catch_up_in_several_passes_loses_nothing(rows_per_copy) -> None:
             y, _ = new_model(x[start:][None, :, None])
         np.testing.assert_allclose(out.values[out.series.index(name)],
                                    SCALING.denormalize(stats[-1:], y[0, -1:]).numpy()[0], rtol=1e-5, atol=1e-4)
+
+
+# ---- models that forecast over a seasonal baseline ----------------------------------------------------------
+
+
+def test_a_baseline_longer_than_the_window_is_not_served(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = settings_for(tmp_path)
+    fits = publish(tmp_path, model_of(season=4, base_seasons=1))
+    too_long = publish(tmp_path, model_of(season=300, base_seasons=1))  # the default window is 256
+    model, version = initial_model(settings)
+    assert version == fits != too_long and model.context == 3
+    assert "state.window" in caplog.text
+
+
+def test_background_rewarm_of_a_residual_model_takes_the_baseline_from_the_window() -> None:
+    """Values stepped while the job runs are caught up without their past; the forecast at the swap must
+    still read the baseline from the retained window, as a re-warm at the boundary does."""
+    data = stream({"a": 5, "b": 3}, seed=4)
+    new_model = model_of("lstm", seed=2, season=2, base_seasons=2)
+    with torch.no_grad():
+        new_model.head.bias.normal_()
+    background = Engine(model_of(seed=1), version="init", window=WINDOW, scaling=SCALING)
+    direct = Engine(model_of(seed=1), version="init", window=WINDOW, scaling=SCALING)
+    feed(background, data)
+    feed(direct, data)
+    job = RewarmJob(new_model, "v2", background, final_values=0)
+    for engine in (background, direct):  # fewer than WINDOW values in all: both re-warms see every value
+        engine.process(["a", "b", "a"], [10_000, 10_000, 10_001], [3.0, -2.0, 4.0])
+    assert job.wait(30.0)
+    while (swapped := job.at_boundary(background)) is None:
+        assert job.wait(30.0)
+    assert swapped["caught_up"] == 2
+    direct.rewarm(new_model, "v2")
+    for name in ("a", "b"):
+        slot_b, slot_d = background.table.slots[name], direct.table.slots[name]
+        torch.testing.assert_close(background.table.forecast[slot_b], direct.table.forecast[slot_d],
+                                   atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_a_residual_model_longer_than_the_window_is_refused_by_the_background_job() -> None:
+    engine = Engine(model_of(seed=1), version="init", window=WINDOW, scaling=SCALING)
+    feed(engine, stream({"a": 5}))
+    with pytest.raises(ValueError, match="window"):
+        RewarmJob(model_of(season=WINDOW + 1, base_seasons=1), "v2", engine)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from forecaster import train as train_module
 from forecaster.baselines import ForecastErrors, detect_season, last_value, mase, seasonal_naive, targets
 from forecaster.checkpoint import (
     MANIFEST_FILE,
@@ -38,7 +39,7 @@ from forecaster.model import RecurrentForecaster
 from forecaster.periodic import TrainerMetrics, parse_duration, run_periodically
 from forecaster.scaling import Scaling
 from forecaster.synthetic import SeriesShape, generate
-from forecaster.train import train_once
+from forecaster.train import choose_baseline, train_once
 
 # ---- baselines and errors ------------------------------------------------------------------------------
 
@@ -150,10 +151,10 @@ def test_state_is_carried_across_chunks_and_detached(monkeypatch: pytest.MonkeyP
     seen = []
     forward = model.forward
 
-    def recording(x, h=None):
+    def recording(x, h=None, past=None):
         if model.training:
             seen.append((x.shape[1], None if h is None else h.requires_grad))
-        return forward(x, h)
+        return forward(x, h, past)
 
     monkeypatch.setattr(model, "forward", recording)
     fit(model, [np.sin(np.arange(50) / 2.0) + 3.0], Scaling(), epochs=1, chunk_length=10,
@@ -218,7 +219,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
 
 def test_training_learns_and_beats_seasonal_naive(trained) -> None:
     _, _, outcome = trained
-    assert outcome.fit.train_losses[-1] < 0.5 * outcome.fit.train_losses[0]
+    assert outcome.fit.train_losses[-1] < outcome.fit.train_losses[0]  # it starts at its baseline already
     assert outcome.evaluation.mase("model", "seasonal_naive") < 1.0
     assert outcome.evaluation.mase("model", "last_value") < 1.0
 
@@ -374,3 +375,53 @@ def test_cli_every_serves_metrics_and_stops_on_sigterm(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(10)
         proc.stderr.close()
+
+
+# ---- the baseline the model forecasts over ------------------------------------------------------------------
+
+
+def test_model_forecasts_in_chunks_equal_the_reference_for_a_residual_model() -> None:
+    torch.manual_seed(3)
+    model = RecurrentForecaster("gru", hidden_size=5, num_layers=1, horizon=4, season=3, base_seasons=2)
+    with torch.no_grad():
+        model.head.bias.normal_()
+    values = [np.random.default_rng(i).normal(5, 1, n) for i, n in enumerate((30, 17, 4))]
+    chunked = model_forecasts(model, Scaling(), values, chunk_length=7)
+    for v, f in zip(values, chunked, strict=True):
+        np.testing.assert_allclose(f, reference_forecast(model, v, Scaling()), atol=1e-5, rtol=0)
+
+
+def test_the_baseline_is_chosen_by_its_error_on_the_history(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    t = np.arange(240)
+    settings = trainer_settings(tmp_path, season=12)
+    periodic = [50 + 10 * np.sin(2 * np.pi * t / 12) + rng.normal(0, 3, 240) for _ in range(3)]  # noisy season
+    walks = [100 + np.cumsum(rng.normal(0, 1, 240)) for _ in range(3)]  # no season: the last value is best
+    # averaging seasons cancels noise on a stable pattern; nothing beats the last value on a random walk
+    assert choose_baseline(settings, periodic, Scaling(), 12)["base_seasons"] > 1
+    assert choose_baseline(settings, walks, Scaling(), 12) == {"season": 1, "base_seasons": 1}
+    # a window too short for a season is never chosen
+    short = Settings(model={"horizon": 6}, state={"window": 20})
+    assert choose_baseline(short, periodic, Scaling(), 12)["base_seasons"] == 1
+
+
+def test_a_fitted_model_worse_than_its_baseline_is_not_published(tmp_path: Path, monkeypatch) -> None:
+    values = 10 + np.sin(np.arange(200) * 2 * np.pi / 12) + np.random.default_rng(1).normal(0, 0.1, 200)
+    history = History.from_long(["a"] * 200, np.arange(200), values)
+    settings = trainer_settings(tmp_path, epochs=1, season=12)
+    real_fit = train_module.fit
+
+    def spoiled_fit(model, *args, **kwargs):
+        result = real_fit(model, *args, **kwargs)
+        with torch.no_grad():
+            model.head.bias.fill_(3.0)  # every forecast three scale units off
+        return result
+
+    monkeypatch.setattr(train_module, "fit", spoiled_fit)
+    outcome = train_once(settings, history, progress=False)
+    chosen = outcome.metrics["baseline"]
+    assert chosen["season"] == 12 and chosen["kept_untrained"] is True
+    loaded = load_checkpoint(settings.checkpoints.dir)
+    assert (loaded.model.season, loaded.model.base_seasons) == (12, chosen["base_seasons"])
+    assert not loaded.model.head.weight.detach().any() and not loaded.model.head.bias.detach().any()
+    assert outcome.evaluation.mase("model", "seasonal_naive") < 1.5
