@@ -12,6 +12,7 @@ and its field, e.g. ``FORECASTER_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,7 +142,8 @@ class StateSettings(BaseModel):
 class ServiceSettings(BaseModel):
     """The streaming loop."""
 
-    processing_guarantee: Literal["exactly_once", "at_least_once"] = "at_least_once"
+    # exactly_once: forecasts, state changelog and input offsets commit as one Kafka transaction.
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
     max_poll_records: int = Field(default=2000, ge=1, le=1_000_000)
     poll_timeout_ms: int = Field(default=100, ge=0, le=60_000)
     commit_interval_ms: int = Field(default=100, ge=0)
@@ -149,8 +151,10 @@ class ServiceSettings(BaseModel):
     max_window_values: int = Field(default=10_000, ge=1)  # values in one windowed input record
     max_series_length: int = Field(default=256, ge=1, le=4096)  # characters in a series id
     max_future_ms: int = Field(default=366 * 24 * 3600 * 1000, ge=0)  # ts further ahead is absurd
-    transactional_id: str | None = None  # default: "<group_id>-<instance id>"
-    instance_id: str = "0"
+    transactional_id: str | None = None  # default: "<group_id>-<instance_id>"
+    # Stable per instance across restarts (a restart fences its own zombie); default: the host name, so
+    # replicas (`docker compose --scale`) differ while a restarted container keeps its own.
+    instance_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
     checkpoint_poll_seconds: float = Field(default=5.0, gt=0.0)
     linger_ms: int = Field(default=5, ge=0, le=10_000)  # producer batching delay for forecasts
     close_timeout_seconds: float = Field(default=30.0, gt=0.0)  # flush on stop at most this long

@@ -50,6 +50,7 @@ LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
+RESTORE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 100_000)
 
 
@@ -204,6 +205,34 @@ class ServiceMetrics:
             "forecaster_model_info", "The model serving (value 1)", ["version", "cell"], registry=r
         )
         self.commits = Counter("forecaster_commits_total", "Offset commits", registry=r)
+        # Exactly once: transactions, the state changelog, restores.
+        self.transactions = Counter(
+            "forecaster_transactions_total",
+            "Transactions (forecasts + changelog + offsets) by result: committed or aborted",
+            ["result"],
+            registry=r,
+        )
+        self.changelog_records = Counter(
+            "forecaster_changelog_records_total", "State changelog records written in transactions", registry=r
+        )
+        self.changelog_refused = Counter(
+            "forecaster_changelog_refused_total",
+            "Changelog records refused on restore (the series started fresh), by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.restore_seconds = Histogram(
+            "forecaster_restore_seconds",
+            "Time to restore assigned partitions from the changelog (committed offsets, read, load)",
+            buckets=RESTORE_BUCKETS,
+            registry=r,
+        )
+        self.series_restored = Counter(
+            "forecaster_series_restored_total",
+            "Series restored from the changelog, by where they went: resident (state table) or evicted (host)",
+            ["to"],
+            registry=r,
+        )
         self._evictions_seen = 0
 
     def set_model(self, version: str, cell: str) -> None:
@@ -227,6 +256,19 @@ class ServiceMetrics:
 
     def invalid(self, reason: str) -> None:
         self.records_invalid.labels(reason=reason).inc()
+
+    def transaction(self, committed: bool) -> None:
+        self.transactions.labels(result="committed" if committed else "aborted").inc()
+        if committed:
+            self.commits.inc()
+
+    def restored(self, report: Any) -> None:
+        """One restore's figures (a ``forecaster.recovery.RestoreReport``)."""
+        self.restore_seconds.observe(report.seconds)
+        self.series_restored.labels(to="resident").inc(report.resident)
+        self.series_restored.labels(to="evicted").inc(report.evicted)
+        for reason, n in report.refused.items():
+            self.changelog_refused.labels(reason=reason).inc(n)
 
 
 def _le(bound: float) -> str:

@@ -1,9 +1,12 @@
-"""The streaming service: poll -> decode -> engine -> produce -> commit, at least once.
+"""The streaming service: poll -> decode -> engine -> produce -> commit.
 
-Input offsets are committed only after the broker acknowledged the forecasts and dead letters of those
-records (flush, then commit); a replay after a crash is harmless because the engine drops values not newer
-than their series' last timestamp (counted as duplicates). ``stop()`` (SIGTERM/SIGINT in the CLI) lets
-the current batch finish, then flushes, commits and closes.
+Exactly once (the default, ``service.processing_guarantee``): each commit interval's forecasts, dead
+letters, state changelog records and input offsets commit as one Kafka transaction
+(``forecaster.transactions``); partitions are restored from the changelog before they are consumed and
+dropped when they leave (``forecaster.recovery``). At least once: input offsets are committed only after the
+broker acknowledged the forecasts and dead letters of those records (flush, then commit); a replay after a
+crash is harmless because the engine drops values not newer than their series' last timestamp (counted as
+duplicates). ``stop()`` (SIGTERM/SIGINT in the CLI) lets the current batch finish, then commits and closes.
 
 >>> from forecaster.config import Settings
 >>> service = Service(Settings(metrics={"port": 0}), consumer=None, producer=None)  # clients built in start()
@@ -25,10 +28,12 @@ from kafka import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
+from forecaster.changelog import ensure_changelog
 from forecaster.commit import AtLeastOnceCommitter
 from forecaster.config import KafkaSettings, Settings
 from forecaster.engine import Engine
 from forecaster.errors import InvalidRecord, KafkaSetupError
+from forecaster.exactly_once import ExactlyOnce, consumer_options
 from forecaster.hotswap import ModelSwapper, initial_model
 from forecaster.kafka import (
     TopicSpec,
@@ -41,8 +46,11 @@ from forecaster.kafka import (
 from forecaster.metrics import MetricsServer, ServiceMetrics
 from forecaster.records import DecodedBatch, KafkaRecord, RecordDecoder, encode_dead_letter, encode_forecasts
 from forecaster.scaling import Scaling
+from forecaster.transactions import ProducerFenced, TransactionalCommitter
 
 log = logging.getLogger(__name__)
+
+EXIT_FENCED = 3  # another instance took over this one's transactional id: a zombie stops
 
 
 class Service:
@@ -72,8 +80,10 @@ class Service:
         self.swapper = swapper
         self.clock = clock
         self.decoder = RecordDecoder.from_settings(settings.service, clock=clock)
-        self.committer: AtLeastOnceCommitter | None = None
+        self.committer: AtLeastOnceCommitter | TransactionalCommitter | None = None
+        self.exactly_once: ExactlyOnce | None = None
         self._stopping = threading.Event()
+        self._fenced = False
         self._polling = False
         self._next_refresh = 0.0
         self._next_lag = 0.0
@@ -82,13 +92,20 @@ class Service:
     # ---- the loop ------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until ``stop()``; returns the exit status (0)."""
+        """Serve until ``stop()``; returns the exit status (0, or ``EXIT_FENCED`` for a zombie)."""
         self.start()
         try:
             while not self._stopping.is_set():
                 self.process(self.poll())
                 self.swap_model_if_ready()
                 self.refresh_metrics()
+        except (ProducerFenced, KafkaError) as exc:
+            fenced = exc if isinstance(exc, ProducerFenced) else exc.__cause__
+            if not isinstance(fenced, ProducerFenced):
+                raise
+            log.error("stopping: %s; this instance is a zombie and exits (its partitions are served elsewhere)", fenced)
+            self._fenced = True
+            return EXIT_FENCED
         finally:
             self.close()
         return 0
@@ -106,6 +123,8 @@ class Service:
         service = self.settings.service
         polled = self.consumer.poll(timeout_ms=service.poll_timeout_ms, max_records=service.max_poll_records)
         self._polling = True
+        if self.exactly_once is not None and self.exactly_once.owner.catch_up():
+            polled = {}  # state and positions went back to the last commit: these are consumed again
         self.committer.track(polled)
         records: list[KafkaRecord] = [record for part in polled.values() for record in part]
         self.metrics.records_consumed.inc(len(records))
@@ -116,6 +135,8 @@ class Service:
     def step(self, batch: DecodedBatch) -> Any:
         """The engine over the good values of the batch."""
         started = time.perf_counter()
+        if self.exactly_once is not None:
+            self.exactly_once.ledger.revive(batch.series)  # evicted series that came back resume
         out = self.engine.process(batch.series, batch.ts, batch.values)
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.metrics.values_stepped.inc(len(out))
@@ -133,7 +154,9 @@ class Service:
         encoded = encode_forecasts(
             out.series, out.ts, out.version, out.values, partition, offset, batch.index[out.index]
         )
-        send, in_flight = self.producer.send, self.committer.in_flight
+        if self.exactly_once is not None:
+            self.exactly_once.ledger.note(out.series, partition.tolist())  # each series' changelog partition
+        send, in_flight = self.committer.producer.send, self.committer.in_flight
         for name, value in zip(out.series, encoded, strict=True):
             in_flight.append(send(topic, key=name.encode(), value=value))
         created = np.array([r.timestamp for r in batch.records], dtype=np.float64)[record] / 1000.0
@@ -148,7 +171,7 @@ class Service:
         topic = self.settings.kafka.deadletter_topic
         for record, error in invalid:
             self.committer.in_flight.append(
-                self.producer.send(topic, key=record.key, value=encode_dead_letter(record, error))
+                self.committer.producer.send(topic, key=record.key, value=encode_dead_letter(record, error))
             )
             self.metrics.invalid(error.reason)
         examples = ", ".join(f"{e.reason} at {r.topic}[{r.partition}]@{r.offset}" for r, e in invalid[:3])
@@ -191,14 +214,16 @@ class Service:
             return {}
 
     def ready(self) -> bool:
-        """Polling with partitions assigned (the ``/readyz`` answer)."""
-        return self._polling and not self._stopping.is_set() and bool(self.consumer.assignment())
+        """Polling with partitions assigned and restored (the ``/readyz`` answer)."""
+        restoring = self.exactly_once is not None and bool(self.exactly_once.owner.to_restore)
+        return self._polling and not self._stopping.is_set() and bool(self.consumer.assignment()) and not restoring
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Topics, clients, model, metrics server and swapper, in that order."""
         settings, kafka = self.settings, self.settings.kafka
+        exactly_once = settings.service.processing_guarantee == "exactly_once"
         if self.consumer is None or self.producer is None:
             wait_for_broker(kafka, timeout=kafka.request_timeout_ms / 1000.0)
         if kafka.auto_create_topics:
@@ -207,26 +232,38 @@ class Service:
             )
             if created:
                 log.info("created topics %s", ", ".join(created))
+            if exactly_once:  # compacted, as many partitions as the input (or a KafkaSetupError)
+                ensure_changelog(kafka, kafka.input_topic)
         if self.engine is None:
             self.engine = build_engine(settings)
-        if self.producer is None:
-            self.producer = make_producer(kafka, linger_ms=settings.service.linger_ms)
         if self.consumer is None:
             self.consumer = make_consumer(
                 kafka,
                 max_poll_records=settings.service.max_poll_records,
                 session_timeout_ms=settings.service.session_timeout_ms,
                 heartbeat_interval_ms=max(100, settings.service.session_timeout_ms // 3),
+                **(consumer_options(settings) if exactly_once else {}),
             )
-        self.committer = AtLeastOnceCommitter(
-            self.consumer,
-            self.producer,
-            interval_ms=settings.service.commit_interval_ms,
-            max_records=settings.service.commit_records,
-            on_commit=lambda ok: ok and self.metrics.commits.inc(),
-        )
+        if exactly_once:
+            self.exactly_once = ExactlyOnce.build(
+                settings, self.consumer, self.engine, self.metrics, producer=self.producer
+            )
+            self.committer = self.exactly_once.committer
+            self.producer = self.committer.producer
+            listener: Any = self.exactly_once.listener
+        else:
+            if self.producer is None:
+                self.producer = make_producer(kafka, linger_ms=settings.service.linger_ms)
+            self.committer = AtLeastOnceCommitter(
+                self.consumer,
+                self.producer,
+                interval_ms=settings.service.commit_interval_ms,
+                max_records=settings.service.commit_records,
+                on_commit=lambda ok: ok and self.metrics.commits.inc(),
+            )
+            listener = _Rebalance(self)
         self._await_topic(kafka.input_topic, timeout=kafka.request_timeout_ms / 1000.0)
-        self.consumer.subscribe([kafka.input_topic], listener=_Rebalance(self))
+        self.consumer.subscribe([kafka.input_topic], listener=listener)
         self.metrics.set_model(self.engine.version, self.engine.model.cell)
         if self.swapper is None:
             self.swapper = ModelSwapper(
@@ -262,8 +299,9 @@ class Service:
     def close(self) -> None:
         """Final flush and commit, then close the clients; the metrics server goes last."""
         self._stopping.set()
+        timeout = self.settings.service.close_timeout_seconds
         try:
-            if self.committer is not None:
+            if self.committer is not None and not self._fenced:
                 self.committer.commit()
                 self.refresh_metrics(force=True)
         finally:
@@ -271,9 +309,11 @@ class Service:
             if self.swapper is not None:
                 self.swapper.stop()
             if self.consumer is not None:
-                self.consumer.close(autocommit=False)
-            if self.producer is not None:
-                self.producer.close(timeout=self.settings.service.close_timeout_seconds)
+                self.consumer.close(autocommit=False)  # the listener commits (nothing left) and drops
+            if self.exactly_once is not None:
+                self.exactly_once.close(timeout)
+            elif self.producer is not None:
+                self.producer.close(timeout=timeout)
             if self._server is not None:
                 self._server.stop()
                 self._server = None

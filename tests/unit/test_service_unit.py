@@ -142,7 +142,7 @@ def make_service(batches, *, fail=False, on_poll=None, commit_error=None, swappe
     settings = Settings(
         kafka={"input_topic": TOPIC, "auto_create_topics": False},
         metrics={"port": 0},
-        service={"commit_interval_ms": 0, **service_settings},
+        service={"commit_interval_ms": 0, "processing_guarantee": "at_least_once", **service_settings},
     )
     events: list = []
     torch_model = RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2)

@@ -1,0 +1,227 @@
+"""The state changelog: one compacted topic, co-partitioned with the input, keyed by series id.
+
+Each record's value is a versioned envelope around one series' ``StateTable`` snapshot (hidden and cell
+state, scaling statistics, retained window, last ts, last forecast, the model version that made it)::
+
+    b"FCCL" | u8 envelope version | u8 flags (bit 0: the series was evicted) | snapshot bytes
+
+Records are written inside the commit's transaction, so the changelog read with ``read_committed`` always
+holds the state as of the committed input offsets. ``ChangelogReader`` reads partitions to their end;
+``decode`` refuses a record it cannot use with a ``ChangelogRecordError`` whose ``reason`` is a metric label
+(the caller logs it, counts it, and the series starts fresh).
+
+>>> value = encode(b"FCSTATE...", evicted=True)
+>>> value[:4], decode(value)
+(b'FCCL', (b'FCSTATE...', True))
+>>> try:
+...     decode(b"FCCL\\x09\\x00...")
+... except ChangelogRecordError as exc:
+...     exc.reason
+'unknown_version'
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kafka.errors import KafkaError
+from kafka.structs import TopicPartition
+
+from forecaster import snapshot as snap
+from forecaster.config import KafkaSettings
+from forecaster.errors import KafkaSetupError, StateError
+from forecaster.kafka import COMPACTED, TopicSpec, ensure_topics, make_admin
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"FCCL"
+ENVELOPE_VERSION = 1
+FLAG_EVICTED = 0x01
+_HEAD = struct.Struct("<BB")  # envelope version, flags
+# Why a changelog record was refused (metric label values).
+REFUSALS = ("corrupt", "unknown_version", "incompatible")
+# Topic configs used only when the service creates the changelog: small segments so compaction keeps the
+# topic (and a restore's read) close to one record per series. An existing topic must only be compacted.
+CREATE_CONFIG: Mapping[str, str] = {
+    **COMPACTED,
+    "segment.bytes": str(64 * 1024 * 1024),
+    "segment.ms": str(10 * 60 * 1000),
+    "min.cleanable.dirty.ratio": "0.2",
+}
+
+
+class ChangelogRecordError(StateError):
+    """A changelog record that cannot be restored; ``reason`` is one of ``REFUSALS``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def encode(snapshot: bytes, evicted: bool = False) -> bytes:
+    """The changelog value of one series' snapshot."""
+    return MAGIC + _HEAD.pack(ENVELOPE_VERSION, FLAG_EVICTED if evicted else 0) + snapshot
+
+
+def decode(value: bytes | None) -> tuple[bytes, bool]:
+    """(snapshot bytes, evicted) of a changelog value; raises ``ChangelogRecordError``.
+
+    The snapshot's own format version is checked here too, so both layers refuse an unknown version with
+    the same reason; its checksum and shape are checked when it is loaded (``refusal`` maps those).
+    """
+    if value is None or len(value) < len(MAGIC) + _HEAD.size or not value.startswith(MAGIC):
+        raise ChangelogRecordError("corrupt", "not a changelog record (bad magic or too short)")
+    version, flags = _HEAD.unpack_from(value, len(MAGIC))
+    if version != ENVELOPE_VERSION:
+        raise ChangelogRecordError(
+            "unknown_version", f"changelog envelope version {version} (this build reads {ENVELOPE_VERSION})"
+        )
+    payload = value[len(MAGIC) + _HEAD.size :]
+    inner = len(snap.MAGIC)
+    if len(payload) >= inner + 2 and payload.startswith(snap.MAGIC):
+        (fmt,) = struct.unpack_from("<H", payload, inner)
+        if fmt != snap.FORMAT_VERSION:
+            raise ChangelogRecordError(
+                "unknown_version", f"state snapshot format {fmt} (this build reads {snap.FORMAT_VERSION})"
+            )
+    return payload, bool(flags & FLAG_EVICTED)
+
+
+def refusal(error: StateError) -> str:
+    """The ``REFUSALS`` label of a snapshot the state table would not load."""
+    if isinstance(error, ChangelogRecordError):
+        return error.reason
+    text = str(error)
+    if "does not fit" in text or "do not match" in text:
+        return "incompatible"
+    if "unknown state snapshot format" in text:
+        return "unknown_version"
+    return "corrupt"
+
+
+def ensure_changelog(kafka: KafkaSettings, input_topic: str, admin: Any = None) -> int:
+    """Create ``kafka.changelog_topic`` (compacted, as many partitions as ``input_topic``) if missing;
+    returns the partition count. An existing changelog with another count or not compacted is a
+    ``KafkaSetupError`` that says so: restoring from it would load the wrong series."""
+    own = admin is None
+    admin = make_admin(kafka) if own else admin
+    try:
+        described = admin.describe_topics([input_topic])
+        if not described or described[0]["error_code"] != 0:
+            raise KafkaSetupError(f"cannot describe input topic {input_topic}: {described}")
+        partitions = len(described[0]["partitions"])
+        exists = kafka.changelog_topic in set(admin.list_topics())
+        config = COMPACTED if exists else CREATE_CONFIG
+        spec = TopicSpec(kafka.changelog_topic, partitions, kafka.replication_factor, config=config)
+        created = ensure_topics(admin, [spec])
+        if created:
+            log.info("created changelog topic %s (%d partitions, compacted)", kafka.changelog_topic, partitions)
+        return partitions
+    except KafkaSetupError as exc:
+        raise KafkaSetupError(
+            f"state changelog {kafka.changelog_topic} does not fit input {input_topic}: {exc}"
+        ) from exc
+    except KafkaError as exc:
+        raise KafkaSetupError(f"cannot set up the state changelog {kafka.changelog_topic}: {exc}") from exc
+    finally:
+        if own:
+            admin.close()
+
+
+@dataclass
+class ChangelogContents:
+    """The latest value per series of some changelog partitions, and what reading them took."""
+
+    latest: dict[int, dict[str, bytes | None]]  # partition -> series -> value (None: a tombstone)
+    records: int = 0
+    seconds: float = 0.0
+
+
+class ChangelogReader:
+    """Reads changelog partitions from the beginning to their end, outside any consumer group.
+
+    ``consumer`` is a ``read_committed`` consumer (records of aborted or open transactions are never
+    loaded) and ``probe`` a ``read_uncommitted`` one used only for end offsets: while the last stable offset
+    is below the high watermark a transaction is still open (a previous owner's, being committed or
+    aborted), and the reader waits for it up to ``stable_timeout`` seconds, so a commit that completes
+    just after a rebalance is not missed.
+    """
+
+    def __init__(
+        self,
+        topic: str,
+        consumer: Any,
+        probe: Any,
+        *,
+        stable_timeout: float = 60.0,
+        poll_ms: int = 200,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.topic = topic
+        self.consumer = consumer
+        self.probe = probe
+        self.stable_timeout = stable_timeout
+        self.poll_ms = poll_ms
+        self.clock = clock
+        self.sleep = sleep
+
+    @classmethod
+    def from_settings(cls, kafka: KafkaSettings, stable_timeout: float) -> ChangelogReader:
+        from forecaster.kafka import make_consumer  # here: the module is imported by the service anyway
+
+        options = {"group_id": None, "enable_auto_commit": False, "max_partition_fetch_bytes": 8 << 20}
+        return cls(
+            kafka.changelog_topic,
+            make_consumer(kafka, **options, isolation_level="read_committed", fetch_max_bytes=64 << 20),
+            make_consumer(kafka, **options, isolation_level="read_uncommitted"),
+            stable_timeout=stable_timeout,
+        )
+
+    def read(self, partitions: Iterable[int]) -> ChangelogContents:
+        """The latest value of every series in ``partitions`` (each read to its end)."""
+        started = self.clock()
+        tps = [TopicPartition(self.topic, p) for p in sorted(set(partitions))]
+        latest: dict[int, dict[str, bytes | None]] = {tp.partition: {} for tp in tps}
+        if not tps:
+            return ChangelogContents(latest)
+        ends = self._stable_ends(tps)
+        self.consumer.assign(tps)
+        self.consumer.seek_to_beginning(*tps)
+        left = {tp for tp in tps if ends[tp] > 0}
+        n = 0
+        while left:
+            for tp, records in self.consumer.poll(timeout_ms=self.poll_ms).items():
+                into = latest[tp.partition]
+                for record in records:
+                    if record.offset < ends[tp] and record.key is not None:
+                        into[record.key.decode("utf-8", "replace")] = record.value
+                        n += 1
+            left = {tp for tp in left if self.consumer.position(tp) < ends[tp]}
+        self.consumer.assign([])
+        return ChangelogContents(latest, n, self.clock() - started)
+
+    def _stable_ends(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        deadline = self.clock() + self.stable_timeout
+        while True:
+            stable = self.consumer.end_offsets(tps)  # last stable offsets
+            high = self.probe.end_offsets(tps)
+            open_ = [tp.partition for tp in tps if stable[tp] < high[tp]]
+            if not open_:
+                return stable
+            if self.clock() >= deadline:
+                log.warning(
+                    "changelog %s partitions %s still hold an open transaction after %.0f s: restoring what"
+                    " is committed", self.topic, open_, self.stable_timeout,
+                )
+                return stable
+            self.sleep(0.1)
+
+    def close(self) -> None:
+        for client in (self.consumer, self.probe):
+            client.close(autocommit=False)

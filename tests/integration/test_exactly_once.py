@@ -1,0 +1,327 @@
+"""Exactly once against the real broker, with real ``forecaster serve`` processes: kill -9 at random points,
+a broker restart, scaling 1 -> 2 -> 3 -> 1, and refused changelog records.
+
+Each test streams windowed records, reads the forecasts with ``read_committed`` and checks that every
+value has exactly one forecast, equal (1e-5) to the full-sequence forward pass of the same checkpoint over
+that series (what an uninterrupted run produces: invariant 1), so any lost, duplicated or wrongly
+restored state shows.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from forecaster import changelog
+from forecaster.checkpoint import load_checkpoint, promote, save_checkpoint
+from forecaster.config import KafkaSettings, Settings
+from forecaster.engine import reference_forecast
+from forecaster.hotswap import fresh_model
+from forecaster.kafka import COMPACTED, wait_for_broker
+from forecaster.records import encode_window
+from forecaster.scaling import Scaling
+from forecaster.synthetic import generate
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_MODEL = {"cell": "gru", "hidden_size": 8, "num_layers": 1, "horizon": 3, "seed": 11}
+START_MS = 1_700_000_000_000
+WINDOW = 10  # values per input record
+FAST = {
+    "FORECASTER_SERVICE__SESSION_TIMEOUT_MS": "6000",  # the broker's minimum: a killed member leaves soon
+    "FORECASTER_SERVICE__COMMIT_INTERVAL_MS": "200",
+    "FORECASTER_STATE__WINDOW": "32",
+}
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def publish_model(root: Path) -> object:
+    """A seeded model published as the checkpoint the services load; returns the loaded copy."""
+    settings = Settings(model=TINY_MODEL)
+    version = save_checkpoint(root, fresh_model(settings), Scaling.from_settings(settings.scaling))
+    promote(root, version)
+    return load_checkpoint(root)
+
+
+def windowed_records(frame: pd.DataFrame) -> list[list[tuple[bytes, bytes]]]:
+    """Rounds of records: round k holds the k-th window of every series (so a round is a time slice)."""
+    rounds: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
+    for name, group in frame.groupby("series", sort=False):
+        ts, values = group["ts"].tolist(), group["value"].tolist()
+        for k, lo in enumerate(range(0, len(ts), WINDOW)):
+            rounds[k].append((name.encode(), encode_window(name, ts[lo : lo + WINDOW], values[lo : lo + WINDOW])))
+    return [rounds[k] for k in sorted(rounds)]
+
+
+def stream(bootstrap: str, topic: str, rounds: list, seconds: float) -> threading.Thread:
+    """Produce the rounds evenly over ``seconds`` on a thread (acknowledged as it goes)."""
+
+    def run() -> None:
+        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, retries=10**6)
+        for batch in rounds:
+            for key, value in batch:
+                producer.send(topic, key=key, value=value)
+            producer.flush()
+            time.sleep(seconds / len(rounds))
+        producer.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def read_committed(bootstrap: str, topic: str, count: int, timeout: float) -> list[dict]:
+    """Forecast bodies of ``topic`` as a ``read_committed`` consumer sees them: until ``count`` arrived
+    and the end offsets are reached (or ``timeout``)."""
+    import json
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, isolation_level="read_committed"
+    )
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        out: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for part in consumer.poll(timeout_ms=500).values():
+                out.extend(json.loads(r.value) for r in part)
+            if len(out) >= count:
+                ends = consumer.end_offsets(tps)
+                if all(consumer.position(tp) >= ends[tp] for tp in tps):
+                    break
+        return out
+    finally:
+        consumer.close()
+
+
+def check_exactly_once(forecasts: list[dict], frame: pd.DataFrame, model, scaling: Scaling) -> None:
+    """One forecast per value, equal to the uninterrupted run (the full forward pass) within 1e-5."""
+    per_value = Counter((f["series"], f["ts"]) for f in forecasts)
+    expected_keys = set(zip(frame["series"], frame["ts"], strict=True))
+    missing = expected_keys - set(per_value)
+    duplicated = {k: n for k, n in per_value.items() if n > 1}
+    assert not missing, f"{len(missing)} values without a forecast, e.g. {sorted(missing)[:3]}"
+    assert not duplicated, f"{len(duplicated)} values with several forecasts, e.g. {list(duplicated.items())[:3]}"
+    assert set(per_value) == expected_keys
+    by_series: dict[str, list[dict]] = defaultdict(list)
+    for f in forecasts:
+        by_series[f["series"]].append(f)
+    for name, group in frame.groupby("series", sort=False):
+        got = sorted(by_series[name], key=lambda f: f["ts"])
+        expected = reference_forecast(model, group["value"].to_numpy(), scaling)  # (T, horizon)
+        np.testing.assert_allclose(
+            np.array([f["forecast"] for f in got]), expected, rtol=1e-5, atol=1e-5, err_msg=name
+        )
+
+
+@pytest.fixture
+def eos(topics, topic_factory, tmp_path, serve):
+    """Topics with a changelog (6 input partitions), a published checkpoint, and a serve factory."""
+    topics.input = topic_factory(partitions=6, prefix="in")
+    topics.changelog = topic_factory(partitions=6, config=COMPACTED, prefix="cl")
+    loaded = publish_model(tmp_path / "checkpoints")
+
+    def start(instance: str, wait: bool = True, **env: str):
+        process = serve(
+            FORECASTER_KAFKA__INPUT_TOPIC=topics.input,
+            FORECASTER_KAFKA__CHANGELOG_TOPIC=topics.changelog,
+            FORECASTER_SERVICE__INSTANCE_ID=instance,
+            **{**FAST, **env},
+        )
+        return process.start(wait_ready=wait)
+
+    return topics, loaded, start
+
+
+# ---- kill -9 -----------------------------------------------------------------------------------------
+
+
+def test_kill_9_at_random_points_loses_and_duplicates_nothing(eos, broker):
+    topics, loaded, start = eos
+    frame = generate(n_series=500, n_values=100, start_ms=START_MS, step_ms=60_000, seed=21)
+    rng = random.Random(os.getpid())
+    service = start("a")
+    producer = stream(topics.bootstrap, topics.input, windowed_records(frame), seconds=25)
+    kills = 0
+    while kills < 5:
+        time.sleep(rng.uniform(0.5, 4.0))  # a random point of the stream and of the commit cycle
+        assert service.kill() == -9
+        kills += 1
+        service = start("a")  # same instance id: its transactional id fences the dead one's transaction
+    producer.join(120)
+    forecasts = read_committed(topics.bootstrap, topics.output, len(frame), timeout=120)
+    samples = service.metrics()
+    assert service.terminate() == 0
+    check_exactly_once(forecasts, frame, loaded.model, loaded.scaling)
+    assert {f["model_version"] for f in forecasts} == {loaded.version}
+    assert samples[("forecaster_series_restored_total", (("to", "resident"),))] > 0  # state came back
+
+
+# ---- a broker restart ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    """A broker of this test alone (other ports, its own data): stopping it disturbs no other test."""
+    port = int(os.environ.get("FORECASTER_TEST_OWN_BROKER_PORT", "19492"))
+    env = {
+        **os.environ,
+        "KAFKA_PORT": str(port),
+        "KAFKA_CONTROLLER_PORT": str(port + 1),
+        "KAFKA_DATA_DIR": str(tmp_path / "kafka"),
+    }
+    script = ROOT / "deploy" / "kafka"
+
+    def run(name: str, *args: str) -> None:
+        done = subprocess.run([str(script / name), *args], env=env, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+
+    run("start")
+    address = f"127.0.0.1:{port}"
+    wait_for_broker(KafkaSettings(bootstrap_servers=address), timeout=60)
+    try:
+        yield address, lambda: run("stop"), lambda: run("start")
+    finally:
+        run("stop", "--wipe")
+
+
+def test_a_broker_restart_mid_stream_loses_and_duplicates_nothing(own_broker, serve, tmp_path, kafka_admin):
+    from forecaster.kafka import TopicSpec, ensure_topics
+
+    address, stop_broker, start_broker = own_broker
+    names = {"input": "eos-in", "output": "eos-out", "deadletter": "eos-dl", "changelog": "eos-cl"}
+    ensure_topics(
+        KafkaSettings(bootstrap_servers=address),
+        [TopicSpec(names["input"], 4), TopicSpec(names["output"], 2), TopicSpec(names["deadletter"], 1)],
+    )
+    loaded = publish_model(tmp_path / "checkpoints")
+    frame = generate(n_series=500, n_values=100, start_ms=START_MS, step_ms=60_000, seed=22)
+    service = serve(
+        FORECASTER_KAFKA__BOOTSTRAP_SERVERS=address,
+        **{f"FORECASTER_KAFKA__{k.upper()}_TOPIC": v for k, v in names.items()},
+        FORECASTER_SERVICE__INSTANCE_ID="a",
+        **FAST,
+    ).start()
+    producer = stream(address, names["input"], windowed_records(frame), seconds=20)
+    time.sleep(6)
+    stop_broker()  # mid-stream: the service and the test's producer both wait for it
+    time.sleep(3)
+    assert service.proc.poll() is None, service.tail()
+    start_broker()
+    producer.join(180)
+    forecasts = read_committed(address, names["output"], len(frame), timeout=150)
+    assert service.proc.poll() is None, "the service should have ridden out the broker restart"
+    assert service.terminate() == 0
+    check_exactly_once(forecasts, frame, loaded.model, loaded.scaling)
+
+
+# ---- scale out and in --------------------------------------------------------------------------------
+
+
+def test_scaling_1_2_3_1_loses_and_duplicates_nothing(eos, broker):
+    topics, loaded, start = eos
+    frame = generate(n_series=500, n_values=100, start_ms=START_MS, step_ms=60_000, seed=23)
+    a = start("a")
+    producer = stream(topics.bootstrap, topics.input, windowed_records(frame), seconds=30)
+    time.sleep(3)
+    b = start("b")  # 1 -> 2: partitions move from a to b
+    time.sleep(3)
+    c = start("c")  # 2 -> 3
+    time.sleep(4)
+    assert b.terminate() == 0  # 3 -> 2 -> 1: their partitions come back to a
+    assert c.terminate() == 0
+    producer.join(120)
+    forecasts = read_committed(topics.bootstrap, topics.output, len(frame), timeout=120)
+    samples = a.metrics()
+    assert a.terminate() == 0
+    check_exactly_once(forecasts, frame, loaded.model, loaded.scaling)
+    for log_of in (b, c):  # each newcomer restored partitions it took over
+        assert "restored partitions [" in log_of.log_path.read_text()
+    assert samples[("forecaster_series_restored_total", (("to", "resident"),))] > 0  # a took them back
+
+
+# ---- refused changelog records -------------------------------------------------------------------------
+
+
+def test_corrupt_and_unknown_version_changelog_records_are_refused_and_those_series_start_fresh(eos, broker):
+    topics, loaded, start = eos
+    frame = generate(n_series=3, n_values=20, start_ms=START_MS, step_ms=60_000, seed=24)
+    first, second = frame[frame["ts"] < START_MS + 10 * 60_000], frame[frame["ts"] >= START_MS + 10 * 60_000]
+    service = start("a")
+    send_frame(topics, first)
+    assert len(read_committed(topics.bootstrap, topics.output, len(first), timeout=30)) == len(first)
+    assert service.terminate() == 0
+    # The changelog now holds each series' state; overwrite two of them in place (same key and partition).
+    where = changelog_partitions(topics.bootstrap, topics.changelog)
+    good = where["series-2"][1]
+    producer = KafkaProducer(bootstrap_servers=topics.bootstrap)
+    corrupt = good[:-9] + bytes(b ^ 0x5A for b in good[-9:])  # a flipped tail: the checksum fails
+    producer.send(topics.changelog, key=b"series-0", value=corrupt, partition=where["series-0"][0])
+    unknown = changelog.MAGIC + bytes([99, 0]) + good[len(changelog.MAGIC) + 2 :]
+    producer.send(topics.changelog, key=b"series-1", value=unknown, partition=where["series-1"][0])
+    producer.flush()
+    producer.close()
+
+    service = start("a")
+    send_frame(topics, second)
+    forecasts = read_committed(topics.bootstrap, topics.output, len(frame), timeout=30)
+    assert service.proc.poll() is None and service.http("/readyz")[0] == 200  # never a crash
+    samples = service.metrics()
+    assert samples[("forecaster_changelog_refused_total", (("reason", "corrupt"),))] == 1
+    assert samples[("forecaster_changelog_refused_total", (("reason", "unknown_version"),))] == 1
+    log_text = service.log_path.read_text()
+    assert "series 'series-0'" in log_text and "refused (corrupt)" in log_text
+    assert "series 'series-1'" in log_text and "refused (unknown_version)" in log_text
+    assert service.terminate() == 0
+
+    model, scaling = loaded.model, loaded.scaling
+    later = [f for f in forecasts if f["ts"] >= START_MS + 10 * 60_000]
+    for name, group in second.groupby("series"):
+        got = np.array([f["forecast"] for f in sorted((f for f in later if f["series"] == name), key=lambda f: f["ts"])])
+        if name == "series-2":  # restored: continues its whole history
+            expected = reference_forecast(model, frame[frame["series"] == name]["value"].to_numpy(), scaling)[10:]
+        else:  # refused: started fresh from the values after the restart
+            expected = reference_forecast(model, group["value"].to_numpy(), scaling)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def send_frame(topics, frame: pd.DataFrame) -> None:
+    producer = KafkaProducer(bootstrap_servers=topics.bootstrap)
+    for batch in windowed_records(frame):
+        for key, value in batch:
+            producer.send(topics.input, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def changelog_partitions(bootstrap: str, topic: str) -> dict[str, tuple[int, bytes]]:
+    """The latest committed changelog record per series: (partition, value)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, isolation_level="read_committed")
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        latest: dict[str, tuple[int, bytes]] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(consumer.position(tp) < ends[tp] for tp in tps):
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                latest.update((r.key.decode(), (tp.partition, r.value)) for r in records)
+        return latest
+    finally:
+        consumer.close()
