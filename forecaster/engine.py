@@ -105,7 +105,6 @@ class Engine:
             device=self.device, capacity=capacity, max_series=max_series, on_evict=on_evict, version=version,
             host_views=host_views,
         )
-        self._check_context(model)
         self.duplicates_total = 0
         self.values_total = 0
         self._cpu = self.table.host_views  # numpy on the host; False: torch tensors on the device
@@ -224,19 +223,16 @@ class Engine:
 
     def _past(self, slots: np.ndarray, count: np.ndarray) -> torch.Tensor:
         """The ``model.context`` inputs each series stepped before its current one, from the ring buffer;
-        zeros before its first value. (n, context) float32."""
+        zeros before its first value, and for inputs the window no longer retains (a window shorter than
+        the baseline's reach: the trainer never picks one, the service refuses such a checkpoint).
+        (n, context) float32."""
         tb, context, w = self.table, self.model.context, self.table.window_size
         ordinal = count[:, None] - context + np.arange(context)  # (n, context) ordinals of those inputs
         at = slots[:, None] * w + ordinal % w  # (n, context) flat ring positions
+        gone = (ordinal < 0) | (ordinal <= count[:, None] - w)  # (n, context) not (or no longer) in the ring
         if self._cpu:
-            return torch.from_numpy(np.where(ordinal >= 0, tb.ring_flat[at], np.float32(0.0)))
-        before = torch.from_numpy(ordinal < 0).to(self.device)
-        return tb.ring_flat[torch.from_numpy(at).to(self.device)].masked_fill(before, 0.0)
-
-    def _check_context(self, model: RecurrentForecaster) -> None:
-        if model.context >= self.table.window_size:
-            raise ValueError(f"the model's baseline reads {model.context} values before the current one; the "
-                             f"retained window ({self.table.window_size}) must be longer (state.window)")  # fmt: skip
+            return torch.from_numpy(np.where(gone, np.float32(0.0), tb.ring_flat[at]))
+        return tb.ring_flat[torch.from_numpy(at).to(self.device)].masked_fill(torch.from_numpy(gone).to(self.device), 0.0)
 
     def _accumulator(self, like: Any) -> _ErrorAccumulator:
         acc = self._errors.get(self.version)
@@ -312,7 +308,6 @@ class Engine:
         tb = self.table
         if shape != (tb.num_layers, tb.hidden_size, tb.horizon, tb.lstm):
             raise ValueError(f"model shape {shape} does not fit the state table; use rewarm()")
-        self._check_context(model)
         self.model, self.version, tb.version = model.to(self.device).eval(), version, version
 
     def rewarm(self, model: RecurrentForecaster, version: str) -> None:
@@ -320,7 +315,6 @@ class Engine:
         over its retained window; last forecasts are recomputed. A different shape is fine."""
         model = model.to(self.device).eval()
         tb = self.table
-        self._check_context(model)
         if (model.num_layers, model.hidden_size, model.horizon, model.is_lstm) != (
             tb.num_layers, tb.hidden_size, tb.horizon, tb.lstm):
             tb.reshape_model(model.num_layers, model.hidden_size, model.horizon, model.is_lstm)

@@ -40,7 +40,9 @@ def test_replay_equals_the_service_forecasts(topics, serve, broker, tmp_path: Pa
     # A file with rows out of time order, a duplicate timestamp and a bad value: both paths skip alike.
     frame = generate(n_series=5, n_values=40, start_ms=START_MS, step_ms=60_000, seed=11)
     frame = frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
-    extra = pd.DataFrame({"series": ["series-0", "series-1"], "ts": [START_MS + 60_000, START_MS], "value": [1e6, "x"]})
+    extra = pd.DataFrame(
+        {"series": ["series-0", "series-1"], "ts": [START_MS + 60_000, START_MS], "value": [1e6, "x"]}
+    )
     data = tmp_path / "data.csv"
     pd.concat([frame, extra], ignore_index=True).to_csv(data, index=False)
 

@@ -121,14 +121,23 @@ def test_incremental_equals_full_over_a_seasonal_baseline(cell: str, host_views:
     _check_incremental_equals_full(engine, model, data, batches, SCALINGS["ewm"])
 
 
-def test_a_baseline_longer_than_the_window_is_refused() -> None:
-    model = _model("gru", season=3, base_seasons=2)  # reads 5 inputs before the current one
-    with pytest.raises(ValueError, match="window"):
-        Engine(model, window=5)
-    engine = Engine(_model("gru"), window=5)
-    with pytest.raises(ValueError, match="window"):
-        engine.rewarm(model, "v2")
-    Engine(model, window=6).process(["a"], [1], [1.0])
+@pytest.mark.parametrize("host_views", [True, False])
+def test_a_window_shorter_than_the_baseline_reads_zeros_for_what_it_no_longer_retains(host_views: bool) -> None:
+    """The trainer never picks such a baseline and the service refuses one; a library user gets the
+    baseline over what the window retains, not values that were overwritten."""
+    model = _residual_model("gru")  # reads 3 inputs before the current one
+    window, values = 3, np.random.default_rng(2).normal(4.0, 1.0, 12)
+    engine = Engine(model, window=window, scaling=SCALINGS["ewm"], host_views=host_views)
+    got = np.stack([engine.process(["a"], [t], [v]).values[0] for t, v in enumerate(values)])
+    x, stats = SCALINGS["ewm"].transform(values)
+    with torch.no_grad():
+        y, _ = model(x[None, :, None])  # (1, T, H) with the baseline over the whole history
+        kept = torch.stack([torch.cat([torch.zeros(max(0, window - t - 1)), x[max(0, t - window + 1) : t + 1]])
+                            for t in range(len(values))])  # (T, window) what the ring holds after value t
+        y = y[0] - torch.stack([model.baseline(x[None, : t + 1])[0] for t in range(len(values))]) + model.baseline(kept)
+    expected = SCALINGS["ewm"].denormalize(stats, y.double()).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert np.abs(got[window + 1 :] - reference_forecast(model, values, SCALINGS["ewm"])[window + 1 :]).max() > 1e-3
 
 
 def _check_incremental_equals_full(engine, model, data, batches, scaling) -> None:

@@ -452,10 +452,3 @@ def test_background_rewarm_of_a_residual_model_takes_the_baseline_from_the_windo
         slot_b, slot_d = background.table.slots[name], direct.table.slots[name]
         torch.testing.assert_close(background.table.forecast[slot_b], direct.table.forecast[slot_d],
                                    atol=1e-5, rtol=0)  # fmt: skip
-
-
-def test_a_residual_model_longer_than_the_window_is_refused_by_the_background_job() -> None:
-    engine = Engine(model_of(seed=1), version="init", window=WINDOW, scaling=SCALING)
-    feed(engine, stream({"a": 5}))
-    with pytest.raises(ValueError, match="window"):
-        RewarmJob(model_of(season=WINDOW + 1, base_seasons=1), "v2", engine)
