@@ -84,6 +84,7 @@ class ExactlyOnce:
             max_records=service.commit_records,
             timeout_s=TRANSACTION_TIMEOUT_MS / 1000.0,
             producer=producer,
+            transactional_id=transactional_id(settings),
             on_commit=metrics.transaction,
             on_changelog=metrics.changelog_records.inc,
         )

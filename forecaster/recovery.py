@@ -185,10 +185,10 @@ class PartitionOwner:
         parts = self._ours(tps)
         if not parts:
             return
-        self.committer.commit()  # a failure is reset in catch_up; ProducerFenced propagates
+        committed = self.committer.commit()  # a failure is reset in catch_up; ProducerFenced propagates
         if self.cooperative:  # under eager every partition is revoked: assigned() tells which stay
             self._release(parts)
-        log.info("revoked partitions %s (committed)", sorted(parts))
+        log.info("revoked partitions %s (%s)", sorted(parts), "committed" if committed else "not committed")
 
     def assigned(self, tps: Iterable[TopicPartition]) -> None:
         parts = self._ours(tps)

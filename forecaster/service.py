@@ -46,7 +46,7 @@ from forecaster.kafka import (
 from forecaster.metrics import MetricsServer, ServiceMetrics
 from forecaster.records import DecodedBatch, KafkaRecord, RecordDecoder, encode_dead_letter, encode_forecasts
 from forecaster.scaling import Scaling
-from forecaster.transactions import ProducerFenced, TransactionalCommitter
+from forecaster.transactions import ProducerFenced, TransactionalCommitter, is_fenced
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,15 @@ class Service:
                 self.swap_model_if_ready()
                 self.refresh_metrics()
         except (ProducerFenced, KafkaError) as exc:
-            fenced = exc if isinstance(exc, ProducerFenced) else exc.__cause__
-            if not isinstance(fenced, ProducerFenced):
+            if not is_fenced(exc):
                 raise
-            log.error("stopping: %s; this instance is a zombie and exits (its partitions are served elsewhere)", fenced)
+            log.error(
+                "stopping: another instance took over transactional id %s, so this one is a zombie and"
+                " exits (%r)", getattr(self.committer, "transactional_id", "?"), exc,
+            )
             self._fenced = True
+            if isinstance(self.committer, TransactionalCommitter):
+                self.committer.fenced = True
             return EXIT_FENCED
         finally:
             self.close()

@@ -41,6 +41,22 @@ class ProducerFenced(ForecasterError):
     """Another instance runs with this transactional id: this one is a zombie and must stop."""
 
 
+def is_fenced(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what it wraps) says another producer with this transactional id took over.
+
+    kafka-python raises ``ProducerFencedError`` itself, or, from a later ``send``, a plain ``KafkaError``
+    carrying it as an argument; a rebalance listener's error arrives as the cause of another.
+    """
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ProducerFencedError | ProducerFenced):
+            return True
+        if any(isinstance(a, ProducerFencedError | ProducerFenced) for a in getattr(exc, "args", ())):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def transactional_id(settings: Any) -> str:
     """The instance's transactional id: the setting, else ``<group_id>-<instance_id>``."""
     service = settings.service
@@ -72,6 +88,7 @@ class TransactionalCommitter:
         max_records: int,
         timeout_s: float = 60.0,
         producer: Any = None,
+        transactional_id: str = "",
         on_commit: Callable[[bool], None] = lambda ok: None,
         on_changelog: Callable[[int], None] = lambda n: None,
         clock: Callable[[], float] = time.monotonic,
@@ -86,6 +103,8 @@ class TransactionalCommitter:
         self.on_commit = on_commit
         self.on_changelog = on_changelog
         self.clock = clock
+        self.transactional_id = transactional_id
+        self.fenced = False  # once fenced, nothing more is sent: the instance stops
         self.producer = producer if producer is not None else producer_factory()
         self.producer.init_transactions()
         self.pending: dict[TopicPartition, int] = {}  # next offset to read, per partition
@@ -117,8 +136,8 @@ class TransactionalCommitter:
         """Close the open transaction (if any); True when it committed. ``wait`` is accepted for the
         at-least-once interface: a transaction always waits (on the producer, never on the consumer)."""
         self.last_commit = self.clock()
-        if not self.open:
-            return True
+        if not self.open or self.fenced:
+            return not self.fenced
         offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self.pending.items()}
         try:
             # Step 1. the interval's forecasts and dead letters were sent into this transaction as made.
@@ -132,14 +151,12 @@ class TransactionalCommitter:
             self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
             # Step 4. commit (bounded: an answer that never comes is an indefinite error).
             self._bounded(self.producer.commit_transaction)
-        except ProducerFencedError as exc:
-            self._close_transaction()
-            log.error("producer fenced: another instance uses this transactional id (%s)", exc)
-            raise ProducerFenced(f"fenced by another instance with the same transactional id: {exc}") from exc
         except KafkaTimeoutError as exc:
             self._fail("replace", f"commit did not complete within {self.timeout_s:g} s ({exc!r})")
             return False
         except (KafkaError, ForecasterError) as exc:
+            if is_fenced(exc):
+                raise self._fenced(exc) from exc
             failed = [f for f in self.in_flight if f.is_done and f.failed()]
             detail = f"{exc!r}" + (f"; first failed send: {failed[0].exception!r}" if failed else "")
             self._abort(detail)
@@ -149,18 +166,22 @@ class TransactionalCommitter:
         self.on_commit(True)
         return True
 
+    def _fenced(self, exc: BaseException) -> ProducerFenced:
+        self._close_transaction()
+        self.fenced = True
+        return ProducerFenced(f"fenced by another instance with transactional id {self.transactional_id!r}: {exc}")
+
     def abort(self, reason: str) -> None:
         """Abort the open transaction (partitions lost: its offsets could not commit anyway)."""
-        if self.open:
+        if self.open and not self.fenced:
             self._abort(reason)
 
     def _abort(self, detail: str) -> None:
         try:
             self._bounded(self.producer.abort_transaction)
-        except ProducerFencedError as exc:
-            self._close_transaction()
-            raise ProducerFenced(f"fenced while aborting: {exc}") from exc
         except KafkaError as exc:
+            if is_fenced(exc):
+                raise self._fenced(exc) from exc
             self._fail("replace", f"{detail}; abort failed too ({exc!r})")
             return
         self._fail("aborted", detail)
@@ -214,9 +235,9 @@ class TransactionalCommitter:
                     producer = self.producer_factory()
                     producer.init_transactions()
                     self.producer = producer
-                except ProducerFencedError as exc:
-                    raise ProducerFenced(f"fenced while re-creating the producer: {exc}") from exc
                 except (KafkaError, ForecasterError) as exc:
+                    if is_fenced(exc):
+                        raise ProducerFenced(f"fenced while re-creating the producer: {exc}") from exc
                     log.warning("transactional producer not ready (%r); trying again", exc)
                     time.sleep(1.0)
             log.info("transactional producer re-created")
@@ -225,6 +246,6 @@ class TransactionalCommitter:
 
     def close(self, timeout: float) -> None:
         """Abort what is open (the service commits before closing) and close the producer."""
-        if self.open:
+        if self.open and not self.fenced:
             self._abort("closing")
         self.producer.close(timeout=timeout)

@@ -20,6 +20,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from forecaster.config import Settings
+from forecaster.kafka import COMPACTED
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,6 +43,7 @@ class Topics:
     output: str
     deadletter: str
     group: str
+    changelog: str = ""  # compacted, co-partitioned with ``input`` (the exactly-once state changelog)
 
     def settings(self, **sections: dict) -> Settings:
         """The ``Settings`` the service process sees (for building the reference model in a test)."""
@@ -56,6 +58,7 @@ def topics(kafka_bootstrap, topic_factory, group_factory) -> Topics:
         output=topic_factory(partitions=2, prefix="out"),
         deadletter=topic_factory(partitions=1, prefix="dl"),
         group=group_factory(),
+        changelog=topic_factory(partitions=3, config=COMPACTED, prefix="cl"),
     )
 
 
@@ -151,6 +154,7 @@ def serve(topics: Topics, tmp_path: Path) -> Iterator[Callable[..., ServeProcess
             "FORECASTER_KAFKA__INPUT_TOPIC": topics.input,
             "FORECASTER_KAFKA__OUTPUT_TOPIC": topics.output,
             "FORECASTER_KAFKA__DEADLETTER_TOPIC": topics.deadletter,
+            "FORECASTER_KAFKA__CHANGELOG_TOPIC": topics.changelog,
             "FORECASTER_KAFKA__GROUP_ID": topics.group,
             "FORECASTER_CHECKPOINTS__DIR": str(tmp_path / "checkpoints"),
             "FORECASTER_STATE__DEVICE": "cpu",

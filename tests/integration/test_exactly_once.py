@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import threading
 import time
@@ -138,8 +139,6 @@ def eos(topics, topic_factory, tmp_path, serve):
 
     def start(instance: str, wait: bool = True, **env: str):
         process = serve(
-            FORECASTER_KAFKA__INPUT_TOPIC=topics.input,
-            FORECASTER_KAFKA__CHANGELOG_TOPIC=topics.changelog,
             FORECASTER_SERVICE__INSTANCE_ID=instance,
             **{**FAST, **env},
         )
@@ -253,6 +252,46 @@ def test_scaling_1_2_3_1_loses_and_duplicates_nothing(eos, broker):
     for log_of in (b, c):  # each newcomer restored partitions it took over
         assert "restored partitions [" in log_of.log_path.read_text()
     assert samples[("forecaster_series_restored_total", (("to", "resident"),))] > 0  # a took them back
+
+
+# ---- zombies ---------------------------------------------------------------------------------------------
+
+
+def test_a_paused_instance_loses_its_partitions_and_its_late_transaction_is_refused(eos, broker):
+    """SIGSTOP past the session timeout: the group moves on without it; when it wakes, its open transaction
+    cannot commit (its generation is stale), it aborts, goes back to the last commit and rejoins."""
+    topics, loaded, start = eos
+    frame = generate(n_series=500, n_values=100, start_ms=START_MS, step_ms=60_000, seed=25)
+    a, b = start("a"), start("b")
+    producer = stream(topics.bootstrap, topics.input, windowed_records(frame), seconds=25)
+    time.sleep(4)
+    a.proc.send_signal(signal.SIGSTOP)
+    time.sleep(10)  # > session timeout: b takes every partition
+    a.proc.send_signal(signal.SIGCONT)
+    producer.join(120)
+    forecasts = read_committed(topics.bootstrap, topics.output, len(frame), timeout=120)
+    assert a.proc.poll() is None and b.proc.poll() is None
+    samples = a.metrics()
+    assert a.terminate() == 0 and b.terminate() == 0
+    check_exactly_once(forecasts, frame, loaded.model, loaded.scaling)
+    assert samples.get(("forecaster_transactions_total", (("result", "aborted"),)), 0) >= 1, a.tail()
+
+
+def test_a_second_instance_with_the_same_id_fences_the_first_which_exits(eos, broker):
+    topics, loaded, start = eos
+    frame = generate(n_series=50, n_values=40, start_ms=START_MS, step_ms=60_000, seed=26)
+    first = start("same")
+    producer = stream(topics.bootstrap, topics.input, windowed_records(frame), seconds=8)
+    time.sleep(2)
+    second = start("same")  # its init_transactions fences the first's producer
+    code = first.proc.wait(60)
+    first.log.close()
+    assert code == 3, first.tail()  # EXIT_FENCED: a zombie stops and says why
+    assert "zombie" in first.log_path.read_text()
+    producer.join(60)
+    forecasts = read_committed(topics.bootstrap, topics.output, len(frame), timeout=60)
+    assert second.terminate() == 0
+    check_exactly_once(forecasts, frame, loaded.model, loaded.scaling)
 
 
 # ---- refused changelog records -------------------------------------------------------------------------

@@ -23,6 +23,8 @@ NEVER_COMMIT = {
     "FORECASTER_SERVICE__COMMIT_RECORDS": str(10**9),
 }
 FAST_REJOIN = {"FORECASTER_SERVICE__SESSION_TIMEOUT_MS": "6000"}
+# The restart tests below are about the at-least-once mode (exactly once: tests/integration/test_exactly_once.py).
+AT_LEAST_ONCE = {"FORECASTER_SERVICE__PROCESSING_GUARANTEE": "at_least_once"}
 
 
 def records_of(
@@ -161,7 +163,7 @@ def stream_and_stop(topics, serve, broker, stop: str) -> tuple[list, pd.DataFram
     """
     frame = generate(n_series=10, n_values=60, start_ms=START_MS, seed=7)
     records = records_of(frame)
-    first = serve(**NEVER_COMMIT, **FAST_REJOIN).start()
+    first = serve(**NEVER_COMMIT, **FAST_REJOIN, **AT_LEAST_ONCE).start()
     producer = produce_slowly(topics, broker, records)
     broker.wait_for(lambda: len(broker.read(topics.output, timeout=5)) >= 100, what="first forecasts")
     code = first.terminate() if stop == "terminate" else first.kill()
@@ -171,7 +173,7 @@ def stream_and_stop(topics, serve, broker, stop: str) -> tuple[list, pd.DataFram
     first_run = [r.json()["input"] for r in broker.read(topics.output)]
     assert 0 < len(first_run) < len(frame)
     replays = sum(1 for i in first_run if i["offset"] >= committed[i["partition"]])
-    second = serve(**NEVER_COMMIT, **FAST_REJOIN).start()
+    second = serve(**NEVER_COMMIT, **FAST_REJOIN, **AT_LEAST_ONCE).start()
     producer.join(60)
     forecasts = broker.read(topics.output, count=len(frame) + replays, timeout=40)
     assert second.terminate() == 0
