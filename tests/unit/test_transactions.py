@@ -1,0 +1,285 @@
+"""The transactional commit and the partition owner with in-memory clients: the four steps in order, an
+abort resets state to the last commit, an indefinite error replaces the producer, fencing stops, and the
+rebalance events restore, keep or drop the right partitions. Real-broker behaviour: test_exactly_once.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError, ProducerFencedError
+from kafka.structs import TopicPartition
+
+from forecaster import changelog
+from forecaster.changelog import ChangelogContents
+from forecaster.engine import Engine
+from forecaster.model import RecurrentForecaster
+from forecaster.recovery import PartitionOwner, SeriesLedger
+from forecaster.transactions import ProducerFenced, TransactionalCommitter, is_fenced
+
+TOPIC = "in"
+
+
+class FakeProducer:
+    """A transactional producer that records calls; ``fail`` maps a method name to the error it raises."""
+
+    def __init__(self, log: list, fail: dict | None = None) -> None:
+        self.log, self.fail, self.closed = log, dict(fail or {}), False
+
+    def _call(self, name: str, *args) -> None:
+        self.log.append((name, *args))
+        error = self.fail.pop(name, None)
+        if error is not None:
+            raise error
+
+    def init_transactions(self):
+        self._call("init")
+
+    def begin_transaction(self):
+        self._call("begin")
+
+    def send(self, topic, key=None, value=None, partition=None):
+        self._call("send", topic, key, partition)
+        return SimpleNamespace(is_done=True, failed=lambda: False)
+
+    def send_offsets_to_transaction(self, offsets, group_metadata):
+        self._call("offsets", {tp.partition: m.offset for tp, m in offsets.items()}, group_metadata)
+
+    def commit_transaction(self):
+        self._call("commit")
+
+    def abort_transaction(self):
+        self._call("abort")
+
+    def close(self, timeout=None):
+        self.closed = True
+
+
+def rec(partition: int, offset: int) -> SimpleNamespace:
+    return SimpleNamespace(topic=TOPIC, partition=partition, offset=offset)
+
+
+def make_committer(fail=None, changes=(), **kwargs):
+    log: list = []
+    made: list[FakeProducer] = []
+
+    def factory() -> FakeProducer:
+        made.append(FakeProducer(log, fail if not made else None))
+        return made[-1]
+
+    consumer = SimpleNamespace(group_metadata=lambda: "gen-7")
+    outcomes: list[bool] = []
+    committer = TransactionalCommitter(
+        consumer, factory, lambda: list(changes), changelog_topic="cl", interval_ms=100, max_records=3,
+        on_commit=outcomes.append, timeout_s=kwargs.pop("timeout_s", 5.0), **kwargs,
+    )  # fmt: skip
+    return committer, log, made, outcomes
+
+
+def test_one_transaction_per_interval_in_four_steps() -> None:
+    committer, log, _, outcomes = make_committer(changes=[(1, b"s", b"state")])
+    assert not committer.due() and committer.commit()  # nothing open: nothing to do
+    committer.track({TopicPartition(TOPIC, 0): [rec(0, 4), rec(0, 5)]})
+    committer.track({TopicPartition(TOPIC, 1): [rec(1, 9)]})
+    assert committer.due()  # three records
+    committer.producer.send("out", b"s", partition=None)  # a forecast of the interval
+    assert committer.commit() and outcomes == [True]
+    assert log == [
+        ("init",),
+        ("begin",),
+        ("send", "out", b"s", None),
+        ("send", "cl", b"s", 1),  # Step 2: the changelog at the series' input partition
+        ("offsets", {0: 6, 1: 10}, "gen-7"),  # Step 3: the next offsets, with the group metadata
+        ("commit",),  # Step 4
+    ]
+    assert not committer.open and committer.pending == {} and committer.failed is None
+
+
+def test_an_abortable_error_aborts_and_asks_for_a_reset() -> None:
+    committer, log, made, outcomes = make_committer(fail={"offsets": CommitFailedError("generation moved")})
+    committer.track({TopicPartition(TOPIC, 0): [rec(0, 1)]})
+    assert not committer.commit()
+    assert log[-1] == ("abort",) and ("commit",) not in log
+    assert committer.failed == "aborted" and outcomes == [False] and not committer.open
+    committer.recover()
+    assert committer.failed is None and len(made) == 1  # the same producer goes on
+
+
+def test_an_indefinite_error_replaces_the_producer() -> None:
+    committer, log, made, _ = make_committer(fail={"commit": KafkaTimeoutError("no answer")})
+    committer.track({TopicPartition(TOPIC, 0): [rec(0, 1)]})
+    assert not committer.commit() and committer.failed == "replace"
+    assert ("abort",) not in log  # not retried on the old producer
+    committer.recover()
+    assert len(made) == 2 and made[0].closed and committer.producer is made[1]
+    assert log[-1] == ("init",)  # the new producer settles the old transaction
+
+
+def test_a_commit_that_never_answers_is_an_indefinite_error() -> None:
+    committer, _, made, _ = make_committer(timeout_s=0.2)
+    committer.track({TopicPartition(TOPIC, 0): [rec(0, 1)]})
+    committer.producer.commit_transaction = lambda: __import__("time").sleep(5)
+    assert not committer.commit() and committer.failed == "replace"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ProducerFencedError(), KafkaError("Cannot perform send because ...", ProducerFencedError())],
+    ids=["direct", "wrapped"],
+)
+def test_a_fenced_producer_raises_and_sends_nothing_more(error) -> None:
+    committer, log, _, _ = make_committer(fail={"commit": error})
+    committer.track({TopicPartition(TOPIC, 0): [rec(0, 1)]})
+    with pytest.raises(ProducerFenced):
+        committer.commit()
+    assert committer.fenced and ("abort",) not in log
+    committer.track({TopicPartition(TOPIC, 0): [rec(0, 2)]})
+    assert committer.commit() is False and log.count(("commit",)) == 1
+
+
+def test_is_fenced_looks_through_causes() -> None:
+    try:
+        try:
+            raise ProducerFencedError()
+        except ProducerFencedError as inner:
+            raise KafkaError("User rebalance callback throws an error") from inner
+    except KafkaError as outer:
+        assert is_fenced(outer)
+    assert not is_fenced(KafkaError("something else"))
+
+
+# ---- the partition owner ---------------------------------------------------------------------------------
+
+
+class FakeConsumer:
+    def __init__(self, committed: dict[int, int | None]):
+        self.committed_offsets = committed
+        self.paused: set[int] = set()
+        self.positions: dict[int, int | str] = {}
+
+    def pause(self, *tps):
+        self.paused |= {tp.partition for tp in tps}
+
+    def resume(self, *tps):
+        self.paused -= {tp.partition for tp in tps}
+
+    def committed(self, tp):
+        return self.committed_offsets.get(tp.partition)
+
+    def seek(self, tp, offset):
+        self.positions[tp.partition] = offset
+
+    def seek_to_beginning(self, tp):
+        self.positions[tp.partition] = "beginning"
+
+    def group_metadata(self):
+        return "gen"
+
+
+class FakeReader:
+    def __init__(self, latest: dict[int, dict[str, bytes]]):
+        self.latest, self.reads = latest, []
+
+    def read(self, parts):
+        self.reads.append(sorted(parts))
+        return ChangelogContents({p: dict(self.latest.get(p, {})) for p in parts}, records=1)
+
+
+def _engine() -> Engine:
+    torch.manual_seed(0)
+    return Engine(RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2), window=4, clock=lambda: 0.0)
+
+
+def make_owner(cooperative: bool, committed=None, latest=None):
+    engine = _engine()
+    ledger = SeriesLedger(engine)
+    consumer = FakeConsumer(committed or {})
+    committer, log, _, _ = make_committer()
+    committer.changes = ledger.changes
+    committer.consumer = consumer
+    reports = []
+    owner = PartitionOwner(consumer, committer, ledger, FakeReader(latest or {}), topic=TOPIC,
+                           cooperative=cooperative, on_restore=reports.append)  # fmt: skip
+    return owner, engine, consumer, log, reports
+
+
+def tps(*parts: int) -> list[TopicPartition]:
+    return [TopicPartition(TOPIC, p) for p in parts] + [TopicPartition("other", 0)]
+
+
+def test_assigned_partitions_are_paused_until_restored_then_resume_at_the_committed_offsets() -> None:
+    source = _engine()
+    source.process(["x"], [5], [1.0])
+    latest = {1: {"x": changelog.encode(source.snapshot("x"))}}
+    owner, engine, consumer, _, reports = make_owner(True, committed={0: 12, 1: None}, latest=latest)
+    owner.assigned(tps(0, 1))
+    assert consumer.paused == {0, 1} and owner.to_restore == {0, 1} and engine.resident == 0
+    assert owner.catch_up() is False  # nothing to drop: no reset
+    assert consumer.paused == set() and owner.to_restore == set()
+    assert consumer.positions == {0: 12, 1: "beginning"}
+    assert set(engine.table.slots) == {"x"} and owner.ledger.partition_of == {"x": 1}
+    assert reports[0].resident == 1 and reports[0].partitions == [0, 1]
+    assert engine.process(["x"], [5], [2.0]).duplicates == 1  # restored last ts
+
+
+def _stepped(owner, engine, names_parts):
+    names = [n for n, _ in names_parts]
+    engine.process(names, [1] * len(names), [1.0] * len(names))
+    owner.ledger.note(names, [p for _, p in names_parts])
+    owner.committer.track({TopicPartition(TOPIC, p): [rec(p, 0)] for _, p in names_parts})
+
+
+def test_cooperative_revoke_commits_then_drops_only_those_partitions() -> None:
+    owner, engine, consumer, log, _ = make_owner(True)
+    owner.assigned(tps(0, 1))
+    owner.catch_up()
+    _stepped(owner, engine, [("a", 0), ("b", 1)])
+    owner.revoked(tps(1))
+    assert ("commit",) in log and [e for e in log if e[0] == "send" and e[1] == "cl"]  # state written first
+    assert set(engine.table.slots) == {"a"} and owner.owned == {0}
+
+
+def test_eager_rebalance_keeps_the_state_of_partitions_assigned_back() -> None:
+    owner, engine, consumer, log, _ = make_owner(False)
+    owner.assigned(tps(0, 1, 2))
+    owner.catch_up()
+    _stepped(owner, engine, [("a", 0), ("b", 1), ("c", 2)])
+    owner.revoked(tps(0, 1, 2))  # eager: everything is revoked
+    assert ("commit",) in log and engine.resident == 3
+    owner.assigned(tps(0, 2, 3))
+    assert set(engine.table.slots) == {"a", "c"} and owner.to_restore == {3} and consumer.paused == {3}
+
+
+def test_a_failed_transaction_resets_every_owned_partition_to_the_changelog() -> None:
+    owner, engine, consumer, log, _ = make_owner(True, committed={0: 3})
+    owner.assigned(tps(0))
+    owner.catch_up()
+    _stepped(owner, engine, [("a", 0)])
+    owner.committer.producer.fail["commit"] = KafkaError("transaction aborted by the coordinator")
+    assert not owner.committer.commit()
+    assert owner.catch_up() is True  # the records of that poll are dropped: consumed again
+    assert engine.resident == 0  # nothing committed for "a": it starts over from the committed offset
+    assert consumer.positions == {0: 3} and owner.reader.reads == [[0], [0]] and consumer.paused == set()
+
+
+def test_lost_partitions_abort_and_drop() -> None:
+    owner, engine, _, log, _ = make_owner(True)
+    owner.assigned(tps(0))
+    owner.catch_up()
+    _stepped(owner, engine, [("a", 0)])
+    owner.lost(tps(0))
+    assert log[-1] == ("abort",) and engine.resident == 0 and owner.owned == set()
+    assert owner.committer.failed == "aborted"  # reset harmless: nothing left owned
+    assert owner.catch_up() is True and owner.reader.reads == [[0]]
+
+
+def test_revoked_partition_that_was_never_restored_is_simply_forgotten() -> None:
+    owner, _, consumer, _, _ = make_owner(True)
+    owner.assigned(tps(0, 1))
+    owner.revoked(tps(1))
+    assert owner.to_restore == {0}
+    owner.catch_up()
+    assert owner.reader.reads == [[0]]
+    assert np.array_equal(sorted(consumer.positions), [0])
