@@ -6,7 +6,9 @@ module's own weights) that skips ``nn.GRU``'s per-call checks; a test holds it e
 
 With ``base_seasons = m > 0`` the model forecasts a residual over a seasonal baseline read from its own
 recent inputs: for step k, the mean of the (scaled) inputs at the same phase in each of the last m
-seasons (``season = 1, m = 1``: the last value). The head starts at zero, so an untrained model forecasts
+seasons (``season = 1, m = 1``: the last value); with ``base_level`` that pattern is moved to the current
+level (plus the newest input, minus the mean of the inputs one cycle earlier at the same phase: seasonal
+naive with the year-on-year change of level, which suits trending series). The head starts at zero, so an untrained model forecasts
 exactly that baseline, and training learns what the baseline misses. The baseline needs the ``context``
 inputs before the current one: ``forward`` and ``step`` take them as ``past`` (zeros before a series'
 first value), ``warm`` reads them from its window.
@@ -52,6 +54,7 @@ class RecurrentForecaster(nn.Module):
         dropout: float = 0.0,
         season: int = 1,
         base_seasons: int = 0,
+        base_level: bool = False,
     ) -> None:
         super().__init__()
         if cell not in CELLS:
@@ -68,6 +71,7 @@ class RecurrentForecaster(nn.Module):
         self.dropout = float(dropout)
         self.season = int(season)
         self.base_seasons = int(base_seasons)
+        self.base_level = bool(base_level) and self.base_seasons > 0
         # nn.GRU warns about dropout with a single layer; it has no effect there anyway.
         rnn_dropout = self.dropout if num_layers > 1 else 0.0
         self.rnn = CELLS[cell](input_size, hidden_size, num_layers, batch_first=True, dropout=rnn_dropout)
@@ -77,9 +81,12 @@ class RecurrentForecaster(nn.Module):
             nn.init.zeros_(self.head.bias)
         # How far back from the newest input the baseline reads, per season averaged and step: (m, horizon).
         step = torch.arange(1, horizon + 1)
-        back = self.season * torch.ceil(step / self.season).long() - step  # (horizon,) in [0, season)
+        cycles = torch.ceil(step / self.season).long()  # (horizon,) seasons between a target and its value
+        back = self.season * cycles - step  # (horizon,) in [0, season)
         seasons = torch.arange(max(self.base_seasons, 1))[:, None] * self.season  # (m, 1)
         self.register_buffer("_back", back[None, :] + seasons, persistent=False)  # (m, horizon)
+        # base_level: the inputs a whole number of cycles before the newest one, (m, horizon).
+        self.register_buffer("_lag", self.season * cycles[None, :] + seasons, persistent=False)
         self._packed: list[list[Tensor]] | None = None  # per layer [w_ih, w_hh, b_ih, b_hh], for step()
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): weights may be new tensors
@@ -98,6 +105,7 @@ class RecurrentForecaster(nn.Module):
             "dropout": self.dropout,
             "season": self.season,
             "base_seasons": self.base_seasons,
+            "base_level": self.base_level,
         }
 
     @property
@@ -113,7 +121,9 @@ class RecurrentForecaster(nn.Module):
     @property
     def context(self) -> int:
         """Inputs before the current one that the baseline reads (0: no baseline)."""
-        return self.season * self.base_seasons - 1 if self.base_seasons else 0
+        if not self.base_seasons:
+            return 0
+        return int((self._lag if self.base_level else self._back).max())
 
     def past(self, x: Tensor, start: int) -> Tensor | None:
         """The ``context`` inputs of sequences ``x`` (batch, T[, 1]) before position ``start``, zeros before
@@ -134,8 +144,11 @@ class RecurrentForecaster(nn.Module):
     def _baseline_seq(self, full: Tensor) -> Tensor:
         """``full`` (batch, context + T) inputs -> the baseline after each of the last T: (batch, T, horizon)."""
         steps = full.shape[1] - self.context
-        idx = self.context + torch.arange(steps, device=full.device)[:, None, None] - self._back  # (T, m, horizon)
-        return full[:, idx].mean(2)  # (batch, T, horizon)
+        now = self.context + torch.arange(steps, device=full.device)  # (T,) position of each newest input
+        base = full[:, now[:, None, None] - self._back].mean(2)  # (batch, T, horizon)
+        if self.base_level:  # move the pattern by the change of level since one cycle before
+            base = base + full[:, now, None] - full[:, now[:, None, None] - self._lag].mean(2)
+        return base
 
     def _with_past(self, values: Tensor, past: Tensor | None) -> Tensor:
         past = values.new_zeros(values.shape[0], self.context) if past is None else past.to(values.dtype)

@@ -1,7 +1,8 @@
 """The offline trainer: history in, a validated and (if better) published checkpoint out.
 
 ``train_once`` first picks the baseline the model forecasts over (seasonal naive over one, two or three
-seasons, or the last value: the one with the lowest error over the history, ``choose_baseline``), fits the
+seasons, as it is or moved to the current level, or the last value: the one with the lowest error over the
+history, ``choose_baseline``), fits the
 serving model on the training part of each series (``forecaster.fit``), keeps its untrained baseline
 instead if that does better on the validation part (the fitted model is not trusted then), scores it
 on the validation part against the last-value and seasonal-naive baselines and against the currently
@@ -66,25 +67,29 @@ def build_model(settings: Any, **overrides: Any) -> RecurrentForecaster:
     return RecurrentForecaster(**{**args, **overrides})
 
 
-def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) -> dict[str, int]:
-    """``season`` and ``base_seasons`` of the baseline with the lowest MAE over the whole history:
-    seasonal naive averaged over 1, 2 or 3 seasons (those the retained window holds), or the last value.
+def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) -> dict[str, Any]:
+    """``season``, ``base_seasons`` and ``base_level`` of the baseline with the lowest MAE over the whole
+    history: seasonal naive averaged over 1, 2 or 3 seasons, as it is or moved to the current level (those
+    the retained window holds), or the last value.
 
     Each is scored as an untrained model (zero head: its forecast is the baseline, in the serving code's
-    units) on every forecast made after ``warmup`` values and after its longest look-back."""
+    units) on every forecast made after ``warmup`` values and after the longest look-back of them all."""
     horizon, window, warmup = settings.model.horizon, settings.state.window, settings.train.warmup
-    candidates = [{"season": 1, "base_seasons": 1}]
+    candidates: list[dict[str, Any]] = [{"season": 1, "base_seasons": 1, "base_level": False}]
     if season > 1:
-        candidates += [{"season": season, "base_seasons": m} for m in BASE_SEASONS if season * m <= window]
-    first = max(warmup, max(season * c["base_seasons"] for c in candidates))  # the same points for all
+        candidates += [{"season": season, "base_seasons": m, "base_level": level}
+                       for level in (False, True) for m in BASE_SEASONS]  # fmt: skip
+    models = [RecurrentForecaster("rnn", hidden_size=1, num_layers=1, horizon=horizon, **c) for c in candidates]
+    keep = [i for i, model in enumerate(models) if model.context < window]  # the engine retains what it reads
+    candidates, models = [candidates[i] for i in keep], [models[i] for i in keep]
+    first = max(warmup, max(model.context for model in models) + 1)  # the same points for all
     best, best_mae = candidates[0], math.inf
-    for candidate in candidates:
-        model = RecurrentForecaster("rnn", hidden_size=1, num_layers=1, horizon=horizon, **candidate)
+    for candidate, model in zip(candidates, models, strict=True):
         errors = ForecastErrors.empty(horizon)
         for v, f in zip(values, model_forecasts(model, scaling, values), strict=True):
             errors = errors + ForecastErrors.of(f[first:], targets(v, horizon)[first:])
         mae = errors.overall_mae()
-        log.info("baseline season %d x %d: MAE %.6g", candidate["season"], candidate["base_seasons"], mae)
+        log.info("baseline %s: MAE %.6g", candidate, mae)
         if mae < best_mae:
             best, best_mae = candidate, mae
     return best

@@ -100,24 +100,28 @@ def test_incremental_equals_full_on_the_device_path(cell: str, stream) -> None:
     assert engine.errors["init"].count == sum(len(ts) - 1 for ts, _ in data.values())
 
 
-def _residual_model(cell: str, seed: int = 0) -> RecurrentForecaster:
-    """A model forecasting over a seasonal baseline (season 2, two seasons: three inputs back), head random."""
-    model = _model(cell, seed=seed, season=2, base_seasons=2)
+def _residual_model(cell: str, seed: int = 0, **baseline) -> RecurrentForecaster:
+    """A model forecasting over a seasonal baseline (default season 2, two seasons: three inputs back), head
+    random."""
+    model = _model(cell, seed=seed, **{"season": 2, "base_seasons": 2, **baseline})
     with torch.no_grad():
         for p in model.head.parameters():
             p.normal_(0.0, 0.5)
     return model
 
 
+@pytest.mark.parametrize("level", [False, True])
 @pytest.mark.parametrize("host_views", [True, False])
 @pytest.mark.parametrize("cell", CELLS)
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream=streams())
-def test_incremental_equals_full_over_a_seasonal_baseline(cell: str, host_views: bool, stream) -> None:
-    """The baseline's inputs come from the ring buffer; the window (4) is shorter than most series."""
+def test_incremental_equals_full_over_a_seasonal_baseline(cell: str, host_views: bool, level: bool, stream) -> None:
+    """The baseline's inputs come from the ring buffer; the window is shorter than most series (with the
+    level moved, the baseline reads 6 inputs back: window 7)."""
     data, batches = stream
-    model = _residual_model(cell)
-    engine = Engine(model, window=4, capacity=2, scaling=SCALINGS["ewm"], host_views=host_views)
+    model = _residual_model(cell, base_level=level)
+    window = model.context + 1
+    engine = Engine(model, window=window, capacity=2, scaling=SCALINGS["ewm"], host_views=host_views)
     _check_incremental_equals_full(engine, model, data, batches, SCALINGS["ewm"])
 
 

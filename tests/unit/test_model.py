@@ -77,7 +77,8 @@ def test_warm_equals_forward_over_each_rows_own_values(cell: str) -> None:
 def test_build_args_rebuild_the_same_module() -> None:
     model = RecurrentForecaster("lstm", input_size=1, hidden_size=16, num_layers=1, horizon=4, dropout=0.0)
     assert model.build_args == {"cell": "lstm", "input_size": 1, "hidden_size": 16, "num_layers": 1,
-                                "horizon": 4, "dropout": 0.0, "season": 1, "base_seasons": 0}
+                                "horizon": 4, "dropout": 0.0, "season": 1, "base_seasons": 0,
+                                "base_level": False}
     twin = RecurrentForecaster(**model.build_args)
     twin.load_state_dict(model.state_dict())
     x = torch.randn(2, 5, 1)
@@ -115,10 +116,11 @@ def test_step_follows_weights_loaded_or_moved_after_first_use() -> None:
 # ---- forecasting over a seasonal baseline ---------------------------------------------------------------
 
 
-def _residual(cell: str, season: int, base_seasons: int, seed: int = 0, horizon: int = 5) -> RecurrentForecaster:
+def _residual(cell: str, season: int, base_seasons: int, seed: int = 0, horizon: int = 5,
+              base_level: bool = False) -> RecurrentForecaster:
     torch.manual_seed(seed)
     return RecurrentForecaster(cell, hidden_size=6, num_layers=2, horizon=horizon, season=season,
-                               base_seasons=base_seasons).eval()  # fmt: skip
+                               base_seasons=base_seasons, base_level=base_level).eval()  # fmt: skip
 
 
 def test_an_untrained_residual_model_forecasts_its_baseline_by_hand() -> None:
@@ -133,6 +135,11 @@ def test_an_untrained_residual_model_forecasts_its_baseline_by_hand() -> None:
     # season 1: the last value
     y, _ = _residual("rnn", 1, 1, horizon=3)(x)
     assert y[0, 4].tolist() == [5.0, 5.0, 5.0]
+    # moved to the current level: seasonal naive (3, 6, 9, then 3 again) plus the newest input (9) minus
+    # the one a whole cycle before it: 3 back (8) for steps 1-3, 6 back (5) for step 4
+    x = torch.tensor([[1.0, 5.0, 2.0, 4.0, 8.0, 3.0, 6.0, 9.0]])[..., None]
+    y, _ = _residual("gru", 3, 1, horizon=4, base_level=True)(x)
+    assert y[0, 7].tolist() == [3 + 9 - 8, 6 + 9 - 8, 9 + 9 - 8, 3 + 9 - 5]
 
 
 def _randomize_head(model: RecurrentForecaster) -> RecurrentForecaster:
@@ -143,9 +150,11 @@ def _randomize_head(model: RecurrentForecaster) -> RecurrentForecaster:
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize(("season", "base_seasons"), [(1, 1), (3, 1), (4, 3)])
-def test_residual_step_chunks_and_warm_equal_forward(cell: str, season: int, base_seasons: int) -> None:
-    model = _randomize_head(_residual(cell, season, base_seasons, seed=2))
+@pytest.mark.parametrize(("season", "base_seasons", "base_level"), [(1, 1, False), (3, 1, False), (4, 3, False),
+                                                                    (3, 2, True), (2, 1, True)])
+def test_residual_step_chunks_and_warm_equal_forward(cell: str, season: int, base_seasons: int,
+                                                     base_level: bool) -> None:
+    model = _randomize_head(_residual(cell, season, base_seasons, seed=2, base_level=base_level))
     x = torch.randn(3, 20, 1)
     y, _ = model(x)
     # forward in chunks, each given the inputs before it
@@ -169,6 +178,7 @@ def test_residual_step_chunks_and_warm_equal_forward(cell: str, season: int, bas
 def test_residual_build_args_and_context() -> None:
     model = _residual("lstm", 12, 3)
     assert model.context == 35 and _residual("gru", 4, 0).context == 0
+    assert _residual("gru", 3, 2, horizon=5, base_level=True).context == 9  # 2 cycles for step 5, then 1 more
     rebuilt = RecurrentForecaster(**model.build_args)
     assert (rebuilt.season, rebuilt.base_seasons, rebuilt.context) == (12, 3, 35)
     assert set(model.state_dict()) == set(_residual("lstm", 1, 0).state_dict())  # no new weights

@@ -399,7 +399,10 @@ def test_the_baseline_is_chosen_by_its_error_on_the_history(tmp_path: Path) -> N
     walks = [100 + np.cumsum(rng.normal(0, 1, 240)) for _ in range(3)]  # no season: the last value is best
     # averaging seasons cancels noise on a stable pattern; nothing beats the last value on a random walk
     assert choose_baseline(settings, periodic, Scaling(), 12)["base_seasons"] > 1
-    assert choose_baseline(settings, walks, Scaling(), 12) == {"season": 1, "base_seasons": 1}
+    assert choose_baseline(settings, walks, Scaling(), 12) == {"season": 1, "base_seasons": 1, "base_level": False}
+    # a trend under the season: the pattern moved to the current level
+    trending = [20 + 0.5 * t + 10 * np.sin(2 * np.pi * t / 12) + rng.normal(0, 0.2, 240) for _ in range(3)]
+    assert choose_baseline(settings, trending, Scaling(), 12)["base_level"] is True
     # a window too short for a season is never chosen
     short = Settings(model={"horizon": 6}, state={"window": 20})
     assert choose_baseline(short, periodic, Scaling(), 12)["base_seasons"] == 1
