@@ -223,7 +223,7 @@ class Engine:
 
     def _past(self, slots: np.ndarray, count: np.ndarray) -> torch.Tensor:
         """The ``model.context`` inputs each series stepped before its current one, from the ring buffer;
-        zeros before its first value, and for inputs the window no longer retains (a window shorter than
+        NaN before its first value, and for inputs the window no longer retains (a window shorter than
         the baseline's reach: the trainer never picks one, the service refuses such a checkpoint).
         (n, context) float32."""
         tb, context, w = self.table, self.model.context, self.table.window_size
@@ -231,8 +231,9 @@ class Engine:
         at = slots[:, None] * w + ordinal % w  # (n, context) flat ring positions
         gone = (ordinal < 0) | (ordinal <= count[:, None] - w)  # (n, context) not (or no longer) in the ring
         if self._cpu:
-            return torch.from_numpy(np.where(gone, np.float32(0.0), tb.ring_flat[at]))
-        return tb.ring_flat[torch.from_numpy(at).to(self.device)].masked_fill(torch.from_numpy(gone).to(self.device), 0.0)
+            return torch.from_numpy(np.where(gone, np.float32(np.nan), tb.ring_flat[at]))
+        gone_t = torch.from_numpy(gone).to(self.device)
+        return tb.ring_flat[torch.from_numpy(at).to(self.device)].masked_fill(gone_t, float("nan"))
 
     def _accumulator(self, like: Any) -> _ErrorAccumulator:
         acc = self._errors.get(self.version)

@@ -10,12 +10,14 @@ seasons (``season = 1, m = 1``: the last value); with ``base_level`` that patter
 level (plus the newest input, minus the mean of the inputs one cycle earlier at the same phase: seasonal
 naive with the year-on-year change of level, which suits trending series). The head starts at zero, so an untrained model forecasts
 exactly that baseline, and training learns what the baseline misses. The baseline needs the ``context``
-inputs before the current one: ``forward`` and ``step`` take them as ``past`` (zeros before a series'
-first value), ``warm`` reads them from its window.
+inputs before the current one: ``forward`` and ``step`` take them as ``past`` (NaN for inputs before a
+series' first value), ``warm`` reads them from its window. Seasons not seen yet are left out of the mean;
+with none seen for a step, its baseline is the newest input (the last value).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -126,39 +128,43 @@ class RecurrentForecaster(nn.Module):
         return int((self._lag if self.base_level else self._back).max())
 
     def past(self, x: Tensor, start: int) -> Tensor | None:
-        """The ``context`` inputs of sequences ``x`` (batch, T[, 1]) before position ``start``, zeros before
+        """The ``context`` inputs of sequences ``x`` (batch, T[, 1]) before position ``start``, NaN before
         the first: the ``past`` of ``forward(x[:, start:], ...)``. None when there is no baseline."""
         if not self.base_seasons:
             return None
         values = x[..., 0] if x.dim() == 3 else x  # (batch, T)
         got = values[:, max(0, start - self.context) : start]  # (batch, <= context)
-        return F.pad(got, (self.context - got.shape[1], 0))  # (batch, context)
+        return F.pad(got, (self.context - got.shape[1], 0), value=math.nan)  # (batch, context)
 
     def baseline(self, recent: Tensor) -> Tensor:
-        """Baseline forecasts in scaled units after the newest of ``recent`` (batch, n) inputs (zeros stand
+        """Baseline forecasts in scaled units after the newest of ``recent`` (batch, n) inputs (NaN stands
         for values before a series began; fewer than ``context + 1`` are padded so): (batch, horizon)."""
         need = self.context + 1
-        recent = F.pad(recent, (need - recent.shape[1], 0)) if recent.shape[1] < need else recent[:, -need:]
+        if recent.shape[1] < need:
+            recent = F.pad(recent, (need - recent.shape[1], 0), value=math.nan)
+        recent = recent[:, -need:]
         return self._baseline_seq(recent)[:, 0]  # (batch, horizon)
 
     def _baseline_seq(self, full: Tensor) -> Tensor:
         """``full`` (batch, context + T) inputs -> the baseline after each of the last T: (batch, T, horizon)."""
         steps = full.shape[1] - self.context
         now = self.context + torch.arange(steps, device=full.device)  # (T,) position of each newest input
-        base = full[:, now[:, None, None] - self._back].mean(2)  # (batch, T, horizon)
-        if self.base_level:  # move the pattern by the change of level since one cycle before
-            base = base + full[:, now, None] - full[:, now[:, None, None] - self._lag].mean(2)
+        newest = full[:, now, None]  # (batch, T, 1)
+        seasonal = full[:, now[:, None, None] - self._back].nanmean(2)  # (batch, T, horizon), NaN: none seen
+        base = torch.where(seasonal.isnan(), newest, seasonal)
+        if self.base_level:  # move the pattern by the change of level since one cycle before (if seen)
+            base = base + (newest - full[:, now[:, None, None] - self._lag].nanmean(2)).nan_to_num(0.0)
         return base
 
     def _with_past(self, values: Tensor, past: Tensor | None) -> Tensor:
-        past = values.new_zeros(values.shape[0], self.context) if past is None else past.to(values.dtype)
+        past = values.new_full((values.shape[0], self.context), math.nan) if past is None else past.to(values.dtype)
         return torch.cat([past, values], 1)  # (batch, context + T)
 
     def forward(self, x: Tensor, h: State | None = None, past: Tensor | None = None) -> tuple[Tensor, State]:
         """``x`` (batch, time, input_size) -> forecasts (batch, time, horizon) and the final state.
 
-        ``past`` (batch, context): the inputs before ``x[:, 0]`` for the baseline (None: zeros, the series
-        starts with ``x``)."""
+        ``past`` (batch, context): the inputs before ``x[:, 0]`` for the baseline, NaN before the series began
+        (None: the series starts with ``x``)."""
         out, h = self.rnn(x, h)  # (batch, time, hidden)
         y = self.head(out)  # (batch, time, horizon)
         if self.base_seasons:
@@ -214,8 +220,9 @@ class RecurrentForecaster(nn.Module):
         must be >= 1.
         """
         window = x.shape[1]
-        recent = x[..., 0]  # (batch, W) right-aligned, zeros before each series' values
         lengths = lengths.to(device=x.device, dtype=torch.long)
+        recent = x[..., 0].masked_fill(  # (batch, W) right-aligned; NaN before each series' values
+            torch.arange(window, device=x.device) < (window - lengths)[:, None], math.nan)
         # Left-align each row so packing sees its values first: row i starts at W - lengths[i].
         shift = torch.arange(window, device=x.device) + (window - lengths)[:, None]  # (batch, W)
         x = x.gather(1, (shift % window).unsqueeze(-1).expand(-1, -1, x.shape[2]))  # (batch, W, input)

@@ -219,8 +219,10 @@ class RewarmJob:
                 stats = table.stats.index_select(0, idx)  # (m, N_STATS): the statistics as they are now
                 y = self.y.index_select(0, rows_t)  # (m, horizon)
                 if model.context:  # catch-up steps ran without their past: the baseline comes from the window
-                    recent, _ = table.window(slots)  # (m, W, 1)
-                    y = model.readout(_select(self.state, rows_t), recent[..., 0])  # (m, horizon)
+                    recent, lengths = table.window(slots)  # (m, W, 1) right-aligned, (m,)
+                    width = recent.shape[1]
+                    before = torch.arange(width, device=recent.device) < (width - lengths)[:, None]  # (m, W)
+                    y = model.readout(_select(self.state, rows_t), recent[..., 0].masked_fill(before, float("nan")))
                 table.write_states(slots, _select(self.state, rows_t), engine.scaling.denormalize(stats, y))
             # Everything else resident re-warms over its current window, now.
             rest = np.setdiff1d(table.occupied(), slots)

@@ -126,7 +126,7 @@ def test_incremental_equals_full_over_a_seasonal_baseline(cell: str, host_views:
 
 
 @pytest.mark.parametrize("host_views", [True, False])
-def test_a_window_shorter_than_the_baseline_reads_zeros_for_what_it_no_longer_retains(host_views: bool) -> None:
+def test_a_window_shorter_than_the_baseline_leaves_out_what_it_no_longer_retains(host_views: bool) -> None:
     """The trainer never picks such a baseline and the service refuses one; a library user gets the
     baseline over what the window retains, not values that were overwritten."""
     model = _residual_model("gru")  # reads 3 inputs before the current one
@@ -136,7 +136,7 @@ def test_a_window_shorter_than_the_baseline_reads_zeros_for_what_it_no_longer_re
     x, stats = SCALINGS["ewm"].transform(values)
     with torch.no_grad():
         y, _ = model(x[None, :, None])  # (1, T, H) with the baseline over the whole history
-        kept = torch.stack([torch.cat([torch.zeros(max(0, window - t - 1)), x[max(0, t - window + 1) : t + 1]])
+        kept = torch.stack([torch.cat([torch.full((max(0, window - t - 1),), torch.nan), x[max(0, t - window + 1) : t + 1]])
                             for t in range(len(values))])  # (T, window) what the ring holds after value t
         y = y[0] - torch.stack([model.baseline(x[None, : t + 1])[0] for t in range(len(values))]) + model.baseline(kept)
     expected = SCALINGS["ewm"].denormalize(stats, y.double()).numpy()

@@ -128,10 +128,12 @@ def test_an_untrained_residual_model_forecasts_its_baseline_by_hand() -> None:
     # season 3, one season: step k forecasts the input at t + k - 3 * ceil(k / 3); zeros before the start.
     y, _ = _residual("gru", 3, 1, horizon=4)(x)
     assert y[0, 6].tolist() == [5.0, 6.0, 7.0, 5.0]
-    assert y[0, 0].tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert y[0, 0].tolist() == [1.0, 1.0, 1.0, 1.0]  # no season seen yet for steps 1, 2, 4: the last value
+    assert y[0, 1].tolist() == [2.0, 1.0, 2.0, 2.0]
     # two seasons: the mean of the two values at that phase, 3 and 6 inputs back for step 1 after t = 6
     y, _ = _residual("gru", 3, 2, horizon=4)(x)
     assert y[0, 6].tolist() == [3.5, 4.5, 5.5, 3.5]
+    assert y[0, 3].tolist() == [2.0, 3.0, 2.5, 2.0]  # a second season not seen yet is left out of the mean
     # season 1: the last value
     y, _ = _residual("rnn", 1, 1, horizon=3)(x)
     assert y[0, 4].tolist() == [5.0, 5.0, 5.0]
