@@ -64,6 +64,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoint = resolve_checkpoint(args.checkpoint, settings, device)
+    if checkpoint.model.context >= settings.state.window:  # the service refuses it too
+        raise CheckpointError(f"{checkpoint.version}: its baseline reads {checkpoint.model.context} values back, "
+                              f"more than state.window ({settings.state.window}) retains: raise "
+                              "FORECASTER_STATE__WINDOW")  # fmt: skip
     engine = Engine.from_settings(checkpoint.model, settings, version=checkpoint.version, device=device,
                                   scaling=checkpoint.scaling)  # fmt: skip
     result = replay(args.input, engine, season=args.season,

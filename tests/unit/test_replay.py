@@ -208,3 +208,29 @@ def test_cli_report_without_matplotlib_says_how_to_install(tmp_path, published, 
     assert main(["replay", "--input", str(write(tmp_path, TINY)), "--report", str(report), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "matplotlib" in err and "pip install" in err and not report.exists()
+
+
+def test_cli_refuses_a_checkpoint_whose_baseline_reaches_past_the_window(tmp_path, monkeypatch, capsys) -> None:
+    root = tmp_path / "checkpoints"
+    model = RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2, season=12, base_seasons=2)
+    promote(root, save_checkpoint(root, model, Scaling()))
+    monkeypatch.setenv("FORECASTER_CHECKPOINTS__DIR", str(root))
+    monkeypatch.setenv("FORECASTER_STATE__WINDOW", "20")
+    assert main(["replay", "--input", str(write(tmp_path, TINY)), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "state.window" in err and "FORECASTER_STATE__WINDOW" in err and "Traceback" not in err
+    monkeypatch.setenv("FORECASTER_STATE__WINDOW", "24")
+    assert main(["replay", "--input", str(write(tmp_path, TINY)), "--no-progress", "--season", "2"]) == 0
+
+
+def test_replay_of_a_residual_model_equals_the_reference() -> None:
+    """The seasonal baseline's inputs come from the engine's ring buffer during a replay."""
+    torch.manual_seed(2)
+    model = RecurrentForecaster("gru", hidden_size=5, num_layers=1, horizon=4, season=3, base_seasons=2,
+                                base_level=True)  # fmt: skip
+    with torch.no_grad():
+        model.head.bias.normal_()
+    values = 10 + np.sin(np.arange(40) * 2 * np.pi / 3) + np.random.default_rng(3).normal(0, 0.1, 40)
+    text = "series,ts,value\n" + "".join(f"a,{t},{float(v)!r}\n" for t, v in enumerate(values))
+    result = replay(io.StringIO(text), Engine(model, window=16), season=3, batch_rows=5, progress=False)
+    np.testing.assert_allclose(result.rows.forecasts, reference_forecast(model, values), atol=1e-5, rtol=0)
