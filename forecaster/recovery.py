@@ -33,6 +33,7 @@ from kafka.structs import TopicPartition
 
 from forecaster import changelog
 from forecaster.changelog import ChangelogContents, ChangelogReader
+from forecaster.transactions import is_group_fenced
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,8 @@ class PartitionOwner:
         self.on_restore = on_restore or (lambda report: None)
         self.owned: set[int] = set()
         self.to_restore: set[int] = set()
+        self.listener: Any = None  # set by OwnerListener: subscribing again needs it
+        self._refused_generation: int | None = None  # generation of the last commit refused by the group
 
     # ---- the rebalance listener (consumer network thread) --------------------------------------------
 
@@ -234,11 +237,33 @@ class PartitionOwner:
             # Step 2. forget every owned series; all owned partitions restore from the changelog.
             self.ledger.drop(None)
             self.to_restore = set(self.owned)
+            if self._rejoin_if_forgotten():
+                return True
             if self.owned:
                 self.consumer.pause(*self._tps(self.owned))
         if self.to_restore:
             self.restore(set(self.to_restore))
         return reset
+
+    def _rejoin_if_forgotten(self) -> bool:
+        """Twice in a row the group refused this member's offsets while the consumer saw no rebalance: the
+        group has dropped it without the consumer noticing (kafka-python can stop heartbeating after a
+        join that completed during a short poll; the transactional offset commit goes through the
+        producer, so the consumer never learns). Leave and join again: the assignment is restored anew."""
+        refused = is_group_fenced(self.committer.error)
+        generation = getattr(self.consumer.group_metadata(), "generation_id", None) if refused else None
+        forgotten = refused and generation == self._refused_generation
+        self._refused_generation = generation
+        if not forgotten or self.listener is None:
+            return False
+        log.warning(
+            "the group refused this member's offsets twice at generation %s without a rebalance here:"
+            " leaving the group and joining again", generation,
+        )
+        self.owned, self.to_restore, self._refused_generation = set(), set(), None
+        self.consumer.unsubscribe()
+        self.consumer.subscribe([self.topic], listener=self.listener)
+        return True
 
     def restore(self, parts: set[int]) -> RestoreReport:
         """Committed offsets, changelog to its end, load, seek, resume: for ``parts``."""
@@ -258,7 +283,6 @@ class PartitionOwner:
             else:
                 self.consumer.seek(tp, offset)
         self.consumer.resume(*tps)
-        self.to_restore -= parts
         report.seconds = time.monotonic() - started
         log.info(
             "restored partitions %s: %d series resident, %d evicted kept on the host, %d refused, from %d"
@@ -267,6 +291,7 @@ class PartitionOwner:
             report.records, report.seconds,
         )
         self.on_restore(report)
+        self.to_restore -= parts  # ready again (/readyz) once the figures are out
         return report
 
 
@@ -275,6 +300,7 @@ class OwnerListener(ConsumerRebalanceListener):
 
     def __init__(self, owner: PartitionOwner) -> None:
         self.owner = owner
+        owner.listener = self
 
     def on_partitions_revoked(self, revoked: Any) -> None:
         self.owner.revoked(revoked)

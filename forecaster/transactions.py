@@ -29,7 +29,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from kafka.errors import KafkaError, KafkaTimeoutError, ProducerFencedError
+from kafka.errors import (
+    CommitFailedError,
+    FencedInstanceIdError,
+    IllegalGenerationError,
+    KafkaError,
+    KafkaTimeoutError,
+    ProducerFencedError,
+    UnknownMemberIdError,
+)
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from forecaster.errors import ForecasterError
@@ -52,6 +60,16 @@ def is_fenced(exc: BaseException | None) -> bool:
         if isinstance(exc, ProducerFencedError | ProducerFenced):
             return True
         if any(isinstance(a, ProducerFencedError | ProducerFenced) for a in getattr(exc, "args", ())):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def is_group_fenced(exc: BaseException | None) -> bool:
+    """Whether the offsets were refused because the group does not know this member's generation."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, CommitFailedError | UnknownMemberIdError | IllegalGenerationError | FencedInstanceIdError):
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
@@ -112,6 +130,7 @@ class TransactionalCommitter:
         self.in_flight: list[Any] = []  # sends of this transaction (kept for the error message)
         self.open = False
         self.failed: str | None = None
+        self.error: BaseException | None = None  # why the last transaction failed
         self.last_commit = clock()
 
     # ---- the hot path --------------------------------------------------------------------------------
@@ -152,11 +171,13 @@ class TransactionalCommitter:
             # Step 4. commit (bounded: an answer that never comes is an indefinite error).
             self._bounded(self.producer.commit_transaction)
         except KafkaTimeoutError as exc:
+            self.error = exc
             self._fail("replace", f"commit did not complete within {self.timeout_s:g} s ({exc!r})")
             return False
         except (KafkaError, ForecasterError) as exc:
             if is_fenced(exc):
                 raise self._fenced(exc) from exc
+            self.error = exc
             failed = [f for f in self.in_flight if f.is_done and f.failed()]
             detail = f"{exc!r}" + (f"; first failed send: {failed[0].exception!r}" if failed else "")
             self._abort(detail)

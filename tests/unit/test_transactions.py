@@ -16,7 +16,7 @@ from forecaster import changelog
 from forecaster.changelog import ChangelogContents
 from forecaster.engine import Engine
 from forecaster.model import RecurrentForecaster
-from forecaster.recovery import PartitionOwner, SeriesLedger
+from forecaster.recovery import OwnerListener, PartitionOwner, SeriesLedger
 from forecaster.transactions import ProducerFenced, TransactionalCommitter, is_fenced
 
 TOPIC = "in"
@@ -175,7 +175,17 @@ class FakeConsumer:
         self.positions[tp.partition] = "beginning"
 
     def group_metadata(self):
-        return "gen"
+        return SimpleNamespace(generation_id=self.generation)
+
+    generation = 4
+    subscriptions = 0
+
+    def unsubscribe(self):
+        self.paused, self.positions = set(), {}
+
+    def subscribe(self, topics, listener=None):
+        self.subscriptions += 1
+        self.listener = listener
 
 
 class FakeReader:
@@ -283,3 +293,34 @@ def test_revoked_partition_that_was_never_restored_is_simply_forgotten() -> None
     owner.catch_up()
     assert owner.reader.reads == [[0]]
     assert np.array_equal(sorted(consumer.positions), [0])
+
+
+def test_offsets_refused_twice_without_a_rebalance_make_the_member_join_again() -> None:
+    owner, engine, consumer, _, _ = make_owner(True, committed={0: 0})
+    OwnerListener(owner)
+    owner.assigned(tps(0))
+    owner.catch_up()
+    for attempt in (1, 2):
+        _stepped(owner, engine, [("a", 0)])
+        owner.committer.producer.fail["offsets"] = CommitFailedError("metadata mismatch: UnknownMemberIdError")
+        assert not owner.committer.commit()
+        assert owner.catch_up() is True
+        # first refusal: reset and restore as usual; second at the same generation: leave and join again
+        assert consumer.subscriptions == (0 if attempt == 1 else 1)
+    assert owner.owned == set() and engine.resident == 0 and consumer.listener.owner is owner
+    owner.assigned(tps(0))  # the new membership's assignment restores everything again
+    assert owner.to_restore == {0}
+
+
+def test_a_refusal_after_a_rebalance_does_not_rejoin() -> None:
+    owner, engine, consumer, _, _ = make_owner(True)
+    OwnerListener(owner)
+    owner.assigned(tps(0))
+    owner.catch_up()
+    for generation in (4, 5):  # the consumer saw the rebalance between the two refusals
+        consumer.generation = generation
+        _stepped(owner, engine, [("a", 0)])
+        owner.committer.producer.fail["offsets"] = CommitFailedError("IllegalGenerationError")
+        owner.committer.commit()
+        owner.catch_up()
+    assert consumer.subscriptions == 0
