@@ -104,10 +104,11 @@ def refusal(error: StateError) -> str:
     return "corrupt"
 
 
-def ensure_changelog(kafka: KafkaSettings, input_topic: str, admin: Any = None) -> int:
-    """Create ``kafka.changelog_topic`` (compacted, as many partitions as ``input_topic``) if missing;
-    returns the partition count. An existing changelog with another count or not compacted is a
-    ``KafkaSetupError`` that says so: restoring from it would load the wrong series."""
+def ensure_changelog(kafka: KafkaSettings, input_topic: str, admin: Any = None, create: bool = True) -> int:
+    """Create ``kafka.changelog_topic`` (compacted, as many partitions as ``input_topic``) if missing
+    (``create``; else a missing one is an error); returns the partition count. An existing changelog with
+    another count or not compacted is a ``KafkaSetupError`` that says so: restoring from it would load
+    the wrong series."""
     own = admin is None
     admin = make_admin(kafka) if own else admin
     try:
@@ -116,6 +117,8 @@ def ensure_changelog(kafka: KafkaSettings, input_topic: str, admin: Any = None) 
             raise KafkaSetupError(f"cannot describe input topic {input_topic}: {described}")
         partitions = len(described[0]["partitions"])
         exists = kafka.changelog_topic in set(admin.list_topics())
+        if not exists and not create:
+            raise KafkaSetupError(f"topic {kafka.changelog_topic} does not exist (deploy/topics creates it)")
         config = COMPACTED if exists else CREATE_CONFIG
         spec = TopicSpec(kafka.changelog_topic, partitions, kafka.replication_factor, config=config)
         created = ensure_topics(admin, [spec])

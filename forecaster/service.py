@@ -236,8 +236,9 @@ class Service:
             )
             if created:
                 log.info("created topics %s", ", ".join(created))
-            if exactly_once:  # compacted, as many partitions as the input (or a KafkaSetupError)
-                ensure_changelog(kafka, kafka.input_topic)
+        if exactly_once and (kafka.auto_create_topics or self.consumer is None):
+            # compacted, as many partitions as the input, or a KafkaSetupError saying what differs
+            ensure_changelog(kafka, kafka.input_topic, create=kafka.auto_create_topics)
         if self.engine is None:
             self.engine = build_engine(settings)
         if self.consumer is None:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -364,3 +365,33 @@ def changelog_partitions(bootstrap: str, topic: str) -> dict[str, tuple[int, byt
         return latest
     finally:
         consumer.close()
+
+
+# ---- the changelog topic -------------------------------------------------------------------------------
+
+
+def test_the_changelog_is_created_compacted_and_co_partitioned_or_refused_clearly(topic_factory, kafka_admin, kafka_settings):
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    from forecaster.errors import KafkaSetupError
+
+    source = topic_factory(partitions=4, prefix="in")
+    kafka_settings.changelog_topic = f"cl-created-{uuid.uuid4().hex[:8]}"
+    try:
+        assert changelog.ensure_changelog(kafka_settings, source) == 4
+        (described,) = kafka_admin.describe_topics([kafka_settings.changelog_topic])
+        assert len(described["partitions"]) == 4
+        configs = kafka_admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, kafka_settings.changelog_topic)])
+        assert configs["topic"][kafka_settings.changelog_topic]["cleanup.policy"]["value"] == "compact"
+        assert changelog.ensure_changelog(kafka_settings, source) == 4  # exists and fits: fine
+    finally:
+        kafka_admin.delete_topics([kafka_settings.changelog_topic])
+    kafka_settings.changelog_topic = topic_factory(partitions=3, config=COMPACTED, prefix="cl")
+    with pytest.raises(KafkaSetupError, match="3 partitions, expected 4"):
+        changelog.ensure_changelog(kafka_settings, source)
+    kafka_settings.changelog_topic = topic_factory(partitions=4, prefix="cl")  # not compacted
+    with pytest.raises(KafkaSetupError, match="cleanup.policy=delete, expected compact"):
+        changelog.ensure_changelog(kafka_settings, source)
+    kafka_settings.changelog_topic = f"cl-missing-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(KafkaSetupError, match="does not exist"):
+        changelog.ensure_changelog(kafka_settings, source, create=False)
