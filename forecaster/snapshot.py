@@ -78,20 +78,29 @@ def decode(data: bytes, shape: dict[str, Any]) -> tuple[str, dict[str, np.ndarra
     version, their_shape, layout = _header(body[start : start + head_len])
     if their_shape != shape:
         raise StateError(f"state snapshot shape {their_shape} does not fit this table {shape}")
-    spec = expected_arrays(shape)
-    if [[n, d, list(s)] for n, (d, s) in spec.items()] != layout:
+    expected, fields = _fields(tuple(sorted(shape.items())))
+    if layout != expected:
         raise StateError("state snapshot arrays do not match the expected layout")
     offset, arrays = start + head_len, {}
-    for name, (dtype, dims) in spec.items():
-        size = int(np.dtype(dtype).itemsize * np.prod(dims, dtype=np.int64))
+    for name, dtype, dims, count, size in fields:
         if offset + size > len(body):
             raise StateError("state snapshot is truncated")
-        arrays[name] = np.frombuffer(body, dtype=dtype, count=size // np.dtype(dtype).itemsize,
-                                     offset=offset).reshape(dims).copy()
+        arrays[name] = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(dims).copy()
         offset += size
     if offset != len(body):
         raise StateError("state snapshot has trailing bytes")
     return version, arrays
+
+
+@lru_cache(maxsize=16)
+def _fields(shape: tuple[tuple[str, Any], ...]) -> tuple[list[list[Any]], tuple[tuple[str, np.dtype, tuple[int, ...], int, int], ...]]:
+    """The header layout a table of ``shape`` expects, and (name, dtype, dims, count, bytes) per array."""
+    spec = expected_arrays(dict(shape))
+    fields = []
+    for name, (dtype, dims) in spec.items():
+        count = int(np.prod(dims, dtype=np.int64))
+        fields.append((name, np.dtype(dtype), dims, count, count * np.dtype(dtype).itemsize))
+    return [[n, d, list(s)] for n, (d, s) in spec.items()], tuple(fields)
 
 
 @lru_cache(maxsize=64)
