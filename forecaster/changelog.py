@@ -10,9 +10,9 @@ holds the state as of the committed input offsets. ``ChangelogReader`` reads par
 ``decode`` refuses a record it cannot use with a ``ChangelogRecordError`` whose ``reason`` is a metric label
 (the caller logs it, counts it, and the series starts fresh).
 
->>> value = encode(b"FCSTATE...", evicted=True)
+>>> value = encode(b"snapshot bytes", evicted=True)
 >>> value[:4], decode(value)
-(b'FCCL', (b'FCSTATE...', True))
+(b'FCCL', (b'snapshot bytes', True))
 >>> try:
 ...     decode(b"FCCL\\x09\\x00...")
 ... except ChangelogRecordError as exc:

@@ -20,7 +20,8 @@ from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssi
 
 from forecaster.changelog import ChangelogReader
 from forecaster.kafka import make_producer
-from forecaster.recovery import OwnerListener, PartitionOwner, SeriesLedger
+from forecaster.ledger import SeriesLedger
+from forecaster.recovery import OwnerListener, PartitionOwner
 from forecaster.transactions import TransactionalCommitter, transactional_id
 
 log = logging.getLogger(__name__)

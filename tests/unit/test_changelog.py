@@ -18,8 +18,8 @@ from forecaster import snapshot as snap
 from forecaster.changelog import ChangelogContents, ChangelogReader, ChangelogRecordError
 from forecaster.engine import Engine
 from forecaster.errors import StateError
+from forecaster.ledger import SeriesLedger
 from forecaster.model import RecurrentForecaster
-from forecaster.recovery import SeriesLedger
 
 
 def _engine(version: str = "v1", seed: int = 0, **kwargs) -> Engine:

@@ -15,8 +15,9 @@ from kafka.structs import TopicPartition
 from forecaster import changelog
 from forecaster.changelog import ChangelogContents
 from forecaster.engine import Engine
+from forecaster.ledger import SeriesLedger
 from forecaster.model import RecurrentForecaster
-from forecaster.recovery import OwnerListener, PartitionOwner, SeriesLedger
+from forecaster.recovery import OwnerListener, PartitionOwner
 from forecaster.transactions import ProducerFenced, TransactionalCommitter, is_fenced
 
 TOPIC = "in"
