@@ -15,10 +15,9 @@ import torch
 
 from forecaster import snapshot as snap
 from forecaster.model import RecurrentForecaster
+from forecaster.rewarm import rows_per_call
 from forecaster.scaling import Scaling
 from forecaster.state import StateTable
-
-REWARM_CHUNK = 65_536  # series re-warmed per batched call (bounds the (chunk, W) window copy)
 
 
 @dataclass
@@ -326,8 +325,9 @@ class Engine:
         tb = self.table
         slots = slots[tb.count[slots] > 0]
         with torch.inference_mode():
-            for lo in range(0, len(slots), REWARM_CHUNK):
-                chunk = slots[lo : lo + REWARM_CHUNK]
+            rows = rows_per_call(tb.window_size, self.device)  # bounds the (rows, W) intermediates
+            for lo in range(0, len(slots), rows):
+                chunk = slots[lo : lo + rows]
                 x, lengths = tb.window(chunk)  # (n, W, 1), (n,)
                 y, h = self.model.warm(x, lengths)  # (n, horizon)
                 stats = tb.stats.index_select(0, torch.from_numpy(chunk).to(self.device))  # (n, N_STATS)
