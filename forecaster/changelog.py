@@ -162,6 +162,7 @@ class ChangelogReader:
         probe: Any,
         *,
         stable_timeout: float = 60.0,
+        stall_timeout: float = 120.0,
         poll_ms: int = 200,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -170,6 +171,7 @@ class ChangelogReader:
         self.consumer = consumer
         self.probe = probe
         self.stable_timeout = stable_timeout
+        self.stall_timeout = stall_timeout  # no record and no position change this long: give up (raise)
         self.poll_ms = poll_ms
         self.clock = clock
         self.sleep = sleep
@@ -197,7 +199,7 @@ class ChangelogReader:
         self.consumer.assign(tps)
         self.consumer.seek_to_beginning(*tps)
         left = {tp for tp in tps if ends[tp] > 0}
-        n = 0
+        n, progress = 0, self.clock()
         while left:
             for tp, records in self.consumer.poll(timeout_ms=self.poll_ms).items():
                 into = latest[tp.partition]
@@ -205,7 +207,16 @@ class ChangelogReader:
                     if record.offset < ends[tp] and record.key is not None:
                         into[record.key.decode("utf-8", "replace")] = record.value
                         n += 1
-            left = {tp for tp in left if self.consumer.position(tp) < ends[tp]}
+                progress = self.clock()
+            still = {tp for tp in left if self.consumer.position(tp) < ends[tp]}
+            if still != left:
+                progress = self.clock()
+            elif self.clock() - progress > self.stall_timeout:
+                raise KafkaSetupError(
+                    f"changelog {self.topic} partitions {sorted(tp.partition for tp in still)} stopped short of"
+                    f" their end for {self.stall_timeout:g} s"
+                )
+            left = still
         self.consumer.assign([])
         return ChangelogContents(latest, n, self.clock() - started)
 

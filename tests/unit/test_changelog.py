@@ -225,3 +225,16 @@ def test_reader_gives_up_waiting_and_restores_what_is_committed() -> None:
         stable_timeout=5.0, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + 1.0),
     )  # fmt: skip
     assert reader.read([0]).latest == {0: {"a": b"committed"}}
+
+
+def test_reader_that_stops_short_of_the_end_gives_up_instead_of_hanging() -> None:
+    from forecaster.errors import KafkaSetupError
+
+    records = {0: [_rec(0, "a", b"x")]}  # the end says 3, but nothing past offset 0 ever comes
+    now = [0.0]
+    reader = ChangelogReader(
+        "cl", FakeReaderConsumer(records, [{0: 3}]), FakeReaderConsumer(records, [{0: 3}]),
+        stall_timeout=5.0, clock=lambda: now.__setitem__(0, now[0] + 1.0) or now[0], sleep=lambda s: None,
+    )  # fmt: skip
+    with pytest.raises(KafkaSetupError, match="stopped short"):
+        reader.read([0])
