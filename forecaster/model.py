@@ -8,7 +8,9 @@ With ``base_seasons = m > 0`` the model forecasts a residual over a seasonal bas
 recent inputs: for step k, the mean of the (scaled) inputs at the same phase in each of the last m
 seasons (``season = 1, m = 1``: the last value); with ``base_level`` that pattern is moved to the current
 level (plus the newest input, minus the mean of the inputs one cycle earlier at the same phase: seasonal
-naive with the year-on-year change of level, which suits trending series). The head starts at zero, so an untrained model forecasts
+naive with the year-on-year change of level, which suits trending series). Per step, a weight ``mix``
+(a parameter, 0 at first) moves that baseline toward the last value: step 1 of a half-hourly load is
+closer to the last half hour, step 48 to the same time yesterday. The head starts at zero, so an untrained model forecasts
 exactly that baseline, and training learns what the baseline misses. The baseline needs the ``context``
 inputs before the current one: ``forward`` and ``step`` take them as ``past`` (NaN for inputs before a
 series' first value), ``warm`` reads them from its window. Seasons not seen yet are left out of the mean;
@@ -81,6 +83,7 @@ class RecurrentForecaster(nn.Module):
         if self.base_seasons:  # an untrained model forecasts the baseline itself
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+            self.mix = nn.Parameter(torch.zeros(horizon))  # (horizon,) weight of the last value, per step
         # How far back from the newest input the baseline reads, per season averaged and step: (m, horizon).
         step = torch.arange(1, horizon + 1)
         cycles = torch.ceil(step / self.season).long()  # (horizon,) seasons between a target and its value
@@ -154,7 +157,7 @@ class RecurrentForecaster(nn.Module):
         base = torch.where(seasonal.isnan(), newest, seasonal)
         if self.base_level:  # move the pattern by the change of level since one cycle before (if seen)
             base = base + (newest - full[:, now[:, None, None] - self._lag].nanmean(2)).nan_to_num(0.0)
-        return base
+        return base + self.mix * (newest - base)  # (batch, T, horizon)
 
     def _with_past(self, values: Tensor, past: Tensor | None) -> Tensor:
         past = values.new_full((values.shape[0], self.context), math.nan) if past is None else past.to(values.dtype)

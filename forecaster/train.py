@@ -2,7 +2,8 @@
 
 ``train_once`` first picks the baseline the model forecasts over (seasonal naive over one, two or three
 seasons, as it is or moved to the current level, or the last value: the one with the lowest error over the
-history, ``choose_baseline``), fits the
+history, each step's baseline moved toward the last value by the least-squares weight, ``choose_baseline``),
+fits the
 serving model on the training part of each series (``forecaster.fit``), keeps its untrained baseline
 instead if that does better on the validation part (the fitted model is not trusted then), scores it
 on the validation part against the last-value and seasonal-naive baselines and against the currently
@@ -30,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from forecaster.baselines import ForecastErrors, detect_season, targets
@@ -67,10 +69,12 @@ def build_model(settings: Any, **overrides: Any) -> RecurrentForecaster:
     return RecurrentForecaster(**{**args, **overrides})
 
 
-def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) -> dict[str, Any]:
+def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) -> tuple[dict[str, Any], np.ndarray]:
     """``season``, ``base_seasons`` and ``base_level`` of the baseline with the lowest MAE over the whole
     history: seasonal naive averaged over 1, 2 or 3 seasons, as it is or moved to the current level (those
-    the retained window holds), or the last value.
+    the retained window holds), or the last value; and its ``mix`` (horizon,): per step, the weight in
+    [0, 1] that moves it toward the last value, by least squares (each series in units of its own mean
+    absolute change, so that no series weighs more for being large).
 
     Each is scored as an untrained model (zero head: its forecast is the baseline, in the serving code's
     units) on every forecast made after ``warmup`` values and after the longest look-back of them all."""
@@ -83,16 +87,37 @@ def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) 
     keep = [i for i, model in enumerate(models) if model.context < window]  # the engine retains what it reads
     candidates, models = [candidates[i] for i in keep], [models[i] for i in keep]
     first = max(warmup, max(model.context for model in models) + 1)  # the same points for all
-    best, best_mae = candidates[0], math.inf
+    unit = [max(float(np.mean(np.abs(np.diff(v)))) if len(v) > 1 else 1.0, 1e-12) for v in values]
+    best, best_mix, best_mae = candidates[0], np.zeros(horizon), math.inf
     for candidate, model in zip(candidates, models, strict=True):
+        # Step 1. The seasonal forecast (mix 0), the last value and the targets, from the same points.
+        made = [(f[first:], np.asarray(v, np.float64)[first:, None], targets(v, horizon)[first:])
+                for v, f in zip(values, model_forecasts(model, scaling, values), strict=True)]  # fmt: skip
+        # Step 2. Per step, the least-squares weight of the last value.
+        num, den = np.zeros(horizon), np.zeros(horizon)
+        for (base, last, target), u in zip(made, unit, strict=True):
+            d, r = (last - base) / u, (target - base) / u  # (T, horizon)
+            ok = np.isfinite(d) & np.isfinite(r)
+            num += np.where(ok, d * r, 0.0).sum(0)
+            den += np.where(ok, d * d, 0.0).sum(0)
+        mix = np.clip(np.divide(num, den, out=np.zeros(horizon), where=den > 0), 0.0, 1.0)  # (horizon,)
+        # Step 3. The error of the mixed baseline.
         errors = ForecastErrors.empty(horizon)
-        for v, f in zip(values, model_forecasts(model, scaling, values), strict=True):
-            errors = errors + ForecastErrors.of(f[first:], targets(v, horizon)[first:])
+        for base, last, target in made:
+            errors = errors + ForecastErrors.of(base + mix * (last - base), target)
         mae = errors.overall_mae()
         log.info("baseline %s: MAE %.6g", candidate, mae)
         if mae < best_mae:
-            best, best_mae = candidate, mae
-    return best
+            best, best_mix, best_mae = candidate, mix, mae
+    return best, best_mix
+
+
+def baseline_model(settings: Any, baseline: dict[str, Any], mix: np.ndarray) -> RecurrentForecaster:
+    """A fresh model over ``baseline`` with its per-step ``mix`` set (untrained: it forecasts the baseline)."""
+    model = build_model(settings, **baseline)
+    with torch.no_grad():
+        model.mix.copy_(torch.as_tensor(mix, dtype=model.mix.dtype))
+    return model
 
 
 def resolve_season(settings: Any, history: History) -> int:
@@ -124,8 +149,8 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
     scaling = Scaling.from_settings(settings.scaling)
     season = resolve_season(settings, history)
     # Step 1. The baseline the model forecasts over, then fit the model on the training part of every series.
-    baseline = choose_baseline(settings, values, scaling, season)
-    model = build_model(settings, **baseline)
+    baseline, mix = choose_baseline(settings, values, scaling, season)
+    model = baseline_model(settings, baseline, mix)
     fitted = fit(
         model, values, scaling, epochs=train.epochs, chunk_length=train.chunk_length,
         batch_series=train.batch_series, learning_rate=train.learning_rate,
@@ -138,7 +163,7 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
             f"(need more than warmup={train.warmup} + validation)"
         )
     # Step 2. An untrained model forecasts its baseline: keep that where the fitted model does worse.
-    untrained = build_model(settings, **baseline)
+    untrained = baseline_model(settings, baseline, mix)
     trust = evaluate({"model": (model, scaling), "untrained": (untrained, scaling)}, values,
                      validation_fraction=train.validation_fraction, season=season)  # fmt: skip
     if trust.mae("untrained") < trust.mae("model"):
@@ -158,7 +183,7 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
     summary = evaluation.summary()
     metrics = {
         "validation": summary,
-        "baseline": {**baseline, "kept_untrained": fell_back},
+        "baseline": {**baseline, "mix": [round(float(w), 4) for w in mix], "kept_untrained": fell_back},
         "fit": {"epochs": fitted.epochs, "train_loss": fitted.train_losses[-1],
                 "best_validation_loss": fitted.best_validation_loss, "stopped_early": fitted.stopped_early},
         "decision": {"published": publish, "reason": reason,

@@ -134,6 +134,12 @@ def test_an_untrained_residual_model_forecasts_its_baseline_by_hand() -> None:
     y, _ = _residual("gru", 3, 2, horizon=4)(x)
     assert y[0, 6].tolist() == [3.5, 4.5, 5.5, 3.5]
     assert y[0, 3].tolist() == [2.0, 3.0, 2.5, 2.0]  # a second season not seen yet is left out of the mean
+    # mix moves each step's baseline toward the last value (7): none, all the way, half way, none
+    model = _residual("gru", 3, 1, horizon=4)
+    with torch.no_grad():
+        model.mix.copy_(torch.tensor([0.0, 1.0, 0.5, 0.0]))
+    y, _ = model(x)
+    assert y[0, 6].tolist() == [5.0, 7.0, 7.0, 5.0]
     # season 1: the last value
     y, _ = _residual("rnn", 1, 1, horizon=3)(x)
     assert y[0, 4].tolist() == [5.0, 5.0, 5.0]
@@ -183,7 +189,7 @@ def test_residual_build_args_and_context() -> None:
     assert _residual("gru", 3, 2, horizon=5, base_level=True).context == 9  # 2 cycles for step 5, then 1 more
     rebuilt = RecurrentForecaster(**model.build_args)
     assert (rebuilt.season, rebuilt.base_seasons, rebuilt.context) == (12, 3, 35)
-    assert set(model.state_dict()) == set(_residual("lstm", 1, 0).state_dict())  # no new weights
+    assert set(model.state_dict()) - set(_residual("lstm", 1, 0).state_dict()) == {"mix"}  # (horizon,)
     with pytest.raises(ValueError):
         RecurrentForecaster("gru", season=0)
     with pytest.raises(ValueError):

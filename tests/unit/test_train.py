@@ -398,14 +398,33 @@ def test_the_baseline_is_chosen_by_its_error_on_the_history(tmp_path: Path) -> N
     periodic = [50 + 10 * np.sin(2 * np.pi * t / 12) + rng.normal(0, 3, 240) for _ in range(3)]  # noisy season
     walks = [100 + np.cumsum(rng.normal(0, 1, 240)) for _ in range(3)]  # no season: the last value is best
     # averaging seasons cancels noise on a stable pattern; nothing beats the last value on a random walk
-    assert choose_baseline(settings, periodic, Scaling(), 12)["base_seasons"] > 1
-    assert choose_baseline(settings, walks, Scaling(), 12) == {"season": 1, "base_seasons": 1, "base_level": False}
+    assert choose_baseline(settings, periodic, Scaling(), 12)[0]["base_seasons"] > 1
+    chosen, mix = choose_baseline(settings, walks, Scaling(), 12)
+    assert chosen["season"] == 1 or mix.min() > 0.9  # the last value, or a baseline moved all the way to it
     # a trend under the season: the pattern moved to the current level
     trending = [20 + 0.5 * t + 10 * np.sin(2 * np.pi * t / 12) + rng.normal(0, 0.2, 240) for _ in range(3)]
-    assert choose_baseline(settings, trending, Scaling(), 12)["base_level"] is True
+    assert choose_baseline(settings, trending, Scaling(), 12)[0]["base_level"] is True
     # a window too short for a season is never chosen
     short = Settings(model={"horizon": 6}, state={"window": 20})
-    assert choose_baseline(short, periodic, Scaling(), 12)["base_seasons"] == 1
+    assert choose_baseline(short, periodic, Scaling(), 12)[0]["base_seasons"] == 1
+
+
+def test_each_step_moves_toward_the_last_value_as_far_as_it_helps(tmp_path: Path) -> None:
+    """A season under a slowly wandering disturbance: the next value is closest to the last one, values a
+    season ahead to the same phase a season ago."""
+    rng = np.random.default_rng(4)
+    t = np.arange(480)
+    values = []
+    for _ in range(4):
+        wander = np.zeros(480)
+        for i in range(1, 480):
+            wander[i] = 0.8 * wander[i - 1] + rng.normal(0, 1.0)
+        values.append(50 + 10 * np.sin(2 * np.pi * t / 12) + wander)
+    # a window of 12 leaves two candidates: the last value and one season back (no level, no average)
+    settings = Settings(model={"horizon": 6}, state={"window": 12})
+    chosen, mix = choose_baseline(settings, values, Scaling(), 12)
+    assert chosen == {"season": 12, "base_seasons": 1, "base_level": False} and len(mix) == 6
+    assert mix[0] > 0.15 and mix[0] > 3 * mix[-1] and ((mix >= 0) & (mix <= 1)).all()
 
 
 def test_a_fitted_model_worse_than_its_baseline_is_not_published(tmp_path: Path, monkeypatch) -> None:
