@@ -365,6 +365,43 @@ def encode_forecasts(
     return encoded
 
 
+def encode_forecast_groups(
+    series: Sequence[str],
+    ts: np.ndarray,
+    version: str,
+    forecasts: np.ndarray,
+    partition: np.ndarray,
+    offset: np.ndarray,
+    index: np.ndarray,
+    group: np.ndarray,
+) -> tuple[list[str], list[bytes]]:
+    """One record per input record (rows sharing ``group``): the ``forecast_records = "window"`` format.
+
+    ``{"series", "ts": [...], "model_version", "forecasts": [[h1..hH], ...], "index": [...],
+    "input": {"partition", "offset"}}`` with the rows of one input record in window order (``index``
+    is -1 for a single-value record). Returns the keys (series ids) and the encoded values.
+    """
+    order = np.lexsort((index, group))  # by input record, then position in its window
+    bounds = np.flatnonzero(np.diff(group[order])) + 1
+    prefix = json.dumps(version)
+    keys, encoded = [], []
+    for rows in np.split(order, bounds) if len(order) else []:
+        first = int(rows[0])
+        values = forecasts[rows]
+        listed = values.tolist() if np.isfinite(values).all() else [
+            [f if math.isfinite(f) else None for f in row] for row in values.tolist()
+        ]
+        text = (
+            f'{{"series":{json.dumps(series[first])},"ts":{json.dumps(ts[rows].tolist())},'
+            f'"model_version":{prefix},"forecasts":{json.dumps(listed)},'
+            f'"index":{json.dumps(index[rows].tolist())},'
+            f'"input":{{"partition":{int(partition[first])},"offset":{int(offset[first])}}}}}'
+        )
+        keys.append(series[first])
+        encoded.append(text.encode())
+    return keys, encoded
+
+
 def encode_dead_letter(record: KafkaRecord, error: InvalidRecord) -> bytes:
     """A dead-letter record: why, where from, and the raw value in base64 (the key as text)."""
     key = None if record.key is None else record.key.decode("utf-8", "backslashreplace")

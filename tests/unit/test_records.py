@@ -286,3 +286,30 @@ def test_batch_forecasts_round_trip_float32_exactly_and_stay_valid_json_when_not
             assert None in body["forecast"]
         else:
             np.testing.assert_array_equal(np.array(body["forecast"], dtype=np.float32), forecasts[k])
+
+
+def test_grouped_forecasts_one_record_per_input_record_in_window_order():
+    from forecaster.records import encode_forecast_groups
+
+    forecasts = np.array([[1.5, 2.0], [3.0, 4.0], [5.0, np.nan], [7.0, 8.0]], dtype=np.float32)
+    keys, encoded = encode_forecast_groups(
+        ["a", "b", "a", "a"],
+        np.array([3, 1, 1, 2]),
+        "v1",
+        forecasts,
+        partition=np.array([0, 1, 0, 0]),
+        offset=np.array([5, 6, 5, 5]),
+        index=np.array([2, -1, 0, 1]),
+        group=np.array([0, 1, 0, 0]),
+    )
+    bodies = [json.loads(value) for value in encoded]
+    assert keys == ["a", "b"]
+    assert bodies[0] == {
+        "series": "a",
+        "ts": [1, 2, 3],
+        "model_version": "v1",
+        "forecasts": [[5.0, None], [7.0, 8.0], [1.5, 2.0]],
+        "index": [0, 1, 2],
+        "input": {"partition": 0, "offset": 5},
+    }
+    assert bodies[1]["forecasts"] == [[3.0, 4.0]] and bodies[1]["index"] == [-1]
