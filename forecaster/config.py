@@ -160,6 +160,9 @@ class ServiceSettings(BaseModel):
     close_timeout_seconds: float = Field(default=30.0, gt=0.0)  # flush on stop at most this long
     session_timeout_ms: int = Field(default=10_000, ge=1_000)  # a member silent this long leaves the group
     torch_threads: int = Field(default=1, ge=0, le=1024)  # intra-op threads; one process per core. 0: torch's default
+    # "value": one forecast record per stepped value; "window": one per input record, its values' forecasts
+    # in lists (amortises the per-record cost of windowed input; see README, wire formats).
+    forecast_records: Literal["value", "window"] = "value"
 
 
 class MetricsSettings(BaseModel):

@@ -44,7 +44,14 @@ from forecaster.kafka import (
     wait_for_broker,
 )
 from forecaster.metrics import MetricsServer, ServiceMetrics
-from forecaster.records import DecodedBatch, KafkaRecord, RecordDecoder, encode_dead_letter, encode_forecasts
+from forecaster.records import (
+    DecodedBatch,
+    KafkaRecord,
+    RecordDecoder,
+    encode_dead_letter,
+    encode_forecast_groups,
+    encode_forecasts,
+)
 from forecaster.scaling import Scaling
 from forecaster.transactions import ProducerFenced, TransactionalCommitter, is_fenced
 
@@ -148,20 +155,25 @@ class Service:
         return out
 
     def send_forecasts(self, out: Any, batch: DecodedBatch) -> None:
-        """One forecast record per stepped value, keyed by series id."""
+        """Forecast records keyed by series id: one per stepped value, or one per input record."""
         if not len(out):
             return
         topic = self.settings.kafka.output_topic
         record = batch.record[out.index]  # (n,) which input record each forecast answers
         partition = np.array([r.partition for r in batch.records], dtype=np.int64)[record]
         offset = np.array([r.offset for r in batch.records], dtype=np.int64)[record]
-        encoded = encode_forecasts(
-            out.series, out.ts, out.version, out.values, partition, offset, batch.index[out.index]
-        )
+        index = batch.index[out.index]  # (n,) position in the input record's window
+        if self.settings.service.forecast_records == "window":
+            keys, encoded = encode_forecast_groups(
+                out.series, out.ts, out.version, out.values, partition, offset, index, record
+            )
+        else:
+            keys = out.series
+            encoded = encode_forecasts(out.series, out.ts, out.version, out.values, partition, offset, index)
         if self.exactly_once is not None:
             self.exactly_once.ledger.note(out.series, partition.tolist())  # each series' changelog partition
         send, in_flight = self.committer.producer.send, self.committer.in_flight
-        for name, value in zip(out.series, encoded, strict=True):
+        for name, value in zip(keys, encoded, strict=True):
             in_flight.append(send(topic, key=name.encode(), value=value))
         created = np.array([r.timestamp for r in batch.records], dtype=np.float64)[record] / 1000.0
         latency = self.clock() - created[created >= 0]
