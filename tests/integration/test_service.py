@@ -245,3 +245,25 @@ def test_metrics_after_a_run(topics, serve, broker):
     assert not any("series-" in str(labels) for _, labels in service.metrics())  # no series id as a label
     assert service.http("/healthz")[0] == 200
     assert service.terminate() == 0
+
+
+def test_window_forecast_records_one_per_input_record_equal_the_reference(topics, serve, broker):
+    frame = generate(n_series=4, n_values=21, start_ms=START_MS, step_ms=60_000, seed=5)
+    windowed = {"series-0", "series-1"}
+    serve(FORECASTER_SERVICE__FORECAST_RECORDS="window").start()
+    n_records = broker.send(topics.input, records_of(frame, windowed, window=7))
+
+    records = broker.read(topics.output, count=n_records, timeout=30)
+    assert len(records) == n_records  # one forecast record per input record
+    settings = topics.settings()
+    model, scaling = fresh_model(settings), Scaling.from_settings(settings.scaling)
+    for name, bodies in forecasts_by_series(records).items():
+        bodies.sort(key=lambda b: b["ts"][0])
+        ts = [t for b in bodies for t in b["ts"]]
+        forecasts = np.array([f for b in bodies for f in b["forecasts"]])
+        expected_frame = frame[frame["series"] == name]
+        assert ts == expected_frame["ts"].tolist()
+        assert all(len(b["ts"]) == (7 if name in windowed else 1) for b in bodies)
+        assert all(b["index"] == (list(range(7)) if name in windowed else [-1]) for b in bodies)
+        expected = reference_forecast(model, expected_frame["value"].to_numpy(), scaling)
+        np.testing.assert_allclose(forecasts, expected, rtol=1e-6, atol=1e-5)
