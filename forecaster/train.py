@@ -94,13 +94,16 @@ def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) 
         made = [(f[first:], np.asarray(v, np.float64)[first:, None], targets(v, horizon)[first:])
                 for v, f in zip(values, model_forecasts(model, scaling, values), strict=True)]  # fmt: skip
         # Step 2. Per step, the least-squares weight of the last value.
-        num, den = np.zeros(horizon), np.zeros(horizon)
+        num, den, count = np.zeros(horizon), np.zeros(horizon), np.zeros(horizon)
         for (base, last, target), u in zip(made, unit, strict=True):
             d, r = (last - base) / u, (target - base) / u  # (T, horizon)
             ok = np.isfinite(d) & np.isfinite(r)
             num += np.where(ok, d * r, 0.0).sum(0)
             den += np.where(ok, d * d, 0.0).sum(0)
-        mix = np.clip(np.divide(num, den, out=np.zeros(horizon), where=den > 0), 0.0, 1.0)  # (horizon,)
+            count += ok.sum(0)
+        # A step whose baseline is the last value already (one season ahead) differs from it by rounding only.
+        moves = den > 1e-9 * np.maximum(count, 1.0)
+        mix = np.clip(np.divide(num, den, out=np.zeros(horizon), where=moves), 0.0, 1.0)  # (horizon,)
         # Step 3. The error of the mixed baseline.
         errors = ForecastErrors.empty(horizon)
         for base, last, target in made:

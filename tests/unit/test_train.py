@@ -447,3 +447,13 @@ def test_a_fitted_model_worse_than_its_baseline_is_not_published(tmp_path: Path,
     assert (loaded.model.season, loaded.model.base_seasons) == (12, chosen["base_seasons"])
     assert not loaded.model.head.weight.detach().any() and not loaded.model.head.bias.detach().any()
     assert outcome.evaluation.mase("model", "seasonal_naive") < 1.5
+
+
+def test_a_step_a_whole_season_ahead_keeps_its_baseline(tmp_path: Path) -> None:
+    """Steps 3 and 6 of a season-3 baseline are the last value already: no weight to fit there."""
+    rng = np.random.default_rng(6)
+    values = [20 + 5 * np.sin(2 * np.pi * np.arange(300) / 3) + rng.normal(0, 0.5, 300) for _ in range(3)]
+    settings = Settings(model={"horizon": 6}, state={"window": 3})  # one season back, no level: reads 2 back
+    chosen, mix = choose_baseline(settings, values, Scaling(), 3)
+    assert chosen == {"season": 3, "base_seasons": 1, "base_level": False}
+    assert mix[2] == 0.0 and mix[5] == 0.0
