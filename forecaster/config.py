@@ -156,6 +156,9 @@ class ServiceSettings(BaseModel):
     # replicas (`docker compose --scale`) differ while a restarted container keeps its own.
     instance_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
     checkpoint_poll_seconds: float = Field(default=5.0, gt=0.0)
+    # A swap re-warms at the batch boundary up to this many retained values (series x window), above it on
+    # a copy in the background, catching up the values stepped meanwhile (forecaster.rewarm).
+    background_rewarm_values: int = Field(default=1 << 20, ge=0)
     linger_ms: int = Field(default=5, ge=0, le=10_000)  # producer batching delay for forecasts
     close_timeout_seconds: float = Field(default=30.0, gt=0.0)  # flush on stop at most this long
     session_timeout_ms: int = Field(default=10_000, ge=1_000)  # a member silent this long leaves the group

@@ -153,6 +153,7 @@ class ModelSwapper:
         horizon: int | None = None,
         metrics: SwapMetrics | None = None,
         background_above: int = BACKGROUND_ABOVE,
+        window: int | None = None,
     ) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.current_version = current_version
@@ -161,6 +162,7 @@ class ModelSwapper:
         self.clock = clock
         self.scaling = scaling  # refuse checkpoints trained with another scaling
         self.horizon = horizon  # refuse checkpoints whose forecasts have another length
+        self.window = window  # refuse checkpoints whose baseline reads further back than the retained window
         self.metrics = metrics or SwapMetrics(registry)
         self.background_above = background_above
         self._job: RewarmJob | None = None
@@ -196,7 +198,7 @@ class ModelSwapper:
             return pending
         try:
             loaded = load_checkpoint(self.checkpoint_dir / wanted, device=self.device)
-            _check_compatible(loaded, scaling=self.scaling, horizon=self.horizon)
+            _check_compatible(loaded, scaling=self.scaling, horizon=self.horizon, window=self.window)
         except CheckpointError as exc:
             self._refuse(wanted, exc)
             return pending

@@ -290,6 +290,8 @@ class Service:
                 poll_seconds=settings.service.checkpoint_poll_seconds,
                 device=self.engine.device,
                 scaling=Scaling.from_settings(settings.scaling),
+                window=settings.state.window,
+                background_above=settings.service.background_rewarm_values,
             )
         self.swapper.start()
         if settings.metrics.port and self._server is None:

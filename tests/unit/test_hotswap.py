@@ -195,7 +195,7 @@ def serving_engine(tmp_path: Path, registry: CollectorRegistry) -> tuple[Engine,
     """An engine serving a published v1 through a swapper, with some history."""
     engine = Engine(model_of(seed=1), version="init", window=WINDOW, scaling=SCALING)
     feed(engine, stream({"a": 12, "b": 4}))
-    swapper = ModelSwapper(tmp_path, "init", registry=registry, scaling=SCALING, horizon=3)
+    swapper = ModelSwapper(tmp_path, "init", registry=registry, scaling=SCALING, horizon=3, window=WINDOW)
     good = publish(tmp_path, model_of(seed=2))
     swapper.check_now()
     assert swapper.swap_if_ready(engine) == good
@@ -243,6 +243,7 @@ def test_a_pickle_payload_is_refused_without_running(tmp_path: Path) -> None:
     [
         (lambda root: publish(root, model_of(seed=3), Scaling(halflife=99.0)), "scaling"),
         (lambda root: publish(root, model_of(seed=3, horizon=5)), "horizon"),
+        (lambda root: publish(root, model_of(seed=3, season=2 * WINDOW, base_seasons=1)), "state.window"),
     ],
 )
 def test_an_incompatible_checkpoint_is_refused(tmp_path: Path, make, why: str, caplog) -> None:
