@@ -17,7 +17,7 @@ produced (the forecast record's broker timestamp) and to its forecast consumed h
 Latency runs use each guarantee of ``--latency-guarantees``: exactly once, a forecast is readable only once
 its transaction commits, so the commit interval (``service.commit_interval_ms``) bounds it from below.
 
-    python bench/pipeline.py --quick        # under a minute
+    python bench/pipeline.py --quick        # about a minute
     python bench/pipeline.py                # the figures in README
 
 The broker is ``FORECASTER_KAFKA__BOOTSTRAP_SERVERS`` or ``--bootstrap`` (default 127.0.0.1:9092);
@@ -258,7 +258,7 @@ def stop_service(proc: subprocess.Popen) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts, under a minute")
+    parser.add_argument("--quick", action="store_true", help="small counts, about a minute")
     parser.add_argument(
         "--bootstrap", default=os.environ.get("FORECASTER_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     )
