@@ -17,8 +17,9 @@ MASE here is the mean absolute error of a forecast divided by that of a baseline
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -153,3 +154,18 @@ def mase(model: ForecastErrors, baseline: ForecastErrors) -> tuple[float, list[f
     with np.errstate(divide="ignore", invalid="ignore"):
         per = model.mae() / baseline.mae()
     return float(overall), [float(x) for x in per]
+
+
+def error_report(errors: Mapping[str, ForecastErrors], baselines: Sequence[str], **header: Any) -> dict[str, Any]:
+    """JSON-ready figures per method (MAE/RMSE overall and by horizon), with MASE of every method that is
+    not a baseline against each of ``baselines``; ``header`` fields come first."""
+    report: dict[str, Any] = dict(header)
+    for name, method in errors.items():
+        entry = method.summary()
+        if name not in baselines:
+            for baseline in baselines:
+                overall, per = mase(method, errors[baseline])
+                entry[f"mase_vs_{baseline}"] = overall
+                entry[f"mase_vs_{baseline}_by_horizon"] = per
+        report[name] = entry
+    return report

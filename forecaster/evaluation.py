@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from forecaster.baselines import ForecastErrors, last_value, mase, seasonal_naive, targets
+from forecaster.baselines import ForecastErrors, error_report, last_value, mase, seasonal_naive, targets
 from forecaster.fit import split_point
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
@@ -82,16 +82,7 @@ class Evaluation:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures per method, plus MASE of each model against both baselines."""
-        report: dict[str, Any] = {"season": self.season, "horizon": self.horizon}
-        for name, errors in self.errors.items():
-            entry = errors.summary()
-            if name not in BASELINES:
-                for baseline in BASELINES:
-                    overall, per = mase(errors, self.errors[baseline])
-                    entry[f"mase_vs_{baseline}"] = overall
-                    entry[f"mase_vs_{baseline}_by_horizon"] = per
-            report[name] = entry
-        return report
+        return error_report(self.errors, BASELINES, season=self.season, horizon=self.horizon)
 
 
 def evaluate(

@@ -31,7 +31,15 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from forecaster.baselines import ForecastErrors, detect_season, last_value, mase, seasonal_naive, targets
+from forecaster.baselines import (
+    ForecastErrors,
+    detect_season,
+    error_report,
+    last_value,
+    mase,
+    seasonal_naive,
+    targets,
+)
 from forecaster.data import BadRow, read_series
 from forecaster.engine import Engine
 
@@ -85,17 +93,8 @@ class ReplayResult:
 
     def metrics(self) -> dict[str, Any]:
         """JSON-ready figures: per method MAE/RMSE overall and by horizon; MASE of the model vs each baseline."""
-        report: dict[str, Any] = {"season": self.season, "horizon": self.horizon,
-                                  "points": int(self.errors["model"].count.sum())}  # fmt: skip
-        for name, errors in self.errors.items():
-            entry = errors.summary()
-            if name not in BASELINES:
-                for baseline in BASELINES:
-                    overall, per = mase(errors, self.errors[baseline])
-                    entry[f"mase_vs_{baseline}"] = overall
-                    entry[f"mase_vs_{baseline}_by_horizon"] = per
-            report[name] = entry
-        return report
+        points = int(self.errors["model"].count.sum())
+        return error_report(self.errors, BASELINES, season=self.season, horizon=self.horizon, points=points)
 
 
 def load_rows(source: str | os.PathLike[str] | IO[str]) -> tuple[pd.DataFrame, list[BadRow], int]:
