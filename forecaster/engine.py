@@ -20,6 +20,11 @@ from forecaster.scaling import Scaling
 from forecaster.state import StateTable
 
 
+def resolve_device(setting: str) -> str:
+    """``auto`` -> cuda when available, else cpu."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if setting == "auto" else setting
+
+
 @dataclass
 class ErrorStats:
     """Cumulative one-step-ahead error of one model version (the metrics layer reads deltas)."""
@@ -112,10 +117,7 @@ class Engine:
     @classmethod
     def from_settings(cls, model: RecurrentForecaster, settings: Any, **kwargs: Any) -> Engine:
         """Build from ``Settings`` (state and scaling sections); ``kwargs`` override (version, clock...)."""
-        device = settings.state.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        options = dict(device=device, window=settings.state.window, capacity=settings.state.initial_capacity,
+        options = dict(device=resolve_device(settings.state.device), window=settings.state.window, capacity=settings.state.initial_capacity,
                        max_series=settings.state.max_series, ttl_seconds=settings.state.ttl_seconds,
                        scaling=Scaling.from_settings(settings.scaling))
         options.update(kwargs)

@@ -11,7 +11,7 @@ become ``KafkaSetupError``; the clients returned are plain kafka-python objects.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,3 +201,17 @@ def _check(admin: KafkaAdminClient, specs: list[TopicSpec], partitions: dict[str
             value = actual.get(key, {}).get("value")
             if value != str(wanted):
                 raise KafkaSetupError(f"topic {spec.name} has {key}={value}, expected {wanted}")
+
+
+def create_missing_topics(kafka: KafkaSettings, names: Sequence[str]) -> list[str]:
+    """Create those of ``names`` that do not exist (``kafka.partitions`` each); existing ones are left as
+    they are: at least once, no topic has to be co-partitioned with the input."""
+    admin = make_admin(kafka)
+    try:
+        existing = set(admin.list_topics())
+        specs = [TopicSpec(n, kafka.partitions, kafka.replication_factor) for n in names if n not in existing]
+        return ensure_topics(admin, specs)
+    except KafkaError as exc:
+        raise KafkaSetupError(f"cannot list or create topics {', '.join(names)}: {exc}") from exc
+    finally:
+        admin.close()

@@ -23,22 +23,19 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from kafka import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
 from forecaster.changelog import ensure_changelog
 from forecaster.commit import AtLeastOnceCommitter
-from forecaster.config import KafkaSettings, Settings
-from forecaster.engine import Engine
+from forecaster.config import Settings
+from forecaster.engine import Engine, resolve_device
 from forecaster.errors import InvalidRecord, KafkaSetupError
 from forecaster.exactly_once import ExactlyOnce, consumer_options
 from forecaster.hotswap import ModelSwapper, initial_model
 from forecaster.kafka import (
-    TopicSpec,
-    ensure_topics,
-    make_admin,
+    create_missing_topics,
     make_consumer,
     make_producer,
     wait_for_broker,
@@ -352,25 +349,6 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
         self.service._next_lag = 0.0
-
-
-def create_missing_topics(kafka: KafkaSettings, names: Sequence[str]) -> list[str]:
-    """Create those of ``names`` that do not exist (``kafka.partitions`` each); existing ones are left as
-    they are: at least once, no topic has to be co-partitioned with the input."""
-    admin = make_admin(kafka)
-    try:
-        existing = set(admin.list_topics())
-        specs = [TopicSpec(n, kafka.partitions, kafka.replication_factor) for n in names if n not in existing]
-        return ensure_topics(admin, specs)
-    except KafkaError as exc:
-        raise KafkaSetupError(f"cannot list or create topics {', '.join(names)}: {exc}") from exc
-    finally:
-        admin.close()
-
-
-def resolve_device(setting: str) -> str:
-    """``auto`` -> cuda when available, else cpu."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if setting == "auto" else setting
 
 
 def build_engine(settings: Settings) -> Engine:

@@ -6,9 +6,8 @@ import argparse
 import sys
 
 from forecaster.config import Settings
-from forecaster.kafka import make_producer
+from forecaster.kafka import create_missing_topics, make_producer
 from forecaster.producer import produce_file, produce_synthetic
-from forecaster.service import create_missing_topics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
