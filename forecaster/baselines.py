@@ -169,3 +169,18 @@ def error_report(errors: Mapping[str, ForecastErrors], baselines: Sequence[str],
                 entry[f"mase_vs_{baseline}_by_horizon"] = per
         report[name] = entry
     return report
+
+
+def score_with_baselines(
+    forecasts: Mapping[str, np.ndarray], values: np.ndarray, rows: slice, horizon: int, season: int
+) -> dict[str, ForecastErrors]:
+    """Errors of each forecast (T, >= horizon) of one series at ``rows``, next to last-value and
+    seasonal-naive forecasts, all on the points where every method and the target are finite."""
+    made = {name: np.asarray(f, dtype=np.float64)[rows, :horizon] for name, f in forecasts.items()}
+    made["last_value"] = last_value(values, horizon)[rows]
+    made["seasonal_naive"] = seasonal_naive(values, horizon, season)[rows]
+    target = targets(values, horizon)[rows]  # (T, H)
+    common = np.isfinite(target)
+    for f in made.values():
+        common &= np.isfinite(f)
+    return {name: ForecastErrors.of(f, target, common) for name, f in made.items()}

@@ -23,7 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from forecaster.baselines import ForecastErrors, error_report, last_value, mase, seasonal_naive, targets
+from forecaster.baselines import (
+    ForecastErrors,
+    error_report,
+    mase,
+    score_with_baselines,
+)
 from forecaster.fit import split_point
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
@@ -106,13 +111,7 @@ def evaluate(
         if n < 2 or first < 0 or first >= n - 1:
             continue
         rows = slice(first, n - 1)
-        made = {name: f[i][rows, :horizon] for name, f in forecasts.items()}
-        made["last_value"] = last_value(v, horizon)[rows]
-        made["seasonal_naive"] = seasonal_naive(v, horizon, season)[rows]
-        target = targets(v, horizon)[rows]  # (T, H)
-        common = np.isfinite(target)
-        for f in made.values():
-            common &= np.isfinite(f)
-        for name, f in made.items():
-            errors[name] = errors[name] + ForecastErrors.of(f, target, common)
+        scored = score_with_baselines({name: f[i] for name, f in forecasts.items()}, v, rows, horizon, season)
+        for name, e in scored.items():
+            errors[name] = errors[name] + e
     return Evaluation(errors=errors, season=season, horizon=horizon)

@@ -35,10 +35,8 @@ from forecaster.baselines import (
     ForecastErrors,
     detect_season,
     error_report,
-    last_value,
     mase,
-    seasonal_naive,
-    targets,
+    score_with_baselines,
 )
 from forecaster.data import BadRow, read_series
 from forecaster.engine import Engine
@@ -164,15 +162,9 @@ def score(
         if len(v) < 2 or start >= len(v) - 1:
             continue
         rows = slice(start, len(v) - 1)  # the last value has nothing after it to score
-        made = {name: np.asarray(f[i], dtype=np.float64)[rows, :horizon] for name, f in forecasts.items()}
-        made["seasonal_naive"] = seasonal_naive(v, horizon, season)[rows]
-        made["last_value"] = last_value(v, horizon)[rows]
-        target = targets(v, horizon)[rows]  # (T, H)
-        common = np.isfinite(target)
-        for f in made.values():
-            common &= np.isfinite(f)
-        for name, f in made.items():
-            errors[name] = errors[name] + ForecastErrors.of(f, target, common)
+        scored = score_with_baselines({name: f[i] for name, f in forecasts.items()}, v, rows, horizon, season)
+        for name, e in scored.items():
+            errors[name] = errors[name] + e
     return errors
 
 
