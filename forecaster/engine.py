@@ -203,15 +203,17 @@ class Engine:
         acc.count += n_scored
         acc.sums[0] += abs(err).sum()
         acc.sums[1] += err @ err
-        # Step 2. scale, and keep the model input in the ring buffer.
+        # Step 2. scale, and keep the model input and the value in the ring buffers.
         stats = scaling.update(tb.stats_a[idx], v)  # (n, N_STATS)
         scale = scaling.scale(stats)  # (n,)
         x = scaling.normalize(stats, v, scale)  # (n,) float32
         at = slots * tb.window_size + count % tb.window_size  # (n,) flat ring positions
-        tb.ring_flat[at if self._cpu else torch.from_numpy(at).to(self.device)] = x
-        # Step 3. one recurrent step for every series of the round (with the inputs before this one, for a
+        at = at if self._cpu else torch.from_numpy(at).to(self.device)
+        tb.ring_flat[at] = x
+        tb.values_flat[at] = v if self._cpu else v.float()
+        # Step 3. one recurrent step for every series of the round (with the values before this one, for a
         # model that forecasts over a seasonal baseline).
-        past = self._past(slots, count) if self.model.context else None
+        past = self._past(slots, count, stats) if self.model.context else None
         y, h = self.model.step((torch.from_numpy(x) if self._cpu else x)[:, None], tb.gather(idx_t), past)
         tb.scatter(idx_t, h)
         # Step 4. forecasts back in data units; remember them for the next score.
@@ -222,19 +224,20 @@ class Engine:
         tb.count[slots] = count + 1
         return f
 
-    def _past(self, slots: np.ndarray, count: np.ndarray) -> torch.Tensor:
-        """The ``model.context`` inputs each series stepped before its current one, from the ring buffer;
-        NaN before its first value, and for inputs the window no longer retains (a window shorter than
-        the baseline's reach: the trainer never picks one, the service refuses such a checkpoint).
-        (n, context) float32."""
+    def _past(self, slots: np.ndarray, count: np.ndarray, stats: Any) -> torch.Tensor:
+        """The ``model.context`` values each series stepped before its current one, from the ring buffer of
+        values, in the units of its current input (``stats``: its statistics now); NaN before its first
+        value, and for values the window no longer retains (a window shorter than the baseline's reach:
+        the trainer never picks one, the service refuses such a checkpoint). (n, context) float32."""
         tb, context, w = self.table, self.model.context, self.table.window_size
-        ordinal = count[:, None] - context + np.arange(context)  # (n, context) ordinals of those inputs
+        ordinal = count[:, None] - context + np.arange(context)  # (n, context) ordinals of those values
         at = slots[:, None] * w + ordinal % w  # (n, context) flat ring positions
         gone = (ordinal < 0) | (ordinal <= count[:, None] - w)  # (n, context) not (or no longer) in the ring
         if self._cpu:
-            return torch.from_numpy(np.where(gone, np.float32(np.nan), tb.ring_flat[at]))
-        gone_t = torch.from_numpy(gone).to(self.device)
-        return tb.ring_flat[torch.from_numpy(at).to(self.device)].masked_fill(gone_t, float("nan"))
+            past = self.scaling.rescale(stats, tb.values_flat[at].astype(np.float64))  # (n, context)
+            return torch.from_numpy(np.where(gone, np.float32(np.nan), past))
+        past = self.scaling.rescale(stats, tb.values_flat[torch.from_numpy(at).to(self.device)].double())
+        return past.masked_fill(torch.from_numpy(gone).to(self.device), float("nan"))
 
     def _accumulator(self, like: Any) -> _ErrorAccumulator:
         acc = self._errors.get(self.version)
@@ -331,7 +334,8 @@ class Engine:
             for lo in range(0, len(slots), rows):
                 chunk = slots[lo : lo + rows]
                 x, lengths = tb.window(chunk)  # (n, W, 1), (n,)
-                y, h = self.model.warm(x, lengths)  # (n, horizon)
+                recent = tb.recent(chunk, self.scaling) if self.model.context else None  # (n, W)
+                y, h = self.model.warm(x, lengths, recent)  # (n, horizon)
                 stats = tb.stats.index_select(0, torch.from_numpy(chunk).to(self.device))  # (n, N_STATS)
                 tb.write_states(chunk, h, self.scaling.denormalize(stats, y))
 
@@ -339,16 +343,19 @@ class Engine:
 def reference_forecast(
     model: RecurrentForecaster, values: Any, scaling: Scaling | None = Scaling()  # noqa: B008 - immutable
 ) -> np.ndarray:
-    """The plain full-sequence path for one series: scale, one ``model(x)`` over all T values,
-    back to data units with the statistics at each t. Returns (T, horizon) float64."""
+    """The plain full-sequence path for one series: scale, one ``model(x)`` over all T values (with the
+    baseline of each in its units), back to data units with the statistics at each t. Returns (T, horizon)
+    float64."""
     scaling = scaling if scaling is not None else Scaling(kind="none")
-    x, stats = scaling.transform(np.asarray(values, dtype=np.float64))  # (T,), (T, N_STATS)
+    v = np.asarray(values, dtype=np.float64)
+    x, stats = scaling.transform(v)  # (T,), (T, N_STATS)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            y, _ = model(x.to(device)[None, :, None])  # (1, T, horizon)
+            base = model.scaled_baseline(torch.from_numpy(v)[None], stats[None], scaling, 0, len(v))  # (1, T, H)
+            y, _ = model(x.to(device)[None, :, None], base=None if base is None else base.to(device))  # (1, T, H)
     finally:
         model.train(was_training)
     return scaling.denormalize(stats, y[0].cpu()).numpy()

@@ -58,9 +58,10 @@ def model_forecasts(
                 x, stats = scaling.transform(raw)  # (B, L), (B, L, N_STATS)
                 h, ys = None, []
                 for start in range(0, length, chunk_length):
-                    past = model.past(x, start)  # (B, context) inputs before the chunk, or None
-                    y, h = model(x[:, start : start + chunk_length, None].to(device), h,
-                                 None if past is None else past.to(device))  # (B, T, H)
+                    stop = min(start + chunk_length, length)
+                    base = model.scaled_baseline(torch.from_numpy(raw), stats, scaling, start, stop)  # (B, T, H)
+                    y, h = model(x[:, start:stop, None].to(device), h,
+                                 base=None if base is None else base.to(device))  # (B, T, H)
                     ys.append(y.cpu())
                 y = torch.cat(ys, 1)  # (B, L, H)
                 for r, i in enumerate(rows):

@@ -24,6 +24,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ class Batch:
     x: torch.Tensor  # (B, L, 1) float32 model inputs (0 past the end)
     stats: torch.Tensor  # (B, L, N_STATS) float64 scaling statistics after each value
     v: torch.Tensor  # (B, L + H) float64 values, NaN past the end
+    values: torch.Tensor  # (B, L) float64 values, right-padded with each series' last one (what baselines read)
     a: torch.Tensor  # (B, L) float64: forecast = a * y + b (the affine denormalisation at t)
     b: torch.Tensor  # (B, L) float64
 
@@ -77,7 +79,7 @@ def make_batches(
         v[:, :length] = torch.from_numpy(raw).masked_fill(past_end, math.nan)
         batches.append(Batch(
             rows=rows, n=n, n_train=np.array([split_point(int(k), validation_fraction) for k in n]),
-            x=x.masked_fill(past_end, 0.0).unsqueeze(-1), stats=stats, v=v,
+            x=x.masked_fill(past_end, 0.0).unsqueeze(-1), stats=stats, v=v, values=torch.from_numpy(raw),
             a=a.reshape(len(rows), length), b=b.reshape(len(rows), length),
         ))  # fmt: skip
     return batches
@@ -137,8 +139,9 @@ def fit(
     bar = tqdm(total=epochs * steps_per_epoch, desc="train", unit="chunk", disable={True: False, False: True, None: None}[progress])
     try:
         for epoch in range(epochs):
-            train_loss = _train_epoch(model, rng.sample(batches, len(batches)), optimizer, chunk_length, warmup, bar)
-            validation_loss = validation_mse(model, batches, chunk_length, warmup)
+            train_loss = _train_epoch(model, scaling, rng.sample(batches, len(batches)), optimizer, chunk_length,
+                                      warmup, bar)  # fmt: skip
+            validation_loss = validation_mse(model, scaling, batches, chunk_length, warmup)
             result.epochs = epoch + 1
             result.train_losses.append(train_loss)
             result.validation_losses.append(validation_loss)
@@ -162,8 +165,15 @@ def fit(
     return result
 
 
-def _train_epoch(model: RecurrentForecaster, batches: list[Batch], optimizer: torch.optim.Optimizer,
-                 chunk_length: int, warmup: int, bar: tqdm) -> float:
+def _forward(model: RecurrentForecaster, scaling: Scaling, batch: Batch, start: int, stop: int, h: Any) -> tuple:
+    """The model over positions ``start .. stop - 1`` of ``batch`` from state ``h``, with its baseline
+    read as the serving engine reads it (``RecurrentForecaster.scaled_baseline``)."""
+    base = model.scaled_baseline(batch.values, batch.stats, scaling, start, stop)  # (B, T, H) or None
+    return model(batch.x[:, start:stop], h, base=base)  # (B, T, H), state
+
+
+def _train_epoch(model: RecurrentForecaster, scaling: Scaling, batches: list[Batch],
+                 optimizer: torch.optim.Optimizer, chunk_length: int, warmup: int, bar: tqdm) -> float:
     model.train()
     total, count = 0.0, 0
     for batch in batches:
@@ -171,7 +181,7 @@ def _train_epoch(model: RecurrentForecaster, batches: list[Batch], optimizer: to
         h = None
         for start in range(0, max(end, 0), chunk_length):
             stop = min(start + chunk_length, end)
-            y, h = model(batch.x[:, start:stop], h, model.past(batch.x, start))  # (B, T, H)
+            y, h = _forward(model, scaling, batch, start, stop, h)  # (B, T, H)
             h = tuple(s.detach() for s in h) if isinstance(h, tuple) else h.detach()
             target, mask = chunk_targets(batch, start, stop, model.horizon, warmup, "train")
             bar.update(1)
@@ -189,7 +199,8 @@ def _train_epoch(model: RecurrentForecaster, batches: list[Batch], optimizer: to
     return total / count if count else math.nan
 
 
-def validation_mse(model: RecurrentForecaster, batches: list[Batch], chunk_length: int, warmup: int) -> float:
+def validation_mse(model: RecurrentForecaster, scaling: Scaling, batches: list[Batch], chunk_length: int,
+                   warmup: int) -> float:
     """Scaled MSE of the forecasts whose targets lie in each series' validation part."""
     was_training = model.training
     model.eval()
@@ -201,7 +212,7 @@ def validation_mse(model: RecurrentForecaster, batches: list[Batch], chunk_lengt
             first = max(int(batch.n_train.min()) - 1, 0)  # forecasts before it have no validation target
             for start in range(0, length, max(chunk_length, 256)):
                 stop = min(start + max(chunk_length, 256), length)
-                y, h = model(batch.x[:, start:stop], h, model.past(batch.x, start))  # (B, T, H)
+                y, h = _forward(model, scaling, batch, start, stop, h)  # (B, T, H)
                 if stop <= first:
                     continue
                 target, mask = chunk_targets(batch, start, stop, model.horizon, warmup, "validation")

@@ -4,17 +4,23 @@
 ``step`` takes a fused path (torch's ``gru_cell`` / ``lstm_cell`` / ``rnn_tanh_cell`` per layer on the
 module's own weights) that skips ``nn.GRU``'s per-call checks; a test holds it equal to ``forward``.
 
-With ``base_seasons = m > 0`` the model forecasts a residual over a seasonal baseline read from its own
-recent inputs: for step k, the mean of the (scaled) inputs at the same phase in each of the last m
+With ``base_seasons = m > 0`` the model forecasts a residual over a seasonal baseline read from the
+series' recent values: for step k, the mean of the values at the same phase in each of the last m
 seasons (``season = 1, m = 1``: the last value); with ``base_level`` that pattern is moved to the current
-level (plus the newest input, minus the mean of the inputs one cycle earlier at the same phase: seasonal
+level (plus the newest value, minus the mean of the values one cycle earlier at the same phase: seasonal
 naive with the year-on-year change of level, which suits trending series). Per step, a weight ``mix``
 (a parameter, 0 at first) moves that baseline toward the last value: step 1 of a half-hourly load is
-closer to the last half hour, step 48 to the same time yesterday. The head starts at zero, so an untrained model forecasts
-exactly that baseline, and training learns what the baseline misses. The baseline needs the ``context``
-inputs before the current one: ``forward`` and ``step`` take them as ``past`` (NaN for inputs before a
-series' first value), ``warm`` reads them from its window. Seasons not seen yet are left out of the mean;
-with none seen for a step, its baseline is the newest input (the last value).
+closer to the last half hour, step 48 to the same time yesterday. The head starts at zero, so an untrained
+model forecasts exactly that baseline, and training learns what the baseline misses.
+
+The baseline is a weighted sum of values whose weights add up to one, so it commutes with any shift and
+scale: it is computed on the earlier values expressed in the units of the *current* input (the scaling
+statistics at the current value), which equals the baseline in data units, scaled. (Each input in the units
+it had when it was stepped would not: a running mean and deviation move, most of all on trending series.)
+The baseline needs the ``context`` values before the current one: ``step`` takes them as ``past``, in the
+current input's units (NaN for values before a series' first); ``forward`` over a scaled sequence takes
+the baselines ready-made (``base``, see ``scaled_baseline``). Seasons not seen yet are left out of the
+mean; with none seen for a step, its baseline is the newest value (the last value).
 """
 
 from __future__ import annotations
@@ -130,14 +136,17 @@ class RecurrentForecaster(nn.Module):
             return 0
         return int((self._lag if self.base_level else self._back).max())
 
-    def past(self, x: Tensor, start: int) -> Tensor | None:
-        """The ``context`` inputs of sequences ``x`` (batch, T[, 1]) before position ``start``, NaN before
-        the first: the ``past`` of ``forward(x[:, start:], ...)``. None when there is no baseline."""
+    def scaled_baseline(self, values: Tensor, stats: Tensor, scaling: Any, start: int, stop: int) -> Tensor | None:
+        """The baseline after each of positions ``start .. stop - 1`` of series ``values`` (batch, T) in data
+        units (NaN past a series' end), in the units of the model input at that position (``stats``
+        (batch, T, N_STATS) after each value): the ``base`` of ``forward(x[:, start:stop], ...)``; None
+        without a baseline. Values are read as float32, as the serving engine's ring buffer keeps them."""
         if not self.base_seasons:
             return None
-        values = x[..., 0] if x.dim() == 3 else x  # (batch, T)
-        got = values[:, max(0, start - self.context) : start]  # (batch, <= context)
-        return F.pad(got, (self.context - got.shape[1], 0), value=math.nan)  # (batch, context)
+        lo = max(0, start - self.context)
+        got = values[:, lo:stop].float().double()  # (batch, <= context + T) float32 values, float64 sums
+        full = F.pad(got, (self.context - (start - lo), 0), value=math.nan)  # (batch, context + T)
+        return scaling.rescale(stats[:, start:stop], self._baseline_seq(full))  # (batch, T, horizon)
 
     def baseline(self, recent: Tensor) -> Tensor:
         """Baseline forecasts in scaled units after the newest of ``recent`` (batch, n) inputs (NaN stands
@@ -163,21 +172,26 @@ class RecurrentForecaster(nn.Module):
         past = values.new_full((values.shape[0], self.context), math.nan) if past is None else past.to(values.dtype)
         return torch.cat([past, values], 1)  # (batch, context + T)
 
-    def forward(self, x: Tensor, h: State | None = None, past: Tensor | None = None) -> tuple[Tensor, State]:
+    def forward(
+        self, x: Tensor, h: State | None = None, past: Tensor | None = None, base: Tensor | None = None
+    ) -> tuple[Tensor, State]:
         """``x`` (batch, time, input_size) -> forecasts (batch, time, horizon) and the final state.
 
-        ``past`` (batch, context): the inputs before ``x[:, 0]`` for the baseline, NaN before the series began
-        (None: the series starts with ``x``)."""
+        ``base`` (batch, time, horizon): the baseline after each input, in that input's units
+        (``scaled_baseline``). Without it the baseline is read from ``x`` itself, which is right when the
+        inputs' units do not change along the sequence (unscaled values); ``past`` (batch, context) are
+        then the inputs before ``x[:, 0]``, NaN before the series began (None: it starts with ``x``)."""
         out, h = self.rnn(x, h)  # (batch, time, hidden)
         y = self.head(out)  # (batch, time, horizon)
         if self.base_seasons:
-            y = y + self._baseline_seq(self._with_past(x[..., 0], past))
+            y = y + (self._baseline_seq(self._with_past(x[..., 0], past)) if base is None else base)
         return y, h
 
     def step(self, x: Tensor, h: State, past: Tensor | None = None) -> tuple[Tensor, State]:
         """One value per series: ``x`` (batch, input_size) -> forecasts (batch, horizon) and the new state.
 
-        ``past`` (batch, context): each series' inputs before ``x`` (as in ``forward``)."""
+        ``past`` (batch, context): each series' values before ``x``, in the units of ``x`` (NaN before its
+        first value)."""
         if self.training and self.dropout > 0.0 and self.num_layers > 1:
             y, h = self.forward(x.unsqueeze(1), h, past)  # dropout between layers: leave it to nn.RNNBase
             return y.squeeze(1), h
@@ -206,25 +220,28 @@ class RecurrentForecaster(nn.Module):
         return y, state
 
     def readout(self, h: State, recent: Tensor | None = None) -> Tensor:
-        """The forecast (batch, horizon) of state ``h`` whose newest inputs are ``recent`` (batch, n):
-        what ``step`` returned when it made ``h``."""
+        """The forecast (batch, horizon) of state ``h`` whose newest values are ``recent`` (batch, n), in
+        the units of the newest: what ``step`` returned when it made ``h``."""
         top = h[0][-1] if self.is_lstm else h[-1]  # (batch, hidden)
         y = self.head(top)  # (batch, horizon)
         if self.base_seasons:
             y = y + self.baseline(recent)
         return y
 
-    def warm(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, State]:
+    def warm(self, x: Tensor, lengths: Tensor, recent: Tensor | None = None) -> tuple[Tensor, State]:
         """Run from the zero state over right-aligned windows of different lengths.
 
         ``x`` (batch, W, input_size) holds each series' last ``lengths[i]`` inputs at its end (padding
         before them is ignored); returns the forecast after each series' last input (batch, horizon)
         and the state there, exactly what ``forward`` over those inputs alone returns. Every length
-        must be >= 1.
+        must be >= 1. ``recent`` (batch, W): the same values in the units of the last input, right-aligned
+        (NaN before each series' values), for the baseline (None: read from ``x``).
         """
         window = x.shape[1]
         lengths = lengths.to(device=x.device, dtype=torch.long)
-        recent = x[..., 0].masked_fill(  # (batch, W) right-aligned; NaN before each series' values
+        if recent is None:
+            recent = x[..., 0]
+        recent = recent.masked_fill(  # (batch, W) right-aligned; NaN before each series' values
             torch.arange(window, device=x.device) < (window - lengths)[:, None], math.nan)
         # Left-align each row so packing sees its values first: row i starts at W - lengths[i].
         shift = torch.arange(window, device=x.device) + (window - lengths)[:, None]  # (batch, W)

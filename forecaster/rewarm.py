@@ -219,10 +219,7 @@ class RewarmJob:
                 stats = table.stats.index_select(0, idx)  # (m, N_STATS): the statistics as they are now
                 y = self.y.index_select(0, rows_t)  # (m, horizon)
                 if model.context:  # catch-up steps ran without their past: the baseline comes from the window
-                    recent, lengths = table.window(slots)  # (m, W, 1) right-aligned, (m,)
-                    width = recent.shape[1]
-                    before = torch.arange(width, device=recent.device) < (width - lengths)[:, None]  # (m, W)
-                    y = model.readout(_select(self.state, rows_t), recent[..., 0].masked_fill(before, float("nan")))
+                    y = model.readout(_select(self.state, rows_t), table.recent(slots, engine.scaling))
                 table.write_states(slots, _select(self.state, rows_t), engine.scaling.denormalize(stats, y))
             # Everything else resident re-warms over its current window, now.
             rest = np.setdiff1d(table.occupied(), slots)
@@ -231,7 +228,8 @@ class RewarmJob:
             for lo in range(0, len(rest), step):
                 chunk = rest[lo : lo + step]
                 x, lengths = table.window(chunk)  # (n, W, 1), (n,)
-                y_r, h_r = model.warm(x, lengths)  # (n, horizon)
+                recent = table.recent(chunk, engine.scaling) if model.context else None  # (n, W)
+                y_r, h_r = model.warm(x, lengths, recent)  # (n, horizon)
                 stats = table.stats.index_select(0, torch.as_tensor(chunk, device=table.device))
                 table.write_states(chunk, h_r, engine.scaling.denormalize(stats, y_r))
         return {"caught_up": len(rows), "rewarmed": len(rest), "copies": self.copies, "passes": self.passes}

@@ -95,10 +95,11 @@ class Scaling:
         return out
 
     def scale(self, stats: Array) -> Array:
-        """The divisor of each series (n,), floored so a flat series never divides by zero."""
+        """The divisor of each series (n,) (of stats (..., N_STATS): (...)), floored so a flat series
+        never divides by zero."""
         lib = _lib(stats)
-        floor = self.min_scale * _floor(abs(stats[:, 1]), 1.0)  # (n,)
-        return lib.maximum(lib.sqrt(stats[:, 2]), floor)  # (n,)
+        floor = self.min_scale * _floor(abs(stats[..., 1]), 1.0)  # (n,)
+        return lib.maximum(lib.sqrt(stats[..., 2]), floor)  # (n,)
 
     def normalize(self, stats: Array, values: Array, scale: Array | None = None) -> Array:
         """Model input of the value just folded in by ``update``: (n,) float32.
@@ -106,6 +107,24 @@ class Scaling:
         if self.kind == "none":
             return values.astype(np.float32) if isinstance(values, np.ndarray) else values.float()
         x = (values - stats[:, 1]) / (self.scale(stats) if scale is None else scale)  # (n,) float64
+        return x.astype(np.float32) if isinstance(x, np.ndarray) else x.float()
+
+    def rescale(self, stats: Array, values: Array) -> Array:
+        """Values in data units (..., k) -> the units of a model input made with ``stats`` (..., N_STATS):
+        (..., k) float32. A model's baseline reads a series' earlier values in the units of its current
+        input (the statistics at the current value), not in the units each had when it was stepped.
+
+        >>> s = Scaling(halflife=10.0)
+        >>> x, stats = s.transform(np.array([1.0, 2.0, 3.0]))
+        >>> [round(float(v), 4) for v in s.rescale(stats[-1:], torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64))[0]]
+        [-1.2247, 0.0, 1.2247]
+        """
+        if isinstance(values, torch.Tensor) and not isinstance(stats, torch.Tensor):
+            stats = torch.as_tensor(stats, device=values.device)
+        if self.kind == "none":
+            return values.astype(np.float32) if isinstance(values, np.ndarray) else values.float()
+        scale = self.scale(stats)[..., None]  # (..., 1)
+        x = (values - stats[..., 1:2]) / scale  # (..., k) float64
         return x.astype(np.float32) if isinstance(x, np.ndarray) else x.float()
 
     def denormalize(self, stats: Array, y: Array, scale: Array | None = None) -> Array:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from forecaster.state import StateTable
 
 MAGIC = b"FCSTATE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the ring of values in data units (a model baseline reads them)
 _PREFIX = struct.Struct("<HI")  # format version, header length
 _CRC = struct.Struct("<I")
 
@@ -41,6 +41,7 @@ def expected_arrays(shape: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ..
         forecast=("float32", (shape["horizon"],)),
         stats=("float64", (shape["n_stats"],)),
         ring=("float32", (shape["window"],)),
+        values=("float32", (shape["window"],)),
         last_ts=("int64", ()),
         count=("int64", ()),
     )
@@ -130,6 +131,7 @@ def take(table: StateTable, series: str) -> bytes:
             "forecast": table.forecast[slot].cpu().numpy(),
             "stats": table.stats[slot].cpu().numpy(),
             "ring": table.ring[slot].cpu().numpy(),
+            "values": table.values[slot].cpu().numpy(),
             "last_ts": np.array(table.last_ts[slot], dtype=np.int64),
             "count": np.array(table.count[slot], dtype=np.int64),
         }
@@ -149,6 +151,7 @@ def put(table: StateTable, series: str, data: bytes, now: float) -> str:
         table.forecast[slot] = torch.from_numpy(arrays["forecast"]).to(device)
         table.stats[slot] = torch.from_numpy(arrays["stats"]).to(device)
         table.ring[slot] = torch.from_numpy(arrays["ring"]).to(device)
+        table.values[slot] = torch.from_numpy(arrays["values"]).to(device)
     table.last_ts[slot] = int(arrays["last_ts"])
     table.count[slot] = int(arrays["count"])
     table.dirty[slot] = True
@@ -168,7 +171,7 @@ def take_many(table: StateTable, series: Sequence[str]) -> list[bytes]:
         per_series = [table.h.index_select(1, idx).transpose(0, 1)]  # (n, layers, hidden)
         if table.c is not None:
             per_series.append(table.c.index_select(1, idx).transpose(0, 1))  # (n, layers, hidden)
-        per_series += [t.index_select(0, idx) for t in (table.forecast, table.stats, table.ring)]
+        per_series += [t.index_select(0, idx) for t in (table.forecast, table.stats, table.ring, table.values)]
         arrays = [np.ascontiguousarray(t.cpu().numpy()) for t in per_series]
     arrays += [table.last_ts[slots].astype(np.int64), table.count[slots].astype(np.int64)]
     spec = expected_arrays(table_shape(table))
@@ -215,7 +218,7 @@ def put_many(
         table.h.index_copy_(1, idx, stacked("h", axis=1))  # (layers, n, hidden)
         if table.c is not None:
             table.c.index_copy_(1, idx, stacked("c", axis=1))
-        for name in ("forecast", "stats", "ring"):
+        for name in ("forecast", "stats", "ring", "values"):
             getattr(table, name).index_copy_(0, idx, stacked(name))
     table.last_ts[slots] = [int(a["last_ts"]) for a in decoded]
     table.count[slots] = [int(a["count"]) for a in decoded]

@@ -1,8 +1,9 @@
 """The state table: series id -> slot, and everything the engine keeps per slot.
 
 On the device (torch): hidden state ``h`` (layers, capacity, hidden) and, for an LSTM, ``c``; the last
-forecast (capacity, horizon) float32 in data units; scaling statistics (capacity, N_STATS) float64; a
-ring buffer of the last W model inputs (capacity, W) float32. On the host (numpy): last event ts (int64
+forecast (capacity, horizon) float32 in data units; scaling statistics (capacity, N_STATS) float64; ring
+buffers of the last W model inputs (``ring``, what a re-warm replays) and of the same W values in data
+units (``values``, what a model's baseline reads), (capacity, W) float32 each. On the host (numpy): last event ts (int64
 epoch ms), count of values ever stepped, last-seen wall time, a dirty flag. Capacity doubles when full
 (amortised growth); freed slots are reused. Idle series are evicted after ``ttl_seconds`` and the least
 recently seen one when a new series would pass ``max_series``; an optional ``on_evict(series, snapshot)``
@@ -109,6 +110,7 @@ class StateTable:
         self.forecast = grow(None if first else self.forecast, (capacity, self.horizon), torch.float32)
         self.stats = grow(None if first else self.stats, (capacity, Scaling.N_STATS), torch.float64)
         self.ring = grow(None if first else self.ring, (capacity, self.window_size), torch.float32)
+        self.values = grow(None if first else self.values, (capacity, self.window_size), torch.float32)
         self.last_ts = grow_np(None if first else self.last_ts, NO_TS, np.int64)
         self.count = grow_np(None if first else self.count, 0, np.int64)
         self.last_seen = grow_np(None if first else self.last_seen, np.inf, np.float64)  # inf: free
@@ -124,6 +126,7 @@ class StateTable:
         self.forecast_a = self.forecast.numpy() if cpu else self.forecast
         self.stats_a = self.stats.numpy() if cpu else self.stats
         self.ring_flat = self.ring.view(-1).numpy() if cpu else self.ring.view(-1)  # [slot * W + pos]
+        self.values_flat = self.values.view(-1).numpy() if cpu else self.values.view(-1)  # same positions
         # numpy fancy indexing beats index_select / index_copy_ on CPU
         self._h_a = self.h.numpy() if cpu else None
         self._c_a = self.c.numpy() if cpu and self.c is not None else None
@@ -145,7 +148,7 @@ class StateTable:
     @property
     def state_bytes(self) -> int:
         """Bytes held by the per-slot tensors and arrays (all capacity, used or not)."""
-        tensors = [self.h, self.forecast, self.stats, self.ring] + ([self.c] if self.c is not None else [])
+        tensors = [self.h, self.forecast, self.stats, self.ring, self.values] + ([self.c] if self.c is not None else [])
         arrays = [self.last_ts, self.count, self.last_seen, self.dirty]
         return sum(t.numel() * t.element_size() for t in tensors) + sum(a.nbytes for a in arrays)
 
@@ -203,7 +206,7 @@ class StateTable:
         for t in (self.h, self.c):
             if t is not None:
                 t.index_fill_(1, idx, 0.0)
-        for t in (self.forecast, self.stats, self.ring):
+        for t in (self.forecast, self.stats, self.ring, self.values):
             t.index_fill_(0, idx, 0.0)
         self.last_ts[slots] = NO_TS
         self.count[slots] = 0
@@ -321,6 +324,19 @@ class StateTable:
         lengths = count.clamp(max=w)  # (n,)
         x = x.masked_fill(torch.arange(w, device=self.device) < (w - lengths)[:, None], 0.0)
         return x.unsqueeze(-1), lengths  # (n, W, 1)
+
+    @_inference
+    def recent(self, slots: np.ndarray, scaling: Scaling) -> torch.Tensor:
+        """Retained values of ``slots`` in the units of each series' newest input (its current statistics),
+        oldest first and right-aligned, NaN before each series' values: (n, W) float32, what a model's
+        baseline reads (``RecurrentForecaster.readout`` / ``warm``)."""
+        count = torch.as_tensor(self.count[slots], device=self.device)  # (n,)
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        w = self.window_size
+        cols = (count[:, None] - w + torch.arange(w, device=self.device)) % w  # (n, W) ring positions
+        v = self.values.index_select(0, idx).gather(1, cols).double()  # (n, W)
+        x = scaling.rescale(self.stats.index_select(0, idx), v)  # (n, W)
+        return x.masked_fill(torch.arange(w, device=self.device) < (w - count.clamp(max=w))[:, None], float("nan"))
 
     # ---- snapshots (format and copying in forecaster.snapshot) ---------------------------------------
 

@@ -1,9 +1,8 @@
 """The offline trainer: history in, a validated and (if better) published checkpoint out.
 
-``train_once`` first picks the baseline the model forecasts over (seasonal naive over one, two or three
-seasons, as it is or moved to the current level, or the last value: the one with the lowest error over the
-history, each step's baseline moved toward the last value by the least-squares weight, ``choose_baseline``),
-fits the
+``train_once`` first picks the baseline the model forecasts over (seasonal naive over one to twelve
+seasons, as it is or moved to the current level, or the last value, each step possibly moved toward the
+last value: the one with the lowest error on the later part of the history, ``choose_baseline``), fits the
 serving model on the training part of each series (``forecaster.fit``), keeps its untrained baseline
 instead if that does better on the validation part (the fitted model is not trusted then), scores it
 on the validation part against the last-value and seasonal-naive baselines and against the currently
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from forecaster.baselines import ForecastErrors, detect_season, targets
+from forecaster.baselines import detect_season, targets
 from forecaster.checkpoint import LoadedCheckpoint, latest_version, load_checkpoint, promote, save_checkpoint
 from forecaster.errors import CheckpointError, DataError
 from forecaster.evaluation import BASELINES, Evaluation, evaluate, model_forecasts
@@ -58,7 +57,8 @@ class TrainOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-BASE_SEASONS = (1, 2, 3)  # seasons averaged by the seasonal baselines tried
+BASE_SEASONS = (1, 2, 3, 5, 8, 12)  # seasons averaged by the seasonal baselines tried (those the window holds)
+PLAIN_SE = 2.0  # a baseline replaces the plainer one only if better by this many standard errors
 
 
 def build_model(settings: Any, **overrides: Any) -> RecurrentForecaster:
@@ -70,49 +70,82 @@ def build_model(settings: Any, **overrides: Any) -> RecurrentForecaster:
 
 
 def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) -> tuple[dict[str, Any], np.ndarray]:
-    """``season``, ``base_seasons`` and ``base_level`` of the baseline with the lowest MAE over the whole
-    history: seasonal naive averaged over 1, 2 or 3 seasons, as it is or moved to the current level (those
-    the retained window holds), or the last value; and its ``mix`` (horizon,): per step, the weight in
-    [0, 1] that moves it toward the last value, by least squares (each series in units of its own mean
-    absolute change, so that no series weighs more for being large).
+    """``season``, ``base_seasons`` and ``base_level`` of the baseline the model forecasts over, and its
+    ``mix`` (horizon,): per step, the weight in [0, 1] that moves it toward the last value.
+
+    Candidates: seasonal naive averaged over 1 to 12 seasons, as it is or moved to the current level
+    (those the retained window holds), and the last value. Each series is cut as training cuts it: each
+    candidate's ``mix`` is fitted by least squares on the earlier part (each series in units of its mean
+    absolute change, so that no series weighs more for being large), then the candidate, with that mix or
+    without, is scored (MAE over all series, as evaluation and replay score) on the forecasts whose targets
+    lie in the later part -- the recent past says more about the future than the whole history. The best one wins unless the better of seasonal naive and
+    the last value (each with or without its mix) is within ``PLAIN_SE`` standard errors of it (paired, per forecast origin): a small
+    holdout does not get to pick an elaborate baseline by chance.
 
     Each is scored as an untrained model (zero head: its forecast is the baseline, in the serving code's
-    units) on every forecast made after ``warmup`` values and after the longest look-back of them all."""
-    horizon, window, warmup = settings.model.horizon, settings.state.window, settings.train.warmup
-    candidates: list[dict[str, Any]] = [{"season": 1, "base_seasons": 1, "base_level": False}]
+    units) on every forecast made after ``warmup`` values."""
+    horizon, window, train = settings.model.horizon, settings.state.window, settings.train
+    plain = [{"season": 1, "base_seasons": 1, "base_level": False}]
     if season > 1:
-        candidates += [{"season": season, "base_seasons": m, "base_level": level}
-                       for level in (False, True) for m in BASE_SEASONS]  # fmt: skip
+        plain.append({"season": season, "base_seasons": 1, "base_level": False})
+    candidates = plain + [{"season": season, "base_seasons": m, "base_level": level}
+                          for level in (False, True) for m in BASE_SEASONS if season > 1 and (m, level) != (1, False)]
     models = [RecurrentForecaster("rnn", hidden_size=1, num_layers=1, horizon=horizon, **c) for c in candidates]
     keep = [i for i, model in enumerate(models) if model.context < window]  # the engine retains what it reads
     candidates, models = [candidates[i] for i in keep], [models[i] for i in keep]
-    first = max(warmup, max(model.context for model in models) + 1)  # the same points for all
     unit = [max(float(np.mean(np.abs(np.diff(v)))) if len(v) > 1 else 1.0, 1e-12) for v in values]
-    best, best_mix, best_mae = candidates[0], np.zeros(horizon), math.inf
+    cuts = [split_point(len(v), train.validation_fraction) for v in values]
+    scored = []  # (candidate, mix, per-origin mean absolute error on the later part, in units)
     for candidate, model in zip(candidates, models, strict=True):
-        # Step 1. The seasonal forecast (mix 0), the last value and the targets, from the same points.
-        made = [(f[first:], np.asarray(v, np.float64)[first:, None], targets(v, horizon)[first:])
-                for v, f in zip(values, model_forecasts(model, scaling, values), strict=True)]  # fmt: skip
-        # Step 2. Per step, the least-squares weight of the last value.
-        num, den, count = np.zeros(horizon), np.zeros(horizon), np.zeros(horizon)
-        for (base, last, target), u in zip(made, unit, strict=True):
-            d, r = (last - base) / u, (target - base) / u  # (T, horizon)
-            ok = np.isfinite(d) & np.isfinite(r)
-            num += np.where(ok, d * r, 0.0).sum(0)
-            den += np.where(ok, d * d, 0.0).sum(0)
-            count += ok.sum(0)
-        # A step whose baseline is the last value already (one season ahead) differs from it by rounding only.
-        moves = den > 1e-9 * np.maximum(count, 1.0)
-        mix = np.clip(np.divide(num, den, out=np.zeros(horizon), where=moves), 0.0, 1.0)  # (horizon,)
-        # Step 3. The error of the mixed baseline.
-        errors = ForecastErrors.empty(horizon)
-        for base, last, target in made:
-            errors = errors + ForecastErrors.of(base + mix * (last - base), target)
-        mae = errors.overall_mae()
-        log.info("baseline %s: MAE %.6g", candidate, mae)
-        if mae < best_mae:
-            best, best_mix, best_mae = candidate, mix, mae
-    return best, best_mix
+        fit_part, later = [], []
+        for v, f, u, cut in zip(values, model_forecasts(model, scaling, values), unit, cuts, strict=True):
+            target = targets(v, horizon)  # (T, horizon)
+            index = np.arange(len(v))[:, None] + np.arange(1, horizon + 1)  # (T, horizon) of each target
+            rows = slice(min(train.warmup, len(v)), None)
+            last = np.asarray(v, np.float64)[:, None]
+            fit_part.append((f[rows], last[rows], np.where(index < cut, target, np.nan)[rows], u))
+            later.append((f[rows], last[rows], np.where(index >= cut, target, np.nan)[rows], u))
+        mix = _least_squares_mix(fit_part, horizon)
+        for weights in (mix, np.zeros(horizon)):
+            scored.append((candidate, weights, _origin_errors(later, weights)))
+    if not any(len(e) for _, _, e in scored):
+        return candidates[0], np.zeros(horizon)
+    best = min(scored, key=lambda c: c[2].mean() if len(c[2]) else math.inf)
+    plainest = min((c for c in scored if c[0] in plain), key=lambda c: c[2].mean())
+    diff = plainest[2] - best[2]  # (origins,) paired, per origin
+    se = diff.std() / math.sqrt(max(len(diff) / horizon, 1.0))  # overlapping targets: about len / horizon apart
+    chosen = plainest if diff.mean() <= PLAIN_SE * se else best
+    for candidate, weights, errors in scored:
+        log.info("baseline %s%s: MAE %.6g", candidate, " with mix" if weights.any() else "",
+                 errors.mean())
+    log.info("baseline chosen: %s, mix %s", chosen[0], np.round(chosen[1], 3).tolist())
+    return chosen[0], chosen[1]
+
+
+def _least_squares_mix(parts: list[tuple], horizon: int) -> np.ndarray:
+    """Per step, the weight in [0, 1] of the last value that minimises the squared error of
+    ``base + w * (last - base)`` over ``parts`` [(base, last, target, unit)]."""
+    num, den, count = np.zeros(horizon), np.zeros(horizon), np.zeros(horizon)
+    for base, last, target, u in parts:
+        d, r = (last - base) / u, (target - base) / u  # (T, horizon)
+        ok = np.isfinite(d) & np.isfinite(r)
+        num += np.where(ok, d * r, 0.0).sum(0)
+        den += np.where(ok, d * d, 0.0).sum(0)
+        count += ok.sum(0)
+    # A step whose baseline is the last value already (one season ahead) differs from it by rounding only.
+    moves = den > 1e-9 * np.maximum(count, 1.0)
+    return np.clip(np.divide(num, den, out=np.zeros(horizon), where=moves), 0.0, 1.0)
+
+
+def _origin_errors(parts: list[tuple], mix: np.ndarray) -> np.ndarray:
+    """Mean absolute error (data units, as evaluation and replay pool them) of every forecast origin with a
+    target in ``parts``."""
+    out = []
+    for base, last, target, _ in parts:
+        err = np.abs(base + mix * (last - base) - target)  # (T, horizon), NaN where no target
+        has = np.isfinite(err).any(1)
+        out.append(np.nanmean(err[has], axis=1) if has.any() else np.zeros(0))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def baseline_model(settings: Any, baseline: dict[str, Any], mix: np.ndarray) -> RecurrentForecaster:

@@ -1033,13 +1033,14 @@ NB05 = [
     """),
     md(r"""
     Re-processing grows linearly with the history; the engine's step does not depend on it. What the
-    engine keeps per series is fixed too: the hidden state, the last forecast, three scaling statistics and a
-    ring buffer of the last $W$ model inputs:
+    engine keeps per series is fixed too: the hidden state, the last forecast, three scaling statistics and
+    ring buffers of the last $W$ model inputs and of the same values in data units (what a model's baseline
+    reads):
     """),
     code(r"""
     print(f"state table: {engine.resident} series in {engine.table.capacity} slots, "
           f"{engine.state_bytes / engine.table.capacity:.0f} bytes per slot "
-          f"(hidden 32 floats, window {engine.table.window_size} floats, forecast {HORIZON} floats, ...)")
+          f"(hidden 32 floats, 2 x window {engine.table.window_size} floats, forecast {HORIZON} floats, ...)")
     """),
     md(r"""
     ## Hot swap: re-warming the states

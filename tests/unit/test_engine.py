@@ -126,6 +126,24 @@ def test_incremental_equals_full_over_a_seasonal_baseline(cell: str, host_views:
 
 
 @pytest.mark.parametrize("host_views", [True, False])
+def test_the_baseline_is_computed_in_data_units_under_moving_scaling(host_views: bool) -> None:
+    """A linear trend plus an exact season: the level-moved seasonal naive forecast is exact in data units.
+    An untrained model (zero head) must forecast it while the running mean and deviation move under it
+    (read in each value's own scaled units, the baseline would be off by the drift of the statistics)."""
+    model = _model("gru", season=12, base_seasons=1, base_level=True, horizon=12)  # zero head: the baseline
+    t = np.arange(120, dtype=np.float64)
+    values = 1000.0 + 25.0 * t + 40.0 * np.sin(2 * np.pi * t / 12)
+    engine = Engine(model, window=64, scaling=Scaling(halflife=8.0), host_views=host_views)
+    got = np.stack([engine.process(["a"], [int(k)], [v]).values[0] for k, v in zip(t, values, strict=True)])
+    future = np.stack([values[k + 1 : k + 13] for k in range(24, 100)])  # (76, 12) after value 24 .. 99
+    np.testing.assert_allclose(got[24:100], future, rtol=2e-6)
+    np.testing.assert_allclose(reference_forecast(model, values, Scaling(halflife=8.0))[24:100], future, rtol=2e-6)
+    # after a swap to the same model the re-warmed last forecast reads the same baseline
+    engine.rewarm(model, "again")
+    np.testing.assert_allclose(engine.table.forecast[engine.table.slot_of("a")].numpy(), got[-1], rtol=2e-6)
+
+
+@pytest.mark.parametrize("host_views", [True, False])
 def test_a_window_shorter_than_the_baseline_leaves_out_what_it_no_longer_retains(host_views: bool) -> None:
     """The trainer never picks such a baseline and the service refuses one; a library user gets the
     baseline over what the window retains, not values that were overwritten."""
@@ -133,13 +151,17 @@ def test_a_window_shorter_than_the_baseline_leaves_out_what_it_no_longer_retains
     window, values = 3, np.random.default_rng(2).normal(4.0, 1.0, 12)
     engine = Engine(model, window=window, scaling=SCALINGS["ewm"], host_views=host_views)
     got = np.stack([engine.process(["a"], [t], [v]).values[0] for t, v in enumerate(values)])
-    x, stats = SCALINGS["ewm"].transform(values)
+    scaling = SCALINGS["ewm"]
+    x, stats = scaling.transform(values)
+    v = torch.from_numpy(values)
     with torch.no_grad():
-        y, _ = model(x[None, :, None])  # (1, T, H) with the baseline over the whole history
-        kept = torch.stack([torch.cat([torch.full((max(0, window - t - 1),), torch.nan), x[max(0, t - window + 1) : t + 1]])
+        base = model.scaled_baseline(v[None], stats[None], scaling, 0, len(values))  # (1, T, H) whole history
+        y, _ = model(x[None, :, None], base=base)  # (1, T, H)
+        kept = torch.stack([torch.cat([torch.full((max(0, window - t - 1),), torch.nan, dtype=v.dtype),
+                                       v[max(0, t - window + 1) : t + 1]])
                             for t in range(len(values))])  # (T, window) what the ring holds after value t
-        y = y[0] - torch.stack([model.baseline(x[None, : t + 1])[0] for t in range(len(values))]) + model.baseline(kept)
-    expected = SCALINGS["ewm"].denormalize(stats, y.double()).numpy()
+        y = y[0] - base[0] + model.baseline(scaling.rescale(stats, kept))
+    expected = scaling.denormalize(stats, y.double()).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     assert np.abs(got[window + 1 :] - reference_forecast(model, values, SCALINGS["ewm"])[window + 1 :]).max() > 1e-3
 

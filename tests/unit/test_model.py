@@ -150,6 +150,12 @@ def test_an_untrained_residual_model_forecasts_its_baseline_by_hand() -> None:
     assert y[0, 7].tolist() == [3 + 9 - 8, 6 + 9 - 8, 9 + 9 - 8, 3 + 9 - 5]
 
 
+def _past(model: RecurrentForecaster, x: torch.Tensor, start: int) -> torch.Tensor:
+    """The ``context`` inputs of ``x`` (batch, T, 1) before ``start``, NaN before the first."""
+    got = x[:, max(0, start - model.context) : start, 0]
+    return torch.nn.functional.pad(got, (model.context - got.shape[1], 0), value=float("nan"))
+
+
 def _randomize_head(model: RecurrentForecaster) -> RecurrentForecaster:
     with torch.no_grad():
         for p in model.head.parameters():
@@ -167,12 +173,12 @@ def test_residual_step_chunks_and_warm_equal_forward(cell: str, season: int, bas
     y, _ = model(x)
     # forward in chunks, each given the inputs before it
     y1, h = model(x[:, :7])
-    y2, _ = model(x[:, 7:], h, past=model.past(x, 7))
+    y2, _ = model(x[:, 7:], h, past=_past(model, x, 7))
     torch.testing.assert_close(torch.cat([y1, y2], 1), y, atol=1e-5, rtol=0)
     # one step at a time
     h = model.initial_state(3)
     for t in range(20):
-        y_t, h = model.step(x[:, t], h, past=model.past(x, t))
+        y_t, h = model.step(x[:, t], h, past=_past(model, x, t))
         torch.testing.assert_close(y_t, y[:, t], atol=1e-5, rtol=0)
     # warm over a right-aligned window equals forward over those inputs alone
     window = torch.zeros(3, 16, 1)

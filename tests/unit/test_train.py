@@ -151,10 +151,10 @@ def test_state_is_carried_across_chunks_and_detached(monkeypatch: pytest.MonkeyP
     seen = []
     forward = model.forward
 
-    def recording(x, h=None, past=None):
+    def recording(x, h=None, past=None, base=None):
         if model.training:
             seen.append((x.shape[1], None if h is None else h.requires_grad))
-        return forward(x, h, past)
+        return forward(x, h, past, base)
 
     monkeypatch.setattr(model, "forward", recording)
     fit(model, [np.sin(np.arange(50) / 2.0) + 3.0], Scaling(), epochs=1, chunk_length=10,
@@ -407,6 +407,40 @@ def test_the_baseline_is_chosen_by_its_error_on_the_history(tmp_path: Path) -> N
     # a window too short for a season is never chosen
     short = Settings(model={"horizon": 6}, state={"window": 20})
     assert choose_baseline(short, periodic, Scaling(), 12)[0]["base_seasons"] == 1
+
+
+def test_the_baseline_is_chosen_on_the_later_part_of_the_history(tmp_path: Path) -> None:
+    """A series that wandered for years and then settled into a season: what happened lately decides."""
+    rng = np.random.default_rng(5)
+    settings = trainer_settings(tmp_path, season=12)
+    series = []
+    for _ in range(3):
+        walk = 100 + np.cumsum(rng.normal(0, 5, 400))  # no season: the last value is best here
+        t = np.arange(120)
+        settled = walk[-1] + 20 * np.sin(2 * np.pi * t / 12) + rng.normal(0, 0.5, 120)  # then a clean season
+        series.append(np.concatenate([walk, settled]))  # the later 20% (104 values) is all season
+    chosen, mix = choose_baseline(settings, series, Scaling(), 12)
+    assert chosen["season"] == 12 and mix.max() < 0.5
+    # over the whole history the last value would have won: check that it really is better there
+    untrained = [RecurrentForecaster("rnn", hidden_size=1, num_layers=1, horizon=settings.model.horizon, **c)
+                 for c in ({"season": 1, "base_seasons": 1}, {**chosen})]
+    whole = [np.nanmean(np.abs(np.concatenate([f - targets(v, settings.model.horizon)
+                                               for v, f in zip(series, model_forecasts(m, Scaling(), series),
+                                                               strict=True)])))
+             for m in untrained]  # fmt: skip
+    assert whole[0] < whole[1]
+
+
+def test_an_elaborate_baseline_must_beat_the_plain_ones_by_more_than_chance(tmp_path: Path, monkeypatch) -> None:
+    rng = np.random.default_rng(6)
+    t = np.arange(96)
+    periodic = [50 + 10 * np.sin(2 * np.pi * t / 12) + rng.normal(0, 3, 96) for _ in range(2)]
+    settings = trainer_settings(tmp_path, season=12)
+    monkeypatch.setattr(train_module, "PLAIN_SE", 0.0)  # the lowest error wins: averaging seasons cancels noise
+    assert choose_baseline(settings, periodic, Scaling(), 12)[0]["base_seasons"] > 1
+    monkeypatch.setattr(train_module, "PLAIN_SE", 1e9)  # nothing is ever sure enough: seasonal naive stays
+    assert choose_baseline(settings, periodic, Scaling(), 12)[0] == {"season": 12, "base_seasons": 1,
+                                                                     "base_level": False}
 
 
 def test_each_step_moves_toward_the_last_value_as_far_as_it_helps(tmp_path: Path) -> None:
