@@ -143,6 +143,8 @@ class Scaling:
     def transform(self, values: Array) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale whole series: values (T,) or (batch, T) -> model inputs (same shape, float32) and
         the statistics after each value (..., T, N_STATS) float64. It is ``update`` looped over time."""
+        if isinstance(values, np.ndarray) and not values.flags.writeable:
+            values = values.copy()  # torch warns about (and may not share) a read-only buffer
         v = torch.as_tensor(values, dtype=torch.float64)
         squeeze = v.dim() == 1
         v = v.reshape(1, -1) if squeeze else v  # (batch, T)

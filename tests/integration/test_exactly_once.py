@@ -284,7 +284,8 @@ def test_a_second_instance_with_the_same_id_fences_the_first_which_exits(eos, br
     topics, loaded, start = eos
     frame = generate(n_series=50, n_values=40, start_ms=START_MS, step_ms=60_000, seed=26)
     first = start("same")
-    producer = stream(topics.bootstrap, topics.input, windowed_records(frame), seconds=8)
+    # the stream outlasts the second's start: a zombie learns it is fenced at its next transaction
+    producer = stream(topics.bootstrap, topics.input, windowed_records(frame), seconds=20)
     time.sleep(2)
     second = start("same")  # its init_transactions fences the first's producer
     code = first.proc.wait(60)
