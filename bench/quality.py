@@ -113,6 +113,8 @@ class DataSet:
     hidden_size: int = 64
     chunk_length: int = 64
     max_series: int | None = None  # --quick: the first N series only
+    seasons: tuple[int, ...] = ()  # longer seasons the trainer may also use (settings.train.seasons)
+    window: int = 256  # values retained per series (settings.state.window): must hold what the baseline reads
 
 
 DATASETS = {
@@ -127,7 +129,7 @@ DATASETS = {
         DataSet("aus_arrivals", "R fpp3::aus_arrivals (quarterly arrivals to Australia, 4 origins, 1981-2012)",
                 aus_arrivals, season=4, horizon=8, test_fraction=0.25, epochs=60),
         DataSet("elecdemand", "R fpp2::elecdemand (half-hourly electricity demand, Victoria, 2014)", elecdemand,
-                season=48, horizon=48, test_fraction=0.2, epochs=10, chunk_length=128),
+                season=48, horizon=48, test_fraction=0.2, epochs=10, chunk_length=128, seasons=(336,), window=768),
     )  # fmt: skip
 }
 QUICK = {"nottem": {"epochs": 15}, "air_passengers": {"epochs": 15}, "us_employment": {"epochs": 3, "max_series": 24}}
@@ -184,10 +186,10 @@ def train_and_replay(data: DataSet, frame: pd.DataFrame, start: int, cell: str, 
     """Train ``cell`` on the rows before ``start`` with the project's trainer; replay every row."""
     settings = Settings(
         model={"cell": cell, "hidden_size": data.hidden_size, "num_layers": 2, "horizon": data.horizon, "seed": 0},
-        train={"epochs": data.epochs, "season": data.season, "chunk_length": data.chunk_length, "patience": 5,
-               "publish_only_if_better": False},
+        train={"epochs": data.epochs, "season": data.season, "seasons": list(data.seasons),
+               "chunk_length": data.chunk_length, "patience": 5, "publish_only_if_better": False},
         checkpoints={"dir": os.path.join(root, cell)},
-        state={"device": "cpu", "window": 256},
+        state={"device": "cpu", "window": data.window},
     )  # fmt: skip
     early = frame[frame["ts"] < start]
     history = History.from_long(early["series"].to_numpy(), early["ts"].to_numpy(), early["value"].to_numpy(),

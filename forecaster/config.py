@@ -193,11 +193,21 @@ class TrainSettings(BaseModel):
     validation_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     patience: int = Field(default=3, ge=1)
     season: int | None = Field(default=None, ge=1)
+    # Longer seasons the baseline may also use (e.g. a week of hourly values, 168, beside a day, 24); each
+    # needs state.window to hold it (two of them to average two).
+    seasons: list[int] = Field(default_factory=list)
     publish_only_if_better: bool = True
     metrics_port: int = Field(default=9109, ge=0, le=65535)
     max_values: int = Field(default=5_000_000, ge=1)
     # Forecasts made before a series has this many values are not scored in training (scale unsettled).
     warmup: int = Field(default=8, ge=0)
+    @field_validator("seasons")
+    @classmethod
+    def _positive_seasons(cls, seasons: list[int]) -> list[int]:
+        if any(s < 2 for s in seasons):
+            raise ValueError("every season must be >= 2")
+        return seasons
+
     # Publish only if the validation MAE is at least this fraction below the published model's.
     min_improvement: float = Field(default=0.0, ge=0.0, lt=1.0)
 

@@ -74,7 +74,8 @@ def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) 
     ``mix`` (horizon,): per step, the weight in [0, 1] that moves it toward the last value.
 
     Candidates: seasonal naive averaged over 1 to 12 seasons, as it is or moved to the current level
-    (those the retained window holds), and the last value. Each series is cut as training cuts it: each
+    (those the retained window holds), for ``season`` and each of ``settings.train.seasons``, and the
+    last value. Each series is cut as training cuts it: each
     candidate's ``mix`` is fitted by least squares on the earlier part (each series in units of its mean
     absolute change, so that no series weighs more for being large), then the candidate, with that mix or
     without, is scored (MAE over all series, as evaluation and replay score) on the forecasts whose targets
@@ -88,8 +89,9 @@ def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) 
     plain = [{"season": 1, "base_seasons": 1, "base_level": False}]
     if season > 1:
         plain.append({"season": season, "base_seasons": 1, "base_level": False})
-    candidates = plain + [{"season": season, "base_seasons": m, "base_level": level}
-                          for level in (False, True) for m in BASE_SEASONS if season > 1 and (m, level) != (1, False)]
+    seasons = [s for s in dict.fromkeys([season, *train.seasons]) if s > 1]
+    candidates = plain + [{"season": s, "base_seasons": m, "base_level": level} for s in seasons
+                          for level in (False, True) for m in BASE_SEASONS if (s, m, level) != (season, 1, False)]
     models = [RecurrentForecaster("rnn", hidden_size=1, num_layers=1, horizon=horizon, **c) for c in candidates]
     keep = [i for i, model in enumerate(models) if model.context < window]  # the engine retains what it reads
     candidates, models = [candidates[i] for i in keep], [models[i] for i in keep]

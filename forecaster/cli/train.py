@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="maximum epochs (settings.train.epochs)")
     parser.add_argument("--learning-rate", type=float, help="Adam learning rate")
     parser.add_argument("--season", type=int, help="season of the seasonal-naive baseline (default: detected)")
+    parser.add_argument("--seasons", help="longer seasons the baseline may also use, comma-separated (e.g. 168)")
     parser.add_argument("--cell", choices=("gru", "lstm", "rnn"), help="recurrent cell (settings.model.cell)")
     parser.add_argument("--checkpoint-dir", type=Path, help="checkpoint folder (settings.checkpoints.dir)")
     parser.add_argument("--always-publish", action="store_true", help="publish even if not better than LATEST")
@@ -51,6 +52,8 @@ def apply_overrides(args: argparse.Namespace, settings: Settings) -> Settings:
                           ("metrics_port", "metrics_port")):
         if getattr(args, option, None) is not None:
             train[field] = getattr(args, option)
+    if getattr(args, "seasons", None):
+        train["seasons"] = [s.strip() for s in args.seasons.split(",") if s.strip()]  # validated as ints
     if getattr(args, "always_publish", False):
         train["publish_only_if_better"] = False
     data = settings.model_dump()

@@ -42,7 +42,9 @@ def test_environment_variables_use_prefix_and_double_underscore(clean_env):
     clean_env.setenv("FORECASTER_MODEL__CELL", "lstm")
     clean_env.setenv("FORECASTER_METRICS__PORT", "9200")
     clean_env.setenv("FORECASTER_LOG_LEVEL", "DEBUG")
+    clean_env.setenv("FORECASTER_TRAIN__SEASONS", "[168, 8766]")
     settings = load_settings()
+    assert settings.train.seasons == [168, 8766]
     assert settings.kafka.bootstrap_servers == "kafka-a:9092,kafka-b:9093"
     assert settings.kafka.client_options()["bootstrap_servers"] == ["kafka-a:9092", "kafka-b:9093"]
     assert settings.kafka.input_topic == "metrics.raw"
@@ -74,6 +76,8 @@ def test_bad_value_gives_one_line_naming_the_variable(clean_env):
         ("FORECASTER_KAFKA__SECURITY_PROTOCOL", "CARRIER_PIGEON"),
         ("FORECASTER_STATE__DEVICE", "tpu"),
         ("FORECASTER_METRICS__PORT", "70000"),
+        ("FORECASTER_TRAIN__SEASONS", "[1]"),
+        ("FORECASTER_TRAIN__SEASONS", "168"),
     ],
 )
 def test_other_bad_values_name_their_variable(clean_env, variable, value):

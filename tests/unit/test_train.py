@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -29,6 +30,7 @@ from forecaster.checkpoint import (
     load_checkpoint,
 )
 from forecaster.cli import main
+from forecaster.cli.train import apply_overrides
 from forecaster.config import Settings
 from forecaster.engine import reference_forecast
 from forecaster.errors import ConfigError, DataError
@@ -342,6 +344,14 @@ def test_cli_train_list_and_promote(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert main(["train", "--input", str(tmp_path / "missing.csv"), "--no-progress"]) == 1
 
 
+def test_cli_train_seasons_option(tmp_path: Path) -> None:
+    args = argparse.Namespace(seasons="168, 8766", epochs=None, learning_rate=None, season=24, metrics_port=None)
+    settings = apply_overrides(args, Settings())
+    assert (settings.train.season, settings.train.seasons) == (24, [168, 8766])
+    with pytest.raises(ConfigError, match="seasons"):
+        apply_overrides(argparse.Namespace(seasons="weekly"), Settings())
+
+
 @pytest.mark.slow
 def test_cli_every_serves_metrics_and_stops_on_sigterm(tmp_path: Path) -> None:
     data = synthetic_csv(tmp_path / "data.csv", n_series=2, n_values=100)
@@ -429,6 +439,19 @@ def test_the_baseline_is_chosen_on_the_later_part_of_the_history(tmp_path: Path)
                                                                strict=True)])))
              for m in untrained]  # fmt: skip
     assert whole[0] < whole[1]
+
+
+def test_a_longer_season_is_tried_when_the_window_holds_it(tmp_path: Path) -> None:
+    """Four values a "day", a pattern that repeats weekly (28 values) and not daily: the weekly season wins."""
+    rng = np.random.default_rng(7)
+    week = rng.normal(0, 10, 28)
+    series = [100 + np.tile(week, 20) + rng.normal(0, 1, 560) for _ in range(2)]
+    settings = trainer_settings(tmp_path, season=4)
+    assert choose_baseline(settings, series, Scaling(), 4)[0]["season"] != 28  # not offered: daily or last
+    weekly = Settings(**{**settings.model_dump(), "train": {**settings.train.model_dump(), "seasons": [28]}})
+    assert choose_baseline(weekly, series, Scaling(), 4)[0]["season"] == 28
+    short = Settings(**{**weekly.model_dump(), "state": {**weekly.state.model_dump(), "window": 20}})
+    assert choose_baseline(short, series, Scaling(), 4)[0]["season"] != 28  # the window cannot hold a week
 
 
 def test_an_elaborate_baseline_must_beat_the_plain_ones_by_more_than_chance(tmp_path: Path, monkeypatch) -> None:
