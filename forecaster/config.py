@@ -115,7 +115,7 @@ class ModelSettings(BaseModel):
 class ScalingSettings(BaseModel):
     """Causal per-series normalisation (see ``forecaster.scaling``)."""
 
-    kind: Literal["ewm", "none"] = "ewm"
+    kind: Literal["ewm", "log", "none"] = "ewm"  # log: positive values, seasonal swings that scale with the level
     # Effective memory of the running mean and variance, in values.
     halflife: float = Field(default=256.0, gt=0.0)
     # Floor of the scale relative to |mean| (and absolute), so a flat series does not divide by zero.

@@ -134,6 +134,8 @@ class Engine:
             raise ValueError(f"series, ts and values differ in length: {len(series)}, {len(ts)}, {len(values)}")
         if not np.isfinite(values).all():
             raise ValueError("values must be finite (validate records before the engine)")
+        if self.scaling.positive and not (values > 0.0).all():
+            raise ValueError(f"values must be > 0 with {self.scaling.kind} scaling (validate records before the engine)")
         if len(ts) == 0:
             return self._output([], ts, np.zeros((0, self.model.horizon), np.float32), 0, ts)
         # Step 1. the slot of every row (new series get one, possibly evicting LRU ones).
@@ -234,8 +236,8 @@ class Engine:
         at = slots[:, None] * w + ordinal % w  # (n, context) flat ring positions
         gone = (ordinal < 0) | (ordinal <= count[:, None] - w)  # (n, context) not (or no longer) in the ring
         if self._cpu:
-            past = self.scaling.rescale(stats, tb.values_flat[at].astype(np.float64))  # (n, context)
-            return torch.from_numpy(np.where(gone, np.float32(np.nan), past))
+            past = np.where(gone, np.nan, tb.values_flat[at].astype(np.float64))  # (n, context) data units
+            return torch.from_numpy(self.scaling.rescale(stats, past))  # NaN stays NaN
         past = self.scaling.rescale(stats, tb.values_flat[torch.from_numpy(at).to(self.device)].double())
         return past.masked_fill(torch.from_numpy(gone).to(self.device), float("nan"))
 

@@ -52,8 +52,7 @@ class Batch:
     stats: torch.Tensor  # (B, L, N_STATS) float64 scaling statistics after each value
     v: torch.Tensor  # (B, L + H) float64 values, NaN past the end
     values: torch.Tensor  # (B, L) float64 values, right-padded with each series' last one (what baselines read)
-    a: torch.Tensor  # (B, L) float64: forecast = a * y + b (the affine denormalisation at t)
-    b: torch.Tensor  # (B, L) float64
+    scaling: Scaling  # what made ``x`` and ``stats``: targets go to the units of the input at their origin
 
 
 def make_batches(
@@ -72,15 +71,13 @@ def make_batches(
             raw[r, : n[r]] = values[i]
             raw[r, n[r] :] = values[i][-1]
         x, stats = scaling.transform(raw)  # (B, L) float32, (B, L, N_STATS) float64
-        b = scaling.denormalize(stats.reshape(-1, stats.shape[-1]), torch.zeros(stats.shape[0] * length, 1))
-        a = scaling.denormalize(stats.reshape(-1, stats.shape[-1]), torch.ones(stats.shape[0] * length, 1)) - b
         past_end = torch.arange(length)[None, :] >= torch.as_tensor(n)[:, None]  # (B, L)
         v = torch.full((len(rows), length + horizon), math.nan, dtype=torch.float64)
         v[:, :length] = torch.from_numpy(raw).masked_fill(past_end, math.nan)
         batches.append(Batch(
             rows=rows, n=n, n_train=np.array([split_point(int(k), validation_fraction) for k in n]),
             x=x.masked_fill(past_end, 0.0).unsqueeze(-1), stats=stats, v=v, values=torch.from_numpy(raw),
-            a=a.reshape(len(rows), length), b=b.reshape(len(rows), length),
+            scaling=scaling,
         ))  # fmt: skip
     return batches
 
@@ -92,8 +89,7 @@ def chunk_targets(batch: Batch, start: int, stop: int, horizon: int, warmup: int
     ``"validation"`` (in its last fraction). Forecasts made before ``warmup`` values never count.
     """
     future = batch.v[:, start + 1 : stop + horizon].unfold(1, horizon, 1)  # (B, stop - start, H)
-    a, b = batch.a[:, start:stop, None], batch.b[:, start:stop, None]  # (B, T, 1)
-    target = (future - b) / a  # (B, T, H)
+    target = batch.scaling.rescale(batch.stats[:, start:stop], future)  # (B, T, H) float32
     index = torch.arange(start, stop)[None, :, None] + torch.arange(1, horizon + 1)[None, None, :]  # (1, T, H)
     n_train = torch.as_tensor(batch.n_train)[:, None, None]  # (B, 1, 1)
     in_part = index < n_train if part == "train" else index >= n_train  # (B, T, H)

@@ -139,14 +139,15 @@ class RecurrentForecaster(nn.Module):
     def scaled_baseline(self, values: Tensor, stats: Tensor, scaling: Any, start: int, stop: int) -> Tensor | None:
         """The baseline after each of positions ``start .. stop - 1`` of series ``values`` (batch, T) in data
         units (NaN past a series' end), in the units of the model input at that position (``stats``
-        (batch, T, N_STATS) after each value): the ``base`` of ``forward(x[:, start:stop], ...)``; None
+        (batch, T, N_STATS) after each value; the baseline is computed on ``scaling.inner`` values, the
+        logarithms for log scaling): the ``base`` of ``forward(x[:, start:stop], ...)``; None
         without a baseline. Values are read as float32, as the serving engine's ring buffer keeps them."""
         if not self.base_seasons:
             return None
         lo = max(0, start - self.context)
-        got = values[:, lo:stop].float().double()  # (batch, <= context + T) float32 values, float64 sums
+        got = scaling.inner(values[:, lo:stop].float().double())  # (batch, <= context + T) float32 values
         full = F.pad(got, (self.context - (start - lo), 0), value=math.nan)  # (batch, context + T)
-        return scaling.rescale(stats[:, start:stop], self._baseline_seq(full))  # (batch, T, horizon)
+        return scaling.standardize(stats[:, start:stop], self._baseline_seq(full))  # (batch, T, horizon)
 
     def baseline(self, recent: Tensor) -> Tensor:
         """Baseline forecasts in scaled units after the newest of ``recent`` (batch, n) inputs (NaN stands

@@ -51,7 +51,7 @@ FIELDS = frozenset({"schema", "series", "ts", "value", "values"})
 REASONS = (
     "not_utf8", "not_json", "not_object", "unknown_schema", "unknown_field", "missing_series", "bad_series",
     "series_too_long", "key_mismatch", "missing_value", "bad_value", "non_finite", "bad_ts",
-    "ts_out_of_range", "length_mismatch", "window_too_large", "empty_window",
+    "ts_out_of_range", "length_mismatch", "window_too_large", "empty_window", "not_positive",
 )  # fmt: skip
 _NUMBER = (int, float)  # bool is excluded by checking type() exactly
 
@@ -102,19 +102,22 @@ class RecordDecoder:
         max_window_values: int = 10_000,
         max_future_ms: int = 366 * 24 * 3600 * 1000,
         clock: Callable[[], float] = time.time,
+        positive: bool = False,
     ) -> None:
         self.max_series_length = max_series_length
         self.max_window_values = max_window_values
         self.max_future_ms = max_future_ms
         self.clock = clock
+        self.positive = positive  # values must be > 0 (the engine scales their logarithm)
 
     @classmethod
-    def from_settings(cls, service: Any, clock: Callable[[], float] = time.time) -> RecordDecoder:
+    def from_settings(cls, service: Any, clock: Callable[[], float] = time.time, positive: bool = False) -> RecordDecoder:
         return cls(
             max_series_length=service.max_series_length,
             max_window_values=service.max_window_values,
             max_future_ms=service.max_future_ms,
             clock=clock,
+            positive=positive,
         )
 
     def decode_batch(self, records: Sequence[KafkaRecord]) -> DecodedBatch:
@@ -186,6 +189,8 @@ class RecordDecoder:
         value = float(value) if type(value) is float or abs(value) < 2**1023 else math.inf
         if not math.isfinite(value):
             raise InvalidRecord("non_finite", f"value is {value}")
+        if self.positive and not value > 0.0:
+            raise InvalidRecord("not_positive", f"value is {value}; the serving model scales logarithms")
         if "ts" in body:
             when = _ts(body["ts"])
         elif record_ts is not None and record_ts >= 0:
@@ -235,6 +240,9 @@ class RecordDecoder:
             raise InvalidRecord("non_finite", "a value overflows float64") from None
         if not np.isfinite(array).all():
             raise InvalidRecord("non_finite", f"values holds {array[~np.isfinite(array)][0]}")
+        if self.positive and not (array > 0.0).all():
+            bad = array[~(array > 0.0)][0]
+            raise InvalidRecord("not_positive", f"values holds {bad}; the serving model scales logarithms")
         return array
 
     def _window_ts(self, ts: Any, n: int, max_ts: int) -> np.ndarray:

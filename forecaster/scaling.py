@@ -5,6 +5,10 @@ value t include value t, so the model input ``x_t = (v_t - mean_t) / scale_t`` u
 The weight of a new value is ``max(1 / count, 1 - 0.5 ** (1 / halflife))``: the first values act as a
 cumulative mean, later ones as an EWM with the given half-life (in values).
 
+``kind="log"`` does the same on the logarithm of the values (positive values only): forecasts are
+``exp`` of the model's, and a baseline that moves the seasonal pattern to the current level moves it by
+ratios rather than differences, which suits a seasonal swing that grows with the level.
+
 The arithmetic is written once and runs on numpy arrays or torch tensors alike (the engine keeps the
 statistics of a CPU table as numpy views, of a GPU table as CUDA tensors). Both compute in float64;
 ``transform`` on the CPU runs the numpy path, as the engine does on a CPU table.
@@ -33,8 +37,9 @@ def _floor(a: Array, low: float) -> Array:
 class Scaling:
     """Causal running normalisation of each series.
 
-    ``kind="ewm"`` scales by the running mean and standard deviation; ``kind="none"`` is the identity
-    (model input = value, forecast = model output).
+    ``kind="ewm"`` scales by the running mean and standard deviation; ``kind="log"`` scales the logarithm
+    of the values so (values must be > 0); ``kind="none"`` is the identity (model input = value, forecast
+    = model output).
 
     >>> s = Scaling(halflife=10.0)
     >>> x, stats = s.transform(np.array([1.0, 2.0, 3.0]))
@@ -46,7 +51,7 @@ class Scaling:
     """
 
     N_STATS = 3  # count, mean, variance
-    KINDS = ("ewm", "none")
+    KINDS = ("ewm", "log", "none")
 
     def __init__(self, kind: str = "ewm", halflife: float = 256.0, min_scale: float = 1e-3) -> None:
         if kind not in self.KINDS:
@@ -57,6 +62,15 @@ class Scaling:
         self.halflife = float(halflife)
         self.min_scale = float(min_scale)
         self.alpha = 1.0 - 0.5 ** (1.0 / self.halflife)  # weight of a new value in the long run
+
+    @property
+    def positive(self) -> bool:
+        """Whether values must be > 0 (the log kind)."""
+        return self.kind == "log"
+
+    def inner(self, values: Array) -> Array:
+        """Values as the statistics see them: their logarithm for the log kind, else themselves."""
+        return _lib(values).log(values) if self.kind == "log" else values
 
     @classmethod
     def from_settings(cls, settings: Any) -> Scaling:
@@ -87,7 +101,7 @@ class Scaling:
             return stats
         count = stats[:, 0] + 1.0  # (n,)
         alpha = _floor(1.0 / count, self.alpha)  # (n,)
-        delta = values - stats[:, 1]  # (n,)
+        delta = self.inner(values) - stats[:, 1]  # (n,)
         mean = stats[:, 1] + alpha * delta  # (n,)
         var = (1.0 - alpha) * (stats[:, 2] + alpha * delta * delta)  # (n,)
         out = _lib(stats).empty_like(stats)  # (n, N_STATS); cheaper than stack for small n
@@ -106,7 +120,7 @@ class Scaling:
         ``scale``: ``self.scale(stats)`` if the caller has it already."""
         if self.kind == "none":
             return values.astype(np.float32) if isinstance(values, np.ndarray) else values.float()
-        x = (values - stats[:, 1]) / (self.scale(stats) if scale is None else scale)  # (n,) float64
+        x = (self.inner(values) - stats[:, 1]) / (self.scale(stats) if scale is None else scale)  # (n,) float64
         return x.astype(np.float32) if isinstance(x, np.ndarray) else x.float()
 
     def rescale(self, stats: Array, values: Array) -> Array:
@@ -119,12 +133,18 @@ class Scaling:
         >>> [round(float(v), 4) for v in s.rescale(stats[-1:], torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64))[0]]
         [-1.2247, 0.0, 1.2247]
         """
-        if isinstance(values, torch.Tensor) and not isinstance(stats, torch.Tensor):
-            stats = torch.as_tensor(stats, device=values.device)
+        return self.standardize(stats, self.inner(values))
+
+    def standardize(self, stats: Array, inner: Array) -> Array:
+        """``rescale`` of values already passed through ``inner``: the affine part alone, (..., k) float32.
+        A baseline that commutes with shifts and scales can be computed on ``inner`` values and then
+        standardized with the statistics of the position it is for."""
+        if isinstance(inner, torch.Tensor) and not isinstance(stats, torch.Tensor):
+            stats = torch.as_tensor(stats, device=inner.device)
         if self.kind == "none":
-            return values.astype(np.float32) if isinstance(values, np.ndarray) else values.float()
+            return inner.astype(np.float32) if isinstance(inner, np.ndarray) else inner.float()
         scale = self.scale(stats)[..., None]  # (..., 1)
-        x = (values - stats[..., 1:2]) / scale  # (..., k) float64
+        x = (inner - stats[..., 1:2]) / scale  # (..., k) float64
         return x.astype(np.float32) if isinstance(x, np.ndarray) else x.float()
 
     def denormalize(self, stats: Array, y: Array, scale: Array | None = None) -> Array:
@@ -138,7 +158,10 @@ class Scaling:
         if self.kind == "none":
             return y
         scale = self.scale(stats) if scale is None else scale
-        return y * scale[:, None] + stats[:, 1:2]  # (n, horizon)
+        out = y * scale[:, None] + stats[:, 1:2]  # (n, horizon)
+        if self.kind == "log":  # capped below float64's largest exp: a wild output is a huge forecast, not inf
+            out = _lib(out).exp(out.clip(max=700.0) if isinstance(out, np.ndarray) else out.clamp(max=700.0))
+        return out
 
     def transform(self, values: Array) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale whole series: values (T,) or (batch, T) -> model inputs (same shape, float32) and

@@ -83,7 +83,8 @@ class Service:
         self.metrics = metrics or ServiceMetrics()
         self.swapper = swapper
         self.clock = clock
-        self.decoder = RecordDecoder.from_settings(settings.service, clock=clock)
+        positive = Scaling.from_settings(settings.scaling).positive or (engine is not None and engine.scaling.positive)
+        self.decoder = RecordDecoder.from_settings(settings.service, clock=clock, positive=positive)  # log: > 0
         self.committer: AtLeastOnceCommitter | TransactionalCommitter | None = None
         self.exactly_once: ExactlyOnce | None = None
         self._stopping = threading.Event()

@@ -185,6 +185,9 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
     if not values:
         raise DataError("no history to train on")
     scaling = Scaling.from_settings(settings.scaling)
+    if scaling.positive and any((v <= 0).any() for v in values):
+        bad = sum(int((v <= 0).sum()) for v in values)
+        raise DataError(f"{bad} values are <= 0: scaling.kind={scaling.kind} needs positive values (use ewm)")
     season = resolve_season(settings, history)
     # Step 1. The baseline the model forecasts over, then fit the model on the training part of every series.
     baseline, mix = choose_baseline(settings, values, scaling, season)

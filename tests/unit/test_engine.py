@@ -144,6 +144,25 @@ def test_the_baseline_is_computed_in_data_units_under_moving_scaling(host_views:
 
 
 @pytest.mark.parametrize("host_views", [True, False])
+def test_log_scaling_moves_the_season_by_ratios_and_refuses_values_that_are_not_positive(host_views: bool) -> None:
+    """Exponential growth with a seasonal swing proportional to the level: on logarithms the level-moved
+    seasonal naive forecast is exact."""
+    model = _model("gru", season=12, base_seasons=1, base_level=True, horizon=12)  # zero head: the baseline
+    t = np.arange(100, dtype=np.float64)
+    values = 50.0 * np.exp(0.02 * t + 0.2 * np.sin(2 * np.pi * t / 12))
+    engine = Engine(model, window=64, scaling=Scaling("log", halflife=8.0), host_views=host_views)
+    got = np.stack([engine.process(["a"], [int(k)], [v]).values[0] for k, v in zip(t, values, strict=True)])
+    future = np.stack([values[k + 1 : k + 13] for k in range(24, 80)])
+    np.testing.assert_allclose(got[24:80], future, rtol=1e-5)
+    np.testing.assert_allclose(reference_forecast(model, values, Scaling("log", halflife=8.0))[24:80], future,
+                               rtol=1e-5)  # fmt: skip
+    before = engine.table.snapshot("a")
+    with pytest.raises(ValueError, match="> 0"):
+        engine.process(["a", "b"], [200, 200], [3.0, 0.0])
+    assert engine.table.snapshot("a") == before and engine.table.slot_of("b") is None
+
+
+@pytest.mark.parametrize("host_views", [True, False])
 def test_a_window_shorter_than_the_baseline_leaves_out_what_it_no_longer_retains(host_views: bool) -> None:
     """The trainer never picks such a baseline and the service refuses one; a library user gets the
     baseline over what the window retains, not values that were overwritten."""

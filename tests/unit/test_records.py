@@ -149,9 +149,26 @@ def test_far_future_ts_is_out_of_range_near_future_is_not(decoder):
     assert reason_of(decoder, late) == "ts_out_of_range"
 
 
+# Under log scaling (``positive``) a value must be > 0; the same values pass a default decoder.
+POSITIVE_CORPUS = [
+    (b'{"series": "a", "ts": 1, "value": 0}', None, "not_positive"),
+    (b'{"series": "a", "ts": 1, "value": -2.5}', None, "not_positive"),
+    (b'{"series": "a", "ts": [1, 2], "values": [1.0, -0.0]}', None, "not_positive"),
+]
+
+
+@pytest.mark.parametrize(("raw", "key", "reason"), POSITIVE_CORPUS)
+def test_a_positive_decoder_refuses_values_that_are_not(decoder, raw, key, reason):
+    positive = RecordDecoder(max_series_length=16, max_window_values=5, max_future_ms=1000, clock=lambda: NOW_S,
+                             positive=True)  # fmt: skip
+    assert reason_of(positive, raw, key) == reason
+    decoder.decode(raw, key, TS)  # accepted without the log scaling
+    assert positive.decode(b'{"series": "a", "ts": 1, "value": 1e-300}', None, TS)[2] == 1e-300
+
+
 def test_every_reason_code_is_reachable_by_the_corpus():
-    # The parametrised corpus above covers every reason; this guards the list against dead entries.
-    covered = {reason for _, _, reason in BAD_CORPUS}
+    # The parametrised corpora above cover every reason; this guards the list against dead entries.
+    covered = {reason for _, _, reason in BAD_CORPUS + POSITIVE_CORPUS}
     assert covered == set(REASONS)
 
 

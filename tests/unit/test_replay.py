@@ -96,6 +96,18 @@ def test_replay_forecasts_equal_the_reference_whatever_the_batch_size() -> None:
             np.testing.assert_allclose(result.rows.forecasts[at], reference_forecast(model, values), atol=1e-5)
 
 
+def test_log_scaling_skips_values_that_are_not_positive_as_bad_rows() -> None:
+    text = "series,ts,value\na,1000,2\na,2000,0\nb,1000,-3\na,3000,4\nb,2000,5\n"
+    model = RecurrentForecaster("gru", hidden_size=3, num_layers=1, horizon=2)
+    result = replay(io.StringIO(text), Engine(model, window=8, scaling=Scaling("log")), season=1, progress=False)
+    assert [(b.line, b.reason) for b in result.bad_rows] == [(3, "not_positive"), (4, "not_positive")]
+    groups = result.rows.by_series()
+    np.testing.assert_array_equal(result.rows.values[groups["a"]], [2.0, 4.0])
+    np.testing.assert_allclose(result.rows.forecasts[groups["a"]], reference_forecast(model, [2.0, 4.0], Scaling("log")),
+                               rtol=1e-5)  # fmt: skip
+    assert "not_positive 2" in format_problems(result)[0]
+
+
 def test_score_from_scores_only_the_later_part() -> None:
     values = [np.arange(10.0)]
     model = [np.repeat(np.arange(10.0)[:, None] + 1.0, 2, axis=1)]  # exact at step 1, off by 1 at step 2

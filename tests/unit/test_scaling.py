@@ -124,3 +124,21 @@ def test_from_settings() -> None:
     assert scaling.settings == {"kind": "ewm", "halflife": 12.0, "min_scale": 0.01}
     with pytest.raises(ValueError):
         Scaling(kind="zscore")
+
+
+def test_log_kind_scales_the_logarithm_and_forecasts_by_exp() -> None:
+    values = np.array([3.0, 6.0, 12.0, 24.0, 48.0])
+    log, ewm = Scaling("log", halflife=4.0), Scaling("ewm", halflife=4.0)
+    x, stats = log.transform(values)
+    x_ref, stats_ref = ewm.transform(np.log(values))
+    torch.testing.assert_close(x, x_ref)
+    torch.testing.assert_close(stats, stats_ref)
+    back = log.denormalize(stats, x[:, None])  # the input itself, back in data units
+    np.testing.assert_allclose(back[:, 0].numpy(), values, rtol=1e-6)
+    # an earlier value in the units of the current input, as a baseline reads it
+    np.testing.assert_allclose(log.rescale(stats[-1:], torch.tensor([[values[0]]], dtype=torch.float64)).numpy(),
+                               ewm.rescale(stats_ref[-1:], torch.tensor([[math.log(values[0])]],
+                                                                       dtype=torch.float64)).numpy(), rtol=1e-6)
+    assert log.positive and not ewm.positive and not Scaling("none").positive
+    assert math.isfinite(float(log.denormalize(stats[-1:], torch.full((1, 1), 1e6))[0, 0]))  # capped, not inf
+    assert Scaling.from_settings(ScalingSettings(kind="log")) == log.__class__("log")

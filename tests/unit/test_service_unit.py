@@ -138,15 +138,17 @@ def rec(
     )
 
 
-def make_service(batches, *, fail=False, on_poll=None, commit_error=None, swapper=None, **service_settings):
+def make_service(batches, *, fail=False, on_poll=None, commit_error=None, swapper=None, scaling="ewm",
+                 **service_settings):
     settings = Settings(
         kafka={"input_topic": TOPIC, "auto_create_topics": False},
         metrics={"port": 0},
         service={"commit_interval_ms": 0, "processing_guarantee": "at_least_once", **service_settings},
+        scaling={"kind": scaling},
     )
     events: list = []
     torch_model = RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2)
-    engine = Engine(torch_model, version="v1", window=8, clock=lambda: NOW)
+    engine = Engine(torch_model, version="v1", window=8, clock=lambda: NOW, scaling=Scaling(scaling))
     service = Service(
         settings,
         engine=engine,
@@ -196,6 +198,25 @@ def test_good_and_bad_records_in_one_batch():
     assert metrics("forecaster_forecasts_emitted_total") == 3
     assert metrics("forecaster_end_to_end_latency_seconds_count") == 3
     assert service.engine.table.slot_of("zzz") is None  # a bad record changes no state
+
+
+def test_log_scaling_dead_letters_values_that_are_not_positive():
+    batch = [
+        rec(0, 0, encode_input("a", 1000, 2.0), b"a"),
+        rec(0, 1, encode_input("a", 2000, 0.0), b"a"),
+        rec(0, 2, encode_window("b", [1000, 2000], [3.0, -1.0]), b"b"),
+        rec(0, 3, encode_input("a", 3000, 4.0), b"a"),
+    ]
+    service, _ = make_service([batch], scaling="log")
+    run_batches(service, 1)
+    forecasts = service.producer.bodies("ts.forecasts")
+    assert sorted((f["series"], f["ts"]) for f in forecasts) == [("a", 1000), ("a", 3000)]
+    dead = service.producer.bodies("ts.deadletter")
+    assert [(d["reason"], d["offset"]) for d in dead] == [("not_positive", 1), ("not_positive", 2)]
+    assert service.engine.table.slot_of("b") is None  # the whole window is refused, no state changes
+    expected = reference_forecast(service.engine.model, [2.0, 4.0], Scaling("log"))
+    np.testing.assert_allclose([f["forecast"] for f in sorted(forecasts, key=lambda f: f["ts"])], expected,
+                               rtol=1e-5)  # fmt: skip
 
 
 def test_forecasts_equal_the_reference_across_batches():

@@ -344,6 +344,17 @@ def test_cli_train_list_and_promote(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert main(["train", "--input", str(tmp_path / "missing.csv"), "--no-progress"]) == 1
 
 
+def test_log_scaling_trains_on_positive_history_and_refuses_the_rest(tmp_path: Path) -> None:
+    t = np.arange(150)
+    values = 100 * np.exp(0.01 * t + 0.3 * np.sin(2 * np.pi * t / 12))
+    settings = Settings(**{**trainer_settings(tmp_path, season=12, epochs=2).model_dump(), "scaling": {"kind": "log"}})
+    outcome = train_once(settings, History.from_long(["a"] * 150, t, values), progress=False)
+    assert outcome.published is not None
+    assert load_checkpoint(tmp_path / outcome.published).scaling == Scaling("log")
+    with pytest.raises(DataError, match="<= 0"):
+        train_once(settings, History.from_long(["a"] * 150, t, values - 150), progress=False)
+
+
 def test_cli_train_seasons_option(tmp_path: Path) -> None:
     args = argparse.Namespace(seasons="168, 8766", epochs=None, learning_rate=None, season=24, metrics_port=None)
     settings = apply_overrides(args, Settings())
