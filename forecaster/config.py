@@ -160,6 +160,10 @@ class ServiceSettings(BaseModel):
     # a copy in the background, catching up the values stepped meanwhile (forecaster.rewarm).
     background_rewarm_values: int = Field(default=1 << 20, ge=0)
     linger_ms: int = Field(default=5, ge=0, le=10_000)  # producer batching delay for forecasts
+    # Exactly once: a transaction open longer than this is aborted by the broker (at most the broker's
+    # transaction.max.timeout.ms, 15 minutes by default); it also bounds the wait on a commit and how long a
+    # restore waits for a previous owner's open transaction to settle.
+    transaction_timeout_ms: int = Field(default=60_000, ge=1_000, le=900_000)
     close_timeout_seconds: float = Field(default=30.0, gt=0.0)  # flush on stop at most this long
     session_timeout_ms: int = Field(default=10_000, ge=1_000)  # a member silent this long leaves the group
     torch_threads: int = Field(default=1, ge=0, le=1024)  # intra-op threads; one process per core. 0: torch's default

@@ -26,11 +26,6 @@ from forecaster.transactions import TransactionalCommitter, transactional_id
 
 log = logging.getLogger(__name__)
 
-# A transaction open longer than this is aborted by the broker (kafka-python's default); it also bounds the
-# wait on a commit and how long a restore waits for a previous owner's open transaction to settle.
-TRANSACTION_TIMEOUT_MS = 60_000
-
-
 def consumer_options(settings: Any) -> dict[str, Any]:
     """Options of the input consumer for exactly once (instances, not classes: kafka-python's API)."""
     return {"partition_assignment_strategy": [CooperativeStickyAssignor()]}
@@ -41,7 +36,7 @@ def producer_options(settings: Any) -> dict[str, Any]:
     service = settings.service
     return {
         "transactional_id": transactional_id(settings),
-        "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS,
+        "transaction_timeout_ms": service.transaction_timeout_ms,
         "linger_ms": service.linger_ms,
     }
 
@@ -83,14 +78,14 @@ class ExactlyOnce:
             changelog_topic=kafka.changelog_topic,
             interval_ms=service.commit_interval_ms,
             max_records=service.commit_records,
-            timeout_s=TRANSACTION_TIMEOUT_MS / 1000.0,
+            timeout_s=service.transaction_timeout_ms / 1000.0,
             producer=producer,
             transactional_id=transactional_id(settings),
             on_commit=metrics.transaction,
             on_changelog=metrics.changelog_records.inc,
         )
         if reader is None:
-            reader = ChangelogReader.from_settings(kafka, stable_timeout=TRANSACTION_TIMEOUT_MS / 1000.0)
+            reader = ChangelogReader.from_settings(kafka, stable_timeout=service.transaction_timeout_ms / 1000.0)
         owner = PartitionOwner(
             consumer,
             committer,

@@ -325,3 +325,21 @@ def test_a_refusal_after_a_rebalance_does_not_rejoin() -> None:
         owner.committer.commit()
         owner.catch_up()
     assert consumer.subscriptions == 0
+
+
+def test_the_transaction_timeout_is_a_setting_reaching_the_producer_and_the_committer(monkeypatch) -> None:
+    from forecaster import exactly_once
+    from forecaster.config import Settings
+
+    settings = Settings(service={"transaction_timeout_ms": 120_000, "instance_id": "i1"}, kafka={"group_id": "g"})
+    assert exactly_once.producer_options(settings)["transaction_timeout_ms"] == 120_000
+    assert exactly_once.producer_options(Settings())["transaction_timeout_ms"] == 60_000
+    monkeypatch.setattr(exactly_once, "PartitionOwner", lambda *args, **kwargs: SimpleNamespace())
+    monkeypatch.setattr(exactly_once, "OwnerListener", lambda *args, **kwargs: SimpleNamespace())
+    engine = Engine(RecurrentForecaster("gru", hidden_size=2, num_layers=1, horizon=1), window=4)
+    metrics = SimpleNamespace(transaction=None, restored=None, changelog_records=SimpleNamespace(inc=None))
+    built = exactly_once.ExactlyOnce.build(settings, consumer=SimpleNamespace(), engine=engine, metrics=metrics,
+                                           producer=FakeProducer([]), reader=SimpleNamespace())  # fmt: skip
+    assert built.committer.timeout_s == 120.0
+    with pytest.raises(ValueError):
+        Settings(service={"transaction_timeout_ms": 999})
