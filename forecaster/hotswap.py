@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from forecaster.checkpoint import LoadedCheckpoint, latest_version, list_checkpoints, load_checkpoint
 from forecaster.errors import CheckpointError
+from forecaster.metrics import SwapMetrics
 from forecaster.model import RecurrentForecaster
 from forecaster.rewarm import RewarmJob
 from forecaster.scaling import Scaling
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 INIT_VERSION = "init"
 BACKGROUND_ABOVE = 1 << 20  # retained values (series x W) above which the re-warm leaves the hot path
-SWAP_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 120.0)
 
 
 class Rewarmable(Protocol):
@@ -106,26 +106,6 @@ def _check_compatible(loaded: LoadedCheckpoint, *, scaling: Scaling | None, hori
         raise CheckpointError(f"{loaded.version}: trained with scaling {loaded.scaling.settings}, the service runs {scaling.settings}")
     if horizon is not None and loaded.model.horizon != horizon:
         raise CheckpointError(f"{loaded.version}: horizon {loaded.model.horizon}, the service forecasts {horizon}")
-
-
-class SwapMetrics:
-    """The swap metrics on one registry: ``swaps`` (Counter, label result=ok|refused) and ``seconds``."""
-
-    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
-        self.swaps = Counter(
-            "forecaster_model_swaps_total",
-            "Model hot swaps, by result (ok: serving the new version; refused: it failed validation)",
-            ["result"],
-            registry=registry,
-        )
-        self.seconds = Histogram(
-            "forecaster_model_swap_seconds",
-            "Time the service loop paused to swap models (re-warm of every resident series included)",
-            buckets=SWAP_SECONDS_BUCKETS,
-            registry=registry,
-        )
-        for result in ("ok", "refused"):
-            self.swaps.labels(result=result)
 
 
 class ModelSwapper:

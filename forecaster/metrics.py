@@ -22,10 +22,12 @@ from typing import Any
 import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    Info,
     generate_latest,
 )
 from prometheus_client.core import HistogramMetricFamily, SummaryMetricFamily
@@ -340,3 +342,67 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line each
         pass
+
+
+# ---- the model swapper (forecaster.hotswap) and the periodic trainer (forecaster.periodic) ----------------
+
+SWAP_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 120.0)
+
+
+class SwapMetrics:
+    """The swap metrics on one registry: ``swaps`` (Counter, label result=ok|refused) and ``seconds``."""
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+        self.swaps = Counter(
+            "forecaster_model_swaps_total",
+            "Model hot swaps, by result (ok: serving the new version; refused: it failed validation)",
+            ["result"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "forecaster_model_swap_seconds",
+            "Time the service loop paused to swap models (re-warm of every resident series included)",
+            buckets=SWAP_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        for result in ("ok", "refused"):
+            self.swaps.labels(result=result)
+
+
+class TrainerMetrics:
+    """The trainer's metrics on one registry (``registry`` attribute), served by ``forecaster train --every``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.runs = Counter(
+            "forecaster_trainer_runs_total",
+            "Training runs by result: published, not_published (not better), failed",
+            ["result"], registry=registry,
+        )  # fmt: skip
+        self.loss = Gauge("forecaster_trainer_loss", "Loss (scaled MSE) of the last run, by split",
+                          ["split"], registry=registry)
+        self.duration = Gauge("forecaster_trainer_duration_seconds", "Duration of the last training run",
+                              registry=registry)
+        self.last_success = Gauge("forecaster_trainer_last_success_timestamp_seconds",
+                                  "Unix time the last run finished without error", registry=registry)
+        self.published = Info("forecaster_trainer_published_version",
+                              "The checkpoint version LATEST names", registry=registry)
+        for result in ("published", "not_published", "failed"):
+            self.runs.labels(result=result)
+
+    def record(self, outcome: Any, seconds: float, now: float) -> None:
+        """A finished run: ``outcome`` is a ``TrainOutcome`` (or None when the run had nothing to do)."""
+        published = getattr(outcome, "published", None)
+        self.runs.labels(result="published" if published else "not_published").inc()
+        self.duration.set(seconds)
+        self.last_success.set(now)
+        fit = getattr(outcome, "fit", None)
+        if fit is not None and fit.train_losses:
+            self.loss.labels(split="train").set(fit.train_losses[-1])
+            self.loss.labels(split="validation").set(fit.best_validation_loss)
+        if published:
+            self.published.info({"version": published})
+
+    def failed(self, seconds: float) -> None:
+        self.runs.labels(result="failed").inc()
+        self.duration.set(seconds)

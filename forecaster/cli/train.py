@@ -23,7 +23,8 @@ from forecaster.checkpoint import latest_version
 from forecaster.config import Settings
 from forecaster.errors import CheckpointError, ConfigError
 from forecaster.history import read_history
-from forecaster.periodic import TrainerMetrics, parse_duration, run_periodically
+from forecaster.metrics import TrainerMetrics
+from forecaster.periodic import parse_duration, run_periodically
 from forecaster.train import TrainOutcome, train_once
 
 log = logging.getLogger(__name__)

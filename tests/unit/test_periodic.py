@@ -5,7 +5,8 @@ import threading
 from prometheus_client import CollectorRegistry
 
 from forecaster.errors import DataError
-from forecaster.periodic import TrainerMetrics, run_periodically
+from forecaster.metrics import TrainerMetrics
+from forecaster.periodic import run_periodically
 
 
 class RecordingStop(threading.Event):

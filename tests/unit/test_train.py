@@ -37,8 +37,9 @@ from forecaster.errors import ConfigError, DataError
 from forecaster.evaluation import evaluate, model_forecasts
 from forecaster.fit import chunk_targets, fit, make_batches, split_point
 from forecaster.history import History, read_history_file
+from forecaster.metrics import TrainerMetrics
 from forecaster.model import RecurrentForecaster
-from forecaster.periodic import TrainerMetrics, parse_duration, run_periodically
+from forecaster.periodic import parse_duration, run_periodically
 from forecaster.scaling import Scaling
 from forecaster.synthetic import SeriesShape, generate
 from forecaster.train import choose_baseline, train_once
