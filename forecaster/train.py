@@ -94,6 +94,10 @@ def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) 
                           for level in (False, True) for m in BASE_SEASONS if (s, m, level) != (season, 1, False)]
     models = [RecurrentForecaster("rnn", hidden_size=1, num_layers=1, horizon=horizon, **c) for c in candidates]
     keep = [i for i, model in enumerate(models) if model.context < window]  # the engine retains what it reads
+    for s in seasons:
+        if not any(candidates[i]["season"] == s for i in keep):
+            need = min(m.context for c, m in zip(candidates, models, strict=True) if c["season"] == s) + 1
+            log.warning("season %d is not tried: its baseline reads %d values, state.window is %d", s, need, window)
     candidates, models = [candidates[i] for i in keep], [models[i] for i in keep]
     unit = [max(float(np.mean(np.abs(np.diff(v)))) if len(v) > 1 else 1.0, 1e-12) for v in values]
     cuts = [split_point(len(v), train.validation_fraction) for v in values]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -453,7 +454,7 @@ def test_the_baseline_is_chosen_on_the_later_part_of_the_history(tmp_path: Path)
     assert whole[0] < whole[1]
 
 
-def test_a_longer_season_is_tried_when_the_window_holds_it(tmp_path: Path) -> None:
+def test_a_longer_season_is_tried_when_the_window_holds_it(tmp_path: Path, caplog) -> None:
     """Four values a "day", a pattern that repeats weekly (28 values) and not daily: the weekly season wins."""
     rng = np.random.default_rng(7)
     week = rng.normal(0, 10, 28)
@@ -463,7 +464,9 @@ def test_a_longer_season_is_tried_when_the_window_holds_it(tmp_path: Path) -> No
     weekly = Settings(**{**settings.model_dump(), "train": {**settings.train.model_dump(), "seasons": [28]}})
     assert choose_baseline(weekly, series, Scaling(), 4)[0]["season"] == 28
     short = Settings(**{**weekly.model_dump(), "state": {**weekly.state.model_dump(), "window": 20}})
-    assert choose_baseline(short, series, Scaling(), 4)[0]["season"] != 28  # the window cannot hold a week
+    with caplog.at_level(logging.WARNING, logger="forecaster.train"):
+        assert choose_baseline(short, series, Scaling(), 4)[0]["season"] != 28  # the window cannot hold a week
+    assert "season 28 is not tried: its baseline reads 28 values, state.window is 20" in caplog.text
 
 
 def test_an_elaborate_baseline_must_beat_the_plain_ones_by_more_than_chance(tmp_path: Path, monkeypatch) -> None:
