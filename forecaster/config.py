@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -199,19 +199,12 @@ class TrainSettings(BaseModel):
     season: int | None = Field(default=None, ge=1)
     # Longer seasons the baseline may also use (e.g. a week of hourly values, 168, beside a day, 24); each
     # needs state.window to hold it (two of them to average two).
-    seasons: list[int] = Field(default_factory=list)
+    seasons: list[Annotated[int, Field(ge=2)]] = Field(default_factory=list)
     publish_only_if_better: bool = True
     metrics_port: int = Field(default=9109, ge=0, le=65535)
     max_values: int = Field(default=5_000_000, ge=1)
     # Forecasts made before a series has this many values are not scored in training (scale unsettled).
     warmup: int = Field(default=8, ge=0)
-    @field_validator("seasons")
-    @classmethod
-    def _positive_seasons(cls, seasons: list[int]) -> list[int]:
-        if any(s < 2 for s in seasons):
-            raise ValueError("every season must be >= 2")
-        return seasons
-
     # Publish only if the validation MAE is at least this fraction below the published model's.
     min_improvement: float = Field(default=0.0, ge=0.0, lt=1.0)
 

@@ -56,10 +56,11 @@ def model_forecasts(
                 raw = np.stack([np.pad(np.asarray(values[i], np.float64), (0, length - len(values[i])), mode="edge")
                                 for i in rows])  # (B, L): right padding never reaches earlier values
                 x, stats = scaling.transform(raw)  # (B, L), (B, L, N_STATS)
+                raw_t = torch.from_numpy(raw)  # (B, L) what the baseline reads
                 h, ys = None, []
                 for start in range(0, length, chunk_length):
                     stop = min(start + chunk_length, length)
-                    base = model.scaled_baseline(torch.from_numpy(raw), stats, scaling, start, stop)  # (B, T, H)
+                    base = model.scaled_baseline(raw_t, stats, scaling, start, stop)  # (B, T, H)
                     y, h = model(x[:, start:stop, None].to(device), h,
                                  base=None if base is None else base.to(device))  # (B, T, H)
                     ys.append(y.cpu())

@@ -135,9 +135,8 @@ def fit(
     bar = tqdm(total=epochs * steps_per_epoch, desc="train", unit="chunk", disable={True: False, False: True, None: None}[progress])
     try:
         for epoch in range(epochs):
-            train_loss = _train_epoch(model, scaling, rng.sample(batches, len(batches)), optimizer, chunk_length,
-                                      warmup, bar)  # fmt: skip
-            validation_loss = validation_mse(model, scaling, batches, chunk_length, warmup)
+            train_loss = _train_epoch(model, rng.sample(batches, len(batches)), optimizer, chunk_length, warmup, bar)
+            validation_loss = validation_mse(model, batches, chunk_length, warmup)
             result.epochs = epoch + 1
             result.train_losses.append(train_loss)
             result.validation_losses.append(validation_loss)
@@ -161,15 +160,15 @@ def fit(
     return result
 
 
-def _forward(model: RecurrentForecaster, scaling: Scaling, batch: Batch, start: int, stop: int, h: Any) -> tuple:
+def _forward(model: RecurrentForecaster, batch: Batch, start: int, stop: int, h: Any) -> tuple:
     """The model over positions ``start .. stop - 1`` of ``batch`` from state ``h``, with its baseline
     read as the serving engine reads it (``RecurrentForecaster.scaled_baseline``)."""
-    base = model.scaled_baseline(batch.values, batch.stats, scaling, start, stop)  # (B, T, H) or None
+    base = model.scaled_baseline(batch.values, batch.stats, batch.scaling, start, stop)  # (B, T, H) or None
     return model(batch.x[:, start:stop], h, base=base)  # (B, T, H), state
 
 
-def _train_epoch(model: RecurrentForecaster, scaling: Scaling, batches: list[Batch],
-                 optimizer: torch.optim.Optimizer, chunk_length: int, warmup: int, bar: tqdm) -> float:
+def _train_epoch(model: RecurrentForecaster, batches: list[Batch], optimizer: torch.optim.Optimizer,
+                 chunk_length: int, warmup: int, bar: tqdm) -> float:
     model.train()
     total, count = 0.0, 0
     for batch in batches:
@@ -177,7 +176,7 @@ def _train_epoch(model: RecurrentForecaster, scaling: Scaling, batches: list[Bat
         h = None
         for start in range(0, max(end, 0), chunk_length):
             stop = min(start + chunk_length, end)
-            y, h = _forward(model, scaling, batch, start, stop, h)  # (B, T, H)
+            y, h = _forward(model, batch, start, stop, h)  # (B, T, H)
             h = tuple(s.detach() for s in h) if isinstance(h, tuple) else h.detach()
             target, mask = chunk_targets(batch, start, stop, model.horizon, warmup, "train")
             bar.update(1)
@@ -195,8 +194,7 @@ def _train_epoch(model: RecurrentForecaster, scaling: Scaling, batches: list[Bat
     return total / count if count else math.nan
 
 
-def validation_mse(model: RecurrentForecaster, scaling: Scaling, batches: list[Batch], chunk_length: int,
-                   warmup: int) -> float:
+def validation_mse(model: RecurrentForecaster, batches: list[Batch], chunk_length: int, warmup: int) -> float:
     """Scaled MSE of the forecasts whose targets lie in each series' validation part."""
     was_training = model.training
     model.eval()
@@ -208,7 +206,7 @@ def validation_mse(model: RecurrentForecaster, scaling: Scaling, batches: list[B
             first = max(int(batch.n_train.min()) - 1, 0)  # forecasts before it have no validation target
             for start in range(0, length, max(chunk_length, 256)):
                 stop = min(start + max(chunk_length, 256), length)
-                y, h = _forward(model, scaling, batch, start, stop, h)  # (B, T, H)
+                y, h = _forward(model, batch, start, stop, h)  # (B, T, H)
                 if stop <= first:
                     continue
                 target, mask = chunk_targets(batch, start, stop, model.horizon, warmup, "validation")

@@ -179,10 +179,11 @@ def replay(
 ) -> ReplayResult:
     """Replay a series file through ``engine`` and score its forecasts (see ``replay_frame``)."""
     frame, bad_rows, out_of_order = load_rows(source)
-    if engine.scaling.positive:  # the engine scales logarithms: a value <= 0 is a bad row, as the service dead-letters it
+    if engine.scaling.positive:  # the engine scales logarithms: a value <= 0 is a bad row (the service dead-letters it)
         bad = ~(frame["value"].to_numpy() > 0.0)
-        bad_rows = sorted([*bad_rows, *(BadRow(int(line), "not_positive", f"value {value} with {engine.scaling.kind} scaling")
-                                        for line, value in zip(frame["line"][bad], frame["value"][bad], strict=True))],
+        detail = f"with {engine.scaling.kind} scaling"
+        bad_rows = sorted(bad_rows + [BadRow(int(line), "not_positive", f"value {value} {detail}")
+                                      for line, value in frame.loc[bad, ["line", "value"]].itertuples(index=False)],
                           key=lambda b: b.line)  # fmt: skip
         frame = frame[~bad].reset_index(drop=True)
     result = replay_frame(frame, engine, season=season, batch_rows=batch_rows, score_from=score_from,

@@ -312,31 +312,32 @@ class StateTable:
         if forecast is not None:
             self.forecast.index_copy_(0, idx, forecast.to(self.forecast.dtype))
 
-    @_inference
-    def window(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Retained inputs of ``slots``, oldest first and right-aligned: x (n, W, 1) with zeros before
-        each series' values, and lengths (n,) int64 = min(count, W)."""
+    def _in_order(self, ring: torch.Tensor, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows ``slots`` of ``ring`` oldest first and right-aligned (n, W), the mask of the positions before
+        each series' values (n, W), and lengths (n,) int64 = min(count, W)."""
         count = torch.as_tensor(self.count[slots], device=self.device)  # (n,)
         idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         w = self.window_size
         cols = (count[:, None] - w + torch.arange(w, device=self.device)) % w  # (n, W) ring positions
-        x = self.ring.index_select(0, idx).gather(1, cols)  # (n, W)
         lengths = count.clamp(max=w)  # (n,)
-        x = x.masked_fill(torch.arange(w, device=self.device) < (w - lengths)[:, None], 0.0)
-        return x.unsqueeze(-1), lengths  # (n, W, 1)
+        before = torch.arange(w, device=self.device) < (w - lengths)[:, None]  # (n, W)
+        return ring.index_select(0, idx).gather(1, cols), before, lengths
+
+    @_inference
+    def window(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Retained inputs of ``slots``, oldest first and right-aligned: x (n, W, 1) with zeros before
+        each series' values, and lengths (n,) int64 = min(count, W)."""
+        x, before, lengths = self._in_order(self.ring, slots)  # (n, W)
+        return x.masked_fill(before, 0.0).unsqueeze(-1), lengths  # (n, W, 1)
 
     @_inference
     def recent(self, slots: np.ndarray, scaling: Scaling) -> torch.Tensor:
         """Retained values of ``slots`` in the units of each series' newest input (its current statistics),
         oldest first and right-aligned, NaN before each series' values: (n, W) float32, what a model's
         baseline reads (``RecurrentForecaster.readout`` / ``warm``)."""
-        count = torch.as_tensor(self.count[slots], device=self.device)  # (n,)
-        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
-        w = self.window_size
-        cols = (count[:, None] - w + torch.arange(w, device=self.device)) % w  # (n, W) ring positions
-        v = self.values.index_select(0, idx).gather(1, cols).double()  # (n, W)
-        x = scaling.rescale(self.stats.index_select(0, idx), v)  # (n, W)
-        return x.masked_fill(torch.arange(w, device=self.device) < (w - count.clamp(max=w))[:, None], float("nan"))
+        v, before, _ = self._in_order(self.values, slots)  # (n, W) data units
+        stats = self.stats.index_select(0, torch.as_tensor(slots, dtype=torch.long, device=self.device))
+        return scaling.rescale(stats, v.double()).masked_fill(before, float("nan"))
 
     # ---- snapshots (format and copying in forecaster.snapshot) ---------------------------------------
 

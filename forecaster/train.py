@@ -75,13 +75,13 @@ def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) 
 
     Candidates: seasonal naive averaged over 1 to 12 seasons, as it is or moved to the current level
     (those the retained window holds), for ``season`` and each of ``settings.train.seasons``, and the
-    last value. Each series is cut as training cuts it: each
-    candidate's ``mix`` is fitted by least squares on the earlier part (each series in units of its mean
-    absolute change, so that no series weighs more for being large), then the candidate, with that mix or
-    without, is scored (MAE over all series, as evaluation and replay score) on the forecasts whose targets
-    lie in the later part -- the recent past says more about the future than the whole history. The best one wins unless the better of seasonal naive and
-    the last value (each with or without its mix) is within ``PLAIN_SE`` standard errors of it (paired, per forecast origin): a small
-    holdout does not get to pick an elaborate baseline by chance.
+    last value. Each series is cut as training cuts it: each candidate's ``mix`` is fitted by least
+    squares on the earlier part (each series in units of its mean absolute change, so that no series weighs
+    more for being large), then the candidate, with that mix or without, is scored (MAE over all series, as
+    evaluation and replay score) on the forecasts whose targets lie in the later part -- the recent past
+    says more about the future than the whole history. The best one wins unless the better of seasonal
+    naive and the last value (each with or without its mix) is within ``PLAIN_SE`` standard errors of it
+    (paired, per forecast origin): a small holdout does not get to pick an elaborate baseline by chance.
 
     Each is scored as an untrained model (zero head: its forecast is the baseline, in the serving code's
     units) on every forecast made after ``warmup`` values."""
@@ -99,19 +99,21 @@ def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) 
             need = min(m.context for c, m in zip(candidates, models, strict=True) if c["season"] == s) + 1
             log.warning("season %d is not tried: its baseline reads %d values, state.window is %d", s, need, window)
     candidates, models = [candidates[i] for i in keep], [models[i] for i in keep]
-    unit = [max(float(np.mean(np.abs(np.diff(v)))) if len(v) > 1 else 1.0, 1e-12) for v in values]
-    cuts = [split_point(len(v), train.validation_fraction) for v in values]
-    scored = []  # (candidate, mix, per-origin mean absolute error on the later part, in units)
+    # Per series, from its warmup on: the last value, the targets in the earlier and in the later part, its unit.
+    parts = []
+    for v in values:
+        cut, rows = split_point(len(v), train.validation_fraction), slice(min(train.warmup, len(v)), None)
+        target = targets(v, horizon)[rows]  # (T', horizon)
+        index = (np.arange(len(v))[:, None] + np.arange(1, horizon + 1))[rows]  # (T', horizon) of each target
+        unit = max(float(np.mean(np.abs(np.diff(v)))) if len(v) > 1 else 1.0, 1e-12)
+        parts.append((rows, np.asarray(v, np.float64)[rows, None], np.where(index < cut, target, np.nan),
+                      np.where(index >= cut, target, np.nan), unit))  # fmt: skip
+    scored = []  # (candidate, mix, per-origin mean absolute error on the later part)
     for candidate, model in zip(candidates, models, strict=True):
-        fit_part, later = [], []
-        for v, f, u, cut in zip(values, model_forecasts(model, scaling, values), unit, cuts, strict=True):
-            target = targets(v, horizon)  # (T, horizon)
-            index = np.arange(len(v))[:, None] + np.arange(1, horizon + 1)  # (T, horizon) of each target
-            rows = slice(min(train.warmup, len(v)), None)
-            last = np.asarray(v, np.float64)[:, None]
-            fit_part.append((f[rows], last[rows], np.where(index < cut, target, np.nan)[rows], u))
-            later.append((f[rows], last[rows], np.where(index >= cut, target, np.nan)[rows], u))
-        mix = _least_squares_mix(fit_part, horizon)
+        bases = [f[p[0]] for f, p in zip(model_forecasts(model, scaling, values), parts, strict=True)]
+        mix = _least_squares_mix([(b, last, early, u) for b, (_, last, early, _, u) in zip(bases, parts, strict=True)],
+                                 horizon)  # fmt: skip
+        later = [(b, last, late) for b, (_, last, _, late, _) in zip(bases, parts, strict=True)]
         for weights in (mix, np.zeros(horizon)):
             scored.append((candidate, weights, _origin_errors(later, weights)))
     if not any(len(e) for _, _, e in scored):
@@ -147,7 +149,7 @@ def _origin_errors(parts: list[tuple], mix: np.ndarray) -> np.ndarray:
     """Mean absolute error (data units, as evaluation and replay pool them) of every forecast origin with a
     target in ``parts``."""
     out = []
-    for base, last, target, _ in parts:
+    for base, last, target in parts:
         err = np.abs(base + mix * (last - base) - target)  # (T, horizon), NaN where no target
         has = np.isfinite(err).any(1)
         out.append(np.nanmean(err[has], axis=1) if has.any() else np.zeros(0))
