@@ -349,7 +349,7 @@ def reference_forecast(
     baseline of each in its units), back to data units with the statistics at each t. Returns (T, horizon)
     float64."""
     scaling = scaling if scaling is not None else Scaling(kind="none")
-    v = np.asarray(values, dtype=np.float64)
+    v = np.array(values, dtype=np.float64)  # a writable copy: torch shares its buffer below
     x, stats = scaling.transform(v)  # (T,), (T, N_STATS)
     device = next(model.parameters()).device
     was_training = model.training

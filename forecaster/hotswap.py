@@ -149,6 +149,9 @@ class ModelSwapper:
         self._paused = 0.0  # seconds the boundaries of the job in progress paused the loop
         self._lock = threading.Lock()
         self._ready: LoadedCheckpoint | None = None
+        # The last version the service thread took from _ready: being swapped in (at the boundary or in the
+        # background), then current or refused; the watcher never validates it again meanwhile.
+        self._handed: str | None = None
         self._refused: set[str] = set()
         self._last_pointer_error: str | None = None
         self._stop = threading.Event()
@@ -170,11 +173,9 @@ class ModelSwapper:
                 self._refuse(None, exc)
             return self.pending_version
         self._last_pointer_error = None
-        with self._lock:
-            pending = self._ready.version if self._ready else None
-        job = self._job
-        in_flight = job.version if job is not None else None  # being re-warmed in the background
-        if wanted is None or wanted in (self.current_version, pending, in_flight) or wanted in self._refused:
+        with self._lock:  # one look at both: the service thread moves a version from _ready to _handed
+            pending, handed = (self._ready.version if self._ready else None), self._handed
+        if wanted is None or wanted in (self.current_version, pending, handed) or wanted in self._refused:
             return pending
         try:
             loaded = load_checkpoint(self.checkpoint_dir / wanted, device=self.device)
@@ -199,6 +200,8 @@ class ModelSwapper:
             return self._advance_job(engine)
         with self._lock:
             ready, self._ready = self._ready, None
+            if ready is not None:
+                self._handed = ready.version
         if ready is None:
             return None
         started = self.clock()

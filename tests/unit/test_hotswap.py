@@ -281,6 +281,24 @@ def test_a_failed_rewarm_is_refused_and_keeps_the_version(tmp_path: Path) -> Non
     assert swaps(registry, "refused") == 1 and swaps(registry, "ok") == 0
 
 
+def test_a_version_being_swapped_in_is_not_validated_again_meanwhile(tmp_path: Path) -> None:
+    """The watcher thread polls while the service thread re-warms: between handing the new version over and
+    naming it current, the watcher must not take it for a new one (it would be swapped in twice)."""
+    registry = CollectorRegistry()
+    swapper = ModelSwapper(tmp_path, "init", registry=registry)
+    version = publish(tmp_path, model_of(seed=2))
+    assert swapper.check_now() == version
+    seen = []
+
+    class Engine:
+        def rewarm(self, model, version):
+            seen.append(swapper.check_now())  # what the watcher thread would do at this moment
+
+    assert swapper.swap_if_ready(Engine()) == version
+    assert seen == [None] and swapper.pending_version is None
+    assert swapper.swap_if_ready(Engine()) is None and swaps(registry, "ok") == 1
+
+
 def test_rollback_swaps_back(tmp_path: Path) -> None:
     registry = CollectorRegistry()
     engine, swapper, first = serving_engine(tmp_path, registry)
