@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from forecaster.engine import Engine
+from forecaster.engine.engine import Engine
 from forecaster.model import RecurrentForecaster
 
 MODEL = {"cell": "gru", "hidden_size": 64, "num_layers": 2, "horizon": 12}

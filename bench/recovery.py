@@ -40,13 +40,13 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
-from forecaster.checkpoint import load_checkpoint, promote, save_checkpoint
+from forecaster.checkpoints.hotswap import fresh_model
+from forecaster.checkpoints.store import load_checkpoint, promote, save_checkpoint
 from forecaster.config import Settings
-from forecaster.engine import Engine
-from forecaster.hotswap import fresh_model
-from forecaster.kafka import COMPACTED
-from forecaster.records import encode_window
+from forecaster.engine.engine import Engine
+from forecaster.records.codec import encode_window
 from forecaster.scaling import Scaling
+from forecaster.service.clients import COMPACTED
 
 ROOT = Path(__file__).resolve().parent.parent
 START_MS = 1_700_000_000_000

@@ -34,14 +34,14 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
-from forecaster.checkpoint import promote, save_checkpoint
-from forecaster.engine import Engine
-from forecaster.fit import fit
-from forecaster.hotswap import ModelSwapper
+from forecaster.checkpoints.hotswap import ModelSwapper
+from forecaster.checkpoints.store import promote, save_checkpoint
+from forecaster.engine.engine import Engine
+from forecaster.engine.rewarm import RewarmJob
 from forecaster.model import RecurrentForecaster
-from forecaster.rewarm import RewarmJob
 from forecaster.scaling import Scaling
-from forecaster.synthetic import generate
+from forecaster.tools.synthetic import generate
+from forecaster.train.fit import fit
 
 MODEL = {"cell": "gru", "hidden_size": 64, "num_layers": 2, "horizon": 12}
 

@@ -157,7 +157,7 @@ class ServiceSettings(BaseModel):
     instance_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
     checkpoint_poll_seconds: float = Field(default=5.0, gt=0.0)
     # A swap re-warms at the batch boundary up to this many retained values (series x window), above it on
-    # a copy in the background, catching up the values stepped meanwhile (forecaster.rewarm).
+    # a copy in the background, catching up the values stepped meanwhile (forecaster.engine.rewarm).
     background_rewarm_values: int = Field(default=1 << 20, ge=0)
     linger_ms: int = Field(default=5, ge=0, le=10_000)  # producer batching delay for forecasts
     # Exactly once: a transaction open longer than this is aborted by the broker (at most the broker's

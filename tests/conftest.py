@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from forecaster.config import KafkaSettings
-from forecaster.kafka import TopicSpec, ensure_topics, make_admin, wait_for_broker
+from forecaster.service.clients import TopicSpec, ensure_topics, make_admin, wait_for_broker
 
 ROOT = Path(__file__).resolve().parent.parent
 INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from forecaster.checkpoint import list_checkpoints, load_checkpoint, promote
+from forecaster.checkpoints.store import list_checkpoints, load_checkpoint, promote
 from forecaster.config import Settings
 from forecaster.errors import CheckpointError
 

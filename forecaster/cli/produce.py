@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from forecaster.config import Settings
-from forecaster.kafka import create_missing_topics, make_producer
-from forecaster.producer import produce_file, produce_synthetic
+from forecaster.service.clients import create_missing_topics, make_producer
+from forecaster.tools.produce import produce_file, produce_synthetic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,11 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from forecaster.checkpoint import LoadedCheckpoint, latest_version, load_checkpoint
+from forecaster.checkpoints.store import LoadedCheckpoint, latest_version, load_checkpoint
 from forecaster.config import Settings
-from forecaster.engine import Engine
+from forecaster.engine.engine import Engine
 from forecaster.errors import CheckpointError
-from forecaster.replay import format_metrics, format_problems, replay, write_forecasts
+from forecaster.tools.replay import format_metrics, format_problems, replay, write_forecasts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print("forecaster replay: --batch-rows must be >= 1", file=sys.stderr)
         return 2
     if args.report is not None:
-        from forecaster.report import require_matplotlib
+        from forecaster.tools.report import require_matplotlib
 
         require_matplotlib()  # before the work, not after it
     device = args.device or settings.state.device
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.output is not None:
         write_forecasts(result.rows, args.output)
     if args.report is not None:
-        from forecaster.report import write_report
+        from forecaster.tools.report import write_report
 
         write_report(result, args.report)
     if args.json:

@@ -9,7 +9,7 @@ import signal
 import torch
 
 from forecaster.config import Settings
-from forecaster.service import Service
+from forecaster.service.loop import Service
 
 log = logging.getLogger(__name__)
 

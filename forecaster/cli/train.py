@@ -19,13 +19,13 @@ from typing import Any
 import pandas as pd
 from prometheus_client import CollectorRegistry
 
-from forecaster.checkpoint import latest_version
+from forecaster.checkpoints.store import latest_version
 from forecaster.config import Settings
 from forecaster.errors import CheckpointError, ConfigError
-from forecaster.history import read_history
-from forecaster.metrics import TrainerMetrics
-from forecaster.periodic import parse_duration, run_periodically
-from forecaster.train import TrainOutcome, train_once
+from forecaster.metrics.metrics import TrainerMetrics
+from forecaster.train.history import read_history
+from forecaster.train.periodic import parse_duration, run_periodically
+from forecaster.train.run import TrainOutcome, train_once
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         metrics.published.info({"version": current})
     server = None
     if settings.train.metrics_port:
-        from forecaster.metrics import MetricsServer
+        from forecaster.metrics.metrics import MetricsServer
 
         server = MetricsServer(metrics.registry, settings.metrics.host, settings.train.metrics_port).start()
         log.info("trainer metrics on http://%s:%d/metrics", settings.metrics.host, server.port)

@@ -20,7 +20,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from forecaster.config import Settings
-from forecaster.kafka import COMPACTED
+from forecaster.service.clients import COMPACTED
 
 ROOT = Path(__file__).resolve().parents[2]
 

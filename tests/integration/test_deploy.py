@@ -438,7 +438,7 @@ def test_local_scripts_parse(script: str) -> None:
 
 def test_local_up_defaults_are_valid_commands() -> None:
     """The producer arguments and the trainer period deploy/local/up uses when none are given."""
-    from forecaster.periodic import parse_duration
+    from forecaster.train.periodic import parse_duration
 
     text = (ROOT / "deploy" / "local" / "up").read_text()
     produce = re.search(r'^default_produce_args="([^"]*)"$', text, re.M).group(1).split()

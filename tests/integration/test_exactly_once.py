@@ -24,15 +24,15 @@ import pandas as pd
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from forecaster import changelog
-from forecaster.checkpoint import load_checkpoint, promote, save_checkpoint
+from forecaster.checkpoints.hotswap import fresh_model
+from forecaster.checkpoints.store import load_checkpoint, promote, save_checkpoint
 from forecaster.config import KafkaSettings, Settings
-from forecaster.engine import reference_forecast
-from forecaster.hotswap import fresh_model
-from forecaster.kafka import COMPACTED, wait_for_broker
-from forecaster.records import encode_window
+from forecaster.engine.engine import reference_forecast
+from forecaster.records.codec import encode_window
 from forecaster.scaling import Scaling
-from forecaster.synthetic import generate
+from forecaster.service.clients import COMPACTED, wait_for_broker
+from forecaster.service.exactly_once import changelog
+from forecaster.tools.synthetic import generate
 
 pytestmark = pytest.mark.slow
 
@@ -201,7 +201,7 @@ def own_broker(tmp_path):
 
 
 def test_a_broker_restart_mid_stream_loses_and_duplicates_nothing(own_broker, serve, tmp_path, kafka_admin):
-    from forecaster.kafka import TopicSpec, ensure_topics
+    from forecaster.service.clients import TopicSpec, ensure_topics
 
     address, stop_broker, start_broker = own_broker
     names = {"input": "eos-in", "output": "eos-out", "deadletter": "eos-dl", "changelog": "eos-cl"}

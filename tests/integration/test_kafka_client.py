@@ -13,7 +13,7 @@ from kafka.structs import OffsetAndMetadata
 
 from forecaster.config import KafkaSettings
 from forecaster.errors import KafkaSetupError
-from forecaster.kafka import (
+from forecaster.service.clients import (
     COMPACTED,
     TopicSpec,
     ensure_topics,

@@ -29,7 +29,7 @@ import yaml
 from kafka.admin import ConfigResource, ConfigResourceType
 
 from forecaster.config import KafkaSettings
-from forecaster.kafka import make_producer
+from forecaster.service.clients import make_producer
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "forecaster.json"

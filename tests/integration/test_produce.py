@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from forecaster.cli import main
-from forecaster.synthetic import generate
+from forecaster.tools.synthetic import generate
 
 START_MS = 1_700_000_000_000
 

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from forecaster.checkpoint import promote, save_checkpoint
+from forecaster.checkpoints.store import promote, save_checkpoint
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
-from forecaster.synthetic import generate
+from forecaster.tools.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[2]
 START_MS = 1_700_000_000_000

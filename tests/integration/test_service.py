@@ -11,11 +11,11 @@ from collections import Counter, defaultdict
 import numpy as np
 import pandas as pd
 
-from forecaster.engine import reference_forecast
-from forecaster.hotswap import fresh_model
-from forecaster.records import REASONS, encode_input, encode_window
+from forecaster.checkpoints.hotswap import fresh_model
+from forecaster.engine.engine import reference_forecast
+from forecaster.records.codec import REASONS, encode_input, encode_window
 from forecaster.scaling import Scaling
-from forecaster.synthetic import generate
+from forecaster.tools.synthetic import generate
 
 START_MS = 1_700_000_000_000
 NEVER_COMMIT = {

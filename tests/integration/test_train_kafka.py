@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from forecaster.checkpoint import latest_version, load_checkpoint
+from forecaster.checkpoints.store import latest_version, load_checkpoint
 from forecaster.cli import main
 from forecaster.config import Settings
-from forecaster.history import History, read_history, read_history_file
-from forecaster.synthetic import generate
+from forecaster.tools.synthetic import generate
+from forecaster.train.history import History, read_history, read_history_file
 
 START_MS = 1_700_000_000_000
 STEP_MS = 60_000

@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka.structs import TopicPartition
 
-from forecaster import changelog
-from forecaster import snapshot as snap
-from forecaster.changelog import ChangelogContents, ChangelogReader, ChangelogRecordError
-from forecaster.engine import Engine
+from forecaster.engine import snapshot as snap
+from forecaster.engine.engine import Engine
 from forecaster.errors import StateError
-from forecaster.ledger import SeriesLedger
 from forecaster.model import RecurrentForecaster
+from forecaster.service.exactly_once import changelog
+from forecaster.service.exactly_once.changelog import ChangelogContents, ChangelogReader, ChangelogRecordError
+from forecaster.service.exactly_once.ledger import SeriesLedger
 
 
 def _engine(version: str = "v1", seed: int = 0, **kwargs) -> Engine:

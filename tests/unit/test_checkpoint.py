@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from forecaster import checkpoint as ck
-from forecaster.checkpoint import (
+from forecaster.checkpoints import store as ck
+from forecaster.checkpoints.store import (
     LATEST_FILE,
     MANIFEST_FILE,
     VERSION_PATTERN,

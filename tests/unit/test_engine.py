@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from forecaster.engine import Engine, reference_forecast
+from forecaster.engine.engine import Engine, reference_forecast
 from forecaster.errors import StateError
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling

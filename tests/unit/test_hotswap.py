@@ -19,12 +19,12 @@ from test_checkpoint import (
     nan_weights,
 )
 
-from forecaster.checkpoint import LATEST_FILE, promote, save_checkpoint
+from forecaster.checkpoints.hotswap import INIT_VERSION, ModelSwapper, initial_model
+from forecaster.checkpoints.store import LATEST_FILE, promote, save_checkpoint
 from forecaster.config import Settings
-from forecaster.engine import Engine
-from forecaster.hotswap import INIT_VERSION, ModelSwapper, initial_model
+from forecaster.engine.engine import Engine
+from forecaster.engine.rewarm import RewarmJob
 from forecaster.model import RecurrentForecaster
-from forecaster.rewarm import RewarmJob
 from forecaster.scaling import Scaling
 
 CELLS = ["gru", "lstm", "rnn"]

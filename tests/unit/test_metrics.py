@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from forecaster.metrics import LATENCY_BUCKETS, BulkHistogram, MetricsServer, ServiceMetrics
+from forecaster.metrics.metrics import LATENCY_BUCKETS, BulkHistogram, MetricsServer, ServiceMetrics
 
 
 def stats(count, sum_abs, sum_sq):

@@ -5,8 +5,8 @@ import threading
 from prometheus_client import CollectorRegistry
 
 from forecaster.errors import DataError
-from forecaster.metrics import TrainerMetrics
-from forecaster.periodic import run_periodically
+from forecaster.metrics.metrics import TrainerMetrics
+from forecaster.train.periodic import run_periodically
 
 
 class RecordingStop(threading.Event):

@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-from forecaster.baselines import detect_season
-from forecaster.checkpoint import promote, save_checkpoint
+from forecaster.checkpoints.store import promote, save_checkpoint
 from forecaster.cli import main
-from forecaster.engine import Engine, reference_forecast
+from forecaster.engine.engine import Engine, reference_forecast
 from forecaster.model import RecurrentForecaster
-from forecaster.replay import format_metrics, format_problems, replay, score
 from forecaster.scaling import Scaling
+from forecaster.tools.replay import format_metrics, format_problems, replay, score
+from forecaster.train.baselines import detect_season
 
 # Unsorted rows, a duplicate (line 6: same series and ts as line 5) and a bad value (line 11).
 TINY = """series,ts,value

@@ -11,13 +11,13 @@ import pytest
 from kafka.errors import CommitFailedError
 from kafka.structs import TopicPartition
 
-from forecaster.commit import AtLeastOnceCommitter, DeliveryError
 from forecaster.config import Settings
-from forecaster.engine import Engine, reference_forecast
+from forecaster.engine.engine import Engine, reference_forecast
 from forecaster.model import RecurrentForecaster
-from forecaster.records import encode_input, encode_window
+from forecaster.records.codec import encode_input, encode_window
 from forecaster.scaling import Scaling
-from forecaster.service import Service
+from forecaster.service.at_least_once import AtLeastOnceCommitter, DeliveryError
+from forecaster.service.loop import Service
 
 TOPIC = "in"
 NOW = 1_800_000_000.0

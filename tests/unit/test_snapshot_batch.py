@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from forecaster import snapshot as snap
-from forecaster.engine import Engine
+from forecaster.engine import snapshot as snap
+from forecaster.engine.engine import Engine
 from forecaster.errors import StateError
 from forecaster.model import RecurrentForecaster
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from forecaster import snapshot as snap
+from forecaster.engine import snapshot as snap
+from forecaster.engine.state import StateTable
 from forecaster.errors import StateError
-from forecaster.state import StateTable
 
 
 def _table(**kwargs) -> StateTable:

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from forecaster.synthetic import SeriesShape, SyntheticSource, generate
+from forecaster.tools.synthetic import SeriesShape, SyntheticSource, generate
 
 
 def test_same_seed_same_values_other_seed_other_values():

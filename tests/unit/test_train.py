@@ -21,9 +21,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from forecaster import train as train_module
-from forecaster.baselines import ForecastErrors, detect_season, last_value, mase, seasonal_naive, targets
-from forecaster.checkpoint import (
+from forecaster.checkpoints.store import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     latest_version,
@@ -33,17 +31,26 @@ from forecaster.checkpoint import (
 from forecaster.cli import main
 from forecaster.cli.train import apply_overrides
 from forecaster.config import Settings
-from forecaster.engine import reference_forecast
+from forecaster.engine.engine import reference_forecast
 from forecaster.errors import ConfigError, DataError
-from forecaster.evaluation import evaluate, model_forecasts
-from forecaster.fit import chunk_targets, fit, make_batches, split_point
-from forecaster.history import History, read_history_file
-from forecaster.metrics import TrainerMetrics
+from forecaster.metrics.metrics import TrainerMetrics
 from forecaster.model import RecurrentForecaster
-from forecaster.periodic import parse_duration, run_periodically
 from forecaster.scaling import Scaling
-from forecaster.synthetic import SeriesShape, generate
-from forecaster.train import choose_baseline, train_once
+from forecaster.tools.synthetic import SeriesShape, generate
+from forecaster.train import run as train_module
+from forecaster.train.baselines import (
+    ForecastErrors,
+    detect_season,
+    last_value,
+    mase,
+    seasonal_naive,
+    targets,
+)
+from forecaster.train.evaluation import evaluate, model_forecasts
+from forecaster.train.fit import chunk_targets, fit, make_batches, split_point
+from forecaster.train.history import History, read_history_file
+from forecaster.train.periodic import parse_duration, run_periodically
+from forecaster.train.run import choose_baseline, train_once
 
 # ---- baselines and errors ------------------------------------------------------------------------------
 
@@ -464,7 +471,7 @@ def test_a_longer_season_is_tried_when_the_window_holds_it(tmp_path: Path, caplo
     weekly = Settings(**{**settings.model_dump(), "train": {**settings.train.model_dump(), "seasons": [28]}})
     assert choose_baseline(weekly, series, Scaling(), 4)[0]["season"] == 28
     short = Settings(**{**weekly.model_dump(), "state": {**weekly.state.model_dump(), "window": 20}})
-    with caplog.at_level(logging.WARNING, logger="forecaster.train"):
+    with caplog.at_level(logging.WARNING, logger="forecaster.train.run"):
         assert choose_baseline(short, series, Scaling(), 4)[0]["season"] != 28  # the window cannot hold a week
     assert "season 28 is not tried: its baseline reads 28 values, state.window is 20" in caplog.text
 

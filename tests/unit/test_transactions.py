@@ -12,13 +12,13 @@ import torch
 from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError, ProducerFencedError
 from kafka.structs import TopicPartition
 
-from forecaster import changelog
-from forecaster.changelog import ChangelogContents
-from forecaster.engine import Engine
-from forecaster.ledger import SeriesLedger
+from forecaster.engine.engine import Engine
 from forecaster.model import RecurrentForecaster
-from forecaster.recovery import OwnerListener, PartitionOwner
-from forecaster.transactions import ProducerFenced, TransactionalCommitter, is_fenced
+from forecaster.service.exactly_once import changelog
+from forecaster.service.exactly_once.changelog import ChangelogContents
+from forecaster.service.exactly_once.committer import ProducerFenced, TransactionalCommitter, is_fenced
+from forecaster.service.exactly_once.ledger import SeriesLedger
+from forecaster.service.exactly_once.recovery import OwnerListener, PartitionOwner
 
 TOPIC = "in"
 
@@ -328,8 +328,8 @@ def test_a_refusal_after_a_rebalance_does_not_rejoin() -> None:
 
 
 def test_the_transaction_timeout_is_a_setting_reaching_the_producer_and_the_committer(monkeypatch) -> None:
-    from forecaster import exactly_once
     from forecaster.config import Settings
+    from forecaster.service.exactly_once import parts as exactly_once
 
     settings = Settings(service={"transaction_timeout_ms": 120_000, "instance_id": "i1"}, kafka={"group_id": "g"})
     assert exactly_once.producer_options(settings)["transaction_timeout_ms"] == 120_000

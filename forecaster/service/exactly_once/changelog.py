@@ -32,10 +32,10 @@ from typing import Any
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
-from forecaster import snapshot as snap
 from forecaster.config import KafkaSettings
+from forecaster.engine import snapshot as snap
 from forecaster.errors import KafkaSetupError, StateError
-from forecaster.kafka import COMPACTED, TopicSpec, ensure_topics, make_admin
+from forecaster.service.clients import COMPACTED, TopicSpec, ensure_topics, make_admin
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,9 @@ class ChangelogReader:
 
     @classmethod
     def from_settings(cls, kafka: KafkaSettings, stable_timeout: float) -> ChangelogReader:
-        from forecaster.kafka import make_consumer  # here: the module is imported by the service anyway
+        from forecaster.service.clients import (
+            make_consumer,  # here: the module is imported by the service anyway
+        )
 
         options = {"group_id": None, "enable_auto_commit": False, "max_partition_fetch_bytes": 8 << 20}
         return cls(

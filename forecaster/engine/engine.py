@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from forecaster import snapshot as snap
+from forecaster.engine import snapshot as snap
+from forecaster.engine.rewarm import rows_per_call
+from forecaster.engine.state import StateTable
 from forecaster.model import RecurrentForecaster
-from forecaster.rewarm import rows_per_call
 from forecaster.scaling import Scaling
-from forecaster.state import StateTable
 
 
 def resolve_device(setting: str) -> str:

@@ -9,7 +9,7 @@ and returns the new version. A refused checkpoint is logged and counted once; th
 Small tables re-warm at the batch boundary (``engine.rewarm``). Above ``background_above`` retained
 values, the windows are copied at one boundary, the new model runs over the copy on another thread while
 the old one keeps serving, and later boundaries catch up the values that arrived meanwhile before the
-swap (``forecaster.rewarm.RewarmJob``): the pauses are the copies and a short last catch-up, not the
+swap (``forecaster.engine.rewarm.RewarmJob``): the pauses are the copies and a short last catch-up, not the
 re-warm. Either way no value is skipped or stepped twice.
 
 The metrics (``forecaster_model_swaps_total{result}``, ``forecaster_model_swap_seconds``) live here, on
@@ -29,11 +29,11 @@ from typing import Any, Protocol
 import torch
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from forecaster.checkpoint import LoadedCheckpoint, latest_version, list_checkpoints, load_checkpoint
+from forecaster.checkpoints.store import LoadedCheckpoint, latest_version, list_checkpoints, load_checkpoint
 from forecaster.errors import CheckpointError
-from forecaster.metrics import SwapMetrics
+from forecaster.metrics.metrics import SwapMetrics
 from forecaster.model import RecurrentForecaster
-from forecaster.rewarm import RewarmJob
+from forecaster.engine.rewarm import RewarmJob
 from forecaster.scaling import Scaling
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ BACKGROUND_ABOVE = 1 << 20  # retained values (series x W) above which the re-wa
 
 
 class Rewarmable(Protocol):
-    """What the swapper needs from the engine (``forecaster.engine.Engine``)."""
+    """What the swapper needs from the engine (``forecaster.engine.engine.Engine``)."""
 
     table: Any
 

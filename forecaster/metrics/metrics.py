@@ -265,7 +265,7 @@ class ServiceMetrics:
             self.commits.inc()
 
     def restored(self, report: Any) -> None:
-        """One restore's figures (a ``forecaster.recovery.RestoreReport``)."""
+        """One restore's figures (a ``forecaster.service.exactly_once.recovery.RestoreReport``)."""
         self.restore_seconds.observe(report.seconds)
         self.series_restored.labels(to="resident").inc(report.resident)
         self.series_restored.labels(to="evicted").inc(report.evicted)
@@ -344,7 +344,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-# ---- the model swapper (forecaster.hotswap) and the periodic trainer (forecaster.periodic) ----------------
+# ---- the model swapper (forecaster.checkpoints.hotswap) and the periodic trainer (forecaster.train.periodic) ----------------
 
 SWAP_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 120.0)
 

@@ -6,7 +6,7 @@ rows, the way the service feeds it polled batches: same engine, same checkpoint,
 whose ts is not newer than its series' last one is a duplicate, dropped and counted, as in the service.
 
 The forecasts are then scored against what happened next, next to the seasonal-naive and last-value
-baselines on exactly the same points (``forecaster.baselines``): per horizon step and overall MAE, RMSE,
+baselines on exactly the same points (``forecaster.train.baselines``): per horizon step and overall MAE, RMSE,
 and MASE (MAE over the baseline's MAE).
 
 >>> import io
@@ -31,15 +31,15 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from forecaster.baselines import (
+from forecaster.data import BadRow, read_series
+from forecaster.engine.engine import Engine
+from forecaster.train.baselines import (
     ForecastErrors,
     detect_season,
     error_report,
     mase,
     score_with_baselines,
 )
-from forecaster.data import BadRow, read_series
-from forecaster.engine import Engine
 
 BASELINES = ("seasonal_naive", "last_value")
 SHOW_BAD_ROWS = 5  # line numbers listed in the summary; the rest are counted

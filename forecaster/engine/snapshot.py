@@ -24,7 +24,7 @@ from forecaster.errors import StateError
 from forecaster.scaling import Scaling
 
 if TYPE_CHECKING:
-    from forecaster.state import StateTable
+    from forecaster.engine.state import StateTable
 
 MAGIC = b"FCSTATE"
 FORMAT_VERSION = 2  # 2: the ring of values in data units (a model baseline reads them)

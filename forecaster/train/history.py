@@ -204,8 +204,8 @@ def read_history(settings: Any, *, input_path: Any = None, start_ms: int | None 
     ``settings.train.max_values``."""
     if input_path is not None:
         return read_history_file(input_path).tail(settings.train.max_values)
-    from forecaster.kafka import make_consumer
-    from forecaster.records import RecordDecoder
+    from forecaster.records.codec import RecordDecoder
+    from forecaster.service.clients import make_consumer
 
     own = consumer is None
     consumer = consumer or make_consumer(settings.kafka, group_id=None, client_id=f"{settings.kafka.client_id}-trainer")

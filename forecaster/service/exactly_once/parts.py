@@ -18,11 +18,11 @@ from typing import Any
 
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 
-from forecaster.changelog import ChangelogReader
-from forecaster.kafka import make_producer
-from forecaster.ledger import SeriesLedger
-from forecaster.recovery import OwnerListener, PartitionOwner
-from forecaster.transactions import TransactionalCommitter, transactional_id
+from forecaster.service.clients import make_producer
+from forecaster.service.exactly_once.changelog import ChangelogReader
+from forecaster.service.exactly_once.committer import TransactionalCommitter, transactional_id
+from forecaster.service.exactly_once.ledger import SeriesLedger
+from forecaster.service.exactly_once.recovery import OwnerListener, PartitionOwner
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def producer_options(settings: Any) -> dict[str, Any]:
 
 @dataclass
 class ExactlyOnce:
-    """What the service loop calls in exactly-once mode (see ``forecaster.service``)."""
+    """What the service loop calls in exactly-once mode (see ``forecaster.service.loop``)."""
 
     committer: TransactionalCommitter
     ledger: SeriesLedger

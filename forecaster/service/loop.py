@@ -2,8 +2,8 @@
 
 Exactly once (the default, ``service.processing_guarantee``): each commit interval's forecasts, dead
 letters, state changelog records and input offsets commit as one Kafka transaction
-(``forecaster.transactions``); partitions are restored from the changelog before they are consumed and
-dropped when they leave (``forecaster.recovery``). At least once: input offsets are committed only after the
+(``forecaster.service.exactly_once.committer``); partitions are restored from the changelog before they are consumed and
+dropped when they leave (``forecaster.service.exactly_once.recovery``). At least once: input offsets are committed only after the
 broker acknowledged the forecasts and dead letters of those records (flush, then commit); a replay after a
 crash is harmless because the engine drops values not newer than their series' last timestamp (counted as
 duplicates). ``stop()`` (SIGTERM/SIGINT in the CLI) lets the current batch finish, then commits and closes.
@@ -27,21 +27,12 @@ from kafka import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
-from forecaster.changelog import ensure_changelog
-from forecaster.commit import AtLeastOnceCommitter
+from forecaster.checkpoints.hotswap import ModelSwapper, initial_model
 from forecaster.config import Settings
-from forecaster.engine import Engine, resolve_device
+from forecaster.engine.engine import Engine, resolve_device
 from forecaster.errors import InvalidRecord, KafkaSetupError
-from forecaster.exactly_once import ExactlyOnce, consumer_options
-from forecaster.hotswap import ModelSwapper, initial_model
-from forecaster.kafka import (
-    create_missing_topics,
-    make_consumer,
-    make_producer,
-    wait_for_broker,
-)
-from forecaster.metrics import MetricsServer, ServiceMetrics
-from forecaster.records import (
+from forecaster.metrics.metrics import MetricsServer, ServiceMetrics
+from forecaster.records.codec import (
     DecodedBatch,
     KafkaRecord,
     RecordDecoder,
@@ -50,7 +41,16 @@ from forecaster.records import (
     encode_forecasts,
 )
 from forecaster.scaling import Scaling
-from forecaster.transactions import ProducerFenced, TransactionalCommitter, is_fenced
+from forecaster.service.at_least_once import AtLeastOnceCommitter
+from forecaster.service.clients import (
+    create_missing_topics,
+    make_consumer,
+    make_producer,
+    wait_for_broker,
+)
+from forecaster.service.exactly_once.changelog import ensure_changelog
+from forecaster.service.exactly_once.committer import ProducerFenced, TransactionalCommitter, is_fenced
+from forecaster.service.exactly_once.parts import ExactlyOnce, consumer_options
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Restoring partitions on assignment or failure, dropping them on revoke: ``PartitionOwner`` follows the
-consumer group for the input topic (the series bookkeeping is ``forecaster.ledger.SeriesLedger``):
+consumer group for the input topic (the series bookkeeping is ``forecaster.service.exactly_once.ledger.SeriesLedger``):
 
 - assigned: the new partitions are paused; after the poll, before any of their records is consumed, the
   committed offsets are read (waiting for a previous owner's transaction to settle), the changelog
@@ -25,9 +25,9 @@ from typing import Any
 from kafka import ConsumerRebalanceListener
 from kafka.structs import TopicPartition
 
-from forecaster.changelog import ChangelogReader
-from forecaster.ledger import RestoreReport, SeriesLedger
-from forecaster.transactions import is_group_fenced
+from forecaster.service.exactly_once.changelog import ChangelogReader
+from forecaster.service.exactly_once.committer import is_group_fenced
+from forecaster.service.exactly_once.ledger import RestoreReport, SeriesLedger
 
 log = logging.getLogger(__name__)
 

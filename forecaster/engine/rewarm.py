@@ -11,7 +11,7 @@ passes catch up until few enough values are left to step at the boundary that sw
 be caught up that way (more than W values between two boundaries, evicted and replaced, new since the
 job began) are re-warmed over their current window at the swap.
 
->>> from forecaster.engine import Engine
+>>> from forecaster.engine.engine import Engine
 >>> from forecaster.model import RecurrentForecaster
 >>> engine = Engine(RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2), window=4)
 >>> _ = engine.process(["a", "a", "b"], [1, 2, 1], [1.0, 2.0, 3.0])

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from forecaster.errors import ForecasterError
-from forecaster.replay import ReplayResult
+from forecaster.tools.replay import ReplayResult
 
 SERIES_SHOWN = 4
 LAST_POINTS = 200  # values of each series drawn (its most recent ones)

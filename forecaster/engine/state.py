@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from forecaster import snapshot as snap
+from forecaster.engine import snapshot as snap
 from forecaster.scaling import Scaling
 
 NO_TS = np.iinfo(np.int64).min  # last ts of a slot that has seen nothing
@@ -339,7 +339,7 @@ class StateTable:
         stats = self.stats.index_select(0, torch.as_tensor(slots, dtype=torch.long, device=self.device))
         return scaling.rescale(stats, v.double()).masked_fill(before, float("nan"))
 
-    # ---- snapshots (format and copying in forecaster.snapshot) ---------------------------------------
+    # ---- snapshots (format and copying in forecaster.engine.snapshot) ---------------------------------------
 
     def snapshot(self, series: str) -> bytes:
         """Everything needed to continue ``series`` elsewhere, as versioned bytes (no pickle)."""

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from forecaster import changelog
-from forecaster.changelog import ChangelogContents
+from forecaster.service.exactly_once import changelog
+from forecaster.service.exactly_once.changelog import ChangelogContents
 
 log = logging.getLogger(__name__)
 

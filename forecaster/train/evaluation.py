@@ -23,15 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from forecaster.baselines import (
+from forecaster.model import RecurrentForecaster
+from forecaster.scaling import Scaling
+from forecaster.train.baselines import (
     ForecastErrors,
     error_report,
     mase,
     score_with_baselines,
 )
-from forecaster.fit import split_point
-from forecaster.model import RecurrentForecaster
-from forecaster.scaling import Scaling
+from forecaster.train.fit import split_point
 
 BASELINES = ("last_value", "seasonal_naive")
 

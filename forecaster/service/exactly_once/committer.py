@@ -9,7 +9,7 @@ a transaction when a poll brought records (forecasts and dead letters are sent i
     Step 3. the input offsets, with the consumer's group metadata (a stale member is fenced);
     Step 4. commit.
 
-A failed transaction is aborted and ``failed`` tells the caller (``forecaster.recovery``) to reset the
+A failed transaction is aborted and ``failed`` tells the caller (``forecaster.service.exactly_once.recovery``) to reset the
 state to the last committed snapshot and re-consume from the committed offsets. A commit that does not
 answer within ``timeout_s`` is an indefinite error: the producer is replaced rather than retried, since
 a late answer could otherwise complete an old transaction behind a new one; the new producer's

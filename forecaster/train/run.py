@@ -3,17 +3,17 @@
 ``train_once`` first picks the baseline the model forecasts over (seasonal naive over one to twelve
 seasons, as it is or moved to the current level, or the last value, each step possibly moved toward the
 last value: the one with the lowest error on the later part of the history, ``choose_baseline``), fits the
-serving model on the training part of each series (``forecaster.fit``), keeps its untrained baseline
+serving model on the training part of each series (``forecaster.train.fit``), keeps its untrained baseline
 instead if that does better on the validation part (the fitted model is not trusted then), scores it
 on the validation part against the last-value and seasonal-naive baselines and against the currently
-published checkpoint (``forecaster.evaluation``), and publishes a new version only if it is better than the
+published checkpoint (``forecaster.train.evaluation``), and publishes a new version only if it is better than the
 published one (unless ``settings.train.publish_only_if_better`` is off). The decision and every figure go
 to the log and to the manifest.
 
 >>> import tempfile
 >>> import numpy as np
 >>> from forecaster.config import Settings
->>> from forecaster.history import History
+>>> from forecaster.train.history import History
 >>> settings = Settings(model={"hidden_size": 4, "num_layers": 1, "horizon": 2},
 ...                     train={"epochs": 1}, checkpoints={"dir": tempfile.mkdtemp()})
 >>> values = np.sin(np.arange(80) / 3.0) + 5.0
@@ -33,14 +33,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from forecaster.baselines import detect_season, targets
-from forecaster.checkpoint import LoadedCheckpoint, latest_version, load_checkpoint, promote, save_checkpoint
+from forecaster.checkpoints.store import (
+    LoadedCheckpoint,
+    latest_version,
+    load_checkpoint,
+    promote,
+    save_checkpoint,
+)
 from forecaster.errors import CheckpointError, DataError
-from forecaster.evaluation import BASELINES, Evaluation, evaluate, model_forecasts
-from forecaster.fit import FitResult, fit, split_point
-from forecaster.history import History
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
+from forecaster.train.baselines import detect_season, targets
+from forecaster.train.evaluation import BASELINES, Evaluation, evaluate, model_forecasts
+from forecaster.train.fit import FitResult, fit, split_point
+from forecaster.train.history import History
 
 log = logging.getLogger(__name__)
 

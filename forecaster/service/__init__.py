@@ -1,0 +1,5 @@
+"""The Kafka service: the loop (poll, engine, produce, commit), its wiring, the clients, the committers."""
+
+from forecaster.service.loop import Service
+
+__all__ = ["Service"]
