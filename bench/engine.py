@@ -53,7 +53,9 @@ class Stream:
     def __init__(self, engine: Engine, names: list[str], batch: int, seed: int = 0, subsets: int = 8) -> None:
         self.engine, self.batch = engine, batch
         rng = np.random.default_rng(seed)
-        self.subsets = [[names[i] for i in rng.choice(len(names), batch, replace=False)] for _ in range(subsets)]
+        self.subsets = [
+            [names[i] for i in rng.choice(len(names), batch, replace=False)] for _ in range(subsets)
+        ]
         self.ts = 1_700_000_000_000
         self.values = rng.normal(size=batch)
         self.calls = 0
@@ -102,8 +104,9 @@ class Bench:
         self.sync: Callable[[], None] = torch.cuda.synchronize if cuda else (lambda: None)
 
     def engine(self, capacity: int = 1024) -> Engine:
-        return Engine(self.model, device=self.device, window=self.args.window, capacity=capacity,
-                      max_series=10_000_000)
+        return Engine(
+            self.model, device=self.device, window=self.args.window, capacity=capacity, max_series=10_000_000
+        )
 
     # ---- engine throughput and baseline (b) ----------------------------------------------------------
 
@@ -190,7 +193,9 @@ class Bench:
             populate(engine, names)
             stream = Stream(engine, names, min(batch, size))
             calls = calls_for(stream.call, self.args.seconds, self.sync)
-            reps = [timed(stream.call, calls, self.sync) / stream.batch * 1e6 for _ in range(self.args.repeats)]
+            reps = [
+                timed(stream.call, calls, self.sync) / stream.batch * 1e6 for _ in range(self.args.repeats)
+            ]
             out[str(size)] = {
                 "us_per_value": summary(reps),
                 "series_per_step": stream.batch,
@@ -234,9 +239,13 @@ def ratio(a: dict[str, float], b: dict[str, float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of well under a minute")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes: a smoke run of well under a minute"
+    )
     parser.add_argument("--window", type=int, default=256, help="retained values per series (W)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None, help="length of one timed repeat")
@@ -247,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history-batch", type=int, default=None)
     parser.add_argument("--resident", default=None, help="comma list of resident series counts")
     parser.add_argument("--resident-batch", type=int, default=None, help="series per step at each size")
-    parser.add_argument("--threads", default=None,
-                        help="torch intra-op threads: comma list, 'all' = torch's default (quick: 1; else 1,all)")
+    parser.add_argument(
+        "--threads",
+        default=None,
+        help="torch intra-op threads: comma list, 'all' = torch's default (quick: 1; else 1,all)",
+    )
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     q = args.quick
@@ -286,12 +298,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(n)
         run: dict[str, Any] = {"threads": n}
         run["throughput_values_per_s"] = bench.throughput(batches, {1, 1024})
-        run["window_baseline_values_per_s"] = {"batch": window_batch, **bench.window_baseline(windows, window_batch)}
+        run["window_baseline_values_per_s"] = {
+            "batch": window_batch,
+            **bench.window_baseline(windows, window_batch),
+        }
         run["step_paths"] = bench.step_paths([1, 1024])
-        eng, inc = run["throughput_values_per_s"]["engine"], run["throughput_values_per_s"]["incremental_baseline"]
+        eng, inc = (
+            run["throughput_values_per_s"]["engine"],
+            run["throughput_values_per_s"]["incremental_baseline"],
+        )
         ratios = {}
         if "256" in run["window_baseline_values_per_s"] and "1024" in eng:
-            ratios["engine_over_window_W256_batch1024"] = ratio(eng["1024"], run["window_baseline_values_per_s"]["256"])
+            ratios["engine_over_window_W256_batch1024"] = ratio(
+                eng["1024"], run["window_baseline_values_per_s"]["256"]
+            )
         for b in ("1", "1024"):
             if b in eng and b in inc:
                 ratios[f"engine_over_incremental_batch{b}"] = ratio(eng[b], inc[b])
@@ -304,10 +324,18 @@ def main(argv: list[str] | None = None) -> int:
     res = bench.resident_cost(resident_batch, resident)
     layers, hidden = MODEL["num_layers"], MODEL["hidden_size"]
     biggest = res[str(max(resident))]
-    report["history_us_per_value"] = {"batch": history_batch, **hist,
-                                      "ratio_longest_over_shortest": ratio(hist[str(max(history))], hist[str(min(history))])}
-    report["resident"] = {"batch": resident_batch, **res,
-                          "ratio_largest_over_smallest": ratio(biggest["us_per_value"], res[str(min(resident))]["us_per_value"])}
+    report["history_us_per_value"] = {
+        "batch": history_batch,
+        **hist,
+        "ratio_longest_over_shortest": ratio(hist[str(max(history))], hist[str(min(history))]),
+    }
+    report["resident"] = {
+        "batch": resident_batch,
+        **res,
+        "ratio_largest_over_smallest": ratio(
+            biggest["us_per_value"], res[str(min(resident))]["us_per_value"]
+        ),
+    }
     report["memory"] = {
         "state_bytes_per_series": biggest["state_bytes_per_slot"],
         "goal_bytes_per_series": 2 * (layers * hidden * 4 + args.window * 4),

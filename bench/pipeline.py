@@ -124,7 +124,10 @@ def consume(bootstrap: str, topic: str, count: int, timeout: float, keep_bodies:
     """Read ``count`` records of ``topic`` from the beginning; (records seen, time of the last, bodies).
     Read committed: forecasts of exactly-once transactions count once they are committed."""
     consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=5,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=5,
         isolation_level="read_committed",
     )
     partitions = None
@@ -147,7 +150,9 @@ def consume(bootstrap: str, topic: str, count: int, timeout: float, keep_bodies:
     return seen, last, bodies
 
 
-def relay(args, broker: Broker, window: int, n_values: int, service: str | None, grouped: bool = False) -> dict:
+def relay(
+    args, broker: Broker, window: int, n_values: int, service: str | None, grouped: bool = False
+) -> dict:
     """One throughput run: bare (``service`` None: consume the input back) or through the service with
     that processing guarantee (consume the forecasts); ``grouped``: one forecast record per input record."""
     source = broker.topic("in")
@@ -166,8 +171,13 @@ def relay(args, broker: Broker, window: int, n_values: int, service: str | None,
         child.join()
         seconds = last - started.value
         values = seen if per_value else min(n_values, seen * window)
-        return {"values": values, "records_in": -(-n_values // window), "seconds": round(seconds, 3),
-                "values_per_s": round(values / seconds), "complete": seen >= count}  # fmt: skip
+        return {
+            "values": values,
+            "records_in": -(-n_values // window),
+            "seconds": round(seconds, 3),
+            "values_per_s": round(values / seconds),
+            "complete": seen >= count,
+        }
     finally:
         if proc is not None:
             stop_service(proc)
@@ -196,11 +206,15 @@ def latency(args, broker: Broker, rate: float, guarantee: str) -> dict:
                 produced.append(forecast_ms - sent_ms)
         c, p = np.array(consumed), np.array(produced)
         return {
-            "guarantee": guarantee, "offered_values_per_s": rate, "seconds": args.latency_seconds, "values": seen,
-            "measured_after_warmup": len(c), "complete": seen >= n_values,
+            "guarantee": guarantee,
+            "offered_values_per_s": rate,
+            "seconds": args.latency_seconds,
+            "values": seen,
+            "measured_after_warmup": len(c),
+            "complete": seen >= n_values,
             "to_forecast_consumed_ms": {"p50": pct(c, 50), "p99": pct(c, 99), "max": pct(c, 100)},
             "to_forecast_produced_ms": {"p50": pct(p, 50), "p99": pct(p, 99), "max": pct(p, 100)},
-        }  # fmt: skip
+        }
     finally:
         stop_service(proc)
 
@@ -294,14 +308,20 @@ def main() -> None:
 
     broker = Broker(args.bootstrap, args.partitions)
     try:
-        bare = {"single": relay(args, broker, 1, args.single_values, service=None),
-                "windowed": relay(args, broker, args.window, args.window_values, service=None)}  # fmt: skip
+        bare = {
+            "single": relay(args, broker, 1, args.single_values, service=None),
+            "windowed": relay(args, broker, args.window, args.window_values, service=None),
+        }
         by_guarantee = {
-            g: {"single": relay(args, broker, 1, args.single_values, service=g),
+            g: {
+                "single": relay(args, broker, 1, args.single_values, service=g),
                 "windowed": relay(args, broker, args.window, args.window_values, service=g),
-                "windowed_grouped": relay(args, broker, args.window, args.window_values, service=g, grouped=True)}
+                "windowed_grouped": relay(
+                    args, broker, args.window, args.window_values, service=g, grouped=True
+                ),
+            }
             for g in GUARANTEES
-        }  # fmt: skip
+        }
         lat = [latency(args, broker, rate, g) for g in args.latency_guarantees for rate in args.rate]
     finally:
         broker.close()

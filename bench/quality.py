@@ -73,18 +73,24 @@ def _ms(stamps: pd.Series) -> np.ndarray:
 
 def nottem() -> pd.DataFrame:
     d = _rdata("datasets", "nottem")
-    return pd.DataFrame({"series": "nottingham", "ts": _monthly_ts(d["time"]), "value": d["value"].astype(float)})
+    return pd.DataFrame(
+        {"series": "nottingham", "ts": _monthly_ts(d["time"]), "value": d["value"].astype(float)}
+    )
 
 
 def air_passengers() -> pd.DataFrame:
     d = _rdata("datasets", "AirPassengers")
-    return pd.DataFrame({"series": "air_passengers", "ts": _monthly_ts(d["time"]), "value": d["value"].astype(float)})
+    return pd.DataFrame(
+        {"series": "air_passengers", "ts": _monthly_ts(d["time"]), "value": d["value"].astype(float)}
+    )
 
 
 def us_employment() -> pd.DataFrame:
     d = _rdata("fpp3", "us_employment").dropna(subset=["Employed"])
     ts = _ms(pd.to_datetime(d["Month"], format="%Y %b"))
-    return pd.DataFrame({"series": d["Series_ID"].astype(str), "ts": ts, "value": d["Employed"].astype(float)})
+    return pd.DataFrame(
+        {"series": d["Series_ID"].astype(str), "ts": ts, "value": d["Employed"].astype(float)}
+    )
 
 
 def elecdemand() -> pd.DataFrame:
@@ -97,7 +103,9 @@ def aus_arrivals() -> pd.DataFrame:
     d = _rdata("fpp3", "aus_arrivals")
     year, quarter = d["Quarter"].str.split(" Q", expand=True).astype(int).T.to_numpy()
     stamps = pd.to_datetime({"year": year, "month": 3 * (quarter - 1) + 1, "day": 1})
-    return pd.DataFrame({"series": d["Origin"].astype(str), "ts": _ms(stamps), "value": d["Arrivals"].astype(float)})
+    return pd.DataFrame(
+        {"series": d["Origin"].astype(str), "ts": _ms(stamps), "value": d["Arrivals"].astype(float)}
+    )
 
 
 @dataclass(frozen=True)
@@ -121,19 +129,61 @@ class DataSet:
 DATASETS = {
     d.name: d
     for d in (
-        DataSet("nottem", "R datasets::nottem (monthly air temperature, Nottingham, 1920-1939)", nottem,
-                season=12, horizon=12, test_fraction=0.25, epochs=60),
-        DataSet("air_passengers", "R datasets::AirPassengers (monthly airline passengers, 1949-1960)",
-                air_passengers, season=12, horizon=12, test_fraction=0.25, epochs=60),
-        DataSet("us_employment", "R fpp3::us_employment (monthly US employment, 148 series, 1939-2019)",
-                us_employment, season=12, horizon=12, test_fraction=0.2, epochs=20),
-        DataSet("aus_arrivals", "R fpp3::aus_arrivals (quarterly arrivals to Australia, 4 origins, 1981-2012)",
-                aus_arrivals, season=4, horizon=8, test_fraction=0.25, epochs=60),
-        DataSet("elecdemand", "R fpp2::elecdemand (half-hourly electricity demand, Victoria, 2014)", elecdemand,
-                season=48, horizon=48, test_fraction=0.2, epochs=10, chunk_length=128, seasons=(336,), window=768),
-    )  # fmt: skip
+        DataSet(
+            "nottem",
+            "R datasets::nottem (monthly air temperature, Nottingham, 1920-1939)",
+            nottem,
+            season=12,
+            horizon=12,
+            test_fraction=0.25,
+            epochs=60,
+        ),
+        DataSet(
+            "air_passengers",
+            "R datasets::AirPassengers (monthly airline passengers, 1949-1960)",
+            air_passengers,
+            season=12,
+            horizon=12,
+            test_fraction=0.25,
+            epochs=60,
+        ),
+        DataSet(
+            "us_employment",
+            "R fpp3::us_employment (monthly US employment, 148 series, 1939-2019)",
+            us_employment,
+            season=12,
+            horizon=12,
+            test_fraction=0.2,
+            epochs=20,
+        ),
+        DataSet(
+            "aus_arrivals",
+            "R fpp3::aus_arrivals (quarterly arrivals to Australia, 4 origins, 1981-2012)",
+            aus_arrivals,
+            season=4,
+            horizon=8,
+            test_fraction=0.25,
+            epochs=60,
+        ),
+        DataSet(
+            "elecdemand",
+            "R fpp2::elecdemand (half-hourly electricity demand, Victoria, 2014)",
+            elecdemand,
+            season=48,
+            horizon=48,
+            test_fraction=0.2,
+            epochs=10,
+            chunk_length=128,
+            seasons=(336,),
+            window=768,
+        ),
+    )
 }
-QUICK = {"nottem": {"epochs": 15}, "air_passengers": {"epochs": 15}, "us_employment": {"epochs": 3, "max_series": 24}}
+QUICK = {
+    "nottem": {"epochs": 15},
+    "air_passengers": {"epochs": 15},
+    "us_employment": {"epochs": 3, "max_series": 24},
+}
 
 
 def cut(frame: pd.DataFrame, test_fraction: float) -> int:
@@ -145,7 +195,9 @@ def cut(frame: pd.DataFrame, test_fraction: float) -> int:
 # ---- the statistical baseline ----------------------------------------------------------------------------
 
 
-def holt_winters_forecasts(values: np.ndarray, horizon: int, season: int, params: dict[str, Any]) -> np.ndarray:
+def holt_winters_forecasts(
+    values: np.ndarray, horizon: int, season: int, params: dict[str, Any]
+) -> np.ndarray:
     """River's Holt-Winters stepped once per value: the forecast after each value, (T, horizon), NaN until
     it has initialised (its first ``max(2, season)`` values)."""
     from river.time_series import HoltWinters
@@ -173,8 +225,9 @@ def pick_holt_winters(values: list[np.ndarray], horizon: int, season: int, quick
     for alpha, beta, gamma, multiplicative in grid:
         params = {"alpha": alpha, "beta": beta, "gamma": gamma, "multiplicative": multiplicative}
         forecasts = [holt_winters_forecasts(v, horizon, season, params) for v in sample]
-        errors = score(sample, {STAT: forecasts}, horizon=horizon, season=season,
-                       first_origin=[2 * season] * len(sample))[STAT]  # fmt: skip
+        errors = score(
+            sample, {STAT: forecasts}, horizon=horizon, season=season, first_origin=[2 * season] * len(sample)
+        )[STAT]
         if errors.overall_mae() < best_mae:
             best, best_mae = params, errors.overall_mae()
     return best
@@ -183,45 +236,73 @@ def pick_holt_winters(values: list[np.ndarray], horizon: int, season: int, quick
 # ---- one data set ----------------------------------------------------------------------------------------
 
 
-def train_and_replay(data: DataSet, frame: pd.DataFrame, start: int, cell: str, root: str) -> tuple[Stepped, dict]:
+def train_and_replay(
+    data: DataSet, frame: pd.DataFrame, start: int, cell: str, root: str
+) -> tuple[Stepped, dict]:
     """Train ``cell`` on the rows before ``start`` with each scaling that fits the data (``ewm``; ``log`` too
     when every value is positive), keep the one with the lower validation MAE in the trainer (the
     earlier part only), and replay every row with it."""
     kinds = ("ewm", "log") if (frame["value"] > 0).all() else ("ewm",)
-    runs = {kind: _train_and_replay(data, frame, start, cell, os.path.join(root, kind), kind) for kind in kinds}
+    runs = {
+        kind: _train_and_replay(data, frame, start, cell, os.path.join(root, kind), kind) for kind in kinds
+    }
     best = min(kinds, key=lambda kind: runs[kind][1]["trainer_validation_mae"])
     rows, info = runs[best]
     info["scaling"] = best
-    info["trainer_validation_mae_by_scaling"] = {kind: runs[kind][1]["trainer_validation_mae"] for kind in kinds}
+    info["trainer_validation_mae_by_scaling"] = {
+        kind: runs[kind][1]["trainer_validation_mae"] for kind in kinds
+    }
     return rows, info
 
 
-def _train_and_replay(data: DataSet, frame: pd.DataFrame, start: int, cell: str, root: str,
-                      scaling: str) -> tuple[Stepped, dict]:
+def _train_and_replay(
+    data: DataSet, frame: pd.DataFrame, start: int, cell: str, root: str, scaling: str
+) -> tuple[Stepped, dict]:
     settings = Settings(
-        model={"cell": cell, "hidden_size": data.hidden_size, "num_layers": 2, "horizon": data.horizon, "seed": 0},
-        train={"epochs": data.epochs, "season": data.season, "seasons": list(data.seasons),
-               "chunk_length": data.chunk_length, "patience": 5, "publish_only_if_better": False},
+        model={
+            "cell": cell,
+            "hidden_size": data.hidden_size,
+            "num_layers": 2,
+            "horizon": data.horizon,
+            "seed": 0,
+        },
+        train={
+            "epochs": data.epochs,
+            "season": data.season,
+            "seasons": list(data.seasons),
+            "chunk_length": data.chunk_length,
+            "patience": 5,
+            "publish_only_if_better": False,
+        },
         checkpoints={"dir": os.path.join(root, cell)},
         state={"device": "cpu", "window": data.window},
         scaling={"kind": scaling},
-    )  # fmt: skip
+    )
     early = frame[frame["ts"] < start]
-    history = History.from_long(early["series"].to_numpy(), early["ts"].to_numpy(), early["value"].to_numpy(),
-                                {"kind": "bench", "dataset": data.name})  # fmt: skip
+    history = History.from_long(
+        early["series"].to_numpy(),
+        early["ts"].to_numpy(),
+        early["value"].to_numpy(),
+        {"kind": "bench", "dataset": data.name},
+    )
     started = time.perf_counter()
     outcome = train_once(settings, history, progress=False)
     train_seconds = time.perf_counter() - started
     checkpoint = load_checkpoint(settings.checkpoints.dir)
-    engine = Engine.from_settings(checkpoint.model, settings, version=checkpoint.version, scaling=checkpoint.scaling)
+    engine = Engine.from_settings(
+        checkpoint.model, settings, version=checkpoint.version, scaling=checkpoint.scaling
+    )
     started = time.perf_counter()
     rows = step_rows(engine, frame, batch_rows=settings.service.max_poll_records, progress=False)
     replay_seconds = time.perf_counter() - started
-    info = {"epochs": outcome.fit.epochs, "train_seconds": round(train_seconds, 1),
-            "replay_seconds": round(replay_seconds, 2),
-            "trainer_validation_mae": outcome.evaluation.mae("model"),
-            "trainer_validation_mase_vs_seasonal_naive": outcome.evaluation.mase("model", "seasonal_naive"),
-            "baseline": outcome.metrics.get("baseline")}  # fmt: skip
+    info = {
+        "epochs": outcome.fit.epochs,
+        "train_seconds": round(train_seconds, 1),
+        "replay_seconds": round(replay_seconds, 2),
+        "trainer_validation_mae": outcome.evaluation.mae("model"),
+        "trainer_validation_mase_vs_seasonal_naive": outcome.evaluation.mase("model", "seasonal_naive"),
+        "baseline": outcome.metrics.get("baseline"),
+    }
     return rows, info
 
 
@@ -229,8 +310,11 @@ def figures(errors: dict[str, ForecastErrors], against: tuple[str, ...]) -> dict
     """MAE, RMSE and MASE (overall and per horizon step) of every method against each of ``against``."""
     out: dict[str, Any] = {}
     for name, e in errors.items():
-        entry: dict[str, Any] = {"mae": e.overall_mae(), "rmse": e.overall_rmse(),
-                                 "mae_by_horizon": [float(x) for x in e.mae()]}  # fmt: skip
+        entry: dict[str, Any] = {
+            "mae": e.overall_mae(),
+            "rmse": e.overall_rmse(),
+            "mae_by_horizon": [float(x) for x in e.mae()],
+        }
         for base in against:
             if base != name:
                 overall, per = mase(e, errors[base])
@@ -245,12 +329,18 @@ def verdict(errors: dict[str, ForecastErrors], method: str) -> dict[str, Any]:
     worse than the better naive baseline of that step (forecasts are float32: a relative difference below
     ``ROUNDING`` is the same forecast)."""
     best_naive = np.minimum(errors["seasonal_naive"].mae(), errors["last_value"].mae())  # (H,)
-    losing = [k + 1 for k, (m, b) in enumerate(zip(errors[method].mae(), best_naive, strict=True))
-              if m > b * (1.0 + ROUNDING)]  # fmt: skip
+    losing = [
+        k + 1
+        for k, (m, b) in enumerate(zip(errors[method].mae(), best_naive, strict=True))
+        if m > b * (1.0 + ROUNDING)
+    ]
     vs_naive = mase(errors[method], errors["seasonal_naive"])[0]
     vs_stat = mase(errors[method], errors[STAT])[0]
-    return {"mase_below_0.8_vs_seasonal_naive": vs_naive < 0.8, "beats_statistical": vs_stat < 1.0,
-            "steps_losing_to_best_naive": losing}  # fmt: skip
+    return {
+        "mase_below_0.8_vs_seasonal_naive": vs_naive < 0.8,
+        "beats_statistical": vs_stat < 1.0,
+        "steps_losing_to_best_naive": losing,
+    }
 
 
 def run_dataset(data: DataSet, cells: tuple[str, ...], quick: bool) -> dict[str, Any]:
@@ -272,11 +362,14 @@ def run_dataset(data: DataSet, cells: tuple[str, ...], quick: bool) -> dict[str,
     values = [rows.values[at] for at in rows.by_series().values()]
     ts = [rows.ts[at] for at in rows.by_series().values()]
     started = time.perf_counter()
-    params = pick_holt_winters([v[t < start] for v, t in zip(values, ts, strict=True)], data.horizon, data.season,
-                               quick)  # fmt: skip
+    params = pick_holt_winters(
+        [v[t < start] for v, t in zip(values, ts, strict=True)], data.horizon, data.season, quick
+    )
     made[STAT] = [holt_winters_forecasts(v, data.horizon, data.season, params) for v in values]
     stat_seconds = time.perf_counter() - started
-    errors = score(values, made, horizon=data.horizon, season=data.season, first_origin=first_origins(rows, start))
+    errors = score(
+        values, made, horizon=data.horizon, season=data.season, first_origin=first_origins(rows, start)
+    )
     return {
         "source": data.source,
         "series": len(values),
@@ -303,9 +396,12 @@ def main() -> None:
     names = args.datasets.split(",") if args.datasets else list(QUICK if args.quick else DATASETS)
     cells = tuple(args.cells.split(","))
     report: dict[str, Any] = {
-        "bench": "quality", "quick": args.quick, "torch": torch.__version__, "python": platform.python_version(),
+        "bench": "quality",
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "datasets": {},
-    }  # fmt: skip
+    }
     started = time.perf_counter()
     for name in names:
         data = DATASETS[name]

@@ -66,12 +66,14 @@ class Run:
         tag = uuid.uuid4().hex[:8]
         self.args, self.admin, self.workdir = args, admin, workdir
         self.names = {k: f"bench-rec-{k}-{tag}" for k in ("input", "output", "deadletter", "changelog")}
-        admin.create_topics([
-            NewTopic(self.names["input"], args.partitions, 1),
-            NewTopic(self.names["output"], args.partitions, 1),
-            NewTopic(self.names["deadletter"], 1, 1),
-            NewTopic(self.names["changelog"], args.partitions, 1, topic_configs=dict(COMPACTED)),
-        ])  # fmt: skip
+        admin.create_topics(
+            [
+                NewTopic(self.names["input"], args.partitions, 1),
+                NewTopic(self.names["output"], args.partitions, 1),
+                NewTopic(self.names["deadletter"], 1, 1),
+                NewTopic(self.names["changelog"], args.partitions, 1, topic_configs=dict(COMPACTED)),
+            ]
+        )
         self.port = free_port()
         self.env = {
             **os.environ,
@@ -91,8 +93,9 @@ class Run:
 
     def start(self) -> None:
         log = open(Path(self.workdir) / f"{self.names['input']}.log", "ab")  # noqa: SIM115 - with the process
-        self.proc = subprocess.Popen([sys.executable, "-m", "forecaster", "serve"], env=self.env, cwd=ROOT,
-                                     stdout=log, stderr=log)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "forecaster", "serve"], env=self.env, cwd=ROOT, stdout=log, stderr=log
+        )
 
     def wait_ready(self, timeout: float) -> float:
         deadline = time.monotonic() + timeout
@@ -136,8 +139,13 @@ def read_forecasts(
     bootstrap: str, topic: str, count: int, timeout: float, start: dict[int, int] | None = None
 ) -> list[dict]:
     """``count`` forecasts (``read_committed``) from the beginning, or from ``start`` offsets."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                             isolation_level="read_committed", fetch_max_wait_ms=20)  # fmt: skip
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        fetch_max_wait_ms=20,
+    )
     tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
@@ -172,14 +180,18 @@ def measure(args, admin, checkpoints: str, workdir: str, n_series: int, referenc
         values = rng.normal(100.0, 10.0, (len(names), args.values))
         ts = [START_MS + 60_000 * k for k in range(args.values)]
         if n_series:
-            records = [(n.encode(), encode_window(n, ts, v.tolist())) for n, v in zip(names, values, strict=True)]
+            records = [
+                (n.encode(), encode_window(n, ts, v.tolist())) for n, v in zip(names, values, strict=True)
+            ]
             send(args.bootstrap, run.names["input"], records)
             got = read_forecasts(args.bootstrap, run.names["output"], n_series * args.values, args.timeout)
             if len(got) < n_series * args.values:
                 raise SystemExit(f"only {len(got)} of {n_series * args.values} forecasts; see {workdir}")
         fill_s = time.monotonic() - fill_started
         deadline = time.monotonic() + 10  # the gauge is refreshed every metrics.refresh_seconds
-        while (resident := run.metric("forecaster_series_resident")) < n_series and time.monotonic() < deadline:
+        while (
+            resident := run.metric("forecaster_series_resident")
+        ) < n_series and time.monotonic() < deadline:
             time.sleep(0.2)
         ends = end_offsets(args.bootstrap, run.names["output"])
         # kill -9 at rest (everything committed), then the same instance again.
@@ -192,7 +204,9 @@ def measure(args, admin, checkpoints: str, workdir: str, n_series: int, referenc
         restored = run.metric("forecaster_series_restored_total")
         # The first value after the restart: does it continue the series?
         probe, probe_ts = names[0], START_MS + 60_000 * args.values
-        send(args.bootstrap, run.names["input"], [(probe.encode(), encode_window(probe, [probe_ts], [123.0]))])
+        send(
+            args.bootstrap, run.names["input"], [(probe.encode(), encode_window(probe, [probe_ts], [123.0]))]
+        )
         after = read_forecasts(args.bootstrap, run.names["output"], 1, args.timeout, start=ends)
         first_forecast = time.monotonic()
         probe_forecast = [f for f in after if f["series"] == probe and f["ts"] == probe_ts]
@@ -229,7 +243,10 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="forecaster-bench-recovery-")
     settings = Settings()
     checkpoints = str(Path(workdir) / "checkpoints")
-    promote(checkpoints, save_checkpoint(checkpoints, fresh_model(settings), Scaling.from_settings(settings.scaling)))
+    promote(
+        checkpoints,
+        save_checkpoint(checkpoints, fresh_model(settings), Scaling.from_settings(settings.scaling)),
+    )
     loaded = load_checkpoint(checkpoints)
     engine_args = {"window": settings.state.window, "scaling": loaded.scaling}
 
@@ -244,18 +261,23 @@ def main() -> None:
         runs = [measure(args, admin, checkpoints, workdir, n, reference) for n in [0, *sizes]]
     finally:
         admin.close()
-    print(json.dumps({
-        "benchmark": "recovery",
-        "quick": args.quick,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "device": "cpu"},
-        "model": settings.model.model_dump(),
-        "window": settings.state.window,
-        "values_per_series": args.values,
-        "partitions": args.partitions,
-        "session_timeout_ms": SESSION_TIMEOUT_MS,
-        "runs": runs,
-        "logs": workdir,
-    }, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "recovery",
+                "quick": args.quick,
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "device": "cpu"},
+                "model": settings.model.model_dump(),
+                "window": settings.state.window,
+                "values_per_series": args.values,
+                "partitions": args.partitions,
+                "session_timeout_ms": SESSION_TIMEOUT_MS,
+                "runs": runs,
+                "logs": workdir,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

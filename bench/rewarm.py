@@ -62,8 +62,9 @@ def summary(values: list[float]) -> dict[str, float]:
 
 def resident_engine(n_series: int, window: int, device: torch.device, seed: int = 0) -> Engine:
     """An engine with ``n_series`` resident series whose ring buffers hold ``window`` (scaled) inputs."""
-    engine = Engine(model_of(1), version="v1", device=device, window=window, capacity=n_series,
-                    max_series=n_series)  # fmt: skip
+    engine = Engine(
+        model_of(1), version="v1", device=device, window=window, capacity=n_series, max_series=n_series
+    )
     table = engine.table
     slots, _ = table.acquire([f"s{i}" for i in range(n_series)], now=time.time())
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -76,7 +77,9 @@ def resident_engine(n_series: int, window: int, device: torch.device, seed: int 
     return engine
 
 
-def bench_rewarm(n_series: int, window: int, device: torch.device, repeats: int, boundary_limit: int) -> dict[str, Any]:
+def bench_rewarm(
+    n_series: int, window: int, device: torch.device, repeats: int, boundary_limit: int
+) -> dict[str, Any]:
     """Re-warm of every resident series: in the background (what the service does for large tables: copy
     of the windows, warm on another thread, catch-up and swap) and, up to ``boundary_limit`` series, at
     the boundary (``Engine.rewarm``, all in one pause)."""
@@ -131,15 +134,21 @@ def bench_rewarm(n_series: int, window: int, device: torch.device, repeats: int,
     return report
 
 
-def bench_loop(n_series: int, window: int, batch: int, batches: int, device: torch.device,
-               background: bool) -> dict[str, Any]:
+def bench_loop(
+    n_series: int, window: int, batch: int, batches: int, device: torch.device, background: bool
+) -> dict[str, Any]:
     """Batch times of the service loop (process, then swap_if_ready) with one swap in the middle."""
     engine = resident_engine(n_series, window, device)
     names = [f"s{i}" for i in range(n_series)]
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as root:
-        swapper = ModelSwapper(root, "v1", registry=CollectorRegistry(), device=device,
-                               background_above=0 if background else 2**62)  # fmt: skip
+        swapper = ModelSwapper(
+            root,
+            "v1",
+            registry=CollectorRegistry(),
+            device=device,
+            background_above=0 if background else 2**62,
+        )
         ts = 1_700_000_000_000
         phases: dict[str, list[float]] = {"steady": [], "copy": [], "during": [], "swap": []}
         phase, i = "steady", 0
@@ -186,8 +195,18 @@ def bench_distance(windows: list[int], n_series: int, n_values: int, epochs: int
     values = [g["value"].to_numpy() for _, g in frame.groupby("series", sort=False)]
     scaling = Scaling()
     model = model_of(3)
-    trained = fit(model, values, scaling, epochs=epochs, chunk_length=64, batch_series=32, learning_rate=5e-3,
-                  validation_fraction=0.1, patience=epochs, progress=False)  # fmt: skip
+    trained = fit(
+        model,
+        values,
+        scaling,
+        epochs=epochs,
+        chunk_length=64,
+        batch_series=32,
+        learning_rate=5e-3,
+        validation_fraction=0.1,
+        patience=epochs,
+        progress=False,
+    )
     x, stats = scaling.transform(np.stack(values))  # (n, T), (n, T, N_STATS)
     last = stats[:, -1]  # (n, N_STATS)
     with torch.no_grad():
@@ -206,14 +225,16 @@ def bench_distance(windows: list[int], n_series: int, n_values: int, epochs: int
             f_w = scaling.denormalize(last, y_w[:, -1]).numpy()
             state_gap = (h_w - h_full).norm(dim=-1) / h_full.norm(dim=-1).clamp(min=1e-12)  # (layers, n)
             forecast_gap = np.abs(f_w - f_full)  # (n, horizon)
-            rows.append({
-                "window": w,
-                "state_relative_l2_mean": float(state_gap.mean()),
-                "state_relative_l2_max": float(state_gap.max()),
-                "forecast_abs_diff_mean": float(forecast_gap.mean()),
-                "forecast_abs_diff_max": float(forecast_gap.max()),
-                "forecast_diff_over_model_mae": float(forecast_gap.mean()) / model_mae,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "window": w,
+                    "state_relative_l2_mean": float(state_gap.mean()),
+                    "state_relative_l2_max": float(state_gap.max()),
+                    "forecast_abs_diff_mean": float(forecast_gap.mean()),
+                    "forecast_abs_diff_max": float(forecast_gap.max()),
+                    "forecast_diff_over_model_mae": float(forecast_gap.mean()) / model_mae,
+                }
+            )
     return {
         "series": n_series,
         "history": n_values,
@@ -232,8 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in seconds")
     parser.add_argument("--skip-distance", action="store_true")
-    parser.add_argument("--boundary-limit", type=int, default=20_000,
-                        help="most series re-warmed at the boundary (Engine.rewarm holds big intermediates)")
+    parser.add_argument(
+        "--boundary-limit",
+        type=int,
+        default=20_000,
+        help="most series re-warmed at the boundary (Engine.rewarm holds big intermediates)",
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -258,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["rewarm"] = bench_rewarm(n_series, args.window, device, repeats, args.boundary_limit)
     print(json.dumps(report["rewarm"]), file=sys.stderr)
-    report["loop"] = [bench_loop(window=args.window, device=device, background=b, **loop) for b in (False, True)]
+    report["loop"] = [
+        bench_loop(window=args.window, device=device, background=b, **loop) for b in (False, True)
+    ]
     print(json.dumps(report["loop"]), file=sys.stderr)
     if not args.skip_distance:
         report["distance"] = bench_distance(**distance)

@@ -70,7 +70,9 @@ class KafkaSettings(BaseModel):
             if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and (
                 not self.sasl_username or self.sasl_password is None
             ):
-                raise ValueError(f"sasl_mechanism={self.sasl_mechanism} needs sasl_username and sasl_password")
+                raise ValueError(
+                    f"sasl_mechanism={self.sasl_mechanism} needs sasl_username and sasl_password"
+                )
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -115,7 +117,9 @@ class ModelSettings(BaseModel):
 class ScalingSettings(BaseModel):
     """Causal per-series normalisation (see ``forecaster.scaling``)."""
 
-    kind: Literal["ewm", "log", "none"] = "ewm"  # log: positive values, seasonal swings that scale with the level
+    kind: Literal["ewm", "log", "none"] = (
+        "ewm"  # log: positive values, seasonal swings that scale with the level
+    )
     # Effective memory of the running mean and variance, in values.
     halflife: float = Field(default=256.0, gt=0.0)
     # Floor of the scale relative to |mean| (and absolute), so a flat series does not divide by zero.
@@ -166,7 +170,9 @@ class ServiceSettings(BaseModel):
     transaction_timeout_ms: int = Field(default=60_000, ge=1_000, le=900_000)
     close_timeout_seconds: float = Field(default=30.0, gt=0.0)  # flush on stop at most this long
     session_timeout_ms: int = Field(default=10_000, ge=1_000)  # a member silent this long leaves the group
-    torch_threads: int = Field(default=1, ge=0, le=1024)  # intra-op threads; one process per core. 0: torch's default
+    torch_threads: int = Field(
+        default=1, ge=0, le=1024
+    )  # intra-op threads; one process per core. 0: torch's default
     # "value": one forecast record per stepped value; "window": one per input record, its values' forecasts
     # in lists (amortises the per-record cost of windowed input; see README, wire formats).
     forecast_records: Literal["value", "window"] = "value"

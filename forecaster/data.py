@@ -71,7 +71,9 @@ def read_series(source: str | os.PathLike[str] | IO[str], *, fmt: str | None = N
         return _long(raw.rename(columns={lowered[c]: c for c in LONG_COLUMNS}))
     if "series" in lowered or "value" in lowered:
         missing = [c for c in LONG_COLUMNS if c not in lowered]
-        raise DataError(f"{_name(source)}: long format needs columns series,ts,value; missing {','.join(missing)}")
+        raise DataError(
+            f"{_name(source)}: long format needs columns series,ts,value; missing {','.join(missing)}"
+        )
     return _wide(raw, source)
 
 
@@ -124,7 +126,12 @@ def _long(raw: pd.DataFrame) -> LoadedSeries:
     good = reasons == ""
     bad = [BadRow(int(line), str(reason)) for line, reason in zip(lines[~good], reasons[~good], strict=True)]
     frame = pd.DataFrame(
-        {"series": series[good].astype(str).to_numpy(), "ts": ts[good], "value": values[good], "line": lines[good]}
+        {
+            "series": series[good].astype(str).to_numpy(),
+            "ts": ts[good],
+            "value": values[good],
+            "line": lines[good],
+        }
     )
     return LoadedSeries(frame.reset_index(drop=True), bad, "long")
 
@@ -148,7 +155,9 @@ def _wide(raw: pd.DataFrame, source: object) -> LoadedSeries:
         bad_value = ts_ok & ~blank & ~np.isfinite(values)
         bad += [BadRow(int(line), "value_not_number", str(column)) for line in lines[bad_value]]
         keep = ts_ok & np.isfinite(values)
-        parts.append(pd.DataFrame({"series": str(column), "ts": ts[keep], "value": values[keep], "line": lines[keep]}))
+        parts.append(
+            pd.DataFrame({"series": str(column), "ts": ts[keep], "value": values[keep], "line": lines[keep]})
+        )
     frame = pd.concat(parts, ignore_index=True)
     bad.sort(key=lambda row: row.line)
     return LoadedSeries(frame, bad, "wide")

@@ -26,9 +26,30 @@ class StateError(ForecasterError):
     """A state snapshot cannot be restored (corrupt bytes, unknown format, wrong shape)."""
 
 
+class ChangelogRecordError(StateError):
+    """A changelog record that cannot be restored; ``reason`` is one of the changelog's ``REFUSALS``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
 class KafkaSetupError(ForecasterError):
     """The broker or a topic is not as the service needs it (unreachable, wrong partition count)."""
 
 
 class DataError(ForecasterError):
     """A data file cannot be read as a time series (missing columns, empty, unknown format)."""
+
+
+class DeliveryError(ForecasterError):
+    """The broker did not acknowledge some forecasts or dead letters: offsets stay uncommitted."""
+
+
+class ProducerFenced(ForecasterError):
+    """Another instance runs with this transactional id: this one is a zombie and must stop."""
+
+
+class ReportError(ForecasterError):
+    """The report cannot be drawn (matplotlib missing) or written."""

@@ -70,7 +70,9 @@ class RecurrentForecaster(nn.Module):
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
         if min(input_size, hidden_size, num_layers, horizon, season) < 1 or base_seasons < 0:
-            raise ValueError("input_size, hidden_size, num_layers, horizon and season must be >= 1, base_seasons >= 0")
+            raise ValueError(
+                "input_size, hidden_size, num_layers, horizon and season must be >= 1, base_seasons >= 0"
+            )
         if base_seasons and input_size != 1:
             raise ValueError("a seasonal baseline reads the value input: input_size must be 1")
         self.cell = cell
@@ -136,7 +138,9 @@ class RecurrentForecaster(nn.Module):
             return 0
         return int((self._lag if self.base_level else self._back).max())
 
-    def scaled_baseline(self, values: Tensor, stats: Tensor, scaling: Any, start: int, stop: int) -> Tensor | None:
+    def scaled_baseline(
+        self, values: Tensor, stats: Tensor, scaling: Any, start: int, stop: int
+    ) -> Tensor | None:
         """The baseline after each of positions ``start .. stop - 1`` of series ``values`` (batch, T) in data
         units (NaN past a series' end), in the units of the model input at that position (``stats``
         (batch, T, N_STATS) after each value; the baseline is computed on ``scaling.inner`` values, the
@@ -170,7 +174,11 @@ class RecurrentForecaster(nn.Module):
         return base + self.mix * (newest - base)  # (batch, T, horizon)
 
     def _with_past(self, values: Tensor, past: Tensor | None) -> Tensor:
-        past = values.new_full((values.shape[0], self.context), math.nan) if past is None else past.to(values.dtype)
+        past = (
+            values.new_full((values.shape[0], self.context), math.nan)
+            if past is None
+            else past.to(values.dtype)
+        )
         return torch.cat([past, values], 1)  # (batch, context + T)
 
     def forward(
@@ -243,7 +251,8 @@ class RecurrentForecaster(nn.Module):
         if recent is None:
             recent = x[..., 0]
         recent = recent.masked_fill(  # (batch, W) right-aligned; NaN before each series' values
-            torch.arange(window, device=x.device) < (window - lengths)[:, None], math.nan)
+            torch.arange(window, device=x.device) < (window - lengths)[:, None], math.nan
+        )
         # Left-align each row so packing sees its values first: row i starts at W - lengths[i].
         shift = torch.arange(window, device=x.device) + (window - lengths)[:, None]  # (batch, W)
         x = x.gather(1, (shift % window).unsqueeze(-1).expand(-1, -1, x.shape[2]))  # (batch, W, input)

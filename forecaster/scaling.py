@@ -120,7 +120,9 @@ class Scaling:
         ``scale``: ``self.scale(stats)`` if the caller has it already."""
         if self.kind == "none":
             return values.astype(np.float32) if isinstance(values, np.ndarray) else values.float()
-        x = (self.inner(values) - stats[:, 1]) / (self.scale(stats) if scale is None else scale)  # (n,) float64
+        x = (self.inner(values) - stats[:, 1]) / (
+            self.scale(stats) if scale is None else scale
+        )  # (n,) float64
         return x.astype(np.float32) if isinstance(x, np.ndarray) else x.float()
 
     def rescale(self, stats: Array, values: Array) -> Array:
@@ -159,7 +161,9 @@ class Scaling:
             return y
         scale = self.scale(stats) if scale is None else scale
         out = y * scale[:, None] + stats[:, 1:2]  # (n, horizon)
-        if self.kind == "log":  # capped below float64's largest exp: a wild output is a huge forecast, not inf
+        if (
+            self.kind == "log"
+        ):  # capped below float64's largest exp: a wild output is a huge forecast, not inf
             out = _lib(out).exp(out.clip(max=700.0) if isinstance(out, np.ndarray) else out.clamp(max=700.0))
         return out
 

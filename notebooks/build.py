@@ -45,7 +45,7 @@ def render(cells: list[tuple[str, str]]) -> str:
 
 # The first code cell of every notebook: imports, the FAST switch (tests/test_notebooks.py sets it) and
 # small PNG figures.
-SETUP = r'''
+SETUP = r"""
 import os
 import warnings
 
@@ -61,7 +61,7 @@ pd.set_option("display.precision", 4)
 torch.manual_seed(0)
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without widgets: no progress bars here
 print("FAST mode: short training and sweeps" if FAST else "full mode")
-'''
+"""
 
 NB01 = [
     md(r"""
@@ -325,7 +325,7 @@ NB01 = [
     """),
 ]
 # Shared by notebooks 2-4: the training data, and two small helpers that only tabulate and plot.
-DATA = r'''
+DATA = r"""
 from forecaster.scaling import Scaling
 from forecaster.tools.synthetic import generate
 
@@ -338,7 +338,7 @@ scaling = Scaling(halflife=96)
 TRAIN = dict(epochs=3 if FAST else 20, chunk_length=48, batch_series=8, learning_rate=5e-3,
              validation_fraction=0.2, patience=3, progress=False)
 print(f"{len(values)} series of {len(values[0])} values; training options {TRAIN}")
-'''
+"""
 
 HELPERS = r'''
 from forecaster.train.evaluation import evaluate, model_forecasts
@@ -967,7 +967,7 @@ NB05 = [
     for rows in np.split(np.arange(len(history)), cuts):
         poll = history.iloc[rng.permutation(rows)]
         out = engine.process(poll["series"].tolist(), poll["ts"].to_numpy(), poll["value"].to_numpy())
-        emitted.append(pd.DataFrame({"series": out.series, "ts": out.ts, "forecast": list(out.values)}))
+        emitted.append(pd.DataFrame({"series": out.series, "ts": out.ts, "forecast": list(out.forecasts)}))
     emitted = pd.concat(emitted).sort_values(["series", "ts"])
     print(f"{len(cuts) + 1} polls, {engine.values_total} values stepped, {engine.duplicates_total} duplicates")
 
@@ -1105,7 +1105,7 @@ NB05 = [
         for k, tick in enumerate(ticks):
             out = e.process(tick["series"].tolist(), tick["ts"].to_numpy(), tick["value"].to_numpy())
             expected = np.stack([reference[s][N_HISTORY + k] for s in out.series])  # (series, H)
-            gap[W].append(float(np.abs(out.values - expected).mean()))
+            gap[W].append(float(np.abs(out.forecasts - expected).mean()))
     model_mae = outcome.evaluation.mae("model")
     first = pd.Series({W: g[0] for W, g in gap.items()}, name="mean |re-warmed - full| after the next value")
     print(f"validation MAE of the new model itself: {model_mae:.3f}")

@@ -48,7 +48,9 @@ def test_every_notebook_is_listed_and_built():
 def test_committed_notebook_is_what_build_writes(name):
     build = _build_module()
     committed = (NOTEBOOK_DIR / name).read_text(encoding="utf-8")
-    assert committed == build.render(build.NOTEBOOKS[name]), f"run: python notebooks/build.py ({name} is stale)"
+    assert committed == build.render(build.NOTEBOOKS[name]), (
+        f"run: python notebooks/build.py ({name} is stale)"
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -101,7 +101,7 @@ def _check_compatible(loaded: LoadedCheckpoint, *, scaling: Scaling | None, hori
                       window: int | None = None) -> None:
     if window is not None and loaded.model.context >= window:
         raise CheckpointError(f"{loaded.version}: its baseline reads {loaded.model.context} values back, the "
-                              f"service retains {window} (state.window)")  # fmt: skip
+                              f"service retains {window} (state.window)")
     if scaling is not None and loaded.scaling != scaling:
         raise CheckpointError(f"{loaded.version}: trained with scaling {loaded.scaling.settings}, the service runs {scaling.settings}")
     if horizon is not None and loaded.model.horizon != horizon:

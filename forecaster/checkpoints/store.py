@@ -247,7 +247,7 @@ def _check_build_args(args: Any) -> dict[str, Any]:
     expected = {"cell", "input_size", "hidden_size", "num_layers", "horizon", "dropout"}
     if not expected <= set(args) <= expected | set(_OPTIONAL_BUILD_ARGS):
         raise CheckpointError(f"manifest: model build arguments must be {sorted(expected)} and optionally "
-                              f"{sorted(_OPTIONAL_BUILD_ARGS)}, got {sorted(args)}")  # fmt: skip
+                              f"{sorted(_OPTIONAL_BUILD_ARGS)}, got {sorted(args)}")
     args = {**_OPTIONAL_BUILD_ARGS, **args}
     for name, (low, high) in _OPTIONAL_LIMITS.items():
         value = args[name]

@@ -40,11 +40,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not rows:
         print(f"no checkpoints in {root}", file=sys.stderr)
         return 0
-    print(f"{'':1} {'version':28} {'created':26} {'model':18} {'val MAE':>10} {'MASE sn':>8} {'parent':28} problem")
+    print(
+        f"{'':1} {'version':28} {'created':26} {'model':18} {'val MAE':>10} {'MASE sn':>8} {'parent':28} problem"
+    )
     for row in rows:
-        print(f"{'*' if row['latest'] else ' ':1} {row['version']:28} {row['created_at'][:26]:26} {row['model']:18} "
-              f"{_num(row['mae']):>10} {_num(row['mase_vs_seasonal_naive']):>8} {row['parent'] or '-':28} "
-              f"{row['problem'] or ''}")
+        print(
+            f"{'*' if row['latest'] else ' ':1} {row['version']:28} {row['created_at'][:26]:26} {row['model']:18} "
+            f"{_num(row['mae']):>10} {_num(row['mase_vs_seasonal_naive']):>8} {row['parent'] or '-':28} "
+            f"{row['problem'] or ''}"
+        )
     return 0
 
 

@@ -33,8 +33,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 2
     if args.window > settings.service.max_window_values:
-        print(f"forecaster produce: --window above service.max_window_values ({settings.service.max_window_values})"
-              " would be dead-lettered", file=sys.stderr)  # fmt: skip
+        print(
+            f"forecaster produce: --window above service.max_window_values ({settings.service.max_window_values})"
+            " would be dead-lettered",
+            file=sys.stderr,
+        )
         return 2
     kafka = settings.kafka
     topic = args.topic or kafka.input_topic
@@ -48,17 +51,25 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         else:
             ticks = args.values or None
             report = produce_synthetic(
-                producer, topic, n_series=args.series, n_ticks=ticks, start_ms=args.start_ms,
-                step_ms=args.step_ms, seed=args.seed, **options,
-            )  # fmt: skip
+                producer,
+                topic,
+                n_series=args.series,
+                n_ticks=ticks,
+                start_ms=args.start_ms,
+                step_ms=args.step_ms,
+                seed=args.seed,
+                **options,
+            )
     except KeyboardInterrupt:
         producer.flush()
         print("forecaster produce: interrupted", file=sys.stderr)
         return 130
     finally:
         producer.close()
-    print(f"produced {report.values} values in {report.records} records to {topic} "
-          f"in {report.seconds:.1f} s ({report.rate:,.0f} values/s)")  # fmt: skip
+    print(
+        f"produced {report.values} values in {report.records} records to {topic} "
+        f"in {report.seconds:.1f} s ({report.rate:,.0f} values/s)"
+    )
     if report.skipped:
         print("skipped rows: " + ", ".join(f"{reason}={n}" for reason, n in sorted(report.skipped.items())))
     return 0

@@ -1,8 +1,8 @@
 """``forecaster replay``: a series file through the engine, no broker; forecasts and their quality.
 
-    forecaster replay --input data.csv                                  # the checkpoint LATEST names
-    forecaster replay --input data.csv --checkpoint checkpoints/<version> --output forecasts.csv
-    forecaster replay --input data.csv --report report.png --season 24
+forecaster replay --input data.csv                                  # the checkpoint LATEST names
+forecaster replay --input data.csv --checkpoint checkpoints/<version> --output forecasts.csv
+forecaster replay --input data.csv --report report.png --season 24
 """
 
 from __future__ import annotations
@@ -20,14 +20,27 @@ from forecaster.tools.replay import format_metrics, format_problems, replay, wri
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", type=Path, required=True,
-                        help="series file: CSV long (series,ts,value) or wide (time column + one per series), Parquet")
-    parser.add_argument("--checkpoint", type=Path,
-                        help="checkpoint folder, or a checkpoint root (its LATEST); default: LATEST in checkpoints.dir")
-    parser.add_argument("--output", type=Path, help="write the forecasts here (CSV: series,ts,model_version,h1..hH)")
+    parser.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="series file: CSV long (series,ts,value) or wide (time column + one per series), Parquet",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="checkpoint folder, or a checkpoint root (its LATEST); default: LATEST in checkpoints.dir",
+    )
+    parser.add_argument(
+        "--output", type=Path, help="write the forecasts here (CSV: series,ts,model_version,h1..hH)"
+    )
     parser.add_argument("--report", type=Path, help="write a PNG report here (needs matplotlib)")
-    parser.add_argument("--season", type=int, help="season of the seasonal-naive baseline (default: detected)")
-    parser.add_argument("--batch-rows", type=int, help="rows per engine batch (default: service.max_poll_records)")
+    parser.add_argument(
+        "--season", type=int, help="season of the seasonal-naive baseline (default: detected)"
+    )
+    parser.add_argument(
+        "--batch-rows", type=int, help="rows per engine batch (default: service.max_poll_records)"
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: state.device)")
@@ -65,14 +78,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoint = resolve_checkpoint(args.checkpoint, settings, device)
     if checkpoint.model.context >= settings.state.window:  # the service refuses it too
-        raise CheckpointError(f"{checkpoint.version}: its baseline reads {checkpoint.model.context} values back, "
-                              f"more than state.window ({settings.state.window}) retains: raise "
-                              "FORECASTER_STATE__WINDOW")  # fmt: skip
-    engine = Engine.from_settings(checkpoint.model, settings, version=checkpoint.version, device=device,
-                                  scaling=checkpoint.scaling)  # fmt: skip
-    result = replay(args.input, engine, season=args.season,
-                    batch_rows=args.batch_rows or settings.service.max_poll_records,
-                    progress=False if args.no_progress else None)  # fmt: skip
+        raise CheckpointError(
+            f"{checkpoint.version}: its baseline reads {checkpoint.model.context} values back, "
+            f"more than state.window ({settings.state.window}) retains: raise "
+            "FORECASTER_STATE__WINDOW"
+        )
+    engine = Engine.from_settings(
+        checkpoint.model, settings, version=checkpoint.version, device=device, scaling=checkpoint.scaling
+    )
+    result = replay(
+        args.input,
+        engine,
+        season=args.season,
+        batch_rows=args.batch_rows or settings.service.max_poll_records,
+        progress=False if args.no_progress else None,
+    )
     for line in format_problems(result):
         print(line, file=sys.stderr)
     if args.output is not None:
@@ -82,12 +102,23 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         write_report(result, args.report)
     if args.json:
-        print(json.dumps({"checkpoint": checkpoint.version, "values": len(result.rows),
-                          "duplicates": result.duplicates, "bad_rows": len(result.bad_rows),
-                          **result.metrics()}, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "checkpoint": checkpoint.version,
+                    "values": len(result.rows),
+                    "duplicates": result.duplicates,
+                    "bad_rows": len(result.bad_rows),
+                    **result.metrics(),
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(f"replayed {len(result.rows)} values of {len(result.rows.by_series())} series with checkpoint "
-          f"{checkpoint.version}; season {result.season}")  # fmt: skip
+    print(
+        f"replayed {len(result.rows)} values of {len(result.rows.by_series())} series with checkpoint "
+        f"{checkpoint.version}; season {result.season}"
+    )
     print(format_metrics(result))
     if args.output is not None:
         print(f"forecasts: {args.output}")

@@ -1,9 +1,9 @@
 """``forecaster train``: fit a model on the input topic's history (or a file) and publish it if it is better.
 
-    forecaster train                          # the whole input topic, once
-    forecaster train --input data.csv         # a series file (long/wide CSV, Parquet)
-    forecaster train --from-time 2026-01-01   # Kafka values from this event time on (or --from-offset N)
-    forecaster train --every 15m              # periodically, with /metrics on settings.train.metrics_port
+forecaster train                          # the whole input topic, once
+forecaster train --input data.csv         # a series file (long/wide CSV, Parquet)
+forecaster train --from-time 2026-01-01   # Kafka values from this event time on (or --from-offset N)
+forecaster train --every 15m              # periodically, with /metrics on settings.train.metrics_port
 """
 
 from __future__ import annotations
@@ -33,15 +33,23 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", type=Path, help="series file to train on instead of the input topic")
     parser.add_argument("--every", help="run periodically, e.g. 15m, 1h (a long-lived process with /metrics)")
-    parser.add_argument("--from-time", help="Kafka history: only values with ts at or after this (epoch ms or ISO-8601)")
+    parser.add_argument(
+        "--from-time", help="Kafka history: only values with ts at or after this (epoch ms or ISO-8601)"
+    )
     parser.add_argument("--from-offset", type=int, help="Kafka history from this offset in every partition")
     parser.add_argument("--epochs", type=int, help="maximum epochs (settings.train.epochs)")
     parser.add_argument("--learning-rate", type=float, help="Adam learning rate")
-    parser.add_argument("--season", type=int, help="season of the seasonal-naive baseline (default: detected)")
-    parser.add_argument("--seasons", help="longer seasons the baseline may also use, comma-separated (e.g. 168)")
+    parser.add_argument(
+        "--season", type=int, help="season of the seasonal-naive baseline (default: detected)"
+    )
+    parser.add_argument(
+        "--seasons", help="longer seasons the baseline may also use, comma-separated (e.g. 168)"
+    )
     parser.add_argument("--cell", choices=("gru", "lstm", "rnn"), help="recurrent cell (settings.model.cell)")
     parser.add_argument("--checkpoint-dir", type=Path, help="checkpoint folder (settings.checkpoints.dir)")
-    parser.add_argument("--always-publish", action="store_true", help="publish even if not better than LATEST")
+    parser.add_argument(
+        "--always-publish", action="store_true", help="publish even if not better than LATEST"
+    )
     parser.add_argument("--metrics-port", type=int, help="/metrics port with --every (0: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -49,8 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def apply_overrides(args: argparse.Namespace, settings: Settings) -> Settings:
     """Settings with the command-line options applied (validated like the environment)."""
     train: dict[str, Any] = {}
-    for option, field in (("epochs", "epochs"), ("learning_rate", "learning_rate"), ("season", "season"),
-                          ("metrics_port", "metrics_port")):
+    for option, field in (
+        ("epochs", "epochs"),
+        ("learning_rate", "learning_rate"),
+        ("season", "season"),
+        ("metrics_port", "metrics_port"),
+    ):
         if getattr(args, option, None) is not None:
             train[field] = getattr(args, option)
     if getattr(args, "seasons", None):
@@ -104,7 +116,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     progress = False if args.no_progress else None
 
     def once() -> TrainOutcome:
-        history = read_history(settings, input_path=args.input, start_ms=start_ms, start_offset=args.from_offset)
+        history = read_history(
+            settings, input_path=args.input, start_ms=start_ms, start_offset=args.from_offset
+        )
         log.info("history: %s", json.dumps(history.describe(), default=str))
         return train_once(settings, history, progress=progress)
 

@@ -8,4 +8,12 @@ from forecaster.engine.engine import Engine, EngineOutput, ErrorStats, reference
 from forecaster.engine.rewarm import RewarmJob
 from forecaster.engine.state import StateTable
 
-__all__ = ["Engine", "EngineOutput", "ErrorStats", "RewarmJob", "StateTable", "reference_forecast", "resolve_device"]
+__all__ = [
+    "Engine",
+    "EngineOutput",
+    "ErrorStats",
+    "RewarmJob",
+    "StateTable",
+    "reference_forecast",
+    "resolve_device",
+]

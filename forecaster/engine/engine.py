@@ -51,7 +51,7 @@ class EngineOutput:
 
     series: list[str]
     ts: np.ndarray  # (n,) int64 epoch ms
-    values: np.ndarray  # (n, horizon) float32 forecasts in data units
+    forecasts: np.ndarray  # (n, horizon) float32 forecasts in data units
     version: str
     duplicates: int = 0
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (n,) int64
@@ -78,7 +78,7 @@ class Engine:
     >>> model = RecurrentForecaster("gru", hidden_size=8, num_layers=1, horizon=2)
     >>> engine = Engine(model, version="v1", window=16)
     >>> out = engine.process(["a", "b", "a"], [2, 1, 1], [0.5, 1.0, 0.25])
-    >>> out.series, out.ts.tolist(), out.values.shape, out.index.tolist()
+    >>> out.series, out.ts.tolist(), out.forecasts.shape, out.index.tolist()
     (['a', 'b', 'a'], [1, 1, 2], (3, 2), [2, 1, 0])
     >>> engine.process(["a"], [2], [9.0]).duplicates
     1
@@ -105,8 +105,16 @@ class Engine:
         self.model = model.to(self.device).eval()
         self.version = version
         self.table = StateTable(
-            model.num_layers, model.hidden_size, model.horizon, window=window, lstm=model.is_lstm,
-            device=self.device, capacity=capacity, max_series=max_series, on_evict=on_evict, version=version,
+            model.num_layers,
+            model.hidden_size,
+            model.horizon,
+            window=window,
+            lstm=model.is_lstm,
+            device=self.device,
+            capacity=capacity,
+            max_series=max_series,
+            on_evict=on_evict,
+            version=version,
             host_views=host_views,
         )
         self.duplicates_total = 0
@@ -117,9 +125,14 @@ class Engine:
     @classmethod
     def from_settings(cls, model: RecurrentForecaster, settings: Any, **kwargs: Any) -> Engine:
         """Build from ``Settings`` (state and scaling sections); ``kwargs`` override (version, clock...)."""
-        options = dict(device=resolve_device(settings.state.device), window=settings.state.window, capacity=settings.state.initial_capacity,
-                       max_series=settings.state.max_series, ttl_seconds=settings.state.ttl_seconds,
-                       scaling=Scaling.from_settings(settings.scaling))
+        options = dict(
+            device=resolve_device(settings.state.device),
+            window=settings.state.window,
+            capacity=settings.state.initial_capacity,
+            max_series=settings.state.max_series,
+            ttl_seconds=settings.state.ttl_seconds,
+            scaling=Scaling.from_settings(settings.scaling),
+        )
         options.update(kwargs)
         return cls(model, **options)
 
@@ -131,11 +144,15 @@ class Engine:
         ts = np.asarray(ts, dtype=np.int64).reshape(-1)
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         if not len(series) == len(ts) == len(values):
-            raise ValueError(f"series, ts and values differ in length: {len(series)}, {len(ts)}, {len(values)}")
+            raise ValueError(
+                f"series, ts and values differ in length: {len(series)}, {len(ts)}, {len(values)}"
+            )
         if not np.isfinite(values).all():
             raise ValueError("values must be finite (validate records before the engine)")
         if self.scaling.positive and not (values > 0.0).all():
-            raise ValueError(f"values must be > 0 with {self.scaling.kind} scaling (validate records before the engine)")
+            raise ValueError(
+                f"values must be > 0 with {self.scaling.kind} scaling (validate records before the engine)"
+            )
         if len(ts) == 0:
             return self._output([], ts, np.zeros((0, self.model.horizon), np.float32), 0, ts)
         # Step 1. the slot of every row (new series get one, possibly evicting LRU ones).
@@ -254,7 +271,9 @@ class Engine:
             return forecasts[0] if len(forecasts) == 1 else np.concatenate(forecasts)
         return torch.cat(forecasts).cpu().numpy()
 
-    def _output(self, names: list[str], ts: np.ndarray, f: np.ndarray, dup: int, rows: np.ndarray) -> EngineOutput:
+    def _output(
+        self, names: list[str], ts: np.ndarray, f: np.ndarray, dup: int, rows: np.ndarray
+    ) -> EngineOutput:
         return EngineOutput(names, ts, f, self.version, dup, rows.astype(np.int64, copy=False))
 
     # ---- errors, state, models -----------------------------------------------------------------------
@@ -323,7 +342,11 @@ class Engine:
         model = model.to(self.device).eval()
         tb = self.table
         if (model.num_layers, model.hidden_size, model.horizon, model.is_lstm) != (
-            tb.num_layers, tb.hidden_size, tb.horizon, tb.lstm):
+            tb.num_layers,
+            tb.hidden_size,
+            tb.horizon,
+            tb.lstm,
+        ):
             tb.reshape_model(model.num_layers, model.hidden_size, model.horizon, model.is_lstm)
         self.model, self.version, tb.version = model, version, version
         self._rewarm_slots(tb.occupied())
@@ -343,7 +366,9 @@ class Engine:
 
 
 def reference_forecast(
-    model: RecurrentForecaster, values: Any, scaling: Scaling | None = Scaling()  # noqa: B008 - immutable
+    model: RecurrentForecaster,
+    values: Any,
+    scaling: Scaling | None = Scaling(),  # noqa: B008 - immutable
 ) -> np.ndarray:
     """The plain full-sequence path for one series: scale, one ``model(x)`` over all T values (with the
     baseline of each in its units), back to data units with the statistics at each t. Returns (T, horizon)
@@ -356,8 +381,12 @@ def reference_forecast(
     model.eval()
     try:
         with torch.inference_mode():
-            base = model.scaled_baseline(torch.from_numpy(v)[None], stats[None], scaling, 0, len(v))  # (1, T, H)
-            y, _ = model(x.to(device)[None, :, None], base=None if base is None else base.to(device))  # (1, T, H)
+            base = model.scaled_baseline(
+                torch.from_numpy(v)[None], stats[None], scaling, 0, len(v)
+            )  # (1, T, H)
+            y, _ = model(
+                x.to(device)[None, :, None], base=None if base is None else base.to(device)
+            )  # (1, T, H)
     finally:
         model.train(was_training)
     return scaling.denormalize(stats, y[0].cpu()).numpy()

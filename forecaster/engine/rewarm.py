@@ -54,8 +54,16 @@ class RewarmJob:
     the boundary that swaps (more go to another background pass, up to ``max_passes`` passes).
     """
 
-    def __init__(self, model: RecurrentForecaster, version: str, engine: Any, *, final_values: int = 10_000,
-                 max_passes: int = 8, rows_per_copy: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: RecurrentForecaster,
+        version: str,
+        engine: Any,
+        *,
+        final_values: int = 10_000,
+        max_passes: int = 8,
+        rows_per_copy: int | None = None,
+    ) -> None:
         self.model, self.version, self.engine = model.to(engine.device).eval(), version, engine
         self.final_values, self.max_passes = final_values, max_passes
         table = engine.table
@@ -113,7 +121,12 @@ class RewarmJob:
         except Exception:
             # Half-written states must not serve: fall back to re-warming everything at this boundary.
             engine.rewarm(self.model, self.version)
-            return {"caught_up": 0, "rewarmed": int(table.resident), "copies": self.copies, "passes": self.passes}
+            return {
+                "caught_up": 0,
+                "rewarmed": int(table.resident),
+                "copies": self.copies,
+                "passes": self.passes,
+            }
 
     # ---- background work ------------------------------------------------------------------------------
 
@@ -123,8 +136,9 @@ class RewarmJob:
         the swap)."""
         n = self.copied
         slots = self.slots[:n]
-        same = np.array([a == b for a, b in zip(table.series_at(slots.tolist()), self.names[:n], strict=True)],
-                        dtype=bool)  # fmt: skip
+        same = np.array(
+            [a == b for a, b in zip(table.series_at(slots.tolist()), self.names[:n], strict=True)], dtype=bool
+        )
         pending = table.count[slots] - self.counts[:n]  # (n,)
         self.valid[:n] &= same & (pending >= 0) & (pending <= table.window_size)
         pending = np.where(self.valid[:n], pending, 0)
@@ -145,8 +159,15 @@ class RewarmJob:
         self.copies += 1
         return lo, hi, ring
 
-    def _catch_up_then_warm(self, rows: np.ndarray, inputs: torch.Tensor, pending: np.ndarray, lo: int, hi: int,
-                            ring: torch.Tensor) -> None:  # fmt: skip
+    def _catch_up_then_warm(
+        self,
+        rows: np.ndarray,
+        inputs: torch.Tensor,
+        pending: np.ndarray,
+        lo: int,
+        hi: int,
+        ring: torch.Tensor,
+    ) -> None:
         self._catch_up(rows, inputs, pending)
         self._warm(lo, hi, ring)
 
@@ -207,7 +228,10 @@ class RewarmJob:
         table, model = engine.table, self.model
         with torch.inference_mode():
             if (model.num_layers, model.hidden_size, model.horizon, model.is_lstm) != (
-                table.num_layers, table.hidden_size, table.horizon, table.lstm
+                table.num_layers,
+                table.hidden_size,
+                table.horizon,
+                table.lstm,
             ):
                 table.reshape_model(model.num_layers, model.hidden_size, model.horizon, model.is_lstm)
             engine.set_model(model, self.version)
@@ -240,9 +264,13 @@ def _pending_inputs(table: Any, slots: np.ndarray, first: np.ndarray, pending: n
     width = int(pending.max()) if len(pending) else 0
     device = table.device
     with torch.inference_mode():
-        ordinals = torch.as_tensor(first, device=device)[:, None] + torch.arange(width, device=device)  # (m, max)
+        ordinals = torch.as_tensor(first, device=device)[:, None] + torch.arange(
+            width, device=device
+        )  # (m, max)
         slot_idx = torch.as_tensor(slots, device=device)[:, None].expand(-1, width)  # (m, max)
-        return table.ring[slot_idx, ordinals % table.window_size].to(torch.float32).unsqueeze(-1)  # (m, max, 1)
+        return (
+            table.ring[slot_idx, ordinals % table.window_size].to(torch.float32).unsqueeze(-1)
+        )  # (m, max, 1)
 
 
 def _select(state: State, idx: torch.Tensor) -> State:

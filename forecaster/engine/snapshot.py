@@ -51,8 +51,11 @@ def expected_arrays(shape: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ..
 def encode(shape: dict[str, Any], version: str, arrays: dict[str, np.ndarray | None]) -> bytes:
     """Serialise one series' arrays (named as in ``expected_arrays(shape)``)."""
     spec = expected_arrays(shape)
-    header = {"model_version": version, "shape": shape,
-              "arrays": [[name, dtype, list(dims)] for name, (dtype, dims) in spec.items()]}
+    header = {
+        "model_version": version,
+        "shape": shape,
+        "arrays": [[name, dtype, list(dims)] for name, (dtype, dims) in spec.items()],
+    }
     head = json.dumps(header, sort_keys=True).encode()
     parts = [MAGIC, _PREFIX.pack(FORMAT_VERSION, len(head)), head]
     for name, (dtype, dims) in spec.items():
@@ -94,7 +97,9 @@ def decode(data: bytes, shape: dict[str, Any]) -> tuple[str, dict[str, np.ndarra
 
 
 @lru_cache(maxsize=16)
-def _fields(shape: tuple[tuple[str, Any], ...]) -> tuple[list[list[Any]], tuple[tuple[str, np.dtype, tuple[int, ...], int, int], ...]]:
+def _fields(
+    shape: tuple[tuple[str, Any], ...],
+) -> tuple[list[list[Any]], tuple[tuple[str, np.dtype, tuple[int, ...], int, int], ...]]:
     """The header layout a table of ``shape`` expects, and (name, dtype, dims, count, bytes) per array."""
     spec = expected_arrays(dict(shape))
     fields = []
@@ -115,8 +120,14 @@ def _header(head: bytes) -> tuple[str, Any, Any]:
 
 
 def table_shape(table: StateTable) -> dict[str, Any]:
-    return {"layers": table.num_layers, "hidden": table.hidden_size, "horizon": table.horizon,
-            "window": table.window_size, "lstm": table.lstm, "n_stats": Scaling.N_STATS}
+    return {
+        "layers": table.num_layers,
+        "hidden": table.hidden_size,
+        "horizon": table.horizon,
+        "window": table.window_size,
+        "lstm": table.lstm,
+        "n_stats": Scaling.N_STATS,
+    }
 
 
 def take(table: StateTable, series: str) -> bytes:
@@ -171,12 +182,17 @@ def take_many(table: StateTable, series: Sequence[str]) -> list[bytes]:
         per_series = [table.h.index_select(1, idx).transpose(0, 1)]  # (n, layers, hidden)
         if table.c is not None:
             per_series.append(table.c.index_select(1, idx).transpose(0, 1))  # (n, layers, hidden)
-        per_series += [t.index_select(0, idx) for t in (table.forecast, table.stats, table.ring, table.values)]
+        per_series += [
+            t.index_select(0, idx) for t in (table.forecast, table.stats, table.ring, table.values)
+        ]
         arrays = [np.ascontiguousarray(t.cpu().numpy()) for t in per_series]
     arrays += [table.last_ts[slots].astype(np.int64), table.count[slots].astype(np.int64)]
     spec = expected_arrays(table_shape(table))
-    header = {"model_version": table.version, "shape": table_shape(table),
-              "arrays": [[name, dtype, list(dims)] for name, (dtype, dims) in spec.items()]}
+    header = {
+        "model_version": table.version,
+        "shape": table_shape(table),
+        "arrays": [[name, dtype, list(dims)] for name, (dtype, dims) in spec.items()],
+    }
     head = json.dumps(header, sort_keys=True).encode()
     prefix = MAGIC + _PREFIX.pack(FORMAT_VERSION, len(head)) + head
     out = []

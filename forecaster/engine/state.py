@@ -63,7 +63,12 @@ class StateTable:
     ) -> None:
         if min(num_layers, hidden_size, horizon, window, capacity, max_series) < 1:
             raise ValueError("num_layers, hidden_size, horizon, window, capacity and max_series must be >= 1")
-        self.num_layers, self.hidden_size, self.horizon, self.window_size = num_layers, hidden_size, horizon, window
+        self.num_layers, self.hidden_size, self.horizon, self.window_size = (
+            num_layers,
+            hidden_size,
+            horizon,
+            window,
+        )
         self.lstm = lstm
         self.device = torch.device(device)
         # Index per-slot arrays through numpy views (CPU only; cheaper per call than torch indexing).
@@ -90,7 +95,9 @@ class StateTable:
         old, keep = self.capacity, min(self.capacity, capacity)
         dev = self.device
 
-        def grow(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, dim: int = 0) -> torch.Tensor:
+        def grow(
+            t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, dim: int = 0
+        ) -> torch.Tensor:
             new = torch.zeros(shape, dtype=dtype, device=dev)
             if t is not None and keep:
                 new.narrow(dim, 0, keep).copy_(t.narrow(dim, 0, keep))
@@ -148,7 +155,9 @@ class StateTable:
     @property
     def state_bytes(self) -> int:
         """Bytes held by the per-slot tensors and arrays (all capacity, used or not)."""
-        tensors = [self.h, self.forecast, self.stats, self.ring, self.values] + ([self.c] if self.c is not None else [])
+        tensors = [self.h, self.forecast, self.stats, self.ring, self.values] + (
+            [self.c] if self.c is not None else []
+        )
         arrays = [self.last_ts, self.count, self.last_seen, self.dirty]
         return sum(t.numel() * t.element_size() for t in tensors) + sum(a.nbytes for a in arrays)
 
@@ -161,7 +170,9 @@ class StateTable:
         ``series``; if every resident series is in ``series`` the table goes past ``max_series``.
         """
         slots = self.locate(series, now)
-        return slots, np.isin(slots, self._last_fresh) if len(self._last_fresh) else np.zeros(len(slots), bool)
+        return slots, np.isin(slots, self._last_fresh) if len(self._last_fresh) else np.zeros(
+            len(slots), bool
+        )
 
     @_inference
     def locate(self, series: Sequence[str], now: float) -> np.ndarray:
@@ -312,7 +323,9 @@ class StateTable:
         if forecast is not None:
             self.forecast.index_copy_(0, idx, forecast.to(self.forecast.dtype))
 
-    def _in_order(self, ring: torch.Tensor, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _in_order(
+        self, ring: torch.Tensor, slots: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows ``slots`` of ``ring`` oldest first and right-aligned (n, W), the mask of the positions before
         each series' values (n, W), and lengths (n,) int64 = min(count, W)."""
         count = torch.as_tensor(self.count[slots], device=self.device)  # (n,)

@@ -215,7 +215,9 @@ class ServiceMetrics:
             registry=r,
         )
         self.changelog_records = Counter(
-            "forecaster_changelog_records_total", "State changelog records written in transactions", registry=r
+            "forecaster_changelog_records_total",
+            "State changelog records written in transactions",
+            registry=r,
         )
         self.changelog_refused = Counter(
             "forecaster_changelog_refused_total",
@@ -377,16 +379,26 @@ class TrainerMetrics:
         self.runs = Counter(
             "forecaster_trainer_runs_total",
             "Training runs by result: published, not_published (not better), failed",
-            ["result"], registry=registry,
-        )  # fmt: skip
-        self.loss = Gauge("forecaster_trainer_loss", "Loss (scaled MSE) of the last run, by split",
-                          ["split"], registry=registry)
-        self.duration = Gauge("forecaster_trainer_duration_seconds", "Duration of the last training run",
-                              registry=registry)
-        self.last_success = Gauge("forecaster_trainer_last_success_timestamp_seconds",
-                                  "Unix time the last run finished without error", registry=registry)
-        self.published = Info("forecaster_trainer_published_version",
-                              "The checkpoint version LATEST names", registry=registry)
+            ["result"],
+            registry=registry,
+        )
+        self.loss = Gauge(
+            "forecaster_trainer_loss",
+            "Loss (scaled MSE) of the last run, by split",
+            ["split"],
+            registry=registry,
+        )
+        self.duration = Gauge(
+            "forecaster_trainer_duration_seconds", "Duration of the last training run", registry=registry
+        )
+        self.last_success = Gauge(
+            "forecaster_trainer_last_success_timestamp_seconds",
+            "Unix time the last run finished without error",
+            registry=registry,
+        )
+        self.published = Info(
+            "forecaster_trainer_published_version", "The checkpoint version LATEST names", registry=registry
+        )
         for result in ("published", "not_published", "failed"):
             self.runs.labels(result=result)
 

@@ -49,10 +49,25 @@ from forecaster.errors import InvalidRecord
 SCHEMA_VERSION = 1
 FIELDS = frozenset({"schema", "series", "ts", "value", "values"})
 REASONS = (
-    "not_utf8", "not_json", "not_object", "unknown_schema", "unknown_field", "missing_series", "bad_series",
-    "series_too_long", "key_mismatch", "missing_value", "bad_value", "non_finite", "bad_ts",
-    "ts_out_of_range", "length_mismatch", "window_too_large", "empty_window", "not_positive",
-)  # fmt: skip
+    "not_utf8",
+    "not_json",
+    "not_object",
+    "unknown_schema",
+    "unknown_field",
+    "missing_series",
+    "bad_series",
+    "series_too_long",
+    "key_mismatch",
+    "missing_value",
+    "bad_value",
+    "non_finite",
+    "bad_ts",
+    "ts_out_of_range",
+    "length_mismatch",
+    "window_too_large",
+    "empty_window",
+    "not_positive",
+)
 _NUMBER = (int, float)  # bool is excluded by checking type() exactly
 
 
@@ -111,7 +126,9 @@ class RecordDecoder:
         self.positive = positive  # values must be > 0 (the engine scales their logarithm)
 
     @classmethod
-    def from_settings(cls, service: Any, clock: Callable[[], float] = time.time, positive: bool = False) -> RecordDecoder:
+    def from_settings(
+        cls, service: Any, clock: Callable[[], float] = time.time, positive: bool = False
+    ) -> RecordDecoder:
         return cls(
             max_series_length=service.max_series_length,
             max_window_values=service.max_window_values,
@@ -345,9 +362,12 @@ def encode_forecasts(
     """
     horizon = forecasts.shape[1] if forecasts.ndim == 2 else 0
     template = (
-        '{"series":%s,"ts":%d,"model_version":' + json.dumps(version).replace("%", "%%") + ',"forecast":['
-        + ",".join(["%.9g"] * horizon) + '],"input":{"partition":%d,"offset":%d}%s}'
-    )  # fmt: skip
+        '{"series":%s,"ts":%d,"model_version":'
+        + json.dumps(version).replace("%", "%%")
+        + ',"forecast":['
+        + ",".join(["%.9g"] * horizon)
+        + '],"input":{"partition":%d,"offset":%d}%s}'
+    )
     finite = np.isfinite(forecasts).all(axis=1) if horizon else np.ones(len(forecasts), dtype=bool)
     names: dict[str, str] = {}
     encoded = []
@@ -396,9 +416,11 @@ def encode_forecast_groups(
     for rows in np.split(order, bounds) if len(order) else []:
         first = int(rows[0])
         values = forecasts[rows]
-        listed = values.tolist() if np.isfinite(values).all() else [
-            [f if math.isfinite(f) else None for f in row] for row in values.tolist()
-        ]
+        listed = (
+            values.tolist()
+            if np.isfinite(values).all()
+            else [[f if math.isfinite(f) else None for f in row] for row in values.tolist()]
+        )
         text = (
             f'{{"series":{json.dumps(series[first])},"ts":{json.dumps(ts[rows].tolist())},'
             f'"model_version":{prefix},"forecasts":{json.dumps(listed)},'

@@ -19,13 +19,9 @@ from typing import Any
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from forecaster.errors import ForecasterError
+from forecaster.errors import DeliveryError
 
 log = logging.getLogger(__name__)
-
-
-class DeliveryError(ForecasterError):
-    """The broker did not acknowledge some forecasts or dead letters: offsets stay uncommitted."""
 
 
 class AtLeastOnceCommitter:

@@ -30,7 +30,7 @@ from kafka.structs import TopicPartition
 from forecaster.checkpoints.hotswap import ModelSwapper, initial_model
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine, resolve_device
-from forecaster.errors import InvalidRecord, KafkaSetupError
+from forecaster.errors import InvalidRecord, KafkaSetupError, ProducerFenced
 from forecaster.metrics.metrics import MetricsServer, ServiceMetrics
 from forecaster.records.codec import (
     DecodedBatch,
@@ -49,7 +49,7 @@ from forecaster.service.clients import (
     wait_for_broker,
 )
 from forecaster.service.exactly_once.changelog import ensure_changelog
-from forecaster.service.exactly_once.committer import ProducerFenced, TransactionalCommitter, is_fenced
+from forecaster.service.exactly_once.committer import TransactionalCommitter, is_fenced
 from forecaster.service.exactly_once.parts import ExactlyOnce, consumer_options
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,12 @@ class Service:
         self.metrics = metrics or ServiceMetrics()
         self.swapper = swapper
         self.clock = clock
-        positive = Scaling.from_settings(settings.scaling).positive or (engine is not None and engine.scaling.positive)
-        self.decoder = RecordDecoder.from_settings(settings.service, clock=clock, positive=positive)  # log: > 0
+        positive = Scaling.from_settings(settings.scaling).positive or (
+            engine is not None and engine.scaling.positive
+        )
+        self.decoder = RecordDecoder.from_settings(
+            settings.service, clock=clock, positive=positive
+        )  # log: > 0
         self.committer: AtLeastOnceCommitter | TransactionalCommitter | None = None
         self.exactly_once: ExactlyOnce | None = None
         self._stopping = threading.Event()
@@ -109,7 +113,9 @@ class Service:
                 raise
             log.error(
                 "stopping: another instance took over transactional id %s, so this one is a zombie and"
-                " exits (%r)", getattr(self.committer, "transactional_id", "?"), exc,
+                " exits (%r)",
+                getattr(self.committer, "transactional_id", "?"),
+                exc,
             )
             self._fenced = True
             if isinstance(self.committer, TransactionalCommitter):
@@ -163,11 +169,11 @@ class Service:
         index = batch.index[out.index]  # (n,) position in the input record's window
         if self.settings.service.forecast_records == "window":
             keys, encoded = encode_forecast_groups(
-                out.series, out.ts, out.version, out.values, partition, offset, index, record
+                out.series, out.ts, out.version, out.forecasts, partition, offset, index, record
             )
         else:
             keys = out.series
-            encoded = encode_forecasts(out.series, out.ts, out.version, out.values, partition, offset, index)
+            encoded = encode_forecasts(out.series, out.ts, out.version, out.forecasts, partition, offset, index)
         if self.exactly_once is not None:
             self.exactly_once.ledger.note(out.series, partition.tolist())  # each series' changelog partition
         send, in_flight = self.committer.producer.send, self.committer.in_flight
@@ -230,7 +236,12 @@ class Service:
     def ready(self) -> bool:
         """Polling with partitions assigned and restored (the ``/readyz`` answer)."""
         restoring = self.exactly_once is not None and bool(self.exactly_once.owner.to_restore)
-        return self._polling and not self._stopping.is_set() and bool(self.consumer.assignment()) and not restoring
+        return (
+            self._polling
+            and not self._stopping.is_set()
+            and bool(self.consumer.assignment())
+            and not restoring
+        )
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 

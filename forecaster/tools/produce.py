@@ -114,9 +114,15 @@ def file_chunks(
 
 
 def send_chunks(
-    producer: Any, topic: str, chunks: Iterable[Chunk], *, rate: float = 0.0, total: int | None = None,
-    progress: bool = True, windowed: bool = False,
-) -> ProduceReport:  # fmt: skip
+    producer: Any,
+    topic: str,
+    chunks: Iterable[Chunk],
+    *,
+    rate: float = 0.0,
+    total: int | None = None,
+    progress: bool = True,
+    windowed: bool = False,
+) -> ProduceReport:
     """Send each chunk as one record (a single-value record when not ``windowed``); flush at the end."""
     report = ProduceReport()
     pacer = Pacer(rate)
@@ -140,9 +146,18 @@ def send_chunks(
 
 
 def produce_synthetic(
-    producer: Any, topic: str, *, n_series: int, n_ticks: int | None, window: int = 1, rate: float = 0.0,
-    start_ms: int | None = None, step_ms: int = 1000, seed: int = 0, progress: bool = True,
-) -> ProduceReport:  # fmt: skip
+    producer: Any,
+    topic: str,
+    *,
+    n_series: int,
+    n_ticks: int | None,
+    window: int = 1,
+    rate: float = 0.0,
+    start_ms: int | None = None,
+    step_ms: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> ProduceReport:
     """``n_ticks`` values of each of ``n_series`` synthetic series (forever when None) to ``topic``."""
     start_ms = int(time.time() * 1000) if start_ms is None else start_ms
     chunks = synthetic_chunks(n_series, n_ticks, window=window, start_ms=start_ms, step_ms=step_ms, seed=seed)
@@ -153,9 +168,14 @@ def produce_synthetic(
 
 
 def produce_file(
-    producer: Any, topic: str, source: str | os.PathLike[str] | IO[str], *, window: int = 1, rate: float = 0.0,
+    producer: Any,
+    topic: str,
+    source: str | os.PathLike[str] | IO[str],
+    *,
+    window: int = 1,
+    rate: float = 0.0,
     progress: bool = True,
-) -> ProduceReport:  # fmt: skip
+) -> ProduceReport:
     """Replay a series file (CSV long or wide, Parquet) to ``topic`` in time order."""
     skipped: dict[str, int] = {}
     chunks = list(file_chunks(source, window=window, skipped=skipped))

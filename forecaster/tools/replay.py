@@ -106,7 +106,9 @@ def load_rows(source: str | os.PathLike[str] | IO[str]) -> tuple[pd.DataFrame, l
     return frame, loaded.bad_rows, out_of_order
 
 
-def step_rows(engine: Engine, frame: pd.DataFrame, *, batch_rows: int = 2000, progress: bool | None = None) -> Stepped:
+def step_rows(
+    engine: Engine, frame: pd.DataFrame, *, batch_rows: int = 2000, progress: bool | None = None
+) -> Stepped:
     """Feed ``frame`` (``series, ts, value, line``, in event-time order) to ``engine`` in batches of rows."""
     if batch_rows < 1:
         raise ValueError("batch_rows must be >= 1")
@@ -125,7 +127,7 @@ def step_rows(engine: Engine, frame: pd.DataFrame, *, batch_rows: int = 2000, pr
             series.extend(out.series)
             parts["ts"].append(out.ts)
             parts["values"].append(values[lo:hi][out.index])
-            parts["forecasts"].append(out.values)
+            parts["forecasts"].append(out.forecasts)
             versions.extend([out.version] * len(out))
             if out.duplicates:
                 stepped = np.zeros(hi - lo, dtype=bool)
@@ -137,7 +139,9 @@ def step_rows(engine: Engine, frame: pd.DataFrame, *, batch_rows: int = 2000, pr
         series=series,
         ts=np.concatenate(parts["ts"]) if parts["ts"] else np.zeros(0, np.int64),
         values=np.concatenate(parts["values"]) if parts["values"] else np.zeros(0),
-        forecasts=np.concatenate(parts["forecasts"]) if parts["forecasts"] else np.zeros((0, horizon), np.float32),
+        forecasts=np.concatenate(parts["forecasts"])
+        if parts["forecasts"]
+        else np.zeros((0, horizon), np.float32),
         versions=versions,
         duplicate_lines=sorted(duplicate_lines),
     )
@@ -179,15 +183,23 @@ def replay(
 ) -> ReplayResult:
     """Replay a series file through ``engine`` and score its forecasts (see ``replay_frame``)."""
     frame, bad_rows, out_of_order = load_rows(source)
-    if engine.scaling.positive:  # the engine scales logarithms: a value <= 0 is a bad row (the service dead-letters it)
+    if (
+        engine.scaling.positive
+    ):  # the engine scales logarithms: a value <= 0 is a bad row (the service dead-letters it)
         bad = ~(frame["value"].to_numpy() > 0.0)
         detail = f"with {engine.scaling.kind} scaling"
-        bad_rows = sorted(bad_rows + [BadRow(int(line), "not_positive", f"value {value} {detail}")
-                                      for line, value in frame.loc[bad, ["line", "value"]].itertuples(index=False)],
-                          key=lambda b: b.line)  # fmt: skip
+        bad_rows = sorted(
+            bad_rows
+            + [
+                BadRow(int(line), "not_positive", f"value {value} {detail}")
+                for line, value in frame.loc[bad, ["line", "value"]].itertuples(index=False)
+            ],
+            key=lambda b: b.line,
+        )
         frame = frame[~bad].reset_index(drop=True)
-    result = replay_frame(frame, engine, season=season, batch_rows=batch_rows, score_from=score_from,
-                          progress=progress)  # fmt: skip
+    result = replay_frame(
+        frame, engine, season=season, batch_rows=batch_rows, score_from=score_from, progress=progress
+    )
     result.bad_rows, result.out_of_order = bad_rows, out_of_order
     return result
 
@@ -213,15 +225,23 @@ def replay_frame(
     if season is None:
         season = detect_season(values)
     first = None if score_from is None else first_origins(rows, score_from)
-    errors = score(values, {"model": [rows.forecasts[at] for at in groups]}, horizon=rows.horizon, season=season,
-                   first_origin=first)  # fmt: skip
+    errors = score(
+        values,
+        {"model": [rows.forecasts[at] for at in groups]},
+        horizon=rows.horizon,
+        season=season,
+        first_origin=first,
+    )
     return ReplayResult(rows, errors, season)
 
 
 def first_origins(rows: Stepped, score_from: int) -> list[int]:
     """Per series (in ``rows.by_series()`` order), the first origin whose next value is at or after
     ``score_from``."""
-    return [max(int(np.searchsorted(rows.ts[at], score_from, side="left")) - 1, 0) for at in rows.by_series().values()]
+    return [
+        max(int(np.searchsorted(rows.ts[at], score_from, side="left")) - 1, 0)
+        for at in rows.by_series().values()
+    ]
 
 
 def forecasts_frame(rows: Stepped) -> pd.DataFrame:
@@ -243,8 +263,10 @@ def format_metrics(result: ReplayResult) -> str:
     model, naive, last = e["model"], e["seasonal_naive"], e["last_value"]
     _, mase_naive = mase(model, naive)
     _, mase_last = mase(model, last)
-    header = f"{'step':>7} {'points':>9} {'MAE':>12} {'RMSE':>12} {'MASE/snaive':>12} {'MASE/last':>10} " \
-             f"{'snaive MAE':>12} {'last MAE':>12}"  # fmt: skip
+    header = (
+        f"{'step':>7} {'points':>9} {'MAE':>12} {'RMSE':>12} {'MASE/snaive':>12} {'MASE/last':>10} "
+        f"{'snaive MAE':>12} {'last MAE':>12}"
+    )
     lines = [header]
     for k in range(result.horizon):
         lines.append(
@@ -265,17 +287,27 @@ def format_problems(result: ReplayResult) -> list[str]:
     if result.bad_rows:
         counts = pd.Series([b.reason for b in result.bad_rows]).value_counts()
         reasons = ", ".join(f"{reason} {n}" for reason, n in counts.items())
-        shown = ", ".join(f"line {b.line} ({b.reason}{': ' + b.detail if b.detail else ''})"
-                          for b in result.bad_rows[:SHOW_BAD_ROWS])  # fmt: skip
-        more = f", and {len(result.bad_rows) - SHOW_BAD_ROWS} more" if len(result.bad_rows) > SHOW_BAD_ROWS else ""
+        shown = ", ".join(
+            f"line {b.line} ({b.reason}{': ' + b.detail if b.detail else ''})"
+            for b in result.bad_rows[:SHOW_BAD_ROWS]
+        )
+        more = (
+            f", and {len(result.bad_rows) - SHOW_BAD_ROWS} more"
+            if len(result.bad_rows) > SHOW_BAD_ROWS
+            else ""
+        )
         lines.append(f"skipped {len(result.bad_rows)} bad rows ({reasons}): {shown}{more}")
     if result.duplicates:
         shown = ", ".join(str(line) for line in result.rows.duplicate_lines[:SHOW_BAD_ROWS])
         more = ", ..." if result.duplicates > SHOW_BAD_ROWS else ""
-        lines.append(f"dropped {result.duplicates} duplicate rows (ts not newer than an earlier row of the same "
-                     f"series): lines {shown}{more}")  # fmt: skip
+        lines.append(
+            f"dropped {result.duplicates} duplicate rows (ts not newer than an earlier row of the same "
+            f"series): lines {shown}{more}"
+        )
     if result.out_of_order:
-        lines.append(f"{result.out_of_order} rows were out of time order in the file; replayed in event-time order")
+        lines.append(
+            f"{result.out_of_order} rows were out of time order in the file; replayed in event-time order"
+        )
     return lines
 
 

@@ -11,15 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from forecaster.errors import ForecasterError
+from forecaster.errors import ReportError
 from forecaster.tools.replay import ReplayResult
 
 SERIES_SHOWN = 4
 LAST_POINTS = 200  # values of each series drawn (its most recent ones)
-
-
-class ReportError(ForecasterError):
-    """The report cannot be drawn (matplotlib missing) or written."""
 
 
 def require_matplotlib() -> Any:
@@ -60,15 +56,25 @@ def write_report(result: ReplayResult, path: str | os.PathLike[str]) -> None:
             if len(at) > 1:
                 ax.plot(x[1:], rows.forecasts[at][:-1, 0], color="tab:blue", lw=1.0, label="forecast, 1 step")
                 ahead = x[-1] + np.arange(1, result.horizon + 1)
-                ax.plot(ahead, rows.forecasts[at][-1], color="tab:orange", lw=1.0, ls="--",
-                        label=f"forecast, {result.horizon} steps")  # fmt: skip
+                ax.plot(
+                    ahead,
+                    rows.forecasts[at][-1],
+                    color="tab:orange",
+                    lw=1.0,
+                    ls="--",
+                    label=f"forecast, {result.horizon} steps",
+                )
             ax.set_title(f"{name} (last {len(at)} values, x in steps)", fontsize=9)
             ax.legend(fontsize=7, loc="upper left")
         # Last panel: MAE by horizon step, the model against both baselines on the same points.
         ax = axes[-1, 0]
         steps = np.arange(1, result.horizon + 1)
         for name, style in (("model", "-o"), ("seasonal_naive", "--s"), ("last_value", ":^")):
-            label = f"seasonal naive (season {result.season})" if name == "seasonal_naive" else name.replace("_", " ")
+            label = (
+                f"seasonal naive (season {result.season})"
+                if name == "seasonal_naive"
+                else name.replace("_", " ")
+            )
             ax.plot(steps, result.errors[name].mae(), style, ms=3, label=label)
         ax.set_xlabel("horizon step")
         ax.set_ylabel("MAE")

@@ -39,7 +39,9 @@ class SyntheticSource:
     (['series-0', 'series-1', 'series-2'], (3,))
     """
 
-    def __init__(self, n_series: int, *, seed: int = 0, shape: SeriesShape = SeriesShape(), prefix: str = "series-"):
+    def __init__(
+        self, n_series: int, *, seed: int = 0, shape: SeriesShape = SeriesShape(), prefix: str = "series-"
+    ):
         if n_series < 1:
             raise ValueError("n_series must be >= 1")
         self.ids = [f"{prefix}{i}" for i in range(n_series)]
@@ -59,7 +61,9 @@ class SyntheticSource:
         n = len(self.ids)
         shape = self.shape
         jumps = self._rng.random(n) < shape.shift_probability
-        self._shift += jumps * self._rng.normal(0.0, shape.shift_size, n) * self._amplitude / max(shape.amplitude, 1e-9)
+        self._shift += (
+            jumps * self._rng.normal(0.0, shape.shift_size, n) * self._amplitude / max(shape.amplitude, 1e-9)
+        )
         angle = 2 * np.pi * self.t / shape.season + self._phase
         values = (
             self._level

@@ -87,9 +87,10 @@ def detect_season(
         weight[: usable + 1] += n
     acf = np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
     peaks = [
-        lag for lag in range(2, max_lag)
+        lag
+        for lag in range(2, max_lag)
         if acf[lag] >= min_acf and acf[lag] >= acf[lag - 1] and acf[lag] >= acf[lag + 1]
-    ]  # fmt: skip
+    ]
     if not peaks:
         return 1
     best = max(acf[lag] for lag in peaks)
@@ -118,7 +119,9 @@ class ForecastErrors:
         return cls(keep.sum(0).astype(np.int64), np.abs(err).sum(0), (err * err).sum(0))
 
     def __add__(self, other: ForecastErrors) -> ForecastErrors:
-        return ForecastErrors(self.count + other.count, self.sum_abs + other.sum_abs, self.sum_sq + other.sum_sq)
+        return ForecastErrors(
+            self.count + other.count, self.sum_abs + other.sum_abs, self.sum_sq + other.sum_sq
+        )
 
     def mae(self) -> np.ndarray:
         """Mean absolute error per horizon step (NaN where nothing was counted)."""
@@ -156,7 +159,9 @@ def mase(model: ForecastErrors, baseline: ForecastErrors) -> tuple[float, list[f
     return float(overall), [float(x) for x in per]
 
 
-def error_report(errors: Mapping[str, ForecastErrors], baselines: Sequence[str], **header: Any) -> dict[str, Any]:
+def error_report(
+    errors: Mapping[str, ForecastErrors], baselines: Sequence[str], **header: Any
+) -> dict[str, Any]:
     """JSON-ready figures per method (MAE/RMSE overall and by horizon), with MASE of every method that is
     not a baseline against each of ``baselines``; ``header`` fields come first."""
     report: dict[str, Any] = dict(header)

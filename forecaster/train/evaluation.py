@@ -37,7 +37,11 @@ BASELINES = ("last_value", "seasonal_naive")
 
 
 def model_forecasts(
-    model: RecurrentForecaster, scaling: Scaling, values: Sequence[np.ndarray], *, batch_series: int = 256,
+    model: RecurrentForecaster,
+    scaling: Scaling,
+    values: Sequence[np.ndarray],
+    *,
+    batch_series: int = 256,
     chunk_length: int = 1024,
 ) -> list[np.ndarray]:
     """The forecast after each value of each series, in data units: a list of (T_i, horizon) float64."""
@@ -53,16 +57,21 @@ def model_forecasts(
                 if not rows:
                     continue
                 length = max(len(values[i]) for i in rows)
-                raw = np.stack([np.pad(np.asarray(values[i], np.float64), (0, length - len(values[i])), mode="edge")
-                                for i in rows])  # (B, L): right padding never reaches earlier values
+                raw = np.stack(
+                    [
+                        np.pad(np.asarray(values[i], np.float64), (0, length - len(values[i])), mode="edge")
+                        for i in rows
+                    ]
+                )  # (B, L): right padding never reaches earlier values
                 x, stats = scaling.transform(raw)  # (B, L), (B, L, N_STATS)
                 raw_t = torch.from_numpy(raw)  # (B, L) what the baseline reads
                 h, ys = None, []
                 for start in range(0, length, chunk_length):
                     stop = min(start + chunk_length, length)
                     base = model.scaled_baseline(raw_t, stats, scaling, start, stop)  # (B, T, H)
-                    y, h = model(x[:, start:stop, None].to(device), h,
-                                 base=None if base is None else base.to(device))  # (B, T, H)
+                    y, h = model(
+                        x[:, start:stop, None].to(device), h, base=None if base is None else base.to(device)
+                    )  # (B, T, H)
                     ys.append(y.cpu())
                 y = torch.cat(ys, 1)  # (B, L, H)
                 for r, i in enumerate(rows):

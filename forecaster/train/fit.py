@@ -51,12 +51,18 @@ class Batch:
     x: torch.Tensor  # (B, L, 1) float32 model inputs (0 past the end)
     stats: torch.Tensor  # (B, L, N_STATS) float64 scaling statistics after each value
     v: torch.Tensor  # (B, L + H) float64 values, NaN past the end
-    values: torch.Tensor  # (B, L) float64 values, right-padded with each series' last one (what baselines read)
+    values: (
+        torch.Tensor
+    )  # (B, L) float64 values, right-padded with each series' last one (what baselines read)
     scaling: Scaling  # what made ``x`` and ``stats``: targets go to the units of the input at their origin
 
 
 def make_batches(
-    values: Sequence[np.ndarray], scaling: Scaling, horizon: int, batch_series: int, validation_fraction: float
+    values: Sequence[np.ndarray],
+    scaling: Scaling,
+    horizon: int,
+    batch_series: int,
+    validation_fraction: float,
 ) -> list[Batch]:
     """Group series of similar length into padded batches, scaled once."""
     order = sorted(range(len(values)), key=lambda i: len(values[i]))
@@ -74,15 +80,24 @@ def make_batches(
         past_end = torch.arange(length)[None, :] >= torch.as_tensor(n)[:, None]  # (B, L)
         v = torch.full((len(rows), length + horizon), math.nan, dtype=torch.float64)
         v[:, :length] = torch.from_numpy(raw).masked_fill(past_end, math.nan)
-        batches.append(Batch(
-            rows=rows, n=n, n_train=np.array([split_point(int(k), validation_fraction) for k in n]),
-            x=x.masked_fill(past_end, 0.0).unsqueeze(-1), stats=stats, v=v, values=torch.from_numpy(raw),
-            scaling=scaling,
-        ))  # fmt: skip
+        batches.append(
+            Batch(
+                rows=rows,
+                n=n,
+                n_train=np.array([split_point(int(k), validation_fraction) for k in n]),
+                x=x.masked_fill(past_end, 0.0).unsqueeze(-1),
+                stats=stats,
+                v=v,
+                values=torch.from_numpy(raw),
+                scaling=scaling,
+            )
+        )
     return batches
 
 
-def chunk_targets(batch: Batch, start: int, stop: int, horizon: int, warmup: int, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_targets(
+    batch: Batch, start: int, stop: int, horizon: int, warmup: int, part: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled targets (B, stop - start, H) float32 of forecasts made at t in [start, stop), and their mask.
 
     ``part`` picks the targets that count: ``"train"`` (inside each series' training part) or
@@ -90,7 +105,9 @@ def chunk_targets(batch: Batch, start: int, stop: int, horizon: int, warmup: int
     """
     future = batch.v[:, start + 1 : stop + horizon].unfold(1, horizon, 1)  # (B, stop - start, H)
     target = batch.scaling.rescale(batch.stats[:, start:stop], future)  # (B, T, H) float32
-    index = torch.arange(start, stop)[None, :, None] + torch.arange(1, horizon + 1)[None, None, :]  # (1, T, H)
+    index = (
+        torch.arange(start, stop)[None, :, None] + torch.arange(1, horizon + 1)[None, None, :]
+    )  # (1, T, H)
     n_train = torch.as_tensor(batch.n_train)[:, None, None]  # (B, 1, 1)
     in_part = index < n_train if part == "train" else index >= n_train  # (B, T, H)
     origin_ok = torch.arange(start, stop)[None, :, None] >= warmup  # (1, T, 1)
@@ -132,17 +149,26 @@ def fit(
     result = FitResult(epochs=0)
     best_state, best, waited = None, math.inf, 0
     steps_per_epoch = sum(math.ceil(max(int(b.n_train.max()) - 1, 0) / chunk_length) for b in batches)
-    bar = tqdm(total=epochs * steps_per_epoch, desc="train", unit="chunk", disable={True: False, False: True, None: None}[progress])
+    bar = tqdm(
+        total=epochs * steps_per_epoch,
+        desc="train",
+        unit="chunk",
+        disable={True: False, False: True, None: None}[progress],
+    )
     try:
         for epoch in range(epochs):
-            train_loss = _train_epoch(model, rng.sample(batches, len(batches)), optimizer, chunk_length, warmup, bar)
+            train_loss = _train_epoch(
+                model, rng.sample(batches, len(batches)), optimizer, chunk_length, warmup, bar
+            )
             validation_loss = validation_mse(model, batches, chunk_length, warmup)
             result.epochs = epoch + 1
             result.train_losses.append(train_loss)
             result.validation_losses.append(validation_loss)
             watched = validation_loss if math.isfinite(validation_loss) else train_loss
             bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{validation_loss:.4f}")
-            log.info("epoch %d: train loss %.5f, validation loss %.5f", epoch + 1, train_loss, validation_loss)
+            log.info(
+                "epoch %d: train loss %.5f, validation loss %.5f", epoch + 1, train_loss, validation_loss
+            )
             if watched < best:
                 best, best_state, waited = watched, copy.deepcopy(model.state_dict()), 0
             else:
@@ -167,8 +193,14 @@ def _forward(model: RecurrentForecaster, batch: Batch, start: int, stop: int, h:
     return model(batch.x[:, start:stop], h, base=base)  # (B, T, H), state
 
 
-def _train_epoch(model: RecurrentForecaster, batches: list[Batch], optimizer: torch.optim.Optimizer,
-                 chunk_length: int, warmup: int, bar: tqdm) -> float:
+def _train_epoch(
+    model: RecurrentForecaster,
+    batches: list[Batch],
+    optimizer: torch.optim.Optimizer,
+    chunk_length: int,
+    warmup: int,
+    bar: tqdm,
+) -> float:
     model.train()
     total, count = 0.0, 0
     for batch in batches:

@@ -84,10 +84,19 @@ class History:
         if self.total_values <= max_values:
             return self
         share = max(1, max_values // max(1, len(self.series)))
-        log.warning("history has %d values, over the limit %d: keeping the last %d per series",
-                    self.total_values, max_values, share)
-        return History(self.series, [t[-share:] for t in self.ts], [v[-share:] for v in self.values],
-                       {**self.source, "truncated_to_per_series": share}, dict(self.dropped))
+        log.warning(
+            "history has %d values, over the limit %d: keeping the last %d per series",
+            self.total_values,
+            max_values,
+            share,
+        )
+        return History(
+            self.series,
+            [t[-share:] for t in self.ts],
+            [v[-share:] for v in self.values],
+            {**self.source, "truncated_to_per_series": share},
+            dict(self.dropped),
+        )
 
 
 def read_history_file(source: str | os.PathLike[str] | IO[str]) -> History:
@@ -95,12 +104,22 @@ def read_history_file(source: str | os.PathLike[str] | IO[str]) -> History:
     loaded = read_series(source)
     frame = loaded.frame
     name = str(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "<stream>")
-    history = History.from_long(frame["series"].to_numpy(), frame["ts"].to_numpy(), frame["value"].to_numpy(),
-                                {"kind": "file", "path": name, "rows": len(frame)})
+    history = History.from_long(
+        frame["series"].to_numpy(),
+        frame["ts"].to_numpy(),
+        frame["value"].to_numpy(),
+        {"kind": "file", "path": name, "rows": len(frame)},
+    )
     if loaded.bad_rows:
         history.dropped.update({f"bad_row_{k}": v for k, v in loaded.bad_summary().items()})
         first = loaded.bad_rows[0]
-        log.warning("%s: skipped %d bad rows (first: line %d, %s)", name, len(loaded.bad_rows), first.line, first.reason)
+        log.warning(
+            "%s: skipped %d bad rows (first: line %d, %s)",
+            name,
+            len(loaded.bad_rows),
+            first.line,
+            first.reason,
+        )
     return history
 
 
@@ -158,8 +177,12 @@ def read_history_kafka(
         if not polled:
             idle += 1
             if idle >= idle_polls:  # e.g. the end was a transaction marker: train on what was read
-                log.warning("topic %s: nothing more after %d empty polls; partitions %s stopped short of their end",
-                            topic, idle_polls, sorted(tp.partition for tp in pending))
+                log.warning(
+                    "topic %s: nothing more after %d empty polls; partitions %s stopped short of their end",
+                    topic,
+                    idle_polls,
+                    sorted(tp.partition for tp in pending),
+                )
                 break
             continue
         idle = 0
@@ -184,22 +207,35 @@ def read_history_kafka(
         "topic": topic,
         "start_ms": start_ms,
         "partitions": {
-            str(tp.partition): {"start_offset": int(start[tp]), "end_offset": int(end[tp]),
-                                "records": records_read[tp.partition]}
+            str(tp.partition): {
+                "start_offset": int(start[tp]),
+                "end_offset": int(end[tp]),
+                "records": records_read[tp.partition],
+            }
             for tp in tps
         },
     }
     empty = np.zeros(0)
-    history = History.from_long(series, np.concatenate(ts_parts) if ts_parts else empty.astype(np.int64),
-                                np.concatenate(value_parts) if value_parts else empty, source)
+    history = History.from_long(
+        series,
+        np.concatenate(ts_parts) if ts_parts else empty.astype(np.int64),
+        np.concatenate(value_parts) if value_parts else empty,
+        source,
+    )
     history.dropped["invalid_records"] = invalid
     if start_ms is not None:
         history.dropped["before_start_ms"] = before_start
     return history
 
 
-def read_history(settings: Any, *, input_path: Any = None, start_ms: int | None = None,
-                 start_offset: int | None = None, consumer: Any = None) -> History:
+def read_history(
+    settings: Any,
+    *,
+    input_path: Any = None,
+    start_ms: int | None = None,
+    start_offset: int | None = None,
+    consumer: Any = None,
+) -> History:
     """History from ``input_path`` if given, else the input topic of ``settings.kafka``; capped at
     ``settings.train.max_values``."""
     if input_path is not None:
@@ -208,11 +244,19 @@ def read_history(settings: Any, *, input_path: Any = None, start_ms: int | None 
     from forecaster.service.clients import make_consumer
 
     own = consumer is None
-    consumer = consumer or make_consumer(settings.kafka, group_id=None, client_id=f"{settings.kafka.client_id}-trainer")
+    consumer = consumer or make_consumer(
+        settings.kafka, group_id=None, client_id=f"{settings.kafka.client_id}-trainer"
+    )
     try:
         decoder = RecordDecoder.from_settings(settings.service)
-        history = read_history_kafka(consumer, settings.kafka.input_topic, decoder.decode_batch, start_ms=start_ms,
-                                     start_offset=start_offset, max_records=settings.train.max_values)
+        history = read_history_kafka(
+            consumer,
+            settings.kafka.input_topic,
+            decoder.decode_batch,
+            start_ms=start_ms,
+            start_offset=start_offset,
+            max_records=settings.train.max_values,
+        )
     finally:
         if own:
             consumer.close()

@@ -63,7 +63,14 @@ class TrainOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-BASE_SEASONS = (1, 2, 3, 5, 8, 12)  # seasons averaged by the seasonal baselines tried (those the window holds)
+BASE_SEASONS = (
+    1,
+    2,
+    3,
+    5,
+    8,
+    12,
+)  # seasons averaged by the seasonal baselines tried (those the window holds)
 PLAIN_SE = 2.0  # a baseline replaces the plainer one only if better by this many standard errors
 
 
@@ -75,7 +82,9 @@ def build_model(settings: Any, **overrides: Any) -> RecurrentForecaster:
     return RecurrentForecaster(**{**args, **overrides})
 
 
-def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) -> tuple[dict[str, Any], np.ndarray]:
+def choose_baseline(
+    settings: Any, values: list, scaling: Scaling, season: int
+) -> tuple[dict[str, Any], np.ndarray]:
     """``season``, ``base_seasons`` and ``base_level`` of the baseline the model forecasts over, and its
     ``mix`` (horizon,): per step, the weight in [0, 1] that moves it toward the last value.
 
@@ -96,14 +105,23 @@ def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) 
     if season > 1:
         plain.append({"season": season, "base_seasons": 1, "base_level": False})
     seasons = [s for s in dict.fromkeys([season, *train.seasons]) if s > 1]
-    candidates = plain + [{"season": s, "base_seasons": m, "base_level": level} for s in seasons
-                          for level in (False, True) for m in BASE_SEASONS if (s, m, level) != (season, 1, False)]
-    models = [RecurrentForecaster("rnn", hidden_size=1, num_layers=1, horizon=horizon, **c) for c in candidates]
+    candidates = plain + [
+        {"season": s, "base_seasons": m, "base_level": level}
+        for s in seasons
+        for level in (False, True)
+        for m in BASE_SEASONS
+        if (s, m, level) != (season, 1, False)
+    ]
+    models = [
+        RecurrentForecaster("rnn", hidden_size=1, num_layers=1, horizon=horizon, **c) for c in candidates
+    ]
     keep = [i for i, model in enumerate(models) if model.context < window]  # the engine retains what it reads
     for s in seasons:
         if not any(candidates[i]["season"] == s for i in keep):
             need = min(m.context for c, m in zip(candidates, models, strict=True) if c["season"] == s) + 1
-            log.warning("season %d is not tried: its baseline reads %d values, state.window is %d", s, need, window)
+            log.warning(
+                "season %d is not tried: its baseline reads %d values, state.window is %d", s, need, window
+            )
     candidates, models = [candidates[i] for i in keep], [models[i] for i in keep]
     # Per series, from its warmup on: the last value, the targets in the earlier and in the later part, its unit.
     parts = []
@@ -112,13 +130,21 @@ def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) 
         target = targets(v, horizon)[rows]  # (T', horizon)
         index = (np.arange(len(v))[:, None] + np.arange(1, horizon + 1))[rows]  # (T', horizon) of each target
         unit = max(float(np.mean(np.abs(np.diff(v)))) if len(v) > 1 else 1.0, 1e-12)
-        parts.append((rows, np.asarray(v, np.float64)[rows, None], np.where(index < cut, target, np.nan),
-                      np.where(index >= cut, target, np.nan), unit))  # fmt: skip
+        parts.append(
+            (
+                rows,
+                np.asarray(v, np.float64)[rows, None],
+                np.where(index < cut, target, np.nan),
+                np.where(index >= cut, target, np.nan),
+                unit,
+            )
+        )
     scored = []  # (candidate, mix, per-origin mean absolute error on the later part)
     for candidate, model in zip(candidates, models, strict=True):
         bases = [f[p[0]] for f, p in zip(model_forecasts(model, scaling, values), parts, strict=True)]
-        mix = _least_squares_mix([(b, last, early, u) for b, (_, last, early, _, u) in zip(bases, parts, strict=True)],
-                                 horizon)  # fmt: skip
+        mix = _least_squares_mix(
+            [(b, last, early, u) for b, (_, last, early, _, u) in zip(bases, parts, strict=True)], horizon
+        )
         later = [(b, last, late) for b, (_, last, _, late, _) in zip(bases, parts, strict=True)]
         for weights in (mix, np.zeros(horizon)):
             scored.append((candidate, weights, _origin_errors(later, weights)))
@@ -127,11 +153,12 @@ def choose_baseline(settings: Any, values: list, scaling: Scaling, season: int) 
     best = min(scored, key=lambda c: c[2].mean() if len(c[2]) else math.inf)
     plainest = min((c for c in scored if c[0] in plain), key=lambda c: c[2].mean())
     diff = plainest[2] - best[2]  # (origins,) paired, per origin
-    se = diff.std() / math.sqrt(max(len(diff) / horizon, 1.0))  # overlapping targets: about len / horizon apart
+    se = diff.std() / math.sqrt(
+        max(len(diff) / horizon, 1.0)
+    )  # overlapping targets: about len / horizon apart
     chosen = plainest if diff.mean() <= PLAIN_SE * se else best
     for candidate, weights, errors in scored:
-        log.info("baseline %s%s: MAE %.6g", candidate, " with mix" if weights.any() else "",
-                 errors.mean())
+        log.info("baseline %s%s: MAE %.6g", candidate, " with mix" if weights.any() else "", errors.mean())
     log.info("baseline chosen: %s, mix %s", chosen[0], np.round(chosen[1], 3).tolist())
     return chosen[0], chosen[1]
 
@@ -205,11 +232,19 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
     baseline, mix = choose_baseline(settings, values, scaling, season)
     model = baseline_model(settings, baseline, mix)
     fitted = fit(
-        model, values, scaling, epochs=train.epochs, chunk_length=train.chunk_length,
-        batch_series=train.batch_series, learning_rate=train.learning_rate,
-        validation_fraction=train.validation_fraction, patience=train.patience, warmup=train.warmup,
-        seed=settings.model.seed, progress=progress,
-    )  # fmt: skip
+        model,
+        values,
+        scaling,
+        epochs=train.epochs,
+        chunk_length=train.chunk_length,
+        batch_series=train.batch_series,
+        learning_rate=train.learning_rate,
+        validation_fraction=train.validation_fraction,
+        patience=train.patience,
+        warmup=train.warmup,
+        seed=settings.model.seed,
+        progress=progress,
+    )
     if not fitted.train_losses or not math.isfinite(fitted.train_losses[0]):
         raise DataError(
             f"history too short to train: {len(values)} series, longest {max(len(v) for v in values)} values "
@@ -217,11 +252,19 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
         )
     # Step 2. An untrained model forecasts its baseline: keep that where the fitted model does worse.
     untrained = baseline_model(settings, baseline, mix)
-    trust = evaluate({"model": (model, scaling), "untrained": (untrained, scaling)}, values,
-                     validation_fraction=train.validation_fraction, season=season)  # fmt: skip
+    trust = evaluate(
+        {"model": (model, scaling), "untrained": (untrained, scaling)},
+        values,
+        validation_fraction=train.validation_fraction,
+        season=season,
+    )
     if trust.mae("untrained") < trust.mae("model"):
-        log.warning("the fitted model does worse than its baseline on the validation data (MAE %.6g vs %.6g): "
-                    "keeping the baseline", trust.mae("model"), trust.mae("untrained"))  # fmt: skip
+        log.warning(
+            "the fitted model does worse than its baseline on the validation data (MAE %.6g vs %.6g): "
+            "keeping the baseline",
+            trust.mae("model"),
+            trust.mae("untrained"),
+        )
         model, fell_back = untrained.eval(), True
     else:
         fell_back = False
@@ -237,23 +280,40 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
     metrics = {
         "validation": summary,
         "baseline": {**baseline, "mix": [round(float(w), 4) for w in mix], "kept_untrained": fell_back},
-        "fit": {"epochs": fitted.epochs, "train_loss": fitted.train_losses[-1],
-                "best_validation_loss": fitted.best_validation_loss, "stopped_early": fitted.stopped_early},
-        "decision": {"published": publish, "reason": reason,
-                     "compared_with": published.version if published else None},
-    }  # fmt: skip
+        "fit": {
+            "epochs": fitted.epochs,
+            "train_loss": fitted.train_losses[-1],
+            "best_validation_loss": fitted.best_validation_loss,
+            "stopped_early": fitted.stopped_early,
+        },
+        "decision": {
+            "published": publish,
+            "reason": reason,
+            "compared_with": published.version if published else None,
+        },
+    }
     _log_figures(evaluation, published, publish, reason)
     if not publish:
-        return TrainOutcome(None, reason, fitted, evaluation, published.version if published else None, metrics)
+        return TrainOutcome(
+            None, reason, fitted, evaluation, published.version if published else None, metrics
+        )
     # Step 5. Write the checkpoint, then point LATEST at it (validated by the one loader on the way).
     version = save_checkpoint(
-        settings.checkpoints.dir, model, scaling, data=history.describe(), metrics=metrics,
+        settings.checkpoints.dir,
+        model,
+        scaling,
+        data=history.describe(),
+        metrics=metrics,
         parent=published.version if published else None,
-        extra={"training": {**train.model_dump(mode="json"), "season_used": season, "seed": settings.model.seed}},
-    )  # fmt: skip
+        extra={
+            "training": {**train.model_dump(mode="json"), "season_used": season, "seed": settings.model.seed}
+        },
+    )
     promote(settings.checkpoints.dir, version)
     log.info("published checkpoint %s in %s", version, settings.checkpoints.dir)
-    return TrainOutcome(version, reason, fitted, evaluation, published.version if published else None, metrics)
+    return TrainOutcome(
+        version, reason, fitted, evaluation, published.version if published else None, metrics
+    )
 
 
 def _decide(evaluation: Evaluation, published: LoadedCheckpoint | None, train: Any) -> tuple[bool, str]:
@@ -270,12 +330,25 @@ def _decide(evaluation: Evaluation, published: LoadedCheckpoint | None, train: A
     return False, f"validation MAE {new:.6g} is not better than {old:.6g} of {published.version}"
 
 
-def _log_figures(evaluation: Evaluation, published: LoadedCheckpoint | None, publish: bool, reason: str) -> None:
+def _log_figures(
+    evaluation: Evaluation, published: LoadedCheckpoint | None, publish: bool, reason: str
+) -> None:
     figures = ", ".join(f"{name} {evaluation.mae(name):.6g}" for name in evaluation.errors)
-    log.info("validation MAE (season %d, %d points): %s", evaluation.season,
-             int(evaluation.errors["model"].count.sum()), figures)
+    log.info(
+        "validation MAE (season %d, %d points): %s",
+        evaluation.season,
+        int(evaluation.errors["model"].count.sum()),
+        figures,
+    )
     best_baseline = min(evaluation.mae(name) for name in BASELINES)
     if not evaluation.mae("model") < best_baseline:
-        log.warning("the model does not beat the best naive baseline on the validation data (%.6g vs %.6g)",
-                    evaluation.mae("model"), best_baseline)
-    log.info("decision: %s (%s)", "publish" if publish else "keep %s" % (published.version if published else "-"), reason)
+        log.warning(
+            "the model does not beat the best naive baseline on the validation data (%.6g vs %.6g)",
+            evaluation.mae("model"),
+            best_baseline,
+        )
+    log.info(
+        "decision: %s (%s)",
+        "publish" if publish else "keep %s" % (published.version if published else "-"),
+        reason,
+    )

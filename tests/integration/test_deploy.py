@@ -138,8 +138,12 @@ def test_compose_config_parses(env_file: Path | None, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FORECASTER_", "COMPOSE_"))}
     result = subprocess.run(
         [*client, "-f", str(tmp_path / "docker-compose.yml"), "config", "-q"],
-        cwd=tmp_path, capture_output=True, text=True, env=env, check=False,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -343,8 +347,11 @@ def test_scrape_configs_point_at_the_metrics_ports() -> None:
     serve_port, train_port = MetricsSettings().port, TrainSettings().metrics_port
     jobs = {job["job_name"]: job for job in compose["scrape_configs"]}
     assert jobs["forecaster"]["dns_sd_configs"][0] == {
-        "names": ["forecaster"], "type": "A", "port": serve_port, "refresh_interval": "15s"
-    }  # fmt: skip
+        "names": ["forecaster"],
+        "type": "A",
+        "port": serve_port,
+        "refresh_interval": "15s",
+    }
     assert jobs["forecaster-trainer"]["static_configs"][0]["targets"] == [f"trainer:{train_port}"]
     services = compose_file()["services"]
     assert services["forecaster"]["environment"]["FORECASTER_METRICS__PORT"] == str(serve_port)
@@ -393,12 +400,20 @@ def test_dashboard_is_well_formed() -> None:
 def test_dashboard_covers_what_an_operator_reads() -> None:
     exprs = " ".join(expr for _title, expr in dashboard_queries(json.loads(DASHBOARD.read_text())))
     for metric in (
-        "forecaster_records_consumed_total", "forecaster_forecasts_emitted_total", "forecaster_consumer_lag",
-        "forecaster_end_to_end_latency_seconds_bucket", "forecaster_step_seconds_bucket",
-        "forecaster_batch_size_bucket", "forecaster_forecast_abs_error_sum", "forecaster_series_resident",
-        "forecaster_state_bytes", "forecaster_records_invalid_total", "forecaster_trainer_loss",
-        "forecaster_trainer_last_success_timestamp_seconds", "forecaster_model_info",
-    ):  # fmt: skip
+        "forecaster_records_consumed_total",
+        "forecaster_forecasts_emitted_total",
+        "forecaster_consumer_lag",
+        "forecaster_end_to_end_latency_seconds_bucket",
+        "forecaster_step_seconds_bucket",
+        "forecaster_batch_size_bucket",
+        "forecaster_forecast_abs_error_sum",
+        "forecaster_series_resident",
+        "forecaster_state_bytes",
+        "forecaster_records_invalid_total",
+        "forecaster_trainer_loss",
+        "forecaster_trainer_last_success_timestamp_seconds",
+        "forecaster_model_info",
+    ):
         assert metric in exprs, metric
     assert "by (model_version)" in exprs
     annotations = json.loads(DASHBOARD.read_text())["annotations"]["list"]

@@ -64,7 +64,9 @@ def windowed_records(frame: pd.DataFrame) -> list[list[tuple[bytes, bytes]]]:
     for name, group in frame.groupby("series", sort=False):
         ts, values = group["ts"].tolist(), group["value"].tolist()
         for k, lo in enumerate(range(0, len(ts), WINDOW)):
-            rounds[k].append((name.encode(), encode_window(name, ts[lo : lo + WINDOW], values[lo : lo + WINDOW])))
+            rounds[k].append(
+                (name.encode(), encode_window(name, ts[lo : lo + WINDOW], values[lo : lo + WINDOW]))
+            )
     return [rounds[k] for k in sorted(rounds)]
 
 
@@ -118,7 +120,9 @@ def check_exactly_once(forecasts: list[dict], frame: pd.DataFrame, model, scalin
     missing = expected_keys - set(per_value)
     duplicated = {k: n for k, n in per_value.items() if n > 1}
     assert not missing, f"{len(missing)} values without a forecast, e.g. {sorted(missing)[:3]}"
-    assert not duplicated, f"{len(duplicated)} values with several forecasts, e.g. {list(duplicated.items())[:3]}"
+    assert not duplicated, (
+        f"{len(duplicated)} values with several forecasts, e.g. {list(duplicated.items())[:3]}"
+    )
     assert set(per_value) == expected_keys
     by_series: dict[str, list[dict]] = defaultdict(list)
     for f in forecasts:
@@ -188,7 +192,9 @@ def own_broker(tmp_path):
     script = ROOT / "deploy" / "kafka"
 
     def run(name: str, *args: str) -> None:
-        done = subprocess.run([str(script / name), *args], env=env, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [str(script / name), *args], env=env, capture_output=True, text=True, check=False
+        )
         assert done.returncode == 0, done.stderr
 
     run("start")
@@ -335,9 +341,13 @@ def test_corrupt_and_unknown_version_changelog_records_are_refused_and_those_ser
     model, scaling = loaded.model, loaded.scaling
     later = [f for f in forecasts if f["ts"] >= START_MS + 10 * 60_000]
     for name, group in second.groupby("series"):
-        got = np.array([f["forecast"] for f in sorted((f for f in later if f["series"] == name), key=lambda f: f["ts"])])
+        got = np.array(
+            [f["forecast"] for f in sorted((f for f in later if f["series"] == name), key=lambda f: f["ts"])]
+        )
         if name == "series-2":  # restored: continues its whole history
-            expected = reference_forecast(model, frame[frame["series"] == name]["value"].to_numpy(), scaling)[10:]
+            expected = reference_forecast(model, frame[frame["series"] == name]["value"].to_numpy(), scaling)[
+                10:
+            ]
         else:  # refused: started fresh from the values after the restart
             expected = reference_forecast(model, group["value"].to_numpy(), scaling)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=name)
@@ -373,7 +383,9 @@ def changelog_partitions(bootstrap: str, topic: str) -> dict[str, tuple[int, byt
 # ---- the changelog topic -------------------------------------------------------------------------------
 
 
-def test_the_changelog_is_created_compacted_and_co_partitioned_or_refused_clearly(topic_factory, kafka_admin, kafka_settings):
+def test_the_changelog_is_created_compacted_and_co_partitioned_or_refused_clearly(
+    topic_factory, kafka_admin, kafka_settings
+):
     from kafka.admin import ConfigResource, ConfigResourceType
 
     from forecaster.errors import KafkaSetupError
@@ -384,7 +396,9 @@ def test_the_changelog_is_created_compacted_and_co_partitioned_or_refused_clearl
         assert changelog.ensure_changelog(kafka_settings, source) == 4
         (described,) = kafka_admin.describe_topics([kafka_settings.changelog_topic])
         assert len(described["partitions"]) == 4
-        configs = kafka_admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, kafka_settings.changelog_topic)])
+        configs = kafka_admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, kafka_settings.changelog_topic)]
+        )
         assert configs["topic"][kafka_settings.changelog_topic]["cleanup.policy"]["value"] == "compact"
         assert changelog.ensure_changelog(kafka_settings, source) == 4  # exists and fits: fine
     finally:

@@ -58,8 +58,10 @@ class Traffic(threading.Thread):
     def __init__(self, bootstrap: str, topic: str, pause: float = 0.02) -> None:
         super().__init__(daemon=True)
         self.bootstrap, self.topic, self.pause = bootstrap, topic, pause
-        self.values = {f"s{i}": 100.0 + 10.0 * np.random.default_rng(i).normal(size=N_TICKS).cumsum() / 5
-                       for i in range(N_SERIES)}  # fmt: skip
+        self.values = {
+            f"s{i}": 100.0 + 10.0 * np.random.default_rng(i).normal(size=N_TICKS).cumsum() / 5
+            for i in range(N_SERIES)
+        }
         self.tick = -1
         self._moved = threading.Condition()
 

@@ -96,8 +96,11 @@ def check_expression(prometheus: Prometheus, where: str, expr: str, need_data: b
     answer = prometheus.query(expr)
     if answer["status"] != "success":
         return [f"{where}: `{expr}` does not evaluate: {answer.get('error')}"]
-    problems = [f"{where}: metric {name} does not exist" for name in sorted(metric_names(expr))
-                if not prometheus.has_metric(name)]  # fmt: skip
+    problems = [
+        f"{where}: metric {name} does not exist"
+        for name in sorted(metric_names(expr))
+        if not prometheus.has_metric(name)
+    ]
     if need_data and not answer["data"]["result"]:
         problems.append(f"{where}: `{expr}` returns no data")
     return problems
@@ -177,44 +180,67 @@ def pipeline(kafka_bootstrap: str, kafka_admin, tmp_path_factory: pytest.TempPat
         pytest.skip("prometheus is not installed (Debian: apt-get install prometheus; .ci/run installs it)")
     run_dir = tmp_path_factory.mktemp("local")
     name = f"obs-{uuid.uuid4().hex[:10]}"
-    topics = {"INPUT": f"{name}.input", "OUTPUT": f"{name}.forecasts", "DEADLETTER": f"{name}.deadletter",
-              "CHANGELOG": f"{name}.changelog"}  # fmt: skip
+    topics = {
+        "INPUT": f"{name}.input",
+        "OUTPUT": f"{name}.forecasts",
+        "DEADLETTER": f"{name}.deadletter",
+        "CHANGELOG": f"{name}.changelog",
+    }
     ports = {"serve": free_port(), "train": free_port(), "prometheus": free_port()}
     env = {key: value for key, value in os.environ.items() if not key.startswith("FORECASTER_")}
-    env.update({
-        "PYTHON": sys.executable,
-        "LOCAL_RUN_DIR": str(run_dir),
-        "FORECASTER_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
-        **{f"FORECASTER_KAFKA__{key}_TOPIC": topic for key, topic in topics.items()},
-        "FORECASTER_KAFKA__GROUP_ID": name,
-        "FORECASTER_KAFKA__PARTITIONS": "2",
-        "FORECASTER_MODEL__HIDDEN_SIZE": "8",
-        "FORECASTER_MODEL__NUM_LAYERS": "1",
-        "FORECASTER_MODEL__HORIZON": "3",
-        "FORECASTER_TRAIN__EPOCHS": "2",
-        "FORECASTER_TRAIN__SEASON": "24",
-        "FORECASTER_SERVICE__CHECKPOINT_POLL_SECONDS": "0.5",
-        "FORECASTER_METRICS__REFRESH_SECONDS": "0.5",
-        "FORECASTER_METRICS__LAG_INTERVAL_SECONDS": "1",
-        "FORECASTER_METRICS__PORT": str(ports["serve"]),
-        "FORECASTER_TRAIN__METRICS_PORT": str(ports["train"]),
-        "PROMETHEUS_PORT": str(ports["prometheus"]),
-        "PROMETHEUS_SCRAPE_INTERVAL": "1s",
-        "TRAIN_EVERY": "15s",
-        "TRAIN_ARGS": "--no-progress",
-        "PRODUCE_ARGS": "--series 20 --values 0 --rate 100 --step-ms 1000 --no-progress",
-        "UP_TIMEOUT": "90",
-        "DOWN_TIMEOUT": "20",
-    })  # fmt: skip
+    env.update(
+        {
+            "PYTHON": sys.executable,
+            "LOCAL_RUN_DIR": str(run_dir),
+            "FORECASTER_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+            **{f"FORECASTER_KAFKA__{key}_TOPIC": topic for key, topic in topics.items()},
+            "FORECASTER_KAFKA__GROUP_ID": name,
+            "FORECASTER_KAFKA__PARTITIONS": "2",
+            "FORECASTER_MODEL__HIDDEN_SIZE": "8",
+            "FORECASTER_MODEL__NUM_LAYERS": "1",
+            "FORECASTER_MODEL__HORIZON": "3",
+            "FORECASTER_TRAIN__EPOCHS": "2",
+            "FORECASTER_TRAIN__SEASON": "24",
+            "FORECASTER_SERVICE__CHECKPOINT_POLL_SECONDS": "0.5",
+            "FORECASTER_METRICS__REFRESH_SECONDS": "0.5",
+            "FORECASTER_METRICS__LAG_INTERVAL_SECONDS": "1",
+            "FORECASTER_METRICS__PORT": str(ports["serve"]),
+            "FORECASTER_TRAIN__METRICS_PORT": str(ports["train"]),
+            "PROMETHEUS_PORT": str(ports["prometheus"]),
+            "PROMETHEUS_SCRAPE_INTERVAL": "1s",
+            "TRAIN_EVERY": "15s",
+            "TRAIN_ARGS": "--no-progress",
+            "PRODUCE_ARGS": "--series 20 --values 0 --rate 100 --step-ms 1000 --no-progress",
+            "UP_TIMEOUT": "90",
+            "DOWN_TIMEOUT": "20",
+        }
+    )
     created = list(topics.values())
     try:
         # History for the trainer's first run: 20 series x 150 values, one a minute, ending now.
         start_ms = int(time.time() * 1000) - 150 * 60_000
         history = subprocess.run(
-            [sys.executable, "-m", "forecaster", "produce", "--series", "20", "--values", "150",
-             "--start-ms", str(start_ms), "--step-ms", "60000", "--no-progress"],
-            env=env, capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "forecaster",
+                "produce",
+                "--series",
+                "20",
+                "--values",
+                "150",
+                "--start-ms",
+                str(start_ms),
+                "--step-ms",
+                "60000",
+                "--no-progress",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert history.returncode == 0, history.stderr
         garbage = produce_garbage(kafka_bootstrap, topics["INPUT"])
         up = subprocess.run(
@@ -228,10 +254,15 @@ def pipeline(kafka_bootstrap: str, kafka_admin, tmp_path_factory: pytest.TempPat
         assert up.returncode == 0, f"deploy/local/up failed:\n{up.stdout}\n{up.stderr}"
         pids = {path.stem: int(path.read_text()) for path in run_dir.glob("*.pid")}
         yield {
-            "env": env, "run_dir": run_dir, "topics": topics, "pids": pids, "up": up, "garbage": garbage,
+            "env": env,
+            "run_dir": run_dir,
+            "topics": topics,
+            "pids": pids,
+            "up": up,
+            "garbage": garbage,
             "prometheus": Prometheus(f"http://127.0.0.1:{ports['prometheus']}"),
             "deadline": time.monotonic() + WAIT_FOR_DATA_SECONDS,
-        }  # fmt: skip
+        }
     finally:
         subprocess.run([str(ROOT / "deploy" / "local" / "down")], env=env, timeout=120, check=False)
         kafka_admin.delete_topics(created)
@@ -320,8 +351,17 @@ def test_a_query_on_a_missing_metric_fails_the_check(pipeline, dashboard_problem
         "returns no data" in p for p in check_expression(prometheus, "x", empty["targets"][0]["expr"], True)
     )
     # A rule on a missing metric, and one that does not parse.
-    rules = {"groups": [{"name": "g", "rules": [{"alert": "A", "expr": "forecaster_no_such_metric > 0"},
-                                                 {"alert": "B", "expr": "rate(forecaster_commits_total)"}]}]}  # fmt: skip
+    rules = {
+        "groups": [
+            {
+                "name": "g",
+                "rules": [
+                    {"alert": "A", "expr": "forecaster_no_such_metric > 0"},
+                    {"alert": "B", "expr": "rate(forecaster_commits_total)"},
+                ],
+            }
+        ]
+    }
     problems = check_rules(prometheus, rules)
     assert any("rule A" in p and "forecaster_no_such_metric does not exist" in p for p in problems)
     assert any("rule B" in p and "does not evaluate" in p for p in problems)
@@ -361,9 +401,13 @@ def test_down_leaves_no_process(pipeline, dashboard_problems) -> None:
     pids = pipeline["pids"]
     assert all(alive(pid) for pid in pids.values()), "a piece died while the pipeline ran"
     down = subprocess.run(
-        [str(ROOT / "deploy" / "local" / "down")], env=pipeline["env"], capture_output=True, text=True,
-        timeout=120, check=False,
-    )  # fmt: skip
+        [str(ROOT / "deploy" / "local" / "down")],
+        env=pipeline["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert down.returncode == 0, down.stderr
     for name, pid in pids.items():
         assert not alive(pid), f"{name} (pid {pid}) still runs"

@@ -103,10 +103,14 @@ BAD = [
     (None, b'{"series": "x", "ts": "last tuesday", "value": 1}', "bad_ts"),
     (None, b'{"series": "x", "ts": 99999999999999999, "value": 1}', "ts_out_of_range"),
     (None, b'{"series": "x", "ts": [1, 2, 3], "values": [1, 2]}', "length_mismatch"),
-    (None, json.dumps({"series": "x", "ts": list(range(1, 20_002)), "values": [1.0] * 20_001}).encode(), "window_too_large"),
+    (
+        None,
+        json.dumps({"series": "x", "ts": list(range(1, 20_002)), "values": [1.0] * 20_001}).encode(),
+        "window_too_large",
+    ),
     (None, b'{"series": "x", "ts": [], "values": []}', "empty_window"),
     (None, b'{"series": "x", "ts": 1700000000000, "value": -4}', "not_positive"),  # under log scaling
-]  # fmt: skip
+]
 
 
 def test_every_bad_record_is_dead_lettered_and_good_ones_are_unaffected(topics, serve, broker):
@@ -119,7 +123,9 @@ def test_every_bad_record_is_dead_lettered_and_good_ones_are_unaffected(topics, 
         if i < len(BAD):
             mixed.append(BAD[i][:2])
     mixed += [b[:2] for b in BAD[len(good) :]]
-    service = serve(FORECASTER_SCALING__KIND="log").start()  # every reason reachable; the synthetic values are > 0
+    service = serve(
+        FORECASTER_SCALING__KIND="log"
+    ).start()  # every reason reachable; the synthetic values are > 0
     broker.send(topics.input, mixed)
 
     dead = broker.read(topics.deadletter, count=len(BAD), timeout=30)

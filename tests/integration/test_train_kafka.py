@@ -55,12 +55,16 @@ def test_topic_and_file_give_the_same_history(
     topic = topic_factory(partitions=3)
     produce_file(kafka_bootstrap, topic, path, monkeypatch, window)
     # Records the service would reject or not step: they must not reach the model either.
-    send_raw(kafka_bootstrap, topic, [
-        (b"series-0", b'{"series": "series-0", "ts": 1700000000000, "value": 99.0}'),  # duplicate ts
-        (b"series-1", b'{"series": "series-1", "ts": 1700000060000, "value": NaN}'),  # not finite
-        (b"series-2", b"not json"),
-        (b"other", b'{"series": "series-3", "ts": 1700000000000, "value": 1.0}'),  # key mismatch
-    ])  # fmt: skip
+    send_raw(
+        kafka_bootstrap,
+        topic,
+        [
+            (b"series-0", b'{"series": "series-0", "ts": 1700000000000, "value": 99.0}'),  # duplicate ts
+            (b"series-1", b'{"series": "series-1", "ts": 1700000060000, "value": NaN}'),  # not finite
+            (b"series-2", b"not json"),
+            (b"other", b'{"series": "series-3", "ts": 1700000000000, "value": 1.0}'),  # key mismatch
+        ],
+    )
     settings = Settings(kafka={"bootstrap_servers": kafka_bootstrap, "input_topic": topic})
     from_topic = read_history(settings)
     from_file = read_history_file(path)
@@ -100,9 +104,14 @@ def test_train_from_the_topic_publishes(
     generate(4, 150, start_ms=START_MS, step_ms=STEP_MS, seed=7).to_csv(path, index=False)
     topic = topic_factory(partitions=3)
     produce_file(kafka_bootstrap, topic, path, monkeypatch, 10)
-    env = {"KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "KAFKA__INPUT_TOPIC": topic,
-           "CHECKPOINTS__DIR": str(tmp_path / "ck"), "MODEL__HIDDEN_SIZE": "8", "MODEL__NUM_LAYERS": "1",
-           "MODEL__HORIZON": "3"}  # fmt: skip
+    env = {
+        "KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "KAFKA__INPUT_TOPIC": topic,
+        "CHECKPOINTS__DIR": str(tmp_path / "ck"),
+        "MODEL__HIDDEN_SIZE": "8",
+        "MODEL__NUM_LAYERS": "1",
+        "MODEL__HORIZON": "3",
+    }
     for name, value in env.items():
         monkeypatch.setenv(f"FORECASTER_{name}", value)
     capsys.readouterr()

@@ -15,10 +15,10 @@ from kafka.structs import TopicPartition
 
 from forecaster.engine import snapshot as snap
 from forecaster.engine.engine import Engine
-from forecaster.errors import StateError
+from forecaster.errors import ChangelogRecordError, StateError
 from forecaster.model import RecurrentForecaster
 from forecaster.service.exactly_once import changelog
-from forecaster.service.exactly_once.changelog import ChangelogContents, ChangelogReader, ChangelogRecordError
+from forecaster.service.exactly_once.changelog import ChangelogContents, ChangelogReader
 from forecaster.service.exactly_once.ledger import SeriesLedger
 
 
@@ -51,7 +51,10 @@ def test_envelope_round_trip(payload: bytes, evicted: bool) -> None:
         (b"FCC", "corrupt"),
         (b"XXXX\x01\x00abc", "corrupt"),
         (b"FCCL\x02\x00" + b"x" * 10, "unknown_version"),
-        (b"FCCL\x01\x00" + snap.MAGIC + (snap.FORMAT_VERSION + 1).to_bytes(2, "little") + b"rest", "unknown_version"),
+        (
+            b"FCCL\x01\x00" + snap.MAGIC + (snap.FORMAT_VERSION + 1).to_bytes(2, "little") + b"rest",
+            "unknown_version",
+        ),
     ],
 )
 def test_envelopes_that_cannot_be_read_are_refused_with_a_reason(value, reason: str) -> None:
@@ -114,7 +117,7 @@ def test_evicted_series_are_written_flagged_and_come_back_with_their_state() -> 
     assert "a" not in ledger.cold
     got = engine.process(["a"], [50], [42.0])
     want = reference.process(["a"], [50], [42.0])
-    np.testing.assert_array_equal(got.values, want.values)
+    np.testing.assert_array_equal(got.forecasts, want.forecasts)
 
 
 def test_drop_forgets_a_partitions_series_everywhere() -> None:
@@ -154,7 +157,7 @@ def test_load_restores_good_records_keeps_evicted_on_the_host_and_refuses_the_re
     assert ledger.partition_of == {"good": 0, "gone": 1}
     assert target.take_dirty() == set()  # restored states need no rewrite
     np.testing.assert_array_equal(
-        target.process(["good"], [99], [1.0]).values, source.process(["good"], [99], [1.0]).values
+        target.process(["good"], [99], [1.0]).forecasts, source.process(["good"], [99], [1.0]).forecasts
     )
 
 
@@ -202,7 +205,9 @@ def _rec(offset: int, key: str, value: bytes | None) -> SimpleNamespace:
 def test_reader_keeps_the_latest_value_per_series_up_to_the_end() -> None:
     records = {0: [_rec(0, "a", b"1"), _rec(1, "b", b"2"), _rec(2, "a", b"3"), _rec(3, "b", None)], 1: []}
     consumer = FakeReaderConsumer(records, [{0: 4, 1: 0}])
-    reader = ChangelogReader("cl", consumer, FakeReaderConsumer(records, [{0: 4, 1: 0}]), sleep=lambda s: None)
+    reader = ChangelogReader(
+        "cl", consumer, FakeReaderConsumer(records, [{0: 4, 1: 0}]), sleep=lambda s: None
+    )
     contents = reader.read([1, 0])
     assert contents.latest == {0: {"a": b"3", "b": None}, 1: {}} and contents.records == 4
 
@@ -221,9 +226,13 @@ def test_reader_gives_up_waiting_and_restores_what_is_committed() -> None:
     records = {0: [_rec(0, "a", b"committed"), _rec(1, "a", b"open")]}
     now = [0.0]
     reader = ChangelogReader(
-        "cl", FakeReaderConsumer(records, [{0: 1}]), FakeReaderConsumer(records, [{0: 2}]),
-        stable_timeout=5.0, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + 1.0),
-    )  # fmt: skip
+        "cl",
+        FakeReaderConsumer(records, [{0: 1}]),
+        FakeReaderConsumer(records, [{0: 2}]),
+        stable_timeout=5.0,
+        clock=lambda: now[0],
+        sleep=lambda s: now.__setitem__(0, now[0] + 1.0),
+    )
     assert reader.read([0]).latest == {0: {"a": b"committed"}}
 
 
@@ -233,8 +242,12 @@ def test_reader_that_stops_short_of_the_end_gives_up_instead_of_hanging() -> Non
     records = {0: [_rec(0, "a", b"x")]}  # the end says 3, but nothing past offset 0 ever comes
     now = [0.0]
     reader = ChangelogReader(
-        "cl", FakeReaderConsumer(records, [{0: 3}]), FakeReaderConsumer(records, [{0: 3}]),
-        stall_timeout=5.0, clock=lambda: now.__setitem__(0, now[0] + 1.0) or now[0], sleep=lambda s: None,
-    )  # fmt: skip
+        "cl",
+        FakeReaderConsumer(records, [{0: 3}]),
+        FakeReaderConsumer(records, [{0: 3}]),
+        stall_timeout=5.0,
+        clock=lambda: now.__setitem__(0, now[0] + 1.0) or now[0],
+        sleep=lambda s: None,
+    )
     with pytest.raises(KafkaSetupError, match="stopped short"):
         reader.read([0])

@@ -181,7 +181,9 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
 
 def saved(root: Path, cell: str = "gru", **kwargs) -> tuple[str, RecurrentForecaster]:
     model = tiny_model(cell, **kwargs)
-    return save_checkpoint(root, model, Scaling(halflife=12.0), data={"kind": "test"}, metrics={"mae": 1.5}), model
+    return save_checkpoint(
+        root, model, Scaling(halflife=12.0), data={"kind": "test"}, metrics={"mae": 1.5}
+    ), model
 
 
 # ---- writing and loading -------------------------------------------------------------------------------
@@ -353,10 +355,16 @@ def test_a_manifest_from_before_the_baseline_loads_as_a_plain_model(tmp_path: Pa
     assert torch.equal(loaded.model(x)[0], model(x)[0])
 
 
-@pytest.mark.parametrize(("field", "value", "words"), [
-    ("season", 0, "season=0"), ("base_seasons", -1, "base_seasons=-1"), ("base_seasons", 99, "base_seasons=99"),
-    ("season", "12", "season='12'"), ("colour", "red", "optionally"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("season", 0, "season=0"),
+        ("base_seasons", -1, "base_seasons=-1"),
+        ("base_seasons", 99, "base_seasons=99"),
+        ("season", "12", "season='12'"),
+        ("colour", "red", "optionally"),
+    ],
+)
 def test_bad_baseline_build_args_are_refused(tmp_path: Path, field: str, value, words: str) -> None:
     version, _ = saved(tmp_path)
     manifest = _manifest(tmp_path / version)

@@ -67,7 +67,7 @@ def _run(engine: Engine, batches) -> dict[str, list]:
     for batch in batches:
         names, ts, values = zip(*batch, strict=True)
         out = engine.process(list(names), list(ts), list(values))
-        for j, (s, t, f) in enumerate(zip(out.series, out.ts, out.values, strict=True)):
+        for j, (s, t, f) in enumerate(zip(out.series, out.ts, out.forecasts, strict=True)):
             assert names[out.index[j]] == s and ts[out.index[j]] == t
             got.setdefault(s, []).append((int(t), f))
     return got
@@ -115,7 +115,9 @@ def _residual_model(cell: str, seed: int = 0, **baseline) -> RecurrentForecaster
 @pytest.mark.parametrize("cell", CELLS)
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream=streams())
-def test_incremental_equals_full_over_a_seasonal_baseline(cell: str, host_views: bool, level: bool, stream) -> None:
+def test_incremental_equals_full_over_a_seasonal_baseline(
+    cell: str, host_views: bool, level: bool, stream
+) -> None:
     """The baseline's inputs come from the ring buffer; the window is shorter than most series (with the
     level moved, the baseline reads 6 inputs back: window 7)."""
     data, batches = stream
@@ -134,28 +136,33 @@ def test_the_baseline_is_computed_in_data_units_under_moving_scaling(host_views:
     t = np.arange(120, dtype=np.float64)
     values = 1000.0 + 25.0 * t + 40.0 * np.sin(2 * np.pi * t / 12)
     engine = Engine(model, window=64, scaling=Scaling(halflife=8.0), host_views=host_views)
-    got = np.stack([engine.process(["a"], [int(k)], [v]).values[0] for k, v in zip(t, values, strict=True)])
+    got = np.stack([engine.process(["a"], [int(k)], [v]).forecasts[0] for k, v in zip(t, values, strict=True)])
     future = np.stack([values[k + 1 : k + 13] for k in range(24, 100)])  # (76, 12) after value 24 .. 99
     np.testing.assert_allclose(got[24:100], future, rtol=2e-6)
-    np.testing.assert_allclose(reference_forecast(model, values, Scaling(halflife=8.0))[24:100], future, rtol=2e-6)
+    np.testing.assert_allclose(
+        reference_forecast(model, values, Scaling(halflife=8.0))[24:100], future, rtol=2e-6
+    )
     # after a swap to the same model the re-warmed last forecast reads the same baseline
     engine.rewarm(model, "again")
     np.testing.assert_allclose(engine.table.forecast[engine.table.slot_of("a")].numpy(), got[-1], rtol=2e-6)
 
 
 @pytest.mark.parametrize("host_views", [True, False])
-def test_log_scaling_moves_the_season_by_ratios_and_refuses_values_that_are_not_positive(host_views: bool) -> None:
+def test_log_scaling_moves_the_season_by_ratios_and_refuses_values_that_are_not_positive(
+    host_views: bool,
+) -> None:
     """Exponential growth with a seasonal swing proportional to the level: on logarithms the level-moved
     seasonal naive forecast is exact."""
     model = _model("gru", season=12, base_seasons=1, base_level=True, horizon=12)  # zero head: the baseline
     t = np.arange(100, dtype=np.float64)
     values = 50.0 * np.exp(0.02 * t + 0.2 * np.sin(2 * np.pi * t / 12))
     engine = Engine(model, window=64, scaling=Scaling("log", halflife=8.0), host_views=host_views)
-    got = np.stack([engine.process(["a"], [int(k)], [v]).values[0] for k, v in zip(t, values, strict=True)])
+    got = np.stack([engine.process(["a"], [int(k)], [v]).forecasts[0] for k, v in zip(t, values, strict=True)])
     future = np.stack([values[k + 1 : k + 13] for k in range(24, 80)])
     np.testing.assert_allclose(got[24:80], future, rtol=1e-5)
-    np.testing.assert_allclose(reference_forecast(model, values, Scaling("log", halflife=8.0))[24:80], future,
-                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        reference_forecast(model, values, Scaling("log", halflife=8.0))[24:80], future, rtol=1e-5
+    )
     before = engine.table.snapshot("a")
     with pytest.raises(ValueError, match="> 0"):
         engine.process(["a", "b"], [200, 200], [3.0, 0.0])
@@ -169,20 +176,31 @@ def test_a_window_shorter_than_the_baseline_leaves_out_what_it_no_longer_retains
     model = _residual_model("gru")  # reads 3 inputs before the current one
     window, values = 3, np.random.default_rng(2).normal(4.0, 1.0, 12)
     engine = Engine(model, window=window, scaling=SCALINGS["ewm"], host_views=host_views)
-    got = np.stack([engine.process(["a"], [t], [v]).values[0] for t, v in enumerate(values)])
+    got = np.stack([engine.process(["a"], [t], [v]).forecasts[0] for t, v in enumerate(values)])
     scaling = SCALINGS["ewm"]
     x, stats = scaling.transform(values)
     v = torch.from_numpy(values)
     with torch.no_grad():
         base = model.scaled_baseline(v[None], stats[None], scaling, 0, len(values))  # (1, T, H) whole history
         y, _ = model(x[None, :, None], base=base)  # (1, T, H)
-        kept = torch.stack([torch.cat([torch.full((max(0, window - t - 1),), torch.nan, dtype=v.dtype),
-                                       v[max(0, t - window + 1) : t + 1]])
-                            for t in range(len(values))])  # (T, window) what the ring holds after value t
+        kept = torch.stack(
+            [
+                torch.cat(
+                    [
+                        torch.full((max(0, window - t - 1),), torch.nan, dtype=v.dtype),
+                        v[max(0, t - window + 1) : t + 1],
+                    ]
+                )
+                for t in range(len(values))
+            ]
+        )  # (T, window) what the ring holds after value t
         y = y[0] - base[0] + model.baseline(scaling.rescale(stats, kept))
     expected = scaling.denormalize(stats, y.double()).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
-    assert np.abs(got[window + 1 :] - reference_forecast(model, values, SCALINGS["ewm"])[window + 1 :]).max() > 1e-3
+    assert (
+        np.abs(got[window + 1 :] - reference_forecast(model, values, SCALINGS["ewm"])[window + 1 :]).max()
+        > 1e-3
+    )
 
 
 def _check_incremental_equals_full(engine, model, data, batches, scaling) -> None:
@@ -268,7 +286,7 @@ def test_evict_snapshot_restore_continues_exactly(cell: str) -> None:
         outs = []
         for t in range(lo, hi):
             out = engine.process(list(values), [t] * 3, [values[s][t] for s in values])
-            outs.append(out.values)
+            outs.append(out.forecasts)
         return np.concatenate(outs)
 
     straight = Engine(model, window=8)
@@ -295,14 +313,16 @@ def test_growth_past_initial_capacity_loses_nothing() -> None:
     outs = [engine.process(series, [t] * 40, values[:, t]) for t in range(6)]
     assert engine.table.capacity >= 40 and engine.resident == 40
     for i, s in enumerate(series):
-        got = np.stack([out.values[out.series.index(s)] for out in outs])
+        got = np.stack([out.forecasts[out.series.index(s)] for out in outs])
         np.testing.assert_allclose(got, reference_forecast(model, values[i]), atol=1e-5, rtol=0)
 
 
 def test_lru_and_ttl_eviction_through_the_engine() -> None:
     clock = Clock()
     evicted: list[str] = []
-    engine = Engine(_model(), max_series=2, ttl_seconds=5.0, clock=clock, on_evict=lambda s, _: evicted.append(s))
+    engine = Engine(
+        _model(), max_series=2, ttl_seconds=5.0, clock=clock, on_evict=lambda s, _: evicted.append(s)
+    )
     for t, s in enumerate(["a", "b", "a", "c"]):
         clock.now = float(t)
         engine.process([s], [t], [1.0])
@@ -320,7 +340,9 @@ def test_online_error_matches_a_hand_computation(host_views: bool) -> None:
     a, b = [1.0, 2.0, 4.0], [0.5, -1.0]
     out1 = engine.process(["a", "b", "a"], [1, 1, 2], [a[0], b[0], a[1]])  # rounds: (a0, b0), (a1)
     out2 = engine.process(["a", "b"], [3, 2], [a[2], b[1]])
-    forecast = {(s, int(t)): f for out in (out1, out2) for s, t, f in zip(out.series, out.ts, out.values, strict=True)}
+    forecast = {
+        (s, int(t)): f for out in (out1, out2) for s, t, f in zip(out.series, out.ts, out.forecasts, strict=True)
+    }
     errors = [a[1] - forecast["a", 1][0], a[2] - forecast["a", 2][0], b[1] - forecast["b", 1][0]]
     stats = engine.errors["v1"]
     assert stats.count == 3
@@ -330,15 +352,16 @@ def test_online_error_matches_a_hand_computation(host_views: bool) -> None:
     out3 = engine.process(["b"], [3], [7.0])
     assert out3.version == "v2"
     assert engine.errors["v2"].count == 1
-    assert engine.errors["v2"].sum_abs == pytest.approx(abs(7.0 - float(out2.values[1][0])), rel=1e-6)
+    assert engine.errors["v2"].sum_abs == pytest.approx(abs(7.0 - float(out2.forecasts[1][0])), rel=1e-6)
     assert engine.errors["v1"].count == 3
 
 
 @pytest.mark.parametrize("host_views", [True, False])
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("scaling", list(SCALINGS))
-def test_rewarm_equals_the_new_models_forward_over_the_retained_window(cell: str, scaling: str,
-                                                                       host_views: bool) -> None:
+def test_rewarm_equals_the_new_models_forward_over_the_retained_window(
+    cell: str, scaling: str, host_views: bool
+) -> None:
     window = 6
     rng = np.random.default_rng(5)
     lengths = {"short": 3, "exact": 6, "long": 15}
@@ -372,7 +395,9 @@ def test_rewarm_to_a_different_shape_and_set_model_refuses_one() -> None:
     bigger = _model("lstm", hidden_size=16, horizon=5)
     engine.rewarm(bigger, "v2")
     out = engine.process(["a"], [3], [3.0])
-    np.testing.assert_allclose(out.values[0], reference_forecast(bigger, [1.0, 2.0, 3.0], None)[-1], atol=1e-5)
+    np.testing.assert_allclose(
+        out.forecasts[0], reference_forecast(bigger, [1.0, 2.0, 3.0], None)[-1], atol=1e-5
+    )
 
 
 def test_restore_of_another_versions_snapshot_is_rewarmed() -> None:
@@ -383,7 +408,7 @@ def test_restore_of_another_versions_snapshot_is_rewarmed() -> None:
     target = Engine(new, version="v2", window=8, scaling=None)
     target.restore("a", source.snapshot("a"))
     out = target.process(["a"], [5], [1.0])
-    np.testing.assert_allclose(out.values[0], reference_forecast(new, values + [1.0], None)[-1], atol=1e-5)
+    np.testing.assert_allclose(out.forecasts[0], reference_forecast(new, values + [1.0], None)[-1], atol=1e-5)
     with pytest.raises(StateError):
         target.restore("b", b"not a snapshot")
 
@@ -399,8 +424,10 @@ def test_take_dirty_lists_stepped_series() -> None:
 def test_from_settings_uses_the_state_and_scaling_sections() -> None:
     from forecaster.config import Settings
 
-    settings = Settings(state={"device": "cpu", "window": 7, "initial_capacity": 3, "max_series": 5,
-                               "ttl_seconds": 9.0}, scaling={"kind": "none"})
+    settings = Settings(
+        state={"device": "cpu", "window": 7, "initial_capacity": 3, "max_series": 5, "ttl_seconds": 9.0},
+        scaling={"kind": "none"},
+    )
     engine = Engine.from_settings(_model(), settings, version="v3")
     assert engine.table.window_size == 7 and engine.table.capacity == 3 and engine.table.max_series == 5
     assert engine.ttl_seconds == 9.0 and engine.scaling == Scaling(kind="none") and engine.version == "v3"
@@ -417,7 +444,9 @@ def test_more_new_series_than_max_series_in_one_batch_still_steps_all() -> None:
 def test_accepts_arrays_and_pandas_columns() -> None:
     import pandas as pd
 
-    frame = pd.DataFrame({"series": ["b", "a", "b"], "ts": [2, 1, 1], "value": [1.0, 2.0, 3.0]}, index=[7, 3, 5])
+    frame = pd.DataFrame(
+        {"series": ["b", "a", "b"], "ts": [2, 1, 1], "value": [1.0, 2.0, 3.0]}, index=[7, 3, 5]
+    )
     out = Engine(_model(), scaling=None).process(frame["series"], frame["ts"], frame["value"])
     assert sorted(zip(out.series, out.ts.tolist(), strict=True)) == [("a", 1), ("b", 1), ("b", 2)]
     out = Engine(_model(), scaling=None).process(np.array(["x", "y"]), np.array([1, 1]), np.array([0.5, 0.5]))

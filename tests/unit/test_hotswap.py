@@ -74,12 +74,17 @@ def swaps(registry: CollectorRegistry, result: str) -> float:
 # ---- the first model ----------------------------------------------------------------------------------
 
 
-def test_without_checkpoints_a_seeded_untrained_model_serves(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_without_checkpoints_a_seeded_untrained_model_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING):
         model, version = initial_model(settings_for(tmp_path), "cpu")
     expected = model_of(seed=7)
     assert version == INIT_VERSION
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), expected.state_dict().values(), strict=True)
+    )
     assert "untrained" in caplog.text
 
 
@@ -91,7 +96,9 @@ def test_latest_serves(tmp_path: Path) -> None:
     assert torch.equal(model.head.weight, model_of(seed=2).head.weight)
 
 
-def test_a_bad_latest_falls_back_to_the_newest_valid(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_bad_latest_falls_back_to_the_newest_valid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     older = publish(tmp_path, model_of(seed=1))
     newer = publish(tmp_path, model_of(seed=2))
     bad = save_checkpoint(tmp_path, model_of(seed=3), SCALING)
@@ -170,7 +177,7 @@ def test_swap_rewarms_every_series_over_its_window(tmp_path: Path, cell: str) ->
     assert out.version == version
     for name in names:
         forecast = expected_after_swap(new_model, data[name], 51.0)
-        np.testing.assert_allclose(out.values[out.series.index(name)], forecast, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(out.forecasts[out.series.index(name)], forecast, rtol=1e-5, atol=1e-4)
 
 
 def test_state_right_after_swap_equals_the_window_pass(tmp_path: Path) -> None:
@@ -337,9 +344,16 @@ def send_values(engine: Engine, name: str, values: np.ndarray, first_ts: int) ->
 
 @pytest.mark.parametrize(
     "old_cell, new_cell, new_shape",
-    [("gru", "gru", {}), ("lstm", "lstm", {}), ("rnn", "rnn", {}), ("gru", "lstm", {"hidden_size": 10, "num_layers": 1})],
+    [
+        ("gru", "gru", {}),
+        ("lstm", "lstm", {}),
+        ("rnn", "rnn", {}),
+        ("gru", "lstm", {"hidden_size": 10, "num_layers": 1}),
+    ],
 )
-def test_background_rewarm_catches_up_every_value_exactly(tmp_path: Path, old_cell, new_cell, new_shape) -> None:
+def test_background_rewarm_catches_up_every_value_exactly(
+    tmp_path: Path, old_cell, new_cell, new_shape
+) -> None:
     registry = CollectorRegistry()
     engine = Engine(model_of(old_cell, seed=1), version="init", window=WINDOW, scaling=SCALING, capacity=4)
     data = stream({"a": 30, "b": 5, "c": 20, "d": 12, "e": 10}, seed=3)
@@ -364,7 +378,9 @@ def test_background_rewarm_catches_up_every_value_exactly(tmp_path: Path, old_ce
     assert swapper.wait_rewarm(30.0)
     # Step 2. The next boundary catches up and swaps.
     assert swapper.swap_if_ready(engine) == version == engine.version
-    assert swaps(registry, "ok") == 1 and registry.get_sample_value("forecaster_model_swap_seconds_count") == 1
+    assert (
+        swaps(registry, "ok") == 1 and registry.get_sample_value("forecaster_model_swap_seconds_count") == 1
+    )
     assert swapper.check_now() is None and swapper.swap_if_ready(engine) is None  # swapped once
     assert engine.table.slot_of("e") is None
     # Step 3. Each series runs on from the new model's pass over one contiguous run of its inputs: the
@@ -381,8 +397,13 @@ def test_background_rewarm_catches_up_every_value_exactly(tmp_path: Path, old_ce
         with torch.no_grad():
             y, _ = new_model(x[start:][None, :, None])
         expected = SCALING.denormalize(stats[-1:], y[0, -1:]).numpy()[0]
-        np.testing.assert_allclose(out.values[out.series.index(name)], expected, rtol=1e-5, atol=1e-4,
-                                   err_msg=f"series {name} (start {start})")
+        np.testing.assert_allclose(
+            out.forecasts[out.series.index(name)],
+            expected,
+            rtol=1e-5,
+            atol=1e-4,
+            err_msg=f"series {name} (start {start})",
+        )
 
 
 def test_a_failed_background_rewarm_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -432,14 +453,20 @@ def test_catch_up_in_several_passes_loses_nothing(rows_per_copy) -> None:
         start = copied[name] - min(copied[name], WINDOW)
         with torch.no_grad():
             y, _ = new_model(x[start:][None, :, None])
-        np.testing.assert_allclose(out.values[out.series.index(name)],
-                                   SCALING.denormalize(stats[-1:], y[0, -1:]).numpy()[0], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(
+            out.forecasts[out.series.index(name)],
+            SCALING.denormalize(stats[-1:], y[0, -1:]).numpy()[0],
+            rtol=1e-5,
+            atol=1e-4,
+        )
 
 
 # ---- models that forecast over a seasonal baseline ----------------------------------------------------------
 
 
-def test_a_baseline_longer_than_the_window_is_not_served(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_baseline_longer_than_the_window_is_not_served(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = settings_for(tmp_path)
     fits = publish(tmp_path, model_of(season=4, base_seasons=1))
     too_long = publish(tmp_path, model_of(season=300, base_seasons=1))  # the default window is 256
@@ -469,5 +496,6 @@ def test_background_rewarm_of_a_residual_model_takes_the_baseline_from_the_windo
     direct.rewarm(new_model, "v2")
     for name in ("a", "b"):
         slot_b, slot_d = background.table.slots[name], direct.table.slots[name]
-        torch.testing.assert_close(background.table.forecast[slot_b], direct.table.forecast[slot_d],
-                                   atol=1e-5, rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            background.table.forecast[slot_b], direct.table.forecast[slot_d], atol=1e-5, rtol=0
+        )

@@ -76,9 +76,17 @@ def test_warm_equals_forward_over_each_rows_own_values(cell: str) -> None:
 
 def test_build_args_rebuild_the_same_module() -> None:
     model = RecurrentForecaster("lstm", input_size=1, hidden_size=16, num_layers=1, horizon=4, dropout=0.0)
-    assert model.build_args == {"cell": "lstm", "input_size": 1, "hidden_size": 16, "num_layers": 1,
-                                "horizon": 4, "dropout": 0.0, "season": 1, "base_seasons": 0,
-                                "base_level": False}
+    assert model.build_args == {
+        "cell": "lstm",
+        "input_size": 1,
+        "hidden_size": 16,
+        "num_layers": 1,
+        "horizon": 4,
+        "dropout": 0.0,
+        "season": 1,
+        "base_seasons": 0,
+        "base_level": False,
+    }
     twin = RecurrentForecaster(**model.build_args)
     twin.load_state_dict(model.state_dict())
     x = torch.randn(2, 5, 1)
@@ -116,11 +124,19 @@ def test_step_follows_weights_loaded_or_moved_after_first_use() -> None:
 # ---- forecasting over a seasonal baseline ---------------------------------------------------------------
 
 
-def _residual(cell: str, season: int, base_seasons: int, seed: int = 0, horizon: int = 5,
-              base_level: bool = False) -> RecurrentForecaster:
+def _residual(
+    cell: str, season: int, base_seasons: int, seed: int = 0, horizon: int = 5, base_level: bool = False
+) -> RecurrentForecaster:
     torch.manual_seed(seed)
-    return RecurrentForecaster(cell, hidden_size=6, num_layers=2, horizon=horizon, season=season,
-                               base_seasons=base_seasons, base_level=base_level).eval()  # fmt: skip
+    return RecurrentForecaster(
+        cell,
+        hidden_size=6,
+        num_layers=2,
+        horizon=horizon,
+        season=season,
+        base_seasons=base_seasons,
+        base_level=base_level,
+    ).eval()
 
 
 def test_an_untrained_residual_model_forecasts_its_baseline_by_hand() -> None:
@@ -164,10 +180,13 @@ def _randomize_head(model: RecurrentForecaster) -> RecurrentForecaster:
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize(("season", "base_seasons", "base_level"), [(1, 1, False), (3, 1, False), (4, 3, False),
-                                                                    (3, 2, True), (2, 1, True)])
-def test_residual_step_chunks_and_warm_equal_forward(cell: str, season: int, base_seasons: int,
-                                                     base_level: bool) -> None:
+@pytest.mark.parametrize(
+    ("season", "base_seasons", "base_level"),
+    [(1, 1, False), (3, 1, False), (4, 3, False), (3, 2, True), (2, 1, True)],
+)
+def test_residual_step_chunks_and_warm_equal_forward(
+    cell: str, season: int, base_seasons: int, base_level: bool
+) -> None:
     model = _randomize_head(_residual(cell, season, base_seasons, seed=2, base_level=base_level))
     x = torch.randn(3, 20, 1)
     y, _ = model(x)

@@ -31,11 +31,15 @@ def test_failed_run_retries_after_retry_seconds_successful_one_after_the_period(
 
     metrics = TrainerMetrics(CollectorRegistry())
     stop = RecordingStop()
-    runs = run_periodically(once, 900.0, metrics, stop=stop, clock=lambda: 0.0, max_runs=3, retry_seconds=30.0)
+    runs = run_periodically(
+        once, 900.0, metrics, stop=stop, clock=lambda: 0.0, max_runs=3, retry_seconds=30.0
+    )
     assert runs == 3
     assert stop.waits == [30.0, 900.0]
     assert metrics.registry.get_sample_value("forecaster_trainer_runs_total", {"result": "failed"}) == 1.0
-    assert metrics.registry.get_sample_value("forecaster_trainer_runs_total", {"result": "not_published"}) == 2.0
+    assert (
+        metrics.registry.get_sample_value("forecaster_trainer_runs_total", {"result": "not_published"}) == 2.0
+    )
 
 
 def test_retry_never_waits_longer_than_the_period():
@@ -43,6 +47,13 @@ def test_retry_never_waits_longer_than_the_period():
         raise DataError("empty")
 
     stop = RecordingStop()
-    run_periodically(once, 10.0, TrainerMetrics(CollectorRegistry()), stop=stop, clock=lambda: 0.0,
-                     max_runs=2, retry_seconds=60.0)
+    run_periodically(
+        once,
+        10.0,
+        TrainerMetrics(CollectorRegistry()),
+        stop=stop,
+        clock=lambda: 0.0,
+        max_runs=2,
+        retry_seconds=60.0,
+    )
     assert stop.waits == [10.0]

@@ -159,8 +159,9 @@ POSITIVE_CORPUS = [
 
 @pytest.mark.parametrize(("raw", "key", "reason"), POSITIVE_CORPUS)
 def test_a_positive_decoder_refuses_values_that_are_not(decoder, raw, key, reason):
-    positive = RecordDecoder(max_series_length=16, max_window_values=5, max_future_ms=1000, clock=lambda: NOW_S,
-                             positive=True)  # fmt: skip
+    positive = RecordDecoder(
+        max_series_length=16, max_window_values=5, max_future_ms=1000, clock=lambda: NOW_S, positive=True
+    )
     assert reason_of(positive, raw, key) == reason
     decoder.decode(raw, key, TS)  # accepted without the log scaling
     assert positive.decode(b'{"series": "a", "ts": 1, "value": 1e-300}', None, TS)[2] == 1e-300

@@ -71,7 +71,14 @@ def test_metrics_of_a_tiny_file_equal_a_hand_computation() -> None:
     assert metrics["model"]["mase_vs_last_value"] == pytest.approx(3.0 / (11 / 8))
     assert metrics["model"]["mase_vs_last_value_by_horizon"] == pytest.approx([13 / 6, 11 / 5])
     table = format_metrics(result)
-    assert table.splitlines()[-1].split()[:6] == ["overall", "8", "3", f"{math.sqrt(188 / 8):.6g}", "2.4000", "2.1818"]
+    assert table.splitlines()[-1].split()[:6] == [
+        "overall",
+        "8",
+        "3",
+        f"{math.sqrt(188 / 8):.6g}",
+        "2.4000",
+        "2.1818",
+    ]
     problems = "\n".join(format_problems(result))
     assert "skipped 1 bad rows" in problems and "line 11" in problems
     assert "dropped 1 duplicate" in problems and "lines 6" in problems
@@ -82,29 +89,38 @@ def test_replay_forecasts_equal_the_reference_whatever_the_batch_size() -> None:
     torch.manual_seed(1)
     model = RecurrentForecaster("lstm", hidden_size=6, num_layers=2, horizon=3)
     rng = np.random.default_rng(0)
-    rows = [(f"s{i}", 1000 * t, float(v)) for i in range(4) for t, v in enumerate(rng.normal(10, 2, 25 + 5 * i))]
+    rows = [
+        (f"s{i}", 1000 * t, float(v)) for i in range(4) for t, v in enumerate(rng.normal(10, 2, 25 + 5 * i))
+    ]
     rng.shuffle(rows)
     text = "series,ts,value\n" + "".join(f"{s},{t},{v!r}\n" for s, t, v in rows)
     frame = pd.DataFrame(rows, columns=["series", "ts", "value"]).sort_values("ts", kind="stable")
     for batch_rows in (1, 7, 10_000):
-        result = replay(io.StringIO(text), Engine(model, window=8), season=1, batch_rows=batch_rows, progress=False)
+        result = replay(
+            io.StringIO(text), Engine(model, window=8), season=1, batch_rows=batch_rows, progress=False
+        )
         groups = result.rows.by_series()
         assert sorted(groups) == ["s0", "s1", "s2", "s3"]
         for name, at in groups.items():
             values = frame[frame["series"] == name].sort_values("ts")["value"].to_numpy().copy()
             np.testing.assert_array_equal(result.rows.values[at], values)
-            np.testing.assert_allclose(result.rows.forecasts[at], reference_forecast(model, values), atol=1e-5)
+            np.testing.assert_allclose(
+                result.rows.forecasts[at], reference_forecast(model, values), atol=1e-5
+            )
 
 
 def test_log_scaling_skips_values_that_are_not_positive_as_bad_rows() -> None:
     text = "series,ts,value\na,1000,2\na,2000,0\nb,1000,-3\na,3000,4\nb,2000,5\n"
     model = RecurrentForecaster("gru", hidden_size=3, num_layers=1, horizon=2)
-    result = replay(io.StringIO(text), Engine(model, window=8, scaling=Scaling("log")), season=1, progress=False)
+    result = replay(
+        io.StringIO(text), Engine(model, window=8, scaling=Scaling("log")), season=1, progress=False
+    )
     assert [(b.line, b.reason) for b in result.bad_rows] == [(3, "not_positive"), (4, "not_positive")]
     groups = result.rows.by_series()
     np.testing.assert_array_equal(result.rows.values[groups["a"]], [2.0, 4.0])
-    np.testing.assert_allclose(result.rows.forecasts[groups["a"]], reference_forecast(model, [2.0, 4.0], Scaling("log")),
-                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        result.rows.forecasts[groups["a"]], reference_forecast(model, [2.0, 4.0], Scaling("log")), rtol=1e-5
+    )
     assert "not_positive 2" in format_problems(result)[0]
 
 
@@ -138,7 +154,9 @@ def published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, st
     """A published checkpoint under a checkpoint root that the settings point at."""
     root = tmp_path / "checkpoints"
     torch.manual_seed(0)
-    version = save_checkpoint(root, RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2), Scaling())
+    version = save_checkpoint(
+        root, RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2), Scaling()
+    )
     promote(root, version)
     monkeypatch.setenv("FORECASTER_CHECKPOINTS__DIR", str(root))
     monkeypatch.setenv("FORECASTER_STATE__DEVICE", "cpu")
@@ -210,19 +228,25 @@ def test_cli_non_numeric_and_unsorted_rows_are_counted_not_fatal(tmp_path, publi
 def test_cli_report_png(tmp_path, published) -> None:
     pytest.importorskip("matplotlib")
     report = tmp_path / "report.png"
-    assert main(["replay", "--input", str(write(tmp_path, TINY)), "--report", str(report), "--no-progress"]) == 0
+    assert (
+        main(["replay", "--input", str(write(tmp_path, TINY)), "--report", str(report), "--no-progress"]) == 0
+    )
     assert report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_report_without_matplotlib_says_how_to_install(tmp_path, published, monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     report = tmp_path / "report.png"
-    assert main(["replay", "--input", str(write(tmp_path, TINY)), "--report", str(report), "--no-progress"]) == 1
+    assert (
+        main(["replay", "--input", str(write(tmp_path, TINY)), "--report", str(report), "--no-progress"]) == 1
+    )
     err = capsys.readouterr().err
     assert "matplotlib" in err and "pip install" in err and not report.exists()
 
 
-def test_cli_refuses_a_checkpoint_whose_baseline_reaches_past_the_window(tmp_path, monkeypatch, capsys) -> None:
+def test_cli_refuses_a_checkpoint_whose_baseline_reaches_past_the_window(
+    tmp_path, monkeypatch, capsys
+) -> None:
     root = tmp_path / "checkpoints"
     model = RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2, season=12, base_seasons=2)
     promote(root, save_checkpoint(root, model, Scaling()))
@@ -238,8 +262,9 @@ def test_cli_refuses_a_checkpoint_whose_baseline_reaches_past_the_window(tmp_pat
 def test_replay_of_a_residual_model_equals_the_reference() -> None:
     """The seasonal baseline's inputs come from the engine's ring buffer during a replay."""
     torch.manual_seed(2)
-    model = RecurrentForecaster("gru", hidden_size=5, num_layers=1, horizon=4, season=3, base_seasons=2,
-                                base_level=True)  # fmt: skip
+    model = RecurrentForecaster(
+        "gru", hidden_size=5, num_layers=1, horizon=4, season=3, base_seasons=2, base_level=True
+    )
     with torch.no_grad():
         model.head.bias.normal_()
     values = 10 + np.sin(np.arange(40) * 2 * np.pi / 3) + np.random.default_rng(3).normal(0, 0.1, 40)

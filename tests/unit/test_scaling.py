@@ -49,8 +49,10 @@ def test_variance_matches_a_hand_written_recursion() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(values=arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 30)), elements=finite),
-       halflife=st.floats(0.5, 100.0))
+@given(
+    values=arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 30)), elements=finite),
+    halflife=st.floats(0.5, 100.0),
+)
 def test_transform_equals_stepwise_update(values: np.ndarray, halflife: float) -> None:
     scaling = Scaling(halflife=halflife)
     x_seq, stats_seq = scaling.transform(values)
@@ -136,9 +138,11 @@ def test_log_kind_scales_the_logarithm_and_forecasts_by_exp() -> None:
     back = log.denormalize(stats, x[:, None])  # the input itself, back in data units
     np.testing.assert_allclose(back[:, 0].numpy(), values, rtol=1e-6)
     # an earlier value in the units of the current input, as a baseline reads it
-    np.testing.assert_allclose(log.rescale(stats[-1:], torch.tensor([[values[0]]], dtype=torch.float64)).numpy(),
-                               ewm.rescale(stats_ref[-1:], torch.tensor([[math.log(values[0])]],
-                                                                       dtype=torch.float64)).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        log.rescale(stats[-1:], torch.tensor([[values[0]]], dtype=torch.float64)).numpy(),
+        ewm.rescale(stats_ref[-1:], torch.tensor([[math.log(values[0])]], dtype=torch.float64)).numpy(),
+        rtol=1e-6,
+    )
     assert log.positive and not ewm.positive and not Scaling("none").positive
     assert math.isfinite(float(log.denormalize(stats[-1:], torch.full((1, 1), 1e6))[0, 0]))  # capped, not inf
     assert Scaling.from_settings(ScalingSettings(kind="log")) == log.__class__("log")

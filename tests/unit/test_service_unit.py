@@ -13,10 +13,11 @@ from kafka.structs import TopicPartition
 
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine, reference_forecast
+from forecaster.errors import DeliveryError
 from forecaster.model import RecurrentForecaster
 from forecaster.records.codec import encode_input, encode_window
 from forecaster.scaling import Scaling
-from forecaster.service.at_least_once import AtLeastOnceCommitter, DeliveryError
+from forecaster.service.at_least_once import AtLeastOnceCommitter
 from forecaster.service.loop import Service
 
 TOPIC = "in"
@@ -138,8 +139,9 @@ def rec(
     )
 
 
-def make_service(batches, *, fail=False, on_poll=None, commit_error=None, swapper=None, scaling="ewm",
-                 **service_settings):
+def make_service(
+    batches, *, fail=False, on_poll=None, commit_error=None, swapper=None, scaling="ewm", **service_settings
+):
     settings = Settings(
         kafka={"input_topic": TOPIC, "auto_create_topics": False},
         metrics={"port": 0},
@@ -180,8 +182,10 @@ def test_good_and_bad_records_in_one_batch():
     forecasts = producer.bodies("ts.forecasts")
     assert sorted((f["series"], f["ts"]) for f in forecasts) == [("a", 1000), ("a", 2000), ("b", 1000)]
     assert {(f["series"], f["input"]["partition"], f["input"]["offset"]) for f in forecasts} == {
-        ("a", 0, 0), ("a", 0, 2), ("b", 1, 0)
-    }  # fmt: skip
+        ("a", 0, 0),
+        ("a", 0, 2),
+        ("b", 1, 0),
+    }
     assert all(f["model_version"] == "v1" and len(f["forecast"]) == 2 for f in forecasts)
     assert all(
         key == f["series"].encode()
@@ -215,8 +219,9 @@ def test_log_scaling_dead_letters_values_that_are_not_positive():
     assert [(d["reason"], d["offset"]) for d in dead] == [("not_positive", 1), ("not_positive", 2)]
     assert service.engine.table.slot_of("b") is None  # the whole window is refused, no state changes
     expected = reference_forecast(service.engine.model, [2.0, 4.0], Scaling("log"))
-    np.testing.assert_allclose([f["forecast"] for f in sorted(forecasts, key=lambda f: f["ts"])], expected,
-                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        [f["forecast"] for f in sorted(forecasts, key=lambda f: f["ts"])], expected, rtol=1e-5
+    )
 
 
 def test_forecasts_equal_the_reference_across_batches():

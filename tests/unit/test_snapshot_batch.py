@@ -49,7 +49,7 @@ def test_restore_many_continues_exactly_like_the_source(cell: str) -> None:
     nxt = np.linspace(5.0, 6.0, len(names))
     a = source.process(names, [100] * len(names), nxt)
     b = target.process(names, [100] * len(names), nxt)
-    np.testing.assert_array_equal(a.values, b.values)
+    np.testing.assert_array_equal(a.forecasts, b.forecasts)
     assert target.process(names, [100] * len(names), nxt).duplicates == len(names)  # last ts restored
 
 
@@ -76,7 +76,7 @@ def test_restore_many_rewarms_snapshots_of_another_version_like_restore() -> Non
     many.restore_many(list(zip(names, data, strict=True)))
     nxt = np.arange(4, dtype=np.float64)
     np.testing.assert_allclose(
-        one.process(names, [50] * 4, nxt).values, many.process(names, [50] * 4, nxt).values, atol=1e-6
+        one.process(names, [50] * 4, nxt).forecasts, many.process(names, [50] * 4, nxt).forecasts, atol=1e-6
     )
 
 

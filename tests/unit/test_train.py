@@ -85,7 +85,9 @@ def test_errors_and_mase_by_hand() -> None:
 def test_detect_season_finds_the_period(period: int) -> None:
     rng = np.random.default_rng(period)
     t = np.arange(40 * period)
-    series = [10 + np.sin(2 * np.pi * t / period + p) + 0.2 * rng.normal(size=len(t)) + 0.01 * t for p in (0, 1, 2)]
+    series = [
+        10 + np.sin(2 * np.pi * t / period + p) + 0.2 * rng.normal(size=len(t)) + 0.01 * t for p in (0, 1, 2)
+    ]
     assert detect_season(series) == period
 
 
@@ -99,7 +101,9 @@ def test_detect_season_without_a_period_is_one() -> None:
 
 
 def test_history_orders_by_time_and_keeps_the_first_duplicate() -> None:
-    h = History.from_long(["b", "a", "a", "a", "b"], np.array([5, 3, 1, 3, 4]), np.array([5.0, 3.0, 1.0, 9.0, 4.0]))
+    h = History.from_long(
+        ["b", "a", "a", "a", "b"], np.array([5, 3, 1, 3, 4]), np.array([5.0, 3.0, 1.0, 9.0, 4.0])
+    )
     assert h.series == ["a", "b"]
     assert [t.tolist() for t in h.ts] == [[1, 3], [4, 5]]
     assert [v.tolist() for v in h.values] == [[1.0, 3.0], [4.0, 5.0]]
@@ -149,8 +153,9 @@ def test_targets_are_the_inverse_of_the_served_forecast() -> None:
     # A model output equal to the target is the forecast of exactly the next values, in data units.
     forecast = scaling.denormalize(batch.stats[0, :9], target[0].double()).numpy()  # (9, 3)
     expected = targets(values[0], 3)[:9]
-    np.testing.assert_allclose(np.where(mask[0].numpy(), forecast, np.nan), np.where(mask[0].numpy(), expected, np.nan),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.where(mask[0].numpy(), forecast, np.nan), np.where(mask[0].numpy(), expected, np.nan), rtol=1e-5
+    )
     index = np.arange(9)[:, None] + np.arange(1, 4)[None, :]
     assert (mask[0].numpy() == ((index < 7) & (np.arange(9)[:, None] >= 2))).all()
     _, val_mask = chunk_targets(batch, 0, 9, 3, warmup=2, part="validation")
@@ -168,8 +173,15 @@ def test_state_is_carried_across_chunks_and_detached(monkeypatch: pytest.MonkeyP
         return forward(x, h, past, base)
 
     monkeypatch.setattr(model, "forward", recording)
-    fit(model, [np.sin(np.arange(50) / 2.0) + 3.0], Scaling(), epochs=1, chunk_length=10,
-        validation_fraction=0.2, progress=False)
+    fit(
+        model,
+        [np.sin(np.arange(50) / 2.0) + 3.0],
+        Scaling(),
+        epochs=1,
+        chunk_length=10,
+        validation_fraction=0.2,
+        progress=False,
+    )
     # 40 training values: origins 0..38 in chunks of 10; the first starts from zero, the rest carry it
     assert [length for length, _ in seen] == [10, 10, 10, 9]
     assert [grad for _, grad in seen] == [None, False, False, False]
@@ -177,8 +189,9 @@ def test_state_is_carried_across_chunks_and_detached(monkeypatch: pytest.MonkeyP
 
 def test_loss_decreases() -> None:
     values = [10 + np.sin(np.arange(120) * 2 * np.pi / 12 + p) for p in (0.0, 1.0, 2.0)]
-    result = fit(tiny(), values, Scaling(), epochs=6, chunk_length=24, learning_rate=0.02, patience=6,
-                 progress=False)
+    result = fit(
+        tiny(), values, Scaling(), epochs=6, chunk_length=24, learning_rate=0.02, patience=6, progress=False
+    )
     assert result.epochs == 6
     assert result.train_losses[-1] < 0.5 * result.train_losses[0]
     assert result.validation_losses[-1] < result.validation_losses[0]
@@ -214,9 +227,17 @@ def synthetic_csv(path: Path, n_series: int = 16, n_values: int = 400) -> Path:
 
 
 def trainer_settings(root: Path, **train) -> Settings:
-    options = {"epochs": 15, "learning_rate": 0.01, "chunk_length": 32, "batch_series": 16, "season": 24, **train}
-    return Settings(model={"hidden_size": 32, "num_layers": 1, "horizon": 6}, train=options,
-                    checkpoints={"dir": root})
+    options = {
+        "epochs": 15,
+        "learning_rate": 0.01,
+        "chunk_length": 32,
+        "batch_series": 16,
+        "season": 24,
+        **train,
+    }
+    return Settings(
+        model={"hidden_size": 32, "num_layers": 1, "horizon": 6}, train=options, checkpoints={"dir": root}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -243,19 +264,26 @@ def test_the_published_checkpoint_is_complete(trained) -> None:
     manifest = json.loads((root / outcome.published / MANIFEST_FILE).read_text())
     assert manifest["data"]["kind"] == "file" and manifest["data"]["series"] == 16
     assert manifest["data"]["values"] == 16 * 400
-    assert manifest["data"]["first_ts"] == int(history.ts[0][0]) and manifest["data"]["last_ts"] == int(history.ts[0][-1])
+    assert manifest["data"]["first_ts"] == int(history.ts[0][0]) and manifest["data"]["last_ts"] == int(
+        history.ts[0][-1]
+    )
     validation = manifest["metrics"]["validation"]
     assert validation["model"]["mae"] == pytest.approx(outcome.evaluation.mae("model"))
     assert {"last_value", "seasonal_naive", "season"} <= set(validation)
     assert validation["model"]["mase_vs_seasonal_naive"] < 1.0
-    assert manifest["metrics"]["decision"] == {"published": True, "reason": "first model", "compared_with": None}
+    assert manifest["metrics"]["decision"] == {
+        "published": True,
+        "reason": "first model",
+        "compared_with": None,
+    }
     assert manifest["parent"] is None
     assert manifest["training"]["epochs"] == 15
     loaded = load_checkpoint(root)
     np.testing.assert_allclose(  # what is served is what was evaluated
         model_forecasts(loaded.model, loaded.scaling, history.values[:2])[1],
         reference_forecast(loaded.model, history.values[1], Scaling.from_settings(settings.scaling)),
-        rtol=1e-5, atol=1e-4,
+        rtol=1e-5,
+        atol=1e-4,
     )
 
 
@@ -280,9 +308,13 @@ def test_publishing_regardless_records_the_parent(tmp_path: Path) -> None:
 
 def test_too_little_history_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="too short"):
-        train_once(trainer_settings(tmp_path), History.from_long(["a"] * 4, np.arange(4), np.ones(4)), progress=False)
+        train_once(
+            trainer_settings(tmp_path), History.from_long(["a"] * 4, np.arange(4), np.ones(4)), progress=False
+        )
     with pytest.raises(DataError, match="no history"):
-        train_once(trainer_settings(tmp_path), History.from_long([], np.zeros(0), np.zeros(0)), progress=False)
+        train_once(
+            trainer_settings(tmp_path), History.from_long([], np.zeros(0), np.zeros(0)), progress=False
+        )
 
 
 # ---- periodic runs and the command line -----------------------------------------------------------------
@@ -333,13 +365,31 @@ def test_periodic_runs_count_results_and_survive_failures() -> None:
 
 def test_cli_train_list_and_promote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     data = synthetic_csv(tmp_path / "data.csv", n_series=2, n_values=120)
-    for name, value in {"CHECKPOINTS__DIR": tmp_path / "ck", "MODEL__HIDDEN_SIZE": 4, "MODEL__NUM_LAYERS": 1,
-                        "MODEL__HORIZON": 2}.items():
+    for name, value in {
+        "CHECKPOINTS__DIR": tmp_path / "ck",
+        "MODEL__HIDDEN_SIZE": 4,
+        "MODEL__NUM_LAYERS": 1,
+        "MODEL__HORIZON": 2,
+    }.items():
         monkeypatch.setenv(f"FORECASTER_{name}", str(value))
     assert main(["train", "--input", str(data), "--epochs", "1", "--no-progress"]) == 0
     first = json.loads(capsys.readouterr().out)["published"]
-    assert main(["train", "--input", str(data), "--epochs", "1", "--no-progress", "--always-publish",
-                 "--learning-rate", "0.05"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--input",
+                str(data),
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--always-publish",
+                "--learning-rate",
+                "0.05",
+            ]
+        )
+        == 0
+    )
     second = json.loads(capsys.readouterr().out)["published"]
     assert latest_version(tmp_path / "ck") == second != first
     assert main(["checkpoints", "promote", first]) == 0
@@ -356,7 +406,9 @@ def test_cli_train_list_and_promote(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_log_scaling_trains_on_positive_history_and_refuses_the_rest(tmp_path: Path) -> None:
     t = np.arange(150)
     values = 100 * np.exp(0.01 * t + 0.3 * np.sin(2 * np.pi * t / 12))
-    settings = Settings(**{**trainer_settings(tmp_path, season=12, epochs=2).model_dump(), "scaling": {"kind": "log"}})
+    settings = Settings(
+        **{**trainer_settings(tmp_path, season=12, epochs=2).model_dump(), "scaling": {"kind": "log"}}
+    )
     outcome = train_once(settings, History.from_long(["a"] * 150, t, values), progress=False)
     assert outcome.published is not None
     assert load_checkpoint(tmp_path / outcome.published).scaling == Scaling("log")
@@ -365,7 +417,9 @@ def test_log_scaling_trains_on_positive_history_and_refuses_the_rest(tmp_path: P
 
 
 def test_cli_train_seasons_option(tmp_path: Path) -> None:
-    args = argparse.Namespace(seasons="168, 8766", epochs=None, learning_rate=None, season=24, metrics_port=None)
+    args = argparse.Namespace(
+        seasons="168, 8766", epochs=None, learning_rate=None, season=24, metrics_port=None
+    )
     settings = apply_overrides(args, Settings())
     assert (settings.train.season, settings.train.seasons) == (24, [168, 8766])
     with pytest.raises(ConfigError, match="seasons"):
@@ -378,13 +432,34 @@ def test_cli_every_serves_metrics_and_stops_on_sigterm(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "FORECASTER_CHECKPOINTS__DIR": str(tmp_path / "ck"), "FORECASTER_MODEL__HIDDEN_SIZE": "4",
-           "FORECASTER_MODEL__NUM_LAYERS": "1", "FORECASTER_METRICS__HOST": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "FORECASTER_CHECKPOINTS__DIR": str(tmp_path / "ck"),
+        "FORECASTER_MODEL__HIDDEN_SIZE": "4",
+        "FORECASTER_MODEL__NUM_LAYERS": "1",
+        "FORECASTER_METRICS__HOST": "127.0.0.1",
+        "OMP_NUM_THREADS": "1",
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "forecaster", "train", "--input", str(data), "--every", "1h", "--epochs", "1",
-         "--metrics-port", str(port), "--no-progress"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "forecaster",
+            "train",
+            "--input",
+            str(data),
+            "--every",
+            "1h",
+            "--epochs",
+            "1",
+            "--metrics-port",
+            str(port),
+            "--no-progress",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         text, deadline = "", time.monotonic() + 60
         while 'forecaster_trainer_runs_total{result="published"} 1.0' not in text:
@@ -425,7 +500,9 @@ def test_the_baseline_is_chosen_by_its_error_on_the_history(tmp_path: Path) -> N
     rng = np.random.default_rng(0)
     t = np.arange(240)
     settings = trainer_settings(tmp_path, season=12)
-    periodic = [50 + 10 * np.sin(2 * np.pi * t / 12) + rng.normal(0, 3, 240) for _ in range(3)]  # noisy season
+    periodic = [
+        50 + 10 * np.sin(2 * np.pi * t / 12) + rng.normal(0, 3, 240) for _ in range(3)
+    ]  # noisy season
     walks = [100 + np.cumsum(rng.normal(0, 1, 240)) for _ in range(3)]  # no season: the last value is best
     # averaging seasons cancels noise on a stable pattern; nothing beats the last value on a random walk
     assert choose_baseline(settings, periodic, Scaling(), 12)[0]["base_seasons"] > 1
@@ -452,12 +529,23 @@ def test_the_baseline_is_chosen_on_the_later_part_of_the_history(tmp_path: Path)
     chosen, mix = choose_baseline(settings, series, Scaling(), 12)
     assert chosen["season"] == 12 and mix.max() < 0.5
     # over the whole history the last value would have won: check that it really is better there
-    untrained = [RecurrentForecaster("rnn", hidden_size=1, num_layers=1, horizon=settings.model.horizon, **c)
-                 for c in ({"season": 1, "base_seasons": 1}, {**chosen})]
-    whole = [np.nanmean(np.abs(np.concatenate([f - targets(v, settings.model.horizon)
-                                               for v, f in zip(series, model_forecasts(m, Scaling(), series),
-                                                               strict=True)])))
-             for m in untrained]  # fmt: skip
+    untrained = [
+        RecurrentForecaster("rnn", hidden_size=1, num_layers=1, horizon=settings.model.horizon, **c)
+        for c in ({"season": 1, "base_seasons": 1}, {**chosen})
+    ]
+    whole = [
+        np.nanmean(
+            np.abs(
+                np.concatenate(
+                    [
+                        f - targets(v, settings.model.horizon)
+                        for v, f in zip(series, model_forecasts(m, Scaling(), series), strict=True)
+                    ]
+                )
+            )
+        )
+        for m in untrained
+    ]
     assert whole[0] < whole[1]
 
 
@@ -472,20 +560,29 @@ def test_a_longer_season_is_tried_when_the_window_holds_it(tmp_path: Path, caplo
     assert choose_baseline(weekly, series, Scaling(), 4)[0]["season"] == 28
     short = Settings(**{**weekly.model_dump(), "state": {**weekly.state.model_dump(), "window": 20}})
     with caplog.at_level(logging.WARNING, logger="forecaster.train.run"):
-        assert choose_baseline(short, series, Scaling(), 4)[0]["season"] != 28  # the window cannot hold a week
+        assert (
+            choose_baseline(short, series, Scaling(), 4)[0]["season"] != 28
+        )  # the window cannot hold a week
     assert "season 28 is not tried: its baseline reads 28 values, state.window is 20" in caplog.text
 
 
-def test_an_elaborate_baseline_must_beat_the_plain_ones_by_more_than_chance(tmp_path: Path, monkeypatch) -> None:
+def test_an_elaborate_baseline_must_beat_the_plain_ones_by_more_than_chance(
+    tmp_path: Path, monkeypatch
+) -> None:
     rng = np.random.default_rng(6)
     t = np.arange(96)
     periodic = [50 + 10 * np.sin(2 * np.pi * t / 12) + rng.normal(0, 3, 96) for _ in range(2)]
     settings = trainer_settings(tmp_path, season=12)
-    monkeypatch.setattr(train_module, "PLAIN_SE", 0.0)  # the lowest error wins: averaging seasons cancels noise
+    monkeypatch.setattr(
+        train_module, "PLAIN_SE", 0.0
+    )  # the lowest error wins: averaging seasons cancels noise
     assert choose_baseline(settings, periodic, Scaling(), 12)[0]["base_seasons"] > 1
     monkeypatch.setattr(train_module, "PLAIN_SE", 1e9)  # nothing is ever sure enough: seasonal naive stays
-    assert choose_baseline(settings, periodic, Scaling(), 12)[0] == {"season": 12, "base_seasons": 1,
-                                                                     "base_level": False}
+    assert choose_baseline(settings, periodic, Scaling(), 12)[0] == {
+        "season": 12,
+        "base_seasons": 1,
+        "base_level": False,
+    }
 
 
 def test_each_step_moves_toward_the_last_value_as_far_as_it_helps(tmp_path: Path) -> None:

@@ -13,10 +13,11 @@ from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError, Produ
 from kafka.structs import TopicPartition
 
 from forecaster.engine.engine import Engine
+from forecaster.errors import ProducerFenced
 from forecaster.model import RecurrentForecaster
 from forecaster.service.exactly_once import changelog
 from forecaster.service.exactly_once.changelog import ChangelogContents
-from forecaster.service.exactly_once.committer import ProducerFenced, TransactionalCommitter, is_fenced
+from forecaster.service.exactly_once.committer import TransactionalCommitter, is_fenced
 from forecaster.service.exactly_once.ledger import SeriesLedger
 from forecaster.service.exactly_once.recovery import OwnerListener, PartitionOwner
 
@@ -73,9 +74,16 @@ def make_committer(fail=None, changes=(), **kwargs):
     consumer = SimpleNamespace(group_metadata=lambda: "gen-7")
     outcomes: list[bool] = []
     committer = TransactionalCommitter(
-        consumer, factory, lambda: list(changes), changelog_topic="cl", interval_ms=100, max_records=3,
-        on_commit=outcomes.append, timeout_s=kwargs.pop("timeout_s", 5.0), **kwargs,
-    )  # fmt: skip
+        consumer,
+        factory,
+        lambda: list(changes),
+        changelog_topic="cl",
+        interval_ms=100,
+        max_records=3,
+        on_commit=outcomes.append,
+        timeout_s=kwargs.pop("timeout_s", 5.0),
+        **kwargs,
+    )
     return committer, log, made, outcomes
 
 
@@ -200,7 +208,9 @@ class FakeReader:
 
 def _engine() -> Engine:
     torch.manual_seed(0)
-    return Engine(RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2), window=4, clock=lambda: 0.0)
+    return Engine(
+        RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2), window=4, clock=lambda: 0.0
+    )
 
 
 def make_owner(cooperative: bool, committed=None, latest=None):
@@ -211,8 +221,15 @@ def make_owner(cooperative: bool, committed=None, latest=None):
     committer.changes = ledger.changes
     committer.consumer = consumer
     reports = []
-    owner = PartitionOwner(consumer, committer, ledger, FakeReader(latest or {}), topic=TOPIC,
-                           cooperative=cooperative, on_restore=reports.append)  # fmt: skip
+    owner = PartitionOwner(
+        consumer,
+        committer,
+        ledger,
+        FakeReader(latest or {}),
+        topic=TOPIC,
+        cooperative=cooperative,
+        on_restore=reports.append,
+    )
     return owner, engine, consumer, log, reports
 
 
@@ -303,7 +320,9 @@ def test_offsets_refused_twice_without_a_rebalance_make_the_member_join_again() 
     owner.catch_up()
     for attempt in (1, 2):
         _stepped(owner, engine, [("a", 0)])
-        owner.committer.producer.fail["offsets"] = CommitFailedError("metadata mismatch: UnknownMemberIdError")
+        owner.committer.producer.fail["offsets"] = CommitFailedError(
+            "metadata mismatch: UnknownMemberIdError"
+        )
         assert not owner.committer.commit()
         assert owner.catch_up() is True
         # first refusal: reset and restore as usual; second at the same generation: leave and join again
@@ -331,15 +350,23 @@ def test_the_transaction_timeout_is_a_setting_reaching_the_producer_and_the_comm
     from forecaster.config import Settings
     from forecaster.service.exactly_once import parts as exactly_once
 
-    settings = Settings(service={"transaction_timeout_ms": 120_000, "instance_id": "i1"}, kafka={"group_id": "g"})
+    settings = Settings(
+        service={"transaction_timeout_ms": 120_000, "instance_id": "i1"}, kafka={"group_id": "g"}
+    )
     assert exactly_once.producer_options(settings)["transaction_timeout_ms"] == 120_000
     assert exactly_once.producer_options(Settings())["transaction_timeout_ms"] == 60_000
     monkeypatch.setattr(exactly_once, "PartitionOwner", lambda *args, **kwargs: SimpleNamespace())
     monkeypatch.setattr(exactly_once, "OwnerListener", lambda *args, **kwargs: SimpleNamespace())
     engine = Engine(RecurrentForecaster("gru", hidden_size=2, num_layers=1, horizon=1), window=4)
     metrics = SimpleNamespace(transaction=None, restored=None, changelog_records=SimpleNamespace(inc=None))
-    built = exactly_once.ExactlyOnce.build(settings, consumer=SimpleNamespace(), engine=engine, metrics=metrics,
-                                           producer=FakeProducer([]), reader=SimpleNamespace())  # fmt: skip
+    built = exactly_once.ExactlyOnce.build(
+        settings,
+        consumer=SimpleNamespace(),
+        engine=engine,
+        metrics=metrics,
+        producer=FakeProducer([]),
+        reader=SimpleNamespace(),
+    )
     assert built.committer.timeout_s == 120.0
     with pytest.raises(ValueError):
         Settings(service={"transaction_timeout_ms": 999})

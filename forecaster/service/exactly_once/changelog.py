@@ -34,7 +34,7 @@ from kafka.structs import TopicPartition
 
 from forecaster.config import KafkaSettings
 from forecaster.engine import snapshot as snap
-from forecaster.errors import KafkaSetupError, StateError
+from forecaster.errors import ChangelogRecordError, KafkaSetupError, StateError
 from forecaster.service.clients import COMPACTED, TopicSpec, ensure_topics, make_admin
 
 log = logging.getLogger(__name__)
@@ -53,14 +53,6 @@ CREATE_CONFIG: Mapping[str, str] = {
     "segment.ms": str(10 * 60 * 1000),
     "min.cleanable.dirty.ratio": "0.2",
 }
-
-
-class ChangelogRecordError(StateError):
-    """A changelog record that cannot be restored; ``reason`` is one of ``REFUSALS``."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
 
 
 def encode(snapshot: bytes, evicted: bool = False) -> bytes:
@@ -123,7 +115,9 @@ def ensure_changelog(kafka: KafkaSettings, input_topic: str, admin: Any = None, 
         spec = TopicSpec(kafka.changelog_topic, partitions, kafka.replication_factor, config=config)
         created = ensure_topics(admin, [spec])
         if created:
-            log.info("created changelog topic %s (%d partitions, compacted)", kafka.changelog_topic, partitions)
+            log.info(
+                "created changelog topic %s (%d partitions, compacted)", kafka.changelog_topic, partitions
+            )
         return partitions
     except KafkaSetupError as exc:
         raise KafkaSetupError(
@@ -233,7 +227,10 @@ class ChangelogReader:
             if self.clock() >= deadline:
                 log.warning(
                     "changelog %s partitions %s still hold an open transaction after %.0f s: restoring what"
-                    " is committed", self.topic, open_, self.stable_timeout,
+                    " is committed",
+                    self.topic,
+                    open_,
+                    self.stable_timeout,
                 )
                 return stable
             self.sleep(0.1)

@@ -40,13 +40,9 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from forecaster.errors import ForecasterError
+from forecaster.errors import ForecasterError, ProducerFenced
 
 log = logging.getLogger(__name__)
-
-
-class ProducerFenced(ForecasterError):
-    """Another instance runs with this transactional id: this one is a zombie and must stop."""
 
 
 def is_fenced(exc: BaseException | None) -> bool:
@@ -69,7 +65,9 @@ def is_group_fenced(exc: BaseException | None) -> bool:
     """Whether the offsets were refused because the group does not know this member's generation."""
     seen = 0
     while exc is not None and seen < 8:
-        if isinstance(exc, CommitFailedError | UnknownMemberIdError | IllegalGenerationError | FencedInstanceIdError):
+        if isinstance(
+            exc, CommitFailedError | UnknownMemberIdError | IllegalGenerationError | FencedInstanceIdError
+        ):
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
@@ -190,7 +188,9 @@ class TransactionalCommitter:
     def _fenced(self, exc: BaseException) -> ProducerFenced:
         self._close_transaction()
         self.fenced = True
-        return ProducerFenced(f"fenced by another instance with transactional id {self.transactional_id!r}: {exc}")
+        return ProducerFenced(
+            f"fenced by another instance with transactional id {self.transactional_id!r}: {exc}"
+        )
 
     def abort(self, reason: str) -> None:
         """Abort the open transaction (partitions lost: its offsets could not commit anyway)."""
@@ -210,7 +210,10 @@ class TransactionalCommitter:
     def _fail(self, how: str, detail: str) -> None:
         log.warning(
             "transaction %s (%d input records): %s; state goes back to the last commit and those records"
-            " are consumed again", "aborted" if how == "aborted" else "failed", self.pending_records, detail,
+            " are consumed again",
+            "aborted" if how == "aborted" else "failed",
+            self.pending_records,
+            detail,
         )
         self._close_transaction()
         self.failed = how if self.failed != "replace" else "replace"

@@ -75,7 +75,10 @@ class SeriesLedger:
                 out.append(self._record(name, snapshot, evicted=True))
         self.evicted = {}
         if dirty:
-            out.extend(self._record(n, s, False) for n, s in zip(dirty, self.engine.snapshot_many(dirty), strict=True))
+            out.extend(
+                self._record(n, s, False)
+                for n, s in zip(dirty, self.engine.snapshot_many(dirty), strict=True)
+            )
         return [r for r in out if r[0] >= 0]
 
     def _record(self, name: str, snapshot: bytes, evicted: bool) -> tuple[int, bytes, bytes]:
@@ -134,5 +137,8 @@ class SeriesLedger:
         report.refused[reason] = report.refused.get(reason, 0) + 1
         log.warning(
             "changelog record of series %r (partition %d) refused (%s), the series starts fresh: %s",
-            name, partition, reason, error,
+            name,
+            partition,
+            reason,
+            error,
         )

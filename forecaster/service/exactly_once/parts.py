@@ -26,6 +26,7 @@ from forecaster.service.exactly_once.recovery import OwnerListener, PartitionOwn
 
 log = logging.getLogger(__name__)
 
+
 def consumer_options(settings: Any) -> dict[str, Any]:
     """Options of the input consumer for exactly once (instances, not classes: kafka-python's API)."""
     return {"partition_assignment_strategy": [CooperativeStickyAssignor()]}
@@ -85,7 +86,9 @@ class ExactlyOnce:
             on_changelog=metrics.changelog_records.inc,
         )
         if reader is None:
-            reader = ChangelogReader.from_settings(kafka, stable_timeout=service.transaction_timeout_ms / 1000.0)
+            reader = ChangelogReader.from_settings(
+                kafka, stable_timeout=service.transaction_timeout_ms / 1000.0
+            )
         owner = PartitionOwner(
             consumer,
             committer,

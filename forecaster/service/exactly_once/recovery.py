@@ -139,7 +139,8 @@ class PartitionOwner:
             return False
         log.warning(
             "the group refused this member's offsets twice at generation %s without a rebalance here:"
-            " leaving the group and joining again", generation,
+            " leaving the group and joining again",
+            generation,
         )
         self.owned, self.to_restore, self._refused_generation = set(), set(), None
         self.consumer.unsubscribe()
@@ -168,8 +169,12 @@ class PartitionOwner:
         log.info(
             "restored partitions %s: %d series resident, %d evicted kept on the host, %d refused, from %d"
             " changelog records in %.2f s",
-            report.partitions, report.resident, report.evicted, sum(report.refused.values()),
-            report.records, report.seconds,
+            report.partitions,
+            report.resident,
+            report.evicted,
+            sum(report.refused.values()),
+            report.records,
+            report.seconds,
         )
         self.on_restore(report)
         self.to_restore -= parts  # ready again (/readyz) once the figures are out
