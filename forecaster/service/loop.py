@@ -173,7 +173,9 @@ class Service:
             )
         else:
             keys = out.series
-            encoded = encode_forecasts(out.series, out.ts, out.version, out.forecasts, partition, offset, index)
+            encoded = encode_forecasts(
+                out.series, out.ts, out.version, out.forecasts, partition, offset, index
+            )
         if self.exactly_once is not None:
             self.exactly_once.ledger.note(out.series, partition.tolist())  # each series' changelog partition
         send, in_flight = self.committer.producer.send, self.committer.in_flight

@@ -136,7 +136,9 @@ def test_the_baseline_is_computed_in_data_units_under_moving_scaling(host_views:
     t = np.arange(120, dtype=np.float64)
     values = 1000.0 + 25.0 * t + 40.0 * np.sin(2 * np.pi * t / 12)
     engine = Engine(model, window=64, scaling=Scaling(halflife=8.0), host_views=host_views)
-    got = np.stack([engine.process(["a"], [int(k)], [v]).forecasts[0] for k, v in zip(t, values, strict=True)])
+    got = np.stack(
+        [engine.process(["a"], [int(k)], [v]).forecasts[0] for k, v in zip(t, values, strict=True)]
+    )
     future = np.stack([values[k + 1 : k + 13] for k in range(24, 100)])  # (76, 12) after value 24 .. 99
     np.testing.assert_allclose(got[24:100], future, rtol=2e-6)
     np.testing.assert_allclose(
@@ -157,7 +159,9 @@ def test_log_scaling_moves_the_season_by_ratios_and_refuses_values_that_are_not_
     t = np.arange(100, dtype=np.float64)
     values = 50.0 * np.exp(0.02 * t + 0.2 * np.sin(2 * np.pi * t / 12))
     engine = Engine(model, window=64, scaling=Scaling("log", halflife=8.0), host_views=host_views)
-    got = np.stack([engine.process(["a"], [int(k)], [v]).forecasts[0] for k, v in zip(t, values, strict=True)])
+    got = np.stack(
+        [engine.process(["a"], [int(k)], [v]).forecasts[0] for k, v in zip(t, values, strict=True)]
+    )
     future = np.stack([values[k + 1 : k + 13] for k in range(24, 80)])
     np.testing.assert_allclose(got[24:80], future, rtol=1e-5)
     np.testing.assert_allclose(
@@ -341,7 +345,9 @@ def test_online_error_matches_a_hand_computation(host_views: bool) -> None:
     out1 = engine.process(["a", "b", "a"], [1, 1, 2], [a[0], b[0], a[1]])  # rounds: (a0, b0), (a1)
     out2 = engine.process(["a", "b"], [3, 2], [a[2], b[1]])
     forecast = {
-        (s, int(t)): f for out in (out1, out2) for s, t, f in zip(out.series, out.ts, out.forecasts, strict=True)
+        (s, int(t)): f
+        for out in (out1, out2)
+        for s, t, f in zip(out.series, out.ts, out.forecasts, strict=True)
     }
     errors = [a[1] - forecast["a", 1][0], a[2] - forecast["a", 2][0], b[1] - forecast["b", 1][0]]
     stats = engine.errors["v1"]
