@@ -297,7 +297,9 @@ NB01 = [
 
     Two forecasts need no model at all: the **last value** repeated $H$ times, and the **seasonal naive**
     forecast (the value one season earlier). The trainer scores every model against both, on the same
-    points (`forecaster.train.evaluation`); MASE below 1 means the model beats the baseline.
+    points (`forecaster.train.evaluation`). MASE (Hyndman & Koehler) divides each error by the series'
+    in-sample seasonal-naive MAE on its training part; the MAE relative to a baseline's, below 1, means
+    the model beats that baseline.
     """),
     code(r"""
     from forecaster.train.baselines import ForecastErrors, last_value, seasonal_naive
@@ -346,11 +348,12 @@ from forecaster.train.fit import split_point
 
 
 def scores(models: dict) -> pd.DataFrame:
-    """Validation MAE / RMSE of each model and of both naive baselines, on the same points."""
+    """Validation MAE / RMSE / MASE of each model and of both naive baselines, on the same points."""
     ev = evaluate({name: (m, scaling) for name, m in models.items()}, values,
                   validation_fraction=TRAIN["validation_fraction"], season=SEASON)
     table = pd.DataFrame({name: {"MAE": e.overall_mae(), "RMSE": e.overall_rmse()} for name, e in ev.errors.items()}).T
-    table["MASE vs seasonal naive"] = [ev.mase(name) for name in table.index]
+    table["MASE"] = [ev.mase(name) for name in table.index]
+    table["MAE / seasonal naive MAE"] = [ev.relative_mae(name) for name in table.index]
     return table
 
 
@@ -511,8 +514,8 @@ NB02 = [
     ## Forecasts against what happened
 
     `forecaster.train.evaluation` scores the model on the validation part of every series against the two naive
-    baselines of notebook 1, on exactly the same points (in data units, after `denormalize`). MASE below 1:
-    better than the seasonal naive forecast.
+    baselines of notebook 1, on exactly the same points (in data units, after `denormalize`). MAE relative
+    to seasonal naive's below 1: better than the seasonal naive forecast.
     """),
     code(HELPERS),
     code(r"""
@@ -821,7 +824,7 @@ NB04 = [
     The three models above were trained on the same series, with the same options and seed, and are
     scored on the same validation points:
 
-    * **error**: validation MAE, and MASE against the seasonal naive forecast;
+    * **error**: validation MAE, MASE, and the MAE relative to the seasonal naive forecast's;
     * **size**: a layer with $G$ blocks ($G$ = 1 RNN, 3 GRU, 4 LSTM), input size $d$ and hidden size $n$
       has $G\,(n d + n^2 + 2n)$ parameters, plus $n H + H$ for the head; the state per series is
       $n$ floats per layer ($2n$ for the LSTM);

@@ -41,12 +41,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"no checkpoints in {root}", file=sys.stderr)
         return 0
     print(
-        f"{'':1} {'version':28} {'created':26} {'model':18} {'val MAE':>10} {'MASE sn':>8} {'parent':28} problem"
+        f"{'':1} {'version':28} {'created':26} {'model':18} {'val MAE':>10} {'MASE':>8} {'parent':28} problem"
     )
     for row in rows:
         print(
             f"{'*' if row['latest'] else ' ':1} {row['version']:28} {row['created_at'][:26]:26} {row['model']:18} "
-            f"{_num(row['mae']):>10} {_num(row['mase_vs_seasonal_naive']):>8} {row['parent'] or '-':28} "
+            f"{_num(row['mae']):>10} {_num(row['mase']):>8} {row['parent'] or '-':28} "
             f"{row['problem'] or ''}"
         )
     return 0
@@ -69,7 +69,7 @@ def _row(info: Any, verify: bool) -> dict[str, Any]:
         "created_at": info.created_at,
         "model": shape,
         "mae": validation.get("mae"),
-        "mase_vs_seasonal_naive": validation.get("mase_vs_seasonal_naive"),
+        "mase": validation.get("mase"),  # Hyndman & Koehler's; absent from manifests written before it
         "parent": manifest.get("parent"),
         "problem": problem,
     }

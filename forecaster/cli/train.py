@@ -96,7 +96,8 @@ def parse_start_ms(text: str | None) -> int | None:
 
 
 def summarize(outcome: TrainOutcome) -> dict[str, Any]:
-    """The figures a person reads after a run: decision, MAE of each method, MASE of the model."""
+    """The figures a person reads after a run: decision, MAE and MASE of each method, and the model's MAE
+    relative to each naive baseline."""
     evaluation = outcome.evaluation
     return {
         "published": outcome.published,
@@ -105,8 +106,9 @@ def summarize(outcome: TrainOutcome) -> dict[str, Any]:
         "season": evaluation.season,
         "validation_points": int(evaluation.errors["model"].count.sum()),
         "mae": {name: evaluation.mae(name) for name in evaluation.errors},
-        "mase_vs_seasonal_naive": evaluation.mase("model", "seasonal_naive"),
-        "mase_vs_last_value": evaluation.mase("model", "last_value"),
+        "mase": {name: evaluation.mase(name) for name in evaluation.errors},
+        "relative_mae_vs_seasonal_naive": evaluation.relative_mae("model", "seasonal_naive"),
+        "relative_mae_vs_last_value": evaluation.relative_mae("model", "last_value"),
     }
 
 

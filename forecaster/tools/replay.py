@@ -7,7 +7,9 @@ whose ts is not newer than its series' last one is a duplicate, dropped and coun
 
 The forecasts are then scored against what happened next, next to the seasonal-naive and last-value
 baselines on exactly the same points (``forecaster.train.baselines``): per horizon step and overall MAE, RMSE,
-and MASE (MAE over the baseline's MAE).
+MASE (Hyndman & Koehler's: errors scaled by each series' in-sample seasonal-naive MAE, over the values before
+the first scored forecast, or the whole series when every forecast is scored) and the relative MAE (MAE over
+a baseline's MAE).
 
 >>> import io
 >>> from forecaster.model import RecurrentForecaster
@@ -37,7 +39,7 @@ from forecaster.train.baselines import (
     ForecastErrors,
     detect_season,
     error_report,
-    mase,
+    relative_mae,
     score_with_baselines,
 )
 
@@ -90,7 +92,8 @@ class ReplayResult:
         return self.rows.horizon
 
     def metrics(self) -> dict[str, Any]:
-        """JSON-ready figures: per method MAE/RMSE overall and by horizon; MASE of the model vs each baseline."""
+        """JSON-ready figures: per method MAE/RMSE/MASE overall and by horizon; the model's relative MAE vs
+        each baseline."""
         points = int(self.errors["model"].count.sum())
         return error_report(self.errors, BASELINES, season=self.season, horizon=self.horizon, points=points)
 
@@ -158,7 +161,9 @@ def score(
     """Errors of each method in ``forecasts`` (name -> per-series (T_i, >= horizon) arrays) and of both
     baselines, on the points where every method has a forecast and the target exists.
 
-    ``first_origin[i]``: forecasts made before this position of series ``i`` are not scored (default 0).
+    ``first_origin[i]``: forecasts made before this position of series ``i`` are not scored (default 0);
+    MASE's scale is the in-sample seasonal-naive MAE of the values up to that origin (of the whole series
+    without ``first_origin``).
     """
     errors = {name: ForecastErrors.empty(horizon) for name in [*forecasts, *BASELINES]}
     for i, v in enumerate(values):
@@ -166,7 +171,10 @@ def score(
         if len(v) < 2 or start >= len(v) - 1:
             continue
         rows = slice(start, len(v) - 1)  # the last value has nothing after it to score
-        scored = score_with_baselines({name: f[i] for name, f in forecasts.items()}, v, rows, horizon, season)
+        insample = len(v) if first_origin is None else start + 1
+        scored = score_with_baselines(
+            {name: f[i] for name, f in forecasts.items()}, v, rows, horizon, season, insample
+        )
         for name, e in scored.items():
             errors[name] = errors[name] + e
     return errors
@@ -258,25 +266,27 @@ def write_forecasts(rows: Stepped, path: str | os.PathLike[str]) -> None:
 
 
 def format_metrics(result: ReplayResult) -> str:
-    """A plain-text table: per horizon step and overall, MAE, RMSE and MASE against both baselines."""
+    """A plain-text table: per horizon step and overall, MAE, RMSE, MASE (the model's and the seasonal-naive
+    one's) and the model's MAE relative to both baselines."""
     e = result.errors
     model, naive, last = e["model"], e["seasonal_naive"], e["last_value"]
-    _, mase_naive = mase(model, naive)
-    _, mase_last = mase(model, last)
+    _, rel_naive = relative_mae(model, naive)
+    _, rel_last = relative_mae(model, last)
     header = (
-        f"{'step':>7} {'points':>9} {'MAE':>12} {'RMSE':>12} {'MASE/snaive':>12} {'MASE/last':>10} "
-        f"{'snaive MAE':>12} {'last MAE':>12}"
+        f"{'step':>7} {'points':>9} {'MAE':>12} {'RMSE':>12} {'MASE':>8} {'snaive MASE':>11} "
+        f"{'relMAE/snaive':>13} {'relMAE/last':>11} {'snaive MAE':>12} {'last MAE':>12}"
     )
     lines = [header]
     for k in range(result.horizon):
         lines.append(
             f"{'h' + str(k + 1):>7} {int(model.count[k]):>9} {model.mae()[k]:>12.6g} {model.rmse()[k]:>12.6g} "
-            f"{mase_naive[k]:>12.4f} {mase_last[k]:>10.4f} {naive.mae()[k]:>12.6g} {last.mae()[k]:>12.6g}"
+            f"{model.mase()[k]:>8.4f} {naive.mase()[k]:>11.4f} {rel_naive[k]:>13.4f} {rel_last[k]:>11.4f} "
+            f"{naive.mae()[k]:>12.6g} {last.mae()[k]:>12.6g}"
         )
     lines.append(
         f"{'overall':>7} {int(model.count.sum()):>9} {model.overall_mae():>12.6g} {model.overall_rmse():>12.6g} "
-        f"{mase(model, naive)[0]:>12.4f} {mase(model, last)[0]:>10.4f} {naive.overall_mae():>12.6g} "
-        f"{last.overall_mae():>12.6g}"
+        f"{model.overall_mase():>8.4f} {naive.overall_mase():>11.4f} {relative_mae(model, naive)[0]:>13.4f} "
+        f"{relative_mae(model, last)[0]:>11.4f} {naive.overall_mae():>12.6g} {last.overall_mae():>12.6g}"
     )
     return "\n".join(lines)
 

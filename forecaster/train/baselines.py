@@ -4,8 +4,12 @@ All forecasts are arrays ``(T, horizon)``: row ``t`` is the forecast made after 
 ``0..t``), column ``k`` the value expected ``k + 1`` steps later; NaN where a method has no forecast.
 ``targets(values, horizon)`` is the matching array of what happened (NaN past the end).
 
-MASE here is the mean absolute error of a forecast divided by that of a baseline over the same points
-(out-of-sample scaling): below 1 the forecast beats the baseline.
+Two scores compare methods. MASE is Hyndman & Koehler's mean absolute scaled error: each absolute error is
+divided by its series' in-sample seasonal-naive MAE (``insample_scale``, over the values known before the
+first scored forecast: a series' training part), and the scaled errors are averaged over every point of every
+series (statsforecast, darts and the M-competitions compute the same; series of equal test length weigh
+equally). Relative MAE is the MAE of a forecast over that of a baseline on the same points (out-of-sample
+scaling): below 1 the forecast beats the baseline.
 
 >>> v = np.array([1.0, 2.0, 3.0, 4.0])
 >>> last_value(v, 2)[1].tolist(), seasonal_naive(v, 2, season=2)[1].tolist(), targets(v, 2)[1].tolist()
@@ -13,10 +17,13 @@ MASE here is the mean absolute error of a forecast divided by that of a baseline
 >>> e = ForecastErrors.of(last_value(v, 1), targets(v, 1))
 >>> e.mae().tolist(), e.count.tolist()
 ([1.0], [3])
+>>> insample_scale(np.array([1.0, 5.0, 2.0, 6.0]), season=2)  # |2 - 1|, |6 - 5|
+1.0
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +58,18 @@ def seasonal_naive(values: np.ndarray, horizon: int, season: int) -> np.ndarray:
     idx = np.arange(len(v))[:, None] + back[None, :]  # (T, horizon)
     out = v[np.clip(idx, 0, None)] if len(v) else np.zeros((0, horizon))
     return np.where(idx >= 0, out, np.nan)
+
+
+def insample_scale(values: np.ndarray, season: int) -> float:
+    """MASE's scale: the in-sample MAE of seasonal naive, mean ``|y[t] - y[t - season]|`` over ``values``
+    (the last value's MAE where the values do not hold a season and one more); NaN when it is 0 or undefined."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    lag = season if len(v) > season else 1
+    if len(v) <= lag:
+        return float("nan")
+    scale = float(np.mean(np.abs(v[lag:] - v[:-lag])))
+    return scale if scale > 0.0 else float("nan")
 
 
 def detect_season(
@@ -99,28 +118,42 @@ def detect_season(
 
 @dataclass
 class ForecastErrors:
-    """Accumulated errors per horizon step: ``count``, ``sum_abs``, ``sum_sq`` (each (horizon,))."""
+    """Accumulated errors per horizon step: ``count``, ``sum_abs``, ``sum_sq`` and ``sum_scaled`` (absolute
+    errors over their series' ``insample_scale``; NaN when a series had none), each (horizon,)."""
 
     count: np.ndarray
     sum_abs: np.ndarray
     sum_sq: np.ndarray
+    sum_scaled: np.ndarray
 
     @classmethod
     def empty(cls, horizon: int) -> ForecastErrors:
-        return cls(np.zeros(horizon, np.int64), np.zeros(horizon), np.zeros(horizon))
+        return cls(np.zeros(horizon, np.int64), np.zeros(horizon), np.zeros(horizon), np.zeros(horizon))
 
     @classmethod
-    def of(cls, forecast: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> ForecastErrors:
-        """Errors of ``forecast`` against ``target`` (both (T, horizon)) where both are finite (and ``mask``)."""
+    def of(
+        cls,
+        forecast: np.ndarray,
+        target: np.ndarray,
+        mask: np.ndarray | None = None,
+        scale: float = float("nan"),
+    ) -> ForecastErrors:
+        """Errors of ``forecast`` against ``target`` (both (T, horizon)) where both are finite (and ``mask``);
+        ``scale``: the series' ``insample_scale`` (MASE)."""
         keep = np.isfinite(forecast) & np.isfinite(target)  # (T, horizon)
         if mask is not None:
             keep &= mask
         err = np.where(keep, forecast - target, 0.0)  # (T, horizon)
-        return cls(keep.sum(0).astype(np.int64), np.abs(err).sum(0), (err * err).sum(0))
+        count = keep.sum(0).astype(np.int64)
+        scaled = np.abs(err).sum(0) / scale if math.isfinite(scale) else np.where(count > 0, np.nan, 0.0)
+        return cls(count, np.abs(err).sum(0), (err * err).sum(0), scaled)
 
     def __add__(self, other: ForecastErrors) -> ForecastErrors:
         return ForecastErrors(
-            self.count + other.count, self.sum_abs + other.sum_abs, self.sum_sq + other.sum_sq
+            self.count + other.count,
+            self.sum_abs + other.sum_abs,
+            self.sum_sq + other.sum_sq,
+            self.sum_scaled + other.sum_scaled,
         )
 
     def mae(self) -> np.ndarray:
@@ -132,6 +165,16 @@ class ForecastErrors:
         mse = np.divide(self.sum_sq, self.count, out=np.full(len(self.count), np.nan), where=self.count > 0)
         return np.sqrt(mse)
 
+    def mase(self) -> np.ndarray:
+        """MASE per horizon step: the mean scaled absolute error (NaN where nothing was counted)."""
+        return np.divide(
+            self.sum_scaled, self.count, out=np.full(len(self.count), np.nan), where=self.count > 0
+        )
+
+    def overall_mase(self) -> float:
+        n = int(self.count.sum())
+        return float(self.sum_scaled.sum() / n) if n else float("nan")
+
     def overall_mae(self) -> float:
         n = int(self.count.sum())
         return float(self.sum_abs.sum() / n) if n else float("nan")
@@ -141,17 +184,19 @@ class ForecastErrors:
         return float(np.sqrt(self.sum_sq.sum() / n)) if n else float("nan")
 
     def summary(self) -> dict[str, object]:
-        """JSON-ready figures: overall and per-horizon MAE and RMSE, and the count."""
+        """JSON-ready figures: overall and per-horizon MAE, RMSE and MASE, and the count."""
         return {
             "count": int(self.count.sum()),
             "mae": self.overall_mae(),
             "rmse": self.overall_rmse(),
+            "mase": self.overall_mase(),
             "mae_by_horizon": [float(x) for x in self.mae()],
             "rmse_by_horizon": [float(x) for x in self.rmse()],
+            "mase_by_horizon": [float(x) for x in self.mase()],
         }
 
 
-def mase(model: ForecastErrors, baseline: ForecastErrors) -> tuple[float, list[float]]:
+def relative_mae(model: ForecastErrors, baseline: ForecastErrors) -> tuple[float, list[float]]:
     """MAE of ``model`` over MAE of ``baseline`` (same points): overall and per horizon step."""
     overall = model.overall_mae() / baseline.overall_mae() if baseline.overall_mae() > 0 else float("nan")
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -162,25 +207,34 @@ def mase(model: ForecastErrors, baseline: ForecastErrors) -> tuple[float, list[f
 def error_report(
     errors: Mapping[str, ForecastErrors], baselines: Sequence[str], **header: Any
 ) -> dict[str, Any]:
-    """JSON-ready figures per method (MAE/RMSE overall and by horizon), with MASE of every method that is
-    not a baseline against each of ``baselines``; ``header`` fields come first."""
+    """JSON-ready figures per method (MAE, RMSE and MASE overall and by horizon), with the relative MAE of
+    every method that is not a baseline against each of ``baselines``; ``header`` fields come first."""
     report: dict[str, Any] = dict(header)
     for name, method in errors.items():
         entry = method.summary()
         if name not in baselines:
             for baseline in baselines:
-                overall, per = mase(method, errors[baseline])
-                entry[f"mase_vs_{baseline}"] = overall
-                entry[f"mase_vs_{baseline}_by_horizon"] = per
+                overall, per = relative_mae(method, errors[baseline])
+                entry[f"relative_mae_vs_{baseline}"] = overall
+                entry[f"relative_mae_vs_{baseline}_by_horizon"] = per
         report[name] = entry
     return report
 
 
 def score_with_baselines(
-    forecasts: Mapping[str, np.ndarray], values: np.ndarray, rows: slice, horizon: int, season: int
+    forecasts: Mapping[str, np.ndarray],
+    values: np.ndarray,
+    rows: slice,
+    horizon: int,
+    season: int,
+    insample: int | None = None,
 ) -> dict[str, ForecastErrors]:
     """Errors of each forecast (T, >= horizon) of one series at ``rows``, next to last-value and
-    seasonal-naive forecasts, all on the points where every method and the target are finite."""
+    seasonal-naive forecasts, all on the points where every method and the target are finite. MASE is
+    scaled by the seasonal-naive MAE over the first ``insample`` values (None: those up to the first
+    origin scored, ``rows.start + 1``)."""
+    known = rows.start + 1 if insample is None else insample
+    scale = insample_scale(np.asarray(values)[:known], season)
     made = {name: np.asarray(f, dtype=np.float64)[rows, :horizon] for name, f in forecasts.items()}
     made["last_value"] = last_value(values, horizon)[rows]
     made["seasonal_naive"] = seasonal_naive(values, horizon, season)[rows]
@@ -188,4 +242,4 @@ def score_with_baselines(
     common = np.isfinite(target)
     for f in made.values():
         common &= np.isfinite(f)
-    return {name: ForecastErrors.of(f, target, common) for name, f in made.items()}
+    return {name: ForecastErrors.of(f, target, common, scale) for name, f in made.items()}

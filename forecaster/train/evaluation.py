@@ -28,7 +28,7 @@ from forecaster.scaling import Scaling
 from forecaster.train.baselines import (
     ForecastErrors,
     error_report,
-    mase,
+    relative_mae,
     score_with_baselines,
 )
 from forecaster.train.fit import split_point
@@ -93,11 +93,17 @@ class Evaluation:
     def mae(self, name: str) -> float:
         return self.errors[name].overall_mae()
 
-    def mase(self, name: str, baseline: str = "seasonal_naive") -> float:
-        return mase(self.errors[name], self.errors[baseline])[0]
+    def mase(self, name: str) -> float:
+        """Hyndman & Koehler's MASE (scale: each series' in-sample seasonal-naive MAE on its training part)."""
+        return self.errors[name].overall_mase()
+
+    def relative_mae(self, name: str, baseline: str = "seasonal_naive") -> float:
+        """MAE of ``name`` over MAE of ``baseline`` on the same points."""
+        return relative_mae(self.errors[name], self.errors[baseline])[0]
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready figures per method, plus MASE of each model against both baselines."""
+        """JSON-ready figures per method (MASE included), plus the relative MAE of each model against both
+        baselines."""
         return error_report(self.errors, BASELINES, season=self.season, horizon=self.horizon)
 
 

@@ -64,18 +64,27 @@ def test_metrics_of_a_tiny_file_equal_a_hand_computation() -> None:
     np.testing.assert_allclose(naive.mae(), [5 / 4, 5 / 4])
     np.testing.assert_allclose(last.mae(), [6 / 4, 5 / 4])
     np.testing.assert_allclose(model.rmse(), [math.sqrt(105 / 4), math.sqrt(83 / 4)])
+    # MASE: each series' absolute errors over its in-sample seasonal-naive MAE (whole series here, nothing
+    # held out): a |2-1|, |4-3|, |3-2| -> 1; b |12-10| -> 2. h1: (0+2+1)/1 + 10/2 = 8; h2: (1+1+0)/1 + 9/2 = 6.5.
+    np.testing.assert_allclose(model.mase(), [8 / 4, 6.5 / 4])
+    np.testing.assert_allclose(naive.mase(), [(3 / 1 + 2 / 2) / 4, (3 / 1 + 2 / 2) / 4])
     metrics = result.metrics()
     assert metrics["model"]["mae"] == pytest.approx(3.0)
-    assert metrics["model"]["mase_vs_seasonal_naive"] == pytest.approx(3.0 / 1.25)
-    assert metrics["model"]["mase_vs_seasonal_naive_by_horizon"] == pytest.approx([13 / 5, 11 / 5])
-    assert metrics["model"]["mase_vs_last_value"] == pytest.approx(3.0 / (11 / 8))
-    assert metrics["model"]["mase_vs_last_value_by_horizon"] == pytest.approx([13 / 6, 11 / 5])
+    assert metrics["model"]["mase"] == pytest.approx(14.5 / 8)
+    assert metrics["model"]["mase_by_horizon"] == pytest.approx([2.0, 1.625])
+    assert metrics["seasonal_naive"]["mase"] == pytest.approx(1.0)
+    assert metrics["model"]["relative_mae_vs_seasonal_naive"] == pytest.approx(3.0 / 1.25)
+    assert metrics["model"]["relative_mae_vs_seasonal_naive_by_horizon"] == pytest.approx([13 / 5, 11 / 5])
+    assert metrics["model"]["relative_mae_vs_last_value"] == pytest.approx(3.0 / (11 / 8))
+    assert metrics["model"]["relative_mae_vs_last_value_by_horizon"] == pytest.approx([13 / 6, 11 / 5])
     table = format_metrics(result)
-    assert table.splitlines()[-1].split()[:6] == [
+    assert table.splitlines()[-1].split()[:8] == [
         "overall",
         "8",
         "3",
         f"{math.sqrt(188 / 8):.6g}",
+        "1.8125",
+        "1.0000",
         "2.4000",
         "2.1818",
     ]
@@ -179,7 +188,7 @@ def test_cli_writes_forecasts_and_prints_the_metrics(tmp_path, published, capsys
     assert forecasts.columns.tolist() == ["series", "ts", "model_version", "h1", "h2"]
     assert len(forecasts) == 8 and set(forecasts["model_version"]) == {version}
     assert forecasts["ts"].is_monotonic_increasing
-    assert "overall" in printed.out and "MASE/snaive" in printed.out and version in printed.out
+    assert "overall" in printed.out and "relMAE/snaive" in printed.out and version in printed.out
     assert "line 11" in printed.err and "duplicate" in printed.err
 
 

@@ -41,8 +41,10 @@ from forecaster.train import run as train_module
 from forecaster.train.baselines import (
     ForecastErrors,
     detect_season,
+    insample_scale,
     last_value,
-    mase,
+    relative_mae,
+    score_with_baselines,
     seasonal_naive,
     targets,
 )
@@ -76,9 +78,34 @@ def test_errors_and_mase_by_hand() -> None:
     np.testing.assert_allclose(errors.rmse(), [np.sqrt(2.5), 0.0])
     assert errors.overall_mae() == pytest.approx(1.0)
     baseline = ForecastErrors.of(np.array([[0.0, 0.0], [0.0, 0.0]]), target, np.isfinite(forecast))
-    overall, per = mase(errors, baseline)
+    overall, per = relative_mae(errors, baseline)
     assert overall == pytest.approx(3.0 / 5.0)
     assert per == pytest.approx([1.5 / 1.5, 0.0 / 2.0])
+    scaled = ForecastErrors.of(forecast, target, scale=0.5)  # MASE: each absolute error over the scale
+    np.testing.assert_allclose(scaled.mase(), [3.0, 0.0])
+    assert scaled.overall_mase() == pytest.approx(2.0)
+    assert np.isnan(errors.overall_mase())  # no scale: no MASE
+
+
+def test_mase_by_hand_uses_each_series_training_part() -> None:
+    """Hyndman & Koehler: scale = in-sample seasonal-naive MAE of the training part of each series."""
+    assert insample_scale(np.array([1.0, 2.0, 4.0, 3.0, 7.0]), season=2) == pytest.approx((3 + 1 + 3) / 3)
+    assert insample_scale(np.array([1.0, 3.0]), season=4) == pytest.approx(2.0)  # shorter: last value
+    assert np.isnan(insample_scale(np.ones(6), season=2))  # a flat history has no scale
+    # Series 1, 2, 4, 3, 7, 5, 9 with season 2, one-step forecasts 8 after value 5 (index 4) and 6 after
+    # value 7 (index 5): origins 4 and 5 are scored, the training part is the 5 values before index 5.
+    v = np.array([1.0, 2.0, 4.0, 3.0, 7.0, 5.0, 9.0])
+    forecast = np.full((7, 1), np.nan)
+    forecast[4, 0], forecast[5, 0] = 8.0, 6.0
+    errors = score_with_baselines({"model": forecast}, v, slice(4, 6), 1, 2)
+    scale = 7.0 / 3.0  # |4-1|, |3-2|, |7-4| over the first five values
+    assert errors["model"].overall_mae() == pytest.approx((3 + 3) / 2)
+    assert errors["model"].overall_mase() == pytest.approx((3 + 3) / 2 / scale)
+    # seasonal naive forecasts 3 (for 5) and 7 (for 9): errors 2 and 2
+    assert errors["seasonal_naive"].overall_mase() == pytest.approx(2.0 / scale)
+    # Two series pool their scaled errors point by point (equal test lengths: the mean of their MASEs).
+    both = errors["model"] + score_with_baselines({"model": 2 * forecast}, 2 * v, slice(4, 6), 1, 2)["model"]
+    assert both.overall_mase() == pytest.approx((3 + 3) / 2 / scale)
 
 
 @pytest.mark.parametrize("period", [7, 24])
@@ -252,8 +279,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
 def test_training_learns_and_beats_seasonal_naive(trained) -> None:
     _, _, outcome = trained
     assert outcome.fit.train_losses[-1] < outcome.fit.train_losses[0]  # it starts at its baseline already
-    assert outcome.evaluation.mase("model", "seasonal_naive") < 1.0
-    assert outcome.evaluation.mase("model", "last_value") < 1.0
+    assert outcome.evaluation.relative_mae("model", "seasonal_naive") < 1.0
+    assert outcome.evaluation.relative_mae("model", "last_value") < 1.0
+    assert outcome.evaluation.mase("model") < outcome.evaluation.mase("seasonal_naive")
 
 
 def test_the_published_checkpoint_is_complete(trained) -> None:
@@ -270,7 +298,8 @@ def test_the_published_checkpoint_is_complete(trained) -> None:
     validation = manifest["metrics"]["validation"]
     assert validation["model"]["mae"] == pytest.approx(outcome.evaluation.mae("model"))
     assert {"last_value", "seasonal_naive", "season"} <= set(validation)
-    assert validation["model"]["mase_vs_seasonal_naive"] < 1.0
+    assert validation["model"]["relative_mae_vs_seasonal_naive"] < 1.0
+    assert validation["model"]["mase"] == pytest.approx(outcome.evaluation.mase("model"))
     assert manifest["metrics"]["decision"] == {
         "published": True,
         "reason": "first model",
@@ -622,7 +651,7 @@ def test_a_fitted_model_worse_than_its_baseline_is_not_published(tmp_path: Path,
     loaded = load_checkpoint(settings.checkpoints.dir)
     assert (loaded.model.season, loaded.model.base_seasons) == (12, chosen["base_seasons"])
     assert not loaded.model.head.weight.detach().any() and not loaded.model.head.bias.detach().any()
-    assert outcome.evaluation.mase("model", "seasonal_naive") < 1.5
+    assert outcome.evaluation.relative_mae("model", "seasonal_naive") < 1.5
 
 
 def test_a_step_a_whole_season_ahead_keeps_its_baseline(tmp_path: Path) -> None:
