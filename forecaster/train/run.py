@@ -14,6 +14,7 @@ to the log and to the manifest.
 >>> import numpy as np
 >>> from forecaster.config import Settings
 >>> from forecaster.train.history import History
+from forecaster.train.seasons import SeasonPlan, plan_seasons
 >>> settings = Settings(model={"hidden_size": 4, "num_layers": 1, "horizon": 2},
 ...                     train={"epochs": 1}, checkpoints={"dir": tempfile.mkdtemp()})
 >>> values = np.sin(np.arange(80) / 3.0) + 5.0
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,10 +45,11 @@ from forecaster.checkpoints.store import (
 from forecaster.errors import CheckpointError, DataError
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
-from forecaster.train.baselines import detect_season, targets
+from forecaster.train.baselines import targets
 from forecaster.train.evaluation import BASELINES, Evaluation, evaluate, model_forecasts
 from forecaster.train.fit import FitResult, fit, split_point
 from forecaster.train.history import History
+from forecaster.train.seasons import SeasonPlan, plan_seasons
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +86,14 @@ def build_model(settings: Any, **overrides: Any) -> RecurrentForecaster:
 
 
 def choose_baseline(
-    settings: Any, values: list, scaling: Scaling, season: int
+    settings: Any, values: list, scaling: Scaling, season: int, more: Sequence[int] | None = None
 ) -> tuple[dict[str, Any], np.ndarray]:
     """``season``, ``base_seasons`` and ``base_level`` of the baseline the model forecasts over, and its
     ``mix`` (horizon,): per step, the weight in [0, 1] that moves it toward the last value.
 
     Candidates: seasonal naive averaged over 1 to 12 seasons, as it is or moved to the current level
-    (those the retained window holds), for ``season`` and each of ``settings.train.seasons``, and the
-    last value. Each series is cut as training cuts it: each candidate's ``mix`` is fitted by least
+    (those the retained window holds), for ``season`` and each of ``more`` (None: ``settings.train.seasons``),
+    and the last value. Each series is cut as training cuts it: each candidate's ``mix`` is fitted by least
     squares on the earlier part (each series in units of its mean absolute change, so that no series weighs
     more for being large), then the candidate, with that mix or without, is scored (MAE over all series, as
     evaluation and replay score) on the forecasts whose targets lie in the later part -- the recent past
@@ -104,7 +107,8 @@ def choose_baseline(
     plain = [{"season": 1, "base_seasons": 1, "base_level": False}]
     if season > 1:
         plain.append({"season": season, "base_seasons": 1, "base_level": False})
-    seasons = [s for s in dict.fromkeys([season, *train.seasons]) if s > 1]
+    more = train.seasons if more is None else more
+    seasons = [s for s in dict.fromkeys([season, *more]) if s > 1]
     candidates = plain + [
         {"season": s, "base_seasons": m, "base_level": level}
         for s in seasons
@@ -197,14 +201,18 @@ def baseline_model(settings: Any, baseline: dict[str, Any], mix: np.ndarray) -> 
     return model
 
 
-def resolve_season(settings: Any, history: History) -> int:
-    """``settings.train.season``, or the period detected on the training parts of the series."""
-    if settings.train.season is not None:
-        return int(settings.train.season)
-    fraction = settings.train.validation_fraction
-    season = detect_season([v[: split_point(len(v), fraction)] for v in history.values])
-    log.info("season detected by autocorrelation: %d", season)
-    return season
+def resolve_seasons(settings: Any, history: History) -> SeasonPlan:
+    """The seasons to try (``forecaster.train.seasons.plan_seasons``): ``settings.train.season``, or those
+    of the calendar plus the one autocorrelation finds on the training parts; and ``train.seasons``."""
+    fraction, horizon = settings.train.validation_fraction, settings.model.horizon
+    return plan_seasons(
+        history.ts,
+        [v[: split_point(len(v), fraction)] for v in history.values],
+        declared=settings.train.season,
+        longer=settings.train.seasons,
+        reach=lambda s: RecurrentForecaster(hidden_size=1, horizon=horizon, season=s, base_seasons=1).context,
+        window=settings.state.window,
+    )
 
 
 def published_checkpoint(root: Any, device: str = "cpu") -> LoadedCheckpoint | None:
@@ -227,9 +235,11 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
     if scaling.positive and any((v <= 0).any() for v in values):
         bad = sum(int((v <= 0).sum()) for v in values)
         raise DataError(f"{bad} values are <= 0: scaling.kind={scaling.kind} needs positive values (use ewm)")
-    season = resolve_season(settings, history)
-    # Step 1. The baseline the model forecasts over, then fit the model on the training part of every series.
-    baseline, mix = choose_baseline(settings, values, scaling, season)
+    # Step 1. The seasons to try, the baseline the model forecasts over, then fit the model on the training
+    # part of every series.
+    seasons = resolve_seasons(settings, history)
+    season = seasons.season
+    baseline, mix = choose_baseline(settings, values, scaling, season, seasons.more)
     model = baseline_model(settings, baseline, mix)
     fitted = fit(
         model,
@@ -306,7 +316,12 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
         metrics=metrics,
         parent=published.version if published else None,
         extra={
-            "training": {**train.model_dump(mode="json"), "season_used": season, "seed": settings.model.seed}
+            "training": {
+                **train.model_dump(mode="json"),
+                "season_used": season,
+                "seasons": seasons.describe(),
+                "seed": settings.model.seed,
+            }
         },
     )
     promote(settings.checkpoints.dir, version)
