@@ -84,8 +84,8 @@ def test_a_history_shorter_than_two_seasons_drops_the_season() -> None:
 
 
 def test_a_declared_season_replaces_calendar_and_autocorrelation() -> None:
-    values = [np.arange(300.0)]
-    plan = plan_seasons([stamps("h", 300)], values, declared=5, longer=[168], reach=reach, window=256)
+    values = [np.arange(400.0)]
+    plan = plan_seasons([stamps("h", 400)], values, declared=5, longer=[168], reach=reach, window=256)
     assert (plan.season, plan.more) == (5, [168])
     assert plan.describe() == {
         "season": 5,
