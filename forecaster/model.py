@@ -13,6 +13,14 @@ naive with the year-on-year change of level, which suits trending series). Per s
 closer to the last half hour, step 48 to the same time yesterday. The head starts at zero, so an untrained
 model forecasts exactly that baseline, and training learns what the baseline misses.
 
+With ``trend_span = L > 0`` the baseline also carries a trend: the slope per step is the mean of the newest
+season of values minus the mean of the season ``L`` values earlier, over ``L`` (for ``season = 1``:
+``(newest - value L back) / L``, the drift of the last L steps); each step adds that slope times how far
+the target lies past the values the baseline read, damped by ``damping`` (phi): ``phi + ... + phi^age``.
+For seasonal naive the age is a whole number of seasons (the mean age of the seasons averaged), which
+makes it seasonal naive plus the recent mean seasonal change; for the last value or a level-moved
+baseline it is the step itself, a damped local trend.
+
 The baseline is a weighted sum of values whose weights add up to one, so it commutes with any shift and
 scale: it is computed on the earlier values expressed in the units of the *current* input (the scaling
 statistics at the current value), which equals the baseline in data units, scaled. (Each input in the units
@@ -65,14 +73,19 @@ class RecurrentForecaster(nn.Module):
         season: int = 1,
         base_seasons: int = 0,
         base_level: bool = False,
+        trend_span: int = 0,
+        damping: float = 1.0,
     ) -> None:
         super().__init__()
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
-        if min(input_size, hidden_size, num_layers, horizon, season) < 1 or base_seasons < 0:
+        if min(input_size, hidden_size, num_layers, horizon, season) < 1 or min(base_seasons, trend_span) < 0:
             raise ValueError(
-                "input_size, hidden_size, num_layers, horizon and season must be >= 1, base_seasons >= 0"
+                "input_size, hidden_size, num_layers, horizon and season must be >= 1, base_seasons and "
+                "trend_span >= 0"
             )
+        if not 0.0 < damping <= 1.0:
+            raise ValueError("damping must be in (0, 1]")
         if base_seasons and input_size != 1:
             raise ValueError("a seasonal baseline reads the value input: input_size must be 1")
         self.cell = cell
@@ -84,6 +97,8 @@ class RecurrentForecaster(nn.Module):
         self.season = int(season)
         self.base_seasons = int(base_seasons)
         self.base_level = bool(base_level) and self.base_seasons > 0
+        self.trend_span = int(trend_span) if self.base_seasons else 0
+        self.damping = float(damping)
         # nn.GRU warns about dropout with a single layer; it has no effect there anyway.
         rnn_dropout = self.dropout if num_layers > 1 else 0.0
         self.rnn = CELLS[cell](input_size, hidden_size, num_layers, batch_first=True, dropout=rnn_dropout)
@@ -100,6 +115,15 @@ class RecurrentForecaster(nn.Module):
         self.register_buffer("_back", back[None, :] + seasons, persistent=False)  # (m, horizon)
         # base_level: the inputs a whole number of cycles before the newest one, (m, horizon).
         self.register_buffer("_lag", self.season * cycles[None, :] + seasons, persistent=False)
+        # trend_span: the newest season of values and the one trend_span earlier, (2, season) back.
+        block = torch.arange(self.season)
+        self.register_buffer("_block", torch.stack([block, block + self.trend_span]), persistent=False)
+        # How many steps the target lies past the values the baseline read, damped: (horizon,).
+        anchored = self.season == 1 or self.base_level
+        age = step.double() if anchored else self.season * (cycles + (max(self.base_seasons, 1) - 1) / 2.0)
+        phi = self.damping
+        ahead = age if phi == 1.0 else phi * (1.0 - phi**age) / (1.0 - phi)
+        self.register_buffer("_ahead", ahead.float(), persistent=False)
         self._packed: list[list[Tensor]] | None = None  # per layer [w_ih, w_hh, b_ih, b_hh], for step()
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): weights may be new tensors
@@ -119,6 +143,8 @@ class RecurrentForecaster(nn.Module):
             "season": self.season,
             "base_seasons": self.base_seasons,
             "base_level": self.base_level,
+            "trend_span": self.trend_span,
+            "damping": self.damping,
         }
 
     @property
@@ -136,7 +162,8 @@ class RecurrentForecaster(nn.Module):
         """Inputs before the current one that the baseline reads (0: no baseline)."""
         if not self.base_seasons:
             return 0
-        return int((self._lag if self.base_level else self._back).max())
+        reach = int((self._lag if self.base_level else self._back).max())
+        return max(reach, int(self._block.max())) if self.trend_span else reach
 
     def scaled_baseline(
         self, values: Tensor, stats: Tensor, scaling: Any, start: int, stop: int
@@ -171,6 +198,10 @@ class RecurrentForecaster(nn.Module):
         base = torch.where(seasonal.isnan(), newest, seasonal)
         if self.base_level:  # move the pattern by the change of level since one cycle before (if seen)
             base = base + (newest - full[:, now[:, None, None] - self._lag].nanmean(2)).nan_to_num(0.0)
+        if self.trend_span:  # the slope per step between two seasons of values, times each target's age
+            means = full[:, now[:, None, None] - self._block].nanmean(3)  # (batch, T, 2) newest, earlier
+            slope = ((means[..., :1] - means[..., 1:]) / self.trend_span).nan_to_num(0.0)  # (batch, T, 1)
+            base = base + slope * self._ahead
         return base + self.mix * (newest - base)  # (batch, T, horizon)
 
     def _with_past(self, values: Tensor, past: Tensor | None) -> Tensor:

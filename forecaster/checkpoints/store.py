@@ -51,8 +51,8 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Build arguments a checkpoint may ask for; anything outside is refused before building a model.
 _BUILD_LIMITS = {"input_size": 64, "hidden_size": 4096, "num_layers": 16, "horizon": 1024}
 # Build arguments added later: a manifest without them was written for a model without a baseline.
-_OPTIONAL_BUILD_ARGS = {"season": 1, "base_seasons": 0, "base_level": False}
-_OPTIONAL_LIMITS = {"season": (1, 100_000), "base_seasons": (0, 16)}
+_OPTIONAL_BUILD_ARGS = {"season": 1, "base_seasons": 0, "base_level": False, "trend_span": 0, "damping": 1.0}
+_OPTIONAL_LIMITS = {"season": (1, 100_000), "base_seasons": (0, 16), "trend_span": (0, 100_000)}
 # Gate rows per hidden unit in rnn.weight_ih_l0: tells the cell the weights were trained as.
 _GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 _MAX_WEIGHTS_BYTES = 2 * 1024**3
@@ -255,6 +255,9 @@ def _check_build_args(args: Any) -> dict[str, Any]:
             raise CheckpointError(f"manifest: {name}={value!r} is not an integer in {low}..{high}")
     if not isinstance(args["base_level"], bool):
         raise CheckpointError(f"manifest: base_level={args['base_level']!r} is not true or false")
+    damping = args["damping"]
+    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not 0.0 < damping <= 1.0:
+        raise CheckpointError(f"manifest: damping={damping!r} is not in (0, 1]")
     if args["base_seasons"] and args["input_size"] != 1:
         raise CheckpointError("manifest: a seasonal baseline needs input_size 1")
     if args["cell"] not in CELLS:

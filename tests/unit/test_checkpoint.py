@@ -333,12 +333,13 @@ def test_loading_onto_a_device_keeps_the_checks(tmp_path: Path) -> None:
 
 
 def test_a_residual_model_round_trips(tmp_path: Path) -> None:
-    version, model = saved(tmp_path, season=4, base_seasons=2)
+    version, model = saved(tmp_path, season=4, base_seasons=2, trend_span=8, damping=0.9)
     with torch.no_grad():
         model.head.bias.fill_(0.5)
     version = save_checkpoint(tmp_path, model, Scaling(halflife=12.0))
     loaded = load_checkpoint(tmp_path / version)
     assert (loaded.model.season, loaded.model.base_seasons) == (4, 2)
+    assert (loaded.model.trend_span, loaded.model.damping) == (8, 0.9)
     x = torch.randn(2, 9, 1)
     assert torch.equal(loaded.model(x)[0], model(x)[0])
 
@@ -346,7 +347,7 @@ def test_a_residual_model_round_trips(tmp_path: Path) -> None:
 def test_a_manifest_from_before_the_baseline_loads_as_a_plain_model(tmp_path: Path) -> None:
     version, model = saved(tmp_path)
     manifest = _manifest(tmp_path / version)
-    for name in ("season", "base_seasons"):
+    for name in ("season", "base_seasons", "base_level", "trend_span", "damping"):
         del manifest["model"][name]
     _write_manifest(tmp_path / version, manifest)
     loaded = load_checkpoint(tmp_path / version)
@@ -362,6 +363,9 @@ def test_a_manifest_from_before_the_baseline_loads_as_a_plain_model(tmp_path: Pa
         ("base_seasons", -1, "base_seasons=-1"),
         ("base_seasons", 99, "base_seasons=99"),
         ("season", "12", "season='12'"),
+        ("trend_span", -2, "trend_span=-2"),
+        ("damping", 0.0, "damping=0.0"),
+        ("damping", 1.5, "damping=1.5"),
         ("colour", "red", "optionally"),
     ],
 )

@@ -110,18 +110,22 @@ def _residual_model(cell: str, seed: int = 0, **baseline) -> RecurrentForecaster
     return model
 
 
-@pytest.mark.parametrize("level", [False, True])
+@pytest.mark.parametrize(
+    "baseline",
+    [{"base_level": False}, {"base_level": True}, {"trend_span": 3, "damping": 0.9}],
+    ids=["seasonal", "level", "trend"],
+)
 @pytest.mark.parametrize("host_views", [True, False])
 @pytest.mark.parametrize("cell", CELLS)
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream=streams())
 def test_incremental_equals_full_over_a_seasonal_baseline(
-    cell: str, host_views: bool, level: bool, stream
+    cell: str, host_views: bool, baseline: dict, stream
 ) -> None:
     """The baseline's inputs come from the ring buffer; the window is shorter than most series (with the
-    level moved, the baseline reads 6 inputs back: window 7)."""
+    level moved, the baseline reads 6 inputs back: window 7; with a trend over 3 values, 4 back)."""
     data, batches = stream
-    model = _residual_model(cell, base_level=level)
+    model = _residual_model(cell, **baseline)
     window = model.context + 1
     engine = Engine(model, window=window, capacity=2, scaling=SCALINGS["ewm"], host_views=host_views)
     _check_incremental_equals_full(engine, model, data, batches, SCALINGS["ewm"])

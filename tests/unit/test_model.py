@@ -86,6 +86,8 @@ def test_build_args_rebuild_the_same_module() -> None:
         "season": 1,
         "base_seasons": 0,
         "base_level": False,
+        "trend_span": 0,
+        "damping": 1.0,
     }
     twin = RecurrentForecaster(**model.build_args)
     twin.load_state_dict(model.state_dict())
@@ -125,7 +127,13 @@ def test_step_follows_weights_loaded_or_moved_after_first_use() -> None:
 
 
 def _residual(
-    cell: str, season: int, base_seasons: int, seed: int = 0, horizon: int = 5, base_level: bool = False
+    cell: str,
+    season: int,
+    base_seasons: int,
+    seed: int = 0,
+    horizon: int = 5,
+    base_level: bool = False,
+    **trend,
 ) -> RecurrentForecaster:
     torch.manual_seed(seed)
     return RecurrentForecaster(
@@ -136,6 +144,7 @@ def _residual(
         season=season,
         base_seasons=base_seasons,
         base_level=base_level,
+        **trend,
     ).eval()
 
 
@@ -166,6 +175,28 @@ def test_an_untrained_residual_model_forecasts_its_baseline_by_hand() -> None:
     assert y[0, 7].tolist() == [3 + 9 - 8, 6 + 9 - 8, 9 + 9 - 8, 3 + 9 - 5]
 
 
+def test_trend_baselines_by_hand() -> None:
+    # the last value with the drift of the last 2 steps: (7 - 2) / 2 = 2.5 per step
+    x = torch.tensor([[1.0, 2.0, 4.0, 7.0]])[..., None]
+    y, _ = _residual("gru", 1, 1, horizon=3, trend_span=2)(x)
+    assert y[0, 3].tolist() == [9.5, 12.0, 14.5]
+    # damped (phi 0.5): 7 + 2.5 * (0.5, 0.5 + 0.25, 0.5 + 0.25 + 0.125)
+    y, _ = _residual("gru", 1, 1, horizon=3, trend_span=2, damping=0.5)(x)
+    assert y[0, 3].tolist() == [8.25, 8.875, 9.1875]
+    # seasonal naive (season 2: 6, 9, 6) plus the mean seasonal change: the newest season (6, 9) has mean
+    # 7.5, the one two steps earlier (3, 5) 4: slope 1.75 per step; targets 2, 2, 4 steps past their value
+    x = torch.tensor([[1.0, 2.0, 3.0, 5.0, 6.0, 9.0]])[..., None]
+    model = _residual("gru", 2, 1, horizon=3, trend_span=2)
+    assert model.context == 3
+    y, _ = model(x)
+    assert y[0, 5].tolist() == [6 + 3.5, 9 + 3.5, 6 + 7.0]
+    # two seasons averaged: values one and a half seasons back on average, i.e. 3 steps for steps 1 and 2
+    y, _ = _residual("gru", 2, 2, horizon=2, trend_span=2)(x)
+    assert y[0, 5].tolist() == [(6 + 3) / 2 + 1.75 * 3, (9 + 5) / 2 + 1.75 * 3]
+    # the slope is read once two seasons were seen; before, the plain baseline
+    assert y[0, 1].tolist() == [1.0, 2.0]
+
+
 def _past(model: RecurrentForecaster, x: torch.Tensor, start: int) -> torch.Tensor:
     """The ``context`` inputs of ``x`` (batch, T, 1) before ``start``, NaN before the first."""
     got = x[:, max(0, start - model.context) : start, 0]
@@ -184,10 +215,15 @@ def _randomize_head(model: RecurrentForecaster) -> RecurrentForecaster:
     ("season", "base_seasons", "base_level"),
     [(1, 1, False), (3, 1, False), (4, 3, False), (3, 2, True), (2, 1, True)],
 )
+@pytest.mark.parametrize(("trend_span", "damping"), [(0, 1.0), (3, 0.9)])
 def test_residual_step_chunks_and_warm_equal_forward(
-    cell: str, season: int, base_seasons: int, base_level: bool
+    cell: str, season: int, base_seasons: int, base_level: bool, trend_span: int, damping: float
 ) -> None:
-    model = _randomize_head(_residual(cell, season, base_seasons, seed=2, base_level=base_level))
+    model = _randomize_head(
+        _residual(
+            cell, season, base_seasons, seed=2, base_level=base_level, trend_span=trend_span, damping=damping
+        )
+    )
     x = torch.randn(3, 20, 1)
     y, _ = model(x)
     # forward in chunks, each given the inputs before it
@@ -215,7 +251,11 @@ def test_residual_build_args_and_context() -> None:
     rebuilt = RecurrentForecaster(**model.build_args)
     assert (rebuilt.season, rebuilt.base_seasons, rebuilt.context) == (12, 3, 35)
     assert set(model.state_dict()) - set(_residual("lstm", 1, 0).state_dict()) == {"mix"}  # (horizon,)
+    trended = RecurrentForecaster(**_residual("gru", 12, 1, trend_span=24, damping=0.9).build_args)
+    assert (trended.trend_span, trended.damping, trended.context) == (24, 0.9, 24 + 11)
     with pytest.raises(ValueError):
         RecurrentForecaster("gru", season=0)
+    with pytest.raises(ValueError):
+        RecurrentForecaster("gru", base_seasons=1, damping=0.0)
     with pytest.raises(ValueError):
         RecurrentForecaster("gru", input_size=2, season=3, base_seasons=1)
