@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
@@ -37,6 +38,7 @@ from forecaster.metrics.metrics import TrainerMetrics
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
 from forecaster.tools.synthetic import SeriesShape, generate
+from forecaster.train import choice as choice_module
 from forecaster.train import run as train_module
 from forecaster.train.baselines import (
     ForecastErrors,
@@ -537,9 +539,15 @@ def test_the_baseline_is_chosen_by_its_error_on_the_history(tmp_path: Path) -> N
     assert choose_baseline(settings, periodic, Scaling(), 12)[0]["base_seasons"] > 1
     chosen, mix = choose_baseline(settings, walks, Scaling(), 12)
     assert chosen["season"] == 1 or mix.min() > 0.9  # the last value, or a baseline moved all the way to it
-    # a trend under the season: the pattern moved to the current level
+    # a trend under the season: seasonal naive plus the mean seasonal change (the change of two seasons'
+    # means is less noisy than the level-moved pattern's change of two values)
     trending = [20 + 0.5 * t + 10 * np.sin(2 * np.pi * t / 12) + rng.normal(0, 0.2, 240) for _ in range(3)]
-    assert choose_baseline(settings, trending, Scaling(), 12)[0]["base_level"] is True
+    chosen = choose_baseline(settings, trending, Scaling(), 12)[0]
+    assert chosen["season"] == 12 and chosen["base_level"] is False and chosen["trend_span"] in (12, 36)
+    # a trend without a season: the last value with its local trend
+    lines = [5 + (0.5 + 0.1 * i) * t + rng.normal(0, 0.5, 240) for i in range(3)]
+    chosen = choose_baseline(settings, lines, Scaling(), 1)[0]
+    assert (chosen["season"], chosen["base_seasons"]) == (1, 1) and chosen["trend_span"] > 0
     # a window too short for a season is never chosen
     short = Settings(model={"horizon": 6}, state={"window": 20})
     assert choose_baseline(short, periodic, Scaling(), 12)[0]["base_seasons"] == 1
@@ -603,10 +611,10 @@ def test_an_elaborate_baseline_must_beat_the_plain_ones_by_more_than_chance(
     periodic = [50 + 10 * np.sin(2 * np.pi * t / 12) + rng.normal(0, 3, 96) for _ in range(2)]
     settings = trainer_settings(tmp_path, season=12)
     monkeypatch.setattr(
-        train_module, "PLAIN_SE", 0.0
+        choice_module, "PLAIN_SE", 0.0
     )  # the lowest error wins: averaging seasons cancels noise
     assert choose_baseline(settings, periodic, Scaling(), 12)[0]["base_seasons"] > 1
-    monkeypatch.setattr(train_module, "PLAIN_SE", 1e9)  # nothing is ever sure enough: seasonal naive stays
+    monkeypatch.setattr(choice_module, "PLAIN_SE", 1e9)  # nothing is ever sure enough: seasonal naive stays
     assert choose_baseline(settings, periodic, Scaling(), 12)[0] == {
         "season": 12,
         "base_seasons": 1,
@@ -662,3 +670,30 @@ def test_a_step_a_whole_season_ahead_keeps_its_baseline(tmp_path: Path) -> None:
     chosen, mix = choose_baseline(settings, values, Scaling(), 3)
     assert chosen == {"season": 3, "base_seasons": 1, "base_level": False}
     assert mix[2] == 0.0 and mix[5] == 0.0
+
+
+def test_a_trending_monthly_set_gets_a_yearly_season_from_the_calendar_and_a_trend(tmp_path: Path) -> None:
+    """The issue's failure: 90 months of a trend with a yearly pattern. Autocorrelation alone saw no season;
+    the calendar offers 12, and a baseline carrying the trend beats seasonal naive (MASE)."""
+    rng = np.random.default_rng(3)
+    t = np.arange(90)
+    stamps = pd.date_range("2010-01-01", periods=90, freq="MS").astype("datetime64[ms]").astype(np.int64)
+    frames = [
+        pd.DataFrame(
+            {
+                "series": f"s{i}",
+                "ts": stamps,
+                "value": 100 + (2 + i) * t + 5 * np.sin(2 * np.pi * t / 12 + i) + rng.normal(0, 1, 90),
+            }
+        )
+        for i in range(6)
+    ]
+    frame = pd.concat(frames)
+    history = History.from_long(frame["series"].to_numpy(), frame["ts"].to_numpy(), frame["value"].to_numpy())
+    settings = trainer_settings(tmp_path, season=None, epochs=2)
+    outcome = train_once(settings, history, progress=False)
+    seasons = load_checkpoint(settings.checkpoints.dir).manifest["training"]["seasons"]
+    assert seasons["season"] == 12 and seasons["tried"]["12"] == "calendar (monthly)"
+    chosen = outcome.metrics["baseline"]
+    assert chosen.get("trend_span", 0) > 0 or chosen["base_level"] is True
+    assert outcome.evaluation.mase("model") < 0.8 * outcome.evaluation.mase("seasonal_naive")
