@@ -138,6 +138,7 @@ class DataSet:
     test_fraction: float
     epochs: int
     hidden_size: int = 64
+    num_layers: int = 2
     chunk_length: int = 64
     max_series: int | None = None  # --quick: the first N series only
     window: int = 256  # values retained per series (settings.state.window): must hold what the baseline reads
@@ -317,7 +318,7 @@ def _train_and_replay(
         model={
             "cell": cell,
             "hidden_size": data.hidden_size,
-            "num_layers": 2,
+            "num_layers": data.num_layers,
             "horizon": data.horizon,
             "seed": 0,
         },
@@ -500,6 +501,9 @@ def main() -> None:
     parser.add_argument(
         "--sets", "--datasets", dest="sets", help=f"comma-separated, from {','.join(DATASETS)}"
     )
+    parser.add_argument("--output", help="also write the JSON here, rewritten after each set")
+    parser.add_argument("--hidden-size", type=int, help="every set's hidden size (default: the set's)")
+    parser.add_argument("--num-layers", type=int, help="every set's layers (default: the set's)")
     parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated, from gru,lstm,rnn")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -518,14 +522,22 @@ def main() -> None:
         data = DATASETS[name]
         if args.quick and name in QUICK:
             data = DataSet(**{**data.__dict__, **QUICK[name]})
+        shape = {"hidden_size": args.hidden_size, "num_layers": args.num_layers}
+        data = DataSet(**{**data.__dict__, **{k: v for k, v in shape.items() if v is not None}})
         print(f"{name}...", file=sys.stderr)
         report["datasets"][name] = run_dataset(data, cells, args.quick)
         print(f"  {name} goals: {json.dumps(report['datasets'][name]['goals'])}", file=sys.stderr)
+        if args.output:
+            with open(args.output, "w") as out:
+                json.dump(report, out, indent=2)
         mase = {m: round(f["mase"], 4) for m, f in report["datasets"][name]["references"]["methods"].items()}
         print(f"  {name} MASE on the references' points: {mase}", file=sys.stderr)
     report["goals"] = summarize_goals(report["datasets"], cells)
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
+    if args.output:
+        with open(args.output, "w") as out:
+            json.dump(report, out, indent=2)
 
 
 if __name__ == "__main__":
