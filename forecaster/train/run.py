@@ -1,8 +1,9 @@
 """The offline trainer: history in, a validated and (if better) published checkpoint out.
 
-``train_once`` first picks the baseline the model forecasts over (seasonal naive over one to twelve
-seasons, as it is or moved to the current level, or the last value, each step possibly moved toward the
-last value: the one with the lowest error on the later part of the history, ``choose_baseline``), fits the
+``train_once`` first finds the seasons to try (the calendar of the timestamps, autocorrelation, or
+``train.season``: ``forecaster.train.seasons``), picks the baseline the model forecasts over (seasonal
+naive, level-moved, with a trend, or the last value, each step possibly moved toward the last value: the
+one with the lowest error on the later part of the history, ``forecaster.train.choice``), fits the
 serving model on the training part of each series (``forecaster.train.fit``), keeps its untrained baseline
 instead if that does better on the validation part (the fitted model is not trusted then), scores it
 on the validation part against the last-value and seasonal-naive baselines and against the currently
@@ -14,7 +15,6 @@ to the log and to the manifest.
 >>> import numpy as np
 >>> from forecaster.config import Settings
 >>> from forecaster.train.history import History
-from forecaster.train.seasons import SeasonPlan, plan_seasons
 >>> settings = Settings(model={"hidden_size": 4, "num_layers": 1, "horizon": 2},
 ...                     train={"epochs": 1}, checkpoints={"dir": tempfile.mkdtemp()})
 >>> values = np.sin(np.arange(80) / 3.0) + 5.0
