@@ -42,6 +42,7 @@ from forecaster.train.baselines import (
     relative_mae,
     score_with_baselines,
 )
+from forecaster.train.seasons import calendar_seasons
 
 BASELINES = ("seasonal_naive", "last_value")
 SHOW_BAD_ROWS = 5  # line numbers listed in the summary; the rest are counted
@@ -223,15 +224,19 @@ def replay_frame(
 ) -> ReplayResult:
     """Step ``frame`` (``series, ts, value`` [, ``line``], in event-time order) and score the forecasts.
 
-    ``season``: of the seasonal-naive baseline (None: detected from the values). ``score_from`` (epoch
+    ``season``: of the seasonal-naive baseline and MASE's scale (None: the first season the calendar of the
+    timestamps names that the longest series holds twice, else detected from the values). ``score_from`` (epoch
     ms): only forecasts whose next value is at or after this time are scored (an evaluation on the later
     part of a file, after the engine has stepped through the earlier part).
     """
     rows = step_rows(engine, frame, batch_rows=batch_rows, progress=progress)
     groups = list(rows.by_series().values())
     values = [rows.values[at] for at in groups]
-    if season is None:
-        season = detect_season(values)
+    if season is None:  # the calendar's first season, as the trainer's reference; else autocorrelation's
+        calendar = calendar_seasons([rows.ts[at] for at in groups])[1]
+        longest = max((len(v) for v in values), default=0)
+        held = [s for s in calendar if longest >= 2 * s]
+        season = held[0] if held else detect_season(values)
     first = None if score_from is None else first_origins(rows, score_from)
     errors = score(
         values,

@@ -152,7 +152,10 @@ def test_season_is_detected_when_not_given() -> None:
     values = 10 + np.sin(2 * np.pi * t / 6) * 3 + np.random.default_rng(0).normal(0, 0.1, 120)
     text = "ts,x\n" + "".join(f"{i},{v}\n" for i, v in zip(t, values, strict=True))  # wide layout
     result = replay(io.StringIO(text), Engine(constant_model([0.0])), progress=False)
-    assert result.season == detect_season([values]) == 6
+    assert result.season == detect_season([values]) == 6  # no calendar in steps of 1 ms
+    hourly = "ts,x\n" + "".join(f"{3_600_000 * i},{v}\n" for i, v in zip(t, values, strict=True))
+    result = replay(io.StringIO(hourly), Engine(constant_model([0.0])), progress=False)
+    assert result.season == 24  # the calendar's daily season of hourly data (120 hours hold it twice)
 
 
 # ---- the command ----------------------------------------------------------------------------------------
