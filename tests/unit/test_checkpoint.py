@@ -195,7 +195,7 @@ def test_round_trip_gives_the_same_forecasts(tmp_path: Path, cell: str) -> None:
     loaded = load_checkpoint(tmp_path / version)
     x = torch.randn(3, 7, 1)
     assert loaded.version == version
-    assert loaded.model.build_args == model.build_args
+    assert loaded.model.config == model.config
     assert torch.equal(loaded.model(x)[0], model(x)[0])
     assert loaded.scaling == Scaling(halflife=12.0)
     assert not loaded.model.training
@@ -207,7 +207,7 @@ def test_manifest_is_complete(tmp_path: Path) -> None:
     weights = (tmp_path / version / WEIGHTS_FILE).read_bytes()
     assert manifest["format_version"] == ck.FORMAT_VERSION
     assert manifest["version"] == version
-    assert manifest["model"] == model.build_args
+    assert manifest["model"] == model.config.model_dump()
     assert manifest["scaling"] == Scaling(halflife=12.0).settings
     assert manifest["weights"]["sha256"] == hashlib.sha256(weights).hexdigest()
     assert manifest["weights"]["bytes"] == len(weights)
@@ -362,7 +362,7 @@ def test_a_manifest_from_before_the_baseline_loads_as_a_plain_model(tmp_path: Pa
         ("base_seasons", -1, "base_seasons=-1"),
         ("base_seasons", 99, "base_seasons=99"),
         ("season", "12", "season='12'"),
-        ("colour", "red", "optionally"),
+        ("colour", "red", "model.colour='red': Extra inputs are not permitted"),
     ],
 )
 def test_bad_baseline_build_args_are_refused(tmp_path: Path, field: str, value, words: str) -> None:
