@@ -7,9 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forecaster.model import RecurrentForecaster, build_model
-
-CELLS = ["gru", "lstm", "rnn"]
+from forecaster.model import CELLS, RecurrentForecaster, build_model
 
 
 def _state_close(a, b, atol: float = 1e-6) -> bool:
