@@ -154,17 +154,7 @@ class RecurrentForecaster(nn.Module):
     @property
     def config(self) -> ForecasterConfig:
         """The build arguments: ``build_model(model.config)`` rebuilds the same shape."""
-        return ForecasterConfig(
-            cell=self.cell,
-            input_size=self.input_size,
-            hidden_size=self.hidden_size,
-            num_layers=self.num_layers,
-            horizon=self.horizon,
-            dropout=self.dropout,
-            season=self.season,
-            base_seasons=self.base_seasons,
-            base_level=self.base_level,
-        )
+        return ForecasterConfig(**{name: getattr(self, name) for name in ForecasterConfig.model_fields})
 
     @property
     def is_lstm(self) -> bool:

@@ -233,13 +233,7 @@ class RewarmJob:
     def _swap(self, engine: Any) -> dict[str, int]:
         table, model = engine.table, self.model
         with torch.inference_mode():
-            if (model.num_layers, model.hidden_size, model.horizon, model.is_lstm) != (
-                table.num_layers,
-                table.hidden_size,
-                table.horizon,
-                table.lstm,
-            ):
-                table.reshape_model(model.num_layers, model.hidden_size, model.horizon, model.is_lstm)
+            table.fit_model(model)
             engine.set_model(model, self.version)
             rows = np.flatnonzero(self.valid)
             slots = self.slots[rows]
