@@ -119,14 +119,16 @@ class _RefusedConnections(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.refused: Exception | None = None  # the broker's or TLS's own word: bad credentials, bad cert
-        self.closed_by_broker = False
+        self.closed_by_broker: list[Exception] = []  # one per connection (logged several times each)
 
     def emit(self, record: logging.LogRecord) -> None:
         for arg in record.args if isinstance(record.args, tuple) else ():
-            if isinstance(arg, SaslAuthenticationFailedError | ssl.SSLError):
+            tls = isinstance(arg, ssl.SSLError) or isinstance(getattr(arg, "__context__", None), ssl.SSLError)
+            if tls or isinstance(arg, SaslAuthenticationFailedError):
                 self.refused = self.refused or arg
             elif isinstance(arg, KafkaConnectionError) and "disconnected" in str(arg):
-                self.closed_by_broker = True
+                new = all(arg is not seen for seen in self.closed_by_broker)
+                self.closed_by_broker += [arg] if new else []
 
 
 def wait_for_broker(settings: KafkaSettings, timeout: float = 60.0) -> dict[str, Any]:
@@ -134,13 +136,17 @@ def wait_for_broker(settings: KafkaSettings, timeout: float = 60.0) -> dict[str,
 
     Refused credentials or a certificate that does not verify end the wait after one attempt with a
     one-line ``KafkaSetupError``: retrying cannot help, and a service should exit rather than loop.
+    kafka-python's line per lost connection is kept out of the log meanwhile (unless it logs at DEBUG):
+    the error says what happened.
     """
     refused = _RefusedConnections()
     kafka_log = logging.getLogger("kafka")
     kafka_log.addHandler(refused)
+    propagate, kafka_log.propagate = kafka_log.propagate, kafka_log.isEnabledFor(logging.DEBUG)
     try:
         return _wait_for_broker(settings, timeout, refused)
     finally:
+        kafka_log.propagate = propagate
         kafka_log.removeHandler(refused)
 
 
@@ -151,7 +157,7 @@ def _wait_for_broker(settings: KafkaSettings, timeout: float, refused: _RefusedC
         left_ms = int((deadline - time.monotonic()) * 1000)
         if left_ms <= 0:
             raise KafkaSetupError(f"no answer from {_where(settings)} within {timeout:g}s: {last}")
-        refused.closed_by_broker = False
+        refused.closed_by_broker = []
         try:
             admin = make_admin(settings, bootstrap_timeout_ms=max(min(left_ms, BOOTSTRAP_ATTEMPT_MS), 1000))
             try:
@@ -174,11 +180,12 @@ def _raise_if_refused(settings: KafkaSettings, refused: _RefusedConnections) -> 
     who = f"{settings.sasl_mechanism} user {settings.sasl_username}"
     if isinstance(refused.refused, SaslAuthenticationFailedError):
         raise KafkaSetupError(f"authentication failed at {_where(settings)} ({who}): {refused.refused}")
-    if isinstance(refused.refused, ssl.SSLError):
+    if refused.refused is not None:
         raise KafkaSetupError(f"TLS handshake with {_where(settings)} failed: {refused.refused}")
     if refused.closed_by_broker and settings.security_protocol.startswith("SASL"):
         raise KafkaSetupError(
-            f"authentication failed at {_where(settings)} ({who}): the broker closed every connection"
+            f"authentication failed at {_where(settings)} ({who}): the broker closed all"
+            f" {len(refused.closed_by_broker)} connection(s) of a {BOOTSTRAP_ATTEMPT_MS / 1000:g}s attempt"
             " during the SASL login (check sasl_username, sasl_password and sasl_mechanism)"
         )
 
