@@ -32,6 +32,8 @@ from forecaster.scaling import Scaling
 from forecaster.service.clients import COMPACTED, TopicSpec, ensure_topics, make_admin, wait_for_broker
 from forecaster.tools.synthetic import generate
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 START_MS = 1_700_000_000_000
 MECHANISM = "SCRAM-SHA-512"
