@@ -13,7 +13,7 @@ import pandas as pd
 
 from forecaster.checkpoints.hotswap import fresh_model
 from forecaster.engine.engine import reference_forecast
-from forecaster.records.codec import REASONS, encode_input, encode_window
+from forecaster.records import REASONS, encode_input, encode_window
 from forecaster.scaling import Scaling
 from forecaster.tools.synthetic import generate
 

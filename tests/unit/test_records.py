@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forecaster.errors import InvalidRecord
-from forecaster.records.codec import (
+from forecaster.records import (
     REASONS,
     RecordDecoder,
     encode_dead_letter,
@@ -307,7 +307,7 @@ def test_batch_forecasts_round_trip_float32_exactly_and_stay_valid_json_when_not
 
 
 def test_grouped_forecasts_one_record_per_input_record_in_window_order():
-    from forecaster.records.codec import encode_forecast_groups
+    from forecaster.records import encode_forecast_groups
 
     forecasts = np.array([[1.5, 2.0], [3.0, 4.0], [5.0, np.nan], [7.0, 8.0]], dtype=np.float32)
     keys, encoded = encode_forecast_groups(
