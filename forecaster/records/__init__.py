@@ -1,4 +1,5 @@
-"""Wire formats: input records and their validation (``input``); forecasts and dead letters (``output``)."""
+"""Wire formats: input records read and validated (``input``, ``strict_json``) and written (``writer``);
+forecasts and dead letters (``output``)."""
 
 from forecaster.records.input import (
     FIELDS,
@@ -7,8 +8,6 @@ from forecaster.records.input import (
     DecodedBatch,
     KafkaRecord,
     RecordDecoder,
-    encode_input,
-    encode_window,
 )
 from forecaster.records.output import (
     DEAD_LETTER_MAX_BYTES,
@@ -18,6 +17,7 @@ from forecaster.records.output import (
     encode_forecast_groups,
     encode_forecasts,
 )
+from forecaster.records.writer import encode_input, encode_window
 
 __all__ = [
     "DEAD_LETTER_MAX_BYTES",

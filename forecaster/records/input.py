@@ -29,7 +29,6 @@ duplicate_key
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -38,9 +37,9 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import numpy as np
-import orjson
 
 from forecaster.errors import InvalidRecord
+from forecaster.records.strict_json import may_be_too_deep_for_json, parse, parse_json
 
 SCHEMA_VERSION = 1
 FIELDS = frozenset({"schema", "series", "ts", "value", "values"})
@@ -66,11 +65,6 @@ REASONS = (
     "not_positive",
 )
 _NUMBER = (int, float)  # bool is excluded by checking type() exactly
-# More brackets than this and a record might nest deeper than ``json`` could parse: ``json`` decides.
-_MAX_FAST_BRACKETS = 256
-# A float this large can only come from orjson reading a long integer literal, which ``json`` keeps as an
-# int, and the single-value check has always refused an int this large as non-finite: ``json`` decides.
-_HUGE = 2.0**1023
 
 
 class KafkaRecord(Protocol):
@@ -198,11 +192,33 @@ class RecordDecoder:
     def _decode(
         self, raw: bytes | None, key: bytes | None, record_ts: int | None, max_ts: int
     ) -> tuple[str, int | np.ndarray, float | np.ndarray]:
-        body, plain = parse(raw, strict=self.strict) if self.fast else (parse_json(raw, self.strict), False)
+        body, by_orjson = (
+            parse(raw, strict=self.strict) if self.fast else (parse_json(raw, self.strict), False)
+        )
+        try:
+            return self._validate(body, raw, key, record_ts, max_ts, by_orjson)
+        except InvalidRecord:
+            # orjson reads deeper nesting than ``json`` can: for such a record ``json``'s reason stands.
+            if by_orjson and may_be_too_deep_for_json(raw):  # type: ignore[arg-type]
+                parse_json(raw, self.strict)
+            raise
+
+    def _validate(
+        self,
+        body: dict[str, Any],
+        raw: bytes | None,
+        key: bytes | None,
+        record_ts: int | None,
+        max_ts: int,
+        by_orjson: bool,
+    ) -> tuple[str, int | np.ndarray, float | np.ndarray]:
         series = self._series(body, key)
         if "values" in body:
             if "value" in body:
                 raise InvalidRecord("bad_value", "a record has either value or values, not both")
+            # A plain body has no booleans, NaN, infinities or integers beyond 64 bits: numpy's type
+            # inference can check its lists instead of a loop over the elements.
+            plain = by_orjson and b"true" not in raw and b"false" not in raw  # type: ignore[operator]
             values = self._window_values(body["values"], plain)
             if "ts" not in body:
                 raise InvalidRecord("bad_ts", "a window needs a ts list")
@@ -293,95 +309,6 @@ class RecordDecoder:
         return np.array(parsed, dtype=np.int64)
 
 
-# ---- parsing ---------------------------------------------------------------------------------------------
-
-
-def parse(raw: bytes | None, strict: bool = True) -> tuple[Any, bool]:
-    """The JSON object of a record and whether it is ``plain``: read by orjson and free of true/false.
-
-    A plain body holds no booleans, NaN, infinities or integers beyond 64 bits, so its lists can be
-    checked by numpy's type inference instead of element by element.
-    """
-    if raw is None or raw.count(b"[") + raw.count(b"{") > _MAX_FAST_BRACKETS:
-        return parse_json(raw, strict), False
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return parse_json(raw, strict), False
-    if strict and _may_repeat_a_key(raw, body):
-        json.loads(raw.decode("utf-8"), object_pairs_hook=_no_repeated_keys)
-    if type(body) is not dict:
-        raise InvalidRecord("not_object", f"a JSON {type(body).__name__}, not an object")
-    value = body.get("value")
-    if type(value) is float and abs(value) >= _HUGE:
-        return parse_json(raw, strict), False
-    return body, b"true" not in raw and b"false" not in raw
-
-
-def parse_json(raw: bytes | None, strict: bool = True) -> dict[str, Any]:
-    """The JSON object of a record read by the standard ``json`` module (NaN and Infinity accepted)."""
-    if raw is None:
-        raise InvalidRecord("not_json", "empty record value")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidRecord("not_utf8", str(exc)) from None
-    try:
-        body = json.loads(text, object_pairs_hook=_no_repeated_keys if strict else None)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidRecord("not_json", str(exc)[:200]) from None
-    if type(body) is not dict:
-        raise InvalidRecord("not_object", f"a JSON {type(body).__name__}, not an object")
-    return body
-
-
-def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    body = dict(pairs)
-    if len(body) != len(pairs):
-        seen: set[str] = set()
-        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise InvalidRecord("duplicate_key", f"key {repeated[:64]!r} appears more than once in an object")
-    return body
-
-
-def _may_repeat_a_key(raw: bytes, body: Any) -> bool:
-    """False only when no object in ``raw`` can repeat a key; True sends it to the strict parse.
-
-    Every key in the text is followed by exactly one ``:`` outside strings, so the keys in the text are at
-    most the colons of ``raw`` less those inside strings; the parsed objects hold the distinct keys. When
-    the two counts meet, no key was repeated. Without a backslash in ``raw`` a string's colons are those
-    of its parsed text (an escape such as ``\\u003a`` or ``ser\\u0069es`` sends the record to the strict
-    parse). A string lost to a repeated key still counts in ``raw``: it only makes the strict parse run.
-    """
-    colons = raw.count(b":")
-    if type(body) is dict and colons == len(body):  # the common record: no colon inside any string, no nested object
-        return False
-    if b"\\" in raw:
-        return True
-    keys, string_colons = _tally(body)
-    return colons - string_colons != keys
-
-
-def _tally(node: Any) -> tuple[int, int]:
-    """(keys of every object in ``node``, colons in every string of it, keys included)."""
-    kind = type(node)
-    if kind is str:
-        return 0, node.count(":")
-    if kind is dict:
-        keys, colons = len(node), sum(k.count(":") for k in node)
-        items = node.values()
-    elif kind is list:
-        keys, colons, items = 0, 0, node
-    else:
-        return 0, 0
-    for item in items:
-        if type(item) in (str, dict, list):
-            k, c = _tally(item)
-            keys += k
-            colons += c
-    return keys, colons
-
-
 def _numbers(values: list[Any]) -> np.ndarray | None:
     """``values`` as float64 when every element is a number (numpy's inference, no booleans in a plain
     body); None to check them one by one."""
@@ -422,21 +349,3 @@ def _ts(value: Any) -> int:
             parsed = parsed.replace(tzinfo=UTC)
         return round(parsed.timestamp() * 1000)
     raise InvalidRecord("bad_ts", f"ts is {type(value).__name__}, not epoch ms or an ISO-8601 string")
-
-
-# ---- encoding (producers, tools, tests) ------------------------------------------------------------------
-
-
-def encode_input(series: str, ts: int | str | None, value: float) -> bytes:
-    """One input value as record bytes."""
-    body: dict[str, Any] = {"series": series, "value": value}
-    if ts is not None:
-        body["ts"] = ts
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def encode_window(series: str, ts: Sequence[int], values: Sequence[float]) -> bytes:
-    """A window of values of one series as record bytes."""
-    return orjson.dumps(
-        {"series": series, "ts": list(ts), "values": list(values)}, option=orjson.OPT_SERIALIZE_NUMPY
-    )
