@@ -42,7 +42,7 @@ def parse(raw: bytes | None, strict: bool = True) -> tuple[dict[str, Any], bool]
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return parse_json(raw, strict), False
-    if type(body) is not dict or strict and _may_repeat_a_key(raw, body):
+    if type(body) is not dict or strict and _may_repeat_a_key(raw, body):  # json decides
         return parse_json(raw, strict), False
     value = body.get("value")
     if type(value) is float and abs(value) >= _HUGE:
@@ -79,26 +79,18 @@ def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _may_repeat_a_key(raw: bytes, body: dict[str, Any]) -> bool:
     """Whether an object in ``raw`` repeats a key (True sends the record to ``json``, which says which).
 
-    Every key is followed by exactly one ``:`` outside strings, so the keys written are the colons of
-    ``raw`` less those inside strings; the parsed object holds the distinct ones. The common record
-    (no colon inside a string) is settled by one count. Without a backslash in ``raw`` the colons
-    inside the strings that survived parsing are those of their parsed text, and a string lost to a
-    repeated key only leaves more colons: exact either way. Otherwise (escapes, nested lists or
-    objects) every string of the text is read, escapes included, to count the keys written.
+    Every key is followed by exactly one ``:`` outside strings, so the keys written are the colons
+    outside strings, while the parsed object holds the distinct ones. The common record (no colon inside
+    a string) is settled by one count. Without a backslash every ``"`` delimits a string, so splitting
+    on it leaves the text outside strings at the even places; with one, every string is read, escapes
+    included. A nested object (never part of a valid record) shows as more keys than the top level
+    holds and goes to ``json`` as well.
     """
-    colons = raw.count(b":")
-    if colons == len(body):
+    if raw.count(b":") == len(body):
         return False
-    if b"\\" not in raw:
-        inside = 0
-        for key, value in body.items():
-            kind = type(value)
-            if kind is list or kind is dict:
-                break
-            inside += key.count(":") + (value.count(":") if kind is str else 0)
-        else:
-            return colons - inside != len(body)
-    return sum(1 for colon in _STRING.findall(raw) if colon) != len(body)
+    if b"\\" in raw:
+        return sum(1 for colon in _STRING.findall(raw) if colon) != len(body)
+    return b"".join(raw.split(b'"')[::2]).count(b":") != len(body)
 
 
 # A JSON string, escapes included, and the colon that makes it a key. In valid JSON every ``"`` outside a
