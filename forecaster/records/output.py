@@ -173,9 +173,9 @@ def encode_dead_letter(
     encoded = _dumps(body)
     if len(encoded) <= max_bytes:
         return encoded
-    # Step 1. Flag the cut and empty the raw value, to measure everything but it.
-    body.update(raw="", raw_truncated=True, raw_bytes=0 if raw is None else len(raw))
-    fixed = _dumps(body)
+    # Step 1. Measure everything but the raw value: empty, with the flags of a cut one.
+    flags = {"raw_truncated": True, "raw_bytes": 0 if raw is None else len(raw)}
+    fixed = _dumps({**body, "raw": "", **flags})
     # Step 2. A key or detail so long that little room would be left for the raw value is cut: the longer
     # of the two is halved until everything but the raw value takes at most half of the limit.
     while len(fixed) > max_bytes // 2 and max(len(body["detail"]), len(body["key"] or "")) > 16:
@@ -186,12 +186,13 @@ def encode_dead_letter(
             body["key_truncated"] = True
         elif not body[name].endswith("..."):
             body[name] += "..."
-        fixed = _dumps(body)
-    # Step 3. Fill the room left with whole base64 quanta of the raw value (ASCII: one byte a character).
-    room = max_bytes - len(fixed)
-    take = max(room // 4 * 3, 0)
-    body["raw"] = base64.b64encode((raw or b"")[:take]).decode("ascii")
+        fixed = _dumps({**body, "raw": "", **flags})
     encoded = _dumps(body)
+    if len(encoded) <= max_bytes:  # the whole raw value fits beside the cut key or detail
+        return encoded
+    # Step 3. Fill the room left with whole base64 quanta of the raw value (ASCII: one byte a character).
+    take = max((max_bytes - len(fixed)) // 4 * 3, 0)
+    encoded = _dumps({**body, "raw": base64.b64encode(raw[:take]).decode("ascii"), **flags})  # type: ignore[index]
     assert len(encoded) <= max_bytes, (len(encoded), max_bytes)
     return encoded
 

@@ -68,11 +68,14 @@ def parse_json(raw: bytes | None, strict: bool = True) -> dict[str, Any]:
 
 
 def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json``'s ``object_pairs_hook``: an object, or ``duplicate_key`` naming the first repeated key."""
     body = dict(pairs)
     if len(body) != len(pairs):
         seen: set[str] = set()
-        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise InvalidRecord("duplicate_key", f"key {repeated[:64]!r} appears more than once in an object")
+        for key, _ in pairs:
+            if key in seen:
+                raise InvalidRecord("duplicate_key", f"key {key[:64]!r} appears more than once in an object")
+            seen.add(key)
     return body
 
 

@@ -82,6 +82,14 @@ def test_a_record_without_a_value_or_key_is_written_with_nulls():
     assert body["raw"] is None and body["key"] is None
 
 
+@pytest.mark.parametrize("value", [None, b"small"])
+def test_a_raw_value_that_fits_beside_a_cut_key_is_whole_and_not_flagged(value):
+    encoded, body = letter(record(value, key=b"k" * (2 * MB)), max_bytes=4096)
+    assert len(encoded) <= 4096 and body["key_truncated"] is True
+    assert body["raw"] == (None if value is None else base64.b64encode(value).decode())
+    assert "raw_truncated" not in body and "raw_bytes" not in body
+
+
 def test_a_limit_too_small_for_any_dead_letter_is_refused():
     with pytest.raises(ValueError, match="too small"):
         encode_dead_letter(record(b"x"), InvalidRecord("not_json", "x"), max_bytes=100)
