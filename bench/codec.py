@@ -248,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     n, repeats, calls = (400, 3, 2) if args.quick else (4000, 7, 3)
     rng = np.random.default_rng(0)
+    load_before = os.getloadavg()[0]
     decode = {
         "single": decoding("single", n, repeats, calls, rng),
         "single_iso": decoding("single_iso", n, repeats, calls, rng),
@@ -274,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "numpy": np.__version__,
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
+            # Other work on the machine slows every way alike; above the CPU count, trust only the ratios.
+            "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]},
         },
         "repeats": repeats,
         "decode": decode,
