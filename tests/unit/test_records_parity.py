@@ -66,7 +66,7 @@ def outcome(decoder: RecordDecoder, raw: bytes, key: bytes | None = None):
     return series, np.atleast_1d(ts).tolist(), values.tobytes()
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(valid_records(), st.booleans(), st.booleans())
 def test_valid_records_decode_as_the_json_codec_decoded_them(body, ensure_ascii, with_key):
     raw = json.dumps(body, ensure_ascii=ensure_ascii).encode()
@@ -164,7 +164,7 @@ def refuses_a_repeated_key(reader, raw: bytes) -> bool:
     return False
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(KEYS, st.booleans(), TREES), max_size=5).map(lambda pairs: ("object", pairs)))
 def test_a_repeated_key_is_found_exactly_at_any_depth_escaped_or_not(tree):
     text, repeated = render(tree)
