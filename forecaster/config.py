@@ -177,6 +177,18 @@ class ServiceSettings(BaseModel):
     # "value": one forecast record per stepped value; "window": one per input record, its values' forecasts
     # in lists (amortises the per-record cost of windowed input; see README, wire formats).
     forecast_records: Literal["value", "window"] = "value"
+    # The largest record the service produces (Kafka's default max.request.size); a dead letter of a record
+    # near the input's limit is cut to fit under it, so no input record can stop the service.
+    max_message_bytes: int = 1_048_576
+
+    @field_validator("max_message_bytes")
+    @classmethod
+    def _room_for_a_dead_letter(cls, value: int) -> int:
+        if not 4096 <= value <= 1_000_000_000:
+            raise ValueError(
+                "must be 4096 (room for a cut dead letter and its record headers) to 1000000000 bytes"
+            )
+        return value
 
 
 class MetricsSettings(BaseModel):
