@@ -119,16 +119,20 @@ class _RefusedConnections(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.refused: Exception | None = None  # the broker's or TLS's own word: bad credentials, bad cert
-        self.closed_by_broker: list[Exception] = []  # one per connection (logged several times each)
+        self.lost: list[Exception] = []  # one per lost login (each is logged several times)
+        self.closed_by_broker = False
 
     def emit(self, record: logging.LogRecord) -> None:
         for arg in record.args if isinstance(record.args, tuple) else ():
             tls = isinstance(arg, ssl.SSLError) or isinstance(getattr(arg, "__context__", None), ssl.SSLError)
+            closed = isinstance(arg, KafkaConnectionError) and "disconnected" in str(arg)
             if tls or isinstance(arg, SaslAuthenticationFailedError):
                 self.refused = self.refused or arg
-            elif isinstance(arg, KafkaConnectionError) and "disconnected" in str(arg):
-                new = all(arg is not seen for seen in self.closed_by_broker)
-                self.closed_by_broker += [arg] if new else []
+            self.closed_by_broker = self.closed_by_broker or closed
+            if (tls or closed or isinstance(arg, SaslAuthenticationFailedError)) and all(
+                arg is not seen for seen in self.lost
+            ):
+                self.lost.append(arg)
 
 
 def wait_for_broker(settings: KafkaSettings, timeout: float = 60.0) -> dict[str, Any]:
@@ -157,7 +161,7 @@ def _wait_for_broker(settings: KafkaSettings, timeout: float, refused: _RefusedC
         left_ms = int((deadline - time.monotonic()) * 1000)
         if left_ms <= 0:
             raise KafkaSetupError(f"no answer from {_where(settings)} within {timeout:g}s: {last}")
-        refused.closed_by_broker = []
+        refused.lost, refused.closed_by_broker = [], False
         try:
             admin = make_admin(settings, bootstrap_timeout_ms=max(min(left_ms, BOOTSTRAP_ATTEMPT_MS), 1000))
             try:
@@ -177,16 +181,16 @@ def _raise_if_refused(settings: KafkaSettings, refused: _RefusedConnections) -> 
     """After a failed bootstrap attempt: a ``KafkaSetupError`` when the broker refused us, not when it
     is merely away. With SASL, an attempt in which the broker closed the connections it had accepted
     counts as a refused login (kafka-python lost the broker's answer; see ``_RefusedConnections``)."""
-    who = f"{settings.sasl_mechanism} user {settings.sasl_username}"
+    tries = f"{len(refused.lost)} login(s) tried"
+    failed = f"authentication failed at {_where(settings)} ({settings.sasl_mechanism} user {settings.sasl_username}"
     if isinstance(refused.refused, SaslAuthenticationFailedError):
-        raise KafkaSetupError(f"authentication failed at {_where(settings)} ({who}): {refused.refused}")
+        raise KafkaSetupError(f"{failed}; {tries}): {refused.refused}")
     if refused.refused is not None:
         raise KafkaSetupError(f"TLS handshake with {_where(settings)} failed: {refused.refused}")
     if refused.closed_by_broker and settings.security_protocol.startswith("SASL"):
         raise KafkaSetupError(
-            f"authentication failed at {_where(settings)} ({who}): the broker closed all"
-            f" {len(refused.closed_by_broker)} connection(s) of a {BOOTSTRAP_ATTEMPT_MS / 1000:g}s attempt"
-            " during the SASL login (check sasl_username, sasl_password and sasl_mechanism)"
+            f"{failed}; {tries}): the broker closed the connection during the SASL login"
+            " (check sasl_username, sasl_password and sasl_mechanism)"
         )
 
 
