@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import queue
 import re
+import shutil
+import subprocess
 import threading
 import urllib.error
 import urllib.parse
@@ -197,3 +199,41 @@ def test_without_a_lookup_the_series_routes_say_how_to_turn_them_on() -> None:
 )
 def test_series_view_is_off_by_default_on_non_loopback_binds(host: str, setting, on: bool) -> None:
     assert MetricsSettings(host=host, series_view=setting).series_view_on is on
+
+
+# --- the page in a real browser ------------------------------------------------------------------------
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("no headless browser: apt-get install chromium")
+
+
+def headless(*args: str) -> subprocess.CompletedProcess:
+    # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
+    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.slow
+def test_the_page_renders_in_headless_chromium(engine: Engine, served, tmp_path) -> None:
+    server, loop = served
+    name = "room <1>/temp"
+    values = [float(v) for v in 20 + 5 * np.sin(np.arange(30) / 3)]
+    out = loop.feed([name] * 30, list(range(30)), values)
+    page = f"http://127.0.0.1:{server.port}{url(name, view=True)}"
+    dom = headless("--dump-dom", page)
+    assert dom.returncode == 0, dom.stderr
+    # The DOM the browser built: the title escaped, one circle per retained value and per forecast step.
+    assert "<h1>room &lt;1&gt;/temp</h1>" in dom.stdout
+    assert len(re.findall(r'<circle class="value"', dom.stdout)) == WINDOW
+    assert len(re.findall(r'<circle class="forecast"', dom.stdout)) == HORIZON
+    # The JSON the page links to is the engine's state.
+    answer = json.loads(get(server.port, url(name))[2])
+    assert answer["values"] == pytest.approx(values[-WINDOW:], abs=1e-5)
+    assert answer["forecast"] == pytest.approx(out.forecasts[-1].tolist(), abs=1e-6)
+    shot = tmp_path / "series.png"
+    result = headless(f"--screenshot={shot}", "--window-size=820,420", page)
+    assert result.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
