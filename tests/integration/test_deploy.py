@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -476,3 +477,36 @@ def test_makefile_targets_call_the_scripts() -> None:
         result = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stderr
         assert script in result.stdout, f"make {target} does not run {script}"
+
+
+# --- the README's commands -----------------------------------------------------------------------
+
+
+def readme_block(heading: str) -> list[str]:
+    """The command lines of the first bash block under ``## heading`` in README.md."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"## {heading}\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    (command,) = readme_block("Test it")
+    match = re.search(r"^TEST_COMMAND=\((.*)\)$", (ROOT / ".ci" / "run").read_text(), re.M)
+    assert match and match.group(1) == command
+
+
+def test_the_test_command_installs_what_the_tests_need_first() -> None:
+    """`make test` after the run command on a fresh clone: pytest is installed by the command itself."""
+    assert readme_block("Test it") == ["make test"]
+    assert readme_block("Run it")[0].startswith("pip install -e . && make up")
+    result = subprocess.run(
+        ["make", "-n", "test", "PYTHON=python3"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    install = next(i for i, line in enumerate(lines) if "pip install" in line)
+    assert "-e '.[dev,notebooks]'" in lines[install]
+    assert any("-m pytest" in line for line in lines[install + 1 :])
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    assert any(requirement.startswith("pytest") for requirement in dev)
