@@ -215,8 +215,8 @@ def _chart(found: SeriesState) -> str:
         f'<text x="{PAD - 6}" y="{py(hi) + 4:.1f}" text-anchor="end">{_number(hi)}</text>',
         f'<text x="{PAD - 6}" y="{py(lo) + 4:.1f}" text-anchor="end">{_number(lo)}</text>',
         f'<text x="{px(x_lo):.1f}" y="{HEIGHT - PAD + 16}" text-anchor="middle">{x_lo}</text>',
-        f'<text x="{px(0):.1f}" y="{HEIGHT - PAD + 16}" text-anchor="middle">0 (last value)</text>',
-        f'<text x="{px(x_hi):.1f}" y="{HEIGHT - PAD + 16}" text-anchor="middle">+{x_hi}</text>',
+        f'<text x="{px(0) - 4:.1f}" y="{HEIGHT - PAD + 16}" text-anchor="end">0 (last value)</text>',
+        f'<text x="{px(x_hi):.1f}" y="{HEIGHT - PAD + 16}" text-anchor="start">+{x_hi}</text>',
         f'<text x="{WIDTH / 2:.0f}" y="{HEIGHT - 8}" text-anchor="middle">steps'
         f" (blue: retained values, red: forecast)</text>",
     ]
