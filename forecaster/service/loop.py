@@ -32,7 +32,7 @@ from forecaster.config import Settings
 from forecaster.engine.engine import Engine, resolve_device
 from forecaster.errors import InvalidRecord, KafkaSetupError, ProducerFenced
 from forecaster.metrics import MetricsServer, SeriesLookup, ServiceMetrics
-from forecaster.records.codec import (
+from forecaster.records import (
     DecodedBatch,
     KafkaRecord,
     RecordDecoder,

@@ -17,7 +17,7 @@ import pandas as pd
 from forecaster.checkpoints.hotswap import fresh_model
 from forecaster.engine.engine import reference_forecast
 from forecaster.metrics import kafka_partition
-from forecaster.records.codec import REASONS, encode_input, encode_window
+from forecaster.records import REASONS, encode_input, encode_window
 from forecaster.scaling import Scaling
 from forecaster.tools.synthetic import generate
 
@@ -94,6 +94,7 @@ def test_end_to_end_forecasts_equal_the_reference(topics, serve, broker):
 BAD = [
     (None, b"\xff\xfe\x00garbage", "not_utf8"),
     (None, b"{this is not json", "not_json"),
+    (None, b'{"series": "x", "series": "y", "ts": 1, "value": 1}', "duplicate_key"),
     (None, b"[1, 2, 3]", "not_object"),
     (None, b'{"schema": 99, "series": "x", "ts": 1, "value": 1}', "unknown_schema"),
     (None, b'{"series": "x", "ts": 1, "value": 1, "colour": "red"}', "unknown_field"),
