@@ -11,6 +11,7 @@ and its field, e.g. ``FORECASTER_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 from pathlib import Path
@@ -191,13 +192,31 @@ class ServiceSettings(BaseModel):
         return value
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class MetricsSettings(BaseModel):
-    """The Prometheus endpoint (``/metrics``) and the health answer (``/healthz``)."""
+    """The Prometheus endpoint (``/metrics``), the health answers (``/healthz``, ``/readyz``) and the series
+    view (``/series/<id>``)."""
 
     host: str = "0.0.0.0"
     port: int = Field(default=9108, ge=0, le=65535)  # 0: do not serve
     refresh_seconds: float = Field(default=1.0, gt=0.0)  # state figures and online error copied this often
     lag_interval_seconds: float = Field(default=5.0, gt=0.0)  # consumer lag asked of the broker this often
+    # /series/<id> and /series/<id>/view (a series' recent values and forecast): None = on when `host` is a
+    # loopback address only, since the page shows data to whoever reaches the port.
+    series_view: bool | None = None
+
+    @property
+    def series_view_on(self) -> bool:
+        """Whether the series routes answer: ``series_view``, or by default only on a loopback bind."""
+        if self.series_view is not None:
+            return self.series_view
+        return self.host == "localhost" or _is_loopback(self.host)
 
 
 class CheckpointSettings(BaseModel):

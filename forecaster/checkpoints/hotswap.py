@@ -31,7 +31,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from forecaster.checkpoints.store import LoadedCheckpoint, latest_version, list_checkpoints, load_checkpoint
 from forecaster.errors import CheckpointError
-from forecaster.metrics.metrics import SwapMetrics
+from forecaster.metrics import SwapMetrics
 from forecaster.model import RecurrentForecaster, build_model
 from forecaster.engine.rewarm import RewarmJob
 from forecaster.scaling import Scaling
