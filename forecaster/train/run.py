@@ -42,7 +42,7 @@ from forecaster.checkpoints.store import (
     save_checkpoint,
 )
 from forecaster.errors import CheckpointError, DataError
-from forecaster.model import RecurrentForecaster
+from forecaster.model import RecurrentForecaster, build_model
 from forecaster.scaling import Scaling
 from forecaster.train.choice import choose_baseline
 from forecaster.train.evaluation import BASELINES, Evaluation, evaluate
@@ -65,17 +65,10 @@ class TrainOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def build_model(settings: Any, **overrides: Any) -> RecurrentForecaster:
-    """A fresh model of the configured shape, seeded by ``settings.model.seed``; ``overrides``: other
-    build arguments (``season``, ``base_seasons``)."""
-    args = settings.model.model_dump()
-    torch.manual_seed(args.pop("seed", 0))
-    return RecurrentForecaster(**{**args, **overrides})
-
-
 def baseline_model(settings: Any, baseline: dict[str, Any], mix: np.ndarray) -> RecurrentForecaster:
     """A fresh model over ``baseline`` with its per-step ``mix`` set (untrained: it forecasts the baseline)."""
-    model = build_model(settings, **baseline)
+    config = settings.model.config.model_copy(update=baseline)
+    model = build_model(config, seed=settings.model.seed)
     with torch.no_grad():
         model.mix.copy_(torch.as_tensor(mix, dtype=model.mix.dtype))
     return model
