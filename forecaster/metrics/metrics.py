@@ -207,6 +207,17 @@ class ServiceMetrics:
             "forecaster_model_info", "The model serving (value 1)", ["version", "cell"], registry=r
         )
         self.commits = Counter("forecaster_commits_total", "Offset commits", registry=r)
+        self.stalls = Counter(
+            "forecaster_stalls_total",
+            "Times this member stalled (lag without progress, or group membership lost) and rejoined",
+            registry=r,
+        )
+        self.records_unsent = Counter(
+            "forecaster_records_unsent_total",
+            "Output records (forecasts, dead letters) that could not be written, by reason (e.g. too_large)",
+            ["reason"],
+            registry=r,
+        )
         # Exactly once: transactions, the state changelog, restores.
         self.transactions = Counter(
             "forecaster_transactions_total",
@@ -297,9 +308,11 @@ class MetricsServer:
         host: str = "0.0.0.0",
         port: int = 9108,
         ready: Callable[[], bool] = bool,
+        healthy: Callable[[], bool] = lambda: True,
     ) -> None:
         self.registry = registry
         self.ready = ready
+        self.healthy = healthy
         handler = type("Handler", (_Handler,), {"owner": self})
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
@@ -328,7 +341,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             self._answer(200, generate_latest(self.owner.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            self._answer(200, b"ok\n")
+            healthy = bool(self.owner.healthy())
+            self._answer(200 if healthy else 503, b"ok\n" if healthy else b"unhealthy\n")
         elif path == "/readyz":
             ready = bool(self.owner.ready())
             self._answer(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
