@@ -71,7 +71,8 @@ class Committer(ABC):
         self.pending_records += len(records)
 
     def opening(self) -> None:
-        """Called before the output of tracked records is sent (exactly once: a transaction opens)."""  # noqa: B027
+        """Called before the output of tracked records is sent (exactly once: a transaction opens)."""
+        return None
 
     def due(self) -> bool:
         elapsed_ms = (self.clock() - self.last_commit) * 1000.0

@@ -46,6 +46,7 @@ __all__ = [
     "TopicPartition",
     "TopicSpec",
     "by_partition",
+    "client_configuration",
     "create_missing_topics",
     "ensure_topics",
     "make_admin",
@@ -103,3 +104,13 @@ def make_admin(settings: KafkaSettings, timeout: float | None = None) -> Admin:
         return ConfluentAdmin(settings)
     except KafkaClientError as exc:
         raise KafkaSetupError(f"cannot reach {_where(settings)}: {exc}") from exc
+
+
+def client_configuration(settings: KafkaSettings) -> dict:
+    """The library of ``settings.client`` and the connection configuration it gets, secrets masked."""
+    if settings.client == "kafka-python":
+        from forecaster.service.clients.kafkapython import connection_options as connection
+    else:
+        from forecaster.service.clients.confluent import connection_config as connection
+    shown = {key: "**********" if "password" in key else value for key, value in connection(settings).items()}
+    return {"library": settings.client, "connection": shown}

@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import kafka.errors as _errors
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as _TP
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.errors import (
-    AuthenticationFailedError,
     ClusterAuthorizationFailedError,
     CommitFailedError,
     FencedInstanceIdError,
@@ -31,7 +31,6 @@ from kafka.errors import (
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
-    NoBrokersAvailable,
     NodeNotReadyError,
     ProducerFencedError,
     RebalanceInProgressError,
@@ -74,10 +73,10 @@ _REASONS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str
         "group",
     ),
     ((KafkaTimeoutError, RequestTimedOutError), "timeout"),
-    (MessageSizeTooLargeError, "too_large"),
+    ((MessageSizeTooLargeError, _errors.RecordListTooLargeError), "too_large"),
     (
         (
-            AuthenticationFailedError,
+            _errors.SaslAuthenticationFailedError,
             TopicAuthorizationFailedError,
             GroupAuthorizationFailedError,
             ClusterAuthorizationFailedError,
@@ -85,7 +84,7 @@ _REASONS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str
         ),
         "auth",
     ),
-    ((NoBrokersAvailable, KafkaConnectionError, NodeNotReadyError), "unavailable"),
+    ((KafkaConnectionError, NodeNotReadyError), "unavailable"),
 )
 
 
