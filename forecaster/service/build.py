@@ -4,7 +4,8 @@ The loop (``forecaster.service.loop.Service``) only runs what this module wires.
 transactional committer, the series ledger and the partition owner (restore on assign); at least once
 gets its committer and a recovery that never has anything to do.
 
->>> consumer_options(Settings()).cooperative, producer_options(Settings()).transactional_id is None
+>>> at_least_once = Settings(service={"processing_guarantee": "at_least_once"})
+>>> consumer_options(at_least_once).cooperative, producer_options(at_least_once).transactional_id is None
 (True, True)
 """
 

@@ -9,8 +9,10 @@ not turned. A stall is logged once, counted, fails ``/healthz``, and the loop re
 >>> now = [0.0]
 >>> health = Health(stall_seconds=30, clock=lambda: now[0])
 >>> health.assigned([("in", 0)]); health.turned(); health.lag(5)
->>> now[0] = 31.0; health.turned(); health.check(), health.healthy()
-('partitions [0] have 5 records of lag and nothing was consumed for 31 s', False)
+>>> now[0] = 31.0; health.turned(); why = health.check(); why
+'partitions [0] have 5 records of lag and nothing was consumed for 31 s'
+>>> health.stall(why), health.healthy()
+(True, False)
 >>> health.consumed(3); health.check(), health.healthy()
 (None, True)
 """

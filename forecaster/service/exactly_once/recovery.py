@@ -14,8 +14,8 @@ The loop asks ``required`` before each poll and calls ``run`` when it is; ``rewi
 records must be dropped (a transaction failed during it, so the positions go back to the last commit).
 
 >>> owner = PartitionOwner(None, None, None, None, topic="ts.input", cooperative=True)
->>> owner.owned, owner.to_restore, owner.required
-(set(), set(), False)
+>>> owner.owned, owner.to_restore
+(set(), set())
 """
 
 from __future__ import annotations
