@@ -40,6 +40,27 @@ from forecaster.service.health import Health
 log = logging.getLogger(__name__)
 
 EXIT_FENCED = 3  # another instance took over this one's transactional id: a zombie stops
+# A batch is processed in chunks of about this many input bytes (one chunk for most single-value batches;
+# windowed records are split so that the time budget is checked between chunks).
+CHUNK_BYTES = 1 << 20
+
+
+def chunk_ends(records: Sequence[KafkaRecord], size: int) -> list[int]:
+    """Where chunks of about ``size`` bytes of values end (at least one record each).
+
+    >>> from types import SimpleNamespace as R
+    >>> chunk_ends([R(value=b"x" * 600)] * 5, 1000)
+    [2, 4, 5]
+    """
+    ends, held = [], 0
+    for i, record in enumerate(records):
+        held += len(record.value) if record.value else 0
+        if held >= size:
+            ends.append(i + 1)
+            held = 0
+    if not ends or ends[-1] != len(records):
+        ends.append(len(records))
+    return ends
 
 
 class Service:
@@ -72,6 +93,7 @@ class Service:
         self.swapper = swapper
         self.metrics = metrics or ServiceMetrics()
         self.clock = clock
+        self.timer = time.perf_counter  # the batch time budget's clock
         self.decoder = RecordDecoder.from_settings(
             settings.service, clock=clock, positive=engine.scaling.positive
         )  # log scaling: values must be > 0
@@ -111,26 +133,47 @@ class Service:
         return 0
 
     def poll(self) -> list[KafkaRecord]:
-        """The next batch of records, all partitions together; notes the offsets to commit."""
+        """The next batch of records, all partitions together."""
         service = self.settings.service
         records = self.consumer.poll(service.max_poll_records, service.poll_timeout_ms / 1000.0)
         self.health.turned()
         if self.recovery.rewinding:
-            records = []  # a transaction failed meanwhile: positions go back to the last commit
-        self.committer.track(records)
+            return []  # a transaction failed meanwhile: positions go back to the last commit
         self.health.consumed(len(records))
-        self.metrics.records_consumed.inc(len(records))
-        if records:
-            self.metrics.batch_size.observe(len(records))
         return records
 
     def process(self, records: Sequence[KafkaRecord]) -> None:
-        """One batch: validate, dead-letter the bad, step the good, produce forecasts, commit when due."""
+        """One batch, in chunks of about ``CHUNK_BYTES``; past ``service.max_batch_ms`` the records left
+        are put back (read again by the next poll), so a batch of large windows cannot hold the loop."""
+        budget = self.settings.service.max_batch_ms / 1000.0
+        started, lo = self.timer(), 0
+        for hi in chunk_ends(records, CHUNK_BYTES):
+            if lo and self.timer() - started >= budget:
+                self.put_back(records[lo:])
+                break
+            self.process_chunk(records[lo:hi])
+            lo = hi
+        if self.committer.due():
+            self.committer.commit()
+
+    def process_chunk(self, records: Sequence[KafkaRecord]) -> None:
+        """Validate, dead-letter the bad, step the good, produce forecasts."""
+        self.committer.track(records)  # their offsets commit with their output
+        self.metrics.records_consumed.inc(len(records))
+        if records:
+            self.metrics.batch_size.observe(len(records))
         batch = self.decoder.decode_batch(records)  # validation, before any state changes
         self.send_dead_letters(batch.invalid)
         self.send_forecasts(self.step(batch), batch)
-        if self.committer.due():
-            self.committer.commit()
+
+    def put_back(self, records: Sequence[KafkaRecord]) -> None:
+        """Seek each partition back to the first of ``records`` (polled, not processed)."""
+        first: dict[tuple[str, int], int] = {}
+        for record in records:
+            first.setdefault((record.topic, record.partition), record.offset)
+        for (topic, partition), offset in first.items():
+            self.consumer.seek(TopicPartition(topic, partition), offset)
+        log.debug("batch over its time budget: %d records put back", len(records))
 
     def step(self, batch: DecodedBatch) -> Any:
         """The engine over the good values of the batch."""

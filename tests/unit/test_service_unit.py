@@ -115,6 +115,9 @@ class FakeConsumer:
     def committed(self, tps, timeout):
         return {tp: None for tp in tps}
 
+    def seek(self, tp, offset):
+        self.events.append(("seek", tp[1], offset))
+
     def close(self):
         self.closed = True
 
@@ -457,3 +460,21 @@ def test_the_broker_not_answering_makes_the_member_not_ready():
     service.consumer.end_offsets = unreachable
     service.refresh(force=True)
     assert not service.ready() and service.healthy()
+
+
+def test_a_batch_over_its_time_budget_puts_the_rest_back(monkeypatch):
+    import forecaster.service.loop as loop
+
+    monkeypatch.setattr(loop, "CHUNK_BYTES", 1)  # one record per chunk
+    batch = [
+        rec(p, o, encode_input(f"s{p}", 1000 * (o + 1), 1.0), f"s{p}".encode())
+        for o in range(3)
+        for p in (0, 1)
+    ]
+    service, events = make_service([batch], max_batch_ms=1000)
+    ticks = iter([0.0, 0.5, 0.9, 1.2, 9.0, 9.0])  # the budget runs out before the fourth record
+    service.timer = lambda: next(ticks)
+    run_batches(service, 1)
+    assert [f["input"]["offset"] for f in service.producer.bodies("ts.forecasts")] == [0, 0, 1]
+    assert ("seek", 1, 1) in events and ("seek", 0, 2) in events  # read again from there
+    assert service.consumer.commits == [{0: 2, 1: 1}]  # only what was processed

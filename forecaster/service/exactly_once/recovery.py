@@ -92,7 +92,7 @@ class PartitionOwner:
         self._release(parts)
         if self.owned:  # the aborted transaction held their work too
             self.committer.failed = self.committer.failed or "aborted"
-        log.warning("lost partitions %s (the group went on without this member)", sorted(parts))
+        log.info("aborted the open transaction and dropped the state of partitions %s", sorted(parts))
 
     def _release(self, parts: set[int]) -> None:
         if parts:
