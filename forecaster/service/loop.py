@@ -283,6 +283,12 @@ class Service:
         self.rejoin()
 
     def rejoin(self) -> None:
+        """Leave the group and join again; what was held counts as lost (exactly once: the open
+        transaction is aborted and those partitions restore from the changelog when assigned again)."""
+        held = self.consumer.assignment()
+        if held:
+            self.recovery.rebalance.on_lost(held)
+            self.health.lost(held)
         self.consumer.unsubscribe()
         self.consumer.subscribe(self.settings.kafka.input_topic, self.rebalance)
 

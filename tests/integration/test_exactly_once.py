@@ -206,6 +206,8 @@ def own_broker(tmp_path):
         run("stop", "--wipe")
 
 
+# A broker of its own, stopped and started: the heaviest test, run with the default client only.
+@pytest.mark.parametrize("kafka_client", ["confluent"])
 def test_a_broker_restart_mid_stream_loses_and_duplicates_nothing(own_broker, serve, tmp_path, kafka_admin):
     from forecaster.service.clients import TopicSpec, ensure_topics
 
@@ -307,6 +309,8 @@ def test_a_second_instance_with_the_same_id_fences_the_first_which_exits(eos, br
 # ---- refused changelog records -------------------------------------------------------------------------
 
 
+# Not about the client: run with kafka-python (the kill -9 and scaling tests restore with both).
+@pytest.mark.parametrize("kafka_client", ["kafka-python"])
 def test_corrupt_and_unknown_version_changelog_records_are_refused_and_those_series_start_fresh(eos, broker):
     topics, loaded, start = eos
     frame = generate(n_series=3, n_values=20, start_ms=START_MS, step_ms=60_000, seed=24)

@@ -171,7 +171,7 @@ def stream_and_stop(topics, serve, broker, stop: str) -> tuple[list, pd.DataFram
     frame = generate(n_series=10, n_values=60, start_ms=START_MS, seed=7)
     records = records_of(frame)
     first = serve(**NEVER_COMMIT, **FAST_REJOIN, **AT_LEAST_ONCE).start()
-    producer = produce_slowly(topics, broker, records)
+    producer = produce_slowly(topics, broker, records, pause=0.01)  # outlasts the first forecasts
     broker.wait_for(lambda: len(broker.read(topics.output, timeout=5)) >= 100, what="first forecasts")
     code = first.terminate() if stop == "terminate" else first.kill()
     assert producer.is_alive(), "the stream should still be running when the service stops"

@@ -188,6 +188,7 @@ class ConfluentConsumer(Consumer):
         except KafkaException as exc:
             raise translate(exc, "create a consumer") from exc
         self._rebalance = Rebalance()
+        self.cooperative = options.cooperative
 
     def subscribe(self, topic: str, rebalance: Rebalance) -> None:
         self._rebalance = rebalance
@@ -195,7 +196,10 @@ class ConfluentConsumer(Consumer):
 
         def assigned(consumer: Any, parts: list[_TP]) -> None:
             # Assign first, so that what the callback does (pause) applies to assigned partitions.
-            consumer.incremental_assign(parts)
+            if self.cooperative:
+                consumer.incremental_assign(parts)
+            else:
+                consumer.assign(parts)
             rebalance.on_assign([TopicPartition(p.topic, p.partition) for p in parts])
 
         def revoked(consumer: Any, parts: list[_TP]) -> None:
