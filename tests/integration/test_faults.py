@@ -120,7 +120,9 @@ def test_a_member_stopped_past_its_session_timeout_says_so_rejoins_and_loses_not
     broker.wait_for(lambda: b.http("/readyz")[0] == 200, timeout=30, what="b serving alone")
     broker.send(topics.input, records[len(records) // 3 : 2 * len(records) // 3])
     a.proc.send_signal(signal.SIGCONT)
-    broker.wait_for(lambda: a.log_path.read_text().count("lost partitions") >= 1, timeout=60, what="a noticed")
+    broker.wait_for(
+        lambda: a.log_path.read_text().count("lost partitions") >= 1, timeout=60, what="a noticed"
+    )
     broker.wait_for(lambda: a.http("/readyz")[0] == 200, timeout=60, what="a back in the group")
     broker.send(topics.input, records[2 * len(records) // 3 :])
     forecasts = broker.read(topics.output, count=len(frame), timeout=60)

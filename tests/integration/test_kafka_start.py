@@ -40,4 +40,6 @@ def test_start_from_a_folder_holding_a_kafka_directory(tmp_path: Path) -> None:
         assert started.returncode == 0, started.stderr
         assert wait_for_broker(KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}"), timeout=30) >= 1
     finally:
-        subprocess.run([str(script / "stop"), "--wipe"], cwd=tmp_path, env=env, capture_output=True, timeout=120)
+        subprocess.run(
+            [str(script / "stop"), "--wipe"], cwd=tmp_path, env=env, capture_output=True, timeout=120
+        )

@@ -62,17 +62,22 @@ def _where(settings: KafkaSettings) -> str:
     return f"Kafka at {settings.bootstrap_servers} ({settings.client})"
 
 
+def _library_class(settings: KafkaSettings, kind: str) -> type:
+    """The ``Consumer`` / ``Producer`` / ``Admin`` class of the library ``settings.client``."""
+    if settings.client == "kafka-python":
+        from forecaster.service.clients import kafkapython
+
+        return getattr(kafkapython, f"KafkaPython{kind}")
+    from forecaster.service.clients import confluent
+
+    return getattr(confluent, f"Confluent{kind}")
+
+
 def make_consumer(settings: KafkaSettings, options: ConsumerOptions | None = None) -> Consumer:
     """A consumer of the library ``settings.client``; ``options.group_id=None`` makes a reader."""
     options = options or ConsumerOptions(group_id=settings.group_id)
     try:
-        if settings.client == "kafka-python":
-            from forecaster.service.clients.kafkapython import KafkaPythonConsumer
-
-            return KafkaPythonConsumer(settings, options)
-        from forecaster.service.clients.confluent import ConfluentConsumer
-
-        return ConfluentConsumer(settings, options)
+        return _library_class(settings, "Consumer")(settings, options)
     except KafkaClientError as exc:
         raise KafkaSetupError(f"cannot create a consumer for {_where(settings)}: {exc}") from exc
 
@@ -81,13 +86,7 @@ def make_producer(settings: KafkaSettings, options: ProducerOptions | None = Non
     """A producer of the library ``settings.client`` (transactional when ``options.transactional_id``)."""
     options = options or ProducerOptions(message_max_bytes=settings.message_max_bytes)
     try:
-        if settings.client == "kafka-python":
-            from forecaster.service.clients.kafkapython import KafkaPythonProducer
-
-            return KafkaPythonProducer(settings, options)
-        from forecaster.service.clients.confluent import ConfluentProducer
-
-        return ConfluentProducer(settings, options)
+        return _library_class(settings, "Producer")(settings, options)
     except KafkaClientError as exc:
         raise KafkaSetupError(f"cannot create a producer for {_where(settings)}: {exc}") from exc
 
@@ -95,13 +94,7 @@ def make_producer(settings: KafkaSettings, options: ProducerOptions | None = Non
 def make_admin(settings: KafkaSettings, timeout: float | None = None) -> Admin:
     """An admin client of the library ``settings.client``; the caller closes it."""
     try:
-        if settings.client == "kafka-python":
-            from forecaster.service.clients.kafkapython import KafkaPythonAdmin
-
-            return KafkaPythonAdmin(settings, timeout)
-        from forecaster.service.clients.confluent import ConfluentAdmin
-
-        return ConfluentAdmin(settings)
+        return _library_class(settings, "Admin")(settings, timeout)
     except KafkaClientError as exc:
         raise KafkaSetupError(f"cannot reach {_where(settings)}: {exc}") from exc
 

@@ -433,7 +433,7 @@ class ConfluentProducer(Producer):
 class ConfluentAdmin(Admin):
     name = "confluent"
 
-    def __init__(self, settings: KafkaSettings) -> None:
+    def __init__(self, settings: KafkaSettings, timeout: float | None = None) -> None:
         self.connection = _Connection("admin")
         try:
             self._a = AdminClient({**connection_config(settings), "error_cb": self.connection.error})
