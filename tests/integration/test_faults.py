@@ -7,11 +7,11 @@ import signal
 import time
 from collections import Counter
 
+from streams import AT_LEAST_ONCE, START_MS, records_of
+
 from forecaster.service.deadletters import _BOUNDED as DEAD_LETTERS_BOUNDED
 from forecaster.service.exactly_once import changelog
 from forecaster.tools.synthetic import generate
-
-from .test_service import AT_LEAST_ONCE, START_MS, records_of
 
 LIMIT = 200_000  # the input topic's max.message.bytes, and the service's producer limit
 

@@ -4,6 +4,7 @@ must not import that folder as the client library (it did, and stopped a healthy
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -12,11 +13,15 @@ import pytest
 from forecaster.config import KafkaSettings
 from forecaster.service.clients import wait_for_broker
 
-from .conftest import free_port
-
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_start_from_a_folder_holding_a_kafka_directory(tmp_path: Path) -> None:
