@@ -228,8 +228,15 @@ class ConfluentConsumer(Consumer):
         return self._c.consumer_group_metadata()
 
     def poll(self, max_records: int, timeout: float) -> list[Record]:
+        # Wait for the first message only, then take what is already fetched: ``consume`` alone would
+        # wait the whole timeout for a full batch, which is latency when traffic is light.
         try:
-            messages = self._c.consume(num_messages=max_records, timeout=timeout)
+            first = self._c.poll(timeout)
+            if first is None:
+                return []
+            messages = [first]
+            if max_records > 1:
+                messages += self._c.consume(num_messages=max_records - 1, timeout=0)
         except KafkaException as exc:
             raise translate(exc, "poll") from exc
         out = []
