@@ -184,6 +184,38 @@ def bare_relay(bootstrap: str, client: str, source: str, target: str, count: int
     producer.close(10)
 
 
+def quix_peer(bootstrap: str, source: str, target: str, guarantee: str, state_dir: str) -> None:
+    """Child process: a Quix Streams application doing the service's job: per-key state (a running mean,
+    standing in for the recurrent state) and one forecast record per value, in ``guarantee``."""
+    from quixstreams import Application
+
+    app = Application(
+        broker_address=bootstrap,
+        consumer_group=f"bench-quix-{uuid.uuid4().hex[:8]}",
+        auto_offset_reset="earliest",
+        processing_guarantee=guarantee.replace("_", "-"),
+        commit_interval=0.1,
+        state_dir=state_dir,
+        loglevel="WARNING",
+        consumer_extra_config={"fetch.wait.max.ms": 10},
+    )
+    sdf = app.dataframe(app.topic(source, value_deserializer="json", key_deserializer="string"))
+
+    def forecast(record: dict, state) -> list[dict]:
+        ts = record["ts"] if isinstance(record["ts"], list) else [record["ts"]]
+        values = record.get("values") or [record["value"]]
+        mean, out = state.get("mean"), []
+        for when, value in zip(ts, values, strict=True):
+            mean = value if mean is None else 0.9 * mean + 0.1 * value
+            out.append({"series": record["series"], "ts": when, "forecast": [mean]})
+        state.set("mean", mean)
+        return out
+
+    sdf = sdf.apply(forecast, stateful=True, expand=True)
+    sdf.to_topic(app.topic(target, value_serializer="json", key_serializer="string"))
+    app.run()
+
+
 def consume(bootstrap: str, topic: str, count: int, timeout: float, keep_bodies: bool = False):
     """Read ``count`` records of ``topic`` from the beginning; (records seen, time of the last, bodies).
     Read committed: forecasts of exactly-once transactions count once they are committed."""
@@ -215,12 +247,19 @@ def consume(bootstrap: str, topic: str, count: int, timeout: float, keep_bodies:
     return seen, last, bodies
 
 
-def relay(args, broker: Broker, client: str, window: int, n_values: int, service: str | None) -> dict:
-    """One throughput run with ``client``: bare (``service`` None: the client's consume -> produce loop) or
-    through ``forecaster serve`` with that processing guarantee; one output record per value."""
+def relay(
+    args, broker: Broker, client: str, window: int, n_values: int, service: str | None, peer: bool = False
+) -> dict:
+    """One throughput run with ``client``: bare (``service`` None: the client's consume -> produce loop),
+    through ``forecaster serve`` with that processing guarantee, or (``peer``) through the Quix Streams
+    application in it; one output record per value."""
     source, target = broker.topic("in"), broker.topic("out")
     cpu = mp.Value("d", 0.0)
-    if service:
+    if peer:
+        proc = mp.Process(target=quix_peer, args=(args.bootstrap, source, target, service, args.log_dir))
+        proc.start()
+        pid, cpu_before = proc.pid, 0.0
+    elif service:
         proc = start_service(args, broker, client, source, target, service)
         pid, cpu_before = proc.pid, cpu_seconds(proc.pid)
     else:
@@ -236,7 +275,7 @@ def relay(args, broker: Broker, client: str, window: int, n_values: int, service
         seen, last, _ = consume(args.bootstrap, target, n_values, timeout=args.timeout)
         child.join()
         seconds = last - started.value
-        if service:
+        if service or peer:
             cpu_used = cpu_seconds(pid) - cpu_before
         else:
             proc.join(10)
@@ -250,10 +289,11 @@ def relay(args, broker: Broker, client: str, window: int, n_values: int, service
             "complete": seen >= n_values,
         }
     finally:
-        if service:
+        if service and not peer:
             stop_service(proc)
         elif proc.is_alive():
             proc.kill()
+            proc.join(10)
 
 
 def latency(args, broker: Broker, client: str, rate: float, guarantee: str) -> dict:
@@ -365,6 +405,7 @@ def main() -> None:
     parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS))
     parser.add_argument("--guarantees", nargs="+", choices=GUARANTEES, default=list(GUARANTEES))
     parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--no-peer", action="store_true", help="skip the Quix Streams peer (the bench extra)")
     parser.add_argument("--timeout", type=float, help="longest wait for one run's output (s)")
     args = parser.parse_args()
     args.single_values = args.single_values or (20_000 if args.quick else 200_000)
@@ -389,6 +430,15 @@ def main() -> None:
             }
             for c in args.clients
         }
+        peer = {}
+        if not args.no_peer:
+            peer = {
+                g: {
+                    kind: relay(args, broker, "confluent", w, n, service=g, peer=True)
+                    for kind, (w, n) in kinds.items()
+                }
+                for g in args.guarantees
+            }
         lat = [
             latency(args, broker, c, rate, g)
             for c in args.clients
@@ -417,6 +467,10 @@ def main() -> None:
             "single_at_least_once_ge_0.6_bare_confluent": alo_single
             >= 0.6 * bare["confluent"]["single"]["values_per_s"],
             "windowed_exactly_once_ge_150k": vps("confluent", "exactly_once", "windowed") >= 150_000,
+            "single_exactly_once_ge_4x_quix_peer": eos_single
+            >= 4 * peer["exactly_once"]["single"]["values_per_s"]
+            if peer
+            else None,
             "p99_produced_le_25ms_at_1k_at_least_once": (p99("confluent", "at_least_once", 1_000.0) or 1e9)
             <= 25.0,
             "p99_produced_le_commit_interval_plus_50ms_at_1k_exactly_once": (
@@ -440,6 +494,7 @@ def main() -> None:
         "fetch_wait_max_ms": settings.service.fetch_wait_max_ms,
         "bare": bare,
         "service": service,
+        "quix_streams_peer": peer,
         "latency": lat,
         "goals": goals,
         "logs": workdir,

@@ -303,6 +303,8 @@ class Service:
     # ---- the group -------------------------------------------------------------------------------------
 
     def _assigned(self, tps: list[TopicPartition]) -> None:
+        if tps:
+            log.info("assigned partitions %s", sorted(tp[1] for tp in tps))
         self.recovery.rebalance.on_assign(tps)
         self.health.assigned(tps)
         self._next_lag = 0.0

@@ -84,7 +84,7 @@ class PartitionOwner:
         if added:
             self.consumer.pause(self._tps(added))  # nothing is consumed from them before their restore
             self.to_restore |= added
-        log.info("assigned partitions %s (%s to restore)", sorted(self.owned), sorted(self.to_restore))
+        log.info("owning partitions %s (%s to restore)", sorted(self.owned), sorted(self.to_restore))
 
     def lost(self, tps: Iterable[TopicPartition]) -> None:
         parts = self._ours(tps)
