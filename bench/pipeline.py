@@ -47,7 +47,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer
 from confluent_kafka import TopicPartition as _TP
 
 from forecaster.config import KafkaSettings, Settings
-from forecaster.records.codec import encode_input, encode_window
+from forecaster.records import encode_input, encode_window
 from forecaster.service.clients import (
     COMPACTED,
     ConsumerOptions,

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from forecaster.errors import ConfigError
+from forecaster.model import ForecasterConfig
 
 ENV_PREFIX = "FORECASTER_"
 ENV_DELIMITER = "__"
@@ -53,9 +54,6 @@ class KafkaSettings(BaseModel):
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
     # Longest wait between two reconnection attempts after the broker went away (back-off grows to it).
     reconnect_backoff_max_ms: int = Field(default=1_000, ge=10, le=60_000)
-    # The largest record the service writes (key + value); lowered at start to the output and dead-letter
-    # topics' max.message.bytes when they are smaller. A bigger record is refused before it is sent.
-    message_max_bytes: int = Field(default=1_000_000, ge=1_024, le=100_000_000)
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -87,15 +85,15 @@ class KafkaSettings(BaseModel):
         return self
 
 
-class ModelSettings(BaseModel):
-    """Shape of the recurrent forecaster used when no checkpoint exists yet (and by the trainer)."""
+class ModelSettings(ForecasterConfig):
+    """The model used when no checkpoint exists yet (and the shape the trainer fits), and its seed."""
 
-    cell: Literal["gru", "lstm", "rnn"] = "gru"
-    hidden_size: int = Field(default=64, ge=1, le=4096)
-    num_layers: int = Field(default=2, ge=1, le=16)
-    horizon: int = Field(default=12, ge=1, le=1024)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     seed: int = 0
+
+    @property
+    def config(self) -> ForecasterConfig:
+        """The build arguments alone (no seed)."""
+        return ForecasterConfig(**self.model_dump(exclude={"seed"}))
 
 
 class ScalingSettings(BaseModel):
@@ -170,6 +168,18 @@ class ServiceSettings(BaseModel):
     # "value": one forecast record per stepped value; "window": one per input record, its values' forecasts
     # in lists (amortises the per-record cost of windowed input; see README, wire formats).
     forecast_records: Literal["value", "window"] = "value"
+    # The largest record the service produces (Kafka's default max.request.size); a dead letter of a record
+    # near the input's limit is cut to fit under it, so no input record can stop the service.
+    max_message_bytes: int = 1_048_576
+
+    @field_validator("max_message_bytes")
+    @classmethod
+    def _room_for_a_dead_letter(cls, value: int) -> int:
+        if not 4096 <= value <= 1_000_000_000:
+            raise ValueError(
+                "must be 4096 (room for a cut dead letter and its record headers) to 1000000000 bytes"
+            )
+        return value
 
 
 class MetricsSettings(BaseModel):

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     topic = args.topic or kafka.input_topic
     if kafka.auto_create_topics:
         create_missing_topics(kafka, [topic])
-    producer = make_producer(kafka, ProducerOptions(linger_ms=20, message_max_bytes=kafka.message_max_bytes))
+    producer = make_producer(kafka, ProducerOptions(linger_ms=20))
     try:
         options = dict(window=args.window, rate=args.rate, progress=not args.no_progress)
         if args.file:

@@ -60,7 +60,7 @@ def producer_options(settings: Settings, message_max_bytes: int | None = None) -
         linger_ms=service.linger_ms,
         transactional_id=transactional_id(settings) if exactly_once else None,
         transaction_timeout_ms=service.transaction_timeout_ms,
-        message_max_bytes=message_max_bytes or settings.kafka.message_max_bytes,
+        message_max_bytes=message_max_bytes or service.max_message_bytes,
     )
 
 
@@ -102,7 +102,7 @@ def build_service(
     if exactly_once:
         ensure_changelog(kafka, kafka.input_topic, create=kafka.auto_create_topics)
     # Step 2. The largest record the output topics take (a bigger one is refused before it is sent).
-    limit = min(kafka.message_max_bytes, max_message_bytes(kafka, outputs) or kafka.message_max_bytes)
+    limit = min(service.max_message_bytes, max_message_bytes(kafka, outputs) or service.max_message_bytes)
     # Step 3. Engine and model watcher.
     engine = engine or build_engine(settings)
     swapper = ModelSwapper(

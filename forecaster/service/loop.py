@@ -25,16 +25,17 @@ from forecaster.config import Settings
 from forecaster.engine.engine import Engine
 from forecaster.errors import InvalidRecord, KafkaClientError, KafkaSetupError, ProducerFenced
 from forecaster.metrics.metrics import MetricsServer, ServiceMetrics
-from forecaster.records.codec import (
+from forecaster.records import (
     DecodedBatch,
     KafkaRecord,
     RecordDecoder,
+    dead_letter_max_bytes,
+    encode_dead_letter,
     encode_forecast_groups,
     encode_forecasts,
 )
 from forecaster.service.clients import Consumer, Rebalance, TopicPartition
 from forecaster.service.committer import Committer
-from forecaster.service.deadletters import dead_letter_value
 from forecaster.service.health import Health
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,9 @@ class Service:
         topic = self.settings.kafka.deadletter_topic
         limit = self.committer.producer.message_max_bytes
         for record, error in invalid:
-            self.committer.send(topic, dead_letter_value(record, error, limit), record.key)
+            # cut to fit the producer's limit: the dead letter of a record near the input's limit fits
+            value = encode_dead_letter(record, error, dead_letter_max_bytes(limit, record.key))
+            self.committer.send(topic, value, record.key)
             self.metrics.invalid(error.reason)
         examples = ", ".join(f"{e.reason} at {r.topic}[{r.partition}]@{r.offset}" for r, e in invalid[:3])
         log.warning("%d invalid record(s) sent to %s: %s", len(invalid), topic, examples)

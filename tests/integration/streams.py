@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from forecaster.records.codec import encode_input, encode_window
+from forecaster.records import encode_input, encode_window
 
 START_MS = 1_700_000_000_000
 AT_LEAST_ONCE = {"FORECASTER_SERVICE__PROCESSING_GUARANTEE": "at_least_once"}

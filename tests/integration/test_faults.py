@@ -9,7 +9,6 @@ from collections import Counter
 
 from streams import AT_LEAST_ONCE, START_MS, records_of
 
-from forecaster.service.deadletters import _BOUNDED as DEAD_LETTERS_BOUNDED
 from forecaster.service.exactly_once import changelog
 from forecaster.tools.synthetic import generate
 
@@ -30,7 +29,7 @@ def test_records_up_to_the_input_limit_never_stop_the_service(topics, topic_fact
         if i % 12 == 5 and bad:
             mixed.append(bad.pop(0))
     mixed += bad
-    service = serve(FORECASTER_KAFKA__MESSAGE_MAX_BYTES=str(LIMIT)).start()
+    service = serve(FORECASTER_SERVICE__MAX_MESSAGE_BYTES=str(LIMIT)).start()
     broker.send(topics.input, mixed)
 
     forecasts = broker.read(topics.output, count=len(frame), timeout=60)
@@ -43,12 +42,12 @@ def test_records_up_to_the_input_limit_never_stop_the_service(topics, topic_fact
         return invalid == len(sizes)
 
     broker.wait_for(accounted, timeout=30, what="every bad record handled")
-    dead = broker.read(topics.deadletter)
+    dead = broker.read(topics.deadletter, count=len(sizes), timeout=30)
     unsent = service.metrics().get(("forecaster_records_unsent_total", (("reason", "too_large"),)), 0)
-    if DEAD_LETTERS_BOUNDED:  # the codec truncates the raw payload: every bad record is dead-lettered
-        assert len(dead) == len(sizes) and unsent == 0
-    else:  # each one that does not fit is counted, and only that record is given up
-        assert len(dead) + unsent == len(sizes) and len(dead) >= 1 and unsent >= 1
+    assert len(dead) == len(sizes) and unsent == 0  # each one dead-lettered, cut to fit where needed
+    bodies = {r.key: r.json() for r in dead}
+    assert bodies[b"bad-1000"].get("raw_truncated") is None
+    assert bodies[f"bad-{LIMIT - 2_000}".encode()]["raw_truncated"] is True
     assert all(len(r.value) <= LIMIT for r in dead)
     assert service.proc.poll() is None and service.http("/readyz")[0] == 200  # still serving
     assert service.terminate() == 0

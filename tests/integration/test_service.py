@@ -14,7 +14,7 @@ from streams import AT_LEAST_ONCE, START_MS, records_of
 
 from forecaster.checkpoints.hotswap import fresh_model
 from forecaster.engine.engine import reference_forecast
-from forecaster.records.codec import REASONS
+from forecaster.records import REASONS
 from forecaster.scaling import Scaling
 from forecaster.tools.synthetic import generate
 
@@ -70,6 +70,7 @@ def test_end_to_end_forecasts_equal_the_reference(topics, serve, broker):
 BAD = [
     (None, b"\xff\xfe\x00garbage", "not_utf8"),
     (None, b"{this is not json", "not_json"),
+    (None, b'{"series": "x", "series": "y", "ts": 1, "value": 1}', "duplicate_key"),
     (None, b"[1, 2, 3]", "not_object"),
     (None, b'{"schema": 99, "series": "x", "ts": 1, "value": 1}', "unknown_schema"),
     (None, b'{"series": "x", "ts": 1, "value": 1, "colour": "red"}', "unknown_field"),

@@ -60,7 +60,7 @@ def test_environment_variables_use_prefix_and_double_underscore(clean_env):
 
 def test_a_variable_without_the_prefix_is_ignored(clean_env):
     clean_env.setenv("MODEL__HIDDEN_SIZE", "7")
-    assert load_settings().model.hidden_size != 7
+    assert load_settings().model.hidden_size == 64  # the default, not the unprefixed 7
 
 
 def test_bad_value_gives_one_line_naming_the_variable(clean_env):
@@ -208,3 +208,13 @@ def test_config_command_shows_the_effective_client_with_secrets_masked(clean_env
         assert connection["sasl.mechanism"] == "SCRAM-SHA-512" and connection["sasl.username"] == "svc"
     else:
         assert connection["sasl_mechanism"] == "SCRAM-SHA-512" and connection["sasl_plain_username"] == "svc"
+
+
+def test_max_message_bytes_defaults_to_kafkas_limit_and_refuses_too_small_or_absurd(clean_env):
+    assert load_settings().service.max_message_bytes == 1_048_576
+    clean_env.setenv("FORECASTER_SERVICE__MAX_MESSAGE_BYTES", "8192")
+    assert load_settings().service.max_message_bytes == 8192
+    for bad in ("100", "2000000000"):
+        clean_env.setenv("FORECASTER_SERVICE__MAX_MESSAGE_BYTES", bad)
+        with pytest.raises(ConfigError, match="FORECASTER_SERVICE__MAX_MESSAGE_BYTES"):
+            load_settings()

@@ -14,7 +14,7 @@ from forecaster.engine.engine import Engine, reference_forecast
 from forecaster.errors import DeliveryError, KafkaClientError
 from forecaster.metrics.metrics import ServiceMetrics
 from forecaster.model import RecurrentForecaster
-from forecaster.records.codec import encode_input, encode_window
+from forecaster.records import encode_input, encode_window
 from forecaster.scaling import Scaling
 from forecaster.service.at_least_once import AtLeastOnceCommitter, NoRecovery
 from forecaster.service.build import _NoLedger

@@ -84,7 +84,7 @@ def make_consumer(settings: KafkaSettings, options: ConsumerOptions | None = Non
 
 def make_producer(settings: KafkaSettings, options: ProducerOptions | None = None) -> Producer:
     """A producer of the library ``settings.client`` (transactional when ``options.transactional_id``)."""
-    options = options or ProducerOptions(message_max_bytes=settings.message_max_bytes)
+    options = options or ProducerOptions()
     try:
         return _library_class(settings, "Producer")(settings, options)
     except KafkaClientError as exc:

@@ -104,7 +104,7 @@ class ProducerOptions:
     linger_ms: int = 5
     transactional_id: str | None = None
     transaction_timeout_ms: int = 60_000
-    message_max_bytes: int = 1_000_000  # the largest record (key + value + overhead) sent
+    message_max_bytes: int = 1_048_576  # the largest record (key + value + overhead) sent
     extra: Mapping[str, Any] = field(default_factory=dict)  # library-specific, for benchmarks and tests
 
 
