@@ -128,7 +128,8 @@ def connection_config(settings: KafkaSettings, client_id: str | None = None) -> 
 
 
 class _Connection:
-    """Logs a lost broker connection once, and its return once (librdkafka reconnects by itself)."""
+    """librdkafka's error callback: connection trouble is noted here at debug level (the service logs a
+    lost broker once, from its own checks, for both clients), a fatal error is logged as such."""
 
     def __init__(self, what: str) -> None:
         self.what = what
@@ -136,23 +137,15 @@ class _Connection:
 
     def error(self, error: KafkaError) -> None:
         if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
-            if not self.down:
-                self.down = True
-                log.warning(
-                    "%s: lost the connection to the broker (%s); reconnecting, and carrying on where it"
-                    " left off once the broker answers",
-                    self.what,
-                    error.str(),
-                )
+            self.down = True
+            log.debug("%s: %s (librdkafka reconnects by itself)", self.what, error.str())
         elif error.fatal():
             log.error("%s: fatal client error: %s", self.what, error.str())
         else:
             log.debug("%s: %s", self.what, error.str())
 
     def up(self) -> None:
-        if self.down:
-            self.down = False
-            log.info("%s: connected to the broker again", self.what)
+        self.down = False
 
 
 def _tps(tps: Sequence[TopicPartition]) -> list[_TP]:
