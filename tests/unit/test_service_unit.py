@@ -447,7 +447,7 @@ def test_a_loop_that_does_not_turn_is_unhealthy():
     assert not service.healthy() and not service.ready()
 
 
-def test_the_broker_not_answering_makes_the_member_not_ready():
+def test_the_broker_not_answering_makes_the_member_not_ready_and_is_said_once(caplog):
     service, _ = make_service([])
     service.start()
     service.poll()
@@ -459,7 +459,9 @@ def test_the_broker_not_answering_makes_the_member_not_ready():
 
     service.consumer.end_offsets = unreachable
     service.refresh(force=True)
+    service.refresh(force=True)
     assert not service.ready() and service.healthy()
+    assert sum("broker does not answer" in r.message for r in caplog.records) == 1
 
 
 def test_a_batch_over_its_time_budget_puts_the_rest_back(monkeypatch):
