@@ -367,22 +367,35 @@ class ConfluentProducer(Producer):
                 self._p.produce(topic, value, key, -1 if partition is None else partition)
                 break
             except BufferError:  # the local queue is full: let librdkafka send some, then try again
-                self._p.poll(0.05)
+                try:
+                    self._p.poll(0.05)
+                except KafkaException as exc:
+                    raise translate(exc, f"send to {topic}") from exc
             except KafkaException as exc:
                 raise translate(exc, f"send to {topic}") from exc
         self._unserved += 1
         if self._unserved >= 256:  # serve delivery reports now and then (cheap)
             self._unserved = 0
-            self._p.poll(0)
+            try:
+                self._p.poll(0)
+            except KafkaException as exc:
+                raise translate(exc, f"send to {topic}") from exc
 
     def flush(self, timeout: float | None = None) -> int:
         self._unserved = 0
-        left = self._p.flush(-1 if timeout is None else timeout)
-        self.connection.up() if not left else None
+        try:
+            left = self._p.flush(-1 if timeout is None else timeout)
+        except KafkaException as exc:
+            raise translate(exc, "flush") from exc
+        if not left:
+            self.connection.up()
         return left
 
     def take_failures(self) -> list[Failure]:
-        self._p.poll(0)
+        try:
+            self._p.poll(0)  # serve the reports that arrived
+        except KafkaException as exc:  # a fatal producer (fenced): its transaction calls say so
+            log.debug("serving delivery reports: %r", exc)
         failures, self._failures = self._failures, []
         return failures
 
@@ -427,7 +440,10 @@ class ConfluentProducer(Producer):
         self._transactional("abort_transaction", self._p.abort_transaction, timeout)
 
     def close(self, timeout: float) -> None:
-        self._p.flush(timeout)
+        try:
+            self._p.flush(timeout)
+        except KafkaException as exc:  # e.g. fenced: nothing more can be delivered
+            log.debug("closing the producer: %r", exc)
 
 
 class ConfluentAdmin(Admin):

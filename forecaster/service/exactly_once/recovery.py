@@ -84,7 +84,8 @@ class PartitionOwner:
         if added:
             self.consumer.pause(self._tps(added))  # nothing is consumed from them before their restore
             self.to_restore |= added
-        log.info("owning partitions %s (%s to restore)", sorted(self.owned), sorted(self.to_restore))
+        if added:
+            log.info("owning partitions %s (%s to restore)", sorted(self.owned), sorted(self.to_restore))
 
     def lost(self, tps: Iterable[TopicPartition]) -> None:
         parts = self._ours(tps)
