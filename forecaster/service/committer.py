@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from forecaster.errors import KafkaClientError
+from forecaster.errors import KafkaClientError, ProducerFenced
 from forecaster.service.clients.base import Record
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class Committer(ABC):
             self.producer.send(topic, value, key, partition)
             return True
         except KafkaClientError as exc:
+            if exc.reason == "fenced":
+                raise ProducerFenced(f"fenced while sending: {exc.detail}") from exc
             if exc.reason not in RECORD_FAILURES:
                 raise
             self.refused(topic, key, exc.reason, exc.detail)
