@@ -72,7 +72,7 @@ def make_committer(fail=None, changes=(), **kwargs):
         made.append(FakeProducer(log, fail if not made else None))
         return made[-1]
 
-    consumer = SimpleNamespace(group_metadata=lambda: "gen-7")
+    consumer = SimpleNamespace(group_metadata=lambda: "gen-7", generation=lambda: 7)
     outcomes: list[bool] = []
     committer = ExactlyOnceCommitter(
         consumer,
@@ -416,3 +416,12 @@ def test_evictions_without_input_are_committed_in_their_own_transaction() -> Non
     assert log[1:] == [("begin",), ("send", "cl", b"gone", 2), ("commit",)]  # no offsets: none moved
     waiting[0] = False
     assert not committer.due()
+
+
+def test_a_member_dropped_by_the_group_does_not_commit_its_offsets() -> None:
+    committer, log, _, outcomes = make_committer()
+    committer.consumer.generation = lambda: -1  # the client noticed, it has not joined again yet
+    committer.track([rec(0, 1)])
+    assert not committer.commit()
+    assert log[-1] == ("abort",) and not any(e[0] == "offsets" for e in log)
+    assert committer.failed == "aborted" and outcomes == [False]

@@ -146,8 +146,13 @@ class ExactlyOnceCommitter(Committer):
             changes = self.changes()
             for partition, key, value in changes:
                 self.producer.send(self.changelog_topic, value, key, partition)
-            # Step 3. the input offsets, bound to this member's generation of the group.
+            # Step 3. the input offsets, bound to this member's generation of the group. A member the
+            # group has dropped (generation -1: the client noticed, but has not rejoined yet) must not
+            # commit: the broker does not check the generation of such a commit.
             if offsets:
+                generation = self.consumer.generation()
+                if generation is not None and generation < 0:
+                    raise KafkaClientError("group", "this member is not in the group (generation -1)")
                 self.producer.send_offsets_to_transaction(
                     offsets, self.consumer.group_metadata(), self.timeout_s
                 )
