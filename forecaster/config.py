@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import socket
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -134,6 +135,17 @@ class StateSettings(BaseModel):
     initial_capacity: int = Field(default=1024, ge=1)
     max_series: int = Field(default=1_000_000, ge=1)  # LRU eviction above this
     ttl_seconds: float = Field(default=7 * 24 * 3600.0, gt=0.0)  # idle series are evicted after this
+    # Exactly once: evicted series' snapshots kept in memory up to this many bytes (the most recently
+    # evicted), the rest in one SQLite file per instance under spill_dir (recreated at every start).
+    evicted_memory_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    spill_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "forecaster-state")
+
+    @field_validator("spill_dir")
+    @classmethod
+    def _spill_dir_is_a_folder(cls, value: Path) -> Path:
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{value} exists and is not a folder")
+        return value
 
     @field_validator("device")
     @classmethod

@@ -215,6 +215,8 @@ class Service:
             self._next_refresh = now + settings.refresh_seconds
             engine = self.engine
             self.metrics.update_state(engine.resident, engine.evictions_total, engine.state_bytes)
+            if self.exactly_once is not None:
+                self.metrics.update_evicted(self.exactly_once.ledger.store.stats())
             self.metrics.online_error.update(engine.errors)
             engine.evict_idle()
         if force or now >= self._next_lag:

@@ -201,9 +201,15 @@ class FakeReader:
     def __init__(self, latest: dict[int, dict[str, bytes]]):
         self.latest, self.reads = latest, []
 
-    def read(self, parts):
+    def read(self, parts, divert=None):
         self.reads.append(sorted(parts))
-        return ChangelogContents({p: dict(self.latest.get(p, {})) for p in parts}, records=1)
+        latest = {}
+        for p in parts:
+            latest[p] = {}
+            for name, value in self.latest.get(p, {}).items():
+                if divert is None or not divert(p, name, value):
+                    latest[p][name] = value
+        return ChangelogContents(latest, records=1)
 
 
 def _engine() -> Engine:
