@@ -19,8 +19,8 @@ instance that still has the old file open keeps its own copy (unlinked files liv
 (1, 1)
 >>> [(name, partition, len(snapshot)) for name, partition, snapshot in store.take(["a", "zzz"])]
 [('a', 0, 100)]
->>> store.drop({1}); len(store)
-0
+>>> store.drop({1}), len(store)
+(1, 0)
 >>> store.close()
 """
 
