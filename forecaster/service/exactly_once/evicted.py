@@ -112,28 +112,9 @@ class EvictedStore:
         """Remove and return ``(series, partition, snapshot)`` of those of ``series`` held here."""
         names = list(dict.fromkeys(series))
         with self._lock:
-            found = []
-            rest = []
-            for name in names:
-                entry = self._memory.pop(name, None)
-                if entry is None:
-                    rest.append(name)
-                else:
-                    self._memory_used -= _cost(name, entry[1])
-                    found.append((name, entry[0], entry[1]))
-            if rest and self._disk_series:
-                for chunk in _chunks(rest):
-                    marks = ",".join("?" * len(chunk))
-                    rows = self._db.execute(
-                        f"SELECT series, part, snapshot FROM evicted WHERE series IN ({marks})", chunk
-                    ).fetchall()
-                    if rows:
-                        self._db.execute(f"DELETE FROM evicted WHERE series IN ({marks})", chunk)
-                        for name, partition, snapshot in rows:
-                            self._disk_series -= 1
-                            self._disk_bytes -= len(snapshot)
-                            found.append((name, partition, bytes(snapshot)))
-            return found
+            found = [(name, *entry) for name, entry in self._pop_memory(names)]
+            held = {name for name, _, _ in found}
+            return found + self._pop_disk([n for n in names if n not in held])
 
     def discard(self, series: str) -> None:
         """Forget ``series`` if held (a newer state of it exists elsewhere)."""
@@ -150,10 +131,7 @@ class EvictedStore:
                 self._db.execute("DELETE FROM evicted")
                 self._disk_series = self._disk_bytes = 0
                 return n
-            gone = [s for s, (p, _) in self._memory.items() if p in partitions]
-            for name in gone:
-                self._memory_used -= _cost(name, self._memory.pop(name)[1])
-            n = len(gone)
+            n = len(self._pop_memory([s for s, (p, _) in self._memory.items() if p in partitions]))
             if self._disk_series and partitions:
                 marks = ",".join("?" * len(partitions))
                 where = f"FROM evicted WHERE part IN ({marks})"
@@ -191,20 +169,27 @@ class EvictedStore:
     # ---- inside the lock -----------------------------------------------------------------------------
 
     def _forget(self, names: list[str]) -> None:
-        for name in names:
-            entry = self._memory.pop(name, None)
-            if entry is not None:
-                self._memory_used -= _cost(name, entry[1])
-        if self._disk_series:
-            for chunk in _chunks(names):
-                marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(
-                    f"SELECT LENGTH(snapshot) FROM evicted WHERE series IN ({marks})", chunk
-                ).fetchall()
-                if rows:
-                    self._db.execute(f"DELETE FROM evicted WHERE series IN ({marks})", chunk)
-                    self._disk_series -= len(rows)
-                    self._disk_bytes -= sum(size for (size,) in rows)
+        self._pop_memory(names)
+        self._pop_disk(names)
+
+    def _pop_memory(self, names: list[str]) -> list[tuple[str, tuple[int, bytes]]]:
+        popped = [(name, self._memory.pop(name)) for name in names if name in self._memory]
+        self._memory_used -= sum(_cost(name, snapshot) for name, (_, snapshot) in popped)
+        return popped
+
+    def _pop_disk(self, names: list[str]) -> list[tuple[str, int, bytes]]:
+        if not self._disk_series:
+            return []
+        popped = []
+        for chunk in _chunks(names):
+            where = f"FROM evicted WHERE series IN ({','.join('?' * len(chunk))})"
+            rows = self._db.execute(f"SELECT series, part, snapshot {where}", chunk).fetchall()
+            if rows:
+                self._db.execute(f"DELETE {where}", chunk)
+                self._disk_series -= len(rows)
+                self._disk_bytes -= sum(len(snapshot) for _, _, snapshot in rows)
+                popped += [(name, partition, bytes(snapshot)) for name, partition, snapshot in rows]
+        return popped
 
     def _spill(self) -> None:
         """Over budget: move the oldest entries to disk, down to 90% of the budget (one transaction)."""
