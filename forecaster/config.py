@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from forecaster.errors import ConfigError
+from forecaster.model import ForecasterConfig
 
 ENV_PREFIX = "FORECASTER_"
 ENV_DELIMITER = "__"
@@ -104,15 +105,15 @@ class KafkaSettings(BaseModel):
         return options
 
 
-class ModelSettings(BaseModel):
-    """Shape of the recurrent forecaster used when no checkpoint exists yet (and by the trainer)."""
+class ModelSettings(ForecasterConfig):
+    """The model used when no checkpoint exists yet (and the shape the trainer fits), and its seed."""
 
-    cell: Literal["gru", "lstm", "rnn"] = "gru"
-    hidden_size: int = Field(default=64, ge=1, le=4096)
-    num_layers: int = Field(default=2, ge=1, le=16)
-    horizon: int = Field(default=12, ge=1, le=1024)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     seed: int = 0
+
+    @property
+    def config(self) -> ForecasterConfig:
+        """The build arguments alone (no seed)."""
+        return ForecasterConfig(**self.model_dump(exclude={"seed"}))
 
 
 class ScalingSettings(BaseModel):

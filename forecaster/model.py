@@ -26,10 +26,11 @@ mean; with none seen for a step, its baseline is the newest value (the last valu
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -38,6 +39,50 @@ State = Tensor | tuple[Tensor, Tensor]
 
 CELLS: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 _FUSED_CELLS = {"gru": torch.gru_cell, "rnn": torch.rnn_tanh_cell}
+
+
+class ForecasterConfig(BaseModel):
+    """The build arguments of a ``RecurrentForecaster``, with their limits (settings, manifests, loader).
+
+    Settings read it from the environment (``FORECASTER_MODEL__HIDDEN_SIZE=32``); manifests are checked
+    strictly (``Manifest``): there a ``"12"`` is not a season and ``true`` is not a layer count.
+
+    >>> config = ForecasterConfig(cell="lstm", hidden_size=8, num_layers=1, horizon=3)
+    >>> build_model(config).config == config
+    True
+    >>> from pydantic import ValidationError
+    >>> try:
+    ...     ForecasterConfig(season=0)
+    ... except ValidationError as exc:
+    ...     print(exc.errors()[0]["loc"], exc.errors()[0]["type"])
+    ('season',) greater_than_equal
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    cell: Literal["gru", "lstm", "rnn"] = "gru"
+    input_size: int = Field(default=1, ge=1, le=64)
+    hidden_size: int = Field(default=64, ge=1, le=4096)
+    num_layers: int = Field(default=2, ge=1, le=16)
+    horizon: int = Field(default=12, ge=1, le=1024)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # The baseline the model forecasts a residual over (module docstring); 0 seasons: none.
+    season: int = Field(default=1, ge=1, le=100_000)
+    base_seasons: int = Field(default=0, ge=0, le=16)
+    base_level: bool = False
+
+    @model_validator(mode="after")
+    def _baseline_reads_the_value(self) -> ForecasterConfig:
+        if self.base_seasons and self.input_size != 1:
+            raise ValueError("a seasonal baseline reads the value input: input_size must be 1")
+        return self
+
+
+def build_model(config: ForecasterConfig, seed: int | None = None) -> RecurrentForecaster:
+    """The one way to build a model from its config; ``seed`` makes the initial weights repeatable."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return RecurrentForecaster(**config.model_dump())
 
 
 class RecurrentForecaster(nn.Module):
@@ -100,6 +145,8 @@ class RecurrentForecaster(nn.Module):
         self.register_buffer("_back", back[None, :] + seasons, persistent=False)  # (m, horizon)
         # base_level: the inputs a whole number of cycles before the newest one, (m, horizon).
         self.register_buffer("_lag", self.season * cycles[None, :] + seasons, persistent=False)
+        reach = (self._lag if self.base_level else self._back).max()
+        self._context = int(reach) if self.base_seasons else 0  # read on every step: computed once
         self._packed: list[list[Tensor]] | None = None  # per layer [w_ih, w_hh, b_ih, b_hh], for step()
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): weights may be new tensors
@@ -107,19 +154,9 @@ class RecurrentForecaster(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     @property
-    def build_args(self) -> dict[str, Any]:
-        """The constructor arguments: ``RecurrentForecaster(**model.build_args)`` rebuilds the shape."""
-        return {
-            "cell": self.cell,
-            "input_size": self.input_size,
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "horizon": self.horizon,
-            "dropout": self.dropout,
-            "season": self.season,
-            "base_seasons": self.base_seasons,
-            "base_level": self.base_level,
-        }
+    def config(self) -> ForecasterConfig:
+        """The build arguments: ``build_model(model.config)`` rebuilds the same shape."""
+        return ForecasterConfig(**{name: getattr(self, name) for name in ForecasterConfig.model_fields})
 
     @property
     def is_lstm(self) -> bool:
@@ -134,9 +171,7 @@ class RecurrentForecaster(nn.Module):
     @property
     def context(self) -> int:
         """Inputs before the current one that the baseline reads (0: no baseline)."""
-        if not self.base_seasons:
-            return 0
-        return int((self._lag if self.base_level else self._back).max())
+        return self._context
 
     def scaled_baseline(
         self, values: Tensor, stats: Tensor, scaling: Any, start: int, stop: int

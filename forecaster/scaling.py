@@ -16,8 +16,11 @@ statistics of a CPU table as numpy views, of a GPU table as CUDA tensors). Both 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ def _floor(a: Array, low: float) -> Array:
     return a.clamp(min=low) if isinstance(a, torch.Tensor) else np.maximum(a, low)
 
 
+@dataclass(frozen=True)
 class Scaling:
     """Causal running normalisation of each series.
 
@@ -50,18 +54,25 @@ class Scaling:
     [2.0, 2.0]
     """
 
-    N_STATS = 3  # count, mean, variance
-    KINDS = ("ewm", "log", "none")
+    N_STATS: ClassVar[int] = 3  # count, mean, variance
+    KINDS: ClassVar[tuple[str, ...]] = ("ewm", "log", "none")
 
-    def __init__(self, kind: str = "ewm", halflife: float = 256.0, min_scale: float = 1e-3) -> None:
-        if kind not in self.KINDS:
-            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
-        if not halflife > 0.0 or not min_scale > 0.0:
+    kind: str = "ewm"
+    halflife: float = 256.0
+    min_scale: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {self.kind!r}")
+        if not self.halflife > 0.0 or not self.min_scale > 0.0:
             raise ValueError("halflife and min_scale must be > 0")
-        self.kind = kind
-        self.halflife = float(halflife)
-        self.min_scale = float(min_scale)
-        self.alpha = 1.0 - 0.5 ** (1.0 / self.halflife)  # weight of a new value in the long run
+        object.__setattr__(self, "halflife", float(self.halflife))
+        object.__setattr__(self, "min_scale", float(self.min_scale))
+
+    @functools.cached_property
+    def alpha(self) -> float:
+        """Weight of a new value in the long run."""
+        return 1.0 - 0.5 ** (1.0 / self.halflife)
 
     @property
     def positive(self) -> bool:
@@ -80,16 +91,7 @@ class Scaling:
     @property
     def settings(self) -> dict[str, Any]:
         """The constructor arguments (saved with checkpoints so training and serving agree)."""
-        return {"kind": self.kind, "halflife": self.halflife, "min_scale": self.min_scale}
-
-    def __repr__(self) -> str:
-        return f"Scaling(kind={self.kind!r}, halflife={self.halflife}, min_scale={self.min_scale})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Scaling) and self.settings == other.settings
-
-    def __hash__(self) -> int:
-        return hash(tuple(self.settings.items()))
+        return dataclasses.asdict(self)
 
     def initial_stats(self, n: int, device: torch.device | str | None = "cpu") -> torch.Tensor:
         """Statistics of ``n`` series that have seen nothing: (n, N_STATS) float64 zeros."""

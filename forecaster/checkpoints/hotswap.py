@@ -39,7 +39,7 @@ from forecaster.checkpoints.store import (
 )
 from forecaster.errors import CheckpointError
 from forecaster.metrics.metrics import SwapMetrics
-from forecaster.model import RecurrentForecaster
+from forecaster.model import RecurrentForecaster, build_model
 from forecaster.engine.rewarm import RewarmJob
 from forecaster.scaling import Scaling
 
@@ -59,10 +59,7 @@ class Rewarmable(Protocol):
 
 def fresh_model(settings: Any, device: str | torch.device = "cpu") -> RecurrentForecaster:
     """An untrained model built from ``settings.model`` (seeded), in eval mode on ``device``."""
-    args = settings.model.model_dump()
-    seed = args.pop("seed", 0)
-    torch.manual_seed(seed)
-    return RecurrentForecaster(**args).to(device).eval()
+    return build_model(settings.model.config, seed=settings.model.seed).to(device).eval()
 
 
 def initial_model(settings: Any, device: str | torch.device = "cpu") -> tuple[RecurrentForecaster, str]:

@@ -22,7 +22,7 @@ Weights are read with ``torch.load(weights_only=True)``: a file cannot run code 
 >>> version = save_checkpoint(root, RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2), Scaling())
 >>> _ = promote(root, version)
 >>> loaded = load_checkpoint(root)  # a checkpoint root resolves through LATEST
->>> loaded.version == version, loaded.model.build_args["cell"]
+>>> loaded.version == version, loaded.model.config.cell
 (True, 'gru')
 """
 
@@ -41,12 +41,13 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from forecaster.errors import CheckpointError
-from forecaster.model import CELLS, RecurrentForecaster
+from forecaster.model import ForecasterConfig, RecurrentForecaster, build_model
 from forecaster.scaling import Scaling
 
 FORMAT_VERSION = 1
@@ -59,14 +60,37 @@ STAGING_PREFIX = ".staging-"
 # Versions are folder names: sortable UTC time to the millisecond, then a short random tag.
 VERSION_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{9}Z-[0-9a-f]{6}$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Build arguments a checkpoint may ask for; anything outside is refused before building a model.
-_BUILD_LIMITS = {"input_size": 64, "hidden_size": 4096, "num_layers": 16, "horizon": 1024}
-# Build arguments added later: a manifest without them was written for a model without a baseline.
-_OPTIONAL_BUILD_ARGS = {"season": 1, "base_seasons": 0, "base_level": False}
-_OPTIONAL_LIMITS = {"season": (1, 100_000), "base_seasons": (0, 16)}
 # Gate rows per hidden unit in rnn.weight_ih_l0: tells the cell the weights were trained as.
 _GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 _MAX_WEIGHTS_BYTES = 2 * 1024**3
+
+
+class WeightsEntry(BaseModel):
+    """Where the weights are and what they must hash to."""
+
+    file: Literal["weights.pt"] = WEIGHTS_FILE
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int | None = Field(default=None, ge=0, le=_MAX_WEIGHTS_BYTES)
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: everything needed to rebuild and trust the weights, with every limit checked.
+
+    The model's build arguments are a ``ForecasterConfig`` (a manifest written before the baseline fields
+    existed builds a model without a baseline); other keys (training data, metrics, extras) ride along.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: Literal[1]
+    version: str
+    created_at: str = ""
+    model: ForecasterConfig
+    scaling: dict[str, Any]
+    weights: WeightsEntry
+    data: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    parent: str | None = None
 
 
 @dataclass
@@ -157,22 +181,18 @@ def _stage(
     version = new_version(now)
     while (root / version).exists():
         version = new_version(now)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "version": version,
-        "created_at": now.astimezone(dt.UTC).isoformat(),
-        "model": model.build_args,
-        "scaling": scaling.settings,
-        "weights": {
-            "file": WEIGHTS_FILE,
-            "sha256": hashlib.sha256(weights).hexdigest(),
-            "bytes": len(weights),
-        },
-        "data": data or {},
-        "metrics": metrics or {},
-        "parent": parent,
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        version=version,
+        created_at=now.astimezone(dt.UTC).isoformat(),
+        model=model.config,
+        scaling=scaling.settings,
+        weights=WeightsEntry(sha256=hashlib.sha256(weights).hexdigest(), bytes=len(weights)),
+        data=data or {},
+        metrics=metrics or {},
+        parent=parent,
         **(extra or {}),
-    }
+    ).model_dump(mode="json")
     # Step 2. Write both files into a folder named as the version, inside a hidden staging folder.
     staging = root / f"{STAGING_PREFIX}{version}-{os.getpid()}"
     try:
@@ -337,7 +357,7 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[CheckpointInfo]:
     for path in sorted(p for p in root.iterdir() if p.is_dir() and _SAFE_NAME.match(p.name)):
         manifest, problem = None, None
         try:
-            manifest = _read_manifest(path)
+            manifest, _ = _read_manifest(path)
         except CheckpointError as exc:
             problem = str(exc)
         created = str(manifest.get("created_at", "")) if manifest else ""
@@ -355,15 +375,14 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         path = path / version
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
-    # Step 1. The manifest: readable, a known format, naming this folder.
-    manifest = _read_manifest(path)
-    version = manifest.get("version")
+    # Step 1. The manifest: readable, a known format, every field within its limits, naming this folder.
+    manifest, checked = _read_manifest(path)
+    version = checked.version
     if version != path.name:
         raise CheckpointError(f"{path.name}: manifest version {version!r} does not match the folder")
-    build_args = _check_build_args(manifest.get("model"))
-    _check_scaling(manifest.get("scaling"))
+    _check_scaling(checked.scaling)
     # Step 2. The weights file: present, the size and sha256 the manifest pins.
-    weights = _read_weights(path, manifest.get("weights"))
+    weights = _read_weights(path, checked.weights)
     # Step 3. Deserialise tensors only: weights_only refuses any object that would run code.
     try:
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
@@ -371,7 +390,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{version}: weights cannot be read as tensors: {first[:300]}") from None
     # Step 4. The tensors match the model the manifest describes (names, cell, shapes) and are finite.
-    model = RecurrentForecaster(**build_args)
+    model = build_model(checked.model)
     _check_state(version, state, model)
     model.load_state_dict(state, strict=True)
     model.eval()
@@ -381,7 +400,8 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     return LoadedCheckpoint(model=model, version=version, manifest=manifest, path=path)
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def _read_manifest(path: Path) -> tuple[dict[str, Any], Manifest]:
+    """The manifest as written (a dict) and as checked (a ``Manifest``), or ``CheckpointError`` in one line."""
     try:
         raw = (path / MANIFEST_FILE).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -394,41 +414,13 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path.name}: manifest.json is not JSON: {exc}") from None
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{path.name}: manifest.json is not an object")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path.name}: unknown manifest format_version {manifest.get('format_version')!r}"
-        )
-    return manifest
-
-
-def _check_build_args(args: Any) -> dict[str, Any]:
-    if not isinstance(args, dict):
-        raise CheckpointError("manifest: model build arguments are missing")
-    expected = {"cell", "input_size", "hidden_size", "num_layers", "horizon", "dropout"}
-    if not expected <= set(args) <= expected | set(_OPTIONAL_BUILD_ARGS):
-        raise CheckpointError(
-            f"manifest: model build arguments must be {sorted(expected)} and optionally "
-            f"{sorted(_OPTIONAL_BUILD_ARGS)}, got {sorted(args)}"
-        )
-    args = {**_OPTIONAL_BUILD_ARGS, **args}
-    for name, (low, high) in _OPTIONAL_LIMITS.items():
-        value = args[name]
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise CheckpointError(f"manifest: {name}={value!r} is not an integer in {low}..{high}")
-    if not isinstance(args["base_level"], bool):
-        raise CheckpointError(f"manifest: base_level={args['base_level']!r} is not true or false")
-    if args["base_seasons"] and args["input_size"] != 1:
-        raise CheckpointError("manifest: a seasonal baseline needs input_size 1")
-    if args["cell"] not in CELLS:
-        raise CheckpointError(f"manifest: unknown cell {args['cell']!r}")
-    for name, limit in _BUILD_LIMITS.items():
-        value = args[name]
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
-            raise CheckpointError(f"manifest: {name}={value!r} is not an integer in 1..{limit}")
-    dropout = args["dropout"]
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-        raise CheckpointError(f"manifest: dropout={dropout!r} is not in [0, 1)")
-    return dict(args)
+    try:
+        return manifest, Manifest.model_validate(manifest, strict=True)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        shown = f"={first['input']!r}" if first["type"] != "missing" else ""
+        raise CheckpointError(f"{path.name}: manifest: {where}{shown}: {first['msg']}"[:400]) from None
 
 
 def _check_scaling(settings: Any) -> Scaling:
@@ -440,12 +432,7 @@ def _check_scaling(settings: Any) -> Scaling:
         raise CheckpointError(f"manifest: bad scaling settings: {exc}") from None
 
 
-def _read_weights(path: Path, entry: Any) -> bytes:
-    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-        raise CheckpointError(f"{path.name}: manifest has no weights sha256")
-    name = entry.get("file", WEIGHTS_FILE)
-    if name != WEIGHTS_FILE:
-        raise CheckpointError(f"{path.name}: manifest names weights file {name!r}, expected {WEIGHTS_FILE}")
+def _read_weights(path: Path, entry: WeightsEntry) -> bytes:
     file = path / WEIGHTS_FILE
     try:
         size = file.stat().st_size
@@ -456,12 +443,12 @@ def _read_weights(path: Path, entry: Any) -> bytes:
         raise CheckpointError(f"{path.name}: weights file is missing") from None
     except OSError as exc:
         raise CheckpointError(f"{path.name}: weights file cannot be read: {exc}") from None
-    if "bytes" in entry and entry["bytes"] != len(data):
+    if entry.bytes is not None and entry.bytes != len(data):
         raise CheckpointError(
-            f"{path.name}: weights file is {len(data)} bytes, manifest says {entry['bytes']} (truncated?)"
+            f"{path.name}: weights file is {len(data)} bytes, manifest says {entry.bytes} (truncated?)"
         )
     digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
+    if digest != entry.sha256:
         raise CheckpointError(f"{path.name}: weights sha256 {digest[:12]}... does not match the manifest's")
     return data
 

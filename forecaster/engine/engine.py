@@ -340,16 +340,9 @@ class Engine:
         """Switch to ``model``: every resident series restarts from the zero state and runs the new model
         over its retained window; last forecasts are recomputed. A different shape is fine."""
         model = model.to(self.device).eval()
-        tb = self.table
-        if (model.num_layers, model.hidden_size, model.horizon, model.is_lstm) != (
-            tb.num_layers,
-            tb.hidden_size,
-            tb.horizon,
-            tb.lstm,
-        ):
-            tb.reshape_model(model.num_layers, model.hidden_size, model.horizon, model.is_lstm)
-        self.model, self.version, tb.version = model, version, version
-        self._rewarm_slots(tb.occupied())
+        self.table.fit_model(model)
+        self.model, self.version, self.table.version = model, version, version
+        self._rewarm_slots(self.table.occupied())
 
     def _rewarm_slots(self, slots: np.ndarray) -> None:
         tb = self.table

@@ -27,8 +27,9 @@ True
 
 from __future__ import annotations
 
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from typing import Any
 
 import numpy as np
@@ -77,20 +78,26 @@ class RewarmJob:
         with torch.inference_mode():
             self.state: State = model.initial_state(len(self.slots), table.device)  # (layers, n, hidden)
             self.y = torch.zeros(len(self.slots), model.horizon, device=table.device)  # (n, horizon) scaled
-        self.error: BaseException | None = None
         self.copies = 0
         self.passes = 0
         self.background_seconds = 0.0
-        self._idle = threading.Event()
+        # One worker: the pieces of background work run one after another, off the service thread.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forecaster-rewarm")
+        self._work: Future | None = None
         self._start(self._warm, *self._copy_rows(table))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the background work in progress is done (True) or ``timeout`` passed."""
-        return self._idle.wait(timeout)
+        return not wait_for([self._work], timeout).not_done
 
     @property
     def busy(self) -> bool:
-        return not self._idle.is_set()
+        return not self._work.done()
+
+    @property
+    def error(self) -> BaseException | None:
+        """What the background work raised, if it did."""
+        return None if self.busy else self._work.exception()
 
     def at_boundary(self, engine: Any) -> dict[str, int] | None:
         """Between two batches: None while work goes on; once swapped, how many series took each path.
@@ -100,6 +107,7 @@ class RewarmJob:
         if self.busy:
             return None
         if self.error is not None:
+            self._executor.shutdown(wait=False)
             raise self.error
         table = engine.table
         # Step 1. The inputs stepped since each copied row was last caught up (rows still holding their series).
@@ -115,6 +123,7 @@ class RewarmJob:
             self._start(self._catch_up, rows, inputs, pending)
             return None
         # Step 4. Few left: catch them up here and swap.
+        self._executor.shutdown(wait=False)
         self._catch_up(rows, inputs, pending)
         try:
             return self._swap(engine)
@@ -172,19 +181,16 @@ class RewarmJob:
         self._warm(lo, hi, ring)
 
     def _start(self, work: Any, *args: Any) -> None:
-        self._idle.clear()
+        """Run ``work`` in the background; what it raises is reported on the service thread at the next boundary."""
 
-        def run() -> None:
+        def timed() -> None:
             started = time.perf_counter()
             try:
                 work(*args)
-            except BaseException as exc:  # reported on the service thread at the next boundary
-                self.error = exc
             finally:
                 self.background_seconds += time.perf_counter() - started
-                self._idle.set()
 
-        threading.Thread(target=run, name="forecaster-rewarm", daemon=True).start()
+        self._work = self._executor.submit(timed)
 
     def _warm(self, lo: int, hi: int, ring: torch.Tensor) -> None:
         """The new model from the zero state over rows lo..hi's copied windows (the layout of
@@ -227,13 +233,7 @@ class RewarmJob:
     def _swap(self, engine: Any) -> dict[str, int]:
         table, model = engine.table, self.model
         with torch.inference_mode():
-            if (model.num_layers, model.hidden_size, model.horizon, model.is_lstm) != (
-                table.num_layers,
-                table.hidden_size,
-                table.horizon,
-                table.lstm,
-            ):
-                table.reshape_model(model.num_layers, model.hidden_size, model.horizon, model.is_lstm)
+            table.fit_model(model)
             engine.set_model(model, self.version)
             rows = np.flatnonzero(self.valid)
             slots = self.slots[rows]

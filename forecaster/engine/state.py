@@ -139,6 +139,12 @@ class StateTable:
         self._c_a = self.c.numpy() if cpu and self.c is not None else None
 
     @_inference
+    def fit_model(self, model: Any) -> None:
+        """Reshape the model-shaped arrays when ``model`` differs in layers, hidden size, horizon or cell."""
+        shape = (model.num_layers, model.hidden_size, model.horizon, model.is_lstm)
+        if shape != (self.num_layers, self.hidden_size, self.horizon, self.lstm):
+            self.reshape_model(*shape)
+
     def reshape_model(self, num_layers: int, hidden_size: int, horizon: int, lstm: bool) -> None:
         """Fit the model-shaped arrays to a new model: states and forecasts start from zero."""
         self.num_layers, self.hidden_size, self.horizon, self.lstm = num_layers, hidden_size, horizon, lstm

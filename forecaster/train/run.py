@@ -40,7 +40,7 @@ from forecaster.checkpoints.store import (
     save_checkpoint,
 )
 from forecaster.errors import CheckpointError, DataError
-from forecaster.model import RecurrentForecaster
+from forecaster.model import RecurrentForecaster, build_model
 from forecaster.scaling import Scaling
 from forecaster.train.baselines import detect_season, targets
 from forecaster.train.evaluation import BASELINES, Evaluation, evaluate, model_forecasts
@@ -71,14 +71,6 @@ BASE_SEASONS = (
     12,
 )  # seasons averaged by the seasonal baselines tried (those the window holds)
 PLAIN_SE = 2.0  # a baseline replaces the plainer one only if better by this many standard errors
-
-
-def build_model(settings: Any, **overrides: Any) -> RecurrentForecaster:
-    """A fresh model of the configured shape, seeded by ``settings.model.seed``; ``overrides``: other
-    build arguments (``season``, ``base_seasons``)."""
-    args = settings.model.model_dump()
-    torch.manual_seed(args.pop("seed", 0))
-    return RecurrentForecaster(**{**args, **overrides})
 
 
 def choose_baseline(
@@ -190,7 +182,8 @@ def _origin_errors(parts: list[tuple], mix: np.ndarray) -> np.ndarray:
 
 def baseline_model(settings: Any, baseline: dict[str, Any], mix: np.ndarray) -> RecurrentForecaster:
     """A fresh model over ``baseline`` with its per-step ``mix`` set (untrained: it forecasts the baseline)."""
-    model = build_model(settings, **baseline)
+    config = settings.model.config.model_copy(update=baseline)
+    model = build_model(config, seed=settings.model.seed)
     with torch.no_grad():
         model.mix.copy_(torch.as_tensor(mix, dtype=model.mix.dtype))
     return model

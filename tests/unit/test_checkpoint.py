@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import pickle
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_faults import (
+    CORRUPTIONS,
+    CodeRunningPayload,
+    _manifest,
+    _replace_weights,
+    _saved_state,
+    _torch_bytes,
+    _write_manifest,
+    missing_manifest,
+    nan_weights,
+)
 
 from forecaster.checkpoints import store as ck
 from forecaster.checkpoints.store import (
@@ -26,10 +34,8 @@ from forecaster.checkpoints.store import (
     save_checkpoint,
 )
 from forecaster.errors import CheckpointError, ForecasterError
-from forecaster.model import RecurrentForecaster
+from forecaster.model import CELLS, RecurrentForecaster
 from forecaster.scaling import Scaling
-
-CELLS = ["gru", "lstm", "rnn"]
 
 
 def tiny_model(cell: str = "gru", seed: int = 0, **kwargs) -> RecurrentForecaster:
@@ -40,143 +46,6 @@ def tiny_model(cell: str = "gru", seed: int = 0, **kwargs) -> RecurrentForecaste
 
 
 # ---- ways to spoil a saved checkpoint: each takes the checkpoint folder ------------------------------
-
-
-def _manifest(path: Path) -> dict:
-    return json.loads((path / MANIFEST_FILE).read_text())
-
-
-def _write_manifest(path: Path, manifest: dict) -> None:
-    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
-
-
-def _replace_weights(path: Path, data: bytes) -> None:
-    """New weight bytes with a manifest that vouches for them (a tamperer who also fixes the hash)."""
-    (path / WEIGHTS_FILE).write_bytes(data)
-    manifest = _manifest(path)
-    manifest["weights"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-    _write_manifest(path, manifest)
-
-
-def _saved_state(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path / WEIGHTS_FILE, weights_only=True)
-
-
-def _torch_bytes(obj: object) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-class CodeRunningPayload:
-    """Unpickling this runs ``exec`` with code that creates ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
-
-
-def truncate_weights(path: Path) -> None:
-    data = (path / WEIGHTS_FILE).read_bytes()
-    (path / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
-
-
-def truncate_weights_rehashed(path: Path) -> None:
-    _replace_weights(path, (path / WEIGHTS_FILE).read_bytes()[:200])
-
-
-def nan_weights(path: Path) -> None:
-    state = _saved_state(path)
-    state["head.weight"][0, 0] = float("nan")
-    _replace_weights(path, _torch_bytes(state))
-
-
-def wrong_shapes(path: Path) -> None:
-    manifest = _manifest(path)
-    manifest["model"]["hidden_size"] += 1
-    _write_manifest(path, manifest)
-
-
-def wrong_cell(path: Path) -> None:
-    manifest = _manifest(path)
-    manifest["model"]["cell"] = "lstm"
-    _write_manifest(path, manifest)
-
-
-def hash_mismatch(path: Path) -> None:
-    manifest = _manifest(path)
-    manifest["weights"]["sha256"] = "0" * 64
-    _write_manifest(path, manifest)
-
-
-def flipped_byte(path: Path) -> None:
-    data = bytearray((path / WEIGHTS_FILE).read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (path / WEIGHTS_FILE).write_bytes(bytes(data))
-
-
-def missing_manifest(path: Path) -> None:
-    (path / MANIFEST_FILE).unlink()
-
-
-def manifest_not_json(path: Path) -> None:
-    (path / MANIFEST_FILE).write_text("{not json")
-
-
-def absurd_build_args(path: Path) -> None:
-    manifest = _manifest(path)
-    manifest["model"]["hidden_size"] = 10**9
-    _write_manifest(path, manifest)
-
-
-def unknown_format(path: Path) -> None:
-    manifest = _manifest(path)
-    manifest["format_version"] = 99
-    _write_manifest(path, manifest)
-
-
-def renamed_version(path: Path) -> None:
-    manifest = _manifest(path)
-    manifest["version"] = "20000101T000000000Z-000000"
-    _write_manifest(path, manifest)
-
-
-def missing_weights(path: Path) -> None:
-    (path / WEIGHTS_FILE).unlink()
-
-
-def weights_not_tensors(path: Path) -> None:
-    state = dict(_saved_state(path))
-    state["head.bias"] = [1.0, 2.0, 3.0]
-    _replace_weights(path, _torch_bytes(state))
-
-
-def extra_weights(path: Path) -> None:
-    state = dict(_saved_state(path))
-    state["backdoor"] = torch.zeros(1)
-    _replace_weights(path, _torch_bytes(state))
-
-
-# name -> (spoil, words the error must contain)
-CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
-    "truncated weights": (truncate_weights, "truncated"),
-    "truncated weights, hash fixed": (truncate_weights_rehashed, "cannot be read"),
-    "NaN weights": (nan_weights, "NaN"),
-    "wrong shapes": (wrong_shapes, "shape"),
-    "wrong cell": (wrong_cell, "gru cell"),
-    "manifest hash mismatch": (hash_mismatch, "sha256"),
-    "flipped byte": (flipped_byte, "sha256"),
-    "missing manifest": (missing_manifest, "manifest.json is missing"),
-    "manifest not JSON": (manifest_not_json, "not JSON"),
-    "absurd build args": (absurd_build_args, "hidden_size"),
-    "unknown format": (unknown_format, "format_version"),
-    "version mismatch": (renamed_version, "does not match the folder"),
-    "missing weights": (missing_weights, "weights file is missing"),
-    "weights not tensors": (weights_not_tensors, "head.bias is not a tensor"),
-    "extra weights": (extra_weights, "unexpected ['backdoor']"),
-}
 
 
 def saved(root: Path, cell: str = "gru", **kwargs) -> tuple[str, RecurrentForecaster]:
@@ -195,7 +64,7 @@ def test_round_trip_gives_the_same_forecasts(tmp_path: Path, cell: str) -> None:
     loaded = load_checkpoint(tmp_path / version)
     x = torch.randn(3, 7, 1)
     assert loaded.version == version
-    assert loaded.model.build_args == model.build_args
+    assert loaded.model.config == model.config
     assert torch.equal(loaded.model(x)[0], model(x)[0])
     assert loaded.scaling == Scaling(halflife=12.0)
     assert not loaded.model.training
@@ -207,7 +76,7 @@ def test_manifest_is_complete(tmp_path: Path) -> None:
     weights = (tmp_path / version / WEIGHTS_FILE).read_bytes()
     assert manifest["format_version"] == ck.FORMAT_VERSION
     assert manifest["version"] == version
-    assert manifest["model"] == model.build_args
+    assert manifest["model"] == model.config.model_dump()
     assert manifest["scaling"] == Scaling(halflife=12.0).settings
     assert manifest["weights"]["sha256"] == hashlib.sha256(weights).hexdigest()
     assert manifest["weights"]["bytes"] == len(weights)
@@ -362,7 +231,7 @@ def test_a_manifest_from_before_the_baseline_loads_as_a_plain_model(tmp_path: Pa
         ("base_seasons", -1, "base_seasons=-1"),
         ("base_seasons", 99, "base_seasons=99"),
         ("season", "12", "season='12'"),
-        ("colour", "red", "optionally"),
+        ("colour", "red", "model.colour='red': Extra inputs are not permitted"),
     ],
 )
 def test_bad_baseline_build_args_are_refused(tmp_path: Path, field: str, value, words: str) -> None:

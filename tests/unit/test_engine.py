@@ -10,10 +10,9 @@ from hypothesis import strategies as st
 
 from forecaster.engine.engine import Engine, reference_forecast
 from forecaster.errors import StateError
-from forecaster.model import RecurrentForecaster
+from forecaster.model import CELLS, RecurrentForecaster
 from forecaster.scaling import Scaling
 
-CELLS = ["gru", "lstm", "rnn"]
 SCALINGS = {"none": None, "ewm": Scaling(halflife=6.0)}
 
 
@@ -95,9 +94,18 @@ def test_incremental_equals_full_on_the_device_path(cell: str, stream) -> None:
     engine = Engine(model, window=4, capacity=2, scaling=scaling, host_views=False)
     _check_incremental_equals_full(engine, model, data, batches, scaling)
     engine.rewarm(_model(cell, seed=3), "v2")  # and the re-warm / snapshot paths through it
-    name = next(iter(data))
-    Engine(model, window=4, host_views=False).restore(name, engine.snapshot(name))
     assert engine.errors["init"].count == sum(len(ts) - 1 for ts, _ in data.values())
+    name = next(iter(data))
+    twin = Engine(model, window=4, scaling=scaling, host_views=False)
+    twin.restore(name, engine.snapshot(name))  # another version's snapshot: re-warmed with this model
+    twin.rewarm(model, "init")
+    engine.rewarm(model, "init")
+    nxt = int(data[name][0][-1]) + 1
+    np.testing.assert_allclose(
+        twin.process([name], [nxt], [0.5]).forecasts,
+        engine.process([name], [nxt], [0.5]).forecasts,
+        atol=1e-5,
+    )
 
 
 def _residual_model(cell: str, seed: int = 0, **baseline) -> RecurrentForecaster:

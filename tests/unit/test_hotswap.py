@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
-from test_checkpoint import (
+from checkpoint_faults import (
     CORRUPTIONS,
     CodeRunningPayload,
     _replace_weights,
@@ -18,16 +17,16 @@ from test_checkpoint import (
     _torch_bytes,
     nan_weights,
 )
+from prometheus_client import CollectorRegistry
 
 from forecaster.checkpoints.hotswap import INIT_VERSION, ModelSwapper, initial_model
 from forecaster.checkpoints.store import LATEST_FILE, promote, save_checkpoint
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine
 from forecaster.engine.rewarm import RewarmJob
-from forecaster.model import RecurrentForecaster
+from forecaster.model import CELLS, RecurrentForecaster
 from forecaster.scaling import Scaling
 
-CELLS = ["gru", "lstm", "rnn"]
 SCALING = Scaling(halflife=12.0)
 WINDOW = 8
 

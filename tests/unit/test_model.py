@@ -7,9 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forecaster.model import RecurrentForecaster
-
-CELLS = ["gru", "lstm", "rnn"]
+from forecaster.model import CELLS, RecurrentForecaster, build_model
 
 
 def _state_close(a, b, atol: float = 1e-6) -> bool:
@@ -74,9 +72,9 @@ def test_warm_equals_forward_over_each_rows_own_values(cell: str) -> None:
         assert _state_close(got, h_ref)
 
 
-def test_build_args_rebuild_the_same_module() -> None:
+def test_config_rebuilds_the_same_module() -> None:
     model = RecurrentForecaster("lstm", input_size=1, hidden_size=16, num_layers=1, horizon=4, dropout=0.0)
-    assert model.build_args == {
+    assert model.config.model_dump() == {
         "cell": "lstm",
         "input_size": 1,
         "hidden_size": 16,
@@ -87,7 +85,7 @@ def test_build_args_rebuild_the_same_module() -> None:
         "base_seasons": 0,
         "base_level": False,
     }
-    twin = RecurrentForecaster(**model.build_args)
+    twin = build_model(model.config)
     twin.load_state_dict(model.state_dict())
     x = torch.randn(2, 5, 1)
     assert torch.equal(twin(x)[0], model(x)[0])
@@ -208,11 +206,11 @@ def test_residual_step_chunks_and_warm_equal_forward(
     torch.testing.assert_close(model.readout(h_w, window[..., 0]), y_w, atol=1e-6, rtol=0)
 
 
-def test_residual_build_args_and_context() -> None:
+def test_residual_config_and_context() -> None:
     model = _residual("lstm", 12, 3)
     assert model.context == 35 and _residual("gru", 4, 0).context == 0
     assert _residual("gru", 3, 2, horizon=5, base_level=True).context == 9  # 2 cycles for step 5, then 1 more
-    rebuilt = RecurrentForecaster(**model.build_args)
+    rebuilt = build_model(model.config)
     assert (rebuilt.season, rebuilt.base_seasons, rebuilt.context) == (12, 3, 35)
     assert set(model.state_dict()) - set(_residual("lstm", 1, 0).state_dict()) == {"mix"}  # (horizon,)
     with pytest.raises(ValueError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import logging
 import os
@@ -350,7 +351,8 @@ def test_periodic_runs_count_results_and_survive_failures() -> None:
             stop.set()
         return result
 
-    runs = run_periodically(once, 0.0, metrics, stop=stop, wall=lambda: 1234.0)
+    ticks = itertools.count(0.0, 2.5)  # each look at the clock is 2.5 s after the one before
+    runs = run_periodically(once, 0.0, metrics, stop=stop, clock=lambda: next(ticks), wall=lambda: 1234.0)
     assert runs == 3
     sample = registry.get_sample_value
     assert sample("forecaster_trainer_runs_total", {"result": "failed"}) == 1
@@ -360,7 +362,7 @@ def test_periodic_runs_count_results_and_survive_failures() -> None:
     assert sample("forecaster_trainer_loss", {"split": "validation"}) == 0.3
     assert sample("forecaster_trainer_last_success_timestamp_seconds") == 1234.0
     assert sample("forecaster_trainer_published_version_info", {"version": "v2"}) == 1
-    assert sample("forecaster_trainer_duration_seconds") is not None
+    assert sample("forecaster_trainer_duration_seconds") == 2.5  # the last run: started, then one tick
 
 
 def test_cli_train_list_and_promote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
