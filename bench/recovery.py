@@ -44,7 +44,7 @@ from forecaster.checkpoints.hotswap import fresh_model
 from forecaster.checkpoints.store import load_checkpoint, promote, save_checkpoint
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine
-from forecaster.records.codec import encode_window
+from forecaster.records import encode_window
 from forecaster.scaling import Scaling
 from forecaster.service.clients import COMPACTED
 

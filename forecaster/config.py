@@ -11,6 +11,7 @@ and its field, e.g. ``FORECASTER_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import tempfile
@@ -189,15 +190,45 @@ class ServiceSettings(BaseModel):
     # "value": one forecast record per stepped value; "window": one per input record, its values' forecasts
     # in lists (amortises the per-record cost of windowed input; see README, wire formats).
     forecast_records: Literal["value", "window"] = "value"
+    # The largest record the service produces (Kafka's default max.request.size); a dead letter of a record
+    # near the input's limit is cut to fit under it, so no input record can stop the service.
+    max_message_bytes: int = 1_048_576
+
+    @field_validator("max_message_bytes")
+    @classmethod
+    def _room_for_a_dead_letter(cls, value: int) -> int:
+        if not 4096 <= value <= 1_000_000_000:
+            raise ValueError(
+                "must be 4096 (room for a cut dead letter and its record headers) to 1000000000 bytes"
+            )
+        return value
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class MetricsSettings(BaseModel):
-    """The Prometheus endpoint (``/metrics``) and the health answer (``/healthz``)."""
+    """The Prometheus endpoint (``/metrics``), the health answers (``/healthz``, ``/readyz``) and the series
+    view (``/series/<id>``)."""
 
     host: str = "0.0.0.0"
     port: int = Field(default=9108, ge=0, le=65535)  # 0: do not serve
     refresh_seconds: float = Field(default=1.0, gt=0.0)  # state figures and online error copied this often
     lag_interval_seconds: float = Field(default=5.0, gt=0.0)  # consumer lag asked of the broker this often
+    # /series/<id> and /series/<id>/view (a series' recent values and forecast): None = on when `host` is a
+    # loopback address only, since the page shows data to whoever reaches the port.
+    series_view: bool | None = None
+
+    @property
+    def series_view_on(self) -> bool:
+        """Whether the series routes answer: ``series_view``, or by default only on a loopback bind."""
+        if self.series_view is not None:
+            return self.series_view
+        return self.host == "localhost" or _is_loopback(self.host)
 
 
 class CheckpointSettings(BaseModel):

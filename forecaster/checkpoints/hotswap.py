@@ -38,7 +38,7 @@ from forecaster.checkpoints.store import (
     load_checkpoint,
 )
 from forecaster.errors import CheckpointError
-from forecaster.metrics.metrics import SwapMetrics
+from forecaster.metrics import SwapMetrics
 from forecaster.model import RecurrentForecaster, build_model
 from forecaster.engine.rewarm import RewarmJob
 from forecaster.scaling import Scaling

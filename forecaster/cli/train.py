@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from forecaster.checkpoints.store import latest_version
 from forecaster.config import Settings
 from forecaster.errors import CheckpointError, ConfigError
-from forecaster.metrics.metrics import TrainerMetrics
+from forecaster.metrics import TrainerMetrics
 from forecaster.train.history import read_history
 from forecaster.train.periodic import parse_duration, run_periodically
 from forecaster.train.run import TrainOutcome, train_once
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         metrics.published.info({"version": current})
     server = None
     if settings.train.metrics_port:
-        from forecaster.metrics.metrics import MetricsServer
+        from forecaster.metrics import MetricsServer
 
         server = MetricsServer(metrics.registry, settings.metrics.host, settings.train.metrics_port).start()
         log.info("trainer metrics on http://%s:%d/metrics", settings.metrics.host, server.port)

@@ -16,7 +16,7 @@ from forecaster.checkpoints.hotswap import fresh_model
 from forecaster.checkpoints.store import LATEST_FILE, MANIFEST_FILE, WEIGHTS_FILE, promote, save_checkpoint
 from forecaster.engine.engine import reference_forecast
 from forecaster.model import RecurrentForecaster
-from forecaster.records.codec import encode_input
+from forecaster.records import encode_input
 from forecaster.scaling import Scaling
 
 START_MS = 1_700_000_000_000

@@ -15,7 +15,7 @@ from forecaster.config import Settings
 from forecaster.engine.engine import Engine, reference_forecast
 from forecaster.errors import DeliveryError
 from forecaster.model import RecurrentForecaster
-from forecaster.records.codec import encode_input, encode_window
+from forecaster.records import encode_input, encode_window
 from forecaster.scaling import Scaling
 from forecaster.service.at_least_once import AtLeastOnceCommitter
 from forecaster.service.loop import Service
