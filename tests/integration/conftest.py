@@ -158,6 +158,7 @@ def serve(topics: Topics, tmp_path: Path) -> Iterator[Callable[..., ServeProcess
             "FORECASTER_KAFKA__GROUP_ID": topics.group,
             "FORECASTER_CHECKPOINTS__DIR": str(tmp_path / "checkpoints"),
             "FORECASTER_STATE__DEVICE": "cpu",
+            "FORECASTER_STATE__SPILL_DIR": str(tmp_path / "spill"),
             "FORECASTER_SERVICE__POLL_TIMEOUT_MS": "50",
             "FORECASTER_SERVICE__COMMIT_INTERVAL_MS": "50",
             "FORECASTER_METRICS__HOST": "127.0.0.1",
