@@ -6,6 +6,7 @@ No Kafka in here: the service, the replay tool, the notebooks and the benchmarks
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from forecaster.engine import snapshot as snap
 from forecaster.engine.rewarm import rows_per_call
 from forecaster.engine.state import StateTable
+from forecaster.engine.view import answer_asks
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
 
@@ -121,6 +123,7 @@ class Engine:
         self.values_total = 0
         self._cpu = self.table.host_views  # numpy on the host; False: torch tensors on the device
         self._errors: dict[str, _ErrorAccumulator] = {}
+        self.asks: deque[Any] = deque()  # reads from other threads (forecaster.engine.view.ask_series)
 
     @classmethod
     def from_settings(cls, model: RecurrentForecaster, settings: Any, **kwargs: Any) -> Engine:
@@ -140,6 +143,8 @@ class Engine:
 
     def process(self, series: Sequence[str], ts: Sequence[int], values: Sequence[float]) -> EngineOutput:
         """Step every new value once, in ts order per series; returns the forecast made after each."""
+        if self.asks:  # a reader on another thread waits for a batch boundary: this is one
+            answer_asks(self)
         series = series if isinstance(series, list | tuple) else list(series)  # positional indexing below
         ts = np.asarray(ts, dtype=np.int64).reshape(-1)
         values = np.asarray(values, dtype=np.float64).reshape(-1)

@@ -19,7 +19,7 @@ from typing import Any
 from forecaster.checkpoints.hotswap import ModelSwapper, initial_model
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine, resolve_device
-from forecaster.metrics.metrics import ServiceMetrics
+from forecaster.metrics import ServiceMetrics
 from forecaster.scaling import Scaling
 from forecaster.service.at_least_once import AtLeastOnceCommitter, NoRecovery
 from forecaster.service.clients import (
@@ -33,6 +33,7 @@ from forecaster.service.clients import (
 )
 from forecaster.service.exactly_once.changelog import ChangelogReader, ensure_changelog
 from forecaster.service.exactly_once.committer import ExactlyOnceCommitter, transactional_id
+from forecaster.service.exactly_once.evicted import EvictedStore
 from forecaster.service.exactly_once.ledger import SeriesLedger
 from forecaster.service.exactly_once.recovery import PartitionOwner
 from forecaster.service.loop import Service
@@ -71,8 +72,19 @@ def build_engine(settings: Settings) -> Engine:
     return Engine.from_settings(model, settings, version=version, device=device)
 
 
+class _NoStore:
+    """At least once keeps no evicted snapshots."""
+
+    def stats(self) -> dict[str, int]:
+        return dict.fromkeys(
+            ("memory_series", "memory_bytes", "disk_series", "disk_bytes", "spilled_total"), 0
+        )
+
+
 class _NoLedger:
     """At least once keeps no per-series bookkeeping."""
+
+    store = _NoStore()
 
     def note(self, series: Any, partitions: Any) -> None: ...
 
@@ -142,8 +154,10 @@ def build_service(
             metrics=metrics,
             clock=clock,
         )
-    ledger = SeriesLedger(engine)
-    engine.table.on_evict = ledger.on_evict  # evicted series go to the changelog and stay on the host
+    state = settings.state
+    store = EvictedStore(state.evicted_memory_bytes, state.spill_dir, transactional_id(settings))
+    ledger = SeriesLedger(engine, store)
+    engine.table.on_evict = ledger.on_evict  # evicted series go to the changelog and to the store
     committer = ExactlyOnceCommitter(
         consumer,
         lambda: make_producer(kafka, options),

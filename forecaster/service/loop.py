@@ -24,7 +24,7 @@ import numpy as np
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine
 from forecaster.errors import InvalidRecord, KafkaClientError, KafkaSetupError, ProducerFenced
-from forecaster.metrics.metrics import MetricsServer, ServiceMetrics
+from forecaster.metrics import MetricsServer, SeriesLookup, ServiceMetrics
 from forecaster.records import (
     DecodedBatch,
     KafkaRecord,
@@ -243,6 +243,7 @@ class Service:
             engine = self.engine
             engine.evict_idle()  # exactly once: the committer writes them to the changelog when due
             self.metrics.update_state(engine.resident, engine.evictions_total, engine.state_bytes)
+            self.metrics.update_evicted(self.ledger.store.stats())
             self.metrics.online_error.update(engine.errors)
         if force or now >= self._next_lag:
             self._next_lag = now + settings.lag_interval_seconds
@@ -331,12 +332,18 @@ class Service:
         """Metrics endpoint, input topic known, subscribe, model watcher."""
         settings, kafka = self.settings, self.settings.kafka
         if settings.metrics.port and self._server is None:
+            series = None
+            if settings.metrics.series_view_on:  # /series/<id>: answered by the engine between batches
+                timeout = kafka.request_timeout_ms / 1000.0
+                partitions = len(self.consumer.partitions_for(kafka.input_topic, timeout)) or kafka.partitions
+                series = SeriesLookup(self.engine, kafka.input_topic, partitions)
             self._server = MetricsServer(
                 self.metrics.registry,
                 settings.metrics.host,
                 settings.metrics.port,
                 self.ready,
                 healthy=self.healthy,
+                series=series,
             )
             self._server.start()
             log.info("metrics on http://%s:%d/metrics", settings.metrics.host, self._server.port)

@@ -241,9 +241,15 @@ class FakeReader:
     def __init__(self, latest: dict[int, dict[str, bytes]]):
         self.latest, self.reads = latest, []
 
-    def read(self, parts):
+    def read(self, parts, divert=None):
         self.reads.append(sorted(parts))
-        return ChangelogContents({p: dict(self.latest.get(p, {})) for p in parts}, records=1)
+        latest = {}
+        for p in parts:
+            latest[p] = {}
+            for name, value in self.latest.get(p, {}).items():
+                if divert is None or not divert(p, name, value):
+                    latest[p][name] = value
+        return ChangelogContents(latest, records=1)
 
 
 def _engine() -> Engine:
@@ -390,12 +396,14 @@ def test_a_refusal_after_a_rebalance_does_not_rejoin() -> None:
     assert consumer.subscriptions == 0
 
 
-def test_the_transaction_timeout_is_a_setting_reaching_the_producer() -> None:
+def test_the_transaction_timeout_is_a_setting_reaching_the_producer(tmp_path) -> None:
     from forecaster.config import Settings
     from forecaster.service.build import producer_options
 
     settings = Settings(
-        service={"transaction_timeout_ms": 120_000, "instance_id": "i1"}, kafka={"group_id": "g"}
+        service={"transaction_timeout_ms": 120_000, "instance_id": "i1"},
+        kafka={"group_id": "g"},
+        state={"spill_dir": tmp_path},
     )
     options = producer_options(settings)
     assert options.transaction_timeout_ms == 120_000 and options.transactional_id == "g-i1"
@@ -425,3 +433,13 @@ def test_a_member_dropped_by_the_group_does_not_commit_its_offsets() -> None:
     assert not committer.commit()
     assert log[-1] == ("abort",) and not any(e[0] == "offsets" for e in log)
     assert committer.failed == "aborted" and outcomes == [False]
+
+
+def test_a_write_the_broker_does_not_allow_aborts_and_stops() -> None:
+    committer, log, _, _ = make_committer(
+        fail={"commit": KafkaClientError("auth", "TOPIC_AUTHORIZATION_FAILED")}
+    )
+    committer.track([rec(0, 1)])
+    with pytest.raises(KafkaClientError):
+        committer.commit()
+    assert log[-1] == ("abort",) and not committer.open  # nothing of it commits

@@ -134,9 +134,13 @@ class _Connection:
     def __init__(self, what: str) -> None:
         self.what = what
         self.down = False
+        self.refused: KafkaError | None = None  # credentials or a certificate refused
 
     def error(self, error: KafkaError) -> None:
-        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
+        if reason_of(error) == "auth":
+            self.refused = self.refused or error
+            log.debug("%s: %s", self.what, error.str())
+        elif error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
             self.down = True
             log.debug("%s: %s (librdkafka reconnects by itself)", self.what, error.str())
         elif error.fatal():
@@ -524,3 +528,23 @@ class ConfluentAdmin(Admin):
 
     def close(self) -> None:
         """Nothing to close (the admin client's threads end with the object)."""
+
+
+def brokers_answering(settings: KafkaSettings, timeout: float) -> int:
+    """One metadata request: how many brokers the cluster lists. Refused credentials or a certificate
+    that does not verify raise ``KafkaClientError`` with reason ``auth`` (retrying cannot help)."""
+    admin = ConfluentAdmin(settings)
+    try:
+        return admin.brokers(timeout)
+    except KafkaClientError:
+        refused = admin.connection.refused
+        if refused is None:
+            raise
+        where = f"Kafka at {settings.bootstrap_servers}"
+        if refused.code() == KafkaError._SSL:
+            raise KafkaClientError("auth", f"TLS handshake with {where} failed: {refused.str()}") from None
+        raise KafkaClientError(
+            "auth",
+            f"authentication failed at {where} ({settings.sasl_mechanism} user {settings.sasl_username};"
+            f" 1 login(s) tried): {refused.str()}",
+        ) from None

@@ -11,6 +11,7 @@ transaction calls wait without a limit: here they run on a helper thread and are
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -462,3 +463,76 @@ class KafkaPythonAdmin(Admin):
 
     def close(self) -> None:
         self._a.close()
+
+
+# One bootstrap attempt of ``brokers_answering`` waits at most this long, so that refused credentials
+# (which kafka-python only logs, retrying them until its bootstrap times out) end the wait soon.
+BOOTSTRAP_ATTEMPT_MS = 5_000
+
+
+class _RefusedConnections(logging.Handler):
+    """What kafka-python logs, and only logs, about the connections it loses while it bootstraps.
+
+    A refused SASL login reaches kafka-python as the broker's error answer and the broker's close in one
+    read, and kafka-python 3.0 mostly drops the answer: the login failure then looks like a connection the
+    broker closed. Both are noted here.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.refused: Exception | None = None  # the broker's or TLS's own word: bad credentials, bad cert
+        self.lost: list[Exception] = []  # one per lost login (each is logged several times)
+        self.closed_by_broker = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for arg in record.args if isinstance(record.args, tuple) else ():
+            tls = isinstance(arg, ssl.SSLError) or isinstance(getattr(arg, "__context__", None), ssl.SSLError)
+            closed = isinstance(arg, KafkaConnectionError) and "disconnected" in str(arg)
+            refused = isinstance(arg, _errors.SaslAuthenticationFailedError)
+            if tls or refused:
+                self.refused = self.refused or arg
+            self.closed_by_broker = self.closed_by_broker or closed
+            if (tls or closed or refused) and all(arg is not seen for seen in self.lost):
+                self.lost.append(arg)
+
+
+def brokers_answering(settings: KafkaSettings, timeout: float) -> int:
+    """One bootstrap attempt: how many brokers the cluster lists. Refused credentials or a certificate that
+    does not verify raise ``KafkaClientError`` with reason ``auth`` (retrying cannot help); kafka-python's
+    line per lost connection is kept out of the log meanwhile (unless it logs at DEBUG)."""
+    refused = _RefusedConnections()
+    kafka_log = logging.getLogger("kafka")
+    kafka_log.addHandler(refused)
+    propagate, kafka_log.propagate = kafka_log.propagate, kafka_log.isEnabledFor(logging.DEBUG)
+    try:
+        try:
+            admin = KafkaPythonAdmin(settings, min(timeout, BOOTSTRAP_ATTEMPT_MS / 1000.0))
+            try:
+                return admin.brokers(timeout)
+            finally:
+                admin.close()
+        except KafkaClientError:
+            _raise_if_refused(settings, refused)
+            raise
+    finally:
+        kafka_log.propagate = propagate
+        kafka_log.removeHandler(refused)
+
+
+def _raise_if_refused(settings: KafkaSettings, refused: _RefusedConnections) -> None:
+    """After a failed bootstrap attempt: an ``auth`` error when the broker refused us, not when it is
+    merely away. With SASL, an attempt in which the broker closed the connections it had accepted counts
+    as a refused login (kafka-python lost the broker's answer; see ``_RefusedConnections``)."""
+    where = f"Kafka at {settings.bootstrap_servers}"
+    tries = f"{len(refused.lost)} login(s) tried"
+    failed = f"authentication failed at {where} ({settings.sasl_mechanism} user {settings.sasl_username}"
+    if isinstance(refused.refused, _errors.SaslAuthenticationFailedError):
+        raise KafkaClientError("auth", f"{failed}; {tries}): {refused.refused}")
+    if refused.refused is not None:
+        raise KafkaClientError("auth", f"TLS handshake with {where} failed: {refused.refused}")
+    if refused.closed_by_broker and settings.security_protocol.startswith("SASL"):
+        raise KafkaClientError(
+            "auth",
+            f"{failed}; {tries}): the broker closed the connection during the SASL login"
+            " (check sasl_username, sasl_password and sasl_mechanism)",
+        )

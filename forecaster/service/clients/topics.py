@@ -56,9 +56,15 @@ def admin_for(admin_or_settings: Admin | KafkaSettings) -> Iterator[Admin]:
 
 
 def wait_for_broker(settings: KafkaSettings, timeout: float = 60.0) -> int:
-    """Block until the cluster answers with at least one broker; returns how many it lists."""
-    from forecaster.service.clients import make_admin
+    """Block until the cluster answers with at least one broker; returns how many it lists.
 
+    Refused credentials or a certificate that does not verify end the wait after one attempt with a
+    one-line ``KafkaSetupError``: retrying cannot help, and a service should exit rather than loop.
+    """
+    if settings.client == "kafka-python":
+        from forecaster.service.clients.kafkapython import brokers_answering
+    else:
+        from forecaster.service.clients.confluent import brokers_answering
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while True:
@@ -66,15 +72,13 @@ def wait_for_broker(settings: KafkaSettings, timeout: float = 60.0) -> int:
         if left <= 0:
             raise KafkaSetupError(f"no answer from {_where(settings)} within {timeout:g}s: {last}")
         try:
-            admin = make_admin(settings, timeout=max(left, 1.0))
-            try:
-                brokers = admin.brokers(timeout=max(min(left, 5.0), 1.0))
-            finally:
-                admin.close()
+            brokers = brokers_answering(settings, max(min(left, 5.0), 1.0))
             if brokers:
                 return brokers
             last = RuntimeError("metadata lists no broker")
-        except (KafkaSetupError, KafkaClientError) as exc:
+        except KafkaClientError as exc:
+            if exc.reason == "auth":
+                raise KafkaSetupError(exc.detail) from exc
             last = exc
         time.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
 

@@ -188,8 +188,12 @@ class ChangelogReader:
             stable_timeout=stable_timeout,
         )
 
-    def read(self, partitions: Iterable[int]) -> ChangelogContents:
-        """The latest value of every series in ``partitions`` (each read to its end)."""
+    def read(
+        self, partitions: Iterable[int], divert: Callable[[int, str, bytes | None], bool] | None = None
+    ) -> ChangelogContents:
+        """The latest value of every series in ``partitions`` (each read to its end). ``divert(partition,
+        series, value)``, called on every record in order, may take a record instead (returns True): it is
+        then not kept, and an earlier value of that series is forgotten."""
         started = self.clock()
         tps = [TopicPartition(self.topic, p) for p in sorted(set(partitions))]
         latest: dict[int, dict[str, bytes | None]] = {tp.partition: {} for tp in tps}
@@ -202,7 +206,11 @@ class ChangelogReader:
         while left:
             for record in self.consumer.poll(max_records=10_000, timeout=self.poll_ms / 1000.0):
                 if record.offset < ends[(record.topic, record.partition)] and record.key is not None:
-                    latest[record.partition][record.key.decode("utf-8", "replace")] = record.value
+                    name, into = record.key.decode("utf-8", "replace"), latest[record.partition]
+                    if divert is not None and divert(record.partition, name, record.value):
+                        into.pop(name, None)
+                    else:
+                        into[name] = record.value
                     n += 1
                 progress = self.clock()
             positions = self.consumer.position(sorted(left))

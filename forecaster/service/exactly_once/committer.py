@@ -162,6 +162,9 @@ class ExactlyOnceCommitter(Committer):
             if exc.reason == "fenced":
                 raise self._fenced(exc) from exc
             self.error = exc
+            if exc.reason == "auth":  # not allowed: replaying cannot help; stop without committing
+                self._abort(str(exc))
+                raise
             if exc.reason in ("timeout", "fatal"):
                 self._fail("replace", f"commit did not complete ({exc})")
             else:
