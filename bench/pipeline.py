@@ -454,9 +454,9 @@ def main() -> None:
     def vps(c: str, g: str, kind: str) -> int | None:
         return service.get(c, {}).get(g, {}).get(kind, {}).get("values_per_s")
 
-    def p99(c: str, g: str, rate: float) -> float | None:
+    def p99(c: str, g: str, rate: float, to: str = "to_forecast_produced_ms") -> float | None:
         runs = [r for r in lat if (r["client"], r["guarantee"], r["offered_values_per_s"]) == (c, g, rate)]
-        return runs[0]["to_forecast_produced_ms"]["p99"] if runs else None
+        return runs[0][to]["p99"] if runs else None
 
     goals = {}
     if "confluent" in args.clients and set(GUARANTEES) <= set(args.guarantees):
@@ -475,8 +475,8 @@ def main() -> None:
             else None,
             "p99_produced_le_25ms_at_1k_at_least_once": (p99("confluent", "at_least_once", 1_000.0) or 1e9)
             <= 25.0,
-            "p99_produced_le_commit_interval_plus_50ms_at_1k_exactly_once": (
-                p99("confluent", "exactly_once", 1_000.0) or 1e9
+            "p99_readable_le_commit_interval_plus_50ms_at_1k_exactly_once": (
+                p99("confluent", "exactly_once", 1_000.0, "to_forecast_consumed_ms") or 1e9
             )
             <= settings.service.commit_interval_ms + 50,
         }
