@@ -464,6 +464,7 @@ class ConfluentAdmin(Admin):
         try:
             return self._a.list_topics(timeout=timeout)
         except KafkaException as exc:
+            self._a.poll(0)  # serve the error callback: it may say why (credentials, certificate)
             raise translate(exc, "read the cluster metadata") from exc
 
     def brokers(self, timeout: float) -> int:
