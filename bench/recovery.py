@@ -254,7 +254,7 @@ def main() -> None:
         """What an uninterrupted service forecasts after each value (the same engine, in-process)."""
         engine = Engine(loaded.model, version=loaded.version, **engine_args)
         ts = START_MS + 60_000 * np.arange(len(values))
-        return engine.process(["r"] * len(values), ts, values).values
+        return engine.process(["r"] * len(values), ts, values).forecasts
 
     admin = KafkaAdminClient(bootstrap_servers=args.bootstrap, client_id="bench-recovery")
     try:

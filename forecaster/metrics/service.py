@@ -200,6 +200,17 @@ class ServiceMetrics:
             "forecaster_model_info", "The model serving (value 1)", ["version", "cell"], registry=r
         )
         self.commits = Counter("forecaster_commits_total", "Offset commits", registry=r)
+        self.stalls = Counter(
+            "forecaster_stalls_total",
+            "Times this member stalled (lag without progress, or group membership lost) and rejoined",
+            registry=r,
+        )
+        self.records_unsent = Counter(
+            "forecaster_records_unsent_total",
+            "Output records (forecasts, dead letters) that could not be written, by reason (e.g. too_large)",
+            ["reason"],
+            registry=r,
+        )
         # Exactly once: transactions, the state changelog, restores.
         self.transactions = Counter(
             "forecaster_transactions_total",
@@ -226,11 +237,29 @@ class ServiceMetrics:
         )
         self.series_restored = Counter(
             "forecaster_series_restored_total",
-            "Series restored from the changelog, by where they went: resident (state table) or evicted (host)",
+            "Series restored from the changelog, by where they went: resident (state table) or evicted (store)",
             ["to"],
             registry=r,
         )
+        self.evicted_series = Gauge(
+            "forecaster_evicted_series",
+            "Evicted series kept until they come back (exactly once), by where: memory or disk",
+            ["where"],
+            registry=r,
+        )
+        self.evicted_bytes = Gauge(
+            "forecaster_evicted_bytes",
+            "Bytes of evicted series' snapshots (memory: with per-entry overhead), by where: memory or disk",
+            ["where"],
+            registry=r,
+        )
         self._evictions_seen = 0
+
+    def update_evicted(self, stats: Mapping[str, int]) -> None:
+        """The evicted store's figures (``forecaster.service.exactly_once.evicted.EvictedStore.stats``)."""
+        for where in ("memory", "disk"):
+            self.evicted_series.labels(where=where).set(stats[f"{where}_series"])
+            self.evicted_bytes.labels(where=where).set(stats[f"{where}_bytes"])
 
     def set_model(self, version: str, cell: str) -> None:
         """The model now serving (the previous label set is removed)."""

@@ -38,7 +38,6 @@ from forecaster.checkpoints.store import (
     LoadedCheckpoint,
     latest_version,
     load_checkpoint,
-    promote,
     save_checkpoint,
 )
 from forecaster.errors import CheckpointError, DataError
@@ -180,7 +179,8 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
         return TrainOutcome(
             None, reason, fitted, evaluation, published.version if published else None, metrics
         )
-    # Step 5. Write the checkpoint, then point LATEST at it (validated by the one loader on the way).
+    # Step 5. Write the checkpoint and publish it in one step (validated by the one loader on the way; the
+    # folder appears only together with LATEST).
     version = save_checkpoint(
         settings.checkpoints.dir,
         model,
@@ -196,8 +196,8 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
                 "seed": settings.model.seed,
             }
         },
+        publish=True,
     )
-    promote(settings.checkpoints.dir, version)
     log.info("published checkpoint %s in %s", version, settings.checkpoints.dir)
     return TrainOutcome(
         version, reason, fitted, evaluation, published.version if published else None, metrics
