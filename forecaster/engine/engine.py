@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from forecaster.engine import snapshot as snap
+from forecaster.engine.intervals import Intervals, centers, units
 from forecaster.engine.rewarm import rows_per_call
 from forecaster.engine.state import StateTable
 from forecaster.model import RecurrentForecaster
@@ -43,6 +44,21 @@ class ErrorStats:
 
 
 @dataclass
+class CoverageStats:
+    """Cumulative online coverage of one model version's intervals at a few steps.
+
+    ``count[s]``: values scored at step ``steps[s]``; ``inside[l, s]``: of those, within the level-``l``
+    bounds; ``width[l, s]``: sum of those intervals' widths in units of each series' scale.
+    """
+
+    levels: list[str]
+    steps: list[int]
+    count: np.ndarray  # (S,) int64
+    inside: np.ndarray  # (L, S) float64
+    width: np.ndarray  # (L, S) float64
+
+
+@dataclass
 class EngineOutput:
     """One row per stepped value, in stepped order (round by round).
 
@@ -55,6 +71,8 @@ class EngineOutput:
     version: str
     duplicates: int = 0
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (n,) int64
+    lower: np.ndarray | None = None  # (n, levels, horizon) float32 data units; None without intervals
+    upper: np.ndarray | None = None  # (n, levels, horizon) float32
 
     def __len__(self) -> int:
         return len(self.series)
@@ -70,6 +88,20 @@ class _ErrorAccumulator:
     def stats(self) -> ErrorStats:
         sums = self.sums.tolist()
         return ErrorStats(self.count, float(sums[0]), float(sums[1]))
+
+
+class _CoverageAccumulator:
+    """counts on the host; inside and width sums (2, L, S) on the device (no sync per step)."""
+
+    def __init__(self, like: Any, levels: int, steps: list[int]) -> None:
+        self.steps = steps
+        self.count = np.zeros(len(steps), dtype=np.int64)
+        shape = (2, levels, len(steps))
+        self.sums = like.new_zeros(shape) if isinstance(like, torch.Tensor) else np.zeros(shape)
+
+    def stats(self, labels: list[str]) -> CoverageStats:
+        sums = np.asarray(self.sums.tolist(), dtype=np.float64)
+        return CoverageStats(labels, list(self.steps), self.count.copy(), sums[0], sums[1])
 
 
 class Engine:
@@ -97,8 +129,10 @@ class Engine:
         clock: Callable[[], float] = time.time,
         on_evict: Callable[[str, bytes], None] | None = None,
         host_views: bool | None = None,
+        intervals: Intervals | None = Intervals(),  # noqa: B008 - immutable
     ) -> None:
         self.device = torch.device(device)
+        self.intervals = intervals
         self.scaling = scaling if scaling is not None else Scaling(kind="none")
         self.clock = clock
         self.ttl_seconds = ttl_seconds
@@ -116,11 +150,13 @@ class Engine:
             on_evict=on_evict,
             version=version,
             host_views=host_views,
+            intervals=intervals,
         )
         self.duplicates_total = 0
         self.values_total = 0
         self._cpu = self.table.host_views  # numpy on the host; False: torch tensors on the device
         self._errors: dict[str, _ErrorAccumulator] = {}
+        self._coverage: dict[str, _CoverageAccumulator] = {}
 
     @classmethod
     def from_settings(cls, model: RecurrentForecaster, settings: Any, **kwargs: Any) -> Engine:
@@ -132,6 +168,7 @@ class Engine:
             max_series=settings.state.max_series,
             ttl_seconds=settings.state.ttl_seconds,
             scaling=Scaling.from_settings(settings.scaling),
+            intervals=Intervals.from_settings(settings.intervals),
         )
         options.update(kwargs)
         return cls(model, **options)
@@ -154,7 +191,7 @@ class Engine:
                 f"values must be > 0 with {self.scaling.kind} scaling (validate records before the engine)"
             )
         if len(ts) == 0:
-            return self._output([], ts, np.zeros((0, self.model.horizon), np.float32), 0, ts)
+            return self._output([], ts, [], 0, ts)
         # Step 1. the slot of every row (new series get one, possibly evicting LRU ones).
         row_slots = self.table.locate(series, self.clock())
         # Step 2. which values are new, and in which round each steps.
@@ -170,7 +207,7 @@ class Engine:
         self.duplicates_total += duplicates
         self.values_total += len(rows)
         out_names = [series[i] for i in rows.tolist()]
-        return self._output(out_names, ts[rows], self._concat(forecasts), duplicates, rows)
+        return self._output(out_names, ts[rows], forecasts, duplicates, rows)
 
     def _plan(self, row_slots: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """Rows to step, in stepped order (round by round), and the round bounds within them.
@@ -203,8 +240,9 @@ class Engine:
         rows = rows[np.argsort(rank, kind="stable")]
         return rows, np.concatenate(([0], np.cumsum(np.bincount(rank)))).tolist()
 
-    def _step(self, slots: np.ndarray, v: np.ndarray) -> Any:
-        """Score, scale, step and store one value for each of ``slots`` (distinct); returns forecasts."""
+    def _step(self, slots: np.ndarray, v: np.ndarray) -> tuple[Any, ...]:
+        """Score, scale, step and store one value for each of ``slots`` (distinct); returns forecasts (and
+        their lower and upper bounds with intervals on)."""
         tb, scaling = self.table, self.scaling
         count = tb.count[slots]  # (n,)
         if self._cpu:
@@ -222,6 +260,8 @@ class Engine:
         acc.count += n_scored
         acc.sums[0] += abs(err).sum()
         acc.sums[1] += err @ err
+        if self.intervals is not None:  # Step 1b. score the forecasts of 1..H steps earlier, calibrate
+            self._calibrate(slots, idx, count, v)
         # Step 2. scale, and keep the model input and the value in the ring buffers.
         stats = scaling.update(tb.stats_a[idx], v)  # (n, N_STATS)
         scale = scaling.scale(stats)  # (n,)
@@ -241,7 +281,50 @@ class Engine:
         tb.forecast_a[idx] = f
         tb.stats_a[idx] = stats
         tb.count[slots] = count + 1
-        return f
+        if self.intervals is None:
+            return (f,)
+        # Step 5. bounds around the new forecasts; remember their centres and scales for the next scores.
+        center = centers(scaling, f)  # (n, H) float64
+        unit = scale if scaling.kind != "none" else units(scaling, stats)  # (n,)
+        at = slots * tb.horizon + count % tb.horizon  # (n,) rows of the ring of past forecasts
+        at = at if self._cpu else torch.from_numpy(at).to(self.device)
+        lo, hi = self.intervals.bounds(center, unit, tb.mean_err_a[idx], tb.mult_a[idx], scaling)
+        past = tb.past_flat.reshape(-1, tb.horizon)  # (capacity * H, H) view
+        past[at] = center if self._cpu else center.float()
+        tb.past_scale_flat[at] = unit if self._cpu else unit.float()
+        return f, lo, hi
+
+    def _calibrate(self, slots: np.ndarray, idx: Any, count: np.ndarray, v: Any) -> None:
+        """Score value ``v`` of each slot against the forecasts made 1..H values before it (those made
+        since the slot's ``score_from``), update the calibrator and the coverage counts."""
+        tb, horizon = self.table, self.table.horizon
+        k = np.arange(1, horizon + 1)
+        made = count[:, None] - k  # (n, H) ordinal of the value each forecast was made after
+        valid = made >= tb.score_from[slots][:, None]  # (n, H) host
+        row = slots[:, None] * horizon + made % horizon  # (n, H) ring rows
+        at = row * horizon + (k - 1)  # (n, H) flat positions of the k-step centres
+        if not self._cpu:
+            row, at = (torch.from_numpy(a).to(self.device) for a in (row, at))
+        inner_v = self.scaling.inner(v)  # (n,)
+        with np.errstate(divide="ignore", invalid="ignore"):  # rows not written yet: masked below
+            score = abs(inner_v[:, None] - tb.past_flat[at]) / tb.past_scale_flat[row]  # (n, H) float64
+        if self._cpu:
+            valid_d, score = valid, np.where(valid, score, 0.0)
+        else:
+            valid_d = torch.from_numpy(valid).to(self.device)
+            score = torch.where(valid_d, score, 0.0)
+        n_errors = made - tb.score_from[slots][:, None] + 1  # (n, H) errors scored at step k, with this one
+        n_errors = n_errors if self._cpu else torch.from_numpy(n_errors).to(self.device)
+        mean_err, mult = tb.mean_err_a[idx], tb.mult_a[idx]  # (n, H), (n, H, L)
+        new_mean, new_mult, inside = self.intervals.update(score, valid_d, n_errors, mean_err, mult)
+        tb.mean_err_a[idx], tb.mult_a[idx] = new_mean, new_mult
+        # Coverage at the scored steps, per level (sums stay on the device).
+        acc = self._coverage.get(self.version) or self._coverage_accumulator(score)
+        cols = [s - 1 for s in acc.steps]
+        acc.count += valid[:, cols].sum(axis=0)
+        acc.sums[0] += inside[:, cols].sum(0).T  # (L, S)
+        width = 2.0 * mean_err[:, cols, None] * mult[:, cols] * valid_d[:, cols, None]  # (n, S, L)
+        acc.sums[1] += width.sum(0).T  # (L, S)
 
     def _past(self, slots: np.ndarray, count: np.ndarray, stats: Any) -> torch.Tensor:
         """The ``model.context`` values each series stepped before its current one, from the ring buffer of
@@ -264,17 +347,30 @@ class Engine:
             acc = self._errors[self.version] = _ErrorAccumulator(like)
         return acc
 
-    def _concat(self, forecasts: list[Any]) -> np.ndarray:
-        if not forecasts:
-            return np.zeros((0, self.model.horizon), dtype=np.float32)
+    def _coverage_accumulator(self, like: Any) -> _CoverageAccumulator:
+        steps = self.intervals.score_steps(self.model.horizon)
+        acc = self._coverage[self.version] = _CoverageAccumulator(like, len(self.intervals.levels), steps)
+        return acc
+
+    def _concat(self, parts: list[Any], shape: tuple[int, ...]) -> np.ndarray:
+        if not parts:
+            return np.zeros((0, *shape), dtype=np.float32)
         if self._cpu:
-            return forecasts[0] if len(forecasts) == 1 else np.concatenate(forecasts)
-        return torch.cat(forecasts).cpu().numpy()
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return torch.cat(parts).cpu().numpy()
 
     def _output(
-        self, names: list[str], ts: np.ndarray, f: np.ndarray, dup: int, rows: np.ndarray
+        self, names: list[str], ts: np.ndarray, rounds: list[tuple[Any, ...]], dup: int, rows: np.ndarray
     ) -> EngineOutput:
-        return EngineOutput(names, ts, f, self.version, dup, rows.astype(np.int64, copy=False))
+        """``rounds``: (forecasts, [lower, upper]) of each round."""
+        horizon = self.model.horizon
+        f = self._concat([r[0] for r in rounds], (horizon,))
+        out = EngineOutput(names, ts, f, self.version, dup, rows.astype(np.int64, copy=False))
+        if self.intervals is not None:
+            shape = (len(self.intervals.levels), horizon)
+            out.lower = self._concat([r[1] for r in rounds], shape)
+            out.upper = self._concat([r[2] for r in rounds], shape)
+        return out
 
     # ---- errors, state, models -----------------------------------------------------------------------
 
@@ -282,6 +378,12 @@ class Engine:
     def errors(self) -> dict[str, ErrorStats]:
         """Cumulative online one-step-ahead error per model version."""
         return {version: acc.stats() for version, acc in self._errors.items()}
+
+    @property
+    def coverage(self) -> dict[str, CoverageStats]:
+        """Cumulative online coverage of the intervals per model version (empty without intervals)."""
+        labels = self.intervals.labels if self.intervals is not None else []
+        return {version: acc.stats(labels) for version, acc in self._coverage.items()}
 
     @property
     def resident(self) -> int:
@@ -356,6 +458,7 @@ class Engine:
                 y, h = self.model.warm(x, lengths, recent)  # (n, horizon)
                 stats = tb.stats.index_select(0, torch.from_numpy(chunk).to(self.device))  # (n, N_STATS)
                 tb.write_states(chunk, h, self.scaling.denormalize(stats, y))
+                tb.reset_pending(chunk, self.scaling)
 
 
 def reference_forecast(

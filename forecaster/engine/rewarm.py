@@ -245,6 +245,7 @@ class RewarmJob:
                 if model.context:  # catch-up steps ran without their past: the baseline comes from the window
                     y = model.readout(_select(self.state, rows_t), table.recent(slots, engine.scaling))
                 table.write_states(slots, _select(self.state, rows_t), engine.scaling.denormalize(stats, y))
+                table.reset_pending(slots, engine.scaling)
             # Everything else resident re-warms over its current window, now.
             rest = np.setdiff1d(table.occupied(), slots)
             rest = rest[table.count[rest] > 0]
@@ -256,6 +257,7 @@ class RewarmJob:
                 y_r, h_r = model.warm(x, lengths, recent)  # (n, horizon)
                 stats = table.stats.index_select(0, torch.as_tensor(chunk, device=table.device))
                 table.write_states(chunk, h_r, engine.scaling.denormalize(stats, y_r))
+                table.reset_pending(chunk, engine.scaling)
         return {"caught_up": len(rows), "rewarmed": len(rest), "copies": self.copies, "passes": self.passes}
 
 
