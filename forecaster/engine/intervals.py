@@ -42,7 +42,7 @@ The arithmetic is written once for numpy arrays (a CPU table) and torch tensors 
 >>> [round(float(c), 4) for c in iv.prior]
 [1.6062, 2.4565]
 >>> lower, upper = iv.bounds(np.array([[10.0]]), np.array([2.0]), np.ones((1, 1)), iv.prior[None, None])
->>> lower.round(3).tolist(), upper.round(3).tolist()
+>>> lower.astype(float).round(3).tolist(), upper.astype(float).round(3).tolist()
 ([[[6.788], [5.087]]], [[[13.212], [14.913]]])
 """
 
@@ -143,7 +143,9 @@ class Intervals:
         """Bounds around forecast centres ``center`` (n, H) (``inner`` units) with the series' scales
         ``scale`` (n,): lower, upper (n, L, H) float32 in data units."""
         half = mean_err[..., None] * mult * scale[:, None, None]  # (n, H, L)
-        half = half.transpose(1, 2) if isinstance(half, torch.Tensor) else half.transpose(0, 2, 1)  # (n, L, H)
+        half = (
+            half.transpose(1, 2) if isinstance(half, torch.Tensor) else half.transpose(0, 2, 1)
+        )  # (n, L, H)
         lower, upper = center[:, None, :] - half, center[:, None, :] + half  # (n, L, H)
         if scaling is not None and scaling.kind == "log":
             lib = _lib(lower)

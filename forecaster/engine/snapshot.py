@@ -205,11 +205,12 @@ def take_many(table: StateTable, series: Sequence[str]) -> list[bytes]:
         per_series += [
             t.index_select(0, idx) for t in (table.forecast, table.stats, table.ring, table.values)
         ]
-        per_series += [getattr(table, name).index_select(0, idx) for name in CALIBRATOR if table.levels]
+        calibrator = [getattr(table, name).index_select(0, idx) for name in CALIBRATOR if table.levels]
         arrays = [np.ascontiguousarray(t.cpu().numpy()) for t in per_series]
-    arrays += [table.last_ts[slots].astype(np.int64), table.count[slots].astype(np.int64)]
+        calibrator = [np.ascontiguousarray(t.cpu().numpy()) for t in calibrator]
+    arrays += [table.last_ts[slots].astype(np.int64), table.count[slots].astype(np.int64)]  # header order
     if table.levels:
-        arrays.append(table.score_from[slots].astype(np.int64))
+        arrays += [*calibrator, table.score_from[slots].astype(np.int64)]
     spec = expected_arrays(table_shape(table))
     header = {
         "model_version": table.version,

@@ -153,7 +153,9 @@ class StateTable:
         self._h_a = self.h.numpy() if cpu else None
         self._c_a = self.c.numpy() if cpu and self.c is not None else None
         if self.levels:
-            self.past_flat = self.past.view(-1).numpy() if cpu else self.past.view(-1)  # [(slot*H + j)*H + k-1]
+            self.past_flat = (
+                self.past.view(-1).numpy() if cpu else self.past.view(-1)
+            )  # [(slot*H + j)*H + k-1]
             self.past_scale_flat = self.past_scale.view(-1).numpy() if cpu else self.past_scale.view(-1)
             self.mean_err_a = self.mean_err.numpy() if cpu else self.mean_err
             self.mult_a = self.mult.numpy() if cpu else self.mult

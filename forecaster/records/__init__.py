@@ -1,6 +1,7 @@
 """Wire formats: decoding and validation of input records; encoding of forecasts and dead letters."""
 
 from forecaster.records.codec import (
+    Bounds,
     DecodedBatch,
     KafkaRecord,
     RecordDecoder,
@@ -17,6 +18,7 @@ __all__ = [
     "KafkaRecord",
     "RecordDecoder",
     "encode_dead_letter",
+    "Bounds",
     "encode_forecast",
     "encode_forecast_groups",
     "encode_forecasts",

@@ -355,10 +355,12 @@ def encode_forecasts(
     partition: np.ndarray,
     offset: np.ndarray,
     index: np.ndarray,
+    intervals: Bounds | None = None,
 ) -> list[bytes]:
     """Many forecast records at once (the service's hot path); each parses to ``encode_forecast``'s.
 
-    Forecasts are written with 9 significant digits, which round-trips float32 exactly.
+    Forecasts are written with 9 significant digits, which round-trips float32 exactly. ``intervals``:
+    the bounds of each row, added as ``"lower"`` / ``"upper"`` (see ``with_intervals``).
     """
     horizon = forecasts.shape[1] if forecasts.ndim == 2 else 0
     template = (
@@ -390,7 +392,11 @@ def encode_forecasts(
         else:  # a diverged model: null where a forecast is not a number, still valid JSON
             clean = [f if math.isfinite(f) else None for f in forecast]
             encoded.append(encode_forecast(name, when, version, clean, part, off, i))  # type: ignore[arg-type]
-    return encoded
+    return (
+        encoded
+        if intervals is None
+        else with_intervals(encoded, intervals, [[r] for r in range(len(encoded))])
+    )
 
 
 def encode_forecast_groups(
@@ -402,18 +408,21 @@ def encode_forecast_groups(
     offset: np.ndarray,
     index: np.ndarray,
     group: np.ndarray,
+    intervals: Bounds | None = None,
 ) -> tuple[list[str], list[bytes]]:
     """One record per input record (rows sharing ``group``): the ``forecast_records = "window"`` format.
 
     ``{"series", "ts": [...], "model_version", "forecasts": [[h1..hH], ...], "index": [...],
     "input": {"partition", "offset"}}`` with the rows of one input record in window order (``index``
-    is -1 for a single-value record). Returns the keys (series ids) and the encoded values.
+    is -1 for a single-value record), and with ``intervals`` ``"lower"`` / ``"upper"`` holding one list
+    per value under each level. Returns the keys (series ids) and the encoded values.
     """
     order = np.lexsort((index, group))  # by input record, then position in its window
     bounds = np.flatnonzero(np.diff(group[order])) + 1
+    groups = np.split(order, bounds) if len(order) else []
     prefix = json.dumps(version)
     keys, encoded = [], []
-    for rows in np.split(order, bounds) if len(order) else []:
+    for rows in groups:
         first = int(rows[0])
         values = forecasts[rows]
         listed = (
@@ -429,7 +438,43 @@ def encode_forecast_groups(
         )
         keys.append(series[first])
         encoded.append(text.encode())
+    if intervals is not None:
+        encoded = with_intervals(encoded, intervals, [g.tolist() for g in groups], windowed=True)
     return keys, encoded
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Prediction intervals of forecast rows: level labels ("80", "95"), lower and upper (n, L, H)."""
+
+    labels: Sequence[str]
+    lower: np.ndarray
+    upper: np.ndarray
+
+
+def with_intervals(
+    encoded: list[bytes], bounds: Bounds, rows: Sequence[Sequence[int]], windowed: bool = False
+) -> list[bytes]:
+    """Add ``"lower": {"80": [...], ...}, "upper": {...}`` to each encoded record (its closing brace
+    moved after them). Record i holds rows ``rows[i]``: one list of H bounds per level, or with
+    ``windowed`` one such list per row. 9 significant digits (float32 round-trips); null where not finite."""
+
+    def fmt(x: float) -> str:
+        return f"{x:.9g}" if math.isfinite(x) else "null"
+
+    def side(a: np.ndarray, picked: Sequence[int]) -> str:
+        parts = []
+        for level, label in enumerate(bounds.labels):
+            lists = ["[" + ",".join(map(fmt, a[r, level].tolist())) + "]" for r in picked]
+            body = "[" + ",".join(lists) + "]" if windowed else lists[0]
+            parts.append(f"{json.dumps(label)}:{body}")
+        return "{" + ",".join(parts) + "}"
+
+    out = []
+    for record, picked in zip(encoded, rows, strict=True):
+        tail = f',"lower":{side(bounds.lower, picked)},"upper":{side(bounds.upper, picked)}}}'
+        out.append(record[:-1] + tail.encode())
+    return out
 
 
 def encode_dead_letter(record: KafkaRecord, error: InvalidRecord) -> bytes:
