@@ -1,0 +1,177 @@
+"""Prediction intervals: the calibrator's arithmetic, parity with the per-series reference whatever the
+batching, snapshots, re-warm, the off switch, and coverage on a stationary series."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from forecaster.config import Settings
+from forecaster.engine.engine import Engine
+from forecaster.engine.intervals import WARMUP, Intervals, reference_intervals
+from forecaster.errors import StateError
+from forecaster.model import RecurrentForecaster
+from forecaster.records.codec import Bounds, encode_forecast_groups, encode_forecasts
+from forecaster.scaling import Scaling
+
+
+def model(horizon: int = 3, seed: int = 0) -> RecurrentForecaster:
+    import torch
+
+    torch.manual_seed(seed)
+    return RecurrentForecaster("gru", hidden_size=8, num_layers=1, horizon=horizon)
+
+
+def test_update_and_bounds_match_hand_computed_values() -> None:
+    iv = Intervals(levels=(80.0, 95.0), learning_rate=0.1, halflife=64.0)
+    prior = iv.prior  # z * sqrt(pi / 2)
+    assert prior == pytest.approx([1.2815516 * 1.2533141, 1.9599640 * 1.2533141], rel=1e-6)
+    score = np.array([[0.5, 2.0]])  # step 1 inside both, step 2 outside the 80% one only
+    valid = np.array([[True, True]])
+    mean, mult, inside = iv.update(
+        score, valid, np.array([[1, 3]]), np.ones((1, 2)), np.tile(prior, (1, 2, 1))
+    )
+    assert inside.tolist() == [[[True, True], [False, True]]]
+    # miss: + lr * (1 - alpha); inside: - lr * alpha
+    assert mult[0, 0] == pytest.approx(prior - 0.1 * np.array([0.2, 0.05]))
+    assert mult[0, 1] == pytest.approx(prior + 0.1 * np.array([0.8, -0.05]))
+    assert mean[0] == pytest.approx([0.5, 1.0 + (2.0 - 1.0) / 3])  # cumulative mean while n < halflife
+    lower, upper = iv.bounds(np.array([[10.0, 20.0]]), np.array([2.0]), np.array([[1.0, 0.5]]), mult)
+    assert upper[0, 0, 0] == pytest.approx(10.0 + 2.0 * mult[0, 0, 0], rel=1e-6)
+    assert lower[0, 1, 1] == pytest.approx(20.0 - 2.0 * 0.5 * mult[0, 1, 1], rel=1e-6)
+    log_lower, log_upper = iv.bounds(
+        np.log([[10.0, 20.0]]), np.array([0.1]), np.ones((1, 2)), mult, Scaling(kind="log")
+    )
+    assert log_lower[0, 0, 0] * log_upper[0, 0, 0] == pytest.approx(100.0, rel=1e-5)  # symmetric in ratios
+
+
+def run_stream(engine: Engine, rows: list[tuple[str, int, float]], rng: np.random.Generator) -> dict:
+    """Feed ``rows`` in random batch sizes; collect each series' forecasts and bounds in time order."""
+    got: dict[str, list] = {}
+    i = 0
+    while i < len(rows):
+        n = int(rng.integers(1, 9))
+        batch = rows[i : i + n]
+        i += n
+        out = engine.process([r[0] for r in batch], [r[1] for r in batch], [r[2] for r in batch])
+        for j, name in enumerate(out.series):
+            got.setdefault(name, []).append((out.ts[j], out.forecasts[j], out.lower[j], out.upper[j]))
+    return {name: sorted(items, key=lambda x: x[0]) for name, items in got.items()}
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    kind=st.sampled_from(["ewm", "log", "none"]),
+    host_views=st.sampled_from([None, False]),
+)
+def test_engine_intervals_equal_the_per_series_reference_whatever_the_batching(
+    seed: int, kind: str, host_views: bool | None
+) -> None:
+    rng = np.random.default_rng(seed)
+    iv = Intervals()
+    scaling = Scaling(kind=kind, halflife=16.0)
+    engine = Engine(model(), window=8, scaling=scaling, host_views=host_views, intervals=iv)
+    values = {s: rng.lognormal(size=int(rng.integers(5, 40))) for s in "abcd"}
+    starts = {s: int(rng.integers(0, 20)) for s in values}  # series arrive mid-stream
+    rows = [(s, starts[s] + t, float(v)) for s, vs in values.items() for t, v in enumerate(vs)]
+    rows.sort(key=lambda r: (r[1], rng.random()))  # event-time order, series interleaved at random
+    got = run_stream(engine, rows, rng)
+    for s, vs in values.items():
+        forecasts = np.array([g[1] for g in got[s]])
+        lower, upper = reference_intervals(forecasts, vs, iv, scaling)
+        np.testing.assert_allclose(np.array([g[2] for g in got[s]]), lower, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.array([g[3] for g in got[s]]), upper, rtol=1e-5, atol=1e-5)
+
+
+def test_intervals_cover_a_stationary_series_and_are_scale_free() -> None:
+    rng = np.random.default_rng(1)
+    engine = Engine(model(horizon=4), window=16, scaling=Scaling(kind="none"))
+    values = 5.0 + rng.normal(size=3000)
+    out = engine.process(["a"] * len(values), np.arange(len(values)), values)
+    # coverage of the emitted intervals after a warm-up of 500 values
+    lower, upper = out.lower[500:-4], out.upper[500:-4]
+    for k in (0, 3):
+        y = values[501 + k : len(values) - 3 + k]
+        inside = (lower[:, :, k] <= y[:, None]) & (y[:, None] <= upper[:, :, k])
+        assert inside.mean(0) == pytest.approx([0.80, 0.95], abs=0.03)
+    cov = engine.coverage["init"]
+    assert cov.steps == [1, 4] and cov.levels == ["80", "95"]
+    assert cov.count.tolist() == [len(values) - WARMUP, len(values) - WARMUP - 3]
+    # scale-free: the same series in other units gets the same intervals in those units
+    scaled = Engine(model(horizon=4), window=16, scaling=Scaling(halflife=32.0))
+    base = Engine(model(horizon=4), window=16, scaling=Scaling(halflife=32.0))
+    small = base.process(["a"] * 300, np.arange(300), values[:300])
+    large = scaled.process(["a"] * 300, np.arange(300), 1000.0 * values[:300])
+    np.testing.assert_allclose(large.upper - large.lower, 1000.0 * (small.upper - small.lower), rtol=1e-4)
+
+
+def test_snapshot_restores_the_calibrator_exactly_and_refuses_format_2() -> None:
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=40)
+    a, b = Engine(model(), window=8), Engine(model(), window=8)
+    a.process(["s"] * 30, np.arange(30), values[:30])
+    data = a.snapshot("s")
+    b.restore("s", data)
+    rest_a = a.process(["s"] * 10, np.arange(30, 40), values[30:])
+    rest_b = b.process(["s"] * 10, np.arange(30, 40), values[30:])
+    np.testing.assert_array_equal(rest_a.lower, rest_b.lower)
+    np.testing.assert_array_equal(rest_a.upper, rest_b.upper)
+    body = bytearray(data[:-4])
+    body[7:9] = (2).to_bytes(2, "little")  # the format before the calibrator, with a valid checksum
+    with pytest.raises(StateError, match="format version 2"):
+        b.restore("t", bytes(body) + zlib.crc32(body).to_bytes(4, "little"))
+    off = Engine(model(), window=8, intervals=None)
+    with pytest.raises(StateError, match="shape"):  # a table without intervals is another shape
+        off.restore("s", data)
+
+
+def test_rewarm_scores_only_the_new_models_forecasts() -> None:
+    engine = Engine(model(), window=8)
+    engine.process(["s"] * 12, np.arange(12), np.linspace(0.0, 1.0, 12))
+    engine.rewarm(model(seed=3), "v2")
+    slot = engine.table.slots["s"]
+    assert engine.table.score_from[slot] == 11  # the re-warmed last forecast is the first one scored
+    engine.process(["s"] * 2, [12, 13], [1.1, 1.2])
+    cov = engine.coverage["v2"]
+    assert cov.count.tolist() == [2, 0]  # h1 of the two new values; h3 needs 3 new-model forecasts
+
+
+def test_intervals_off() -> None:
+    settings_off = Settings(intervals={"enabled": False})
+    engine = Engine.from_settings(model(), settings_off)
+    out = engine.process(["a", "a"], [1, 2], [1.0, 2.0])
+    assert out.lower is None and out.upper is None and engine.coverage == {}
+    on = Engine.from_settings(model(), Settings(intervals={"levels": [95, 50]}))
+    assert on.intervals.labels == ["50", "95"]
+    assert on.table.state_bytes - engine.table.state_bytes == 1024 * (4 * (3 * 3 + 2 * 3 + 3 * 2) + 8)
+    with pytest.raises(ValueError):
+        Settings(intervals={"levels": [80, 100]})
+
+
+def test_forecast_records_carry_the_bounds_in_both_layouts() -> None:
+    lower = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
+    bounds = Bounds(["80", "95"], lower, lower + 100.0)
+    forecasts = np.ones((2, 3), np.float32)
+    args = (
+        ["a", "a"],
+        np.array([1, 2]),
+        "v1",
+        forecasts,
+        np.array([0, 0]),
+        np.array([7, 7]),
+        np.array([0, 1]),
+    )
+    one = [json.loads(r) for r in encode_forecasts(*args, intervals=bounds)]
+    assert one[1]["lower"] == {"80": [6.0, 7.0, 8.0], "95": [9.0, 10.0, 11.0]}
+    assert one[0]["upper"]["95"] == [103.0, 104.0, 105.0] and one[0]["forecast"] == [1.0, 1.0, 1.0]
+    assert "lower" not in json.loads(encode_forecasts(*args)[0])
+    _, grouped = encode_forecast_groups(*args, np.array([0, 0]), intervals=bounds)
+    record = json.loads(grouped[0])
+    assert record["lower"]["80"] == [[0.0, 1.0, 2.0], [6.0, 7.0, 8.0]]
+    assert record["upper"]["95"][1] == [109.0, 110.0, 111.0]
