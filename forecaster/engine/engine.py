@@ -15,6 +15,7 @@ import torch
 
 from forecaster.engine import snapshot as snap
 from forecaster.engine.intervals import Intervals, centers, units
+from forecaster.engine.recalibrate import recalibrate
 from forecaster.engine.rewarm import rows_per_call
 from forecaster.engine.state import StateTable
 from forecaster.model import RecurrentForecaster
@@ -458,7 +459,7 @@ class Engine:
                 y, h = self.model.warm(x, lengths, recent)  # (n, horizon)
                 stats = tb.stats.index_select(0, torch.from_numpy(chunk).to(self.device))  # (n, N_STATS)
                 tb.write_states(chunk, h, self.scaling.denormalize(stats, y))
-                tb.reset_pending(chunk, self.scaling)
+                recalibrate(tb, self.model, self.scaling, chunk)  # the calibrator over the window too
 
 
 def reference_forecast(

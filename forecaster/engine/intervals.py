@@ -130,7 +130,8 @@ class Intervals:
         new_mult = mult + step
         new_mult = new_mult.clamp(min=0.0) if lib is torch else np.maximum(new_mult, 0.0)
         floor = 1.0 - 0.5 ** (1.0 / self.halflife)
-        weight = 1.0 / lib.maximum(n_errors, lib.ones_like(n_errors))  # (n, H)
+        n = n_errors.double() if lib is torch else n_errors.astype(np.float64)
+        weight = 1.0 / lib.maximum(n, lib.ones_like(n))  # (n, H) float64
         weight = (weight.clamp(min=floor) if lib is torch else np.maximum(weight, floor)) * valid
         new_mean = mean_err + weight * (lib.where(valid, score, mean_err) - mean_err)  # (n, H)
         if lib is torch:

@@ -309,9 +309,6 @@ def format_metrics(result: ReplayResult) -> str:
         f"{mase(model, naive)[0]:>12.4f} {mase(model, last)[0]:>10.4f} {naive.overall_mae():>12.6g} "
         f"{last.overall_mae():>12.6g}"
     )
-    if result.intervals is not None:
-        lines.append("")
-        lines.append(format_intervals(result.intervals))
     return "\n".join(lines)
 
 

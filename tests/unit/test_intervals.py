@@ -8,6 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,11 +21,9 @@ from forecaster.records.codec import Bounds, encode_forecast_groups, encode_fore
 from forecaster.scaling import Scaling
 
 
-def model(horizon: int = 3, seed: int = 0) -> RecurrentForecaster:
-    import torch
-
+def model(horizon: int = 3, seed: int = 0, **baseline: int) -> RecurrentForecaster:
     torch.manual_seed(seed)
-    return RecurrentForecaster("gru", hidden_size=8, num_layers=1, horizon=horizon)
+    return RecurrentForecaster("gru", hidden_size=8, num_layers=1, horizon=horizon, **baseline)
 
 
 def test_update_and_bounds_match_hand_computed_values() -> None:
@@ -131,15 +130,53 @@ def test_snapshot_restores_the_calibrator_exactly_and_refuses_format_2() -> None
         off.restore("s", data)
 
 
-def test_rewarm_scores_only_the_new_models_forecasts() -> None:
+@pytest.mark.parametrize("kind", ["ewm", "log", "none"])
+@pytest.mark.parametrize("host_views", [None, False])
+def test_rewarm_replays_the_window_through_the_new_model_and_the_calibrator(
+    kind: str, host_views: bool | None
+) -> None:
+    """A re-warm over windows that hold the whole history gives the calibrator the new model's engine
+    would hold had it served those series from the start, and the same intervals from then on."""
+    rng = np.random.default_rng(3)
+    values = rng.lognormal(size=(3, 30)).astype(np.float32).astype(np.float64)  # as the ring keeps them
+    lengths = [30, 12, 2]
+    options = dict(window=32, scaling=Scaling(kind=kind, halflife=16.0), host_views=host_views)
+    new = Engine(model(seed=1, season=4, base_seasons=2), version="v2", **options)
+    swapped = Engine(model(seed=2, season=4, base_seasons=2), **options)
+    for i, n in enumerate(lengths):
+        for engine in (new, swapped):
+            engine.process([f"s{i}"] * n, np.arange(n), values[i, :n])
+    swapped.rewarm(model(seed=1, season=4, base_seasons=2), "v2")
+    a, b = new.table, swapped.table
+    for name in ("mean_err", "mult", "past", "past_scale"):
+        np.testing.assert_allclose(
+            getattr(a, name)[[a.slots[f"s{i}"] for i in range(3)]].numpy(),
+            getattr(b, name)[[b.slots[f"s{i}"] for i in range(3)]].numpy(),
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=name,
+        )
+    nxt = rng.lognormal(size=9)
+    names, ts = ["s0", "s1", "s2"] * 3, np.repeat([40, 41, 42], 3)
+    before = new.coverage["v2"].count
+    out_new, out_swapped = new.process(names, ts, nxt), swapped.process(names, ts, nxt)
+    np.testing.assert_allclose(out_swapped.lower, out_new.lower, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out_swapped.upper, out_new.upper, rtol=1e-4, atol=1e-5)
+    # h1: 3 + 3 + 1 (s2's first forecasts are warm-up); h3: 3 + 3 + 0
+    assert swapped.coverage["v2"].count.tolist() == (new.coverage["v2"].count - before).tolist() == [7, 6]
+
+
+def test_background_swap_scores_only_the_new_models_forecasts() -> None:
+    from forecaster.engine.rewarm import RewarmJob
+
     engine = Engine(model(), window=8)
     engine.process(["s"] * 12, np.arange(12), np.linspace(0.0, 1.0, 12))
-    engine.rewarm(model(seed=3), "v2")
-    slot = engine.table.slots["s"]
-    assert engine.table.score_from[slot] == 11  # the re-warmed last forecast is the first one scored
+    job = RewarmJob(model(seed=3), "v2", engine)
+    assert job.wait(30.0)
+    assert job.at_boundary(engine) == {"caught_up": 1, "rewarmed": 0, "copies": 1, "passes": 0}
+    assert engine.table.score_from[engine.table.slots["s"]] == 11  # its last (re-warmed) forecast on
     engine.process(["s"] * 2, [12, 13], [1.1, 1.2])
-    cov = engine.coverage["v2"]
-    assert cov.count.tolist() == [2, 0]  # h1 of the two new values; h3 needs 3 new-model forecasts
+    assert engine.coverage["v2"].count.tolist() == [2, 0]  # h1 of the two new values; h3 needs three
 
 
 def test_intervals_off() -> None:
