@@ -212,3 +212,22 @@ def test_forecast_records_carry_the_bounds_in_both_layouts() -> None:
     record = json.loads(grouped[0])
     assert record["lower"]["80"] == [[0.0, 1.0, 2.0], [6.0, 7.0, 8.0]]
     assert record["upper"]["95"][1] == [109.0, 110.0, 111.0]
+
+
+def test_trainer_evaluation_scores_the_intervals_the_service_would_emit() -> None:
+    from forecaster.train.evaluation import evaluate, model_forecasts
+
+    rng = np.random.default_rng(4)
+    values = [10.0 + np.sin(np.arange(200) / 3.0) + 0.3 * rng.normal(size=200) for _ in range(3)]
+    net, scaling, iv = model(), Scaling(halflife=32.0), Intervals()
+    result = evaluate({"model": (net, scaling)}, values, validation_fraction=0.25, season=19, intervals=iv)
+    scores = result.intervals["model"]
+    assert scores.count.tolist() == [3 * 50, 3 * 49, 3 * 48]  # origins 149..198, each target that exists
+    # the same as scoring reference_intervals of the same forecasts by hand
+    forecasts = model_forecasts(net, scaling, values)
+    inside = 0
+    for f, v in zip(forecasts, values, strict=True):
+        lower, upper = reference_intervals(f.astype(np.float32), v, iv, scaling)
+        inside += int(((lower[149:199, 0, 0] <= v[150:]) & (v[150:] <= upper[149:199, 0, 0])).sum())
+    assert scores.inside[0, 0] == inside
+    assert set(result.summary()["intervals"]["model"]) == {"80", "95"}
