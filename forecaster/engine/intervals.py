@@ -29,7 +29,8 @@ Tibshirani 2023), on each series' own k-step errors in the units of its scaling.
 
 Per series the state table keeps, for horizon H and L levels: the centres of the last H forecasts (H x H
 float32) and their scales (H), ``m`` (H), ``c`` (H x L) and the ordinal of the first forecast to score
-(int64, set at a re-warm: the forecasts of the model before a swap are not scored against the next one):
+(int64: past a new series' warm-up; after a re-warm, the first the new model made, see
+``forecaster.engine.recalibrate``):
 ``4 * (H * H + 2 * H + H * L) + 8`` bytes (776 for H = 12, two levels).
 
 The miss counted for step k uses the current ``m_k * c_{k,l}``, which for k > 1 has moved (k - 1 updates)
