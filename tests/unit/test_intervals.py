@@ -231,3 +231,30 @@ def test_trainer_evaluation_scores_the_intervals_the_service_would_emit() -> Non
         inside += int(((lower[149:199, 0, 0] <= v[150:]) & (v[150:] <= upper[149:199, 0, 0])).sum())
     assert scores.inside[0, 0] == inside
     assert set(result.summary()["intervals"]["model"]) == {"80", "95"}
+
+
+def test_coverage_counters_follow_the_engine() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from forecaster.metrics.coverage import IntervalCoverage
+
+    registry = CollectorRegistry()
+    counters = IntervalCoverage(registry)
+    engine = Engine(model(), window=8, scaling=Scaling(kind="none"))
+    values = np.random.default_rng(5).normal(size=60)
+    engine.process(["a"] * 30, np.arange(30), values[:30])
+    counters.update(engine.coverage)
+    engine.process(["a"] * 30, np.arange(30, 60), values[30:])
+    counters.update(engine.coverage)
+    stats = engine.coverage["init"]
+
+    def sample(name: str, level: str, step: str) -> float | None:
+        labels = {"model_version": "init", "level": level, "step": step}
+        return registry.get_sample_value(f"forecaster_interval_{name}_total", labels)
+
+    assert sample("scored", "80", "h1") == 60 - WARMUP and sample("scored", "95", "h3") == 60 - WARMUP - 2
+    assert sample("inside", "95", "h3") == stats.inside[1, 1]
+    assert sample("width", "80", "h1") == pytest.approx(stats.width[0, 0])
+    assert stats.inside[0, 0] <= stats.inside[1, 0] <= stats.count[0]  # the 95% interval holds the 80% one
+    counters.update(Engine(model(), window=8).coverage)  # a new engine: totals go on from where they were
+    assert sample("scored", "80", "h1") == 60 - WARMUP
