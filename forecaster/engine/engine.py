@@ -92,17 +92,19 @@ class _ErrorAccumulator:
 
 
 class _CoverageAccumulator:
-    """counts on the host; inside and width sums (2, L, S) on the device (no sync per step)."""
+    """counts per step on the host; inside and half-width sums (2, L, H) on the device (no sync per step);
+    ``stats`` reports the steps in ``steps``."""
 
-    def __init__(self, like: Any, levels: int, steps: list[int]) -> None:
+    def __init__(self, like: Any, levels: int, horizon: int, steps: list[int]) -> None:
         self.steps = steps
-        self.count = np.zeros(len(steps), dtype=np.int64)
-        shape = (2, levels, len(steps))
+        self.count = np.zeros(horizon, dtype=np.int64)
+        shape = (2, levels, horizon)
         self.sums = like.new_zeros(shape) if isinstance(like, torch.Tensor) else np.zeros(shape)
 
     def stats(self, labels: list[str]) -> CoverageStats:
-        sums = np.asarray(self.sums.tolist(), dtype=np.float64)
-        return CoverageStats(labels, list(self.steps), self.count.copy(), sums[0], sums[1])
+        cols = [s - 1 for s in self.steps]
+        sums = np.asarray(self.sums.tolist(), dtype=np.float64)[:, :, cols]  # (2, L, S)
+        return CoverageStats(labels, list(self.steps), self.count[cols], sums[0], 2.0 * sums[1])
 
 
 class Engine:
@@ -158,6 +160,7 @@ class Engine:
         self._cpu = self.table.host_views  # numpy on the host; False: torch tensors on the device
         self._errors: dict[str, _ErrorAccumulator] = {}
         self._coverage: dict[str, _CoverageAccumulator] = {}
+        self._set_steps(model.horizon)
 
     @classmethod
     def from_settings(cls, model: RecurrentForecaster, settings: Any, **kwargs: Any) -> Engine:
@@ -262,7 +265,7 @@ class Engine:
         acc.sums[0] += abs(err).sum()
         acc.sums[1] += err @ err
         if self.intervals is not None:  # Step 1b. score the forecasts of 1..H steps earlier, calibrate
-            self._calibrate(slots, idx, count, v)
+            calibrated = self._calibrate(slots, idx, count, v)
         # Step 2. scale, and keep the model input and the value in the ring buffers.
         stats = scaling.update(tb.stats_a[idx], v)  # (n, N_STATS)
         scale = scaling.scale(stats)  # (n,)
@@ -285,47 +288,54 @@ class Engine:
         if self.intervals is None:
             return (f,)
         # Step 5. bounds around the new forecasts; remember their centres and scales for the next scores.
-        center = centers(scaling, f)  # (n, H) float64
-        unit = scale if scaling.kind != "none" else units(scaling, stats)  # (n,)
+        center = centers(scaling, f)  # (n, H) float32
+        unit = (
+            units(scaling, stats)
+            if scaling.kind == "none"
+            else scale.astype(np.float32)
+            if self._cpu
+            else scale.float()
+        )  # (n,) float32
         at = slots * tb.horizon + count % tb.horizon  # (n,) rows of the ring of past forecasts
         at = at if self._cpu else torch.from_numpy(at).to(self.device)
-        lo, hi = self.intervals.bounds(center, unit, tb.mean_err_a[idx], tb.mult_a[idx], scaling)
-        past = tb.past_flat.reshape(-1, tb.horizon)  # (capacity * H, H) view
-        past[at] = center if self._cpu else center.float()
-        tb.past_scale_flat[at] = unit if self._cpu else unit.float()
+        lo, hi = self.intervals.bounds(center, unit, *calibrated, scaling)
+        tb.past_rows[at] = center
+        tb.past_scale_flat[at] = unit
         return f, lo, hi
 
-    def _calibrate(self, slots: np.ndarray, idx: Any, count: np.ndarray, v: Any) -> None:
+    def _set_steps(self, horizon: int) -> None:
+        self._steps = np.arange(1, horizon + 1)  # (H,) k = 1..H
+        # row j of this: the ring rows ((j - k) mod H) of the forecasts made k = 1..H values before ordinal j
+        self._lag_rows = (np.arange(horizon)[:, None] - self._steps) % horizon  # (H, H)
+
+    def _calibrate(self, slots: np.ndarray, idx: Any, count: np.ndarray, v: Any) -> tuple[Any, Any]:
         """Score value ``v`` of each slot against the forecasts made 1..H values before it (those made
-        since the slot's ``score_from``), update the calibrator and the coverage counts."""
-        tb, horizon = self.table, self.table.horizon
-        k = np.arange(1, horizon + 1)
-        made = count[:, None] - k  # (n, H) ordinal of the value each forecast was made after
-        valid = made >= tb.score_from[slots][:, None]  # (n, H) host
-        row = slots[:, None] * horizon + made % horizon  # (n, H) ring rows
+        since the slot's ``score_from``), update the calibrator and the coverage counts. Returns the new
+        mean errors (n, H) and multipliers (n, L, H)."""
+        tb, horizon, cpu = self.table, self.table.horizon, self._cpu
+        k = self._steps  # (H,) 1..H
+        # errors scored at step k with this one: forecasts made after ordinals score_from .. count - k
+        n_errors = (count - tb.score_from[slots])[:, None] + (1 - k)  # (n, H)
+        valid = None if n_errors[:, -1].min() > 0 else n_errors > 0  # (n, H); None: every step of every slot
+        row = self._lag_rows[count % horizon] + (slots * horizon)[:, None]  # (n, H) ring rows of those
         at = row * horizon + (k - 1)  # (n, H) flat positions of the k-step centres
-        if not self._cpu:
-            row, at = (torch.from_numpy(a).to(self.device) for a in (row, at))
-        inner_v = self.scaling.inner(v)  # (n,)
-        with np.errstate(divide="ignore", invalid="ignore"):  # rows not written yet: masked below
-            score = abs(inner_v[:, None] - tb.past_flat[at]) / tb.past_scale_flat[row]  # (n, H) float64
-        if self._cpu:
-            valid_d, score = valid, np.where(valid, score, 0.0)
-        else:
-            valid_d = torch.from_numpy(valid).to(self.device)
-            score = torch.where(valid_d, score, 0.0)
-        n_errors = made - tb.score_from[slots][:, None] + 1  # (n, H) errors scored at step k, with this one
-        n_errors = n_errors if self._cpu else torch.from_numpy(n_errors).to(self.device)
-        mean_err, mult = tb.mean_err_a[idx], tb.mult_a[idx]  # (n, H), (n, H, L)
-        new_mean, new_mult, inside = self.intervals.update(score, valid_d, n_errors, mean_err, mult)
+        if not cpu:
+            row, at, n_errors = (torch.from_numpy(a).to(self.device) for a in (row, at, n_errors))
+        inner_v = self.scaling.inner(v)  # (n,) float64
+        score = abs(inner_v[:, None] - tb.past_flat[at]) / tb.past_scale_flat[row]  # (n, H) float64
+        score = score.astype(np.float32) if cpu else score.float()
+        valid_d = valid if cpu or valid is None else torch.from_numpy(valid).to(self.device)
+        if valid is not None:
+            score = np.where(valid, score, np.float32(0.0)) if cpu else torch.where(valid_d, score, 0.0)
+        mean_err, mult = tb.mean_err_a[idx], tb.mult_a[idx]  # (n, H), (n, L, H)
+        new_mean, new_mult, inside, half = self.intervals.update(score, valid_d, n_errors, mean_err, mult)
         tb.mean_err_a[idx], tb.mult_a[idx] = new_mean, new_mult
-        # Coverage at the scored steps, per level (sums stay on the device).
+        # Coverage per level and step (sums stay on the device).
         acc = self._coverage.get(self.version) or self._coverage_accumulator(score)
-        cols = [s - 1 for s in acc.steps]
-        acc.count += valid[:, cols].sum(axis=0)
-        acc.sums[0] += inside[:, cols].sum(0).T  # (L, S)
-        width = 2.0 * mean_err[:, cols, None] * mult[:, cols] * valid_d[:, cols, None]  # (n, S, L)
-        acc.sums[1] += width.sum(0).T  # (L, S)
+        acc.count += len(slots) if valid is None else valid.sum(axis=0)
+        acc.sums[0] += inside.sum(0)  # (L, H)
+        acc.sums[1] += (half if valid is None else half * valid_d[:, None, :]).sum(0)  # (L, H) half-widths
+        return new_mean, new_mult
 
     def _past(self, slots: np.ndarray, count: np.ndarray, stats: Any) -> torch.Tensor:
         """The ``model.context`` values each series stepped before its current one, from the ring buffer of
@@ -349,8 +359,9 @@ class Engine:
         return acc
 
     def _coverage_accumulator(self, like: Any) -> _CoverageAccumulator:
-        steps = self.intervals.score_steps(self.model.horizon)
-        acc = self._coverage[self.version] = _CoverageAccumulator(like, len(self.intervals.levels), steps)
+        horizon, steps = self.model.horizon, self.intervals.score_steps(self.model.horizon)
+        levels = len(self.intervals.levels)
+        acc = self._coverage[self.version] = _CoverageAccumulator(like, levels, horizon, steps)
         return acc
 
     def _concat(self, parts: list[Any], shape: tuple[int, ...]) -> np.ndarray:
@@ -445,6 +456,7 @@ class Engine:
         model = model.to(self.device).eval()
         self.table.fit_model(model)
         self.model, self.version, self.table.version = model, version, version
+        self._set_steps(model.horizon)
         self._rewarm_slots(self.table.occupied())
 
     def _rewarm_slots(self, slots: np.ndarray) -> None:

@@ -28,7 +28,7 @@ Tibshirani 2023), on each series' own k-step errors in the units of its scaling.
   of the scaling (in ratios under log scaling).
 
 Per series the state table keeps, for horizon H and L levels: the centres of the last H forecasts (H x H
-float32) and their scales (H), ``m`` (H), ``c`` (H x L) and the ordinal of the first forecast to score
+float32) and their scales (H), ``m`` (H), ``c`` (L x H) and the ordinal of the first forecast to score
 (int64: past a new series' warm-up; after a re-warm, the first the new model made, see
 ``forecaster.engine.recalibrate``):
 ``4 * (H * H + 2 * H + H * L) + 8`` bytes (776 for H = 12, two levels).
@@ -42,7 +42,8 @@ The arithmetic is written once for numpy arrays (a CPU table) and torch tensors 
 >>> iv = Intervals(levels=(80.0, 95.0))
 >>> [round(float(c), 4) for c in iv.prior]
 [1.6062, 2.4565]
->>> lower, upper = iv.bounds(np.array([[10.0]]), np.array([2.0]), np.ones((1, 1)), iv.prior[None, None])
+>>> mult = iv.prior[None, :, None].astype(np.float32)  # (1 series, 2 levels, 1 step)
+>>> lower, upper = iv.bounds(np.array([[10.0]], np.float32), np.array([2.0], np.float32), np.ones((1, 1), np.float32), mult)
 >>> lower.astype(float).round(3).tolist(), upper.astype(float).round(3).tolist()
 ([[[6.788], [5.087]]], [[[13.212], [14.913]]])
 """
@@ -50,6 +51,7 @@ The arithmetic is written once for numpy arrays (a CPU table) and torch tensors 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -97,12 +99,22 @@ class Intervals:
         """Level names as written in forecast records and metric labels: "80", "95", "99.5"."""
         return [f"{level:g}" for level in self.levels]
 
-    @property
+    @functools.cached_property
     def alpha(self) -> np.ndarray:
         """Miss rate each level aims at: (L,) float64."""
         return 1.0 - np.array(self.levels) / 100.0
 
-    @property
+    @functools.cached_property
+    def floor(self) -> float:
+        """Weight of a new error in the mean once a series has ``halflife`` of them."""
+        return 1.0 - 0.5 ** (1.0 / self.halflife)
+
+    @functools.cached_property
+    def _up_np(self) -> np.ndarray:
+        """lr * (1 - alpha) per level, (L, 1) float32: the step of a miss."""
+        return (self.learning_rate * (1.0 - self.alpha)).astype(np.float32)[:, None]
+
+    @functools.cached_property
     def prior(self) -> np.ndarray:
         """Starting multiplier per level, the normal quantile over the normal mean absolute error: (L,)."""
         z = [NormalDist().inv_cdf(0.5 + level / 200.0) for level in self.levels]
@@ -115,61 +127,61 @@ class Intervals:
     def update(
         self, score: Array, valid: Array, n_errors: Array, mean_err: Array, mult: Array
     ) -> tuple[Array, Array, Array]:
-        """Fold one value's k-step scores in, for n series.
+        """Fold one value's k-step scores in, for n series (float32 throughout).
 
-        ``score`` (n, H) normalised absolute errors of the forecasts made k = 1..H values ago,
-        ``valid`` (n, H) bool: such a forecast exists, ``n_errors`` (n, H): errors scored at step k with
-        this one, ``mean_err`` (n, H), ``mult`` (n, H, L). Returns new ``mean_err``, new ``mult`` and
-        ``inside`` (n, H, L) bool: the value within the bounds before this update (False where not valid).
+        ``score`` (n, H) normalised absolute errors of the forecasts made k = 1..H values ago (0 where
+        not ``valid``), ``valid`` (n, H) bool: such a forecast is scored (None: all are), ``n_errors`` (n, H): errors
+        scored at step k with this one, ``mean_err`` (n, H), ``mult`` (n, L, H). Returns new ``mean_err``,
+        new ``mult``, ``inside`` (n, L, H) bool: the value within the bounds before this update (False
+        where not valid), and those bounds' normalised half-widths (n, L, H).
         """
         lib = _lib(score)
-        q = mean_err[..., None] * mult  # (n, H, L) normalised half-widths
-        inside = (score[..., None] <= q) & valid[..., None]  # (n, H, L)
-        miss = (~inside).to(mult.dtype) if lib is torch else (~inside).astype(mult.dtype)
-        alpha = torch.as_tensor(self.alpha, device=mult.device) if lib is torch else self.alpha
-        step = self.learning_rate * (miss - alpha) * valid[..., None]  # (n, H, L)
-        new_mult = mult + step
-        new_mult = new_mult.clamp(min=0.0) if lib is torch else np.maximum(new_mult, 0.0)
-        floor = 1.0 - 0.5 ** (1.0 / self.halflife)
-        n = n_errors.double() if lib is torch else n_errors.astype(np.float64)
-        weight = 1.0 / lib.maximum(n, lib.ones_like(n))  # (n, H) float64
-        weight = (weight.clamp(min=floor) if lib is torch else np.maximum(weight, floor)) * valid
-        new_mean = mean_err + weight * (lib.where(valid, score, mean_err) - mean_err)  # (n, H)
-        if lib is torch:
-            return new_mean.to(mean_err.dtype), new_mult.to(mult.dtype), inside
-        return new_mean.astype(mean_err.dtype), new_mult.astype(mult.dtype), inside
+        half = mult * mean_err[:, None, :]  # (n, L, H) normalised half-widths
+        inside = score[:, None, :] <= half  # (n, L, H)
+        if valid is not None:
+            inside &= valid[:, None, :]
+        # c + lr * (miss - alpha) where scored: + lr * (1 - alpha), and - lr where inside
+        up = self._up_np if lib is np else torch.as_tensor(self._up_np, device=mult.device)
+        new_mult = mult + (up if valid is None else valid[:, None, :] * up)  # (n, L, H)
+        new_mult -= inside * np.float32(self.learning_rate)
+        new_mult = new_mult.clamp(min=0.0) if lib is torch else np.maximum(new_mult, 0.0, out=new_mult)
+        floor = self.floor
+        if lib is np and valid is None and int(n_errors.min()) * floor >= 1.0:  # all past their first errors
+            weight = np.float32(floor)
+        else:
+            n = n_errors.float() if lib is torch else n_errors.astype(np.float32)
+            weight = 1.0 / (n.clamp(min=1.0) if lib is torch else np.maximum(n, 1.0))  # (n, H)
+            weight = weight.clamp(min=floor) if lib is torch else np.maximum(weight, floor)
+            if valid is not None:
+                weight = weight * valid
+        new_mean = mean_err + weight * (score - mean_err)  # (n, H); unchanged where not valid
+        return new_mean, new_mult, inside, half
 
     def bounds(
         self, center: Array, scale: Array, mean_err: Array, mult: Array, scaling: Scaling | None = None
     ) -> tuple[Array, Array]:
-        """Bounds around forecast centres ``center`` (n, H) (``inner`` units) with the series' scales
-        ``scale`` (n,): lower, upper (n, L, H) float32 in data units."""
-        half = mean_err[..., None] * mult * scale[:, None, None]  # (n, H, L)
-        half = (
-            half.transpose(1, 2) if isinstance(half, torch.Tensor) else half.transpose(0, 2, 1)
-        )  # (n, L, H)
+        """Bounds around forecast centres ``center`` (n, H) (``inner`` units, float32) with the series'
+        scales ``scale`` (n,): lower, upper (n, L, H) float32 in data units."""
+        spread = mean_err * scale[:, None]  # (n, H)
+        half = mult * spread[:, None, :]  # (n, L, H)
         lower, upper = center[:, None, :] - half, center[:, None, :] + half  # (n, L, H)
         if scaling is not None and scaling.kind == "log":
             lib = _lib(lower)
             lower, upper = (
-                lib.exp(b.clamp(max=700.0) if lib is torch else np.minimum(b, 700.0)) for b in (lower, upper)
-            )
-        if isinstance(lower, torch.Tensor):
-            return lower.float(), upper.float()
-        return lower.astype(np.float32), upper.astype(np.float32)
+                lib.exp(b.clamp(max=88.0) if lib is torch else np.minimum(b, 88.0)) for b in (lower, upper)
+            )  # capped below float32's largest exp: a wild bound is huge, not inf
+        return lower, upper
 
 
 def units(scaling: Scaling, stats: Array) -> Array:
-    """The scale of each series for its intervals (n,): the scaling's divisor (1 without scaling)."""
-    if scaling.kind == "none":
-        return _lib(stats).ones_like(stats[:, 0])
-    return scaling.scale(stats)
+    """The scale of each series for its intervals (n,) float32: the scaling's divisor (1 without)."""
+    one = _lib(stats).ones_like(stats[:, 0]) if scaling.kind == "none" else scaling.scale(stats)
+    return one.float() if isinstance(one, torch.Tensor) else one.astype(np.float32)
 
 
 def centers(scaling: Scaling, forecasts: Array) -> Array:
-    """Forecasts (float32 as emitted) -> the centres the bounds sit around, in ``inner`` units, float64."""
-    f = forecasts.double() if isinstance(forecasts, torch.Tensor) else forecasts.astype(np.float64)
-    return scaling.inner(f)
+    """Forecasts (float32 as emitted) -> the centres the bounds sit around, in ``inner`` units, float32."""
+    return scaling.inner(forecasts)
 
 
 def reference_intervals(
@@ -190,7 +202,7 @@ def reference_intervals(
     past = np.zeros((horizon, horizon), np.float32)  # row j: centres of the forecast made at ordinal j % H
     past_scale = np.ones(horizon, np.float32)
     mean_err = np.ones((1, horizon), np.float32)
-    mult = np.tile(intervals.prior.astype(np.float32), (1, horizon, 1))  # (1, H, L)
+    mult = np.repeat(intervals.prior.astype(np.float32)[None, :, None], horizon, axis=2)  # (1, L, H)
     lower = np.zeros((steps, len(intervals.levels), horizon), np.float32)
     upper = np.zeros_like(lower)
     first = WARMUP - 1  # ordinal of the first forecast scored
@@ -199,10 +211,9 @@ def reference_intervals(
         valid = (t - k >= first)[None]
         with np.errstate(divide="ignore", invalid="ignore"):
             score = np.abs(scaling.inner(v[t]) - past[row, k - 1]) / past_scale[row]  # (H,) float64
-        score = np.where(valid, score, 0.0)
+        score = np.where(valid, score, 0.0).astype(np.float32)
         n_errors = (t - k - first + 1)[None]
-        new_mean, new_mult, _ = intervals.update(score, valid, n_errors, mean_err, mult)
-        mean_err, mult = new_mean.astype(np.float32), new_mult.astype(np.float32)
+        mean_err, mult, _, _ = intervals.update(score, valid, n_errors, mean_err, mult)
         center = centers(scaling, forecasts[t : t + 1].astype(np.float32))  # (1, H)
         scale = units(scaling, stats[t : t + 1])  # (1,)
         past[t % horizon], past_scale[t % horizon] = center[0], scale[0]

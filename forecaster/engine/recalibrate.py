@@ -60,14 +60,14 @@ def recalibrate(table: Any, model: RecurrentForecaster, scaling: Scaling, slots:
     base = model.scaled_baseline(v.masked_fill(~held, float("nan")), stats, scaling, 0, w)  # (n, W, H)
     y, _ = model(x[..., None], base=base)  # (n, W, H) scaled
     f = scaling.denormalize(stats.reshape(-1, Scaling.N_STATS), y.reshape(-1, horizon)).float()  # as emitted
-    center = centers(scaling, f).reshape(len(slots), w, horizon)  # (n, W, H) float64
-    center = center.float().double()  # the ring keeps float32
-    unit = units(scaling, stats.reshape(-1, Scaling.N_STATS)).reshape(len(slots), w).float().double()
+    center = centers(scaling, f).reshape(len(slots), w, horizon)  # (n, W, H) float32
+    unit = units(scaling, stats.reshape(-1, Scaling.N_STATS)).reshape(len(slots), w)  # (n, W) float32
     # Step 4. The calibrator from its prior, value by value (ordinal of position j: count - length + j).
     first = torch.clamp(count - lengths, min=WARMUP - 1)  # (n,) first forecast scored
     ordinal0 = count - lengths  # (n,)
     mean_err = torch.ones(len(slots), horizon, device=dev)  # (n, H)
-    mult = torch.as_tensor(iv.prior, dtype=torch.float32, device=dev).expand(len(slots), horizon, -1)
+    prior = torch.as_tensor(iv.prior, dtype=torch.float32, device=dev)  # (L,)
+    mult = prior[:, None].expand(len(slots), -1, horizon)  # (n, L, H)
     k = torch.arange(1, horizon + 1, device=dev)
     inner_v = scaling.inner(v)  # (n, W)
     for j in range(1, w):
@@ -77,9 +77,10 @@ def recalibrate(table: Any, model: RecurrentForecaster, scaling: Scaling, slots:
         )
         mk = made.clamp(min=0)
         past = center[:, mk, k - 1]  # (n, H)
-        score = torch.where(valid, (inner_v[:, j, None] - past).abs() / unit[:, mk], 0.0)  # (n, H)
+        score = (inner_v[:, j, None] - past).abs() / unit[:, mk]  # (n, H) float64, as the engine
+        score = torch.where(valid, score.float(), 0.0)  # (n, H) float32
         n_errors = ordinal0[:, None] + made[None] - first[:, None] + 1  # (n, H)
-        mean_err, mult, _ = iv.update(score, valid, n_errors, mean_err, mult)
+        mean_err, mult, _, _ = iv.update(score, valid, n_errors, mean_err, mult)
     # Step 5. The calibrator's state, and the last H forecasts awaiting their values.
     table.mean_err.index_copy_(0, idx, mean_err)
     table.mult.index_copy_(0, idx, mult.contiguous())

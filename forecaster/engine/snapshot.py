@@ -53,7 +53,7 @@ def expected_arrays(shape: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ..
             past=("float32", (h, h)),
             past_scale=("float32", (h,)),
             mean_err=("float32", (h,)),
-            mult=("float32", (h, lv)),
+            mult=("float32", (lv, h)),
             score_from=("int64", ()),
         )
     return arrays

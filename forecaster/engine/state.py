@@ -7,7 +7,7 @@ units (``values``, what a model's baseline reads), (capacity, W) float32 each. O
 epoch ms), count of values ever stepped, last-seen wall time, a dirty flag. With prediction intervals
 (``intervals``, see ``forecaster.engine.intervals``) also the calibrator's state: the centres of the last
 H forecasts ``past`` (capacity, H, H) and their scales ``past_scale`` (capacity, H), the mean absolute
-k-step error ``mean_err`` (capacity, H) and the coverage multipliers ``mult`` (capacity, H, L), float32
+k-step error ``mean_err`` (capacity, H) and the coverage multipliers ``mult`` (capacity, L, H), float32
 on the device, and on the host the ordinal of the first forecast to score ``score_from``. Capacity doubles when full
 (amortised growth); freed slots are reused. Idle series are evicted after ``ttl_seconds`` and the least
 recently seen one when a new series would pass ``max_series``; an optional ``on_evict(series, snapshot)``
@@ -131,7 +131,7 @@ class StateTable:
             self.past = grow(None if first else self.past, (capacity, h, h), torch.float32)
             self.past_scale = grow(None if first else self.past_scale, (capacity, h), torch.float32)
             self.mean_err = grow(None if first else self.mean_err, (capacity, h), torch.float32)
-            self.mult = grow(None if first else self.mult, (capacity, h, lv), torch.float32)
+            self.mult = grow(None if first else self.mult, (capacity, lv, h), torch.float32)
             self.score_from = grow_np(None if first else self.score_from, 0, np.int64)
         self.last_ts = grow_np(None if first else self.last_ts, NO_TS, np.int64)
         self.count = grow_np(None if first else self.count, 0, np.int64)
@@ -157,6 +157,8 @@ class StateTable:
                 self.past.view(-1).numpy() if cpu else self.past.view(-1)
             )  # [(slot*H + j)*H + k-1]
             self.past_scale_flat = self.past_scale.view(-1).numpy() if cpu else self.past_scale.view(-1)
+            h = self.horizon
+            self.past_rows = self.past.view(-1, h).numpy() if cpu else self.past.view(-1, h)  # [slot*H + j]
             self.mean_err_a = self.mean_err.numpy() if cpu else self.mean_err
             self.mult_a = self.mult.numpy() if cpu else self.mult
 
@@ -177,10 +179,10 @@ class StateTable:
         if self.levels:  # the calibrator starts over at the new horizon (reset_pending sets score_from)
             h, lv = horizon, self.levels
             self.past = torch.zeros(self.capacity, h, h, device=self.device)
-            self.past_scale = torch.zeros(self.capacity, h, device=self.device)
+            self.past_scale = torch.ones(self.capacity, h, device=self.device)
             self.mean_err = torch.ones(self.capacity, h, device=self.device)
             self.mult = torch.as_tensor(self.intervals.prior, dtype=torch.float32, device=self.device)
-            self.mult = self.mult.expand(self.capacity, h, lv).contiguous()
+            self.mult = self.mult[:, None].expand(self.capacity, lv, h).contiguous()
         self._views()
 
     @property
@@ -259,7 +261,7 @@ class StateTable:
             t.index_fill_(0, idx, 0.0)
         if self.levels:
             self.past.index_fill_(0, idx, 0.0)
-            self.past_scale.index_fill_(0, idx, 0.0)
+            self.past_scale.index_fill_(0, idx, 1.0)  # finite scores from rows not written yet
             self.mean_err.index_fill_(0, idx, 1.0)  # prior spread: one unit of the series' scale
             self.mult.index_copy_(0, idx, self._prior_mult(len(slots)))
             self.score_from[slots] = WARMUP - 1
@@ -269,7 +271,7 @@ class StateTable:
 
     def _prior_mult(self, n: int) -> torch.Tensor:
         prior = torch.as_tensor(self.intervals.prior, dtype=torch.float32, device=self.device)  # (L,)
-        return prior.expand(n, self.horizon, self.levels)  # (n, H, L)
+        return prior[:, None].expand(n, self.levels, self.horizon)  # (n, L, H)
 
     @_inference
     def reset_pending(self, slots: np.ndarray, scaling: Scaling) -> None:
@@ -283,8 +285,8 @@ class StateTable:
         row = torch.as_tensor((count - 1) % self.horizon, device=self.device)  # (n,) ring row of it
         center = centers(scaling, self.forecast.index_select(0, idx))  # (n, H)
         scale = units(scaling, self.stats.index_select(0, idx))  # (n,)
-        self.past[idx, row] = center.float()
-        self.past_scale[idx, row] = scale.float()
+        self.past[idx, row] = center
+        self.past_scale[idx, row] = scale
         self.score_from[slots] = count - 1
 
     def slot_of(self, series: str) -> int | None:

@@ -30,21 +30,25 @@ def test_update_and_bounds_match_hand_computed_values() -> None:
     iv = Intervals(levels=(80.0, 95.0), learning_rate=0.1, halflife=64.0)
     prior = iv.prior  # z * sqrt(pi / 2)
     assert prior == pytest.approx([1.2815516 * 1.2533141, 1.9599640 * 1.2533141], rel=1e-6)
-    score = np.array([[0.5, 2.0]])  # step 1 inside both, step 2 outside the 80% one only
+    score = np.array([[0.5, 2.0]], np.float32)  # step 1 inside both, step 2 outside the 80% one only
     valid = np.array([[True, True]])
-    mean, mult, inside = iv.update(
-        score, valid, np.array([[1, 3]]), np.ones((1, 2)), np.tile(prior, (1, 2, 1))
-    )
-    assert inside.tolist() == [[[True, True], [False, True]]]
+    start = np.repeat(prior.astype(np.float32)[None, :, None], 2, axis=2)  # (1, L, H)
+    mean, mult, inside, half = iv.update(score, valid, np.array([[1, 3]]), np.ones((1, 2), np.float32), start)
+    assert inside.tolist() == [[[True, False], [True, True]]]  # (n, L, H)
+    np.testing.assert_allclose(half[0], start[0], rtol=1e-6)  # mean error 1: the multipliers
     # miss: + lr * (1 - alpha); inside: - lr * alpha
-    assert mult[0, 0] == pytest.approx(prior - 0.1 * np.array([0.2, 0.05]))
-    assert mult[0, 1] == pytest.approx(prior + 0.1 * np.array([0.8, -0.05]))
+    assert mult[0, :, 0] == pytest.approx(prior - 0.1 * np.array([0.2, 0.05]), rel=1e-6)
+    assert mult[0, :, 1] == pytest.approx(prior + 0.1 * np.array([0.8, -0.05]), rel=1e-6)
     assert mean[0] == pytest.approx([0.5, 1.0 + (2.0 - 1.0) / 3])  # cumulative mean while n < halflife
-    lower, upper = iv.bounds(np.array([[10.0, 20.0]]), np.array([2.0]), np.array([[1.0, 0.5]]), mult)
+    none_scored = iv.update(score, np.zeros((1, 2), bool), np.array([[0, 0]]), mean, mult)
+    np.testing.assert_array_equal(none_scored[0], mean)
+    np.testing.assert_array_equal(none_scored[1], mult)
+    center = np.array([[10.0, 20.0]], np.float32)
+    lower, upper = iv.bounds(center, np.array([2.0], np.float32), np.array([[1.0, 0.5]], np.float32), mult)
     assert upper[0, 0, 0] == pytest.approx(10.0 + 2.0 * mult[0, 0, 0], rel=1e-6)
     assert lower[0, 1, 1] == pytest.approx(20.0 - 2.0 * 0.5 * mult[0, 1, 1], rel=1e-6)
     log_lower, log_upper = iv.bounds(
-        np.log([[10.0, 20.0]]), np.array([0.1]), np.ones((1, 2)), mult, Scaling(kind="log")
+        np.log(center), np.array([0.1], np.float32), np.ones((1, 2), np.float32), mult, Scaling(kind="log")
     )
     assert log_lower[0, 0, 0] * log_upper[0, 0, 0] == pytest.approx(100.0, rel=1e-5)  # symmetric in ratios
 
