@@ -316,7 +316,9 @@ class Engine:
         k = self._steps  # (H,) 1..H
         # errors scored at step k with this one: forecasts made after ordinals score_from .. count - k
         n_errors = (count - tb.score_from[slots])[:, None] + (1 - k)  # (n, H)
-        valid = None if n_errors[:, -1].min() > 0 else n_errors > 0  # (n, H); None: every step of every slot
+        valid = (
+            None if len(slots) and n_errors[:, -1].min() > 0 else n_errors > 0
+        )  # (n, H); None: every step of every slot
         row = self._lag_rows[count % horizon] + (slots * horizon)[:, None]  # (n, H) ring rows of those
         at = row * horizon + (k - 1)  # (n, H) flat positions of the k-step centres
         if not cpu:

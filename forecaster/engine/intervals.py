@@ -146,7 +146,9 @@ class Intervals:
         new_mult -= inside * np.float32(self.learning_rate)
         new_mult = new_mult.clamp(min=0.0) if lib is torch else np.maximum(new_mult, 0.0, out=new_mult)
         floor = self.floor
-        if lib is np and valid is None and int(n_errors.min()) * floor >= 1.0:  # all past their first errors
+        if (
+            lib is np and valid is None and n_errors.size and int(n_errors.min()) * floor >= 1.0
+        ):  # all past their first errors
             weight = np.float32(floor)
         else:
             n = n_errors.float() if lib is torch else n_errors.astype(np.float32)
