@@ -12,5 +12,10 @@ down:  ## stop what `make up` started (the broker keeps running)
 down-all:  ## the same, and the broker `make up` started
 	deploy/local/down --all
 
-test:  ## every test (the integration tests start a broker when none answers)
-	$(PYTHON) -m pytest -q
+# The test dependencies first (pytest, ruff, the notebook runner: extras dev and notebooks), so that
+# `make test` works on a fresh clone after `pip install -e .`. PYTEST_ARGS: e.g. a test file, or -m "not slow".
+PYTEST_ARGS ?=
+
+test:  ## installs what the tests need, then every test (the integration tests start a broker when none answers)
+	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev,notebooks]'
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

@@ -46,7 +46,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
 from forecaster.config import Settings
-from forecaster.records.codec import encode_input, encode_window
+from forecaster.records import encode_input, encode_window
 from forecaster.service.clients import COMPACTED
 from forecaster.tools.synthetic import SyntheticSource
 

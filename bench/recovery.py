@@ -44,7 +44,7 @@ from forecaster.checkpoints.hotswap import fresh_model
 from forecaster.checkpoints.store import load_checkpoint, promote, save_checkpoint
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine
-from forecaster.records.codec import encode_window
+from forecaster.records import encode_window
 from forecaster.scaling import Scaling
 from forecaster.service.clients import COMPACTED
 
@@ -254,7 +254,7 @@ def main() -> None:
         """What an uninterrupted service forecasts after each value (the same engine, in-process)."""
         engine = Engine(loaded.model, version=loaded.version, **engine_args)
         ts = START_MS + 60_000 * np.arange(len(values))
-        return engine.process(["r"] * len(values), ts, values).values
+        return engine.process(["r"] * len(values), ts, values).forecasts
 
     admin = KafkaAdminClient(bootstrap_servers=args.bootstrap, client_id="bench-recovery")
     try:

@@ -11,8 +11,10 @@ and its field, e.g. ``FORECASTER_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -153,6 +155,17 @@ class StateSettings(BaseModel):
     initial_capacity: int = Field(default=1024, ge=1)
     max_series: int = Field(default=1_000_000, ge=1)  # LRU eviction above this
     ttl_seconds: float = Field(default=7 * 24 * 3600.0, gt=0.0)  # idle series are evicted after this
+    # Exactly once: evicted series' snapshots kept in memory up to this many bytes (the most recently
+    # evicted), the rest in one SQLite file per instance under spill_dir (recreated at every start).
+    evicted_memory_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    spill_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "forecaster-state")
+
+    @field_validator("spill_dir")
+    @classmethod
+    def _spill_dir_is_a_folder(cls, value: Path) -> Path:
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{value} exists and is not a folder")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -195,15 +208,45 @@ class ServiceSettings(BaseModel):
     # "value": one forecast record per stepped value; "window": one per input record, its values' forecasts
     # in lists (amortises the per-record cost of windowed input; see README, wire formats).
     forecast_records: Literal["value", "window"] = "value"
+    # The largest record the service produces (Kafka's default max.request.size); a dead letter of a record
+    # near the input's limit is cut to fit under it, so no input record can stop the service.
+    max_message_bytes: int = 1_048_576
+
+    @field_validator("max_message_bytes")
+    @classmethod
+    def _room_for_a_dead_letter(cls, value: int) -> int:
+        if not 4096 <= value <= 1_000_000_000:
+            raise ValueError(
+                "must be 4096 (room for a cut dead letter and its record headers) to 1000000000 bytes"
+            )
+        return value
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class MetricsSettings(BaseModel):
-    """The Prometheus endpoint (``/metrics``) and the health answer (``/healthz``)."""
+    """The Prometheus endpoint (``/metrics``), the health answers (``/healthz``, ``/readyz``) and the series
+    view (``/series/<id>``)."""
 
     host: str = "0.0.0.0"
     port: int = Field(default=9108, ge=0, le=65535)  # 0: do not serve
     refresh_seconds: float = Field(default=1.0, gt=0.0)  # state figures and online error copied this often
     lag_interval_seconds: float = Field(default=5.0, gt=0.0)  # consumer lag asked of the broker this often
+    # /series/<id> and /series/<id>/view (a series' recent values and forecast): None = on when `host` is a
+    # loopback address only, since the page shows data to whoever reaches the port.
+    series_view: bool | None = None
+
+    @property
+    def series_view_on(self) -> bool:
+        """Whether the series routes answer: ``series_view``, or by default only on a loopback bind."""
+        if self.series_view is not None:
+            return self.series_view
+        return self.host == "localhost" or _is_loopback(self.host)
 
 
 class CheckpointSettings(BaseModel):

@@ -1,6 +1,7 @@
 """Reading series files: CSV (long or wide) and Parquet, into one long frame ``series, ts, value``.
 
-Long format has the columns ``series``, ``ts`` and ``value`` (one row per value). Wide format has one
+Long format has the columns ``series``, ``ts`` and ``value`` (one row per value), or the same under the
+names statsforecast and NeuralForecast use, ``unique_id``, ``ds`` and ``y`` (layout ``nixtla``). Wide format has one
 time column (``ts``, ``time``, ``timestamp``, ``date``, ``datetime`` or else the first column) and one
 numeric column per series. Timestamps are epoch milliseconds (integers) or anything ISO-8601-like that
 pandas parses (dates, date-times; naive ones are read as UTC), from year 1 to 2200.
@@ -19,6 +20,7 @@ them. A file that cannot be read as series at all raises ``DataError`` with a on
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +34,15 @@ from forecaster.errors import DataError
 
 TIME_COLUMNS = ("ts", "time", "timestamp", "date", "datetime")
 LONG_COLUMNS = ("series", "ts", "value")
+# statsforecast / NeuralForecast / MLForecast keep long frames under these names.
+NIXTLA_COLUMNS = {"unique_id": "series", "ds": "ts", "y": "value"}
+LAYOUTS = {
+    "long": "long (series, ts, value)",
+    "nixtla": "long (unique_id, ds, y; statsforecast/NeuralForecast)",
+    "wide": "wide (a time column, one column per series)",
+}
+
+log = logging.getLogger(__name__)
 # 0001-01-01 .. 2200-01-01 in epoch ms: history files may well predate 1970 (unlike live records);
 # anything outside is not a timestamp a user meant.
 MIN_TS_MS = -62_135_596_800_000
@@ -61,19 +72,41 @@ class LoadedSeries:
 
 
 def read_series(source: str | os.PathLike[str] | IO[str], *, fmt: str | None = None) -> LoadedSeries:
-    """Read a long or wide CSV (or a Parquet file) into a ``LoadedSeries``."""
+    """Read a long or wide CSV (or a Parquet file) into a ``LoadedSeries``; logs the layout it found."""
+    loaded = _read_any(source, fmt)
+    log.info(
+        "%s: %s layout, %d rows, %d series",
+        _name(source),
+        LAYOUTS[loaded.layout],
+        len(loaded.frame),
+        loaded.frame["series"].nunique(),
+    )
+    return loaded
+
+
+def _read_any(source: str | os.PathLike[str] | IO[str], fmt: str | None) -> LoadedSeries:
     raw = _read_table(source, fmt)
     if raw.columns.size == 0 or raw.empty:
         raise DataError(f"{_name(source)}: the file has no data rows")
     raw.columns = [str(c).strip() for c in raw.columns]
     lowered = {c.lower(): c for c in raw.columns}
     if all(c in lowered for c in LONG_COLUMNS):
-        return _long(raw.rename(columns={lowered[c]: c for c in LONG_COLUMNS}))
-    if "series" in lowered or "value" in lowered:
-        missing = [c for c in LONG_COLUMNS if c not in lowered]
-        raise DataError(
-            f"{_name(source)}: long format needs columns series,ts,value; missing {','.join(missing)}"
-        )
+        return _long(raw.rename(columns={lowered[c]: c for c in LONG_COLUMNS}), "long")
+    if all(c in lowered for c in NIXTLA_COLUMNS):
+        # Other columns (exogenous features) are left out: the model reads the target only.
+        return _long(raw.rename(columns={lowered[c]: new for c, new in NIXTLA_COLUMNS.items()}), "nixtla")
+    # A column only the long layouts have, without the rest: a long file missing one (a wide file may
+    # well have a series called "y").
+    for layout, columns, marks in (
+        ("long", LONG_COLUMNS, ("series", "value")),
+        ("nixtla", tuple(NIXTLA_COLUMNS), ("unique_id",)),
+    ):
+        if any(c in lowered for c in marks):
+            missing = [c for c in columns if c not in lowered]
+            raise DataError(
+                f"{_name(source)}: {LAYOUTS[layout]} needs columns {','.join(columns)};"
+                f" missing {','.join(missing)}"
+            )
     return _wide(raw, source)
 
 
@@ -114,7 +147,7 @@ def _read_table(source: str | os.PathLike[str] | IO[str], fmt: str | None) -> pd
         raise DataError(f"{name}: cannot read as {fmt}: {first_line}") from None
 
 
-def _long(raw: pd.DataFrame) -> LoadedSeries:
+def _long(raw: pd.DataFrame, layout: str) -> LoadedSeries:
     lines = np.arange(len(raw), dtype=np.int64) + 2
     series = raw["series"].astype("string").str.strip()
     values = pd.to_numeric(raw["value"].replace("", np.nan), errors="coerce").to_numpy(dtype=np.float64)
@@ -133,7 +166,7 @@ def _long(raw: pd.DataFrame) -> LoadedSeries:
             "line": lines[good],
         }
     )
-    return LoadedSeries(frame.reset_index(drop=True), bad, "long")
+    return LoadedSeries(frame.reset_index(drop=True), bad, layout)
 
 
 def _wide(raw: pd.DataFrame, source: object) -> LoadedSeries:

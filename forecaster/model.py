@@ -145,6 +145,8 @@ class RecurrentForecaster(nn.Module):
         self.register_buffer("_back", back[None, :] + seasons, persistent=False)  # (m, horizon)
         # base_level: the inputs a whole number of cycles before the newest one, (m, horizon).
         self.register_buffer("_lag", self.season * cycles[None, :] + seasons, persistent=False)
+        reach = (self._lag if self.base_level else self._back).max()
+        self._context = int(reach) if self.base_seasons else 0  # read on every step: computed once
         self._packed: list[list[Tensor]] | None = None  # per layer [w_ih, w_hh, b_ih, b_hh], for step()
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): weights may be new tensors
@@ -169,9 +171,7 @@ class RecurrentForecaster(nn.Module):
     @property
     def context(self) -> int:
         """Inputs before the current one that the baseline reads (0: no baseline)."""
-        if not self.base_seasons:
-            return 0
-        return int((self._lag if self.base_level else self._back).max())
+        return self._context
 
     def scaled_baseline(
         self, values: Tensor, stats: Tensor, scaling: Any, start: int, stop: int

@@ -14,6 +14,7 @@ piece_pid() {
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
     local expected=forecaster
     [[ "$name" == prometheus ]] && expected="$run/prometheus.yml"
+    [[ "$name" == alertmanager ]] && expected="$run/alertmanager.yml"
     tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$expected" || return 1
     echo "$pid"
 }

@@ -1,7 +1,8 @@
 """Hot swap: the service's first model, and a watcher that swaps in newly published checkpoints.
 
-``initial_model`` picks what the service starts with: the checkpoint ``LATEST`` names, else the newest
-valid one, else a fresh (untrained) model. ``ModelSwapper`` watches ``LATEST`` on a daemon thread, loads
+``initial_model`` picks what the service starts with: the checkpoint ``LATEST`` names, else the last one
+published or promoted that still loads (``HISTORY``: a rollback sticks), else a fresh (untrained) model;
+in a folder without a ``HISTORY`` (written before it existed) the newest valid one stands in for it. ``ModelSwapper`` watches ``LATEST`` on a daemon thread, loads
 and validates a new version there (off the hot path), and ``swap_if_ready(engine)``, called by the
 service between two batches, swaps it in with every resident series re-warmed over its retained window
 and returns the new version. A refused checkpoint is logged and counted once; the old model keeps serving.
@@ -29,9 +30,15 @@ from typing import Any, Protocol
 import torch
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from forecaster.checkpoints.store import LoadedCheckpoint, latest_version, list_checkpoints, load_checkpoint
+from forecaster.checkpoints.store import (
+    LoadedCheckpoint,
+    chosen_versions,
+    latest_version,
+    list_checkpoints,
+    load_checkpoint,
+)
 from forecaster.errors import CheckpointError
-from forecaster.metrics.metrics import SwapMetrics
+from forecaster.metrics import SwapMetrics
 from forecaster.model import RecurrentForecaster, build_model
 from forecaster.engine.rewarm import RewarmJob
 from forecaster.scaling import Scaling
@@ -58,8 +65,9 @@ def fresh_model(settings: Any, device: str | torch.device = "cpu") -> RecurrentF
 def initial_model(settings: Any, device: str | torch.device = "cpu") -> tuple[RecurrentForecaster, str]:
     """The model the service starts with and its version; never raises on a bad checkpoint.
 
-    ``LATEST`` if it loads and was trained with the configured scaling; else the newest valid checkpoint;
-    else a fresh model with version ``"init"``.
+    ``LATEST`` if it loads and was trained with the configured scaling; else the most recently chosen
+    (published or promoted) version in ``HISTORY`` that does; without a ``HISTORY``, the newest valid
+    checkpoint; else a fresh model with version ``"init"``.
     """
     root = Path(settings.checkpoints.dir)
     scaling = Scaling.from_settings(settings.scaling)
@@ -73,18 +81,27 @@ def initial_model(settings: Any, device: str | torch.device = "cpu") -> tuple[Re
         if loaded is not None:
             log.info("serving checkpoint %s from %s", loaded.version, root)
             return loaded.model, loaded.version
-    for info in reversed(list_checkpoints(root)):
-        if info.version == wanted or info.problem is not None:
+    chosen = chosen_versions(root)
+    if chosen is None:  # no HISTORY: a folder from before it; the newest valid version stands in
+        candidates = [
+            (i.version, "the newest valid one") for i in reversed(list_checkpoints(root)) if not i.problem
+        ]
+    else:
+        candidates = [(v, "the last one published or promoted that loads") for v in chosen]
+    for version, which in candidates:
+        if version == wanted or not (root / version).is_dir():
             continue
-        loaded = _load_compatible(info.path, device, scaling, settings.state.window)
+        loaded = _load_compatible(root / version, device, scaling, settings.state.window)
         if loaded is not None:
-            log.warning("serving checkpoint %s, the newest valid one in %s (LATEST: %s)", loaded.version, root, wanted)
+            log.warning("serving checkpoint %s, %s in %s (LATEST: %s)", loaded.version, which, root, wanted)
             return loaded.model, loaded.version
     log.warning("no valid checkpoint in %s: serving an untrained model (version %r)", root, INIT_VERSION)
     return fresh_model(settings, device), INIT_VERSION
 
 
-def _load_compatible(path: Path, device: str | torch.device, scaling: Scaling, window: int) -> LoadedCheckpoint | None:
+def _load_compatible(
+    path: Path, device: str | torch.device, scaling: Scaling, window: int
+) -> LoadedCheckpoint | None:
     try:
         loaded = load_checkpoint(path, device=device)
         _check_compatible(loaded, scaling=scaling, horizon=None, window=window)
@@ -94,15 +111,22 @@ def _load_compatible(path: Path, device: str | torch.device, scaling: Scaling, w
         return None
 
 
-def _check_compatible(loaded: LoadedCheckpoint, *, scaling: Scaling | None, horizon: int | None,
-                      window: int | None = None) -> None:
+def _check_compatible(
+    loaded: LoadedCheckpoint, *, scaling: Scaling | None, horizon: int | None, window: int | None = None
+) -> None:
     if window is not None and loaded.model.context >= window:
-        raise CheckpointError(f"{loaded.version}: its baseline reads {loaded.model.context} values back, the "
-                              f"service retains {window} (state.window)")
+        raise CheckpointError(
+            f"{loaded.version}: its baseline reads {loaded.model.context} values back, the "
+            f"service retains {window} (state.window)"
+        )
     if scaling is not None and loaded.scaling != scaling:
-        raise CheckpointError(f"{loaded.version}: trained with scaling {loaded.scaling.settings}, the service runs {scaling.settings}")
+        raise CheckpointError(
+            f"{loaded.version}: trained with scaling {loaded.scaling.settings}, the service runs {scaling.settings}"
+        )
     if horizon is not None and loaded.model.horizon != horizon:
-        raise CheckpointError(f"{loaded.version}: horizon {loaded.model.horizon}, the service forecasts {horizon}")
+        raise CheckpointError(
+            f"{loaded.version}: horizon {loaded.model.horizon}, the service forecasts {horizon}"
+        )
 
 
 class ModelSwapper:
@@ -279,7 +303,9 @@ class ModelSwapper:
         if version is not None:
             self._refused.add(version)
         self.metrics.swaps.labels(result="refused").inc()
-        log.error("checkpoint %s refused, still serving %s: %s", version or "LATEST", self.current_version, exc)
+        log.error(
+            "checkpoint %s refused, still serving %s: %s", version or "LATEST", self.current_version, exc
+        )
 
 
 def _retained_values(engine: Any) -> int:

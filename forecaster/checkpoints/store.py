@@ -1,10 +1,18 @@
 """Versioned checkpoints: ``<dir>/<version>/`` holds ``weights.pt`` and ``manifest.json``; ``<dir>/LATEST``
-names the published version.
+names the published version; ``<dir>/HISTORY`` lists the versions published or promoted (rolled back or
+forward), oldest first, so that a service whose ``LATEST`` is unusable falls back to the last version
+someone chose rather than to whatever folder is newest.
 
-A checkpoint is written under a temporary name in the same folder and renamed into place, and ``LATEST``
-is replaced atomically last, so a watcher never sees half a checkpoint. ``load_checkpoint`` is the one
-loader: it checks the manifest, the weights' sha256, the build arguments, the shapes and the cell, that all
-weights are finite, and runs a smoke forecast; any failure raises ``CheckpointError`` naming the check.
+``save_checkpoint(..., publish=True)`` (the trainer) writes a new version under a hidden staging folder,
+validates it there, writes the new ``LATEST`` and ``HISTORY`` to temporary files, and only then renames
+the version folder into place, then ``HISTORY``, then ``LATEST`` (each ``os.replace``): a failure at any
+step (a full disk, say) removes what it wrote and leaves no new folder, and ``LATEST`` and ``HISTORY`` as
+they were. Names starting with a dot are never versions. A write failure is a ``CheckpointError`` naming
+the file and the reason, e.g. no space left on device.
+
+``load_checkpoint`` is the one loader: it checks the manifest, the weights' sha256, the build arguments,
+the shapes and the cell, that all weights are finite, and runs a smoke forecast; any failure raises
+``CheckpointError`` naming the check.
 Weights are read with ``torch.load(weights_only=True)``: a file cannot run code when it is loaded.
 
 >>> import tempfile
@@ -30,7 +38,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +54,9 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.pt"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "LATEST"
+HISTORY_FILE = "HISTORY"
+HISTORY_KEEP = 100  # lines of HISTORY kept (the newest)
+STAGING_PREFIX = ".staging-"
 # Versions are folder names: sortable UTC time to the millisecond, then a short random tag.
 VERSION_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{9}Z-[0-9a-f]{6}$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -125,15 +136,48 @@ def save_checkpoint(
     parent: str | None = None,
     extra: dict[str, Any] | None = None,
     clock: Callable[[], dt.datetime] | None = None,
+    publish: bool = False,
 ) -> str:
-    """Write ``model`` as a new checkpoint folder under ``root`` and return its version (LATEST untouched)."""
+    """Write ``model`` as a new checkpoint folder under ``root`` and return its version.
+
+    ``publish`` (the trainer): validate it and publish it (``LATEST``, ``HISTORY``) in the same step, the
+    folder becoming visible only together with ``LATEST``; on any failure nothing new is left that a
+    service would pick up. Without ``publish`` (tools, tests) the folder appears and ``LATEST`` stays.
+    """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    staged = _stage(root, model, scaling, data, metrics, parent, extra, clock)
+    try:
+        if publish:
+            load_checkpoint(staged)  # the one loader, before anything is visible
+            _publish(root, staged.name, "publish", staged=staged)
+        else:
+            with _written(root / staged.name):
+                os.replace(staged, root / staged.name)  # the folder appears complete or not at all
+            _fsync_dir(root)
+    finally:
+        shutil.rmtree(staged.parent, ignore_errors=True)
+    return staged.name
+
+
+def _stage(
+    root: Path,
+    model: RecurrentForecaster,
+    scaling: Scaling,
+    data: dict[str, Any] | None,
+    metrics: dict[str, Any] | None,
+    parent: str | None,
+    extra: dict[str, Any] | None,
+    clock: Callable[[], dt.datetime] | None,
+) -> Path:
+    """A complete checkpoint folder at ``<root>/.staging-<version>-<pid>/<version>``; returns its path."""
     now = (clock or (lambda: dt.datetime.now(dt.UTC)))()
     # Step 1. Serialise the weights once; the manifest pins their hash.
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buffer)
     weights = buffer.getvalue()
+    with _written(root):
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(root)
     version = new_version(now)
     while (root / version).exists():
         version = new_version(now)
@@ -149,33 +193,143 @@ def save_checkpoint(
         parent=parent,
         **(extra or {}),
     ).model_dump(mode="json")
-    # Step 2. Write both files into a hidden temporary folder next to the final one.
-    tmp = root / f".tmp-{version}-{os.getpid()}"
-    tmp.mkdir()
+    # Step 2. Write both files into a folder named as the version, inside a hidden staging folder.
+    staging = root / f"{STAGING_PREFIX}{version}-{os.getpid()}"
     try:
-        _write_file(tmp / WEIGHTS_FILE, weights)
-        _write_file(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-        # Step 3. Rename into place: the folder appears complete or not at all.
-        os.replace(tmp, root / version)
+        with _written(staging / version):
+            (staging / version).mkdir(parents=True)
+        _write_file(staging / version / WEIGHTS_FILE, weights)
+        _write_file(
+            staging / version / MANIFEST_FILE,
+            (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(),
+        )
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_dir(root)
-    return version
+    return staging / version
 
 
 def promote(root: str | os.PathLike[str], version: str, *, verify: bool = True) -> LoadedCheckpoint | None:
-    """Point ``LATEST`` at ``version`` (publish or roll back); by default the checkpoint is validated first."""
+    """Point ``LATEST`` at ``version`` (publish or roll back) and add it to ``HISTORY``; by default the
+    checkpoint is validated first."""
     root = Path(root)
     _check_name(version)
     if not (root / version).is_dir():
         raise CheckpointError(f"version {version}: no such checkpoint in {root}")
     loaded = load_checkpoint(root / version) if verify else None
-    tmp = root / f".{LATEST_FILE}.tmp-{os.getpid()}"
-    _write_file(tmp, (version + "\n").encode())
-    os.replace(tmp, root / LATEST_FILE)
-    _fsync_dir(root)
+    _publish(root, version, "promote")
     return loaded
+
+
+def _publish(root: Path, version: str, action: str, staged: Path | None = None) -> None:
+    """Make ``version`` the published one: ``staged`` (a complete folder) moved into place, ``HISTORY``
+    and ``LATEST`` replaced; on any failure what was done is undone."""
+    pid = os.getpid()
+    latest_tmp, history_tmp = root / f".{LATEST_FILE}.tmp-{pid}", root / f".{HISTORY_FILE}.tmp-{pid}"
+    history_prev = root / f".{HISTORY_FILE}.prev-{pid}"
+    done: list[str] = []
+    try:
+        # Step 1. The new pointer and history, written in full (the writes that can fill a disk).
+        _write_file(latest_tmp, (version + "\n").encode())
+        _write_file(history_tmp, _history_text(root, version, action).encode())
+        # Step 2. The version folder into place (renames take no space).
+        if staged is not None:
+            with _written(root / version):
+                os.replace(staged, root / version)
+            done.append("folder")
+        # Step 3. HISTORY, keeping the old one aside (a hard link) until LATEST is in place.
+        if (root / HISTORY_FILE).exists():
+            with _written(history_prev):
+                os.link(root / HISTORY_FILE, history_prev)
+            done.append("history_prev")
+        with _written(root / HISTORY_FILE):
+            os.replace(history_tmp, root / HISTORY_FILE)
+        done.append("history")
+        # Step 4. LATEST last: from here on the version is published.
+        with _written(root / LATEST_FILE):
+            os.replace(latest_tmp, root / LATEST_FILE)
+        done.append("latest")
+        _fsync_dir(root)
+    except BaseException:
+        if "latest" not in done:
+            if "history" in done:
+                if "history_prev" in done:
+                    with contextlib.suppress(OSError):
+                        os.replace(history_prev, root / HISTORY_FILE)
+                else:
+                    (root / HISTORY_FILE).unlink(missing_ok=True)
+            if "folder" in done and staged is not None:
+                with contextlib.suppress(OSError):
+                    os.replace(root / version, staged)
+        raise
+    finally:
+        for leftover in (latest_tmp, history_tmp, history_prev):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+
+
+def _history_text(root: Path, version: str, action: str) -> str:
+    """HISTORY with ``version`` appended (the newest ``HISTORY_KEEP`` lines); a first HISTORY starts with the
+    version ``LATEST`` names now, so that a rollback can go back to it."""
+    path = root / HISTORY_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+        with contextlib.suppress(CheckpointError):
+            current = latest_version(root)
+            if current is not None:
+                lines.append(f"{current}\t\tfound")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{HISTORY_FILE}: cannot be read: {exc}") from None
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    lines.append(f"{version}\t{now}\t{action}")
+    return "\n".join(lines[-HISTORY_KEEP:]) + "\n"
+
+
+def read_history(root: str | os.PathLike[str]) -> list[tuple[str, str, str]]:
+    """``(version, time, action)`` of every ``HISTORY`` line, oldest first; lines that do not name a version
+    are skipped. Raises ``FileNotFoundError`` without a HISTORY."""
+    try:
+        text = (Path(root) / HISTORY_FILE).read_text(encoding="utf-8")
+    except (UnicodeDecodeError, IsADirectoryError, PermissionError):
+        return []
+    rows = [(line.split("\t") + ["", ""])[:3] for line in text.splitlines()]
+    return [(v.strip(), at, action) for v, at, action in rows if _SAFE_NAME.match(v.strip())]
+
+
+def chosen_versions(root: str | os.PathLike[str]) -> list[str] | None:
+    """The versions ``HISTORY`` records, the most recently chosen first, each once; None without a HISTORY
+    (a folder written before it existed)."""
+    try:
+        history = read_history(root)
+    except FileNotFoundError:
+        return None
+    return list(dict.fromkeys(version for version, _, _ in reversed(history)))
+
+
+def _remove_abandoned(root: Path) -> None:
+    """Staging folders and temporary files of processes that are gone (a crash or kill mid-write)."""
+    for path in root.glob(".*"):
+        match = re.search(r"-(\d+)$", path.name)
+        ours = path.name.startswith((STAGING_PREFIX, ".tmp-", f".{LATEST_FILE}.", f".{HISTORY_FILE}."))
+        if ours and match and not _alive(int(match.group(1))):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def latest_version(root: str | os.PathLike[str]) -> str | None:
@@ -305,13 +459,17 @@ def _check_state(version: str, state: Any, model: RecurrentForecaster) -> None:
     expected = model.state_dict()
     if set(state) != set(expected):
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        raise CheckpointError(f"{version}: weights do not match the manifest's model: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(
+            f"{version}: weights do not match the manifest's model: missing {missing}, unexpected {unexpected}"
+        )
     first = state.get("rnn.weight_ih_l0")
     if isinstance(first, torch.Tensor) and first.dim() == 2 and first.shape[0] % model.hidden_size == 0:
         gates = first.shape[0] // model.hidden_size
         trained = next((cell for cell, g in _GATES.items() if g == gates), f"{gates}-gate")
         if trained != model.cell:
-            raise CheckpointError(f"{version}: weights are of a {trained} cell, the manifest says {model.cell}")
+            raise CheckpointError(
+                f"{version}: weights are of a {trained} cell, the manifest says {model.cell}"
+            )
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{version}: weight {name} is not a tensor")
@@ -347,10 +505,22 @@ def _check_name(version: str) -> None:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
+    with _written(path), open(path, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def _written(path: Path) -> Iterator[None]:
+    """Turn a failed write (no space left, quota, read-only, ...) into a ``CheckpointError`` naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise CheckpointError(
+            f"cannot write {path}: {reason} (errno {exc.errno}); nothing was published"
+        ) from exc
 
 
 def _fsync_dir(path: Path) -> None:

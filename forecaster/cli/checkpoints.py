@@ -1,7 +1,8 @@
-"""``forecaster checkpoints list`` and ``forecaster checkpoints promote VERSION`` (publish or roll back).
+"""``forecaster checkpoints list``, ``promote VERSION`` (publish or roll back) and ``history``.
 
 A running ``forecaster serve`` watches ``LATEST`` and swaps to the promoted version within
-``settings.service.checkpoint_poll_seconds``.
+``settings.service.checkpoint_poll_seconds``. Every promotion is recorded in ``HISTORY`` beside
+``LATEST``: a service that starts while ``LATEST`` is unusable serves the last version chosen that loads.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from forecaster.checkpoints.store import list_checkpoints, load_checkpoint, promote
+from forecaster.checkpoints.store import list_checkpoints, load_checkpoint, promote, read_history
 from forecaster.config import Settings
 from forecaster.errors import CheckpointError
 
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     promoting = sub.add_parser("promote", help="point LATEST at VERSION (after validating it)")
     promoting.add_argument("version")
+    sub.add_parser("history", help="the versions published or promoted, oldest first (HISTORY)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -32,6 +34,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "promote":
         loaded = promote(root, args.version)
         print(f"LATEST -> {args.version} ({loaded.model.cell if loaded else '?'}) in {root}")
+        return 0
+    if args.action == "history":
+        try:
+            history = read_history(root)
+        except FileNotFoundError:
+            print(f"no history in {root} (nothing published or promoted since it was kept)", file=sys.stderr)
+            return 0
+        print(f"{'version':28} {'at':26} action")
+        for version, at, action in history:
+            print(f"{version:28} {at:26} {action}")
         return 0
     rows = [_row(info, getattr(args, "verify", False)) for info in list_checkpoints(root)]
     if getattr(args, "json", False):

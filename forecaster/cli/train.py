@@ -9,9 +9,11 @@ forecaster train --every 15m              # periodically, with /metrics on setti
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from forecaster.checkpoints.store import latest_version
 from forecaster.config import Settings
 from forecaster.errors import CheckpointError, ConfigError
-from forecaster.metrics.metrics import TrainerMetrics
+from forecaster.metrics import TrainerMetrics
 from forecaster.train.history import read_history
 from forecaster.train.periodic import parse_duration, run_periodically
 from forecaster.train.run import TrainOutcome, train_once
@@ -110,7 +112,21 @@ def summarize(outcome: TrainOutcome) -> dict[str, Any]:
     }
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        return _run(args, settings)
+    except OSError as exc:  # a full disk anywhere (the checkpoint's own writes say so as a CheckpointError)
+        if exc.errno not in DISK_FULL:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"forecaster train: {exc.strerror}{where}: nothing was published", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     settings = apply_overrides(args, settings)
     start_ms = parse_start_ms(args.from_time)
     progress = False if args.no_progress else None
@@ -136,7 +152,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         metrics.published.info({"version": current})
     server = None
     if settings.train.metrics_port:
-        from forecaster.metrics.metrics import MetricsServer
+        from forecaster.metrics import MetricsServer
 
         server = MetricsServer(metrics.registry, settings.metrics.host, settings.train.metrics_port).start()
         log.info("trainer metrics on http://%s:%d/metrics", settings.metrics.host, server.port)

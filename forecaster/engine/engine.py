@@ -6,6 +6,7 @@ No Kafka in here: the service, the replay tool, the notebooks and the benchmarks
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from forecaster.engine.intervals import Intervals, centers, units
 from forecaster.engine.recalibrate import recalibrate
 from forecaster.engine.rewarm import rows_per_call
 from forecaster.engine.state import StateTable
+from forecaster.engine.view import answer_asks
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
 
@@ -161,6 +163,7 @@ class Engine:
         self._errors: dict[str, _ErrorAccumulator] = {}
         self._coverage: dict[str, _CoverageAccumulator] = {}
         self._set_steps(model.horizon)
+        self.asks: deque[Any] = deque()  # reads from other threads (forecaster.engine.view.ask_series)
 
     @classmethod
     def from_settings(cls, model: RecurrentForecaster, settings: Any, **kwargs: Any) -> Engine:
@@ -181,6 +184,8 @@ class Engine:
 
     def process(self, series: Sequence[str], ts: Sequence[int], values: Sequence[float]) -> EngineOutput:
         """Step every new value once, in ts order per series; returns the forecast made after each."""
+        if self.asks:  # a reader on another thread waits for a batch boundary: this is one
+            answer_asks(self)
         series = series if isinstance(series, list | tuple) else list(series)  # positional indexing below
         ts = np.asarray(ts, dtype=np.int64).reshape(-1)
         values = np.asarray(values, dtype=np.float64).reshape(-1)

@@ -1,22 +1,34 @@
-"""Wire formats: decoding and validation of input records; encoding of forecasts and dead letters."""
+"""Wire formats: input records read and validated (``input``, ``strict_json``) and written (``writer``);
+forecasts and dead letters (``output``)."""
 
-from forecaster.records.codec import (
-    Bounds,
+from forecaster.records.input import (
+    FIELDS,
+    REASONS,
+    SCHEMA_VERSION,
     DecodedBatch,
     KafkaRecord,
     RecordDecoder,
+)
+from forecaster.records.intervals import Bounds, with_intervals
+from forecaster.records.output import (
+    DEAD_LETTER_MAX_BYTES,
+    dead_letter_max_bytes,
     encode_dead_letter,
     encode_forecast,
     encode_forecast_groups,
     encode_forecasts,
-    encode_input,
-    encode_window,
 )
+from forecaster.records.writer import encode_input, encode_window
 
 __all__ = [
+    "DEAD_LETTER_MAX_BYTES",
+    "FIELDS",
+    "REASONS",
+    "SCHEMA_VERSION",
     "DecodedBatch",
     "KafkaRecord",
     "RecordDecoder",
+    "dead_letter_max_bytes",
     "encode_dead_letter",
     "Bounds",
     "encode_forecast",
@@ -24,4 +36,5 @@ __all__ = [
     "encode_forecasts",
     "encode_input",
     "encode_window",
+    "with_intervals",
 ]

@@ -80,6 +80,8 @@ class AtLeastOnceCommitter:
         failed = [future for future in self.in_flight if future.failed()]
         self.in_flight = []
         if failed:
+            # The loop stops on this error; its final commit (close) must not move past these records.
+            self.pending, self.pending_records = {}, 0
             raise DeliveryError(
                 f"{len(failed)} record(s) not acknowledged by the broker: {failed[0].exception}"
             )

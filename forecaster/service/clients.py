@@ -1,7 +1,7 @@
 """kafka-python clients built from ``KafkaSettings``, topic creation, and the broker check.
 
-This is the one place where kafka-python's setup errors (no broker, a topic that is not as expected)
-become ``KafkaSetupError``; the clients returned are plain kafka-python objects.
+This is the one place where kafka-python's setup errors (no broker, refused credentials, a topic that is
+not as expected) become ``KafkaSetupError``; the clients returned are plain kafka-python objects.
 
 >>> specs = [TopicSpec("ts.input", partitions=6), TopicSpec("ts.state-changelog", 6, config=COMPACTED)]
 >>> specs[1].config["cleanup.policy"]
@@ -10,6 +10,8 @@ become ``KafkaSetupError``; the clients returned are plain kafka-python objects.
 
 from __future__ import annotations
 
+import logging
+import ssl
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -18,7 +20,13 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, ConfigResourceType
-from kafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from kafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailedError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
 
 from forecaster.config import KafkaSettings
 from forecaster.errors import KafkaSetupError
@@ -95,16 +103,67 @@ def _admin_for(admin_or_settings: KafkaAdminClient | KafkaSettings) -> Iterator[
         yield admin_or_settings
 
 
+# One bootstrap attempt of wait_for_broker waits at most this long, so that refused credentials (which
+# kafka-python only logs, retrying them until its bootstrap times out) end the wait soon.
+BOOTSTRAP_ATTEMPT_MS = 5_000
+
+
+class _RefusedConnections(logging.Handler):
+    """What kafka-python logs, and only logs, about the connections it loses while it bootstraps.
+
+    A refused SASL login reaches kafka-python as the broker's error answer and the broker's close in one
+    read, and kafka-python 3.0 mostly drops the answer: the login failure then looks like a connection the
+    broker closed. Both are noted here.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.refused: Exception | None = None  # the broker's or TLS's own word: bad credentials, bad cert
+        self.lost: list[Exception] = []  # one per lost login (each is logged several times)
+        self.closed_by_broker = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for arg in record.args if isinstance(record.args, tuple) else ():
+            tls = isinstance(arg, ssl.SSLError) or isinstance(getattr(arg, "__context__", None), ssl.SSLError)
+            closed = isinstance(arg, KafkaConnectionError) and "disconnected" in str(arg)
+            if tls or isinstance(arg, SaslAuthenticationFailedError):
+                self.refused = self.refused or arg
+            self.closed_by_broker = self.closed_by_broker or closed
+            if (tls or closed or isinstance(arg, SaslAuthenticationFailedError)) and all(
+                arg is not seen for seen in self.lost
+            ):
+                self.lost.append(arg)
+
+
 def wait_for_broker(settings: KafkaSettings, timeout: float = 60.0) -> dict[str, Any]:
-    """Block until the cluster answers with at least one broker; return ``describe_cluster()``."""
+    """Block until the cluster answers with at least one broker; return ``describe_cluster()``.
+
+    Refused credentials or a certificate that does not verify end the wait after one attempt with a
+    one-line ``KafkaSetupError``: retrying cannot help, and a service should exit rather than loop.
+    kafka-python's line per lost connection is kept out of the log meanwhile (unless it logs at DEBUG):
+    the error says what happened.
+    """
+    refused = _RefusedConnections()
+    kafka_log = logging.getLogger("kafka")
+    kafka_log.addHandler(refused)
+    propagate, kafka_log.propagate = kafka_log.propagate, kafka_log.isEnabledFor(logging.DEBUG)
+    try:
+        return _wait_for_broker(settings, timeout, refused)
+    finally:
+        kafka_log.propagate = propagate
+        kafka_log.removeHandler(refused)
+
+
+def _wait_for_broker(settings: KafkaSettings, timeout: float, refused: _RefusedConnections) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while True:
         left_ms = int((deadline - time.monotonic()) * 1000)
         if left_ms <= 0:
             raise KafkaSetupError(f"no answer from {_where(settings)} within {timeout:g}s: {last}")
+        refused.lost, refused.closed_by_broker = [], False
         try:
-            admin = make_admin(settings, bootstrap_timeout_ms=max(left_ms, 1000))
+            admin = make_admin(settings, bootstrap_timeout_ms=max(min(left_ms, BOOTSTRAP_ATTEMPT_MS), 1000))
             try:
                 cluster = admin.describe_cluster()
             finally:
@@ -114,7 +173,25 @@ def wait_for_broker(settings: KafkaSettings, timeout: float = 60.0) -> dict[str,
             last = RuntimeError("metadata lists no broker")
         except (KafkaSetupError, KafkaError) as exc:
             last = exc
+            _raise_if_refused(settings, refused)
         time.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
+
+
+def _raise_if_refused(settings: KafkaSettings, refused: _RefusedConnections) -> None:
+    """After a failed bootstrap attempt: a ``KafkaSetupError`` when the broker refused us, not when it
+    is merely away. With SASL, an attempt in which the broker closed the connections it had accepted
+    counts as a refused login (kafka-python lost the broker's answer; see ``_RefusedConnections``)."""
+    tries = f"{len(refused.lost)} login(s) tried"
+    failed = f"authentication failed at {_where(settings)} ({settings.sasl_mechanism} user {settings.sasl_username}"
+    if isinstance(refused.refused, SaslAuthenticationFailedError):
+        raise KafkaSetupError(f"{failed}; {tries}): {refused.refused}")
+    if refused.refused is not None:
+        raise KafkaSetupError(f"TLS handshake with {_where(settings)} failed: {refused.refused}")
+    if refused.closed_by_broker and settings.security_protocol.startswith("SASL"):
+        raise KafkaSetupError(
+            f"{failed}; {tries}): the broker closed the connection during the SASL login"
+            " (check sasl_username, sasl_password and sasl_mechanism)"
+        )
 
 
 def ensure_topics(

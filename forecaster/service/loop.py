@@ -31,8 +31,8 @@ from forecaster.checkpoints.hotswap import ModelSwapper, initial_model
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine, resolve_device
 from forecaster.errors import InvalidRecord, KafkaSetupError, ProducerFenced
-from forecaster.metrics.metrics import MetricsServer, ServiceMetrics
-from forecaster.records.codec import (
+from forecaster.metrics import MetricsServer, SeriesLookup, ServiceMetrics
+from forecaster.records import (
     Bounds,
     DecodedBatch,
     KafkaRecord,
@@ -217,6 +217,8 @@ class Service:
             self._next_refresh = now + settings.refresh_seconds
             engine = self.engine
             self.metrics.update_state(engine.resident, engine.evictions_total, engine.state_bytes)
+            if self.exactly_once is not None:
+                self.metrics.update_evicted(self.exactly_once.ledger.store.stats())
             self.metrics.online_error.update(engine.errors)
             self.metrics.coverage.update(engine.coverage)
             engine.evict_idle()
@@ -309,8 +311,14 @@ class Service:
             )
         self.swapper.start()
         if settings.metrics.port and self._server is None:
+            series = None
+            if settings.metrics.series_view_on:  # /series/<id>: answered by the engine between batches
+                partitions = (
+                    len(self.consumer.partitions_for_topic(kafka.input_topic) or ()) or kafka.partitions
+                )
+                series = SeriesLookup(self.engine, kafka.input_topic, partitions)
             self._server = MetricsServer(
-                self.metrics.registry, settings.metrics.host, settings.metrics.port, self.ready
+                self.metrics.registry, settings.metrics.host, settings.metrics.port, self.ready, series=series
             )
             self._server.start()
             log.info("metrics on http://%s:%d/metrics", settings.metrics.host, self._server.port)

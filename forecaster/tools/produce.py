@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from forecaster.data import read_series
-from forecaster.records.codec import encode_input, encode_window
+from forecaster.records import encode_input, encode_window
 from forecaster.tools.synthetic import SyntheticSource
 
 # (series, ts list, values list): one record's content

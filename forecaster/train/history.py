@@ -240,7 +240,7 @@ def read_history(
     ``settings.train.max_values``."""
     if input_path is not None:
         return read_history_file(input_path).tail(settings.train.max_values)
-    from forecaster.records.codec import RecordDecoder
+    from forecaster.records import RecordDecoder
     from forecaster.service.clients import make_consumer
 
     own = consumer is None

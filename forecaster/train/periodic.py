@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from forecaster.errors import ConfigError, ForecasterError
-from forecaster.metrics.metrics import TrainerMetrics
+from forecaster.metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,6 @@ from forecaster.checkpoints.store import (
     LoadedCheckpoint,
     latest_version,
     load_checkpoint,
-    promote,
     save_checkpoint,
 )
 from forecaster.engine.intervals import Intervals
@@ -297,7 +296,8 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
         return TrainOutcome(
             None, reason, fitted, evaluation, published.version if published else None, metrics
         )
-    # Step 5. Write the checkpoint, then point LATEST at it (validated by the one loader on the way).
+    # Step 5. Write the checkpoint and publish it in one step (validated by the one loader on the way; the
+    # folder appears only together with LATEST).
     version = save_checkpoint(
         settings.checkpoints.dir,
         model,
@@ -308,8 +308,8 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
         extra={
             "training": {**train.model_dump(mode="json"), "season_used": season, "seed": settings.model.seed}
         },
+        publish=True,
     )
-    promote(settings.checkpoints.dir, version)
     log.info("published checkpoint %s in %s", version, settings.checkpoints.dir)
     return TrainOutcome(
         version, reason, fitted, evaluation, published.version if published else None, metrics

@@ -158,6 +158,7 @@ def serve(topics: Topics, tmp_path: Path) -> Iterator[Callable[..., ServeProcess
             "FORECASTER_KAFKA__GROUP_ID": topics.group,
             "FORECASTER_CHECKPOINTS__DIR": str(tmp_path / "checkpoints"),
             "FORECASTER_STATE__DEVICE": "cpu",
+            "FORECASTER_STATE__SPILL_DIR": str(tmp_path / "spill"),
             "FORECASTER_SERVICE__POLL_TIMEOUT_MS": "50",
             "FORECASTER_SERVICE__COMMIT_INTERVAL_MS": "50",
             "FORECASTER_METRICS__HOST": "127.0.0.1",
@@ -203,10 +204,18 @@ class Consumed:
         return json.loads(self.value)
 
 
-def read_topic(bootstrap: str, topic: str, count: int | None = None, timeout: float = 30.0) -> list[Consumed]:
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    count: int | None = None,
+    timeout: float = 30.0,
+    isolation_level: str = "read_uncommitted",
+) -> list[Consumed]:
     """Every record of ``topic`` from the beginning: until ``count`` arrived (or ``timeout``), or, with
-    ``count=None``, up to the end offsets as they are now."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    ``count=None``, up to the end offsets as they are now (``read_committed``: the last stable offsets)."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, isolation_level=isolation_level
+    )
     deadline = time.monotonic() + timeout
     partitions = None
     while partitions is None and time.monotonic() < deadline:
@@ -250,8 +259,14 @@ class Broker:
     def send(self, topic: str, records: Iterable[tuple[bytes | None, bytes | None]]) -> int:
         return send(self.bootstrap, topic, records)
 
-    def read(self, topic: str, count: int | None = None, timeout: float = 30.0) -> list[Consumed]:
-        return read_topic(self.bootstrap, topic, count, timeout)
+    def read(
+        self,
+        topic: str,
+        count: int | None = None,
+        timeout: float = 30.0,
+        isolation_level: str = "read_uncommitted",
+    ) -> list[Consumed]:
+        return read_topic(self.bootstrap, topic, count, timeout, isolation_level)
 
     def committed(self, topic: str, group: str) -> dict[int, int]:
         """The group's committed offset per partition of ``topic`` (0 where none is committed)."""

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from forecaster.config import MetricsSettings, Settings, TrainSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -127,17 +129,20 @@ def all_panels(dashboard: dict) -> list[dict]:
 
 
 @pytest.mark.parametrize("env_file", [None, ENV_EXAMPLE], ids=["defaults", "env-example"])
-def test_compose_config_parses(env_file: Path | None, tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlay", [None, COMPOSE_GPU], ids=["cpu", "gpu-overlay"])
+def test_compose_config_parses(env_file: Path | None, overlay: Path | None, tmp_path: Path) -> None:
     client = compose_client()
     if client is None:
         pytest.skip("no compose client: install the docker compose plugin or Debian's docker-compose")
-    # A copy of the file in a clean folder: a developer's own .env must not decide the outcome.
-    shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
+    # A copy of the files in a clean folder: a developer's own .env must not decide the outcome.
+    files = [COMPOSE] + ([overlay] if overlay else [])
+    for path in [*files, ENV_EXAMPLE]:
+        shutil.copy(path, tmp_path / path.name)
     if env_file is not None:
         shutil.copy(env_file, tmp_path / ".env")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FORECASTER_", "COMPOSE_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FORECASTER_", "COMPOSE_", "ENV_FILE"))}
     result = subprocess.run(
-        [*client, "-f", str(tmp_path / "docker-compose.yml"), "config", "-q"],
+        [*client, *(a for path in files for a in ("-f", str(tmp_path / path.name))), "config"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -145,6 +150,15 @@ def test_compose_config_parses(env_file: Path | None, tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    # The env file reached the forecaster services (.env when there is one, else .env.example).
+    assert services["forecaster"]["environment"]["FORECASTER_KAFKA__PARTITIONS"] == "6"
+    assert services["forecaster"]["environment"]["FORECASTER_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:19092"
+    if overlay is not None:  # the GPU service is the forecaster service itself, not one beside it
+        assert services["forecaster"]["environment"]["FORECASTER_STATE__DEVICE"] == "cuda"
+        assert services["forecaster"]["image"] == "forecaster:gpu"
+        assert services["trainer"]["image"] == "forecaster:latest"
+    assert not any("gpu" in name for name in services)
 
 
 def test_compose_services_and_dependencies() -> None:
@@ -160,9 +174,28 @@ def test_compose_services_and_dependencies() -> None:
         assert services[name]["depends_on"]["kafka"]["condition"] == "service_healthy"
         assert services[name]["depends_on"]["topics"]["condition"] == "service_completed_successfully"
         assert "checkpoints:/checkpoints" in services[name]["volumes"]
-    assert services["forecaster-gpu"]["profiles"] == ["gpu"]
-    devices = services["forecaster-gpu"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["capabilities"] == ["gpu"]
+    gpu = yaml.safe_load(COMPOSE_GPU.read_text())["services"]
+    assert set(gpu) == {"forecaster"}  # an overlay of the service, so the CPU one does not run beside it
+    assert gpu["forecaster"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert services["alertmanager"]["profiles"] == ["alerts"]
+
+
+def test_compose_is_written_as_people_write_it() -> None:
+    """One build block (an anchor), settings from an env file, readiness and Grafana health checked, no topic
+    auto-creation in the broker."""
+    text = COMPOSE.read_text()
+    assert text.count("dockerfile:") == 1 and "build: *build" in text
+    services = compose_file()["services"]
+    raw = yaml.safe_load(text)
+    assert raw["x-forecaster"]["env_file"] == "${ENV_FILE:-.env.example}"
+    for name in ("topics", "forecaster", "trainer", "producer"):
+        assert services[name]["build"] == interpolate(raw["x-build"], {}), name
+        assert services[name]["env_file"] == ".env.example", name  # interpolated without an ENV_FILE
+    assert env_example()["ENV_FILE"] == ".env"  # once copied to .env, it names itself
+    assert "/readyz" in " ".join(services["forecaster"]["healthcheck"]["test"])
+    assert "/api/health" in " ".join(services["grafana"]["healthcheck"]["test"])
+    assert services["kafka"]["environment"]["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert services["topics"]["depends_on"] == {"kafka": {"condition": "service_healthy"}}
 
 
 def test_compose_kafka_is_a_single_kraft_node() -> None:
@@ -178,7 +211,7 @@ def test_compose_kafka_is_a_single_kraft_node() -> None:
         assert env[key] == "1", key
     # The compose network's listener is the one the forecaster services use.
     listeners = dict(item.split("://") for item in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
-    bootstrap = compose_file()["x-forecaster-env"]["FORECASTER_KAFKA__BOOTSTRAP_SERVERS"]
+    bootstrap = compose_file()["x-forecaster"]["environment"]["FORECASTER_KAFKA__BOOTSTRAP_SERVERS"]
     assert listeners["PLAINTEXT"] == bootstrap
     assert listeners["PLAINTEXT_HOST"].endswith(":9092")
     assert "kafka-data:/var/lib/kafka/data" in kafka["volumes"]
@@ -189,14 +222,14 @@ def forecaster_commands() -> dict[str, list[str]]:
     """Service name -> argv after `forecaster`, for every service that runs the forecaster CLI."""
     commands = {}
     for name, service in compose_file()["services"].items():
-        if service.get("image") in ("forecaster:latest", "forecaster:gpu") and "entrypoint" not in service:
+        if service.get("image") == "forecaster:latest" and "entrypoint" not in service:
             commands[name] = [str(arg) for arg in service["command"]]
     return commands
 
 
 def test_compose_commands_match_the_cli() -> None:
     commands = forecaster_commands()
-    assert {"forecaster", "trainer", "producer", "forecaster-gpu"} <= set(commands)
+    assert {"forecaster", "trainer", "producer"} <= set(commands)
     assert commands["forecaster"][0] == "serve"
     assert commands["trainer"][:2] == ["train", "--every"]
     assert commands["producer"][0] == "produce"
@@ -242,14 +275,13 @@ def test_topic_script_specs_follow_the_settings() -> None:
     assert not specs["in"].config
 
 
-def test_every_setting_is_in_env_example_and_reaches_the_containers() -> None:
+def test_every_setting_is_in_env_example() -> None:
+    """.env.example is the env file of the compose services: every setting is in it (commented: the default)."""
     documented = env_example()
-    passed = compose_file()["x-forecaster-env"]
     for variable in setting_variables():
         assert variable in documented, f"{variable} is missing from .env.example"
-        assert variable in passed, f"{variable} is not passed to the containers by docker-compose.yml"
-    # Every compose-level variable the file interpolates is documented too.
-    used = set(_VARIABLE.findall(COMPOSE.read_text()))
+    # Every compose-level variable the compose files interpolate is documented too.
+    used = set(_VARIABLE.findall(COMPOSE.read_text() + COMPOSE_GPU.read_text()))
     for variable, _default in used:
         assert variable in documented, f"{variable} (docker-compose.yml) is missing from .env.example"
 
@@ -476,3 +508,76 @@ def test_makefile_targets_call_the_scripts() -> None:
         result = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stderr
         assert script in result.stdout, f"make {target} does not run {script}"
+
+
+# --- the README's commands -----------------------------------------------------------------------
+
+
+def readme_block(heading: str) -> list[str]:
+    """The command lines of the first bash block under ``## heading`` in README.md."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"## {heading}\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    (command,) = readme_block("Test it")
+    match = re.search(r"^TEST_COMMAND=\((.*)\)$", (ROOT / ".ci" / "run").read_text(), re.M)
+    assert match and match.group(1) == command
+
+
+def test_the_test_command_installs_what_the_tests_need_first() -> None:
+    """`make test` after the run command on a fresh clone: pytest is installed by the command itself."""
+    assert readme_block("Test it") == ["make test"]
+    assert readme_block("Run it")[0].startswith("pip install -e . && make up")
+    result = subprocess.run(
+        ["make", "-n", "test", "PYTHON=python3"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    install = next(i for i, line in enumerate(lines) if "pip install" in line)
+    assert "-e '.[dev,notebooks]'" in lines[install]
+    assert any("-m pytest" in line for line in lines[install + 1 :])
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    assert any(requirement.startswith("pytest") for requirement in dev)
+
+
+# --- the image's versions and the alert route -------------------------------------------------------
+
+
+def test_the_image_installs_pinned_versions_of_every_runtime_dependency() -> None:
+    pins = {}
+    for line in (ROOT / "deploy" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"]:
+        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)).lower()
+        assert name in pins, f"{requirement} has no pinned version in deploy/constraints.txt"
+    text = DOCKERFILE.read_text()
+    installs = re.findall(r"^\s*(?:RUN )?pip install [^;\n]*", text, re.M)
+    assert installs and all("-c /opt/constraints.txt" in command for command in installs), installs
+    assert "COPY deploy/constraints.txt /opt/constraints.txt" in text
+
+
+def test_alertmanager_config_routes_critical_and_warning_to_the_webhook() -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "alertmanager" / "alertmanager.yml").read_text())
+    receivers = {receiver["name"]: receiver for receiver in config["receivers"]}
+    assert config["route"]["receiver"] == "log" and set(receivers["log"]) == {"name"}
+    (route,) = config["route"]["routes"]
+    assert route["receiver"] == "webhook" and route["matchers"] == ['severity=~"critical|warning"']
+    assert receivers["webhook"]["webhook_configs"][0]["url"] == "http://127.0.0.1:5001/alerts"
+    if amtool := shutil.which("amtool"):
+        result = subprocess.run(
+            [amtool, "check-config", str(ROOT / "deploy" / "alertmanager" / "alertmanager.yml")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    prometheus = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    assert prometheus["alerting"]["alertmanagers"][0]["dns_sd_configs"][0]["names"] == ["alertmanager"]
+    services = compose_file()["services"]
+    assert "./deploy/alertmanager:/etc/alertmanager:ro" in services["alertmanager"]["volumes"]

@@ -28,7 +28,7 @@ from forecaster.checkpoints.hotswap import fresh_model
 from forecaster.checkpoints.store import load_checkpoint, promote, save_checkpoint
 from forecaster.config import KafkaSettings, Settings
 from forecaster.engine.engine import reference_forecast
-from forecaster.records.codec import encode_window
+from forecaster.records import encode_window
 from forecaster.scaling import Scaling
 from forecaster.service.clients import COMPACTED, wait_for_broker
 from forecaster.service.exactly_once import changelog
@@ -302,6 +302,70 @@ def test_a_second_instance_with_the_same_id_fences_the_first_which_exits(eos, br
     forecasts = read_committed(topics.bootstrap, topics.output, len(frame), timeout=60)
     assert second.terminate() == 0
     check_exactly_once(forecasts, frame, loaded.model, loaded.scaling)
+
+
+# ---- series churn: evicted series on disk --------------------------------------------------------------
+
+
+def churn_rounds(frame: pd.DataFrame, group_size: int, visits: int) -> list[list[list[tuple[bytes, bytes]]]]:
+    """Per visit, its rounds: groups of series take turns, each sending its next windows, so that the
+    series of one group are evicted while the others run and come back at the next visit."""
+    windows = {
+        name: [r for r in windowed_records(group)] for name, group in frame.groupby("series", sort=False)
+    }
+    names = list(windows)
+    groups = [names[i : i + group_size] for i in range(0, len(names), group_size)]
+    per_visit = len(next(iter(windows.values()))) // visits
+    return [
+        [
+            [windows[name][visit * per_visit + k][0] for name in group]
+            for group in groups
+            for k in range(per_visit)
+        ]
+        for visit in range(visits)
+    ]
+
+
+def test_churned_series_evicted_to_disk_come_back_exactly_across_kill_9(eos, broker, tmp_path):
+    """300 series in 10 groups taking turns, at most 40 resident and 20 kB of evicted snapshots in memory:
+    most evicted series live on disk, a restart restores them there, and each series comes back with the
+    state an uninterrupted run has (one forecast per value, equal to the full forward pass)."""
+    topics, loaded, start = eos
+    frame = generate(n_series=300, n_values=60, start_ms=START_MS, step_ms=60_000, seed=27)
+    first, second = churn_rounds(frame, group_size=30, visits=2)
+    budget = 20_000
+    env = {
+        "FORECASTER_STATE__MAX_SERIES": "40",
+        "FORECASTER_STATE__EVICTED_MEMORY_BYTES": str(budget),
+        "FORECASTER_STATE__SPILL_DIR": str(tmp_path / "spill"),
+    }
+    service = start("a", **env)
+    stream(topics.bootstrap, topics.input, first, seconds=8).join(60)
+    assert (
+        len(read_committed(topics.bootstrap, topics.output, len(frame) // 2, timeout=60)) == len(frame) // 2
+    )
+    before = service.metrics()
+    assert before[("forecaster_evicted_series", (("where", "disk"),))] > 200
+    assert before[("forecaster_evicted_bytes", (("where", "memory"),))] <= budget
+    assert service.kill() == -9
+    service = start("a", **env)  # restores 260 evicted series into the store, not into memory
+    assert service.metrics()[("forecaster_series_restored_total", (("to", "evicted"),))] >= 250
+    broker.wait_for(
+        lambda: service.metrics().get(("forecaster_evicted_series", (("where", "disk"),)), 0) >= 200,
+        timeout=10,
+        what="the restored evicted series on disk",
+    )
+    producer = stream(topics.bootstrap, topics.input, second, seconds=12)
+    time.sleep(5)
+    assert service.kill() == -9  # mid-churn, at any point of a commit
+    service = start("a", **env)
+    producer.join(120)
+    forecasts = read_committed(topics.bootstrap, topics.output, len(frame), timeout=120)
+    samples = service.metrics()
+    assert service.terminate() == 0
+    check_exactly_once(forecasts, frame, loaded.model, loaded.scaling)
+    assert samples[("forecaster_evicted_bytes", (("where", "memory"),))] <= budget
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == []  # removed on a clean stop
 
 
 # ---- refused changelog records -------------------------------------------------------------------------

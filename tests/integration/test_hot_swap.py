@@ -16,7 +16,7 @@ from forecaster.checkpoints.hotswap import fresh_model
 from forecaster.checkpoints.store import LATEST_FILE, MANIFEST_FILE, WEIGHTS_FILE, promote, save_checkpoint
 from forecaster.engine.engine import reference_forecast
 from forecaster.model import RecurrentForecaster
-from forecaster.records.codec import encode_input
+from forecaster.records import encode_input
 from forecaster.scaling import Scaling
 
 START_MS = 1_700_000_000_000
@@ -161,3 +161,36 @@ def test_swaps_under_traffic_skip_nothing_and_rewarm_over_the_window(topics, ser
                 err_msg=f"{name} under {version} (swapped in at value {k})",
             )
     assert service.terminate() == 0
+
+
+def test_a_rollback_made_with_the_cli_survives_a_restart_whose_latest_is_broken(topics, serve, tmp_path):
+    """Promote v1, roll back to v0 with ``forecaster checkpoints promote``, then LATEST names a broken
+    version: a restarted ``forecaster serve`` serves v0 (the operator's last choice), not v1 (the newest)."""
+    import os
+    import subprocess
+    import sys
+
+    settings = topics.settings()
+    scaling = Scaling.from_settings(settings.scaling)
+    root = tmp_path / "checkpoints"
+    v0 = save_checkpoint(root, new_model(21, settings), scaling)
+    v1 = save_checkpoint(root, new_model(22, settings), scaling)
+    env = {**os.environ, "FORECASTER_CHECKPOINTS__DIR": str(root)}
+    for version in (v0, v1, v0):  # publish v0, promote v1, roll back to v0
+        done = subprocess.run(
+            [sys.executable, "-m", "forecaster", "checkpoints", "promote", version],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+    service = serve().start()
+    assert service.metrics()[("forecaster_model_info", (("cell", "gru"), ("version", v0)))] == 1
+    assert service.terminate() == 0
+    broken = publish_nan_checkpoint(root, new_model(23, settings), scaling)  # LATEST -> a broken version
+    restarted = serve().start()
+    info = {labels for name, labels in restarted.metrics() if name == "forecaster_model_info"}
+    assert info == {(("cell", "gru"), ("version", v0))}, (info, v0, v1, broken)
+    assert f"serving checkpoint {v0}" in restarted.log_path.read_text()
+    assert restarted.terminate() == 0

@@ -63,8 +63,9 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
-def grafana_expr(expr: str) -> str:
-    for variable, value in GRAFANA_VARIABLES.items():
+def grafana_expr(expr: str, chosen: dict[str, str] | None = None) -> str:
+    """``expr`` as Grafana sends it: its interval variables, and the dashboard's variables as ``chosen``."""
+    for variable, value in {**GRAFANA_VARIABLES, **(chosen or {})}.items():
         expr = expr.replace(variable, value)
     return expr
 
@@ -106,18 +107,42 @@ def check_expression(prometheus: Prometheus, where: str, expr: str, need_data: b
     return problems
 
 
+def dashboard_variables(prometheus: Prometheus, dashboard: dict) -> tuple[dict[str, str], list[str]]:
+    """A value for each ``label_values(metric, label)`` variable, picked as a user would (the first one its
+    query offers), and the problems: a variable whose query offers nothing."""
+    chosen, problems = {}, []
+    for variable in dashboard["templating"]["list"]:
+        match = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable["query"]["query"])
+        if match is None:
+            problems.append(f"variable {variable['name']}: not a label_values(metric, label) query")
+            continue
+        metric, label = match.groups()
+        answer = prometheus.query(f"count by ({label}) ({metric})")
+        values = sorted(r["metric"][label] for r in answer["data"]["result"] if label in r["metric"])
+        if not values:
+            problems.append(f"variable {variable['name']}: {variable['query']['query']} offers no value")
+            continue
+        chosen["$" + variable["name"]] = values[0]
+    return chosen, problems
+
+
 def check_dashboard(prometheus: Prometheus, dashboard: dict) -> list[str]:
-    """Every panel query evaluates with data; every annotation query evaluates."""
-    problems = []
+    """Every variable offers a value; with those chosen, every panel query evaluates with data and every
+    annotation query evaluates."""
+    chosen, problems = dashboard_variables(prometheus, dashboard)
+    if problems:
+        return problems
     panels = [p for top in dashboard["panels"] for p in (top, *top.get("panels", []))]
     for panel in panels:
         for target in panel.get("targets", []):
             where = f"panel {panel['title']!r} ({target['refId']})"
-            problems += check_expression(prometheus, where, grafana_expr(target["expr"]), need_data=True)
+            expr = grafana_expr(target["expr"], chosen)
+            problems += check_expression(prometheus, where, expr, need_data=True)
     for annotation in dashboard["annotations"]["list"]:
         if "expr" in annotation:
             where = f"annotation {annotation['name']!r}"
-            problems += check_expression(prometheus, where, grafana_expr(annotation["expr"]), need_data=False)
+            expr = grafana_expr(annotation["expr"], chosen)
+            problems += check_expression(prometheus, where, expr, need_data=False)
     return problems
 
 
@@ -186,7 +211,12 @@ def pipeline(kafka_bootstrap: str, kafka_admin, tmp_path_factory: pytest.TempPat
         "DEADLETTER": f"{name}.deadletter",
         "CHANGELOG": f"{name}.changelog",
     }
-    ports = {"serve": free_port(), "train": free_port(), "prometheus": free_port()}
+    ports = {
+        "serve": free_port(),
+        "train": free_port(),
+        "prometheus": free_port(),
+        "alertmanager": free_port(),
+    }
     env = {key: value for key, value in os.environ.items() if not key.startswith("FORECASTER_")}
     env.update(
         {
@@ -207,6 +237,7 @@ def pipeline(kafka_bootstrap: str, kafka_admin, tmp_path_factory: pytest.TempPat
             "FORECASTER_METRICS__PORT": str(ports["serve"]),
             "FORECASTER_TRAIN__METRICS_PORT": str(ports["train"]),
             "PROMETHEUS_PORT": str(ports["prometheus"]),
+            "ALERTMANAGER_PORT": str(ports["alertmanager"]),
             "PROMETHEUS_SCRAPE_INTERVAL": "1s",
             "TRAIN_EVERY": "15s",
             "TRAIN_ARGS": "--no-progress",
@@ -308,7 +339,18 @@ def test_up_prints_where_to_look(pipeline) -> None:
         pipeline["topics"]["OUTPUT"],
     ):
         assert needle in out
-    assert set(pipeline["pids"]) == {"serve", "train", "produce", "prometheus"}
+    alertmanager = {"alertmanager"} if shutil.which("prometheus-alertmanager") else set()
+    assert set(pipeline["pids"]) == {"serve", "train", "produce", "prometheus"} | alertmanager
+    if alertmanager:
+        assert f"http://127.0.0.1:{env['ALERTMANAGER_PORT']}" in out
+        # Prometheus finds it (the alerting block of prometheus.local.yml, with the port put in).
+        expected = [f"http://127.0.0.1:{env['ALERTMANAGER_PORT']}/api/v2/alerts"]
+
+        def found() -> list[str]:
+            answer = pipeline["prometheus"].get("/api/v1/alertmanagers")["data"]["activeAlertmanagers"]
+            return [] if [a["url"] for a in answer] == expected else [f"Prometheus sends alerts to {answer}"]
+
+        assert settle(pipeline, found) == []
 
 
 def test_every_dashboard_query_returns_data(dashboard_problems: list[str]) -> None:

@@ -6,6 +6,9 @@ import base64
 import json
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -14,7 +17,8 @@ import pandas as pd
 from forecaster.checkpoints.hotswap import fresh_model
 from forecaster.engine.engine import reference_forecast
 from forecaster.engine.intervals import Intervals, reference_intervals
-from forecaster.records.codec import REASONS, encode_input, encode_window
+from forecaster.metrics import kafka_partition
+from forecaster.records import REASONS, encode_input, encode_window
 from forecaster.scaling import Scaling
 from forecaster.tools.synthetic import generate
 
@@ -97,6 +101,7 @@ def test_end_to_end_forecasts_equal_the_reference(topics, serve, broker):
 BAD = [
     (None, b"\xff\xfe\x00garbage", "not_utf8"),
     (None, b"{this is not json", "not_json"),
+    (None, b'{"series": "x", "series": "y", "ts": 1, "value": 1}', "duplicate_key"),
     (None, b"[1, 2, 3]", "not_object"),
     (None, b'{"schema": 99, "series": "x", "ts": 1, "value": 1}', "unknown_schema"),
     (None, b'{"series": "x", "ts": 1, "value": 1, "colour": "red"}', "unknown_field"),
@@ -290,3 +295,34 @@ def test_window_forecast_records_one_per_input_record_equal_the_reference(topics
         )
         got = np.array([[row for row in b["lower"]["95"]] for b in bodies]).reshape(len(ts), -1)  # (T, H)
         np.testing.assert_allclose(got, lower[:, 1], rtol=1e-5, atol=1e-5)
+
+
+def test_series_view_shows_the_engines_state_while_serving(topics, serve, broker):
+    """/series/<id> of a running service: the values it stepped, its last forecast record, its partition."""
+    frame = generate(n_series=4, n_values=40, start_ms=START_MS, step_ms=60_000, seed=5)
+    service = serve(FORECASTER_STATE__WINDOW="16").start()
+    broker.send(topics.input, records_of(frame, windowed=set()))
+    forecasts = forecasts_by_series(broker.read(topics.output, count=len(frame), timeout=30))
+    port = service.metrics_port
+
+    def get(path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+                return answer.status, json.load(answer)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+
+    for name in ("series-0", "series-3"):
+        status, state = get(f"/series/{name}")
+        expected = frame[frame["series"] == name].sort_values("ts")
+        assert status == 200 and state["count"] == len(expected) and state["window"] == 16
+        np.testing.assert_allclose(state["values"], expected["value"].to_numpy()[-16:], rtol=1e-6)
+        last = max(forecasts[name], key=lambda body: body["ts"])
+        assert state["last_ts"] == last["ts"] == int(expected["ts"].iloc[-1])
+        np.testing.assert_allclose(state["forecast"], last["forecast"], rtol=1e-6, atol=1e-6)
+        assert state["model_version"] == last["model_version"] == "init"
+        assert last["input"]["partition"] == kafka_partition(name, 3)  # where the producer put the key
+    status, absent = get("/series/" + urllib.parse.quote("no such/series", safe=""))
+    assert status == 404 and absent["partitions"] == 3
+    assert absent["partition"] == kafka_partition("no such/series", 3)
+    assert service.terminate() == 0

@@ -109,12 +109,12 @@ def test_evicted_series_are_written_flagged_and_come_back_with_their_state() -> 
     _feed(engine, ["c"], steps=1, start=1)
     _feed(reference, ["c"], steps=1, start=1)
     ledger.note(["c"], [1])
-    assert "a" not in engine.table.slots and "a" in ledger.cold
+    assert "a" not in engine.table.slots and "a" in ledger.store and "a" not in ledger.partition_of
     written = {k: changelog.decode(v) for _, k, v in ledger.changes()}
     assert written[b"a"][1] is True and written[b"c"][1] is False  # a: the evicted flag
     # a comes back: revived before it steps, it continues exactly where it was.
     assert ledger.revive(["a", "a", "zzz"]) == 1
-    assert "a" not in ledger.cold
+    assert "a" not in ledger.store and ledger.partition_of["a"] == 0
     got = engine.process(["a"], [50], [42.0])
     want = reference.process(["a"], [50], [42.0])
     np.testing.assert_array_equal(got.forecasts, want.forecasts)
@@ -125,9 +125,11 @@ def test_drop_forgets_a_partitions_series_everywhere() -> None:
     ledger = SeriesLedger(engine)
     _feed(engine, ["a", "b", "c"])
     ledger.note(["a", "b", "c"], [0, 1, 1])
-    ledger.cold["d"], ledger.partition_of["d"] = b"snapshot", 1
+    ledger.store.put("d", 1, b"snapshot")
+    ledger.store.put("e", 0, b"snapshot")
     assert ledger.drop({1}) == 2
-    assert set(engine.table.slots) == {"a"} and ledger.partition_of == {"a": 0} and not ledger.cold
+    assert set(engine.table.slots) == {"a"} and ledger.partition_of == {"a": 0}
+    assert "d" not in ledger.store and "e" in ledger.store
     assert engine.evictions_total == 0  # dropped, not evicted
     assert ledger.drop(None) == 1 and engine.resident == 0 and ledger.partition_of == {}
 
@@ -151,10 +153,10 @@ def test_load_restores_good_records_keeps_evicted_on_the_host_and_refuses_the_re
     target = _engine()
     ledger = SeriesLedger(target)
     report = ledger.load(contents)
-    assert set(target.table.slots) == {"good"} and set(ledger.cold) == {"gone"}
+    assert set(target.table.slots) == {"good"} and "gone" in ledger.store and len(ledger.store) == 1
     assert report.resident == 1 and report.evicted == 1 and report.records == 9
     assert report.refused == {"corrupt": 2, "unknown_version": 1}
-    assert ledger.partition_of == {"good": 0, "gone": 1}
+    assert ledger.partition_of == {"good": 0} and ledger.store.take(["gone"])[0][:2] == ("gone", 1)
     assert target.take_dirty() == set()  # restored states need no rewrite
     np.testing.assert_array_equal(
         target.process(["good"], [99], [1.0]).forecasts, source.process(["good"], [99], [1.0]).forecasts

@@ -154,3 +154,13 @@ def test_config_command_exits_2_with_one_line_for_a_bad_value(clean_env, capsys)
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1
     assert "FORECASTER_MODEL__HIDDEN_SIZE" in lines[0]
+
+
+def test_max_message_bytes_defaults_to_kafkas_limit_and_refuses_too_small_or_absurd(clean_env):
+    assert load_settings().service.max_message_bytes == 1_048_576
+    clean_env.setenv("FORECASTER_SERVICE__MAX_MESSAGE_BYTES", "8192")
+    assert load_settings().service.max_message_bytes == 8192
+    for bad in ("100", "2000000000"):
+        clean_env.setenv("FORECASTER_SERVICE__MAX_MESSAGE_BYTES", bad)
+        with pytest.raises(ConfigError, match="FORECASTER_SERVICE__MAX_MESSAGE_BYTES"):
+            load_settings()

@@ -88,3 +88,51 @@ def test_unreadable_files_raise_one_clear_data_error(text, message):
 def test_missing_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         read_series(tmp_path / "absent.csv")
+
+
+# --- the long layout of statsforecast / NeuralForecast (unique_id, ds, y) -------------------------
+
+
+def test_nixtla_long_csv_is_read_as_long_and_says_so(caplog):
+    text = "unique_id,ds,y\nH1,2024-01-01 00:00,10\nH1,2024-01-01 01:00,11.5\nH2,2024-01-01 00:00,x\n"
+    with caplog.at_level("INFO", logger="forecaster.data"):
+        loaded = read_series(io.StringIO(text))
+    assert loaded.layout == "nixtla"
+    assert loaded.frame["series"].tolist() == ["H1", "H1"]
+    assert loaded.frame["ts"].tolist() == [1704067200000, 1704070800000]
+    assert loaded.frame["value"].tolist() == [10.0, 11.5]
+    assert [(b.line, b.reason) for b in loaded.bad_rows] == [(4, "value_not_number")]
+    assert "long (unique_id, ds, y; statsforecast/NeuralForecast) layout, 2 rows, 1 series" in caplog.text
+
+
+def test_plain_long_and_wide_layouts_are_named_in_the_log(caplog):
+    with caplog.at_level("INFO", logger="forecaster.data"):
+        read_series(io.StringIO("series,ts,value\na,1,1\n"))
+        read_series(io.StringIO("ts,a,y\n1,1,2\n"))  # a series called "y" stays a wide column
+    assert "long (series, ts, value) layout, 1 rows, 1 series" in caplog.text
+    assert "wide (a time column, one column per series) layout, 2 rows, 2 series" in caplog.text
+
+
+def test_nixtla_parquet_with_datetimes_and_extra_columns(tmp_path):
+    pytest.importorskip("pyarrow")
+    frame = pd.DataFrame(
+        {
+            "unique_id": ["a", "a", "b"],
+            "ds": pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-01"]),
+            "y": [1.0, 2.0, 3.0],
+            "price": [9.0, 9.0, 9.0],  # an exogenous column: not read
+        }
+    )
+    frame.to_parquet(tmp_path / "train.parquet")
+    loaded = read_series(tmp_path / "train.parquet")
+    assert loaded.layout == "nixtla"
+    assert loaded.frame[["series", "ts", "value"]].values.tolist() == [
+        ["a", 1704067200000, 1.0],
+        ["a", 1704153600000, 2.0],
+        ["b", 1704067200000, 3.0],
+    ]
+
+
+def test_nixtla_layout_missing_a_column_says_which():
+    with pytest.raises(DataError, match=r"unique_id,ds,y; missing y"):
+        read_series(io.StringIO("unique_id,ds,target\na,1,1\n"))

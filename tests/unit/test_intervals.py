@@ -17,7 +17,7 @@ from forecaster.engine.engine import Engine
 from forecaster.engine.intervals import WARMUP, Intervals, reference_intervals
 from forecaster.errors import StateError
 from forecaster.model import RecurrentForecaster
-from forecaster.records.codec import Bounds, encode_forecast_groups, encode_forecasts
+from forecaster.records import Bounds, encode_forecast_groups, encode_forecasts
 from forecaster.scaling import Scaling
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from forecaster.metrics.metrics import LATENCY_BUCKETS, BulkHistogram, MetricsServer, ServiceMetrics
+from forecaster.metrics import LATENCY_BUCKETS, BulkHistogram, MetricsServer, ServiceMetrics, TrainerMetrics
 
 
 def stats(count, sum_abs, sum_sq):
@@ -104,5 +105,53 @@ def test_http_endpoints():
         ready["now"] = True
         assert fetch(server.port, "/readyz")[0] == 200
         assert fetch(server.port, "/nope")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_metrics_through_prometheus_clients_wsgi_app_gzip_and_openmetrics():
+    m = ServiceMetrics(CollectorRegistry())
+    m.records_consumed.inc(2)
+    server = MetricsServer(m.registry, host="127.0.0.1", port=0).start()
+    try:
+        base = f"http://127.0.0.1:{server.port}/metrics"
+        request = urllib.request.Request(base, headers={"Accept-Encoding": "gzip"})
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            assert answer.headers["Content-Encoding"] == "gzip"
+            assert b"forecaster_records_consumed_total 2.0" in gzip.decompress(answer.read())
+        request = urllib.request.Request(
+            base, headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            assert answer.headers["Content-Type"].startswith("application/openmetrics-text")
+            body = answer.read().decode()
+            assert "forecaster_records_consumed_total 2.0" in body and body.endswith("# EOF\n")
+        with urllib.request.urlopen(base, timeout=5) as answer:
+            assert answer.headers["Content-Type"].startswith("text/plain")
+    finally:
+        server.stop()
+
+
+def test_process_and_platform_collectors_are_on_the_injected_registry():
+    registry = CollectorRegistry()
+    ServiceMetrics(registry)
+    TrainerMetrics(registry)  # a second owner of the same registry does not register them twice
+    assert registry.get_sample_value("process_resident_memory_bytes") > 0
+    assert registry.get_sample_value("process_cpu_seconds_total") >= 0
+    assert any(metric.name == "python_info" for metric in registry.collect())
+    trainer = TrainerMetrics(CollectorRegistry())
+    assert trainer.registry.get_sample_value("process_open_fds") > 0
+
+
+def test_healthz_follows_the_healthy_callable():
+    healthy = {"now": True}
+    server = MetricsServer(
+        CollectorRegistry(), host="127.0.0.1", port=0, healthy=lambda: healthy["now"]
+    ).start()
+    try:
+        assert fetch(server.port, "/healthz") == (200, "ok\n")
+        assert fetch(server.port, "/readyz")[0] == 200  # no ready callable: ready
+        healthy["now"] = False
+        assert fetch(server.port, "/healthz") == (503, "not healthy\n")
     finally:
         server.stop()

@@ -5,7 +5,7 @@ import threading
 from prometheus_client import CollectorRegistry
 
 from forecaster.errors import DataError
-from forecaster.metrics.metrics import TrainerMetrics
+from forecaster.metrics import TrainerMetrics
 from forecaster.train.periodic import run_periodically
 
 

@@ -13,11 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forecaster.errors import InvalidRecord
-from forecaster.records.codec import (
+from forecaster.records import (
     REASONS,
     RecordDecoder,
     encode_dead_letter,
     encode_forecast,
+    encode_forecast_groups,
     encode_forecasts,
     encode_input,
     encode_window,
@@ -133,12 +134,42 @@ BAD_CORPUS = [
     (b'{"series": "a", "ts": [1, -5], "values": [1, 2]}', None, "ts_out_of_range"),
     (b'{"series": "a", "ts": [1, "nope"], "values": [1, 2]}', None, "bad_ts"),
     (b'{"series": "a", "ts": 1, "value": 1, "values": [1]}', None, "bad_value"),
+    (b'{"series": "a", "series": "b", "ts": 1, "value": 1}', None, "duplicate_key"),
+    (b'{"series": "a", "ts": 1, "value": 1.0, "value": 2.0}', None, "duplicate_key"),
+    (b'{"series": "a", "ser\\u0069es": "b", "ts": 1, "value": 1}', None, "duplicate_key"),
+    (b'{"series": "a:b", "ts": "2023-11-14T22:13:20Z", "value": 1, "value": 2}', None, "duplicate_key"),
+    (b'{"series": "a", "ts": [1], "values": [{"x": 1, "x": 2}]}', None, "duplicate_key"),
+    (b'{"series": "a", "value": NaN, "value": 1}', None, "duplicate_key"),
+    (b'[{"x": 1, "x": 2}]', None, "duplicate_key"),
+    (b'{"series": "a", "value": ' + b"[" * 5000 + b"]" * 5000 + b"}", None, "not_json"),  # too deep
 ]
 
 
 @pytest.mark.parametrize(("raw", "key", "reason"), BAD_CORPUS)
 def test_each_bad_record_has_its_reason(decoder, raw, key, reason):
     assert reason_of(decoder, raw, key) == reason
+
+
+# Text that looks like a key inside a string is not a repeated key, escaped or not.
+NOT_REPEATED = [
+    b'{"series": "\\"series\\": \\"b\\"", "ts": 1, "value": 1}',
+    b'{"series": "value:2,series:b", "ts": "2023-11-14T22:13:20Z", "value": 1}',
+    b'{"series": "a", "ts": ["1970-01-01T00:00:01Z", "1970-01-01T00:00:02Z"], "values": [1, 2]}',
+    b'{"series": "s\\u00e9:", "ts": 1, "value": 1}',
+    b'{"ser\\u0069es": "a", "ts": 1, "value": 1}',
+    b'{"series":"a","ts":1,"value":1}',
+]
+
+
+@pytest.mark.parametrize("raw", NOT_REPEATED)
+def test_key_like_text_is_not_a_repeated_key(decoder, raw):
+    assert decoder.decode(raw, None, TS)[0] == json.loads(raw)["series"]
+
+
+def test_a_repeated_key_keeps_its_last_value_only_when_not_strict():
+    lenient = RecordDecoder(clock=lambda: NOW_S, strict=False)
+    raw = b'{"series": "a", "ts": 1, "value": 1.0, "value": 2.0}'
+    assert lenient.decode(raw, None, TS) == ("a", 1, 2.0)
 
 
 def test_far_future_ts_is_out_of_range_near_future_is_not(decoder):
@@ -256,7 +287,8 @@ def test_dead_letter_carries_raw_bytes_and_where_from():
     )
     assert body["reason"] == "not_utf8" and body["detail"] == "bad byte"
     assert (body["topic"], body["partition"], body["offset"], body["key"]) == ("in", 2, 12, "k1")
-    assert base64.b64decode(body["raw"]) == raw
+    assert base64.b64decode(body["raw"]) == raw and body["timestamp"] == TS
+    assert "raw_truncated" not in body
     assert json.loads(encode_dead_letter(record(None), InvalidRecord("not_json", "x")))["raw"] is None
 
 
@@ -307,8 +339,6 @@ def test_batch_forecasts_round_trip_float32_exactly_and_stay_valid_json_when_not
 
 
 def test_grouped_forecasts_one_record_per_input_record_in_window_order():
-    from forecaster.records.codec import encode_forecast_groups
-
     forecasts = np.array([[1.5, 2.0], [3.0, 4.0], [5.0, np.nan], [7.0, 8.0]], dtype=np.float32)
     keys, encoded = encode_forecast_groups(
         ["a", "b", "a", "a"],

@@ -277,3 +277,18 @@ def test_replay_of_a_residual_model_equals_the_reference() -> None:
     text = "series,ts,value\n" + "".join(f"a,{t},{float(v)!r}\n" for t, v in enumerate(values))
     result = replay(io.StringIO(text), Engine(model, window=16), season=3, batch_rows=5, progress=False)
     np.testing.assert_allclose(result.rows.forecasts, reference_forecast(model, values), atol=1e-5, rtol=0)
+
+
+def test_cli_reads_the_statsforecast_layout_and_says_so(tmp_path, published, caplog) -> None:
+    """unique_id, ds, y (statsforecast / NeuralForecast): the same forecasts as series, ts, value."""
+    plain = write(tmp_path, TINY)
+    nixtla = write(tmp_path, TINY.replace("series,ts,value", "unique_id,ds,y"), "nixtla.csv")
+    outputs = []
+    for data in (plain, nixtla):
+        out = tmp_path / f"{data.stem}.out.csv"
+        with caplog.at_level("INFO", logger="forecaster.data"):
+            argv = ["replay", "--input", str(data), "--output", str(out), "--season", "2", "--no-progress"]
+            assert main(argv) == 0
+        outputs.append(pd.read_csv(out))
+    pd.testing.assert_frame_equal(outputs[0], outputs[1])
+    assert f"{nixtla}: long (unique_id, ds, y; statsforecast/NeuralForecast) layout" in caplog.text

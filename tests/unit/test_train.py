@@ -34,7 +34,7 @@ from forecaster.cli.train import apply_overrides
 from forecaster.config import Settings
 from forecaster.engine.engine import reference_forecast
 from forecaster.errors import ConfigError, DataError
-from forecaster.metrics.metrics import TrainerMetrics
+from forecaster.metrics import TrainerMetrics
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
 from forecaster.tools.synthetic import SeriesShape, generate

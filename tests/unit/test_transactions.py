@@ -201,9 +201,15 @@ class FakeReader:
     def __init__(self, latest: dict[int, dict[str, bytes]]):
         self.latest, self.reads = latest, []
 
-    def read(self, parts):
+    def read(self, parts, divert=None):
         self.reads.append(sorted(parts))
-        return ChangelogContents({p: dict(self.latest.get(p, {})) for p in parts}, records=1)
+        latest = {}
+        for p in parts:
+            latest[p] = {}
+            for name, value in self.latest.get(p, {}).items():
+                if divert is None or not divert(p, name, value):
+                    latest[p][name] = value
+        return ChangelogContents(latest, records=1)
 
 
 def _engine() -> Engine:
@@ -346,12 +352,16 @@ def test_a_refusal_after_a_rebalance_does_not_rejoin() -> None:
     assert consumer.subscriptions == 0
 
 
-def test_the_transaction_timeout_is_a_setting_reaching_the_producer_and_the_committer(monkeypatch) -> None:
+def test_the_transaction_timeout_is_a_setting_reaching_the_producer_and_the_committer(
+    monkeypatch, tmp_path
+) -> None:
     from forecaster.config import Settings
     from forecaster.service.exactly_once import parts as exactly_once
 
     settings = Settings(
-        service={"transaction_timeout_ms": 120_000, "instance_id": "i1"}, kafka={"group_id": "g"}
+        service={"transaction_timeout_ms": 120_000, "instance_id": "i1"},
+        kafka={"group_id": "g"},
+        state={"spill_dir": tmp_path},
     )
     assert exactly_once.producer_options(settings)["transaction_timeout_ms"] == 120_000
     assert exactly_once.producer_options(Settings())["transaction_timeout_ms"] == 60_000
@@ -368,5 +378,9 @@ def test_the_transaction_timeout_is_a_setting_reaching_the_producer_and_the_comm
         reader=SimpleNamespace(),
     )
     assert built.committer.timeout_s == 120.0
+    assert (
+        built.ledger.store.path == tmp_path / "evicted-g-i1.sqlite"
+    )  # the evicted store: one file per instance
+    built.ledger.store.close()
     with pytest.raises(ValueError):
         Settings(service={"transaction_timeout_ms": 999})

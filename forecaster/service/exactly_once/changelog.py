@@ -184,8 +184,12 @@ class ChangelogReader:
             stable_timeout=stable_timeout,
         )
 
-    def read(self, partitions: Iterable[int]) -> ChangelogContents:
-        """The latest value of every series in ``partitions`` (each read to its end)."""
+    def read(
+        self, partitions: Iterable[int], divert: Callable[[int, str, bytes | None], bool] | None = None
+    ) -> ChangelogContents:
+        """The latest value of every series in ``partitions`` (each read to its end). ``divert(partition,
+        series, value)``, called on every record in order, may take a record instead (returns True): it is
+        then not kept, and an earlier value of that series is forgotten."""
         started = self.clock()
         tps = [TopicPartition(self.topic, p) for p in sorted(set(partitions))]
         latest: dict[int, dict[str, bytes | None]] = {tp.partition: {} for tp in tps}
@@ -201,7 +205,11 @@ class ChangelogReader:
                 into = latest[tp.partition]
                 for record in records:
                     if record.offset < ends[tp] and record.key is not None:
-                        into[record.key.decode("utf-8", "replace")] = record.value
+                        name = record.key.decode("utf-8", "replace")
+                        if divert is not None and divert(tp.partition, name, record.value):
+                            into.pop(name, None)
+                        else:
+                            into[name] = record.value
                         n += 1
                 progress = self.clock()
             still = {tp for tp in left if self.consumer.position(tp) < ends[tp]}

@@ -1,10 +1,12 @@
 """Per-series bookkeeping of the state changelog: each series' input partition, the changelog records of a
-commit, evicted series kept on the host, dropping a partition's series, and loading changelog contents.
+commit, evicted series kept aside, dropping a partition's series, and loading changelog contents.
 
-``SeriesLedger`` knows the input partition of every series (the changelog partition its state goes to),
-collects the changelog records of each commit (the series changed since the last one, and the series
-evicted, flagged so), keeps evicted series' snapshots on the host so a series that comes back resumes,
-and loads changelog contents into the engine (refusing, with a log line and a count, what it cannot use).
+``SeriesLedger`` knows the input partition of every resident series (the changelog partition its state
+goes to), collects the changelog records of each commit (the series changed since the last one, and the
+series evicted, flagged so), keeps evicted series' snapshots in an ``EvictedStore`` (a byte budget in
+memory, the rest on disk) so a series that comes back resumes, and loads changelog contents into the
+engine (refusing, with a log line and a count, what it cannot use); on a restore, evicted series go
+straight to the store as the changelog is read, never all into memory.
 
 >>> ledger = SeriesLedger(engine=None)
 >>> ledger.note(["a", "b"], [0, 1])
@@ -21,6 +23,7 @@ from typing import Any
 
 from forecaster.service.exactly_once import changelog
 from forecaster.service.exactly_once.changelog import ChangelogContents
+from forecaster.service.exactly_once.evicted import EvictedStore
 
 log = logging.getLogger(__name__)
 
@@ -31,37 +34,42 @@ class RestoreReport:
 
     partitions: list[int]
     resident: int = 0  # series loaded into the state table
-    evicted: int = 0  # series kept on the host until they come back
+    evicted: int = 0  # series kept in the evicted store until they come back
     refused: dict[str, int] = field(default_factory=dict)  # reason -> series started fresh
     records: int = 0  # changelog records read
     seconds: float = 0.0
 
 
 class SeriesLedger:
-    """Per-series bookkeeping for the changelog (see the module docstring)."""
+    """Per-series bookkeeping for the changelog (see the module docstring); ``store`` holds evicted
+    series (default: one without a file, everything in memory)."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, store: EvictedStore | None = None) -> None:
         self.engine = engine
-        self.partition_of: dict[str, int] = {}
-        self.cold: dict[str, bytes] = {}  # evicted series -> snapshot, until they come back
-        self.evicted: dict[str, bytes] = {}  # evicted since the last commit -> snapshot (to write)
+        self.partition_of: dict[str, int] = {}  # resident series -> input partition
+        self.store = store if store is not None else EvictedStore(memory_bytes=1 << 62)
+        self.evicted: dict[str, tuple[int, bytes]] = {}  # evicted since the last commit (to write)
 
     def note(self, series: Sequence[str], partitions: Sequence[int]) -> None:
         """The input partition of each stepped value's series."""
         self.partition_of.update(zip(series, partitions, strict=True))
 
     def on_evict(self, series: str, snapshot: bytes) -> None:
-        """The state table's eviction callback."""
-        self.cold[series] = snapshot
-        self.evicted[series] = snapshot
+        """The state table's eviction callback: the snapshot to the store, its partition with it."""
+        partition = self.partition_of.pop(series, -1)
+        if partition >= 0:
+            self.store.put(series, partition, snapshot)
+        self.evicted[series] = (partition, snapshot)
 
     def revive(self, series: Iterable[str]) -> int:
         """Load the evicted ones among ``series`` back into the table before they step; returns how many."""
-        if not self.cold:
+        if not len(self.store):
             return 0
-        back = [s for s in dict.fromkeys(series) if s in self.cold]
+        slots = self.engine.table.slots
+        back = self.store.take(s for s in series if s not in slots)
         if back:
-            refused = self.engine.restore_many([(s, self.cold.pop(s)) for s in back])
+            self.partition_of.update((name, partition) for name, partition, _ in back)
+            refused = self.engine.restore_many([(name, snapshot) for name, _, snapshot in back])
             for name, error in refused:  # e.g. the model changed shape since: the series starts fresh
                 log.warning("evicted series %r could not be revived, starting fresh: %s", name, error)
         return len(back)
@@ -70,9 +78,9 @@ class SeriesLedger:
         """``(partition, key, value)`` of every series changed or evicted since the last call."""
         dirty = sorted(self.engine.take_dirty())
         out = []
-        for name, snapshot in self.evicted.items():
+        for name, (partition, snapshot) in self.evicted.items():
             if name not in self.engine.table.slots:  # came back and changed: its new state is written below
-                out.append(self._record(name, snapshot, evicted=True))
+                out.append(self._record(name, snapshot, True, partition))
         self.evicted = {}
         if dirty:
             out.extend(
@@ -81,8 +89,10 @@ class SeriesLedger:
             )
         return [r for r in out if r[0] >= 0]
 
-    def _record(self, name: str, snapshot: bytes, evicted: bool) -> tuple[int, bytes, bytes]:
-        partition = self.partition_of.get(name, -1)
+    def _record(
+        self, name: str, snapshot: bytes, evicted: bool, partition: int | None = None
+    ) -> tuple[int, bytes, bytes]:
+        partition = self.partition_of.get(name, -1) if partition is None else partition
         if partition < 0:
             log.warning("series %r has no known input partition: its state is not written", name)
         return partition, name.encode(), changelog.encode(snapshot, evicted)
@@ -94,20 +104,42 @@ class SeriesLedger:
         return [s for s, p in self.partition_of.items() if p in partitions]
 
     def drop(self, partitions: set[int] | None) -> int:
-        """Forget the series of ``partitions`` (None: all): table, host copies, pending records."""
+        """Forget the series of ``partitions`` (None: all): table, evicted store, pending records."""
         if partitions is None:
             names = list(self.engine.table.slots)
-            self.partition_of, self.cold, self.evicted = {}, {}, {}
+            self.partition_of, self.evicted = {}, {}
         else:
             names = self.series_of(partitions)
             for name in names:
                 del self.partition_of[name]
-                self.cold.pop(name, None)
-                self.evicted.pop(name, None)
+            self.evicted = {n: e for n, e in self.evicted.items() if e[0] not in partitions}
+        self.store.drop(partitions)
         return len(self.engine.drop(names))
 
+    def restore(self, reader: Any, partitions: set[int]) -> RestoreReport:
+        """Read ``partitions`` of the changelog to their end and load them: evicted series go to the store
+        record by record as they are read (``divert``), the rest into the table (``load``)."""
+        self.drop(partitions)  # a partition restored again after a failure starts clean
+        held = len(self.store)
+        report = self.load(reader.read(partitions, divert=self.divert))
+        report.evicted = len(self.store) - held
+        return report
+
+    def divert(self, partition: int, name: str, value: bytes | None) -> bool:
+        """A changelog record as it is read: an evicted series' snapshot goes to the store (True); anything
+        else stays with the reader (False) and supersedes an earlier evicted record of that series."""
+        try:
+            snapshot, evicted = changelog.decode(value) if value is not None else (b"", False)
+        except changelog.ChangelogRecordError:
+            evicted = False  # refused (and counted) by load()
+        if not evicted:
+            self.store.discard(name)
+            return False
+        self.store.put(name, partition, snapshot)
+        return True
+
     def load(self, contents: ChangelogContents) -> RestoreReport:
-        """Put changelog contents into the table (evicted series on the host); bad records are refused
+        """Put changelog contents into the table (evicted series into the store); bad records are refused
         with a log line and counted, and those series start fresh."""
         report = RestoreReport(sorted(contents.latest), records=contents.records, seconds=contents.seconds)
         items: list[tuple[str, bytes]] = []
@@ -120,11 +152,11 @@ class SeriesLedger:
                 except changelog.ChangelogRecordError as exc:
                     self._refuse(report, name, partition, exc)
                     continue
-                self.partition_of[name] = partition
                 if evicted:
-                    self.cold[name] = snapshot
+                    self.store.put(name, partition, snapshot)
                     report.evicted += 1
                 else:
+                    self.partition_of[name] = partition
                     items.append((name, snapshot))
         refused = self.engine.restore_many(items)
         for name, error in refused:

@@ -21,6 +21,7 @@ from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssi
 from forecaster.service.clients import make_producer
 from forecaster.service.exactly_once.changelog import ChangelogReader
 from forecaster.service.exactly_once.committer import TransactionalCommitter, transactional_id
+from forecaster.service.exactly_once.evicted import EvictedStore
 from forecaster.service.exactly_once.ledger import SeriesLedger
 from forecaster.service.exactly_once.recovery import OwnerListener, PartitionOwner
 
@@ -65,8 +66,10 @@ class ExactlyOnce:
     ) -> ExactlyOnce:
         """Wire the parts; ``producer`` / ``producer_factory`` / ``reader`` are injectable (tests)."""
         kafka, service = settings.kafka, settings.service
-        ledger = SeriesLedger(engine)
-        engine.table.on_evict = ledger.on_evict  # evicted series go to the changelog and stay on the host
+        state = settings.state
+        store = EvictedStore(state.evicted_memory_bytes, state.spill_dir, transactional_id(settings))
+        ledger = SeriesLedger(engine, store)
+        engine.table.on_evict = ledger.on_evict  # evicted series go to the changelog and to the store
         if producer_factory is None:
 
             def producer_factory() -> Any:
@@ -107,3 +110,4 @@ class ExactlyOnce:
     def close(self, timeout: float) -> None:
         self.committer.close(timeout)
         self.owner.reader.close()
+        self.ledger.store.close()

@@ -153,12 +153,11 @@ class PartitionOwner:
         tps = self._tps(parts)
         # Step 1. where consumption resumes; waits while a previous owner's transaction is unsettled.
         committed = {tp: self.consumer.committed(tp) for tp in tps}
-        # Step 2. the state as of those offsets: the changelog partitions, read to their end.
-        contents = self.reader.read(parts)
-        # Step 3. into the table (and evicted series onto the host).
-        self.ledger.drop(parts)  # a partition restored again after a failure starts clean
-        report = self.ledger.load(contents)
-        # Step 4. consume from the committed offsets.
+        # Step 2. the state as of those offsets: what the partitions held is dropped (a restore after a
+        # failure starts clean), their changelog is read to its end and loaded (evicted series into the
+        # evicted store as they are read, the others into the table).
+        report = self.ledger.restore(self.reader, parts)
+        # Step 3. consume from the committed offsets.
         for tp, offset in committed.items():
             if offset is None:
                 self.consumer.seek_to_beginning(tp)
@@ -167,7 +166,7 @@ class PartitionOwner:
         self.consumer.resume(*tps)
         report.seconds = time.monotonic() - started
         log.info(
-            "restored partitions %s: %d series resident, %d evicted kept on the host, %d refused, from %d"
+            "restored partitions %s: %d series resident, %d evicted kept aside, %d refused, from %d"
             " changelog records in %.2f s",
             report.partitions,
             report.resident,

@@ -1,4 +1,4 @@
-"""Every Prometheus metric of the service, on an injected registry, and the ``/metrics`` + health server.
+"""The service's Prometheus metrics (and the model swapper's), on an injected registry.
 
 No metric carries a series id as a label. The online error of the model (one-step-ahead, from the engine)
 is exposed per ``model_version`` as two summaries without quantiles, so that
@@ -15,25 +15,16 @@ absolute error and the same over ``forecaster_forecast_squared_error`` the mean 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    generate_latest,
-)
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from forecaster.metrics.coverage import IntervalCoverage
+from forecaster.metrics.process import register_process_collectors
 
 # 100 us .. 10 s, with a boundary at the 25 ms latency goal.
 LATENCY_BUCKETS = (
@@ -159,6 +150,7 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        register_process_collectors(r)  # process_* (CPU, memory, fds) and python_info
         self.records_consumed = Counter(
             "forecaster_records_consumed_total", "Input records polled", registry=r
         )
@@ -236,11 +228,29 @@ class ServiceMetrics:
         )
         self.series_restored = Counter(
             "forecaster_series_restored_total",
-            "Series restored from the changelog, by where they went: resident (state table) or evicted (host)",
+            "Series restored from the changelog, by where they went: resident (state table) or evicted (store)",
             ["to"],
             registry=r,
         )
+        self.evicted_series = Gauge(
+            "forecaster_evicted_series",
+            "Evicted series kept until they come back (exactly once), by where: memory or disk",
+            ["where"],
+            registry=r,
+        )
+        self.evicted_bytes = Gauge(
+            "forecaster_evicted_bytes",
+            "Bytes of evicted series' snapshots (memory: with per-entry overhead), by where: memory or disk",
+            ["where"],
+            registry=r,
+        )
         self._evictions_seen = 0
+
+    def update_evicted(self, stats: Mapping[str, int]) -> None:
+        """The evicted store's figures (``forecaster.service.exactly_once.evicted.EvictedStore.stats``)."""
+        for where in ("memory", "disk"):
+            self.evicted_series.labels(where=where).set(stats[f"{where}_series"])
+            self.evicted_bytes.labels(where=where).set(stats[f"{where}_bytes"])
 
     def set_model(self, version: str, cell: str) -> None:
         """The model now serving (the previous label set is removed)."""
@@ -282,74 +292,7 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
-class MetricsServer:
-    """``/metrics`` (Prometheus text), ``/healthz`` (alive: 200) and ``/readyz`` (``ready()``: 200, else 503).
-
-    A ``ThreadingHTTPServer`` on a daemon thread; ``port=0`` picks a free port (read ``server.port``).
-
-    >>> from prometheus_client import CollectorRegistry
-    >>> server = MetricsServer(CollectorRegistry(), host="127.0.0.1", port=0, ready=lambda: False).start()
-    >>> server.port > 0
-    True
-    >>> server.stop()
-    """
-
-    def __init__(
-        self,
-        registry: CollectorRegistry,
-        host: str = "0.0.0.0",
-        port: int = 9108,
-        ready: Callable[[], bool] = bool,
-    ) -> None:
-        self.registry = registry
-        self.ready = ready
-        handler = type("Handler", (_Handler,), {"owner": self})
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> MetricsServer:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="forecaster-metrics", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(5.0)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    owner: MetricsServer
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            self._answer(200, generate_latest(self.owner.registry), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            self._answer(200, b"ok\n")
-        elif path == "/readyz":
-            ready = bool(self.owner.ready())
-            self._answer(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
-        else:
-            self._answer(404, b"not found\n")
-
-    def _answer(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line each
-        pass
-
-
-# ---- the model swapper (forecaster.checkpoints.hotswap) and the periodic trainer (forecaster.train.periodic) ----------------
+# ---- the model swapper (forecaster.checkpoints.hotswap), on the service's registry -----------------------
 
 SWAP_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 120.0)
 
@@ -372,52 +315,3 @@ class SwapMetrics:
         )
         for result in ("ok", "refused"):
             self.swaps.labels(result=result)
-
-
-class TrainerMetrics:
-    """The trainer's metrics on one registry (``registry`` attribute), served by ``forecaster train --every``."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        self.runs = Counter(
-            "forecaster_trainer_runs_total",
-            "Training runs by result: published, not_published (not better), failed",
-            ["result"],
-            registry=registry,
-        )
-        self.loss = Gauge(
-            "forecaster_trainer_loss",
-            "Loss (scaled MSE) of the last run, by split",
-            ["split"],
-            registry=registry,
-        )
-        self.duration = Gauge(
-            "forecaster_trainer_duration_seconds", "Duration of the last training run", registry=registry
-        )
-        self.last_success = Gauge(
-            "forecaster_trainer_last_success_timestamp_seconds",
-            "Unix time the last run finished without error",
-            registry=registry,
-        )
-        self.published = Info(
-            "forecaster_trainer_published_version", "The checkpoint version LATEST names", registry=registry
-        )
-        for result in ("published", "not_published", "failed"):
-            self.runs.labels(result=result)
-
-    def record(self, outcome: Any, seconds: float, now: float) -> None:
-        """A finished run: ``outcome`` is a ``TrainOutcome`` (or None when the run had nothing to do)."""
-        published = getattr(outcome, "published", None)
-        self.runs.labels(result="published" if published else "not_published").inc()
-        self.duration.set(seconds)
-        self.last_success.set(now)
-        fit = getattr(outcome, "fit", None)
-        if fit is not None and fit.train_losses:
-            self.loss.labels(split="train").set(fit.train_losses[-1])
-            self.loss.labels(split="validation").set(fit.best_validation_loss)
-        if published:
-            self.published.info({"version": published})
-
-    def failed(self, seconds: float) -> None:
-        self.runs.labels(result="failed").inc()
-        self.duration.set(seconds)

@@ -1,0 +1,66 @@
+"""The trainer's Prometheus metrics (``forecaster train --every``), on an injected registry.
+
+>>> from prometheus_client import CollectorRegistry
+>>> metrics = TrainerMetrics(CollectorRegistry())
+>>> metrics.failed(2.5)
+>>> metrics.registry.get_sample_value("forecaster_trainer_runs_total", {"result": "failed"})
+1.0
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+
+from forecaster.metrics.process import register_process_collectors
+
+
+class TrainerMetrics:
+    """The trainer's metrics on one registry (``registry`` attribute), served by ``forecaster train --every``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        register_process_collectors(registry)
+        self.runs = Counter(
+            "forecaster_trainer_runs_total",
+            "Training runs by result: published, not_published (not better), failed",
+            ["result"],
+            registry=registry,
+        )
+        self.loss = Gauge(
+            "forecaster_trainer_loss",
+            "Loss (scaled MSE) of the last run, by split",
+            ["split"],
+            registry=registry,
+        )
+        self.duration = Gauge(
+            "forecaster_trainer_duration_seconds", "Duration of the last training run", registry=registry
+        )
+        self.last_success = Gauge(
+            "forecaster_trainer_last_success_timestamp_seconds",
+            "Unix time the last run finished without error",
+            registry=registry,
+        )
+        self.published = Info(
+            "forecaster_trainer_published_version", "The checkpoint version LATEST names", registry=registry
+        )
+        for result in ("published", "not_published", "failed"):
+            self.runs.labels(result=result)
+
+    def record(self, outcome: Any, seconds: float, now: float) -> None:
+        """A finished run: ``outcome`` is a ``TrainOutcome`` (or None when the run had nothing to do)."""
+        published = getattr(outcome, "published", None)
+        self.runs.labels(result="published" if published else "not_published").inc()
+        self.duration.set(seconds)
+        self.last_success.set(now)
+        fit = getattr(outcome, "fit", None)
+        if fit is not None and fit.train_losses:
+            self.loss.labels(split="train").set(fit.train_losses[-1])
+            self.loss.labels(split="validation").set(fit.best_validation_loss)
+        if published:
+            self.published.info({"version": published})
+
+    def failed(self, seconds: float) -> None:
+        self.runs.labels(result="failed").inc()
+        self.duration.set(seconds)

@@ -1,0 +1,73 @@
+"""``wait_for_broker`` on refused logins, with kafka-python's client replaced by one that logs what
+kafka-python logs and fails as it fails. The real broker: tests/integration/test_security.py."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from kafka.errors import KafkaConnectionError, KafkaTimeoutError, SaslAuthenticationFailedError
+
+from forecaster.config import KafkaSettings
+from forecaster.errors import KafkaSetupError
+from forecaster.service import clients
+
+SASL = {
+    "security_protocol": "SASL_SSL",
+    "sasl_mechanism": "SCRAM-SHA-512",
+    "sasl_username": "u",
+    "sasl_password": "p",
+}
+
+
+@pytest.fixture
+def attempts(monkeypatch):
+    """``attempts(*lost)``: every bootstrap attempt logs the connections ``lost``, then times out."""
+    made: list[dict] = []
+
+    def install(*lost: Exception) -> list[dict]:
+        def make_admin(settings, **options):
+            made.append(options)
+            for error in lost:  # kafka-python logs each lost connection more than once
+                logging.getLogger("kafka.net.connection").error("%s: Connection lost: %s", "conn", error)
+                logging.getLogger("kafka.net.manager").warning(
+                    "Bootstrap connection to %s failed: %s", "b-0", error
+                )
+            raise KafkaTimeoutError("Unable to bootstrap")
+
+        monkeypatch.setattr(clients, "make_admin", make_admin)
+        return made
+
+    return install
+
+
+def test_a_refused_login_ends_the_wait_after_one_attempt(attempts):
+    made = attempts(SaslAuthenticationFailedError("invalid credentials"))
+    settings = KafkaSettings(bootstrap_servers="broker:9094", **SASL)
+    expected = r"authentication failed at Kafka at broker:9094 \(SCRAM-SHA-512 user u; 1 login\(s\) tried\): .*invalid"
+    with pytest.raises(KafkaSetupError, match=expected):
+        clients.wait_for_broker(settings, timeout=60)
+    assert len(made) == 1
+    assert made[0]["bootstrap_timeout_ms"] == clients.BOOTSTRAP_ATTEMPT_MS
+
+
+def test_logins_the_broker_closes_count_as_refused_with_sasl(attempts):
+    made = attempts(KafkaConnectionError("socket disconnected"), KafkaConnectionError("socket disconnected"))
+    with pytest.raises(KafkaSetupError, match=r"2 login\(s\) tried\): the broker closed the connection"):
+        clients.wait_for_broker(KafkaSettings(bootstrap_servers="broker:9094", **SASL), timeout=60)
+    assert len(made) == 1
+
+
+def test_without_sasl_a_closed_connection_is_waited_out(attempts):
+    made = attempts(KafkaConnectionError("socket disconnected"))
+    with pytest.raises(KafkaSetupError, match="no answer from Kafka at broker:9092 within 1.5s"):
+        clients.wait_for_broker(KafkaSettings(bootstrap_servers="broker:9092"), timeout=1.5)
+    assert len(made) >= 2  # it kept trying until its deadline
+
+
+def test_kafka_pythons_lines_stay_out_of_the_log_while_it_waits(attempts, caplog):
+    attempts(SaslAuthenticationFailedError("invalid credentials"))
+    with caplog.at_level(logging.WARNING), pytest.raises(KafkaSetupError):
+        clients.wait_for_broker(KafkaSettings(bootstrap_servers="broker:9094", **SASL), timeout=60)
+    assert not [r for r in caplog.records if r.name.startswith("kafka")]
+    assert logging.getLogger("kafka").propagate  # as it was
