@@ -137,7 +137,7 @@ class IntervalSettings(BaseModel):
     # Step of the online quantile tracker per value scored (in multiples of the mean error).
     learning_rate: float = Field(default=0.05, gt=0.0, le=1.0)
     # Memory of each series' mean absolute k-step error, in values scored.
-    halflife: float = Field(default=64.0, gt=0.0)
+    halflife: float = Field(default=16.0, gt=0.0)
 
     @field_validator("levels")
     @classmethod

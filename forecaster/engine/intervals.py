@@ -73,7 +73,7 @@ class Intervals:
 
     levels: tuple[float, ...] = (80.0, 95.0)
     learning_rate: float = 0.05
-    halflife: float = 64.0
+    halflife: float = 16.0
 
     def __post_init__(self) -> None:
         levels = tuple(float(level) for level in self.levels)
