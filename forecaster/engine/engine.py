@@ -294,13 +294,8 @@ class Engine:
             return (f,)
         # Step 5. bounds around the new forecasts; remember their centres and scales for the next scores.
         center = centers(scaling, f)  # (n, H) float32
-        unit = (
-            units(scaling, stats)
-            if scaling.kind == "none"
-            else scale.astype(np.float32)
-            if self._cpu
-            else scale.float()
-        )  # (n,) float32
+        unit = units(scaling, stats) if scaling.kind == "none" else scale  # (n,)
+        unit = unit.astype(np.float32) if self._cpu else unit.float()
         at = slots * tb.horizon + count % tb.horizon  # (n,) rows of the ring of past forecasts
         at = at if self._cpu else torch.from_numpy(at).to(self.device)
         lo, hi = self.intervals.bounds(center, unit, *calibrated, scaling)
@@ -456,6 +451,7 @@ class Engine:
         if shape != (tb.num_layers, tb.hidden_size, tb.horizon, tb.lstm):
             raise ValueError(f"model shape {shape} does not fit the state table; use rewarm()")
         self.model, self.version, tb.version = model.to(self.device).eval(), version, version
+        self._set_steps(model.horizon)
 
     def rewarm(self, model: RecurrentForecaster, version: str) -> None:
         """Switch to ``model``: every resident series restarts from the zero state and runs the new model

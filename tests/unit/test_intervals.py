@@ -262,3 +262,17 @@ def test_coverage_counters_follow_the_engine() -> None:
     assert stats.inside[0, 0] <= stats.inside[1, 0] <= stats.count[0]  # the 95% interval holds the 80% one
     counters.update(Engine(model(), window=8).coverage)  # a new engine: totals go on from where they were
     assert sample("scored", "80", "h1") == 60 - WARMUP
+
+
+def test_background_swap_to_another_horizon_restarts_the_calibrator() -> None:
+    from forecaster.engine.rewarm import RewarmJob
+
+    engine = Engine(model(horizon=3), window=8)
+    engine.process(["s"] * 12, np.arange(12), np.linspace(0.0, 1.0, 12))
+    job = RewarmJob(model(horizon=5, seed=3), "v2", engine)
+    assert job.wait(30.0)
+    job.at_boundary(engine)
+    out = engine.process(["s"] * 6, np.arange(12, 18), np.linspace(1.0, 2.0, 6))
+    assert out.lower.shape == (6, 2, 5) and (out.lower <= out.forecasts[:, None]).all()
+    assert engine.coverage["v2"].steps == [1, 5]
+    assert engine.coverage["v2"].count.tolist() == [6, 2]  # from the re-warmed forecast (ordinal 11) on
