@@ -18,7 +18,7 @@ Tibshirani 2023), on each series' own k-step errors in the units of its scaling.
   misses over any long stretch stays within ``(max c - min c + lr) / (lr * T)`` of ``alpha_l``, with no
   assumption about their distribution. It starts at the Gaussian value ``z_l * sqrt(pi / 2)`` (the
   quantile over the mean absolute error of normal errors), so the tracker only corrects the shape.
-* **Young series.** The forecasts made after a series' first ``WARMUP`` values are not scored: their
+* **Young series.** The forecasts a series makes before it has ``WARMUP`` values are not scored: their
   scale is a running deviation of one to three values, so their normalised errors say nothing (the first
   one's scale is the floor). Before its first k-step error a series' ``m_k`` is 1 (one unit of its running scale,
   the spread of the series itself: wide, never absurd); the first error replaces it. A prior pooled across
