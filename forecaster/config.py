@@ -31,6 +31,8 @@ ENV_DELIMITER = "__"
 class KafkaSettings(BaseModel):
     """Where the broker is, which topics to use, and how to authenticate."""
 
+    # The client library: confluent-kafka (librdkafka, the default) or kafka-python (pure Python).
+    client: Literal["confluent", "kafka-python"] = "confluent"
     bootstrap_servers: str = "127.0.0.1:9092"
     input_topic: str = "ts.input"
     output_topic: str = "ts.forecasts"
@@ -52,6 +54,8 @@ class KafkaSettings(BaseModel):
     ssl_password: SecretStr | None = None
     ssl_check_hostname: bool = True
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
+    # Longest wait between two reconnection attempts after the broker went away (back-off grows to it).
+    reconnect_backoff_max_ms: int = Field(default=1_000, ge=10, le=60_000)
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -81,29 +85,6 @@ class KafkaSettings(BaseModel):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}={path} is not a readable file")
         return self
-
-    def client_options(self) -> dict[str, Any]:
-        """Keyword arguments shared by kafka-python's producer, consumer and admin client."""
-        options: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap_servers.split(","),
-            "client_id": self.client_id,
-            "security_protocol": self.security_protocol,
-            "request_timeout_ms": self.request_timeout_ms,
-        }
-        if self.sasl_mechanism:
-            options["sasl_mechanism"] = self.sasl_mechanism
-        if self.sasl_username:
-            options["sasl_plain_username"] = self.sasl_username
-        if self.sasl_password is not None:
-            options["sasl_plain_password"] = self.sasl_password.get_secret_value()
-        if self.security_protocol in ("SSL", "SASL_SSL"):
-            options["ssl_check_hostname"] = self.ssl_check_hostname
-            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-                if getattr(self, name) is not None:
-                    options[name] = str(getattr(self, name))
-            if self.ssl_password is not None:
-                options["ssl_password"] = self.ssl_password.get_secret_value()
-        return options
 
 
 class ModelSettings(ForecasterConfig):
@@ -181,7 +162,14 @@ class ServiceSettings(BaseModel):
     # exactly_once: forecasts, state changelog and input offsets commit as one Kafka transaction.
     processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
     max_poll_records: int = Field(default=2000, ge=1, le=1_000_000)
+    # A batch stops growing after this long in the loop (what a poll returns is bounded by max_poll_records;
+    # this bounds a batch of large windowed records), so the loop stays responsive.
+    max_batch_ms: int = Field(default=1_000, ge=10, le=600_000)
     poll_timeout_ms: int = Field(default=100, ge=0, le=60_000)
+    # Low latency at light traffic: the broker answers a fetch as soon as a record is there, and holds an
+    # empty one at most this long; forecasts wait at most linger_ms to be batched; commits (exactly once:
+    # when forecasts become readable) every commit_interval_ms. Heavy traffic fills batches regardless.
+    fetch_wait_max_ms: int = Field(default=100, ge=0, le=10_000)
     commit_interval_ms: int = Field(default=100, ge=0)
     commit_records: int = Field(default=20_000, ge=1)
     max_window_values: int = Field(default=10_000, ge=1)  # values in one windowed input record
@@ -202,6 +190,9 @@ class ServiceSettings(BaseModel):
     transaction_timeout_ms: int = Field(default=60_000, ge=1_000, le=900_000)
     close_timeout_seconds: float = Field(default=30.0, gt=0.0)  # flush on stop at most this long
     session_timeout_ms: int = Field(default=10_000, ge=1_000)  # a member silent this long leaves the group
+    # A member that has lag but consumes nothing, has lost its group membership, or whose loop has not
+    # turned, for this long, is stalled: logged once, counted, /healthz fails, and it rejoins the group.
+    stall_seconds: float = Field(default=60.0, gt=0.0)
     torch_threads: int = Field(
         default=1, ge=0, le=1024
     )  # intra-op threads; one process per core. 0: torch's default

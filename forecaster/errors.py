@@ -47,8 +47,38 @@ class DeliveryError(ForecasterError):
     """The broker did not acknowledge some forecasts or dead letters: offsets stay uncommitted."""
 
 
-class ProducerFenced(ForecasterError):
+class KafkaClientError(ForecasterError):
+    """A Kafka client call failed; ``reason`` (one of ``KAFKA_REASONS``) says what kind of failure, so that
+    callers sort errors without reading messages or knowing which client library is underneath."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# Kinds of ``KafkaClientError``: another producer took the transactional id over; the group does not know
+# this member's generation (offsets refused); no answer in time; a record over the size limit; the open
+# transaction must be aborted; the client cannot go on (a new one is needed); the broker is not reachable;
+# authentication or authorisation refused; anything else.
+KAFKA_REASONS = (
+    "fenced",
+    "group",
+    "timeout",
+    "too_large",
+    "abortable",
+    "fatal",
+    "unavailable",
+    "auth",
+    "other",
+)
+
+
+class ProducerFenced(KafkaClientError):
     """Another instance runs with this transactional id: this one is a zombie and must stop."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("fenced", detail)
 
 
 class ReportError(ForecasterError):

@@ -110,7 +110,7 @@ def topic_factory(kafka_admin, request: pytest.FixtureRequest) -> Iterator[Topic
     if created:
         # Best effort: unique names keep tests apart even if a deletion fails.
         with contextlib.suppress(Exception):
-            kafka_admin.delete_topics(created)
+            kafka_admin.delete(created, 30)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from forecaster.config import Settings
-from forecaster.service.clients import create_missing_topics, make_producer
+from forecaster.service.clients import ProducerOptions, create_missing_topics, make_producer
 from forecaster.tools.produce import produce_file, produce_synthetic
 
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     topic = args.topic or kafka.input_topic
     if kafka.auto_create_topics:
         create_missing_topics(kafka, [topic])
-    producer = make_producer(kafka, linger_ms=20)
+    producer = make_producer(kafka, ProducerOptions(linger_ms=20))
     try:
         options = dict(window=args.window, rate=args.rate, progress=not args.no_progress)
         if args.file:
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print("forecaster produce: interrupted", file=sys.stderr)
         return 130
     finally:
-        producer.close()
+        producer.close(timeout=30.0)
     print(
         f"produced {report.values} values in {report.records} records to {topic} "
         f"in {report.seconds:.1f} s ({report.rate:,.0f} values/s)"

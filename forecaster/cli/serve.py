@@ -9,7 +9,7 @@ import signal
 import torch
 
 from forecaster.config import Settings
-from forecaster.service.loop import Service
+from forecaster.service.build import build_service
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         )
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python narrates every connection at INFO
+    log.info("Kafka client: %s", settings.kafka.client)
     if settings.service.torch_threads:
         torch.set_num_threads(
             settings.service.torch_threads
         )  # threads fighting over shared cores step slower
-    service = Service(settings)
+    service = build_service(settings)
 
     def stop(signum: int, _frame: object) -> None:
         log.info("%s received: finishing the batch, then flush and commit", signal.Signals(signum).name)

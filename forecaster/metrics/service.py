@@ -202,6 +202,17 @@ class ServiceMetrics:
             "forecaster_model_info", "The model serving (value 1)", ["version", "cell"], registry=r
         )
         self.commits = Counter("forecaster_commits_total", "Offset commits", registry=r)
+        self.stalls = Counter(
+            "forecaster_stalls_total",
+            "Times this member stalled (lag without progress, or group membership lost) and rejoined",
+            registry=r,
+        )
+        self.records_unsent = Counter(
+            "forecaster_records_unsent_total",
+            "Output records (forecasts, dead letters) that could not be written, by reason (e.g. too_large)",
+            ["reason"],
+            registry=r,
+        )
         # Exactly once: transactions, the state changelog, restores.
         self.transactions = Counter(
             "forecaster_transactions_total",

@@ -140,29 +140,27 @@ def read_history_kafka(
     records were written, not when the values happened, so the topic is read from ``start_offset`` or
     its beginning either way).
 
-    ``consumer`` is a kafka-python consumer without a group (assigned here, never committed);
+    ``consumer`` is a reader of ``forecaster.service.clients`` (assigned here, never committed);
     ``decode_batch`` is the service's ``RecordDecoder.decode_batch`` (a ``DecodedBatch`` with ``series``,
     ``ts``, ``values``, ``record``, ``index`` and ``invalid``): invalid records are counted, not read.
     ``max_records`` starts each partition late enough to read at most that many records overall.
     """
-    from kafka import TopicPartition
+    from forecaster.service.clients import TopicPartition, by_partition
 
     # Step 1. Every partition, and where to start and stop in each.
-    partitions = sorted(consumer.partitions_for_topic(topic) or [])
+    partitions = consumer.partitions_for(topic, timeout=30.0)
     if not partitions:
         raise DataError(f"topic {topic}: no such topic or it has no partitions")
     tps = [TopicPartition(topic, p) for p in partitions]
-    consumer.assign(tps)
-    begin = consumer.beginning_offsets(tps)
-    end = consumer.end_offsets(tps)
+    begin = consumer.beginning_offsets(tps, 30.0)
+    end = consumer.end_offsets(tps, 30.0)
     start = dict(begin)
     if start_offset is not None:
         start = {tp: min(max(begin[tp], start_offset), end[tp]) for tp in tps}
     if max_records is not None:
         share = max(1, max_records // len(tps))
         start = {tp: max(start[tp], end[tp] - share) for tp in tps}
-    for tp in tps:
-        consumer.seek(tp, start[tp])
+    consumer.assign(start)
     # Step 2. Poll until every partition reached its end offset (records past it are ignored).
     pending = {tp for tp in tps if start[tp] < end[tp]}
     series: list[str] = []
@@ -173,7 +171,7 @@ def read_history_kafka(
     before_start = 0
     idle = 0
     while pending:
-        polled = consumer.poll(timeout_ms=poll_timeout_ms)
+        polled = consumer.poll(max_records=10_000, timeout=poll_timeout_ms / 1000.0)
         if not polled:
             idle += 1
             if idle >= idle_polls:  # e.g. the end was a transaction marker: train on what was read
@@ -186,7 +184,7 @@ def read_history_kafka(
                 break
             continue
         idle = 0
-        for tp, records in polled.items():
+        for tp, records in by_partition(polled).items():
             records = [r for r in records if r.offset < end.get(tp, 0)]
             if records:
                 batch = decode_batch(records)
@@ -199,8 +197,8 @@ def read_history_kafka(
                 before_start += int((~keep).sum())
                 invalid += len(batch.invalid)
                 records_read[tp.partition] += len(records)
-            if consumer.position(tp) >= end[tp]:
-                pending.discard(tp)
+        positions = consumer.position(sorted(pending))
+        pending = {tp for tp in pending if positions.get(tp, -1) < end[tp]}
     # Step 3. Per-series arrays, and the range read for the manifest.
     source = {
         "kind": "kafka",
@@ -241,11 +239,11 @@ def read_history(
     if input_path is not None:
         return read_history_file(input_path).tail(settings.train.max_values)
     from forecaster.records import RecordDecoder
-    from forecaster.service.clients import make_consumer
+    from forecaster.service.clients import ConsumerOptions, make_consumer
 
     own = consumer is None
     consumer = consumer or make_consumer(
-        settings.kafka, group_id=None, client_id=f"{settings.kafka.client_id}-trainer"
+        settings.kafka, ConsumerOptions(group_id=None, client_id=f"{settings.kafka.client_id}-trainer")
     )
     try:
         decoder = RecordDecoder.from_settings(settings.service)

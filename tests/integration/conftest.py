@@ -24,6 +24,10 @@ from forecaster.service.clients import COMPACTED
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# The Kafka client libraries the service runs with in these tests; FORECASTER_TEST_CLIENTS narrows it
+# (e.g. a CI job per client). Heavy tests pin one client with ``@pytest.mark.parametrize("kafka_client", ...)``.
+CLIENTS = [c for c in os.environ.get("FORECASTER_TEST_CLIENTS", "confluent,kafka-python").split(",") if c]
+
 # A small model so a test runs in seconds; the same values build the reference model in the tests.
 SMALL_MODEL = {"cell": "gru", "hidden_size": 8, "num_layers": 1, "horizon": 3, "seed": 0}
 
@@ -141,15 +145,23 @@ class ServeProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+@pytest.fixture(params=CLIENTS)
+def kafka_client(request: pytest.FixtureRequest) -> str:
+    """The client library ``forecaster serve`` uses (``kafka.client``)."""
+    return request.param
+
+
 @pytest.fixture
-def serve(topics: Topics, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
-    """``serve(**env)`` -> a ``ServeProcess`` (not started) on the test's topics; stopped at teardown."""
+def serve(topics: Topics, tmp_path: Path, kafka_client: str) -> Iterator[Callable[..., ServeProcess]]:
+    """``serve(**env)`` -> a ``ServeProcess`` (not started) on the test's topics, with ``kafka_client``;
+    stopped at teardown."""
     made: list[ServeProcess] = []
 
     def make(**extra_env: str) -> ServeProcess:
         port = free_port()
         env = {
             **os.environ,
+            "FORECASTER_KAFKA__CLIENT": kafka_client,
             "FORECASTER_KAFKA__BOOTSTRAP_SERVERS": topics.bootstrap,
             "FORECASTER_KAFKA__INPUT_TOPIC": topics.input,
             "FORECASTER_KAFKA__OUTPUT_TOPIC": topics.output,

@@ -206,6 +206,8 @@ def own_broker(tmp_path):
         run("stop", "--wipe")
 
 
+# A broker of its own, stopped and started: the heaviest test, run with the default client only.
+@pytest.mark.parametrize("kafka_client", ["confluent"])
 def test_a_broker_restart_mid_stream_loses_and_duplicates_nothing(own_broker, serve, tmp_path, kafka_admin):
     from forecaster.service.clients import TopicSpec, ensure_topics
 
@@ -371,6 +373,8 @@ def test_churned_series_evicted_to_disk_come_back_exactly_across_kill_9(eos, bro
 # ---- refused changelog records -------------------------------------------------------------------------
 
 
+# Not about the client: run with kafka-python (the kill -9 and scaling tests restore with both).
+@pytest.mark.parametrize("kafka_client", ["kafka-python"])
 def test_corrupt_and_unknown_version_changelog_records_are_refused_and_those_series_start_fresh(eos, broker):
     topics, loaded, start = eos
     frame = generate(n_series=3, n_values=20, start_ms=START_MS, step_ms=60_000, seed=24)
@@ -450,23 +454,18 @@ def changelog_partitions(bootstrap: str, topic: str) -> dict[str, tuple[int, byt
 def test_the_changelog_is_created_compacted_and_co_partitioned_or_refused_clearly(
     topic_factory, kafka_admin, kafka_settings
 ):
-    from kafka.admin import ConfigResource, ConfigResourceType
-
     from forecaster.errors import KafkaSetupError
 
     source = topic_factory(partitions=4, prefix="in")
     kafka_settings.changelog_topic = f"cl-created-{uuid.uuid4().hex[:8]}"
     try:
         assert changelog.ensure_changelog(kafka_settings, source) == 4
-        (described,) = kafka_admin.describe_topics([kafka_settings.changelog_topic])
-        assert len(described["partitions"]) == 4
-        configs = kafka_admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, kafka_settings.changelog_topic)]
-        )
-        assert configs["topic"][kafka_settings.changelog_topic]["cleanup.policy"]["value"] == "compact"
+        name = kafka_settings.changelog_topic
+        described = kafka_admin.describe([name], ["cleanup.policy"], 30)[name]
+        assert described.partitions == 4 and described.config["cleanup.policy"] == "compact"
         assert changelog.ensure_changelog(kafka_settings, source) == 4  # exists and fits: fine
     finally:
-        kafka_admin.delete_topics([kafka_settings.changelog_topic])
+        kafka_admin.delete([kafka_settings.changelog_topic], 30)
     kafka_settings.changelog_topic = topic_factory(partitions=3, config=COMPACTED, prefix="cl")
     with pytest.raises(KafkaSetupError, match="3 partitions, expected 4"):
         changelog.ensure_changelog(kafka_settings, source)

@@ -1,5 +1,6 @@
-"""The real broker and kafka-python do what forecaster relies on: keyed partitioning, transactions that
-commit consumed offsets atomically with produced records, read_committed isolation, compacted topics."""
+"""The client interface on the real broker, the same checks for each client library: keyed partitioning,
+transactions that commit consumed offsets atomically with produced records, read_committed isolation and
+its end offsets, cooperative assignment callbacks, pause/seek/resume, compacted topics, size limits."""
 
 from __future__ import annotations
 
@@ -7,144 +8,192 @@ import socket
 import time
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
-from kafka.admin import ConfigResource, ConfigResourceType
-from kafka.structs import OffsetAndMetadata
 
 from forecaster.config import KafkaSettings
-from forecaster.errors import KafkaSetupError
+from forecaster.errors import KafkaClientError, KafkaSetupError
 from forecaster.service.clients import (
     COMPACTED,
+    ConsumerOptions,
+    ProducerOptions,
+    Rebalance,
+    TopicPartition,
     TopicSpec,
     ensure_topics,
+    make_admin,
     make_consumer,
     make_producer,
+    max_message_bytes,
     wait_for_broker,
 )
 
+CLIENTS = ["confluent", "kafka-python"]
 
-def consume(consumer: KafkaConsumer, count: int, timeout: float = 30.0) -> list:
+
+@pytest.fixture(params=CLIENTS)
+def settings(request, kafka_settings) -> KafkaSettings:
+    kafka_settings.client = request.param
+    return kafka_settings
+
+
+def consume(consumer, count: int, timeout: float = 30.0) -> list:
     """Poll until ``count`` records arrived (or the timeout), then poll once more for strays."""
     records: list = []
     deadline = time.monotonic() + timeout
     while len(records) < count and time.monotonic() < deadline:
-        for batch in consumer.poll(timeout_ms=500).values():
-            records.extend(batch)
-    for batch in consumer.poll(timeout_ms=500).values():
-        records.extend(batch)
+        records.extend(consumer.poll(1000, 0.5))
+    records.extend(consumer.poll(1000, 0.5))
     return records
 
 
-def assigned_consumer(settings: KafkaSettings, topic: str, partitions: int, **overrides) -> KafkaConsumer:
-    consumer = make_consumer(settings, group_id=None, **overrides)
-    consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
-    consumer.seek_to_beginning()
+def reader(settings: KafkaSettings, topic: str, partitions: int, isolation: str = "read_committed"):
+    consumer = make_consumer(settings, ConsumerOptions(group_id=None, isolation_level=isolation))
+    consumer.assign(dict.fromkeys(TopicPartition(topic, p) for p in range(partitions)))
     return consumer
 
 
-def test_keyed_records_keep_their_partition_and_order(kafka_settings, topic_factory, group_factory):
+def member(settings: KafkaSettings, topic: str, group: str, events: list | None = None):
+    consumer = make_consumer(settings, ConsumerOptions(group_id=group, session_timeout_ms=6000))
+    events = events if events is not None else []
+    consumer.subscribe(
+        topic,
+        Rebalance(
+            on_assign=lambda tps: events.append(("assign", sorted(tp[1] for tp in tps))),
+            on_revoke=lambda tps: events.append(("revoke", sorted(tp[1] for tp in tps))),
+        ),
+    )
+    return consumer
+
+
+def test_keyed_records_keep_their_partition_and_order(settings, topic_factory, group_factory):
     topic = topic_factory(partitions=4)
-    producer = make_producer(kafka_settings)
-    sent = {}  # (key, index) -> partition reported by the broker
+    producer = make_producer(settings)
     for index in range(6):
         for key in ("alpha", "beta", "gamma", "delta", "epsilon"):
-            meta = producer.send(topic, key=key.encode(), value=f"{key}:{index}".encode()).get(timeout=30)
-            sent[(key, index)] = meta.partition
-    producer.close()
+            producer.send(topic, f"{key}:{index}".encode(), key.encode())
+    assert producer.flush(30) == 0 and producer.take_failures() == []
+    producer.close(10)
 
-    consumer = make_consumer(kafka_settings, topic, group_id=group_factory())
-    records = consume(consumer, len(sent))
+    events: list = []
+    consumer = member(settings, topic, group_factory(), events)
+    records = consume(consumer, 30)
     consumer.close()
 
-    assert len(records) == len(sent)
+    assert len(records) == 30
+    assert events[0] == ("assign", [0, 1, 2, 3])  # cooperative: the whole assignment, incrementally
     partitions_of_key: dict[str, set[int]] = {}
     values_of_key: dict[str, list[str]] = {}
     for record in records:
         key = record.key.decode()
         partitions_of_key.setdefault(key, set()).add(record.partition)
         values_of_key.setdefault(key, []).append(record.value.decode())
-        index = int(record.value.decode().split(":")[1])
-        assert record.partition == sent[(key, index)]
+        assert record.topic == topic and record.timestamp > 0
     assert all(len(parts) == 1 for parts in partitions_of_key.values())
     for key, values in values_of_key.items():
         assert values == [f"{key}:{i}" for i in range(6)]
 
 
-def test_transaction_commits_records_and_consumed_offsets_together(
-    kafka_settings, kafka_admin, topic_factory, group_factory
-):
+def test_transaction_commits_records_and_consumed_offsets_together(settings, topic_factory, group_factory):
     source, sink = topic_factory(partitions=1), topic_factory(partitions=1)
     group = group_factory()
-    plain = make_producer(kafka_settings)
+    plain = make_producer(settings)
     for i in range(3):
-        plain.send(source, key=b"s", value=f"in-{i}".encode())
-    plain.flush()
-    plain.close()
+        plain.send(source, f"in-{i}".encode(), b"s")
+    plain.flush(30)
+    plain.close(10)
 
     # Step 1. A member of the group reads the input, as the service does.
-    reader = make_consumer(kafka_settings, source, group_id=group)
-    inputs = consume(reader, 3)
+    consumer = member(settings, source, group)
+    inputs = consume(consumer, 3)
     assert [r.value for r in inputs] == [b"in-0", b"in-1", b"in-2"]
 
     # Step 2. Outputs and the input offsets commit in one transaction; a second transaction aborts.
-    producer = make_producer(kafka_settings, transactional_id=f"tx-{group}")
-    producer.init_transactions()
+    producer = make_producer(settings, ProducerOptions(transactional_id=f"tx-{group}"))
+    producer.init_transactions(30)
     producer.begin_transaction()
     for r in inputs:
-        producer.send(sink, key=r.key, value=b"out-" + r.value)
-    consumed = {TopicPartition(source, 0): OffsetAndMetadata(inputs[-1].offset + 1, "", -1)}
-    producer.send_offsets_to_transaction(consumed, reader.group_metadata())
-    producer.commit_transaction()
+        producer.send(sink, b"out-" + r.value, r.key)
+    consumed = {TopicPartition(source, 0): inputs[-1].offset + 1}
+    producer.send_offsets_to_transaction(consumed, consumer.group_metadata(), 30)
+    producer.commit_transaction(30)
 
     producer.begin_transaction()
-    producer.send(sink, key=b"s", value=b"aborted")
-    producer.flush()
-    producer.abort_transaction()
+    producer.send(sink, b"aborted", b"s")
+    producer.flush(30)
+    producer.abort_transaction(30)
 
     producer.begin_transaction()
-    producer.send(sink, key=b"s", value=b"after-abort")
-    producer.commit_transaction()
-    producer.close()
-    reader.close()
+    producer.send(sink, b"open", b"s")
+    producer.flush(30)
+    # Step 3. While a transaction is open, read_committed ends at the last stable offset.
+    tp = TopicPartition(sink, 0)
+    committed_reader = reader(settings, sink, 1)
+    uncommitted_reader = reader(settings, sink, 1, "read_uncommitted")
+    stable, high = committed_reader.end_offsets([tp], 10)[tp], uncommitted_reader.end_offsets([tp], 10)[tp]
+    assert stable < high
+    producer.commit_transaction(30)
+    producer.close(10)
+    consumer.close()
 
-    # Step 3. read_committed sees the committed records only; read_uncommitted proves the abort wrote.
-    committed = assigned_consumer(kafka_settings, sink, 1, isolation_level="read_committed")
-    seen = [r.value for r in consume(committed, 4)]
-    committed.close()
-    assert seen == [b"out-in-0", b"out-in-1", b"out-in-2", b"after-abort"]
+    # Step 4. read_committed sees the committed records only; read_uncommitted proves the abort wrote.
+    seen = [r.value for r in consume(committed_reader, 4)]
+    assert seen == [b"out-in-0", b"out-in-1", b"out-in-2", b"open"]
+    assert committed_reader.position([tp])[tp] == committed_reader.end_offsets([tp], 10)[tp]  # past markers
+    assert b"aborted" in [r.value for r in consume(uncommitted_reader, 5)]
+    committed_reader.close()
+    uncommitted_reader.close()
 
-    uncommitted = assigned_consumer(kafka_settings, sink, 1, isolation_level="read_uncommitted")
-    seen_all = [r.value for r in consume(uncommitted, 5)]
-    uncommitted.close()
-    assert b"aborted" in seen_all
-
-    # Step 4. The group's committed offset is the one sent through the transaction.
-    offsets = kafka_admin.list_group_offsets({group: [TopicPartition(source, 0)]})[group]
-    assert offsets[TopicPartition(source, 0)].offset == inputs[-1].offset + 1
-
-    # A new member of the group resumes after the transactionally committed inputs.
-    resumed = make_consumer(kafka_settings, source, group_id=group)
-    deadline = time.monotonic() + 30
-    while not resumed.assignment() and time.monotonic() < deadline:
-        assert resumed.poll(timeout_ms=200) == {}
-    assert resumed.position(TopicPartition(source, 0)) == inputs[-1].offset + 1
+    # Step 5. The group's committed offset is the one sent through the transaction.
+    resumed = member(settings, source, group)
+    assert resumed.committed([TopicPartition(source, 0)], 10) == {(source, 0): inputs[-1].offset + 1}
     resumed.close()
 
 
-def test_ensure_topics_creates_a_compacted_topic(kafka_settings, kafka_admin, group_factory):
+def test_pause_seek_resume_on_a_newly_assigned_partition(settings, topic_factory, group_factory):
+    """What a restore does: pause in the assignment callback, then seek and resume after the poll."""
+    topic = topic_factory(partitions=1)
+    producer = make_producer(settings)
+    for i in range(5):
+        producer.send(topic, str(i).encode(), b"k")
+    producer.flush(30)
+    producer.close(10)
+    tp = TopicPartition(topic, 0)
+    consumer = make_consumer(settings, ConsumerOptions(group_id=group_factory()))
+    consumer.subscribe(topic, Rebalance(on_assign=lambda tps: consumer.pause(tps)))
+    deadline = time.monotonic() + 30
+    while not consumer.assignment() and time.monotonic() < deadline:
+        assert consumer.poll(100, 0.2) == []  # paused: nothing is consumed before the restore
+    assert consumer.poll(100, 0.5) == []
+    consumer.seek(tp, 3)
+    consumer.resume([tp])
+    assert [r.value for r in consume(consumer, 2)] == [b"3", b"4"]
+    consumer.close()
+
+
+def test_a_record_over_the_size_limit_is_refused_before_it_is_sent(settings, topic_factory):
+    topic = topic_factory(partitions=1, config={"max.message.bytes": "20000"})
+    assert max_message_bytes(settings, [topic]) == 20000
+    producer = make_producer(settings, ProducerOptions(message_max_bytes=20000))
+    with pytest.raises(KafkaClientError) as refused:
+        producer.send(topic, b"x" * 30000, b"k")
+    assert refused.value.reason == "too_large"
+    producer.send(topic, b"x" * 1000, b"k")
+    assert producer.flush(30) == 0 and producer.take_failures() == []
+    producer.close(10)
+
+
+def test_ensure_topics_creates_a_compacted_topic(settings, group_factory):
     name = group_factory("compacted")
     spec = TopicSpec(name, partitions=4, config=COMPACTED)
+    admin = make_admin(settings)
     try:
-        assert ensure_topics(kafka_settings, [spec]) == [name]
-        (described,) = kafka_admin.describe_topics([name])
-        assert len(described["partitions"]) == 4
-        resource = ConfigResource(ConfigResourceType.TOPIC, name, {"cleanup.policy": None})
-        configs = kafka_admin.describe_configs([resource], config_filter="all")["topic"][name]
-        assert configs["cleanup.policy"]["value"] == "compact"
+        assert ensure_topics(settings, [spec]) == [name]
+        described = admin.describe([name], ["cleanup.policy"], 30)[name]
+        assert described.partitions == 4 and described.config["cleanup.policy"] == "compact"
         # A second call finds the topic as specified and creates nothing.
-        assert ensure_topics(kafka_settings, [spec]) == []
+        assert ensure_topics(settings, [spec]) == []
     finally:
-        kafka_admin.delete_topics([name])
+        admin.delete([name], 30)
+        admin.close()
 
 
 def test_ensure_topics_refuses_a_partition_count_mismatch(kafka_admin, topic_factory):
@@ -159,21 +208,32 @@ def test_ensure_topics_refuses_a_topic_that_is_not_compacted(kafka_admin, topic_
         ensure_topics(kafka_admin, [TopicSpec(topic, partitions=2, config=COMPACTED)])
 
 
-def test_producing_to_a_missing_topic_fails_rather_than_creating_it(
-    kafka_settings, kafka_admin, group_factory
-):
+def test_producing_to_a_missing_topic_fails_rather_than_creating_it(settings, kafka_admin, group_factory):
     name = group_factory("never-created")
-    producer = make_producer(kafka_settings, max_block_ms=2000)
-    with pytest.raises(Exception):  # noqa: B017 - kafka-python's exact error type is not the point
-        producer.send(name, value=b"x").get(timeout=5)
-    producer.close(timeout=1)
-    assert name not in kafka_admin.list_topics()
+    producer = make_producer(
+        settings,
+        ProducerOptions(
+            extra={"max_block_ms": 2000}
+            if settings.client == "kafka-python"
+            else {"message.timeout.ms": 2000, "topic.metadata.propagation.max.ms": 1000}
+        ),
+    )
+    try:
+        producer.send(name, b"x")
+        producer.flush(5)
+        failed = producer.take_failures()
+    except KafkaClientError:
+        failed = ["refused at send"]
+    assert failed
+    producer.close(1)
+    assert name not in kafka_admin.list_topics(10)
 
 
-def test_wait_for_broker_names_the_address_when_nothing_answers():
+@pytest.mark.parametrize("client", CLIENTS)
+def test_wait_for_broker_names_the_address_when_nothing_answers(client):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    settings = KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}")
+    settings = KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}", client=client)
     with pytest.raises(KafkaSetupError, match=f"127.0.0.1:{port}"):
         wait_for_broker(settings, timeout=2)

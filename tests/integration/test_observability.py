@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kafka.admin import ConfigResource, ConfigResourceType
 
 from forecaster.config import KafkaSettings
 from forecaster.service.clients import make_producer
@@ -194,7 +193,7 @@ def produce_garbage(bootstrap: str, topic: str) -> int:
             producer.send(topic, key=f"g{i}".encode(), value=value)
         producer.flush()
     finally:
-        producer.close()
+        producer.close(timeout=10)
     return len(bad)
 
 
@@ -296,7 +295,7 @@ def pipeline(kafka_bootstrap: str, kafka_admin, tmp_path_factory: pytest.TempPat
         }
     finally:
         subprocess.run([str(ROOT / "deploy" / "local" / "down")], env=env, timeout=120, check=False)
-        kafka_admin.delete_topics(created)
+        kafka_admin.delete(created, 30)
 
 
 def settle(pipeline, check) -> list[str]:
@@ -430,13 +429,9 @@ def test_the_pipeline_forecasts_dead_letters_and_swaps(pipeline, kafka_admin, da
     assert settle(pipeline, facts) == []
     # deploy/topics made the changelog compacted and co-partitioned with the input.
     changelog = pipeline["topics"]["CHANGELOG"]
-    configs = kafka_admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, changelog)])["topic"]
-    assert configs[changelog]["cleanup.policy"]["value"] == "compact"
-    described = {
-        t["name"]: len(t["partitions"])
-        for t in kafka_admin.describe_topics(list(pipeline["topics"].values()))
-    }
-    assert described[changelog] == described[pipeline["topics"]["INPUT"]] == 2
+    described = kafka_admin.describe(list(pipeline["topics"].values()), ["cleanup.policy"], 30)
+    assert described[changelog].config["cleanup.policy"] == "compact"
+    assert described[changelog].partitions == described[pipeline["topics"]["INPUT"]].partitions == 2
 
 
 def test_down_leaves_no_process(pipeline, dashboard_problems) -> None:

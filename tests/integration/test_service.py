@@ -13,42 +13,22 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pandas as pd
+from streams import AT_LEAST_ONCE, START_MS, records_of
 
 from forecaster.checkpoints.hotswap import fresh_model
 from forecaster.engine.engine import reference_forecast
 from forecaster.engine.intervals import Intervals, reference_intervals
 from forecaster.metrics import kafka_partition
-from forecaster.records import REASONS, encode_input, encode_window
+from forecaster.records import REASONS
 from forecaster.scaling import Scaling
 from forecaster.tools.synthetic import generate
 
-START_MS = 1_700_000_000_000
 NEVER_COMMIT = {
     "FORECASTER_SERVICE__COMMIT_INTERVAL_MS": str(10**9),
     "FORECASTER_SERVICE__COMMIT_RECORDS": str(10**9),
 }
 FAST_REJOIN = {"FORECASTER_SERVICE__SESSION_TIMEOUT_MS": "6000"}
 # The restart tests below are about the at-least-once mode (exactly once: tests/integration/test_exactly_once.py).
-AT_LEAST_ONCE = {"FORECASTER_SERVICE__PROCESSING_GUARANTEE": "at_least_once"}
-
-
-def records_of(
-    frame: pd.DataFrame, windowed: set[str] = frozenset(), window: int = 7
-) -> list[tuple[bytes, bytes]]:
-    """Input records keyed by series: windows of ``window`` values for ``windowed`` series, single values
-    for the others; interleaved across series in time order."""
-    chunks = []
-    for name, group in frame.groupby("series", sort=False):
-        ts, values = group["ts"].tolist(), group["value"].tolist()
-        step = window if name in windowed else 1
-        for lo in range(0, len(ts), step):
-            if name in windowed:
-                value = encode_window(name, ts[lo : lo + step], values[lo : lo + step])
-            else:
-                value = encode_input(name, ts[lo], values[lo])
-            chunks.append((ts[lo], name.encode(), value))
-    chunks.sort(key=lambda c: c[0])
-    return [(key, value) for _, key, value in chunks]
 
 
 def forecasts_by_series(records) -> dict[str, list[dict]]:
@@ -183,7 +163,7 @@ def stream_and_stop(topics, serve, broker, stop: str) -> tuple[list, pd.DataFram
     frame = generate(n_series=10, n_values=60, start_ms=START_MS, seed=7)
     records = records_of(frame)
     first = serve(**NEVER_COMMIT, **FAST_REJOIN, **AT_LEAST_ONCE).start()
-    producer = produce_slowly(topics, broker, records)
+    producer = produce_slowly(topics, broker, records, pause=0.01)  # outlasts the first forecasts
     broker.wait_for(lambda: len(broker.read(topics.output, timeout=5)) >= 100, what="first forecasts")
     code = first.terminate() if stop == "terminate" else first.kill()
     assert producer.is_alive(), "the stream should still be running when the service stops"

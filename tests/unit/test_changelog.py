@@ -11,7 +11,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kafka.structs import TopicPartition
 
 from forecaster.engine import snapshot as snap
 from forecaster.engine.engine import Engine
@@ -171,32 +170,28 @@ class FakeReaderConsumer:
 
     def __init__(self, records: dict[int, list], ends: list[dict[int, int]]):
         self.records, self.ends_seq = records, list(ends)
-        self.pos: dict[TopicPartition, int] = {}
+        self.pos: dict = {}
 
-    def end_offsets(self, tps):
+    def end_offsets(self, tps, timeout):
         ends = self.ends_seq.pop(0) if len(self.ends_seq) > 1 else self.ends_seq[0]
         return {tp: ends[tp.partition] for tp in tps}
 
-    def assign(self, tps):
-        self.pos = {tp: 0 for tp in tps}
+    def assign(self, start):
+        self.pos = {tp: offset or 0 for tp, offset in start.items()}
 
-    def seek_to_beginning(self, *tps):
-        for tp in tps:
-            self.pos[tp] = 0
-
-    def poll(self, timeout_ms=0):
-        out = {}
+    def poll(self, max_records, timeout):
+        out = []
         for tp, at in self.pos.items():
             batch = self.records[tp.partition][at : at + 2]
+            out.extend(SimpleNamespace(topic=tp.topic, partition=tp.partition, **vars(r)) for r in batch)
             if batch:
-                out[tp] = batch
                 self.pos[tp] = batch[-1].offset + 1
         return out
 
-    def position(self, tp):
-        return self.pos[tp]
+    def position(self, tps):
+        return {tp: self.pos[tp] for tp in tps}
 
-    def close(self, autocommit=False):
+    def close(self):
         pass
 
 

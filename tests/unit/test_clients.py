@@ -1,5 +1,5 @@
-"""``wait_for_broker`` on refused logins, with kafka-python's client replaced by one that logs what
-kafka-python logs and fails as it fails. The real broker: tests/integration/test_security.py."""
+"""``wait_for_broker`` on refused logins with ``kafka.client = kafka-python``, its admin client replaced by
+one that logs what kafka-python logs and fails as it fails. The real broker: test_security.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from kafka.errors import KafkaConnectionError, KafkaTimeoutError, SaslAuthentica
 from forecaster.config import KafkaSettings
 from forecaster.errors import KafkaSetupError
 from forecaster.service import clients
+from forecaster.service.clients import kafkapython
 
 SASL = {
+    "client": "kafka-python",
     "security_protocol": "SASL_SSL",
     "sasl_mechanism": "SCRAM-SHA-512",
     "sasl_username": "u",
@@ -26,16 +28,16 @@ def attempts(monkeypatch):
     made: list[dict] = []
 
     def install(*lost: Exception) -> list[dict]:
-        def make_admin(settings, **options):
-            made.append(options)
+        def make_admin(settings, timeout=None):
+            made.append({"timeout": timeout})
             for error in lost:  # kafka-python logs each lost connection more than once
                 logging.getLogger("kafka.net.connection").error("%s: Connection lost: %s", "conn", error)
                 logging.getLogger("kafka.net.manager").warning(
                     "Bootstrap connection to %s failed: %s", "b-0", error
                 )
-            raise KafkaTimeoutError("Unable to bootstrap")
+            raise kafkapython.translate(KafkaTimeoutError("Unable to bootstrap"), "create an admin client")
 
-        monkeypatch.setattr(clients, "make_admin", make_admin)
+        monkeypatch.setattr(kafkapython, "KafkaPythonAdmin", make_admin)
         return made
 
     return install
@@ -48,7 +50,7 @@ def test_a_refused_login_ends_the_wait_after_one_attempt(attempts):
     with pytest.raises(KafkaSetupError, match=expected):
         clients.wait_for_broker(settings, timeout=60)
     assert len(made) == 1
-    assert made[0]["bootstrap_timeout_ms"] == clients.BOOTSTRAP_ATTEMPT_MS
+    assert made[0]["timeout"] == kafkapython.BOOTSTRAP_ATTEMPT_MS / 1000
 
 
 def test_logins_the_broker_closes_count_as_refused_with_sasl(attempts):
@@ -61,7 +63,9 @@ def test_logins_the_broker_closes_count_as_refused_with_sasl(attempts):
 def test_without_sasl_a_closed_connection_is_waited_out(attempts):
     made = attempts(KafkaConnectionError("socket disconnected"))
     with pytest.raises(KafkaSetupError, match="no answer from Kafka at broker:9092 within 1.5s"):
-        clients.wait_for_broker(KafkaSettings(bootstrap_servers="broker:9092"), timeout=1.5)
+        clients.wait_for_broker(
+            KafkaSettings(bootstrap_servers="broker:9092", client="kafka-python"), timeout=1.5
+        )
     assert len(made) >= 2  # it kept trying until its deadline
 
 
@@ -71,3 +75,31 @@ def test_kafka_pythons_lines_stay_out_of_the_log_while_it_waits(attempts, caplog
         clients.wait_for_broker(KafkaSettings(bootstrap_servers="broker:9094", **SASL), timeout=60)
     assert not [r for r in caplog.records if r.name.startswith("kafka")]
     assert logging.getLogger("kafka").propagate  # as it was
+
+
+def test_with_librdkafka_a_refused_login_ends_the_wait_too(monkeypatch):
+    from confluent_kafka import KafkaError
+
+    from forecaster.errors import KafkaClientError
+    from forecaster.service.clients import confluent
+
+    made = []
+
+    class Refused:
+        def __init__(self, settings, timeout=None):
+            made.append(self)
+            self.connection = confluent._Connection("admin")
+            self.connection.error(
+                KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error: invalid")
+            )
+
+        def brokers(self, timeout):
+            raise KafkaClientError("unavailable", "Failed to get metadata")
+
+    monkeypatch.setattr(confluent, "ConfluentAdmin", Refused)
+    settings = KafkaSettings(bootstrap_servers="broker:9094", **{**SASL, "client": "confluent"})
+    with pytest.raises(
+        KafkaSetupError, match=r"authentication failed at Kafka at broker:9094 \(SCRAM-SHA-512 user u"
+    ):
+        clients.wait_for_broker(settings, timeout=60)
+    assert len(made) == 1

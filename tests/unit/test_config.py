@@ -11,6 +11,8 @@ from pydantic import ValidationError
 from forecaster.cli import main
 from forecaster.config import KafkaSettings, Settings, load_settings
 from forecaster.errors import ConfigError
+from forecaster.service.clients.confluent import connection_config
+from forecaster.service.clients.kafkapython import connection_options
 
 SECRET = "hunter2-not-for-logs"
 
@@ -46,7 +48,9 @@ def test_environment_variables_use_prefix_and_double_underscore(clean_env):
     settings = load_settings()
     assert settings.train.seasons == [168, 8766]
     assert settings.kafka.bootstrap_servers == "kafka-a:9092,kafka-b:9093"
-    assert settings.kafka.client_options()["bootstrap_servers"] == ["kafka-a:9092", "kafka-b:9093"]
+    assert settings.kafka.client == "confluent"  # the default client
+    assert connection_options(settings.kafka)["bootstrap_servers"] == ["kafka-a:9092", "kafka-b:9093"]
+    assert connection_config(settings.kafka)["bootstrap.servers"] == "kafka-a:9092,kafka-b:9093"
     assert settings.kafka.input_topic == "metrics.raw"
     assert settings.model.hidden_size == 128
     assert settings.model.cell == "lstm"
@@ -102,15 +106,46 @@ def test_sasl_needs_a_mechanism():
         KafkaSettings(security_protocol="SASL_PLAINTEXT")
 
 
-def test_complete_sasl_settings_reach_the_client_options():
+def test_complete_sasl_settings_reach_both_clients(tmp_path):
     kafka = KafkaSettings(
         security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username="svc", sasl_password=SECRET
     )
-    options = kafka.client_options()
+    options = connection_options(kafka)
     assert options["security_protocol"] == "SASL_PLAINTEXT"
     assert options["sasl_mechanism"] == "PLAIN"
     assert options["sasl_plain_username"] == "svc"
     assert options["sasl_plain_password"] == SECRET
+    config = connection_config(kafka)
+    assert config["security.protocol"] == "SASL_PLAINTEXT"
+    assert config["sasl.mechanism"] == "PLAIN"
+    assert config["sasl.username"] == "svc"
+    assert config["sasl.password"] == SECRET
+
+
+def test_tls_settings_reach_both_clients(tmp_path):
+    for name in ("ca.pem", "cert.pem", "key.pem"):
+        (tmp_path / name).write_text("x")
+    kafka = KafkaSettings(
+        security_protocol="SSL",
+        ssl_cafile=tmp_path / "ca.pem",
+        ssl_certfile=tmp_path / "cert.pem",
+        ssl_keyfile=tmp_path / "key.pem",
+        ssl_password=SECRET,
+        ssl_check_hostname=False,
+        request_timeout_ms=7000,
+    )
+    config = connection_config(kafka)
+    assert config["ssl.ca.location"] == str(tmp_path / "ca.pem")
+    assert config["ssl.certificate.location"] == str(tmp_path / "cert.pem")
+    assert config["ssl.key.location"] == str(tmp_path / "key.pem")
+    assert config["ssl.key.password"] == SECRET
+    assert config["ssl.endpoint.identification.algorithm"] == "none"
+    assert config["socket.timeout.ms"] == 7000
+    options = connection_options(kafka)
+    assert options["ssl_cafile"] == str(tmp_path / "ca.pem")
+    assert options["ssl_password"] == SECRET
+    assert options["ssl_check_hostname"] is False
+    assert options["request_timeout_ms"] == 7000
 
 
 def test_secrets_never_appear_in_repr_str_or_masked_json():
@@ -154,6 +189,25 @@ def test_config_command_exits_2_with_one_line_for_a_bad_value(clean_env, capsys)
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1
     assert "FORECASTER_MODEL__HIDDEN_SIZE" in lines[0]
+
+
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+def test_config_command_shows_the_effective_client_with_secrets_masked(clean_env, capsys, client):
+    clean_env.setenv("FORECASTER_KAFKA__CLIENT", client)
+    clean_env.setenv("FORECASTER_KAFKA__SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    clean_env.setenv("FORECASTER_KAFKA__SASL_MECHANISM", "SCRAM-SHA-512")
+    clean_env.setenv("FORECASTER_KAFKA__SASL_USERNAME", "svc")
+    clean_env.setenv("FORECASTER_KAFKA__SASL_PASSWORD", SECRET)
+    assert main(["config", "--client"]) == 0
+    out = capsys.readouterr().out
+    assert SECRET not in out
+    printed = json.loads(out)
+    assert printed["library"] == client
+    connection = printed["connection"]
+    if client == "confluent":
+        assert connection["sasl.mechanism"] == "SCRAM-SHA-512" and connection["sasl.username"] == "svc"
+    else:
+        assert connection["sasl_mechanism"] == "SCRAM-SHA-512" and connection["sasl_plain_username"] == "svc"
 
 
 def test_max_message_bytes_defaults_to_kafkas_limit_and_refuses_too_small_or_absurd(clean_env):

@@ -145,27 +145,29 @@ def _engine(seed: int = 0, **kwargs) -> Engine:
 
 
 class _Consumer:
-    """One changelog partition's records for ``ChangelogReader``; every record at once."""
+    """One changelog partition's records for ``ChangelogReader`` (the client interface's reader calls);
+    every record at once."""
 
     def __init__(self, records: list) -> None:
         self.records, self.pos = records, {}
 
-    def end_offsets(self, tps):
+    def end_offsets(self, tps, timeout):
         return {tp: len(self.records) for tp in tps}
 
-    def assign(self, tps):
-        self.pos = {tp: 0 for tp in tps}
+    def assign(self, start):
+        self.pos = dict.fromkeys(start, 0)
 
-    def seek_to_beginning(self, *tps):
-        self.pos = {tp: 0 for tp in tps}
-
-    def poll(self, timeout_ms=0):
-        out = {tp: self.records[at:] for tp, at in self.pos.items() if at < len(self.records)}
-        self.pos = {tp: len(self.records) for tp in self.pos}
+    def poll(self, max_records, timeout):
+        out = [
+            SimpleNamespace(topic=tp[0], partition=tp[1], **vars(r))
+            for tp, at in self.pos.items()
+            for r in self.records[at:]
+        ]
+        self.pos = dict.fromkeys(self.pos, len(self.records))
         return out
 
-    def position(self, tp):
-        return self.pos[tp]
+    def position(self, tps):
+        return {tp: self.pos[tp] for tp in tps}
 
 
 def test_restore_sends_evicted_series_straight_to_the_store_and_the_latest_record_wins(tmp_path) -> None:

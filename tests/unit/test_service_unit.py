@@ -4,47 +4,52 @@ graceful stop, readiness, hot-swap hook. The real-broker behaviour is in tests/i
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from kafka.errors import CommitFailedError
-from kafka.structs import TopicPartition
+from prometheus_client import CollectorRegistry
 
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine, reference_forecast
-from forecaster.errors import DeliveryError
+from forecaster.errors import DeliveryError, KafkaClientError
+from forecaster.metrics import ServiceMetrics
 from forecaster.model import RecurrentForecaster
 from forecaster.records import encode_input, encode_window
 from forecaster.scaling import Scaling
-from forecaster.service.at_least_once import AtLeastOnceCommitter
+from forecaster.service.at_least_once import AtLeastOnceCommitter, NoRecovery
+from forecaster.service.build import _NoLedger
+from forecaster.service.clients import Failure, Record, TopicPartition
+from forecaster.service.health import Health
 from forecaster.service.loop import Service
 
 TOPIC = "in"
 NOW = 1_800_000_000.0
 
 
-class Future:
-    def __init__(self, error: Exception | None = None) -> None:
-        self.exception = error
-
-    def failed(self) -> bool:
-        return self.exception is not None
-
-
 class FakeProducer:
-    def __init__(self, events: list, fail: bool = False) -> None:
-        self.events, self.fail = events, fail
+    message_max_bytes = 1_000_000
+
+    def __init__(self, events: list, fail: bool = False, too_large: tuple[str, ...] = ()) -> None:
+        self.events, self.fail, self.too_large = events, fail, too_large
         self.sent: list[tuple[str, bytes | None, bytes]] = []
+        self.failures: list[Failure] = []
         self.closed = False
 
-    def send(self, topic, key=None, value=None):
+    def send(self, topic, value, key=None, partition=None):
+        if topic in self.too_large:
+            raise KafkaClientError("too_large", f"a record to {topic} exceeds the limit")
         self.sent.append((topic, key, value))
         self.events.append(("send", topic))
-        return Future(RuntimeError("broker said no") if self.fail else None)
+        if self.fail:
+            self.failures.append(Failure(topic, key, "unavailable", "broker said no"))
 
     def flush(self, timeout=None):
         self.events.append(("flush",))
+        return 0
+
+    def take_failures(self):
+        failures, self.failures = self.failures, []
+        return failures
 
     def close(self, timeout=None):
         self.closed = True
@@ -54,7 +59,10 @@ class FakeProducer:
 
 
 class FakeConsumer:
-    """Serves the given batches one poll each, then empty polls; ``on_poll(n)`` runs before poll n."""
+    """Serves the given batches one poll each, then empty polls; ``on_poll(n)`` runs before poll n. The
+    first poll assigns partitions 0 and 1."""
+
+    name = "fake"
 
     def __init__(
         self, events: list, batches: list[list], on_poll=None, commit_error: Exception | None = None
@@ -64,48 +72,53 @@ class FakeConsumer:
         self.commits: list[dict] = []
         self.polls = 0
         self.closed = False
-        self.listener = None
-        self.assigned: set[TopicPartition] = set()
+        self.rebalance = None
+        self.subscriptions = 0
+        self.assigned: list[TopicPartition] = []
+        self.end = 10
 
-    def subscribe(self, topics, listener=None):
-        self.listener = listener
+    def subscribe(self, topic, rebalance):
+        self.rebalance = rebalance
+        self.subscriptions += 1
+        self.assigned = []
 
-    def poll(self, timeout_ms=0, max_records=None):
+    def unsubscribe(self):
+        self.assigned = []
+
+    def poll(self, max_records, timeout):
         self.polls += 1
         if self.on_poll:
             self.on_poll(self.polls)
-        self.assigned = {TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)}
-        if not self.batches:
-            return {}
-        grouped: dict[TopicPartition, list] = {}
-        for record in self.batches.pop(0):
-            grouped.setdefault(TopicPartition(TOPIC, record.partition), []).append(record)
-        return grouped
+        if not self.assigned:
+            self.assigned = [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)]
+            self.rebalance.on_assign(list(self.assigned))
+        return self.batches.pop(0) if self.batches else []
 
-    def commit(self, offsets):
+    def commit(self, offsets, wait=True):
         self.events.append(("commit",))
         if self.commit_error:
             raise self.commit_error
-        self.commits.append({tp.partition: meta.offset for tp, meta in offsets.items()})
-
-    def commit_async(self, offsets, callback=None):
-        self.events.append(("commit_async",))
-        self.commits.append({tp.partition: meta.offset for tp, meta in offsets.items()})
-        callback(offsets, self.commit_error or object())
+        self.commits.append({tp[1]: offset for tp, offset in offsets.items()})
 
     def assignment(self):
-        return self.assigned
+        return list(self.assigned)
 
-    def partitions_for_topic(self, topic):
-        return {0, 1}
+    def partitions_for(self, topic, timeout):
+        return [0, 1]
 
-    def end_offsets(self, tps):
-        return {tp: 10 for tp in tps}
+    def end_offsets(self, tps, timeout):
+        return {tp: self.end for tp in tps}
 
-    def position(self, tp):
-        return 7
+    def position(self, tps):
+        return {tp: 7 for tp in tps}
 
-    def close(self, autocommit=True):
+    def committed(self, tps, timeout):
+        return {tp: None for tp in tps}
+
+    def seek(self, tp, offset):
+        self.events.append(("seek", tp[1], offset))
+
+    def close(self):
         self.closed = True
 
 
@@ -134,13 +147,19 @@ def rec(
     key: bytes | None = None,
     timestamp: int = 1_700_000_000_000,
 ):
-    return SimpleNamespace(
-        topic=TOPIC, partition=partition, offset=offset, timestamp=timestamp, key=key, value=value
-    )
+    return Record(TOPIC, partition, offset, timestamp, key, value)
 
 
 def make_service(
-    batches, *, fail=False, on_poll=None, commit_error=None, swapper=None, scaling="ewm", **service_settings
+    batches,
+    *,
+    fail=False,
+    too_large=(),
+    on_poll=None,
+    commit_error=None,
+    swapper=None,
+    scaling="ewm",
+    **service_settings,
 ):
     settings = Settings(
         kafka={"input_topic": TOPIC, "auto_create_topics": False},
@@ -151,14 +170,29 @@ def make_service(
     events: list = []
     torch_model = RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2)
     engine = Engine(torch_model, version="v1", window=8, clock=lambda: NOW, scaling=Scaling(scaling))
+    consumer = FakeConsumer(events, batches, on_poll, commit_error)
+    producer = FakeProducer(events, fail, too_large)
+    committer = AtLeastOnceCommitter(
+        consumer,
+        producer,
+        interval_ms=settings.service.commit_interval_ms,
+        max_records=settings.service.commit_records,
+    )
+    metrics = ServiceMetrics(CollectorRegistry())
+    committer.on_send_failure = lambda reason: metrics.records_unsent.labels(reason=reason).inc()
+    committer.on_commit = lambda ok: ok and metrics.commits.inc()
     service = Service(
         settings,
         engine=engine,
-        consumer=FakeConsumer(events, batches, on_poll, commit_error),
-        producer=FakeProducer(events, fail),
+        consumer=consumer,
+        committer=committer,
+        recovery=NoRecovery(committer),
+        ledger=_NoLedger(),
         swapper=swapper or FakeSwapper(),
+        metrics=metrics,
         clock=lambda: NOW,
     )
+    service.producer = producer  # what the tests read
     return service, events
 
 
@@ -265,19 +299,19 @@ def test_commit_waits_for_interval_or_record_count():
     clock = [100.0]
     committer = AtLeastOnceCommitter(None, None, interval_ms=1000, max_records=3, clock=lambda: clock[0])
     assert not committer.due()  # nothing to commit
-    committer.track({TopicPartition(TOPIC, 0): [rec(0, 5, b"")]})
+    committer.track([rec(0, 5, b"")])
     assert not committer.due()
     clock[0] += 1.0
     assert committer.due()
     clock[0] -= 1.0
-    committer.track({TopicPartition(TOPIC, 1): [rec(1, 0, b""), rec(1, 1, b"")]})
+    committer.track([rec(1, 0, b""), rec(1, 1, b"")])
     assert committer.due()  # three records
-    assert committer.pending == {TopicPartition(TOPIC, 0): 6, TopicPartition(TOPIC, 1): 2}
+    assert committer.pending == {(TOPIC, 0): 6, (TOPIC, 1): 2}
 
 
 def test_a_refused_commit_after_rebalance_is_not_fatal():
     service, _ = make_service(
-        [[rec(0, 0, encode_input("a", 1, 1.0))]], commit_error=CommitFailedError("rebalanced")
+        [[rec(0, 0, encode_input("a", 1, 1.0))]], commit_error=KafkaClientError("group", "rebalanced")
     )
     run_batches(service, 1)
     assert service.committer.pending == {}
@@ -288,9 +322,8 @@ def test_revoked_partitions_commit_what_was_processed():
     service, _ = make_service([[rec(0, 3, encode_input("a", 1, 1.0))]], commit_interval_ms=10**9)
     run_batches(service, 1)
     assert service.consumer.commits == []
-    service.consumer.listener.on_partitions_revoked([TopicPartition(TOPIC, 0)])
+    service.consumer.rebalance.on_revoke([TopicPartition(TOPIC, 0)])
     assert service.consumer.commits == [{0: 4}]
-    assert ("commit_async",) in service.consumer.events  # no blocking call on the consumer's network thread
 
 
 def test_stop_finishes_the_batch_commits_and_closes():
@@ -333,9 +366,118 @@ def test_refresh_copies_state_error_and_lag():
     values = [rec(0, i, encode_input(s, 1000 * (i + 1), float(i)), s.encode()) for i, s in enumerate("aabb")]
     service, _ = make_service([values])
     run_batches(service, 1)
-    service.refresh_metrics(force=True)
+    service.refresh(force=True)
     get = service.metrics.registry.get_sample_value
     assert get("forecaster_series_resident") == 2
     assert get("forecaster_state_bytes") == service.engine.state_bytes
     assert get("forecaster_forecast_abs_error_count", {"model_version": "v1"}) == 2  # second value of a and b
     assert get("forecaster_consumer_lag", {"partition": "0"}) == 3  # fake end 10, position 7
+
+
+def test_a_record_too_large_to_send_is_counted_and_the_batch_goes_on():
+    batch = [rec(0, 0, b"not json"), rec(0, 1, encode_input("a", 1000, 1.0), b"a")]
+    service, _ = make_service([batch], too_large=("ts.deadletter",))
+    run_batches(service, 1)
+    get = service.metrics.registry.get_sample_value
+    assert get("forecaster_records_unsent_total", {"reason": "too_large"}) == 1
+    assert [f["series"] for f in service.producer.bodies("ts.forecasts")] == ["a"]
+    assert service.consumer.commits == [{0: 2}]  # the bad record is behind us, not a poison pill
+
+
+def test_a_record_the_broker_refused_for_its_size_is_counted_and_committed_past():
+    service, _ = make_service([[rec(0, 0, encode_input("a", 1000, 1.0), b"a")]])
+    service.producer.failures.append(Failure("ts.forecasts", b"a", "too_large", "MSG_SIZE_TOO_LARGE"))
+    run_batches(service, 1)
+    assert (
+        service.metrics.registry.get_sample_value("forecaster_records_unsent_total", {"reason": "too_large"})
+        == 1
+    )
+    assert service.consumer.commits == [{0: 1}]
+
+
+def _with_clock(service: Service, stall_seconds: float = 30.0) -> list[float]:
+    now = [0.0]
+    service.health = Health(stall_seconds, clock=lambda: now[0])
+    return now
+
+
+def test_lag_without_progress_is_a_stall_logged_counted_unhealthy_and_rejoined(caplog):
+    service, _ = make_service([])
+    now = _with_clock(service)
+    service.start()
+    service.poll()  # partitions 0 and 1 assigned; lag 3 each (end 10, position 7)
+    service.refresh(force=True)
+    assert service.healthy() and service.ready()
+    now[0] = 11.0
+    service.poll()
+    service.refresh(force=True)
+    assert service.healthy() and not service.ready()  # lag and no progress: not ready
+    now[0] = 31.0
+    service.poll()
+    service.refresh(force=True)
+    assert not service.healthy()
+    assert service.metrics.registry.get_sample_value("forecaster_stalls_total") == 1
+    assert service.consumer.subscriptions == 2  # left the group and joined again
+    assert sum("stalled:" in r.message for r in caplog.records) == 1
+    service.consumer.end = 7  # caught up: no lag
+    service.poll()
+    service.refresh(force=True)
+    assert service.healthy() and service.ready()
+
+
+def test_lost_membership_without_new_partitions_is_a_stall():
+    service, _ = make_service([])
+    now = _with_clock(service, stall_seconds=20.0)
+    service.start()
+    service.poll()
+    service.consumer.rebalance.on_lost(service.consumer.assignment())
+    assert not service.ready()  # no partitions in a live group
+    service.consumer.assigned = [TopicPartition(TOPIC, 0)]  # the client does not notice by itself
+    now[0] = 21.0
+    service.refresh(force=True)
+    assert not service.healthy() and service.consumer.subscriptions == 2
+
+
+def test_a_loop_that_does_not_turn_is_unhealthy():
+    service, _ = make_service([])
+    now = _with_clock(service, stall_seconds=20.0)
+    service.start()
+    service.poll()
+    service.refresh(force=True)
+    now[0] = 25.0  # a batch has held the loop this long; /healthz answers from its own thread
+    assert not service.healthy() and not service.ready()
+
+
+def test_the_broker_not_answering_makes_the_member_not_ready_and_is_said_once(caplog):
+    service, _ = make_service([])
+    service.start()
+    service.poll()
+    service.refresh(force=True)
+    assert service.ready()
+
+    def unreachable(tps, timeout):
+        raise KafkaClientError("unavailable", "all brokers down")
+
+    service.consumer.end_offsets = unreachable
+    service.refresh(force=True)
+    service.refresh(force=True)
+    assert not service.ready() and service.healthy()
+    assert sum("broker does not answer" in r.message for r in caplog.records) == 1
+
+
+def test_a_batch_over_its_time_budget_puts_the_rest_back(monkeypatch):
+    import forecaster.service.loop as loop
+
+    monkeypatch.setattr(loop, "CHUNK_BYTES", 1)  # one record per chunk
+    batch = [
+        rec(p, o, encode_input(f"s{p}", 1000 * (o + 1), 1.0), f"s{p}".encode())
+        for o in range(3)
+        for p in (0, 1)
+    ]
+    service, events = make_service([batch], max_batch_ms=1000)
+    ticks = iter([0.0, 0.5, 0.9, 1.2, 9.0, 9.0])  # the budget runs out before the fourth record
+    service.timer = lambda: next(ticks)
+    run_batches(service, 1)
+    assert [f["input"]["offset"] for f in service.producer.bodies("ts.forecasts")] == [0, 0, 1]
+    assert ("seek", 1, 1) in events and ("seek", 0, 2) in events  # read again from there
+    assert service.consumer.commits == [{0: 2, 1: 1}]  # only what was processed

@@ -9,17 +9,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError, ProducerFencedError
-from kafka.structs import TopicPartition
 
 from forecaster.engine.engine import Engine
-from forecaster.errors import ProducerFenced
+from forecaster.errors import KafkaClientError, ProducerFenced
 from forecaster.model import RecurrentForecaster
+from forecaster.service.clients import TopicPartition
 from forecaster.service.exactly_once import changelog
 from forecaster.service.exactly_once.changelog import ChangelogContents
-from forecaster.service.exactly_once.committer import TransactionalCommitter, is_fenced
+from forecaster.service.exactly_once.committer import ExactlyOnceCommitter, is_fenced
 from forecaster.service.exactly_once.ledger import SeriesLedger
-from forecaster.service.exactly_once.recovery import OwnerListener, PartitionOwner
+from forecaster.service.exactly_once.recovery import PartitionOwner
 
 TOPIC = "in"
 
@@ -36,23 +35,25 @@ class FakeProducer:
         if error is not None:
             raise error
 
-    def init_transactions(self):
+    def init_transactions(self, timeout):
         self._call("init")
 
     def begin_transaction(self):
         self._call("begin")
 
-    def send(self, topic, key=None, value=None, partition=None):
+    def send(self, topic, value, key=None, partition=None):
         self._call("send", topic, key, partition)
-        return SimpleNamespace(is_done=True, failed=lambda: False)
 
-    def send_offsets_to_transaction(self, offsets, group_metadata):
-        self._call("offsets", {tp.partition: m.offset for tp, m in offsets.items()}, group_metadata)
+    def take_failures(self):
+        return []
 
-    def commit_transaction(self):
+    def send_offsets_to_transaction(self, offsets, group_metadata, timeout):
+        self._call("offsets", {tp[1]: offset for tp, offset in offsets.items()}, group_metadata)
+
+    def commit_transaction(self, timeout):
         self._call("commit")
 
-    def abort_transaction(self):
+    def abort_transaction(self, timeout):
         self._call("abort")
 
     def close(self, timeout=None):
@@ -71,9 +72,9 @@ def make_committer(fail=None, changes=(), **kwargs):
         made.append(FakeProducer(log, fail if not made else None))
         return made[-1]
 
-    consumer = SimpleNamespace(group_metadata=lambda: "gen-7")
+    consumer = SimpleNamespace(group_metadata=lambda: "gen-7", generation=lambda: 7)
     outcomes: list[bool] = []
-    committer = TransactionalCommitter(
+    committer = ExactlyOnceCommitter(
         consumer,
         factory,
         lambda: list(changes),
@@ -90,10 +91,10 @@ def make_committer(fail=None, changes=(), **kwargs):
 def test_one_transaction_per_interval_in_four_steps() -> None:
     committer, log, _, outcomes = make_committer(changes=[(1, b"s", b"state")])
     assert not committer.due() and committer.commit()  # nothing open: nothing to do
-    committer.track({TopicPartition(TOPIC, 0): [rec(0, 4), rec(0, 5)]})
-    committer.track({TopicPartition(TOPIC, 1): [rec(1, 9)]})
+    committer.track([rec(0, 4), rec(0, 5)])
+    committer.track([rec(1, 9)])
     assert committer.due()  # three records
-    committer.producer.send("out", b"s", partition=None)  # a forecast of the interval
+    committer.send("out", b"v", b"s")  # a forecast of the interval
     assert committer.commit() and outcomes == [True]
     assert log == [
         ("init",),
@@ -107,8 +108,10 @@ def test_one_transaction_per_interval_in_four_steps() -> None:
 
 
 def test_an_abortable_error_aborts_and_asks_for_a_reset() -> None:
-    committer, log, made, outcomes = make_committer(fail={"offsets": CommitFailedError("generation moved")})
-    committer.track({TopicPartition(TOPIC, 0): [rec(0, 1)]})
+    committer, log, made, outcomes = make_committer(
+        fail={"offsets": KafkaClientError("group", "generation moved")}
+    )
+    committer.track([rec(0, 1)])
     assert not committer.commit()
     assert log[-1] == ("abort",) and ("commit",) not in log
     assert committer.failed == "aborted" and outcomes == [False] and not committer.open
@@ -117,8 +120,8 @@ def test_an_abortable_error_aborts_and_asks_for_a_reset() -> None:
 
 
 def test_an_indefinite_error_replaces_the_producer() -> None:
-    committer, log, made, _ = make_committer(fail={"commit": KafkaTimeoutError("no answer")})
-    committer.track({TopicPartition(TOPIC, 0): [rec(0, 1)]})
+    committer, log, made, _ = make_committer(fail={"commit": KafkaClientError("timeout", "no answer")})
+    committer.track([rec(0, 1)])
     assert not committer.commit() and committer.failed == "replace"
     assert ("abort",) not in log  # not retried on the old producer
     committer.recover()
@@ -128,35 +131,70 @@ def test_an_indefinite_error_replaces_the_producer() -> None:
 
 def test_a_commit_that_never_answers_is_an_indefinite_error() -> None:
     committer, _, made, _ = make_committer(timeout_s=0.2)
-    committer.track({TopicPartition(TOPIC, 0): [rec(0, 1)]})
-    committer.producer.commit_transaction = lambda: __import__("time").sleep(5)
+    committer.track([rec(0, 1)])
+    committer.producer.commit_transaction = lambda timeout: (_ for _ in ()).throw(
+        KafkaClientError("timeout", f"commit_transaction still waiting after {timeout:g} s")
+    )
     assert not committer.commit() and committer.failed == "replace"
 
 
-@pytest.mark.parametrize(
-    "error",
-    [ProducerFencedError(), KafkaError("Cannot perform send because ...", ProducerFencedError())],
-    ids=["direct", "wrapped"],
-)
-def test_a_fenced_producer_raises_and_sends_nothing_more(error) -> None:
-    committer, log, _, _ = make_committer(fail={"commit": error})
-    committer.track({TopicPartition(TOPIC, 0): [rec(0, 1)]})
+def test_a_fenced_producer_raises_and_sends_nothing_more() -> None:
+    committer, log, _, _ = make_committer(fail={"commit": KafkaClientError("fenced", "epoch bumped")})
+    committer.track([rec(0, 1)])
     with pytest.raises(ProducerFenced):
         committer.commit()
     assert committer.fenced and ("abort",) not in log
-    committer.track({TopicPartition(TOPIC, 0): [rec(0, 2)]})
+    committer.track([rec(0, 2)])
     assert committer.commit() is False and log.count(("commit",)) == 1
 
 
 def test_is_fenced_looks_through_causes() -> None:
     try:
         try:
-            raise ProducerFencedError()
-        except ProducerFencedError as inner:
-            raise KafkaError("User rebalance callback throws an error") from inner
-    except KafkaError as outer:
+            raise KafkaClientError("fenced", "producer fenced")
+        except KafkaClientError as inner:
+            raise RuntimeError("User rebalance callback throws an error") from inner
+    except RuntimeError as outer:
         assert is_fenced(outer)
-    assert not is_fenced(KafkaError("something else"))
+    assert not is_fenced(KafkaClientError("other", "something else"))
+    assert is_fenced(ProducerFenced("zombie"))
+
+
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+def test_library_errors_are_sorted_by_kind_at_the_boundary(client) -> None:
+    if client == "confluent":
+        from confluent_kafka import KafkaError, KafkaException
+
+        from forecaster.service.clients.confluent import translate
+
+        def make(code):
+            return KafkaException(KafkaError(getattr(KafkaError, code)))
+
+        cases = {
+            "_FENCED": "fenced",
+            "ILLEGAL_GENERATION": "group",
+            "_TIMED_OUT": "timeout",
+            "MSG_SIZE_TOO_LARGE": "too_large",
+            "SASL_AUTHENTICATION_FAILED": "auth",
+        }
+    else:
+        import kafka.errors as errors
+
+        from forecaster.service.clients.kafkapython import translate
+
+        def make(name):
+            return getattr(errors, name)()
+
+        cases = {
+            "ProducerFencedError": "fenced",
+            "CommitFailedError": "group",
+            "KafkaTimeoutError": "timeout",
+            "MessageSizeTooLargeError": "too_large",
+            "TopicAuthorizationFailedError": "auth",
+        }
+    for name, reason in cases.items():
+        error = translate(make(name), "a call")
+        assert error.reason == reason, name
 
 
 # ---- the partition owner ---------------------------------------------------------------------------------
@@ -168,36 +206,38 @@ class FakeConsumer:
         self.paused: set[int] = set()
         self.positions: dict[int, int | str] = {}
 
-    def pause(self, *tps):
+    def pause(self, tps):
         self.paused |= {tp.partition for tp in tps}
 
-    def resume(self, *tps):
+    def resume(self, tps):
         self.paused -= {tp.partition for tp in tps}
 
-    def committed(self, tp):
-        return self.committed_offsets.get(tp.partition)
+    def committed(self, tps, timeout):
+        return {tp: self.committed_offsets.get(tp.partition) for tp in tps}
 
     def seek(self, tp, offset):
-        self.positions[tp.partition] = offset
-
-    def seek_to_beginning(self, tp):
-        self.positions[tp.partition] = "beginning"
+        self.positions[tp.partition] = "beginning" if offset is None else offset
 
     def group_metadata(self):
-        return SimpleNamespace(generation_id=self.generation)
+        return "metadata"
 
-    generation = 4
+    def generation(self):
+        return self.generation_id
+
+    generation_id = 4
     subscriptions = 0
 
     def unsubscribe(self):
         self.paused, self.positions = set(), {}
 
-    def subscribe(self, topics, listener=None):
+    def subscribe(self, topic, rebalance):
         self.subscriptions += 1
-        self.listener = listener
+        self.rebalance = rebalance
 
 
 class FakeReader:
+    stable_timeout = 1.0
+
     def __init__(self, latest: dict[int, dict[str, bytes]]):
         self.latest, self.reads = latest, []
 
@@ -239,6 +279,14 @@ def make_owner(cooperative: bool, committed=None, latest=None):
     return owner, engine, consumer, log, reports
 
 
+def catch_up(owner: PartitionOwner) -> bool:
+    """What the loop does between a poll and the next: True when that poll's records are dropped."""
+    dropped = owner.rewinding
+    if owner.required:
+        owner.run()
+    return dropped
+
+
 def tps(*parts: int) -> list[TopicPartition]:
     return [TopicPartition(TOPIC, p) for p in parts] + [TopicPartition("other", 0)]
 
@@ -250,7 +298,7 @@ def test_assigned_partitions_are_paused_until_restored_then_resume_at_the_commit
     owner, engine, consumer, _, reports = make_owner(True, committed={0: 12, 1: None}, latest=latest)
     owner.assigned(tps(0, 1))
     assert consumer.paused == {0, 1} and owner.to_restore == {0, 1} and engine.resident == 0
-    assert owner.catch_up() is False  # nothing to drop: no reset
+    assert catch_up(owner) is False  # nothing to drop: no reset
     assert consumer.paused == set() and owner.to_restore == set()
     assert consumer.positions == {0: 12, 1: "beginning"}
     assert set(engine.table.slots) == {"x"} and owner.ledger.partition_of == {"x": 1}
@@ -262,13 +310,13 @@ def _stepped(owner, engine, names_parts):
     names = [n for n, _ in names_parts]
     engine.process(names, [1] * len(names), [1.0] * len(names))
     owner.ledger.note(names, [p for _, p in names_parts])
-    owner.committer.track({TopicPartition(TOPIC, p): [rec(p, 0)] for _, p in names_parts})
+    owner.committer.track([rec(p, 0) for _, p in names_parts])
 
 
 def test_cooperative_revoke_commits_then_drops_only_those_partitions() -> None:
     owner, engine, consumer, log, _ = make_owner(True)
     owner.assigned(tps(0, 1))
-    owner.catch_up()
+    catch_up(owner)
     _stepped(owner, engine, [("a", 0), ("b", 1)])
     owner.revoked(tps(1))
     assert ("commit",) in log and [e for e in log if e[0] == "send" and e[1] == "cl"]  # state written first
@@ -278,7 +326,7 @@ def test_cooperative_revoke_commits_then_drops_only_those_partitions() -> None:
 def test_eager_rebalance_keeps_the_state_of_partitions_assigned_back() -> None:
     owner, engine, consumer, log, _ = make_owner(False)
     owner.assigned(tps(0, 1, 2))
-    owner.catch_up()
+    catch_up(owner)
     _stepped(owner, engine, [("a", 0), ("b", 1), ("c", 2)])
     owner.revoked(tps(0, 1, 2))  # eager: everything is revoked
     assert ("commit",) in log and engine.resident == 3
@@ -289,11 +337,11 @@ def test_eager_rebalance_keeps_the_state_of_partitions_assigned_back() -> None:
 def test_a_failed_transaction_resets_every_owned_partition_to_the_changelog() -> None:
     owner, engine, consumer, log, _ = make_owner(True, committed={0: 3})
     owner.assigned(tps(0))
-    owner.catch_up()
+    catch_up(owner)
     _stepped(owner, engine, [("a", 0)])
-    owner.committer.producer.fail["commit"] = KafkaError("transaction aborted by the coordinator")
+    owner.committer.producer.fail["commit"] = KafkaClientError("abortable", "aborted by the coordinator")
     assert not owner.committer.commit()
-    assert owner.catch_up() is True  # the records of that poll are dropped: consumed again
+    assert catch_up(owner) is True  # the records of that poll are dropped: consumed again
     assert engine.resident == 0  # nothing committed for "a": it starts over from the committed offset
     assert consumer.positions == {0: 3} and owner.reader.reads == [[0], [0]] and consumer.paused == set()
 
@@ -301,12 +349,12 @@ def test_a_failed_transaction_resets_every_owned_partition_to_the_changelog() ->
 def test_lost_partitions_abort_and_drop() -> None:
     owner, engine, _, log, _ = make_owner(True)
     owner.assigned(tps(0))
-    owner.catch_up()
+    catch_up(owner)
     _stepped(owner, engine, [("a", 0)])
     owner.lost(tps(0))
     assert log[-1] == ("abort",) and engine.resident == 0 and owner.owned == set()
     assert owner.committer.failed == "aborted"  # reset harmless: nothing left owned
-    assert owner.catch_up() is True and owner.reader.reads == [[0]]
+    assert catch_up(owner) is True and owner.reader.reads == [[0]]
 
 
 def test_revoked_partition_that_was_never_restored_is_simply_forgotten() -> None:
@@ -314,73 +362,84 @@ def test_revoked_partition_that_was_never_restored_is_simply_forgotten() -> None
     owner.assigned(tps(0, 1))
     owner.revoked(tps(1))
     assert owner.to_restore == {0}
-    owner.catch_up()
+    catch_up(owner)
     assert owner.reader.reads == [[0]]
     assert np.array_equal(sorted(consumer.positions), [0])
 
 
 def test_offsets_refused_twice_without_a_rebalance_make_the_member_join_again() -> None:
     owner, engine, consumer, _, _ = make_owner(True, committed={0: 0})
-    OwnerListener(owner)
     owner.assigned(tps(0))
-    owner.catch_up()
+    catch_up(owner)
     for attempt in (1, 2):
         _stepped(owner, engine, [("a", 0)])
-        owner.committer.producer.fail["offsets"] = CommitFailedError(
-            "metadata mismatch: UnknownMemberIdError"
-        )
+        owner.committer.producer.fail["offsets"] = KafkaClientError("group", "UNKNOWN_MEMBER_ID")
         assert not owner.committer.commit()
-        assert owner.catch_up() is True
+        assert catch_up(owner) is True
         # first refusal: reset and restore as usual; second at the same generation: leave and join again
         assert consumer.subscriptions == (0 if attempt == 1 else 1)
-    assert owner.owned == set() and engine.resident == 0 and consumer.listener.owner is owner
+    assert owner.owned == set() and engine.resident == 0 and consumer.rebalance is owner.rebalance
     owner.assigned(tps(0))  # the new membership's assignment restores everything again
     assert owner.to_restore == {0}
 
 
 def test_a_refusal_after_a_rebalance_does_not_rejoin() -> None:
     owner, engine, consumer, _, _ = make_owner(True)
-    OwnerListener(owner)
     owner.assigned(tps(0))
-    owner.catch_up()
+    catch_up(owner)
     for generation in (4, 5):  # the consumer saw the rebalance between the two refusals
-        consumer.generation = generation
+        consumer.generation_id = generation
         _stepped(owner, engine, [("a", 0)])
-        owner.committer.producer.fail["offsets"] = CommitFailedError("IllegalGenerationError")
+        owner.committer.producer.fail["offsets"] = KafkaClientError("group", "ILLEGAL_GENERATION")
         owner.committer.commit()
-        owner.catch_up()
+        catch_up(owner)
     assert consumer.subscriptions == 0
 
 
-def test_the_transaction_timeout_is_a_setting_reaching_the_producer_and_the_committer(
-    monkeypatch, tmp_path
-) -> None:
+def test_the_transaction_timeout_is_a_setting_reaching_the_producer(tmp_path) -> None:
     from forecaster.config import Settings
-    from forecaster.service.exactly_once import parts as exactly_once
+    from forecaster.service.build import producer_options
 
     settings = Settings(
         service={"transaction_timeout_ms": 120_000, "instance_id": "i1"},
         kafka={"group_id": "g"},
         state={"spill_dir": tmp_path},
     )
-    assert exactly_once.producer_options(settings)["transaction_timeout_ms"] == 120_000
-    assert exactly_once.producer_options(Settings())["transaction_timeout_ms"] == 60_000
-    monkeypatch.setattr(exactly_once, "PartitionOwner", lambda *args, **kwargs: SimpleNamespace())
-    monkeypatch.setattr(exactly_once, "OwnerListener", lambda *args, **kwargs: SimpleNamespace())
-    engine = Engine(RecurrentForecaster("gru", hidden_size=2, num_layers=1, horizon=1), window=4)
-    metrics = SimpleNamespace(transaction=None, restored=None, changelog_records=SimpleNamespace(inc=None))
-    built = exactly_once.ExactlyOnce.build(
-        settings,
-        consumer=SimpleNamespace(),
-        engine=engine,
-        metrics=metrics,
-        producer=FakeProducer([]),
-        reader=SimpleNamespace(),
-    )
-    assert built.committer.timeout_s == 120.0
-    assert (
-        built.ledger.store.path == tmp_path / "evicted-g-i1.sqlite"
-    )  # the evicted store: one file per instance
-    built.ledger.store.close()
+    options = producer_options(settings)
+    assert options.transaction_timeout_ms == 120_000 and options.transactional_id == "g-i1"
+    assert producer_options(Settings()).transaction_timeout_ms == 60_000
+    at_least_once = Settings(service={"processing_guarantee": "at_least_once"})
+    assert producer_options(at_least_once).transactional_id is None
     with pytest.raises(ValueError):
         Settings(service={"transaction_timeout_ms": 999})
+
+
+def test_evictions_without_input_are_committed_in_their_own_transaction() -> None:
+    waiting = [True]
+    committer, log, _, outcomes = make_committer(changes=[(2, b"gone", b"evicted state")])
+    committer.waiting = lambda: waiting[0]
+    committer.interval_ms = 0
+    assert committer.due()  # nothing was polled, but an eviction waits
+    assert committer.commit() and outcomes == [True]
+    assert log[1:] == [("begin",), ("send", "cl", b"gone", 2), ("commit",)]  # no offsets: none moved
+    waiting[0] = False
+    assert not committer.due()
+
+
+def test_a_member_dropped_by_the_group_does_not_commit_its_offsets() -> None:
+    committer, log, _, outcomes = make_committer()
+    committer.consumer.generation = lambda: -1  # the client noticed, it has not joined again yet
+    committer.track([rec(0, 1)])
+    assert not committer.commit()
+    assert log[-1] == ("abort",) and not any(e[0] == "offsets" for e in log)
+    assert committer.failed == "aborted" and outcomes == [False]
+
+
+def test_a_write_the_broker_does_not_allow_aborts_and_stops() -> None:
+    committer, log, _, _ = make_committer(
+        fail={"commit": KafkaClientError("auth", "TOPIC_AUTHORIZATION_FAILED")}
+    )
+    committer.track([rec(0, 1)])
+    with pytest.raises(KafkaClientError):
+        committer.commit()
+    assert log[-1] == ("abort",) and not committer.open  # nothing of it commits

@@ -29,13 +29,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kafka.errors import KafkaError
-from kafka.structs import TopicPartition
-
 from forecaster.config import KafkaSettings
 from forecaster.engine import snapshot as snap
-from forecaster.errors import ChangelogRecordError, KafkaSetupError, StateError
-from forecaster.service.clients import COMPACTED, TopicSpec, ensure_topics, make_admin
+from forecaster.errors import ChangelogRecordError, KafkaClientError, KafkaSetupError, StateError
+from forecaster.service.clients import (
+    COMPACTED,
+    ConsumerOptions,
+    TopicPartition,
+    TopicSpec,
+    ensure_topics,
+    make_admin,
+    make_consumer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +108,13 @@ def ensure_changelog(kafka: KafkaSettings, input_topic: str, admin: Any = None, 
     the wrong series."""
     own = admin is None
     admin = make_admin(kafka) if own else admin
+    timeout = kafka.request_timeout_ms / 1000.0
     try:
-        described = admin.describe_topics([input_topic])
-        if not described or described[0]["error_code"] != 0:
-            raise KafkaSetupError(f"cannot describe input topic {input_topic}: {described}")
-        partitions = len(described[0]["partitions"])
-        exists = kafka.changelog_topic in set(admin.list_topics())
+        described = admin.describe([input_topic, kafka.changelog_topic], [], timeout)
+        if input_topic not in described:
+            raise KafkaSetupError(f"cannot describe input topic {input_topic}: it does not exist")
+        partitions = described[input_topic].partitions
+        exists = kafka.changelog_topic in described
         if not exists and not create:
             raise KafkaSetupError(f"topic {kafka.changelog_topic} does not exist (deploy/topics creates it)")
         config = COMPACTED if exists else CREATE_CONFIG
@@ -123,7 +129,7 @@ def ensure_changelog(kafka: KafkaSettings, input_topic: str, admin: Any = None, 
         raise KafkaSetupError(
             f"state changelog {kafka.changelog_topic} does not fit input {input_topic}: {exc}"
         ) from exc
-    except KafkaError as exc:
+    except KafkaClientError as exc:
         raise KafkaSetupError(f"cannot set up the state changelog {kafka.changelog_topic}: {exc}") from exc
     finally:
         if own:
@@ -172,15 +178,13 @@ class ChangelogReader:
 
     @classmethod
     def from_settings(cls, kafka: KafkaSettings, stable_timeout: float) -> ChangelogReader:
-        from forecaster.service.clients import (
-            make_consumer,  # here: the module is imported by the service anyway
-        )
-
-        options = {"group_id": None, "enable_auto_commit": False, "max_partition_fetch_bytes": 8 << 20}
+        reader = {"group_id": None, "max_partition_fetch_bytes": 8 << 20, "fetch_wait_max_ms": 100}
         return cls(
             kafka.changelog_topic,
-            make_consumer(kafka, **options, isolation_level="read_committed", fetch_max_bytes=64 << 20),
-            make_consumer(kafka, **options, isolation_level="read_uncommitted"),
+            make_consumer(
+                kafka, ConsumerOptions(**reader, isolation_level="read_committed", fetch_max_bytes=64 << 20)
+            ),
+            make_consumer(kafka, ConsumerOptions(**reader, isolation_level="read_uncommitted")),
             stable_timeout=stable_timeout,
         )
 
@@ -196,23 +200,21 @@ class ChangelogReader:
         if not tps:
             return ChangelogContents(latest)
         ends = self._stable_ends(tps)
-        self.consumer.assign(tps)
-        self.consumer.seek_to_beginning(*tps)
+        self.consumer.assign(dict.fromkeys(tps))
         left = {tp for tp in tps if ends[tp] > 0}
         n, progress = 0, self.clock()
         while left:
-            for tp, records in self.consumer.poll(timeout_ms=self.poll_ms).items():
-                into = latest[tp.partition]
-                for record in records:
-                    if record.offset < ends[tp] and record.key is not None:
-                        name = record.key.decode("utf-8", "replace")
-                        if divert is not None and divert(tp.partition, name, record.value):
-                            into.pop(name, None)
-                        else:
-                            into[name] = record.value
-                        n += 1
+            for record in self.consumer.poll(max_records=10_000, timeout=self.poll_ms / 1000.0):
+                if record.offset < ends[(record.topic, record.partition)] and record.key is not None:
+                    name, into = record.key.decode("utf-8", "replace"), latest[record.partition]
+                    if divert is not None and divert(record.partition, name, record.value):
+                        into.pop(name, None)
+                    else:
+                        into[name] = record.value
+                    n += 1
                 progress = self.clock()
-            still = {tp for tp in left if self.consumer.position(tp) < ends[tp]}
+            positions = self.consumer.position(sorted(left))
+            still = {tp for tp in left if positions.get(tp, -1) < ends[tp]}
             if still != left:
                 progress = self.clock()
             elif self.clock() - progress > self.stall_timeout:
@@ -221,14 +223,14 @@ class ChangelogReader:
                     f" their end for {self.stall_timeout:g} s"
                 )
             left = still
-        self.consumer.assign([])
+        self.consumer.assign({})
         return ChangelogContents(latest, n, self.clock() - started)
 
     def _stable_ends(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         deadline = self.clock() + self.stable_timeout
         while True:
-            stable = self.consumer.end_offsets(tps)  # last stable offsets
-            high = self.probe.end_offsets(tps)
+            stable = self.consumer.end_offsets(tps, self.stable_timeout)  # last stable offsets
+            high = self.probe.end_offsets(tps, self.stable_timeout)
             open_ = [tp.partition for tp in tps if stable[tp] < high[tp]]
             if not open_:
                 return stable
@@ -245,4 +247,4 @@ class ChangelogReader:
 
     def close(self) -> None:
         for client in (self.consumer, self.probe):
-            client.close(autocommit=False)
+            client.close()

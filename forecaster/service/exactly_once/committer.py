@@ -1,22 +1,22 @@
 """The commit step, exactly once: forecasts, state changelog and input offsets in one Kafka transaction.
 
-Same four calls as ``AtLeastOnceCommitter`` (``track``, ``in_flight``, ``due``, ``commit``). ``track`` opens
-a transaction when a poll brought records (forecasts and dead letters are sent into it as they are made);
-``commit`` closes it every ``interval_ms`` or ``max_records``:
+A kind of ``forecaster.service.committer.Committer``. ``track`` opens a transaction when a poll brought
+records (forecasts and dead letters are sent into it as they are made); ``commit`` closes it every
+``interval_ms`` or ``max_records``, and also when only evictions wait to be written (an idle stream):
 
     Step 1. the forecasts and dead letters of the interval are already in the transaction;
     Step 2. the changelog records of the series changed (and evicted) since the last commit;
     Step 3. the input offsets, with the consumer's group metadata (a stale member is fenced);
     Step 4. commit.
 
-A failed transaction is aborted and ``failed`` tells the caller (``forecaster.service.exactly_once.recovery``) to reset the
-state to the last committed snapshot and re-consume from the committed offsets. A commit that does not
-answer within ``timeout_s`` is an indefinite error: the producer is replaced rather than retried, since
-a late answer could otherwise complete an old transaction behind a new one; the new producer's
-``init_transactions`` settles the old one either way. A producer fenced by another with the same
-transactional id means this instance is a zombie: ``ProducerFenced`` is raised and the service exits.
+A failed transaction is aborted and ``failed`` tells recovery (``forecaster.service.exactly_once.recovery``)
+to reset the state to the last committed snapshot and re-consume from the committed offsets. A commit that
+does not answer within ``timeout_s``, or a producer the client says cannot go on, is replaced rather than
+retried, since a late answer could otherwise complete an old transaction behind a new one; the new
+producer's ``init_transactions`` settles the old one either way. A producer fenced by another with the
+same transactional id means this instance is a zombie: ``ProducerFenced`` is raised and the service exits.
 
->>> committer = TransactionalCommitter(None, None, None, producer=_Idle(), interval_ms=100, max_records=10)
+>>> committer = ExactlyOnceCommitter(None, None, None, producer=_Idle(), interval_ms=100, max_records=10)
 >>> committer.due(), committer.failed
 (False, None)
 """
@@ -24,50 +24,30 @@ transactional id means this instance is a zombie: ``ProducerFenced`` is raised a
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from kafka.errors import (
-    CommitFailedError,
-    FencedInstanceIdError,
-    IllegalGenerationError,
-    KafkaError,
-    KafkaTimeoutError,
-    ProducerFencedError,
-    UnknownMemberIdError,
-)
-from kafka.structs import OffsetAndMetadata, TopicPartition
-
-from forecaster.errors import ForecasterError, ProducerFenced
+from forecaster.errors import ForecasterError, KafkaClientError, ProducerFenced
+from forecaster.service.committer import Committer
 
 log = logging.getLogger(__name__)
 
 
 def is_fenced(exc: BaseException | None) -> bool:
-    """Whether ``exc`` (or what it wraps) says another producer with this transactional id took over.
-
-    kafka-python raises ``ProducerFencedError`` itself, or, from a later ``send``, a plain ``KafkaError``
-    carrying it as an argument; a rebalance listener's error arrives as the cause of another.
-    """
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, ProducerFencedError | ProducerFenced):
-            return True
-        if any(isinstance(a, ProducerFencedError | ProducerFenced) for a in getattr(exc, "args", ())):
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
+    """Whether ``exc`` (or what caused it) says another producer with this transactional id took over."""
+    return _reason_in_chain(exc, "fenced")
 
 
 def is_group_fenced(exc: BaseException | None) -> bool:
     """Whether the offsets were refused because the group does not know this member's generation."""
+    return _reason_in_chain(exc, "group")
+
+
+def _reason_in_chain(exc: BaseException | None, reason: str) -> bool:
     seen = 0
     while exc is not None and seen < 8:
-        if isinstance(
-            exc, CommitFailedError | UnknownMemberIdError | IllegalGenerationError | FencedInstanceIdError
-        ):
+        if isinstance(exc, KafkaClientError) and exc.reason == reason:
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
@@ -82,15 +62,16 @@ def transactional_id(settings: Any) -> str:
 class _Idle:
     """A stand-in producer for examples: transactions that do nothing."""
 
-    def init_transactions(self) -> None: ...
+    def init_transactions(self, timeout: float) -> None: ...
 
 
-class TransactionalCommitter:
+class ExactlyOnceCommitter(Committer):
     """Commits forecasts + changelog + offsets atomically; see the module docstring.
 
-    ``changes()`` returns the changelog records to write now as ``(partition, key, value)``;
-    ``producer_factory()`` builds a transactional producer (called again to replace a broken one).
-    ``on_commit(ok)`` is called once per transaction; ``failed`` is None, ``"aborted"`` or ``"replace"``.
+    ``changes()`` returns the changelog records to write now as ``(partition, key, value)`` and
+    ``waiting()`` whether some wait without any input (evictions); ``producer_factory()`` builds a
+    transactional producer (called again to replace a broken one). ``on_commit(ok)`` is called once per
+    transaction; ``failed`` is None, ``"aborted"`` or ``"replace"``.
     """
 
     def __init__(
@@ -99,6 +80,7 @@ class TransactionalCommitter:
         producer_factory: Callable[[], Any] | None,
         changes: Callable[[], Sequence[tuple[int, bytes, bytes]]] | None,
         *,
+        waiting: Callable[[], bool] = lambda: False,
         changelog_topic: str = "ts.state-changelog",
         interval_ms: float,
         max_records: int,
@@ -107,78 +89,86 @@ class TransactionalCommitter:
         transactional_id: str = "",
         on_commit: Callable[[bool], None] = lambda ok: None,
         on_changelog: Callable[[int], None] = lambda n: None,
+        on_send_failure: Callable[[str], None] = lambda reason: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.consumer = consumer
+        super().__init__(
+            consumer,
+            producer if producer is not None else producer_factory(),
+            interval_ms=interval_ms,
+            max_records=max_records,
+            on_commit=on_commit,
+            on_send_failure=on_send_failure,
+            clock=clock,
+        )
         self.producer_factory = producer_factory
         self.changes = changes
+        self.waiting = waiting
         self.changelog_topic = changelog_topic
-        self.interval_ms = interval_ms
-        self.max_records = max_records
         self.timeout_s = timeout_s
-        self.on_commit = on_commit
         self.on_changelog = on_changelog
-        self.clock = clock
         self.transactional_id = transactional_id
         self.fenced = False  # once fenced, nothing more is sent: the instance stops
-        self.producer = producer if producer is not None else producer_factory()
-        self.producer.init_transactions()
-        self.pending: dict[TopicPartition, int] = {}  # next offset to read, per partition
-        self.pending_records = 0
-        self.in_flight: list[Any] = []  # sends of this transaction (kept for the error message)
+        self.producer.init_transactions(timeout_s)
         self.open = False
         self.failed: str | None = None
         self.error: BaseException | None = None  # why the last transaction failed
-        self.last_commit = clock()
 
     # ---- the hot path --------------------------------------------------------------------------------
 
-    def track(self, polled: Mapping[TopicPartition, Sequence[Any]]) -> None:
-        """Note the records of a poll; their output is about to be sent, so a transaction must be open."""
-        for tp, records in polled.items():
-            if records:
-                if not self.open:
-                    self.producer.begin_transaction()
-                    self.open = True
-                self.pending[tp] = records[-1].offset + 1
-                self.pending_records += len(records)
+    def opening(self) -> None:
+        """A transaction must be open before output is sent."""
+        if not self.open:
+            self.producer.begin_transaction()
+            self.open = True
 
     def due(self) -> bool:
         elapsed_ms = (self.clock() - self.last_commit) * 1000.0
-        return self.open and (self.pending_records >= self.max_records or elapsed_ms >= self.interval_ms)
+        if self.open:
+            return self.pending_records >= self.max_records or elapsed_ms >= self.interval_ms
+        return elapsed_ms >= self.interval_ms and not self.fenced and self.waiting()
 
     # ---- commit --------------------------------------------------------------------------------------
 
-    def commit(self, wait: bool = True) -> bool:
-        """Close the open transaction (if any); True when it committed. ``wait`` is accepted for the
-        at-least-once interface: a transaction always waits (on the producer, never on the consumer)."""
+    def commit(self) -> bool:
+        """Close the open transaction (one is opened for evictions waiting); True when it committed."""
         self.last_commit = self.clock()
-        if not self.open or self.fenced:
-            return not self.fenced
-        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self.pending.items()}
+        if self.fenced:
+            return False
+        if not self.open:
+            if not self.waiting():
+                return True
+            self.opening()
+        offsets = dict(self.pending)
         try:
             # Step 1. the interval's forecasts and dead letters were sent into this transaction as made.
-            # Step 2. the state of every series changed since the last commit.
+            # Step 2. the state of every series changed (or evicted) since the last commit.
             changes = self.changes()
             for partition, key, value in changes:
-                self.in_flight.append(
-                    self.producer.send(self.changelog_topic, key=key, value=value, partition=partition)
+                self.producer.send(self.changelog_topic, value, key, partition)
+            # Step 3. the input offsets, bound to this member's generation of the group. A member the
+            # group has dropped (generation -1: the client noticed, but has not rejoined yet) must not
+            # commit: the broker does not check the generation of such a commit.
+            if offsets:
+                generation = self.consumer.generation()
+                if generation is not None and generation < 0:
+                    raise KafkaClientError("group", "this member is not in the group (generation -1)")
+                self.producer.send_offsets_to_transaction(
+                    offsets, self.consumer.group_metadata(), self.timeout_s
                 )
-            # Step 3. the input offsets, bound to this member's generation of the group.
-            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
             # Step 4. commit (bounded: an answer that never comes is an indefinite error).
-            self._bounded(self.producer.commit_transaction)
-        except KafkaTimeoutError as exc:
-            self.error = exc
-            self._fail("replace", f"commit did not complete within {self.timeout_s:g} s ({exc!r})")
-            return False
-        except (KafkaError, ForecasterError) as exc:
-            if is_fenced(exc):
+            self.producer.commit_transaction(self.timeout_s)
+        except KafkaClientError as exc:
+            if exc.reason == "fenced":
                 raise self._fenced(exc) from exc
             self.error = exc
-            failed = [f for f in self.in_flight if f.is_done and f.failed()]
-            detail = f"{exc!r}" + (f"; first failed send: {failed[0].exception!r}" if failed else "")
-            self._abort(detail)
+            if exc.reason == "auth":  # not allowed: replaying cannot help; stop without committing
+                self._abort(str(exc))
+                raise
+            if exc.reason in ("timeout", "fatal"):
+                self._fail("replace", f"commit did not complete ({exc})")
+            else:
+                self._abort(str(exc))
             return False
         self._close_transaction()
         self.on_changelog(len(changes))
@@ -199,11 +189,11 @@ class TransactionalCommitter:
 
     def _abort(self, detail: str) -> None:
         try:
-            self._bounded(self.producer.abort_transaction)
-        except KafkaError as exc:
-            if is_fenced(exc):
+            self.producer.abort_transaction(self.timeout_s)
+        except KafkaClientError as exc:
+            if exc.reason == "fenced":
                 raise self._fenced(exc) from exc
-            self._fail("replace", f"{detail}; abort failed too ({exc!r})")
+            self._fail("replace", f"{detail}; abort failed too ({exc})")
             return
         self._fail("aborted", detail)
 
@@ -221,27 +211,8 @@ class TransactionalCommitter:
 
     def _close_transaction(self) -> None:
         self.open = False
-        self.pending, self.pending_records, self.in_flight = {}, 0, []
-
-    def _bounded(self, call: Callable[[], Any]) -> None:
-        """``call()`` on a helper thread, waiting at most ``timeout_s``: kafka-python's transaction calls
-        wait without a limit, and a producer that never answers must be replaced, not waited for."""
-        outcome: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                call()
-            except BaseException as exc:  # handed back to the caller below
-                outcome["error"] = exc
-            outcome["done"] = True
-
-        thread = threading.Thread(target=run, name="forecaster-txn", daemon=True)
-        thread.start()
-        thread.join(self.timeout_s)
-        if "done" not in outcome:
-            raise KafkaTimeoutError(f"{getattr(call, '__name__', 'transaction call')} still waiting")
-        if "error" in outcome:
-            raise outcome["error"]
+        self.pending, self.pending_records = {}, 0
+        self.producer.take_failures()  # what failed in it is gone with it
 
     # ---- after a failure -----------------------------------------------------------------------------
 
@@ -257,12 +228,12 @@ class TransactionalCommitter:
             while self.producer is None:
                 try:
                     producer = self.producer_factory()
-                    producer.init_transactions()
+                    producer.init_transactions(self.timeout_s)
                     self.producer = producer
-                except (KafkaError, ForecasterError) as exc:
+                except (KafkaClientError, ForecasterError) as exc:
                     if is_fenced(exc):
                         raise ProducerFenced(f"fenced while re-creating the producer: {exc}") from exc
-                    log.warning("transactional producer not ready (%r); trying again", exc)
+                    log.warning("transactional producer not ready (%s); trying again", exc)
                     time.sleep(1.0)
             log.info("transactional producer re-created")
         self.failed = None

@@ -10,6 +10,9 @@ consumer group for the input topic (the series bookkeeping is ``forecaster.servi
 - lost (the member was evicted from the group): abort, drop;
 - a failed transaction: every owned series is dropped and restored as above (the last committed state).
 
+The loop asks ``required`` before each poll and calls ``run`` when it is; ``rewinding`` says a poll's
+records must be dropped (a transaction failed during it, so the positions go back to the last commit).
+
 >>> owner = PartitionOwner(None, None, None, None, topic="ts.input", cooperative=True)
 >>> owner.owned, owner.to_restore
 (set(), set())
@@ -22,9 +25,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from kafka import ConsumerRebalanceListener
-from kafka.structs import TopicPartition
-
+from forecaster.service.clients import Rebalance, TopicPartition
 from forecaster.service.exactly_once.changelog import ChangelogReader
 from forecaster.service.exactly_once.committer import is_group_fenced
 from forecaster.service.exactly_once.ledger import RestoreReport, SeriesLedger
@@ -35,9 +36,9 @@ log = logging.getLogger(__name__)
 class PartitionOwner:
     """Follows the group's assignment for ``topic``; see the module docstring.
 
-    The listener methods run on the consumer's network thread (kafka-python), where only producer calls
-    and local consumer state (pause) are allowed; everything that waits on the consumer (committed
-    offsets, seeks after a restore) happens in ``catch_up``, called by the loop after every poll.
+    The rebalance callbacks run inside the consumer's poll, where only producer calls and local consumer
+    state (pause) are allowed; everything that waits on the consumer (committed offsets, seeks after a
+    restore) happens in ``run``, called by the loop before its next poll.
     """
 
     def __init__(
@@ -60,7 +61,7 @@ class PartitionOwner:
         self.on_restore = on_restore or (lambda report: None)
         self.owned: set[int] = set()
         self.to_restore: set[int] = set()
-        self.listener: Any = None  # set by OwnerListener: subscribing again needs it
+        self.rebalance = Rebalance(self.assigned, self.revoked, self.lost)
         self._refused_generation: int | None = None  # generation of the last commit refused by the group
 
     # ---- the rebalance listener (consumer network thread) --------------------------------------------
@@ -81,9 +82,10 @@ class PartitionOwner:
         added = parts - self.owned
         self.owned |= added
         if added:
-            self.consumer.pause(*self._tps(added))  # nothing is consumed from them before their restore
+            self.consumer.pause(self._tps(added))  # nothing is consumed from them before their restore
             self.to_restore |= added
-        log.info("assigned partitions %s (%s to restore)", sorted(self.owned), sorted(self.to_restore))
+        if added:
+            log.info("owning partitions %s (%s to restore)", sorted(self.owned), sorted(self.to_restore))
 
     def lost(self, tps: Iterable[TopicPartition]) -> None:
         parts = self._ours(tps)
@@ -91,7 +93,7 @@ class PartitionOwner:
         self._release(parts)
         if self.owned:  # the aborted transaction held their work too
             self.committer.failed = self.committer.failed or "aborted"
-        log.warning("lost partitions %s (the group went on without this member)", sorted(parts))
+        log.info("aborted the open transaction and dropped the state of partitions %s", sorted(parts))
 
     def _release(self, parts: set[int]) -> None:
         if parts:
@@ -108,23 +110,30 @@ class PartitionOwner:
 
     # ---- the loop (main thread) ----------------------------------------------------------------------
 
-    def catch_up(self) -> bool:
-        """After a poll: reset after a failed transaction, restore newly assigned partitions. Returns True
-        when the records of that poll must be dropped (state and positions went back to the last commit)."""
-        reset = self.committer.failed is not None
-        if reset:
+    @property
+    def required(self) -> bool:
+        """A transaction failed (state goes back to the last commit) or partitions wait for their restore."""
+        return self.committer.failed is not None or bool(self.to_restore)
+
+    @property
+    def rewinding(self) -> bool:
+        """A transaction failed: records polled since are consumed again after the reset."""
+        return self.committer.failed is not None
+
+    def run(self) -> None:
+        """Reset after a failed transaction, restore newly assigned partitions."""
+        if self.committer.failed is not None:
             # Step 1. a usable producer (the open transaction is aborted or settled).
             self.committer.recover()
             # Step 2. forget every owned series; all owned partitions restore from the changelog.
             self.ledger.drop(None)
             self.to_restore = set(self.owned)
             if self._rejoin_if_forgotten():
-                return True
+                return
             if self.owned:
-                self.consumer.pause(*self._tps(self.owned))
+                self.consumer.pause(self._tps(self.owned))
         if self.to_restore:
             self.restore(set(self.to_restore))
-        return reset
 
     def _rejoin_if_forgotten(self) -> bool:
         """Twice in a row the group refused this member's offsets while the consumer saw no rebalance: the
@@ -132,10 +141,10 @@ class PartitionOwner:
         join that completed during a short poll; the transactional offset commit goes through the
         producer, so the consumer never learns). Leave and join again: the assignment is restored anew."""
         refused = is_group_fenced(self.committer.error)
-        generation = getattr(self.consumer.group_metadata(), "generation_id", None) if refused else None
-        forgotten = refused and generation == self._refused_generation
+        generation = self.consumer.generation() if refused else None
+        forgotten = generation is not None and generation == self._refused_generation
         self._refused_generation = generation
-        if not forgotten or self.listener is None:
+        if not forgotten:
             return False
         log.warning(
             "the group refused this member's offsets twice at generation %s without a rebalance here:"
@@ -144,7 +153,7 @@ class PartitionOwner:
         )
         self.owned, self.to_restore, self._refused_generation = set(), set(), None
         self.consumer.unsubscribe()
-        self.consumer.subscribe([self.topic], listener=self.listener)
+        self.consumer.subscribe(self.topic, self.rebalance)
         return True
 
     def restore(self, parts: set[int]) -> RestoreReport:
@@ -152,18 +161,15 @@ class PartitionOwner:
         started = time.monotonic()
         tps = self._tps(parts)
         # Step 1. where consumption resumes; waits while a previous owner's transaction is unsettled.
-        committed = {tp: self.consumer.committed(tp) for tp in tps}
+        committed = self.consumer.committed(tps, self.reader.stable_timeout)
         # Step 2. the state as of those offsets: what the partitions held is dropped (a restore after a
         # failure starts clean), their changelog is read to its end and loaded (evicted series into the
         # evicted store as they are read, the others into the table).
         report = self.ledger.restore(self.reader, parts)
         # Step 3. consume from the committed offsets.
         for tp, offset in committed.items():
-            if offset is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, offset)
-        self.consumer.resume(*tps)
+            self.consumer.seek(tp, offset)  # None: from the beginning
+        self.consumer.resume(tps)
         report.seconds = time.monotonic() - started
         log.info(
             "restored partitions %s: %d series resident, %d evicted kept aside, %d refused, from %d"
@@ -179,19 +185,6 @@ class PartitionOwner:
         self.to_restore -= parts  # ready again (/readyz) once the figures are out
         return report
 
-
-class OwnerListener(ConsumerRebalanceListener):
-    """The consumer's rebalance listener, handing each event to a ``PartitionOwner``."""
-
-    def __init__(self, owner: PartitionOwner) -> None:
-        self.owner = owner
-        owner.listener = self
-
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        self.owner.revoked(revoked)
-
-    def on_partitions_assigned(self, assigned: Any) -> None:
-        self.owner.assigned(assigned)
-
-    def on_partitions_lost(self, lost: Any) -> None:
-        self.owner.lost(lost)
+    def close(self) -> None:
+        self.reader.close()
+        self.ledger.store.close()
