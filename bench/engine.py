@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from forecaster.engine.engine import Engine
+from forecaster.engine.intervals import Intervals
 from forecaster.model import RecurrentForecaster
 
 MODEL = {"cell": "gru", "hidden_size": 64, "num_layers": 2, "horizon": 12}
@@ -103,10 +104,45 @@ class Bench:
         cuda = self.device.type == "cuda"
         self.sync: Callable[[], None] = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def engine(self, capacity: int = 1024) -> Engine:
+    def engine(self, capacity: int = 1024, intervals: bool = True) -> Engine:
         return Engine(
-            self.model, device=self.device, window=self.args.window, capacity=capacity, max_series=10_000_000
+            self.model,
+            device=self.device,
+            window=self.args.window,
+            capacity=capacity,
+            max_series=10_000_000,
+            intervals=Intervals() if intervals else None,
         )
+
+    # ---- prediction intervals on vs off ---------------------------------------------------------------
+
+    def intervals_cost(self, batches: list[int]) -> dict[str, Any]:
+        """Cost per value with intervals (levels 80, 95) on and off, repeats interleaved, and the state
+        bytes per series of each."""
+        out: dict[str, Any] = {}
+        for batch in batches:
+            streams = {}
+            for on in (True, False):
+                engine = self.engine(capacity=max(1024, batch), intervals=on)
+                streams[on] = Stream(engine, [f"s{i}" for i in range(batch)], batch)
+                for _ in range(20):  # past the calibrator's warm-up, every step scored
+                    streams[on].call()
+            progress(f"intervals on/off batch {batch}")
+            calls = {on: calls_for(streams[on].call, self.args.seconds, self.sync) for on in streams}
+            us: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(self.args.repeats):
+                for on in (True, False):
+                    us[on].append(1e6 * timed(streams[on].call, calls[on], self.sync) / batch)
+            ratios = [a / b for a, b in zip(us[True], us[False], strict=True)]
+            out[str(batch)] = {
+                "us_per_value_on": summary(us[True]),
+                "us_per_value_off": summary(us[False]),
+                "ratio_on_over_off": summary(ratios),
+            }
+        bytes_on = self.engine(1024, True).state_bytes / 1024
+        bytes_off = self.engine(1024, False).state_bytes / 1024
+        out["state_bytes_per_series"] = {"on": bytes_on, "off": bytes_off, "calibrator": bytes_on - bytes_off}
+        return out
 
     # ---- engine throughput and baseline (b) ----------------------------------------------------------
 
@@ -244,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--intervals-only", action="store_true", help="only the cost of prediction intervals (on vs off)"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="small sizes: a smoke run of well under a minute"
     )
     parser.add_argument("--window", type=int, default=256, help="retained values per series (W)")
@@ -293,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {},
     }
     started = time.perf_counter()
+    torch.set_num_threads(1)
+    report["intervals"] = bench.intervals_cost(batches)
+    if args.intervals_only:
+        report["seconds"] = time.perf_counter() - started
+        print(json.dumps(report, indent=2))
+        return 0
     for threads in args.threads.split(","):
         n = default_threads if threads == "all" else int(threads)
         torch.set_num_threads(n)

@@ -49,7 +49,8 @@ import torch
 from forecaster.checkpoints.store import load_checkpoint
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine
-from forecaster.tools.replay import BASELINES, Stepped, first_origins, score, step_rows
+from forecaster.tools.interval_score import IntervalScores
+from forecaster.tools.replay import BASELINES, Stepped, first_origins, score, score_intervals, step_rows
 from forecaster.train.baselines import ForecastErrors, relative_mae
 from forecaster.train.history import History
 from forecaster.train.run import train_once
@@ -415,9 +416,11 @@ def run_dataset(data: DataSet, cells: tuple[str, ...], quick: bool) -> dict[str,
     made: dict[str, list[np.ndarray]] = {}
     runs: dict[str, Any] = {}
     rows = None
+    stepped: dict[str, Stepped] = {}
     with tempfile.TemporaryDirectory() as root:
         for cell in cells:
             rows, runs[cell] = train_and_replay(data, frame, start, cell, root)
+            stepped[cell] = rows
             made[cell] = [rows.forecasts[at] for at in rows.by_series().values()]
             print(f"  {data.name} {cell}: {runs[cell]}", file=sys.stderr)
     assert rows is not None
@@ -476,6 +479,7 @@ def run_dataset(data: DataSet, cells: tuple[str, ...], quick: bool) -> dict[str,
             }
             for cell in cells
         },
+        "intervals": interval_figures(stepped, start, data),
     }
 
 
@@ -493,6 +497,63 @@ def summarize_goals(sets: dict[str, Any], cells: tuple[str, ...]) -> dict[str, A
             "trained_net_published": [n for n, g in goals.items() if g["trained_net_published"]],
         }
     return out
+
+
+def interval_figures(stepped: dict[str, Stepped], start: int, data: DataSet) -> dict[str, Any]:
+    """Coverage and interval (Winkler) score of each cell's intervals at h1 and the last step on the
+    held-out origins, beside statsforecast's AutoETS intervals of the same levels on the same points."""
+    out: dict[str, Any] = {}
+    first = None
+    for cell, rows in stepped.items():
+        first = first_origins(rows, start)
+        scores = score_intervals(rows, first)
+        if scores is not None:
+            out[cell] = interval_summary(scores)
+    if first is not None and stepped:
+        rows = next(iter(stepped.values()))
+        if rows.lower is not None:
+            out["autoets"] = autoets_intervals(rows, first, data)
+    return out
+
+
+def interval_summary(scores: IntervalScores) -> dict[str, Any]:
+    """Per level: coverage and mean Winkler score at h1 and the last step, Winkler over all steps."""
+    cov, wink = scores.coverage(), scores.winkler()
+    last = cov.shape[1] - 1
+    summary: dict[str, Any] = {}
+    for i, label in enumerate(scores.labels):
+        summary[label] = {
+            "coverage_h1": round(float(cov[i, 0]), 4),
+            f"coverage_h{last + 1}": round(float(cov[i, last]), 4),
+            "winkler_h1": float(wink[i, 0]),
+            f"winkler_h{last + 1}": float(wink[i, last]),
+            "winkler_mean": float(np.average(wink[i], weights=scores.count)),
+        }
+    return summary
+
+
+def autoets_intervals(rows: Stepped, first: list[int], data: DataSet) -> dict[str, Any]:
+    """statsforecast's AutoETS fitted on each series' earlier part, then applied (``forward``) at every
+    held-out origin for the same levels; scored on the same origins as the engine's intervals."""
+    try:
+        from statsforecast.models import AutoETS
+    except ImportError:
+        return {"skipped": "statsforecast is not installed (pip install statsforecast)"}
+    levels = [int(float(label)) if float(label).is_integer() else float(label) for label in rows.labels]
+    scores = IntervalScores.empty(rows.labels, data.horizon)
+    started = time.perf_counter()
+    for at, origin in zip(rows.by_series().values(), first, strict=True):
+        v = rows.values[at].astype(np.float64)
+        lower = np.full((len(v), len(levels), data.horizon), np.nan)
+        upper = np.full_like(lower, np.nan)
+        season = data.season if origin + 1 >= 2 * data.season else 1
+        model = AutoETS(season_length=season).fit(v[: origin + 1])
+        for o in range(origin, len(v) - 1):
+            fc = model.forward(v[: o + 1], h=data.horizon, level=levels)
+            for li, level in enumerate(levels):
+                lower[o, li], upper[o, li] = fc[f"lo-{level}"], fc[f"hi-{level}"]
+        scores.add(v, lower, upper, origin)
+    return {**interval_summary(scores), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def main() -> None:

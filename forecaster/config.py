@@ -110,6 +110,24 @@ class ScalingSettings(BaseModel):
     min_scale: float = Field(default=1e-3, gt=0.0)
 
 
+class IntervalSettings(BaseModel):
+    """Prediction intervals on every forecast, calibrated online (see ``forecaster.engine.intervals``)."""
+
+    enabled: bool = True
+    levels: list[float] = Field(default=[80.0, 95.0], min_length=1, max_length=8)  # nominal coverage, %
+    # Step of the online quantile tracker per value scored (in multiples of the mean error).
+    learning_rate: float = Field(default=0.05, gt=0.0, le=1.0)
+    # Memory of each series' mean absolute k-step error, in values scored.
+    halflife: float = Field(default=16.0, gt=0.0)
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, value: list[float]) -> list[float]:
+        if any(not 0.0 < level < 100.0 for level in value) or len(set(value)) != len(value):
+            raise ValueError("levels must be distinct percentages strictly between 0 and 100")
+        return sorted(value)
+
+
 class StateSettings(BaseModel):
     """The per-series state table."""
 
@@ -265,6 +283,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     scaling: ScalingSettings = ScalingSettings()
     state: StateSettings = StateSettings()
+    intervals: IntervalSettings = IntervalSettings()
     service: ServiceSettings = ServiceSettings()
     metrics: MetricsSettings = MetricsSettings()
     checkpoints: CheckpointSettings = CheckpointSettings()

@@ -110,6 +110,31 @@ class Scaling:
         out[:, 0], out[:, 1], out[:, 2] = count, mean, var
         return out
 
+    def rewind(self, stats: Array, values: Array) -> Array:
+        """The inverse of ``update``: the statistics before ``values`` (n,) were folded in (zeros before a
+        series' first value). Exact up to float64 rounding, which each step back multiplies by at most
+        ``1 / (1 - alpha)`` (a re-warm rewinds a window of values to replay it)."""
+        if self.kind == "none":
+            return stats
+        lib = _lib(stats)
+        count = stats[:, 0]  # (n,)
+        alpha = _floor(1.0 / lib.maximum(count, lib.ones_like(count)), self.alpha)  # (n,)
+        first = count <= 1.0  # (n,) before it: nothing
+        keep = lib.where(first, lib.ones_like(alpha), 1.0 - alpha)  # (n,) avoids 0 / 0 below
+        inner = self.inner(values)
+        mean = (stats[:, 1] - alpha * inner) / keep  # (n,)
+        delta = inner - mean
+        var = stats[:, 2] / keep - alpha * delta * delta  # (n,)
+        out = _lib(stats).zeros_like(stats)  # (n, N_STATS)
+        out[:, 0] = _floor(count - 1.0, 0.0)
+        out[:, 1] = lib.where(first, out[:, 1], mean)
+        out[:, 2] = lib.where(first, out[:, 2], _floor(var, 0.0))
+        return out
+
+    def rewind_gain(self, steps: int) -> float:
+        """How much ``steps`` calls of ``rewind`` can multiply a rounding error (at most)."""
+        return 1.0 if self.kind == "none" else (1.0 - self.alpha) ** -float(steps)
+
     def scale(self, stats: Array) -> Array:
         """The divisor of each series (n,) (of stats (..., N_STATS): (...)), floored so a flat series
         never divides by zero."""

@@ -16,7 +16,7 @@ from forecaster.checkpoints.store import LoadedCheckpoint, latest_version, load_
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine
 from forecaster.errors import CheckpointError
-from forecaster.tools.replay import format_metrics, format_problems, replay, write_forecasts
+from forecaster.tools.replay import format_intervals, format_metrics, format_problems, replay, write_forecasts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +120,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         f"{checkpoint.version}; season {result.season}"
     )
     print(format_metrics(result))
+    if result.intervals is not None:
+        print(format_intervals(result.intervals))
     if args.output is not None:
         print(f"forecasts: {args.output}")
     if args.report is not None:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from forecaster.engine import snapshot as snap
+from forecaster.engine.intervals import Intervals, centers, units
+from forecaster.engine.recalibrate import recalibrate
 from forecaster.engine.rewarm import rows_per_call
 from forecaster.engine.state import StateTable
 from forecaster.engine.view import answer_asks
@@ -45,6 +47,21 @@ class ErrorStats:
 
 
 @dataclass
+class CoverageStats:
+    """Cumulative online coverage of one model version's intervals at a few steps.
+
+    ``count[s]``: values scored at step ``steps[s]``; ``inside[l, s]``: of those, within the level-``l``
+    bounds; ``width[l, s]``: sum of those intervals' widths in units of each series' scale.
+    """
+
+    levels: list[str]
+    steps: list[int]
+    count: np.ndarray  # (S,) int64
+    inside: np.ndarray  # (L, S) float64
+    width: np.ndarray  # (L, S) float64
+
+
+@dataclass
 class EngineOutput:
     """One row per stepped value, in stepped order (round by round).
 
@@ -57,6 +74,8 @@ class EngineOutput:
     version: str
     duplicates: int = 0
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (n,) int64
+    lower: np.ndarray | None = None  # (n, levels, horizon) float32 data units; None without intervals
+    upper: np.ndarray | None = None  # (n, levels, horizon) float32
 
     def __len__(self) -> int:
         return len(self.series)
@@ -72,6 +91,22 @@ class _ErrorAccumulator:
     def stats(self) -> ErrorStats:
         sums = self.sums.tolist()
         return ErrorStats(self.count, float(sums[0]), float(sums[1]))
+
+
+class _CoverageAccumulator:
+    """counts per step on the host; inside and half-width sums (2, L, H) on the device (no sync per step);
+    ``stats`` reports the steps in ``steps``."""
+
+    def __init__(self, like: Any, levels: int, horizon: int, steps: list[int]) -> None:
+        self.steps = steps
+        self.count = np.zeros(horizon, dtype=np.int64)
+        shape = (2, levels, horizon)
+        self.sums = like.new_zeros(shape) if isinstance(like, torch.Tensor) else np.zeros(shape)
+
+    def stats(self, labels: list[str]) -> CoverageStats:
+        cols = [s - 1 for s in self.steps]
+        sums = np.asarray(self.sums.tolist(), dtype=np.float64)[:, :, cols]  # (2, L, S)
+        return CoverageStats(labels, list(self.steps), self.count[cols], sums[0], 2.0 * sums[1])
 
 
 class Engine:
@@ -99,8 +134,10 @@ class Engine:
         clock: Callable[[], float] = time.time,
         on_evict: Callable[[str, bytes], None] | None = None,
         host_views: bool | None = None,
+        intervals: Intervals | None = Intervals(),  # noqa: B008 - immutable
     ) -> None:
         self.device = torch.device(device)
+        self.intervals = intervals
         self.scaling = scaling if scaling is not None else Scaling(kind="none")
         self.clock = clock
         self.ttl_seconds = ttl_seconds
@@ -118,11 +155,14 @@ class Engine:
             on_evict=on_evict,
             version=version,
             host_views=host_views,
+            intervals=intervals,
         )
         self.duplicates_total = 0
         self.values_total = 0
         self._cpu = self.table.host_views  # numpy on the host; False: torch tensors on the device
         self._errors: dict[str, _ErrorAccumulator] = {}
+        self._coverage: dict[str, _CoverageAccumulator] = {}
+        self._set_steps(model.horizon)
         self.asks: deque[Any] = deque()  # reads from other threads (forecaster.engine.view.ask_series)
 
     @classmethod
@@ -135,6 +175,7 @@ class Engine:
             max_series=settings.state.max_series,
             ttl_seconds=settings.state.ttl_seconds,
             scaling=Scaling.from_settings(settings.scaling),
+            intervals=Intervals.from_settings(settings.intervals),
         )
         options.update(kwargs)
         return cls(model, **options)
@@ -159,7 +200,7 @@ class Engine:
                 f"values must be > 0 with {self.scaling.kind} scaling (validate records before the engine)"
             )
         if len(ts) == 0:
-            return self._output([], ts, np.zeros((0, self.model.horizon), np.float32), 0, ts)
+            return self._output([], ts, [], 0, ts)
         # Step 1. the slot of every row (new series get one, possibly evicting LRU ones).
         row_slots = self.table.locate(series, self.clock())
         # Step 2. which values are new, and in which round each steps.
@@ -175,7 +216,7 @@ class Engine:
         self.duplicates_total += duplicates
         self.values_total += len(rows)
         out_names = [series[i] for i in rows.tolist()]
-        return self._output(out_names, ts[rows], self._concat(forecasts), duplicates, rows)
+        return self._output(out_names, ts[rows], forecasts, duplicates, rows)
 
     def _plan(self, row_slots: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """Rows to step, in stepped order (round by round), and the round bounds within them.
@@ -208,8 +249,9 @@ class Engine:
         rows = rows[np.argsort(rank, kind="stable")]
         return rows, np.concatenate(([0], np.cumsum(np.bincount(rank)))).tolist()
 
-    def _step(self, slots: np.ndarray, v: np.ndarray) -> Any:
-        """Score, scale, step and store one value for each of ``slots`` (distinct); returns forecasts."""
+    def _step(self, slots: np.ndarray, v: np.ndarray) -> tuple[Any, ...]:
+        """Score, scale, step and store one value for each of ``slots`` (distinct); returns forecasts (and
+        their lower and upper bounds with intervals on)."""
         tb, scaling = self.table, self.scaling
         count = tb.count[slots]  # (n,)
         if self._cpu:
@@ -227,6 +269,8 @@ class Engine:
         acc.count += n_scored
         acc.sums[0] += abs(err).sum()
         acc.sums[1] += err @ err
+        if self.intervals is not None:  # Step 1b. score the forecasts of 1..H steps earlier, calibrate
+            calibrated = self._calibrate(slots, idx, count, v)
         # Step 2. scale, and keep the model input and the value in the ring buffers.
         stats = scaling.update(tb.stats_a[idx], v)  # (n, N_STATS)
         scale = scaling.scale(stats)  # (n,)
@@ -246,7 +290,54 @@ class Engine:
         tb.forecast_a[idx] = f
         tb.stats_a[idx] = stats
         tb.count[slots] = count + 1
-        return f
+        if self.intervals is None:
+            return (f,)
+        # Step 5. bounds around the new forecasts; remember their centres and scales for the next scores.
+        center = centers(scaling, f)  # (n, H) float32
+        unit = units(scaling, stats) if scaling.kind == "none" else scale  # (n,)
+        unit = unit.astype(np.float32) if self._cpu else unit.float()
+        at = slots * tb.horizon + count % tb.horizon  # (n,) rows of the ring of past forecasts
+        at = at if self._cpu else torch.from_numpy(at).to(self.device)
+        lo, hi = self.intervals.bounds(center, unit, *calibrated, scaling)
+        tb.past_rows[at] = center
+        tb.past_scale_flat[at] = unit
+        return f, lo, hi
+
+    def _set_steps(self, horizon: int) -> None:
+        self._steps = np.arange(1, horizon + 1)  # (H,) k = 1..H
+        # row j of this: the ring rows ((j - k) mod H) of the forecasts made k = 1..H values before ordinal j
+        self._lag_rows = (np.arange(horizon)[:, None] - self._steps) % horizon  # (H, H)
+
+    def _calibrate(self, slots: np.ndarray, idx: Any, count: np.ndarray, v: Any) -> tuple[Any, Any]:
+        """Score value ``v`` of each slot against the forecasts made 1..H values before it (those made
+        since the slot's ``score_from``), update the calibrator and the coverage counts. Returns the new
+        mean errors (n, H) and multipliers (n, L, H)."""
+        tb, horizon, cpu = self.table, self.table.horizon, self._cpu
+        k = self._steps  # (H,) 1..H
+        # errors scored at step k with this one: forecasts made after ordinals score_from .. count - k
+        n_errors = (count - tb.score_from[slots])[:, None] + (1 - k)  # (n, H)
+        valid = (
+            None if len(slots) and n_errors[:, -1].min() > 0 else n_errors > 0
+        )  # (n, H); None: every step of every slot
+        row = self._lag_rows[count % horizon] + (slots * horizon)[:, None]  # (n, H) ring rows of those
+        at = row * horizon + (k - 1)  # (n, H) flat positions of the k-step centres
+        if not cpu:
+            row, at, n_errors = (torch.from_numpy(a).to(self.device) for a in (row, at, n_errors))
+        inner_v = self.scaling.inner(v)  # (n,) float64
+        score = abs(inner_v[:, None] - tb.past_flat[at]) / tb.past_scale_flat[row]  # (n, H) float64
+        score = score.astype(np.float32) if cpu else score.float()
+        valid_d = valid if cpu or valid is None else torch.from_numpy(valid).to(self.device)
+        if valid is not None:
+            score = np.where(valid, score, np.float32(0.0)) if cpu else torch.where(valid_d, score, 0.0)
+        mean_err, mult = tb.mean_err_a[idx], tb.mult_a[idx]  # (n, H), (n, L, H)
+        new_mean, new_mult, inside, half = self.intervals.update(score, valid_d, n_errors, mean_err, mult)
+        tb.mean_err_a[idx], tb.mult_a[idx] = new_mean, new_mult
+        # Coverage per level and step (sums stay on the device).
+        acc = self._coverage.get(self.version) or self._coverage_accumulator(score)
+        acc.count += len(slots) if valid is None else valid.sum(axis=0)
+        acc.sums[0] += inside.sum(0)  # (L, H)
+        acc.sums[1] += (half if valid is None else half * valid_d[:, None, :]).sum(0)  # (L, H) half-widths
+        return new_mean, new_mult
 
     def _past(self, slots: np.ndarray, count: np.ndarray, stats: Any) -> torch.Tensor:
         """The ``model.context`` values each series stepped before its current one, from the ring buffer of
@@ -269,17 +360,31 @@ class Engine:
             acc = self._errors[self.version] = _ErrorAccumulator(like)
         return acc
 
-    def _concat(self, forecasts: list[Any]) -> np.ndarray:
-        if not forecasts:
-            return np.zeros((0, self.model.horizon), dtype=np.float32)
+    def _coverage_accumulator(self, like: Any) -> _CoverageAccumulator:
+        horizon, steps = self.model.horizon, self.intervals.score_steps(self.model.horizon)
+        levels = len(self.intervals.levels)
+        acc = self._coverage[self.version] = _CoverageAccumulator(like, levels, horizon, steps)
+        return acc
+
+    def _concat(self, parts: list[Any], shape: tuple[int, ...]) -> np.ndarray:
+        if not parts:
+            return np.zeros((0, *shape), dtype=np.float32)
         if self._cpu:
-            return forecasts[0] if len(forecasts) == 1 else np.concatenate(forecasts)
-        return torch.cat(forecasts).cpu().numpy()
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return torch.cat(parts).cpu().numpy()
 
     def _output(
-        self, names: list[str], ts: np.ndarray, f: np.ndarray, dup: int, rows: np.ndarray
+        self, names: list[str], ts: np.ndarray, rounds: list[tuple[Any, ...]], dup: int, rows: np.ndarray
     ) -> EngineOutput:
-        return EngineOutput(names, ts, f, self.version, dup, rows.astype(np.int64, copy=False))
+        """``rounds``: (forecasts, [lower, upper]) of each round."""
+        horizon = self.model.horizon
+        f = self._concat([r[0] for r in rounds], (horizon,))
+        out = EngineOutput(names, ts, f, self.version, dup, rows.astype(np.int64, copy=False))
+        if self.intervals is not None:
+            shape = (len(self.intervals.levels), horizon)
+            out.lower = self._concat([r[1] for r in rounds], shape)
+            out.upper = self._concat([r[2] for r in rounds], shape)
+        return out
 
     # ---- errors, state, models -----------------------------------------------------------------------
 
@@ -287,6 +392,12 @@ class Engine:
     def errors(self) -> dict[str, ErrorStats]:
         """Cumulative online one-step-ahead error per model version."""
         return {version: acc.stats() for version, acc in self._errors.items()}
+
+    @property
+    def coverage(self) -> dict[str, CoverageStats]:
+        """Cumulative online coverage of the intervals per model version (empty without intervals)."""
+        labels = self.intervals.labels if self.intervals is not None else []
+        return {version: acc.stats(labels) for version, acc in self._coverage.items()}
 
     @property
     def resident(self) -> int:
@@ -340,6 +451,7 @@ class Engine:
         if shape != (tb.num_layers, tb.hidden_size, tb.horizon, tb.lstm):
             raise ValueError(f"model shape {shape} does not fit the state table; use rewarm()")
         self.model, self.version, tb.version = model.to(self.device).eval(), version, version
+        self._set_steps(model.horizon)
 
     def rewarm(self, model: RecurrentForecaster, version: str) -> None:
         """Switch to ``model``: every resident series restarts from the zero state and runs the new model
@@ -347,6 +459,7 @@ class Engine:
         model = model.to(self.device).eval()
         self.table.fit_model(model)
         self.model, self.version, self.table.version = model, version, version
+        self._set_steps(model.horizon)
         self._rewarm_slots(self.table.occupied())
 
     def _rewarm_slots(self, slots: np.ndarray) -> None:
@@ -361,6 +474,7 @@ class Engine:
                 y, h = self.model.warm(x, lengths, recent)  # (n, horizon)
                 stats = tb.stats.index_select(0, torch.from_numpy(chunk).to(self.device))  # (n, N_STATS)
                 tb.write_states(chunk, h, self.scaling.denormalize(stats, y))
+                recalibrate(tb, self.model, self.scaling, chunk)  # the calibrator over the window too
 
 
 def reference_forecast(

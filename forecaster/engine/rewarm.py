@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from forecaster.engine.recalibrate import recalibrate
 from forecaster.model import RecurrentForecaster, State
 
 # Retained values per batched ``model.warm`` call: nn.GRU/LSTM keep every layer's output, so one call
@@ -245,6 +246,9 @@ class RewarmJob:
                 if model.context:  # catch-up steps ran without their past: the baseline comes from the window
                     y = model.readout(_select(self.state, rows_t), table.recent(slots, engine.scaling))
                 table.write_states(slots, _select(self.state, rows_t), engine.scaling.denormalize(stats, y))
+                # Their calibrators keep their spreads and score the new model from its forecast on (a
+                # replay over the window would cost the boundary the full pass the background job avoids).
+                table.reset_pending(slots, engine.scaling)
             # Everything else resident re-warms over its current window, now.
             rest = np.setdiff1d(table.occupied(), slots)
             rest = rest[table.count[rest] > 0]
@@ -256,6 +260,7 @@ class RewarmJob:
                 y_r, h_r = model.warm(x, lengths, recent)  # (n, horizon)
                 stats = table.stats.index_select(0, torch.as_tensor(chunk, device=table.device))
                 table.write_states(chunk, h_r, engine.scaling.denormalize(stats, y_r))
+                recalibrate(table, model, engine.scaling, chunk)  # the calibrator over the window too
         return {"caught_up": len(rows), "rewarmed": len(rest), "copies": self.copies, "passes": self.passes}
 
 

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from forecaster.engine.state import StateTable
 
 MAGIC = b"FCSTATE"
-FORMAT_VERSION = 2  # 2: the ring of values in data units (a model baseline reads them)
+# 2: the ring of values in data units (a model baseline reads them); 3: the interval calibrator's state
+FORMAT_VERSION = 3
+CALIBRATOR = ("past", "past_scale", "mean_err", "mult")  # per-slot tensors of the interval calibrator
 _PREFIX = struct.Struct("<HI")  # format version, header length
 _CRC = struct.Struct("<I")
 
@@ -45,6 +47,15 @@ def expected_arrays(shape: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ..
         last_ts=("int64", ()),
         count=("int64", ()),
     )
+    if shape["levels"]:
+        h, lv = shape["horizon"], shape["levels"]
+        arrays.update(
+            past=("float32", (h, h)),
+            past_scale=("float32", (h,)),
+            mean_err=("float32", (h,)),
+            mult=("float32", (lv, h)),
+            score_from=("int64", ()),
+        )
     return arrays
 
 
@@ -127,6 +138,7 @@ def table_shape(table: StateTable) -> dict[str, Any]:
         "window": table.window_size,
         "lstm": table.lstm,
         "n_stats": Scaling.N_STATS,
+        "levels": table.levels,
     }
 
 
@@ -146,6 +158,10 @@ def take(table: StateTable, series: str) -> bytes:
             "last_ts": np.array(table.last_ts[slot], dtype=np.int64),
             "count": np.array(table.count[slot], dtype=np.int64),
         }
+        for name in CALIBRATOR if table.levels else ():
+            arrays[name] = getattr(table, name)[slot].cpu().numpy()
+        if table.levels:
+            arrays["score_from"] = np.array(table.score_from[slot], dtype=np.int64)
     return encode(table_shape(table), table.version, arrays)
 
 
@@ -163,6 +179,10 @@ def put(table: StateTable, series: str, data: bytes, now: float) -> str:
         table.stats[slot] = torch.from_numpy(arrays["stats"]).to(device)
         table.ring[slot] = torch.from_numpy(arrays["ring"]).to(device)
         table.values[slot] = torch.from_numpy(arrays["values"]).to(device)
+        for name in CALIBRATOR if table.levels else ():
+            getattr(table, name)[slot] = torch.from_numpy(arrays[name]).to(device)
+    if table.levels:
+        table.score_from[slot] = int(arrays["score_from"])
     table.last_ts[slot] = int(arrays["last_ts"])
     table.count[slot] = int(arrays["count"])
     table.dirty[slot] = True
@@ -185,8 +205,12 @@ def take_many(table: StateTable, series: Sequence[str]) -> list[bytes]:
         per_series += [
             t.index_select(0, idx) for t in (table.forecast, table.stats, table.ring, table.values)
         ]
+        calibrator = [getattr(table, name).index_select(0, idx) for name in CALIBRATOR if table.levels]
         arrays = [np.ascontiguousarray(t.cpu().numpy()) for t in per_series]
-    arrays += [table.last_ts[slots].astype(np.int64), table.count[slots].astype(np.int64)]
+        calibrator = [np.ascontiguousarray(t.cpu().numpy()) for t in calibrator]
+    arrays += [table.last_ts[slots].astype(np.int64), table.count[slots].astype(np.int64)]  # header order
+    if table.levels:
+        arrays += [*calibrator, table.score_from[slots].astype(np.int64)]
     spec = expected_arrays(table_shape(table))
     header = {
         "model_version": table.version,
@@ -234,8 +258,10 @@ def put_many(
         table.h.index_copy_(1, idx, stacked("h", axis=1))  # (layers, n, hidden)
         if table.c is not None:
             table.c.index_copy_(1, idx, stacked("c", axis=1))
-        for name in ("forecast", "stats", "ring", "values"):
+        for name in ("forecast", "stats", "ring", "values") + (CALIBRATOR if table.levels else ()):
             getattr(table, name).index_copy_(0, idx, stacked(name))
+    if table.levels:
+        table.score_from[slots] = [int(a["score_from"]) for a in decoded]
     table.last_ts[slots] = [int(a["last_ts"]) for a in decoded]
     table.count[slots] = [int(a["count"]) for a in decoded]
     table.dirty[slots] = False

@@ -4,7 +4,11 @@ On the device (torch): hidden state ``h`` (layers, capacity, hidden) and, for an
 forecast (capacity, horizon) float32 in data units; scaling statistics (capacity, N_STATS) float64; ring
 buffers of the last W model inputs (``ring``, what a re-warm replays) and of the same W values in data
 units (``values``, what a model's baseline reads), (capacity, W) float32 each. On the host (numpy): last event ts (int64
-epoch ms), count of values ever stepped, last-seen wall time, a dirty flag. Capacity doubles when full
+epoch ms), count of values ever stepped, last-seen wall time, a dirty flag. With prediction intervals
+(``intervals``, see ``forecaster.engine.intervals``) also the calibrator's state: the centres of the last
+H forecasts ``past`` (capacity, H, H) and their scales ``past_scale`` (capacity, H), the mean absolute
+k-step error ``mean_err`` (capacity, H) and the coverage multipliers ``mult`` (capacity, L, H), float32
+on the device, and on the host the ordinal of the first forecast to score ``score_from``. Capacity doubles when full
 (amortised growth); freed slots are reused. Idle series are evicted after ``ttl_seconds`` and the least
 recently seen one when a new series would pass ``max_series``; an optional ``on_evict(series, snapshot)``
 receives each evicted series' snapshot.
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 from forecaster.engine import snapshot as snap
+from forecaster.engine.intervals import WARMUP, Intervals, centers, units
 from forecaster.scaling import Scaling
 
 NO_TS = np.iinfo(np.int64).min  # last ts of a slot that has seen nothing
@@ -60,6 +65,7 @@ class StateTable:
         on_evict: Callable[[str, bytes], None] | None = None,
         version: str = "init",
         host_views: bool | None = None,
+        intervals: Intervals | None = None,
     ) -> None:
         if min(num_layers, hidden_size, horizon, window, capacity, max_series) < 1:
             raise ValueError("num_layers, hidden_size, horizon, window, capacity and max_series must be >= 1")
@@ -70,6 +76,8 @@ class StateTable:
             window,
         )
         self.lstm = lstm
+        self.intervals = intervals
+        self.levels = len(intervals.levels) if intervals is not None else 0
         self.device = torch.device(device)
         # Index per-slot arrays through numpy views (CPU only; cheaper per call than torch indexing).
         # False runs the torch path a GPU table takes, which tests use to cover it on a CPU.
@@ -118,6 +126,13 @@ class StateTable:
         self.stats = grow(None if first else self.stats, (capacity, Scaling.N_STATS), torch.float64)
         self.ring = grow(None if first else self.ring, (capacity, self.window_size), torch.float32)
         self.values = grow(None if first else self.values, (capacity, self.window_size), torch.float32)
+        if self.levels:
+            h, lv = self.horizon, self.levels
+            self.past = grow(None if first else self.past, (capacity, h, h), torch.float32)
+            self.past_scale = grow(None if first else self.past_scale, (capacity, h), torch.float32)
+            self.mean_err = grow(None if first else self.mean_err, (capacity, h), torch.float32)
+            self.mult = grow(None if first else self.mult, (capacity, lv, h), torch.float32)
+            self.score_from = grow_np(None if first else self.score_from, 0, np.int64)
         self.last_ts = grow_np(None if first else self.last_ts, NO_TS, np.int64)
         self.count = grow_np(None if first else self.count, 0, np.int64)
         self.last_seen = grow_np(None if first else self.last_seen, np.inf, np.float64)  # inf: free
@@ -137,6 +152,15 @@ class StateTable:
         # numpy fancy indexing beats index_select / index_copy_ on CPU
         self._h_a = self.h.numpy() if cpu else None
         self._c_a = self.c.numpy() if cpu and self.c is not None else None
+        if self.levels:
+            self.past_flat = (
+                self.past.view(-1).numpy() if cpu else self.past.view(-1)
+            )  # [(slot*H + j)*H + k-1]
+            self.past_scale_flat = self.past_scale.view(-1).numpy() if cpu else self.past_scale.view(-1)
+            h = self.horizon
+            self.past_rows = self.past.view(-1, h).numpy() if cpu else self.past.view(-1, h)  # [slot*H + j]
+            self.mean_err_a = self.mean_err.numpy() if cpu else self.mean_err
+            self.mult_a = self.mult.numpy() if cpu else self.mult
 
     @_inference
     def fit_model(self, model: Any) -> None:
@@ -152,6 +176,13 @@ class StateTable:
         self.h = torch.zeros(shape, device=self.device)
         self.c = torch.zeros(shape, device=self.device) if lstm else None
         self.forecast = torch.zeros(self.capacity, horizon, device=self.device)
+        if self.levels:  # the calibrator starts over at the new horizon (reset_pending sets score_from)
+            h, lv = horizon, self.levels
+            self.past = torch.zeros(self.capacity, h, h, device=self.device)
+            self.past_scale = torch.ones(self.capacity, h, device=self.device)
+            self.mean_err = torch.ones(self.capacity, h, device=self.device)
+            self.mult = torch.as_tensor(self.intervals.prior, dtype=torch.float32, device=self.device)
+            self.mult = self.mult[:, None].expand(self.capacity, lv, h).contiguous()
         self._views()
 
     @property
@@ -165,6 +196,9 @@ class StateTable:
             [self.c] if self.c is not None else []
         )
         arrays = [self.last_ts, self.count, self.last_seen, self.dirty]
+        if self.levels:
+            tensors += [self.past, self.past_scale, self.mean_err, self.mult]
+            arrays.append(self.score_from)
         return sum(t.numel() * t.element_size() for t in tensors) + sum(a.nbytes for a in arrays)
 
     # ---- slots ---------------------------------------------------------------------------------------
@@ -225,9 +259,35 @@ class StateTable:
                 t.index_fill_(1, idx, 0.0)
         for t in (self.forecast, self.stats, self.ring, self.values):
             t.index_fill_(0, idx, 0.0)
+        if self.levels:
+            self.past.index_fill_(0, idx, 0.0)
+            self.past_scale.index_fill_(0, idx, 1.0)  # finite scores from rows not written yet
+            self.mean_err.index_fill_(0, idx, 1.0)  # prior spread: one unit of the series' scale
+            self.mult.index_copy_(0, idx, self._prior_mult(len(slots)))
+            self.score_from[slots] = WARMUP - 1
         self.last_ts[slots] = NO_TS
         self.count[slots] = 0
         self.dirty[slots] = False
+
+    def _prior_mult(self, n: int) -> torch.Tensor:
+        prior = torch.as_tensor(self.intervals.prior, dtype=torch.float32, device=self.device)  # (L,)
+        return prior[:, None].expand(n, self.levels, self.horizon)  # (n, L, H)
+
+    @_inference
+    def reset_pending(self, slots: np.ndarray, scaling: Scaling) -> None:
+        """After a re-warm of ``slots``: the forecasts still awaiting their values were made by the model
+        before; score from the re-warmed last forecast on (the calibrator keeps its spreads, which are
+        per step and in the units of the scaling, as a start for the new model)."""
+        if not self.levels or not len(slots):
+            return
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        count = self.count[slots]  # (n,) > 0
+        row = torch.as_tensor((count - 1) % self.horizon, device=self.device)  # (n,) ring row of it
+        center = centers(scaling, self.forecast.index_select(0, idx))  # (n, H)
+        scale = units(scaling, self.stats.index_select(0, idx))  # (n,)
+        self.past[idx, row] = center
+        self.past_scale[idx, row] = scale
+        self.score_from[slots] = count - 1
 
     def slot_of(self, series: str) -> int | None:
         return self.slots.get(series)

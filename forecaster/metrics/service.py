@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import HistogramMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
+from forecaster.metrics.coverage import IntervalCoverage
 from forecaster.metrics.process import register_process_collectors
 
 # 100 us .. 10 s, with a boundary at the 25 ms latency goal.
@@ -183,6 +184,7 @@ class ServiceMetrics:
             r,
         )
         self.online_error = OnlineError(r)
+        self.coverage = IntervalCoverage(r)
         self.series_resident = Gauge("forecaster_series_resident", "Series with state in memory", registry=r)
         self.state_evictions = Counter(
             "forecaster_state_evictions_total",

@@ -9,6 +9,7 @@ from forecaster.records.input import (
     KafkaRecord,
     RecordDecoder,
 )
+from forecaster.records.intervals import Bounds, with_intervals
 from forecaster.records.output import (
     DEAD_LETTER_MAX_BYTES,
     dead_letter_max_bytes,
@@ -29,9 +30,11 @@ __all__ = [
     "RecordDecoder",
     "dead_letter_max_bytes",
     "encode_dead_letter",
+    "Bounds",
     "encode_forecast",
     "encode_forecast_groups",
     "encode_forecasts",
     "encode_input",
     "encode_window",
+    "with_intervals",
 ]

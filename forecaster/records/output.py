@@ -37,6 +37,7 @@ import orjson
 
 from forecaster.errors import InvalidRecord
 from forecaster.records.input import KafkaRecord
+from forecaster.records.intervals import Bounds, with_intervals
 
 # Kafka's default largest request (producer ``max.request.size``), less room for the record's key and
 # the record and batch headers that travel beside a dead letter's value.
@@ -86,8 +87,10 @@ def encode_forecasts(
     partition: np.ndarray,
     offset: np.ndarray,
     index: np.ndarray,
+    intervals: Bounds | None = None,
 ) -> list[bytes]:
-    """Many forecast records at once (the service's hot path); each parses to ``encode_forecast``'s.
+    """Many forecast records at once (the service's hot path); each parses to ``encode_forecast``'s
+    (with ``intervals``: plus ``"lower"`` and ``"upper"``, ``forecaster.records.intervals``).
 
     The forecasts of the whole batch are written by one orjson call and cut into rows (numbers hold no
     brackets), so the per-record work is one bytes formatting.
@@ -110,6 +113,8 @@ def encode_forecasts(
             name_json = names[name] = orjson.dumps(name)
         tail = b',"index":%d' % i if i >= 0 else b""
         encoded.append(template % (name_json, when, row, part, off, tail))
+    if intervals is not None:
+        return with_intervals(encoded, intervals, [[r] for r in range(len(encoded))])
     return encoded
 
 
@@ -122,17 +127,20 @@ def encode_forecast_groups(
     offset: np.ndarray,
     index: np.ndarray,
     group: np.ndarray,
+    intervals: Bounds | None = None,
 ) -> tuple[list[str], list[bytes]]:
     """One record per input record (rows sharing ``group``): the ``forecast_records = "window"`` format.
 
     ``{"series", "ts": [...], "model_version", "forecasts": [[h1..hH], ...], "index": [...],
     "input": {"partition", "offset"}}`` with the rows of one input record in window order (``index``
-    is -1 for a single-value record). Returns the keys (series ids) and the encoded values.
+    is -1 for a single-value record), with ``intervals`` also ``"lower"`` and ``"upper"`` (one list per
+    value under each level). Returns the keys (series ids) and the encoded values.
     """
     order = np.lexsort((index, group))  # by input record, then position in its window
     bounds = np.flatnonzero(np.diff(group[order])) + 1
+    groups = np.split(order, bounds) if len(order) else []
     keys, encoded = [], []
-    for rows in np.split(order, bounds) if len(order) else []:
+    for rows in groups:
         first = int(rows[0])
         body = {
             "series": series[first],
@@ -144,6 +152,8 @@ def encode_forecast_groups(
         }
         keys.append(series[first])
         encoded.append(orjson.dumps(body, option=_NUMPY))
+    if intervals is not None:
+        encoded = with_intervals(encoded, intervals, [g.tolist() for g in groups], windowed=True)
     return keys, encoded
 
 

@@ -26,6 +26,7 @@ from forecaster.engine.engine import Engine
 from forecaster.errors import InvalidRecord, KafkaClientError, KafkaSetupError, ProducerFenced
 from forecaster.metrics import MetricsServer, SeriesLookup, ServiceMetrics
 from forecaster.records import (
+    Bounds,
     DecodedBatch,
     KafkaRecord,
     RecordDecoder,
@@ -195,14 +196,15 @@ class Service:
         partition = np.array([r.partition for r in batch.records], dtype=np.int64)[record]
         offset = np.array([r.offset for r in batch.records], dtype=np.int64)[record]
         index = batch.index[out.index]  # (n,) position in the input record's window
+        bounds = None if out.lower is None else Bounds(self.engine.intervals.labels, out.lower, out.upper)
         if self.settings.service.forecast_records == "window":
             keys, encoded = encode_forecast_groups(
-                out.series, out.ts, out.version, out.forecasts, partition, offset, index, record
+                out.series, out.ts, out.version, out.forecasts, partition, offset, index, record, bounds
             )
         else:
             keys = out.series
             encoded = encode_forecasts(
-                out.series, out.ts, out.version, out.forecasts, partition, offset, index
+                out.series, out.ts, out.version, out.forecasts, partition, offset, index, bounds
             )
         self.ledger.note(out.series, partition.tolist())  # each series' changelog partition
         send = self.committer.send
@@ -245,6 +247,7 @@ class Service:
             self.metrics.update_state(engine.resident, engine.evictions_total, engine.state_bytes)
             self.metrics.update_evicted(self.ledger.store.stats())
             self.metrics.online_error.update(engine.errors)
+            self.metrics.coverage.update(engine.coverage)
         if force or now >= self._next_lag:
             self._next_lag = now + settings.lag_interval_seconds
             lag = self.consumer_lag()

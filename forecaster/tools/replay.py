@@ -9,7 +9,8 @@ The forecasts are then scored against what happened next, next to the seasonal-n
 baselines on exactly the same points (``forecaster.train.baselines``): per horizon step and overall MAE, RMSE,
 MASE (Hyndman & Koehler's: errors scaled by each series' in-sample seasonal-naive MAE, over the values before
 the first scored forecast, or the whole series when every forecast is scored) and the relative MAE (MAE over
-a baseline's MAE).
+a baseline's MAE); with intervals on, the coverage and the interval (Winkler) score of each level per step
+(``forecaster.tools.interval_score``), on the same origins.
 
 >>> import io
 >>> from forecaster.model import RecurrentForecaster
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from forecaster.data import BadRow, read_series
 from forecaster.engine.engine import Engine
+from forecaster.tools.interval_score import IntervalScores
 from forecaster.train.baselines import (
     ForecastErrors,
     detect_season,
@@ -58,6 +60,9 @@ class Stepped:
     forecasts: np.ndarray  # (n, horizon) float32
     versions: list[str]  # (n,) model version of each forecast
     duplicate_lines: list[int] = field(default_factory=list)
+    lower: np.ndarray | None = None  # (n, levels, horizon) float32; None without intervals
+    upper: np.ndarray | None = None
+    labels: list[str] = field(default_factory=list)  # level names ("80", "95")
 
     def __len__(self) -> int:
         return len(self.series)
@@ -83,6 +88,7 @@ class ReplayResult:
     season: int
     bad_rows: list[BadRow] = field(default_factory=list)
     out_of_order: int = 0  # rows whose ts is older than a row above them in the file
+    intervals: IntervalScores | None = None  # coverage and Winkler score per level and step
 
     @property
     def duplicates(self) -> int:
@@ -96,7 +102,10 @@ class ReplayResult:
         """JSON-ready figures: per method MAE/RMSE/MASE overall and by horizon; the model's relative MAE vs
         each baseline."""
         points = int(self.errors["model"].count.sum())
-        return error_report(self.errors, BASELINES, season=self.season, horizon=self.horizon, points=points)
+        report = error_report(self.errors, BASELINES, season=self.season, horizon=self.horizon, points=points)
+        if self.intervals is not None:
+            report["intervals"] = self.intervals.report()
+        return report
 
 
 def load_rows(source: str | os.PathLike[str] | IO[str]) -> tuple[pd.DataFrame, list[BadRow], int]:
@@ -121,7 +130,7 @@ def step_rows(
     values = frame["value"].to_numpy(dtype=np.float64)
     lines = frame["line"].to_numpy(dtype=np.int64) if "line" in frame else np.arange(len(frame)) + 2
     series: list[str] = []
-    parts: dict[str, list[np.ndarray]] = {"ts": [], "values": [], "forecasts": []}
+    parts: dict[str, list[np.ndarray]] = {"ts": [], "values": [], "forecasts": [], "lower": [], "upper": []}
     versions: list[str] = []
     duplicate_lines: list[int] = []
     with tqdm(total=len(frame), unit="values", desc="replay", disable=_disabled(progress)) as bar:
@@ -132,6 +141,9 @@ def step_rows(
             parts["ts"].append(out.ts)
             parts["values"].append(values[lo:hi][out.index])
             parts["forecasts"].append(out.forecasts)
+            if out.lower is not None:
+                parts["lower"].append(out.lower)
+                parts["upper"].append(out.upper)
             versions.extend([out.version] * len(out))
             if out.duplicates:
                 stepped = np.zeros(hi - lo, dtype=bool)
@@ -148,6 +160,9 @@ def step_rows(
         else np.zeros((0, horizon), np.float32),
         versions=versions,
         duplicate_lines=sorted(duplicate_lines),
+        lower=np.concatenate(parts["lower"]) if parts["lower"] else None,
+        upper=np.concatenate(parts["upper"]) if parts["upper"] else None,
+        labels=engine.intervals.labels if engine.intervals is not None else [],
     )
 
 
@@ -245,7 +260,18 @@ def replay_frame(
         season=season,
         first_origin=first,
     )
-    return ReplayResult(rows, errors, season)
+    return ReplayResult(rows, errors, season, intervals=score_intervals(rows, first))
+
+
+def score_intervals(rows: Stepped, first_origin: Sequence[int] | None = None) -> IntervalScores | None:
+    """Coverage and Winkler score of the emitted intervals per level and step (None without them)."""
+    if rows.lower is None or rows.upper is None:
+        return None
+    scores = IntervalScores.empty(rows.labels, rows.horizon)
+    for i, at in enumerate(rows.by_series().values()):
+        start = 0 if first_origin is None else int(first_origin[i])
+        scores.add(rows.values[at], rows.lower[at], rows.upper[at], start)
+    return scores
 
 
 def first_origins(rows: Stepped, score_from: int) -> list[int]:
@@ -262,6 +288,11 @@ def forecasts_frame(rows: Stepped) -> pd.DataFrame:
     frame = pd.DataFrame({"series": rows.series, "ts": rows.ts, "model_version": rows.versions})
     for k in range(rows.horizon):
         frame[f"h{k + 1}"] = rows.forecasts[:, k]
+    if rows.lower is not None and rows.upper is not None:  # lower_80_h1 .. upper_95_hH
+        for side, bounds in (("lower", rows.lower), ("upper", rows.upper)):
+            for li, label in enumerate(rows.labels):
+                for k in range(rows.horizon):
+                    frame[f"{side}_{label}_h{k + 1}"] = bounds[:, li, k]
     return frame
 
 
@@ -293,6 +324,19 @@ def format_metrics(result: ReplayResult) -> str:
         f"{model.overall_mase():>8.4f} {naive.overall_mase():>11.4f} {relative_mae(model, naive)[0]:>13.4f} "
         f"{relative_mae(model, last)[0]:>11.4f} {naive.overall_mae():>12.6g} {last.overall_mae():>12.6g}"
     )
+    return "\n".join(lines)
+
+
+def format_intervals(scores: IntervalScores) -> str:
+    """Per step: coverage and interval (Winkler) score of each level."""
+    cov, wink = scores.coverage(), scores.winkler()
+    header = f"{'step':>7} {'points':>9}" + "".join(
+        f" {'cover ' + label + '%':>10} {'Winkler ' + label + '%':>12}" for label in scores.labels
+    )
+    lines = [header]
+    for k in range(scores.count.shape[0]):
+        cells = "".join(f" {cov[i, k]:>10.3f} {wink[i, k]:>12.6g}" for i in range(len(scores.labels)))
+        lines.append(f"{'h' + str(k + 1):>7} {int(scores.count[k]):>9}{cells}")
     return "\n".join(lines)
 
 

@@ -53,6 +53,16 @@ def write_report(result: ReplayResult, path: str | os.PathLike[str]) -> None:
             step = float(np.median(np.diff(rows.ts[at]))) if len(at) > 1 else 1.0
             x = t / step if step > 0 else np.arange(len(at))
             ax.plot(x, rows.values[at], color="black", lw=1.2, label="actual")
+            if len(at) > 1 and rows.lower is not None and rows.upper is not None:
+                # One-step bands of each level (widest first, lighter), and the bands of the last origin.
+                ahead = x[-1] + np.arange(1, result.horizon + 1)
+                for li in reversed(range(len(rows.labels))):
+                    shade = 0.15 + 0.15 * (len(rows.labels) - 1 - li)
+                    label = f"{rows.labels[li]}% interval"
+                    lo, hi = rows.lower[at][:-1, li, 0], rows.upper[at][:-1, li, 0]
+                    ax.fill_between(x[1:], lo, hi, color="tab:blue", alpha=shade, lw=0, label=label)
+                    lo, hi = rows.lower[at][-1, li], rows.upper[at][-1, li]
+                    ax.fill_between(ahead, lo, hi, color="tab:orange", alpha=shade, lw=0)
             if len(at) > 1:
                 ax.plot(x[1:], rows.forecasts[at][:-1, 0], color="tab:blue", lw=1.0, label="forecast, 1 step")
                 ahead = x[-1] + np.arange(1, result.horizon + 1)

@@ -17,14 +17,16 @@ forecasts made from the last training value on, whose targets lie in the validat
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from forecaster.engine.intervals import Intervals, reference_intervals
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
+from forecaster.tools.interval_score import IntervalScores
 from forecaster.train.baselines import (
     ForecastErrors,
     error_report,
@@ -89,6 +91,7 @@ class Evaluation:
     errors: dict[str, ForecastErrors]
     season: int
     horizon: int
+    intervals: dict[str, IntervalScores] = field(default_factory=dict)  # per model, with intervals on
 
     def mae(self, name: str) -> float:
         return self.errors[name].overall_mae()
@@ -103,8 +106,11 @@ class Evaluation:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures per method (MASE included), plus the relative MAE of each model against both
-        baselines."""
-        return error_report(self.errors, BASELINES, season=self.season, horizon=self.horizon)
+        baselines (and the coverage and interval score of each model's intervals per level and step)."""
+        report = error_report(self.errors, BASELINES, season=self.season, horizon=self.horizon)
+        if self.intervals:
+            report["intervals"] = {name: scores.report() for name, scores in self.intervals.items()}
+        return report
 
 
 def evaluate(
@@ -113,11 +119,14 @@ def evaluate(
     *,
     validation_fraction: float,
     season: int,
+    intervals: Intervals | None = None,
 ) -> Evaluation:
     """Score ``models`` (name -> (model, scaling)) and the baselines on each series' validation part.
 
     The horizon scored is the shortest of the models'; a point counts only where every method has a
-    forecast (the seasonal-naive one needs a season of history) and the target exists.
+    forecast (the seasonal-naive one needs a season of history) and the target exists. ``intervals``:
+    also score each model's prediction intervals, as the service's calibrator would make them, on the
+    validation origins (coverage and Winkler score per level and step).
     """
     horizon = min(model.horizon for model, _ in models.values())
     forecasts = {name: model_forecasts(model, scaling, values) for name, (model, scaling) in models.items()}
@@ -131,4 +140,28 @@ def evaluate(
         scored = score_with_baselines({name: f[i] for name, f in forecasts.items()}, v, rows, horizon, season)
         for name, e in scored.items():
             errors[name] = errors[name] + e
-    return Evaluation(errors=errors, season=season, horizon=horizon)
+    evaluation = Evaluation(errors=errors, season=season, horizon=horizon)
+    if intervals is not None:
+        evaluation.intervals = {
+            name: validation_intervals(forecasts[name], values, scaling, intervals, validation_fraction)
+            for name, (_, scaling) in models.items()
+        }
+    return evaluation
+
+
+def validation_intervals(
+    forecasts: Sequence[np.ndarray],
+    values: Sequence[np.ndarray],
+    scaling: Scaling,
+    intervals: Intervals,
+    validation_fraction: float,
+) -> IntervalScores:
+    """The calibrator over each whole series (``reference_intervals``), scored on its validation origins."""
+    scores = IntervalScores.empty(intervals.labels, forecasts[0].shape[1] if len(forecasts) else 1)
+    for f, v in zip(forecasts, values, strict=True):
+        first = split_point(len(v), validation_fraction) - 1
+        if len(v) < 2 or first < 0 or first >= len(v) - 1:
+            continue
+        lower, upper = reference_intervals(f.astype(np.float32), v, intervals, scaling)
+        scores.add(np.asarray(v, np.float64), lower, upper, first)
+    return scores

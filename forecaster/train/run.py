@@ -40,6 +40,7 @@ from forecaster.checkpoints.store import (
     load_checkpoint,
     save_checkpoint,
 )
+from forecaster.engine.intervals import Intervals
 from forecaster.errors import CheckpointError, DataError
 from forecaster.model import RecurrentForecaster, build_model
 from forecaster.scaling import Scaling
@@ -155,7 +156,13 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
     models = {"model": (model, scaling)}
     if published is not None:
         models["published"] = (published.model, published.scaling)
-    evaluation = evaluate(models, values, validation_fraction=train.validation_fraction, season=season)
+    evaluation = evaluate(
+        models,
+        values,
+        validation_fraction=train.validation_fraction,
+        season=season,
+        intervals=Intervals.from_settings(settings.intervals),
+    )
     # Step 4. Decide.
     publish, reason = _decide(evaluation, published, train)
     summary = evaluation.summary()
@@ -228,6 +235,14 @@ def _log_figures(
         int(evaluation.errors["model"].count.sum()),
         figures,
     )
+    scores = evaluation.intervals.get("model")
+    if scores is not None:  # coverage of the intervals the service would emit, h1 and the last step
+        cov, last = scores.coverage(), scores.count.shape[0] - 1
+        shown = ", ".join(
+            f"{label}%: h1 {cov[i, 0]:.3f}, h{last + 1} {cov[i, last]:.3f}"
+            for i, label in enumerate(scores.labels)
+        )
+        log.info("validation interval coverage: %s", shown)
     best_baseline = min(evaluation.mae(name) for name in BASELINES)
     if not evaluation.mae("model") < best_baseline:
         log.warning(

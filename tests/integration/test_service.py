@@ -17,6 +17,7 @@ from streams import AT_LEAST_ONCE, START_MS, records_of
 
 from forecaster.checkpoints.hotswap import fresh_model
 from forecaster.engine.engine import reference_forecast
+from forecaster.engine.intervals import Intervals, reference_intervals
 from forecaster.metrics import kafka_partition
 from forecaster.records import REASONS
 from forecaster.scaling import Scaling
@@ -60,6 +61,12 @@ def test_end_to_end_forecasts_equal_the_reference(topics, serve, broker):
         assert {b["model_version"] for b in bodies} == {"init"}
         expected = reference_forecast(model, expected_frame["value"].to_numpy(), scaling)  # (T, horizon)
         np.testing.assert_allclose(np.array([b["forecast"] for b in bodies]), expected, rtol=1e-6, atol=1e-5)
+        # the intervals are those of the calibrator over this series alone, fed the forecasts emitted
+        emitted = np.array([b["forecast"] for b in bodies], dtype=np.float32)
+        lower, upper = reference_intervals(emitted, expected_frame["value"].to_numpy(), Intervals(), scaling)
+        for side, bounds in (("lower", lower), ("upper", upper)):
+            got = np.array([[b[side][level] for level in ("80", "95")] for b in bodies])  # (T, L, H)
+            np.testing.assert_allclose(got, bounds, rtol=1e-5, atol=1e-5)
         for body in bodies:  # the input coordinates point at the record holding that value
             source = inputs[(body["input"]["partition"], body["input"]["offset"])]
             assert source["series"] == name
@@ -230,6 +237,10 @@ def test_metrics_after_a_run(topics, serve, broker):
     assert metric("forecaster_forecast_abs_error_sum", model_version="init") > 0
     assert metric("forecaster_forecast_squared_error_count", model_version="init") == errors
     assert metric("forecaster_forecast_squared_error_sum", model_version="init") > 0
+    inside = metric("forecaster_interval_inside_total", model_version="init", level="95", step="h1")
+    scored = metric("forecaster_interval_scored_total", model_version="init", level="95", step="h1")
+    assert scored == len(frame) - 6 * 4 and 0 <= inside <= scored  # past each series' first 4 values
+    assert metric("forecaster_interval_width_total", model_version="init", level="80", step="h3") > 0
     assert metric("forecaster_state_bytes") > 0
     assert metric("forecaster_state_evictions_total") == 0
     assert metric("forecaster_model_info", version="init", cell="gru") == 1
@@ -259,6 +270,11 @@ def test_window_forecast_records_one_per_input_record_equal_the_reference(topics
         assert all(b["index"] == (list(range(7)) if name in windowed else [-1]) for b in bodies)
         expected = reference_forecast(model, expected_frame["value"].to_numpy(), scaling)
         np.testing.assert_allclose(forecasts, expected, rtol=1e-6, atol=1e-5)
+        lower, _ = reference_intervals(
+            forecasts.astype(np.float32), expected_frame["value"].to_numpy(), Intervals(), scaling
+        )
+        got = np.array([[row for row in b["lower"]["95"]] for b in bodies]).reshape(len(ts), -1)  # (T, H)
+        np.testing.assert_allclose(got, lower[:, 1], rtol=1e-5, atol=1e-5)
 
 
 def test_series_view_shows_the_engines_state_while_serving(topics, serve, broker):

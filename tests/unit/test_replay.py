@@ -188,10 +188,16 @@ def test_cli_writes_forecasts_and_prints_the_metrics(tmp_path, published, capsys
     assert main(["replay", "--input", str(data), "--output", str(out), "--season", "2", "--no-progress"]) == 0
     printed = capsys.readouterr()
     forecasts = pd.read_csv(out)
-    assert forecasts.columns.tolist() == ["series", "ts", "model_version", "h1", "h2"]
+    bounds = [f"{side}_{level}_h{k}" for side in ("lower", "upper") for level in (80, 95) for k in (1, 2)]
+    assert forecasts.columns.tolist() == ["series", "ts", "model_version", "h1", "h2", *bounds]
+    assert (forecasts["lower_95_h1"] <= forecasts["lower_80_h1"]).all()
+    assert (forecasts["lower_80_h2"] <= forecasts["h2"]).all() and (
+        forecasts["h2"] <= forecasts["upper_80_h2"]
+    ).all()
     assert len(forecasts) == 8 and set(forecasts["model_version"]) == {version}
     assert forecasts["ts"].is_monotonic_increasing
     assert "overall" in printed.out and "relMAE/snaive" in printed.out and version in printed.out
+    assert "cover 80%" in printed.out and "Winkler 95%" in printed.out
     assert "line 11" in printed.err and "duplicate" in printed.err
 
 
