@@ -45,7 +45,7 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
-from forecaster.records.codec import encode_window
+from forecaster.records import encode_window
 from forecaster.service.clients import COMPACTED
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,14 +9,15 @@ from forecaster.records.input import (
     KafkaRecord,
     RecordDecoder,
 )
-from forecaster.records.intervals import Bounds, with_intervals
 from forecaster.records.output import (
     DEAD_LETTER_MAX_BYTES,
+    Bounds,
     dead_letter_max_bytes,
     encode_dead_letter,
     encode_forecast,
     encode_forecast_groups,
     encode_forecasts,
+    with_intervals,
 )
 from forecaster.records.writer import encode_input, encode_window
 

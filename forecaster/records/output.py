@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,6 @@ import orjson
 
 from forecaster.errors import InvalidRecord
 from forecaster.records.input import KafkaRecord
-from forecaster.records.intervals import Bounds, with_intervals
 
 # Kafka's default largest request (producer ``max.request.size``), less room for the record's key and
 # the record and batch headers that travel beside a dead letter's value.
@@ -90,7 +90,7 @@ def encode_forecasts(
     intervals: Bounds | None = None,
 ) -> list[bytes]:
     """Many forecast records at once (the service's hot path); each parses to ``encode_forecast``'s
-    (with ``intervals``: plus ``"lower"`` and ``"upper"``, ``forecaster.records.intervals``).
+    (with ``intervals``: plus ``"lower"`` and ``"upper"``, see ``with_intervals``).
 
     The forecasts of the whole batch are written by one orjson call and cut into rows (numbers hold no
     brackets), so the per-record work is one bytes formatting.
@@ -213,3 +213,41 @@ def _dumps(body: dict[str, Any]) -> bytes:
         return orjson.dumps(body)
     except orjson.JSONEncodeError:
         return json.dumps(body, allow_nan=False).encode()
+
+
+# ---- prediction intervals: "lower" and "upper" beside the forecasts -----------------------------
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Prediction intervals of forecast rows: level labels ("80", "95"), lower and upper (n, L, H)."""
+
+    labels: Sequence[str]
+    lower: np.ndarray
+    upper: np.ndarray
+
+
+def with_intervals(
+    encoded: list[bytes], bounds: Bounds, rows: Sequence[Sequence[int]], windowed: bool = False
+) -> list[bytes]:
+    """Add ``"lower"`` and ``"upper"`` to each encoded record (a JSON object), record i holding rows
+    ``rows[i]`` of ``bounds``: one list of H bounds per level, or with ``windowed`` one per row. Bounds are
+    float32 written as the shortest decimal that reads back as the same float32, null where not finite.
+
+    >>> lower = np.array([[[1.0, 2.0], [0.5, 1.5]]], np.float32)  # (1 record, 2 levels, horizon 2)
+    >>> record = with_intervals([b'{"forecast":[1.5,2.5]}'], Bounds(["80", "95"], lower, lower + 1), [[0]])[0]
+    >>> json.loads(record)["upper"]
+    {'80': [2.0, 3.0], '95': [1.5, 2.5]}
+    """
+    lower = np.ascontiguousarray(bounds.lower, dtype=np.float32)
+    upper = np.ascontiguousarray(bounds.upper, dtype=np.float32)
+    labels = list(bounds.labels)
+    out = []
+    for record, picked in zip(encoded, rows, strict=True):
+        at = list(picked) if windowed else picked[0]
+        sides = {
+            side: {label: a[at, level] for level, label in enumerate(labels)}
+            for side, a in (("lower", lower), ("upper", upper))
+        }
+        out.append(record[:-1] + b"," + orjson.dumps(sides, option=_NUMPY)[1:])
+    return out

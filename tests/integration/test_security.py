@@ -28,7 +28,7 @@ from forecaster.checkpoints.store import load_checkpoint, promote, save_checkpoi
 from forecaster.config import KafkaSettings, Settings
 from forecaster.engine.engine import reference_forecast
 from forecaster.errors import KafkaSetupError
-from forecaster.records.codec import encode_input
+from forecaster.records import encode_input
 from forecaster.scaling import Scaling
 from forecaster.service.clients import COMPACTED, TopicSpec, ensure_topics, wait_for_broker
 from forecaster.tools.synthetic import generate
