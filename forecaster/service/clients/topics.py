@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from forecaster.config import KafkaSettings
 from forecaster.errors import KafkaClientError, KafkaSetupError
+from forecaster.retry import Backoff
 from forecaster.service.clients.base import Admin
 
 COMPACTED: Mapping[str, str] = {"cleanup.policy": "compact"}
@@ -66,6 +67,7 @@ def wait_for_broker(settings: KafkaSettings, timeout: float = 60.0) -> int:
     else:
         from forecaster.service.clients.confluent import brokers_answering
     deadline = time.monotonic() + timeout
+    backoff = Backoff(first=0.1, cap=1.0, deadline=deadline)
     last: Exception | None = None
     while True:
         left = deadline - time.monotonic()
@@ -80,7 +82,7 @@ def wait_for_broker(settings: KafkaSettings, timeout: float = 60.0) -> int:
             if exc.reason == "auth":
                 raise KafkaSetupError(exc.detail) from exc
             last = exc
-        time.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
+        backoff.wait()
 
 
 def ensure_topics(

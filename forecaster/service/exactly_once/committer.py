@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from forecaster.errors import ForecasterError, KafkaClientError, ProducerFenced
+from forecaster.retry import Backoff
 from forecaster.service.committer import Committer
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,7 @@ class ExactlyOnceCommitter(Committer):
                 old.close(timeout=0)
             except Exception as exc:  # noqa: BLE001 - a broken producer may fail to close; it is dropped
                 log.debug("closing the replaced producer: %r", exc)
+            backoff = Backoff(first=0.2, cap=5.0)
             while self.producer is None:
                 try:
                     producer = self.producer_factory()
@@ -234,7 +236,7 @@ class ExactlyOnceCommitter(Committer):
                     if is_fenced(exc):
                         raise ProducerFenced(f"fenced while re-creating the producer: {exc}") from exc
                     log.warning("transactional producer not ready (%s); trying again", exc)
-                    time.sleep(1.0)
+                    backoff.wait()
             log.info("transactional producer re-created")
         self.failed = None
         self.last_commit = self.clock()
