@@ -103,3 +103,30 @@ def test_with_librdkafka_a_refused_login_ends_the_wait_too(monkeypatch):
     ):
         clients.wait_for_broker(settings, timeout=60)
     assert len(made) == 1
+
+
+class _DescribingAdmin:
+    """An admin whose ``describe`` answers with ``outcome`` (configs by topic) or raises it."""
+
+    def __init__(self, outcome) -> None:
+        self.outcome = outcome
+
+    def describe(self, names, configs, timeout):
+        if isinstance(outcome := self.outcome, Exception):
+            raise outcome
+        return outcome
+
+
+def test_the_message_limit_is_the_smallest_topic_limit_and_unknown_when_configs_may_not_be_read() -> None:
+    from types import SimpleNamespace
+
+    from forecaster.errors import KafkaClientError, KafkaSetupError
+    from forecaster.service.clients.topics import max_message_bytes
+
+    limits = {"a": SimpleNamespace(config={"max.message.bytes": "2048"}), "b": SimpleNamespace(config={})}
+    assert max_message_bytes(_DescribingAdmin(limits), ["a", "b"]) == 2048
+    # A principal allowed to write but not to read configurations starts with the settings' limit.
+    refused = KafkaClientError("auth", "Topic authorization failed")
+    assert max_message_bytes(_DescribingAdmin(refused), ["a"]) is None
+    with pytest.raises(KafkaSetupError, match="cannot describe topics a"):
+        max_message_bytes(_DescribingAdmin(KafkaClientError("timeout", "no answer")), ["a"])

@@ -10,6 +10,7 @@ service needs it becomes ``KafkaSetupError``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from forecaster.config import KafkaSettings
 from forecaster.errors import KafkaClientError, KafkaSetupError
 from forecaster.retry import Backoff
 from forecaster.service.clients.base import Admin
+
+log = logging.getLogger(__name__)
 
 COMPACTED: Mapping[str, str] = {"cleanup.policy": "compact"}
 
@@ -153,11 +156,19 @@ def create_missing_topics(kafka: KafkaSettings, names: Sequence[str]) -> list[st
 def max_message_bytes(
     admin_or_settings: Admin | KafkaSettings, names: Sequence[str], timeout: float = 30.0
 ) -> int | None:
-    """The smallest ``max.message.bytes`` of the topics ``names`` (None when none is known)."""
+    """The smallest ``max.message.bytes`` of the topics ``names`` (None when none is known, or when this
+    principal may not read topic configurations: an ACL that allows writing need not allow that)."""
     try:
         with admin_for(admin_or_settings) as admin:
             described = admin.describe(list(names), ["max.message.bytes"], timeout)
     except KafkaClientError as exc:
+        if exc.reason == "auth":
+            log.warning(
+                "may not read the configuration of %s (%s): records are sized by the settings alone",
+                ", ".join(names),
+                exc,
+            )
+            return None
         raise KafkaSetupError(f"cannot describe topics {', '.join(names)}: {exc}") from exc
     limits = [
         int(info.config["max.message.bytes"])
