@@ -237,3 +237,24 @@ def test_wait_for_broker_names_the_address_when_nothing_answers(client):
     settings = KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}", client=client)
     with pytest.raises(KafkaSetupError, match=f"127.0.0.1:{port}"):
         wait_for_broker(settings, timeout=2)
+
+
+def test_both_clients_put_a_key_in_the_partition_the_java_client_would(kafka_settings, topic_factory):
+    """murmur2, as Kafka's own producer: a series keeps one partition whichever client produced it."""
+    from forecaster.metrics.series import kafka_partition  # the Java client's murmur2 partitioner
+
+    topic = topic_factory(partitions=6)
+    keys = [f"series-{i}" for i in range(40)]
+    for client in CLIENTS:
+        producer = make_producer(kafka_settings.model_copy(update={"client": client}))
+        for key in keys:
+            producer.send(topic, client.encode(), key.encode())
+        assert producer.flush(30) == 0 and producer.take_failures() == []
+        producer.close(10)
+    consumer = reader(kafka_settings, topic, 6)
+    records = consume(consumer, 2 * len(keys))
+    consumer.close()
+    assert len(records) == 2 * len(keys)
+    where = {(r.value.decode(), r.key.decode()): r.partition for r in records}
+    for key in keys:
+        assert where["confluent", key] == where["kafka-python", key] == kafka_partition(key, 6), key

@@ -339,6 +339,9 @@ class ConfluentProducer(Producer):
             "linger.ms": options.linger_ms,
             "enable.idempotence": True,
             "acks": "all",
+            # A key goes to the partition the Java client and kafka-python choose (murmur2), not librdkafka's
+            # CRC32 default: producers of any client agree, so a series stays in one partition.
+            "partitioner": "murmur2_random",
             "message.max.bytes": options.message_max_bytes,
             "queue.buffering.max.messages": 1_000_000,
             "delivery.report.only.error": True,
