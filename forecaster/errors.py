@@ -43,6 +43,10 @@ class DataError(ForecasterError):
     """A data file cannot be read as a time series (missing columns, empty, unknown format)."""
 
 
+class NotEnoughHistory(DataError):
+    """There is no history yet, or too little to train on: a periodic trainer waits for more, it has not failed."""
+
+
 class DeliveryError(ForecasterError):
     """The broker did not acknowledge some forecasts or dead letters: offsets stay uncommitted."""
 

@@ -24,7 +24,7 @@ class TrainerMetrics:
         register_process_collectors(registry)
         self.runs = Counter(
             "forecaster_trainer_runs_total",
-            "Training runs by result: published, not_published (not better), failed",
+            "Training runs by result: published, not_published (not better), no_data (waiting for history), failed",
             ["result"],
             registry=registry,
         )
@@ -45,7 +45,7 @@ class TrainerMetrics:
         self.published = Info(
             "forecaster_trainer_published_version", "The checkpoint version LATEST names", registry=registry
         )
-        for result in ("published", "not_published", "failed"):
+        for result in ("published", "not_published", "no_data", "failed"):
             self.runs.labels(result=result)
 
     def record(self, outcome: Any, seconds: float, now: float) -> None:
@@ -60,6 +60,11 @@ class TrainerMetrics:
             self.loss.labels(split="validation").set(fit.best_validation_loss)
         if published:
             self.published.info({"version": published})
+
+    def waiting(self, seconds: float) -> None:
+        """A run that found no history yet, or too little: not a failure (the input may simply be new)."""
+        self.runs.labels(result="no_data").inc()
+        self.duration.set(seconds)
 
     def failed(self, seconds: float) -> None:
         self.runs.labels(result="failed").inc()

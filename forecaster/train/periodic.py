@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from forecaster.errors import ConfigError, ForecasterError
+from forecaster.errors import ConfigError, ForecasterError, NotEnoughHistory
 from forecaster.metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,10 @@ def run_periodically(
         period = every_seconds
         try:
             outcome = run_once()
+        except NotEnoughHistory as exc:
+            metrics.waiting(clock() - started)
+            period = min(every_seconds, retry_seconds)
+            log.info("not enough history yet: %s (next try in %.0f s)", exc, period)
         except ForecasterError as exc:
             metrics.failed(clock() - started)
             period = min(every_seconds, retry_seconds)

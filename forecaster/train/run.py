@@ -41,7 +41,7 @@ from forecaster.checkpoints.store import (
     save_checkpoint,
 )
 from forecaster.engine.intervals import Intervals
-from forecaster.errors import CheckpointError, DataError
+from forecaster.errors import CheckpointError, DataError, NotEnoughHistory
 from forecaster.model import RecurrentForecaster, build_model
 from forecaster.scaling import Scaling
 from forecaster.train.choice import choose_baseline
@@ -103,7 +103,7 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
     train = settings.train
     values = [v for v in history.values if len(v) > 0]
     if not values:
-        raise DataError("no history to train on")
+        raise NotEnoughHistory("no history to train on")
     scaling = Scaling.from_settings(settings.scaling)
     if scaling.positive and any((v <= 0).any() for v in values):
         bad = sum(int((v <= 0).sum()) for v in values)
@@ -129,7 +129,7 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
         progress=progress,
     )
     if not fitted.train_losses or not math.isfinite(fitted.train_losses[0]):
-        raise DataError(
+        raise NotEnoughHistory(
             f"history too short to train: {len(values)} series, longest {max(len(v) for v in values)} values "
             f"(need more than warmup={train.warmup} + validation)"
         )

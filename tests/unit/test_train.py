@@ -34,7 +34,7 @@ from forecaster.cli import main
 from forecaster.cli.train import apply_overrides
 from forecaster.config import Settings
 from forecaster.engine.engine import reference_forecast
-from forecaster.errors import ConfigError, DataError
+from forecaster.errors import ConfigError, DataError, NotEnoughHistory
 from forecaster.metrics import TrainerMetrics
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
@@ -699,3 +699,27 @@ def test_a_trending_monthly_set_gets_a_yearly_season_from_the_calendar_and_a_tre
     chosen = outcome.metrics["baseline"]
     assert chosen.get("trend_span", 0) > 0 or chosen["base_level"] is True
     assert outcome.evaluation.mase("model") < 0.8 * outcome.evaluation.mase("seasonal_naive")
+
+
+def test_a_periodic_run_without_enough_history_waits_and_is_not_a_failure() -> None:
+    registry = CollectorRegistry()
+    metrics = TrainerMetrics(registry)
+    results = iter([NotEnoughHistory("no history to train on"), DataError("bad file")])
+    waits: list[float] = []
+
+    class Stop:
+        def is_set(self) -> bool:
+            return False
+
+        def wait(self, seconds: float) -> None:
+            waits.append(seconds)
+
+    def once():
+        raise next(results)
+
+    runs = run_periodically(once, 900.0, metrics, stop=Stop(), max_runs=2, retry_seconds=30.0)
+    assert runs == 2
+    sample = registry.get_sample_value
+    assert sample("forecaster_trainer_runs_total", {"result": "no_data"}) == 1
+    assert sample("forecaster_trainer_runs_total", {"result": "failed"}) == 1
+    assert waits and waits[0] <= 30.0  # the next try comes soon, as after a failure
