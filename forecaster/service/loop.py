@@ -384,7 +384,11 @@ class Service:
         finally:
             self.health.polling = False
             self.swapper.stop()
-            self.consumer.close()  # leaving the group revokes: the committer has nothing left to commit
+            try:
+                self.consumer.close()  # leaving the group revokes: the committer has nothing left to commit
+            except ProducerFenced as exc:  # a zombie's revoke may still meet its fenced producer: it exits 3
+                self._fenced = True
+                log.debug("closing the consumer of a fenced instance: %s", exc)
             self.committer.close(timeout)
             self.recovery.close()
             if self._server is not None:
