@@ -37,6 +37,7 @@ from forecaster.records import (
 )
 from forecaster.service.clients import Consumer, Rebalance, TopicPartition
 from forecaster.service.committer import Committer
+from forecaster.service.exactly_once.committer import is_fenced
 from forecaster.service.health import Health
 
 log = logging.getLogger(__name__)
@@ -386,9 +387,13 @@ class Service:
             self.swapper.stop()
             try:
                 self.consumer.close()  # leaving the group revokes: the committer has nothing left to commit
-            except ProducerFenced as exc:  # a zombie's revoke may still meet its fenced producer: it exits 3
+            except (
+                Exception
+            ) as exc:  # a zombie's revoke may meet its fenced producer (wrapped by the library)
+                if not (self._fenced or is_fenced(exc)):
+                    raise
                 self._fenced = True
-                log.debug("closing the consumer of a fenced instance: %s", exc)
+                log.debug("closing the consumer of a fenced instance: %r", exc)
             self.committer.close(timeout)
             self.recovery.close()
             if self._server is not None:
