@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -431,10 +431,13 @@ class Engine:
         """Snapshots of many resident series in one gather (the changelog writes these at every commit)."""
         return snap.take_many(self.table, series)
 
-    def restore_many(self, items: Sequence[tuple[str, bytes]]) -> list[tuple[str, Any]]:
-        """Load many snapshots (distinct series) at once; those made by another model version are
-        re-warmed with this one in batched calls. Returns the refused ones as (series, StateError)."""
-        names, versions, refused = snap.put_many(self.table, items, self.clock())
+    def restore_many(
+        self, items: Sequence[tuple[str, bytes]], keep: Iterable[str] = ()
+    ) -> list[tuple[str, Any]]:
+        """Load many snapshots (distinct series) at once, never evicting a series of ``keep`` to make room
+        (the batch about to step); those made by another model version are re-warmed with this one in
+        batched calls. Returns the refused ones as (series, StateError)."""
+        names, versions, refused = snap.put_many(self.table, items, self.clock(), keep)
         stale = [self.table.slots[n] for n, v in zip(names, versions, strict=True) if v != self.version]
         if stale:
             self._rewarm_slots(np.array(stale, dtype=np.int64))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -227,10 +227,11 @@ def take_many(table: StateTable, series: Sequence[str]) -> list[bytes]:
 
 
 def put_many(
-    table: StateTable, items: Sequence[tuple[str, bytes]], now: float
+    table: StateTable, items: Sequence[tuple[str, bytes]], now: float, keep: Iterable[str] = ()
 ) -> tuple[list[str], list[str], list[tuple[str, StateError]]]:
     """Load many snapshots (distinct series) in one batched write; the loaded series are not marked dirty
-    (their state is what the snapshots say). Returns (series loaded, their model versions, refused)."""
+    (their state is what the snapshots say). Making room never evicts a series of ``keep`` (those about
+    to step). Returns (series loaded, their model versions, refused)."""
     shape = table_shape(table)
     names: list[str] = []
     versions: list[str] = []
@@ -247,7 +248,7 @@ def put_many(
         decoded.append(arrays)
     if not names:
         return names, versions, refused
-    slots, _ = table.acquire(names, now)
+    slots, _ = table.acquire(names, now, keep)
     device = table.device
 
     def stacked(name: str, axis: int = 0) -> torch.Tensor:

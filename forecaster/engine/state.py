@@ -203,27 +203,31 @@ class StateTable:
 
     # ---- slots ---------------------------------------------------------------------------------------
 
-    def acquire(self, series: Sequence[str], now: float) -> tuple[np.ndarray, np.ndarray]:
+    def acquire(
+        self, series: Sequence[str], now: float, keep: Iterable[str] = ()
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Slots of ``series`` (distinct ids), allocating new ones; marks them all seen at ``now``.
 
         Returns (slots int64, is_new bool). Making room evicts the least recently seen series not in
-        ``series``; if every resident series is in ``series`` the table goes past ``max_series``.
+        ``series`` nor in ``keep``; if every resident series is in either the table goes past
+        ``max_series``.
         """
-        slots = self.locate(series, now)
+        slots = self.locate(series, now, keep)
         return slots, np.isin(slots, self._last_fresh) if len(self._last_fresh) else np.zeros(
             len(slots), bool
         )
 
     @_inference
-    def locate(self, series: Sequence[str], now: float) -> np.ndarray:
+    def locate(self, series: Sequence[str], now: float, keep: Iterable[str] = ()) -> np.ndarray:
         """Slot of every row of ``series`` (ids may repeat), allocating slots for new ids (evicting the
-        least recently seen series not in ``series`` if needed); marks them all seen at ``now``."""
+        least recently seen series not in ``series`` nor in ``keep`` if needed); marks them all seen at
+        ``now``."""
         slots = np.fromiter(map(self.slots.get, series, repeat(-1)), dtype=np.int64, count=len(series))
         unknown = np.flatnonzero(slots < 0)
         self._last_fresh = unknown[:0]
         if len(unknown):
             names = list(dict.fromkeys(series[i] for i in unknown.tolist()))  # distinct, in order
-            fresh = self._allocate_series(names, protected=slots[slots >= 0])
+            fresh = self._allocate_series(names, protected=slots[slots >= 0], keep=keep)
             if len(names) == len(unknown):
                 slots[unknown] = fresh
             else:
@@ -233,11 +237,17 @@ class StateTable:
         self.last_seen[slots] = now
         return slots
 
-    def _allocate_series(self, names: list[str], protected: np.ndarray) -> np.ndarray:
-        """Clean slots for new ``names``, making room first; returns them in the order of ``names``."""
+    def _allocate_series(
+        self, names: list[str], protected: np.ndarray, keep: Iterable[str] = ()
+    ) -> np.ndarray:
+        """Clean slots for new ``names``, making room first (never evicting ``protected`` slots nor ``keep``
+        series); returns them in the order of ``names``."""
         n_new = len(names)
         over = self.resident + n_new - self.max_series
         if over > 0:
+            kept = [self.slots[name] for name in set(keep) if name in self.slots]
+            if kept:
+                protected = np.concatenate([protected, np.array(kept, dtype=np.int64)])
             self._evict_lru(over, protected=protected)
         if n_new > len(self._free):
             capacity = self.capacity

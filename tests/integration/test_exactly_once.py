@@ -341,14 +341,10 @@ def churn_rounds(frame: pd.DataFrame, group_size: int, visits: int) -> list[list
     ]
 
 
-def test_churned_series_evicted_to_disk_come_back_exactly_across_kill_9(eos, broker, tmp_path, request):
+def test_churned_series_evicted_to_disk_come_back_exactly_across_kill_9(eos, broker, tmp_path):
     """300 series in 10 groups taking turns, at most 40 resident and 20 kB of evicted snapshots in memory:
     most evicted series live on disk, a restart restores them there, and each series comes back with the
     state an uninterrupted run has (one forecast per value, equal to the full forward pass)."""
-    if request.node.callspec.params.get("kafka_client") == "confluent":
-        # Known defect, kept visible: with librdkafka a series evicted to disk and restored across the
-        # kill -9s was seen to continue from a different state (forecasts off the full pass after value 50).
-        request.applymarker(pytest.mark.xfail(reason="evicted state restored inexactly with confluent"))
     topics, loaded, start = eos
     frame = generate(n_series=300, n_values=60, start_ms=START_MS, step_ms=60_000, seed=27)
     first, second = churn_rounds(frame, group_size=30, visits=2)

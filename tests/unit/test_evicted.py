@@ -141,7 +141,7 @@ def test_spill_dir_must_be_a_folder(tmp_path) -> None:
 def _engine(seed: int = 0, **kwargs) -> Engine:
     torch.manual_seed(seed)
     model = RecurrentForecaster("gru", hidden_size=5, num_layers=1, horizon=2)
-    return Engine(model, version="v1", window=6, capacity=4, clock=lambda: 1000.0, **kwargs)
+    return Engine(model, version="v1", window=6, capacity=4, **{"clock": lambda: 1000.0, **kwargs})
 
 
 class _Consumer:
@@ -223,4 +223,26 @@ def test_series_churn_keeps_memory_bounded_and_evicted_series_resume_exactly(tmp
         assert store.stats()["memory_bytes"] <= budget
         assert set(ledger.partition_of) == set(engine.table.slots)  # only resident series
     assert store.stats()["disk_series"] > 100 and engine.resident <= 8
+    store.close()
+
+
+def test_reviving_a_series_never_evicts_another_series_of_the_same_batch(tmp_path) -> None:
+    """Two resident, one evicted; a batch with the evicted one and the least recently seen resident one:
+    making room for the revived series must evict the other resident one, not a series about to step
+    (which would then step from a fresh state)."""
+    ticks = iter(range(1000, 2000))
+    engine = _engine(max_series=2, clock=lambda: float(next(ticks)))
+    reference = _engine(max_series=10_000)
+    store = EvictedStore(memory_bytes=1 << 20, spill_dir=tmp_path, name="protect")
+    ledger = SeriesLedger(engine, store)
+    engine.table.on_evict = ledger.on_evict
+    for t, names in enumerate([["a"], ["b"], ["c"], ["b", "a"], ["c", "a", "b"]], start=1):
+        values = [float(t + i) for i in range(len(names))]
+        ledger.revive(names)
+        got = engine.process(names, [t] * len(names), values)
+        want = reference.process(names, [t] * len(names), values)
+        np.testing.assert_array_equal(got.forecasts, want.forecasts, err_msg=f"step {t}: {names}")
+        ledger.note(got.series, [0] * len(got.series))
+        ledger.changes()
+    assert engine.evictions_total >= 2
     store.close()

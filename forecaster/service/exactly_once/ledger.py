@@ -17,7 +17,7 @@ straight to the store as the changelog is read, never all into memory.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,15 +61,17 @@ class SeriesLedger:
             self.store.put(series, partition, snapshot)
         self.evicted[series] = (partition, snapshot)
 
-    def revive(self, series: Iterable[str]) -> int:
-        """Load the evicted ones among ``series`` back into the table before they step; returns how many."""
+    def revive(self, series: Sequence[str]) -> int:
+        """Load the evicted ones among ``series`` back into the table before they step; returns how many.
+        Making room for them evicts none of ``series`` (a resident series of the batch evicted here would
+        step from a fresh state)."""
         if not len(self.store):
             return 0
         slots = self.engine.table.slots
         back = self.store.take(s for s in series if s not in slots)
         if back:
             self.partition_of.update((name, partition) for name, partition, _ in back)
-            refused = self.engine.restore_many([(name, snapshot) for name, _, snapshot in back])
+            refused = self.engine.restore_many([(name, snapshot) for name, _, snapshot in back], keep=series)
             for name, error in refused:  # e.g. the model changed shape since: the series starts fresh
                 log.warning("evicted series %r could not be revived, starting fresh: %s", name, error)
         return len(back)
