@@ -12,7 +12,7 @@ import importlib.util
 import logging
 import sys
 
-from forecaster import __version__
+from forecaster import __version__, logs
 from forecaster.config import load_settings
 from forecaster.errors import ForecasterError
 
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level or settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logs.install()  # a Kafka client's repeated lines (a broker away) at most once per 30 s
     module = _available_commands()[args.command][0]
     try:
         return int(importlib.import_module(f"forecaster.cli.{module}").run(args, settings) or 0)

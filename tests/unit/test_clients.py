@@ -130,3 +130,73 @@ def test_the_message_limit_is_the_smallest_topic_limit_and_unknown_when_configs_
     assert max_message_bytes(_DescribingAdmin(refused), ["a"]) is None
     with pytest.raises(KafkaSetupError, match="cannot describe topics a"):
         max_message_bytes(_DescribingAdmin(KafkaClientError("timeout", "no answer")), ["a"])
+
+
+def test_a_transactional_call_librdkafka_does_not_return_from_gives_the_producer_up(monkeypatch) -> None:
+    """librdkafka can block past the timeout it was given (a coordinator request after a broker restart):
+    the call is waited for at most timeout + grace, then the producer says it is stuck (reason timeout, so
+    the committer replaces it) and refuses further transactional calls instead of blocking again."""
+    import threading
+    import time
+
+    from forecaster.errors import KafkaClientError
+    from forecaster.service.clients import ProducerOptions, confluent
+
+    monkeypatch.setattr(confluent, "STUCK_GRACE_S", 0.2)
+    producer = confluent.ConfluentProducer(
+        KafkaSettings(bootstrap_servers="127.0.0.1:1"), ProducerOptions(transactional_id="stuck")
+    )
+    release = threading.Event()
+    timeouts: list[float] = []
+
+    def answers(timeout: float) -> None:
+        timeouts.append(timeout)
+
+    producer._transactional("commit_transaction", answers, 1.0)  # an answer in time: returns
+    assert len(timeouts) == 1 and 0.5 < timeouts[0] <= 1.0
+    started = time.monotonic()
+    with pytest.raises(KafkaClientError) as raised:
+        producer._transactional("send_offsets_to_transaction", lambda timeout: release.wait(30), 0.3)
+    assert raised.value.reason == "timeout" and "did not return" in str(raised.value)
+    assert time.monotonic() - started < 5
+    with pytest.raises(KafkaClientError) as again:
+        producer._transactional("commit_transaction", answers, 1.0)
+    assert again.value.reason == "fatal" and len(timeouts) == 1  # not called again
+    producer.close(timeout=0)  # no flush on a stuck producer
+    release.set()
+
+
+def test_librdkafka_lines_go_through_logging_and_a_broker_away_is_told_once_a_while() -> None:
+    """A consumer with no broker to reach: librdkafka's connect failures (many a second) arrive in the
+    forecaster.librdkafka logger, and the Repeats filter lets one through per interval."""
+    import io
+    import time
+
+    from forecaster.logs import Repeats
+    from forecaster.service.clients import ConsumerOptions, confluent
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(Repeats(interval=60.0))
+    counted = []
+    counter = logging.Handler()
+    counter.emit = counted.append  # every line, before the filter
+    target = logging.getLogger("forecaster.librdkafka")
+    target.addHandler(handler)
+    target.addHandler(counter)
+    try:
+        consumer = confluent.ConfluentConsumer(
+            KafkaSettings(bootstrap_servers="127.0.0.1:1"), ConsumerOptions(group_id="nobody")
+        )
+        consumer.assign({clients.TopicPartition("t", 0): 0})
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            consumer.poll(10, 0.1)
+        consumer.close()
+    finally:
+        target.removeHandler(handler)
+        target.removeHandler(counter)
+    failed = [r for r in counted if "Connection refused" in r.getMessage()]
+    assert len(failed) >= 3  # librdkafka retried, through logging
+    shown = [line for line in stream.getvalue().splitlines() if "Connection refused" in line]
+    assert len(shown) == 1

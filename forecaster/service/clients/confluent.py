@@ -11,6 +11,7 @@ callbacks and delivery reports are served on the thread that calls ``poll`` / ``
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -32,6 +33,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from forecaster.config import KafkaSettings
 from forecaster.errors import KafkaClientError
+from forecaster.logs import librdkafka_logger
 from forecaster.service.clients.base import (
     Admin,
     Consumer,
@@ -46,6 +48,11 @@ from forecaster.service.clients.base import (
 )
 
 log = logging.getLogger(__name__)
+
+# How long past its own timeout a transactional call may block before the producer is given up on:
+# librdkafka can miss the timeout of a coordinator request (send_offsets_to_transaction after a broker
+# restart was seen blocked for minutes; librdkafka issues 5456 and 5511).
+STUCK_GRACE_S = 5.0
 
 _REASONS: dict[int, str] = {}
 for _reason, _names in {
@@ -151,6 +158,15 @@ class _Connection:
     def up(self) -> None:
         self.down = False
 
+    def callbacks(self, logged: bool = True) -> dict[str, Any]:
+        """This error callback, and librdkafka's lines through Python's logging (a broker's repeats held
+        back, see ``forecaster.logs``) rather than straight to stderr. Those lines wait in a queue until
+        the client is polled, so a reader that may sit idle (``logged=False``) keeps only critical ones
+        (its errors still reach the error callback)."""
+        if not logged:
+            return {"error_cb": self.error, "log_level": 2}
+        return {"error_cb": self.error, "logger": librdkafka_logger()}
+
 
 def _tps(tps: Sequence[TopicPartition]) -> list[_TP]:
     return [_TP(tp[0], tp[1]) for tp in tps]
@@ -178,7 +194,7 @@ class ConfluentConsumer(Consumer):
             "fetch.max.bytes": options.fetch_max_bytes,
             "receive.message.max.bytes": options.fetch_max_bytes + (1 << 20),
             "partition.assignment.strategy": "cooperative-sticky" if options.cooperative else "range",
-            "error_cb": self.connection.error,
+            **self.connection.callbacks(logged=options.group_id is not None),
         }
         try:
             self._c = _Consumer(config)
@@ -346,7 +362,7 @@ class ConfluentProducer(Producer):
             "queue.buffering.max.messages": 1_000_000,
             "delivery.report.only.error": True,
             "on_delivery": self._delivered,
-            "error_cb": self.connection.error,
+            **self.connection.callbacks(),
             **options.extra,
         }
         if options.transactional_id:
@@ -358,6 +374,7 @@ class ConfluentProducer(Producer):
             raise translate(exc, "create a producer") from exc
         self._failures: list[Failure] = []
         self._unserved = 0
+        self._stuck: str | None = None  # the transactional call librdkafka did not return from
 
     def _delivered(self, error: KafkaError | None, message: Any) -> None:
         if error is not None:
@@ -408,11 +425,13 @@ class ConfluentProducer(Producer):
 
     def _transactional(self, what: str, call: Callable[[float], Any], timeout: float) -> None:
         """``call(timeout)``, again while librdkafka says the error is retriable, within ``timeout``."""
+        if self._stuck is not None:
+            raise KafkaClientError("fatal", f"{what}: this producer is stuck in {self._stuck}; replace it")
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             try:
-                call(max(left, 0.1))
+                self._bounded(what, call, max(left, 0.1))
                 return
             except KafkaException as exc:
                 error = exc.args[0]
@@ -420,6 +439,32 @@ class ConfluentProducer(Producer):
                     time.sleep(0.05)
                     continue
                 raise translate(exc, what) from exc
+
+    def _bounded(self, what: str, call: Callable[[float], Any], timeout: float) -> None:
+        """``call(timeout)`` on a helper thread, waited for at most ``timeout`` + ``STUCK_GRACE_S``: a call
+        librdkafka does not return from in time marks this producer stuck (its thread is left behind,
+        blocked; the committer replaces the producer, whose successor fences this one)."""
+        done = threading.Event()
+        raised: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                call(timeout)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                raised.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"forecaster-{what}", daemon=True).start()
+        if not done.wait(timeout + STUCK_GRACE_S):
+            self._stuck = what
+            raise KafkaClientError(
+                "timeout",
+                f"{what}: librdkafka did not return within {timeout + STUCK_GRACE_S:.0f} s (its own timeout"
+                f" {timeout:.0f} s); the producer is replaced",
+            )
+        if raised:
+            raise raised[0]
 
     def init_transactions(self, timeout: float) -> None:
         self._transactional("init_transactions", self._p.init_transactions, timeout)
@@ -447,6 +492,8 @@ class ConfluentProducer(Producer):
         self._transactional("abort_transaction", self._p.abort_transaction, timeout)
 
     def close(self, timeout: float) -> None:
+        if self._stuck is not None:  # its transaction is settled by the producer that replaces it
+            return
         try:
             self._p.flush(timeout)
         except KafkaException as exc:  # e.g. fenced: nothing more can be delivered
@@ -459,7 +506,7 @@ class ConfluentAdmin(Admin):
     def __init__(self, settings: KafkaSettings, timeout: float | None = None) -> None:
         self.connection = _Connection("admin")
         try:
-            self._a = AdminClient({**connection_config(settings), "error_cb": self.connection.error})
+            self._a = AdminClient({**connection_config(settings), **self.connection.callbacks()})
         except KafkaException as exc:
             raise translate(exc, "create an admin client") from exc
 

@@ -34,6 +34,12 @@ from forecaster.service.committer import Committer
 
 log = logging.getLogger(__name__)
 
+# The offsets' step is one exchange with the group coordinator: no answer within this long (librdkafka can
+# wait on a coordinator it lost track of after a broker restart) and the producer is replaced, the
+# transaction's records consumed again, instead of the instance standing still for the whole
+# transaction timeout.
+OFFSETS_TIMEOUT_S = 15.0
+
 
 def is_fenced(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or what caused it) says another producer with this transactional id took over."""
@@ -155,7 +161,7 @@ class ExactlyOnceCommitter(Committer):
                 if generation is not None and generation < 0:
                     raise KafkaClientError("group", "this member is not in the group (generation -1)")
                 self.producer.send_offsets_to_transaction(
-                    offsets, self.consumer.group_metadata(), self.timeout_s
+                    offsets, self.consumer.group_metadata(), min(self.timeout_s, OFFSETS_TIMEOUT_S)
                 )
             # Step 4. commit (bounded: an answer that never comes is an indefinite error).
             self.producer.commit_transaction(self.timeout_s)
