@@ -241,9 +241,26 @@ class MetricsSettings(BaseModel):
 
 
 class CheckpointSettings(BaseModel):
-    """Where versioned checkpoints live."""
+    """Where versioned checkpoints live, and how a new one comes to serve."""
 
     dir: Path = Path("checkpoints")
+    # immediate: a better checkpoint is published (LATEST) and swapped in at once. shadow: it is proposed
+    # (CANDIDATE), stepped beside the champion on live values and promoted only when it wins there.
+    promotion: Literal["immediate", "shadow"] = "immediate"
+    shadow_min_values: int = Field(default=1000, ge=10)  # values scored at each step before a promotion
+    shadow_max_values: int = Field(default=50_000, ge=10)  # no win after this many: rejected
+    # The win: the mean paired difference of absolute errors (champion minus challenger) above this many
+    # standard errors, at step 1 and at the last step.
+    shadow_z: float = Field(default=3.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _shadow_bounds(self) -> CheckpointSettings:
+        if self.shadow_max_values < self.shadow_min_values:
+            raise ValueError(
+                f"shadow_max_values ({self.shadow_max_values}) is below shadow_min_values"
+                f" ({self.shadow_min_values})"
+            )
+        return self
 
 
 class TrainSettings(BaseModel):

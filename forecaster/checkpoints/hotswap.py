@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from forecaster.checkpoints.promotion import candidate_version, decision_of
 from forecaster.checkpoints.store import (
     LoadedCheckpoint,
     chosen_versions,
@@ -155,8 +156,13 @@ class ModelSwapper:
         metrics: SwapMetrics | None = None,
         background_above: int = BACKGROUND_ABOVE,
         window: int | None = None,
+        promotion: str = "immediate",
     ) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.promotion = promotion  # shadow: CANDIDATE is watched too (a challenger for a trial)
+        self._challenger: LoadedCheckpoint | None = None
+        self.on_trial: str | None = None  # the candidate the loop is trying in shadow
+        self.candidate_now: str | None = None  # what CANDIDATE named at the last look
         self.current_version = current_version
         self.poll_seconds = float(poll_seconds)
         self.device = device
@@ -185,7 +191,63 @@ class ModelSwapper:
             return self._ready.version if self._ready else None
 
     def check_now(self) -> str | None:
-        """Look at ``LATEST`` once; load and validate a new version. Returns the version now pending."""
+        """Look at ``LATEST`` once (and at ``CANDIDATE`` in shadow promotion); load and validate a new
+        version. Returns the version now pending for a swap."""
+        pending = self._check_latest()
+        if self.promotion == "shadow":
+            self._check_candidate()
+        return pending
+
+    # ---- shadow promotion: the candidate on trial ------------------------------------------------------
+
+    def _check_candidate(self) -> None:
+        """Load and validate the version ``CANDIDATE`` names when it is new and undecided; it waits in
+        ``challenger_if_ready`` for the loop to start a trial."""
+        try:
+            wanted = candidate_version(self.checkpoint_dir)
+        except CheckpointError as exc:
+            wanted = None
+            if str(exc) != self._last_pointer_error:
+                self._last_pointer_error = str(exc)
+                self._refuse(None, exc)
+        self.candidate_now = wanted
+        with self._lock:
+            ready = self._challenger.version if self._challenger else None
+        if wanted is None or wanted in (self.current_version, ready, self.on_trial) or wanted in self._refused:
+            return
+        try:
+            if decision_of(self.checkpoint_dir, wanted) is not None:
+                self._refused.add(wanted)  # decided already: never on trial again
+                return
+            loaded = load_checkpoint(self.checkpoint_dir / wanted, device=self.device)
+            _check_compatible(loaded, scaling=self.scaling, horizon=self.horizon, window=self.window)
+        except CheckpointError as exc:
+            self._refuse(wanted, exc)
+            return
+        log.info("candidate %s validated; it goes on trial in shadow at the next batch boundary", wanted)
+        with self._lock:
+            self._challenger = loaded
+
+    def challenger_if_ready(self) -> LoadedCheckpoint | None:
+        """The validated candidate waiting for its trial (taken: it is then ``on_trial``), or None."""
+        with self._lock:
+            ready, self._challenger = self._challenger, None
+        if ready is not None:
+            if self.candidate_now != ready.version:  # replaced or decided meanwhile
+                return None
+            self.on_trial = ready.version
+        return ready
+
+    def trial_ended(self, version: str, refused: bool = False) -> None:
+        """The trial of ``version`` is over (decided, or refused to start: never tried again here)."""
+        if refused:
+            self._refused.add(version)
+        if self.on_trial == version:
+            self.on_trial = None
+
+    # ---- the published version -------------------------------------------------------------------------
+
+    def _check_latest(self) -> str | None:
         try:
             wanted = latest_version(self.checkpoint_dir)
         except CheckpointError as exc:

@@ -465,6 +465,11 @@ class Engine:
         self._set_steps(model.horizon)
         self._rewarm_slots(self.table.occupied())
 
+    def rewarm_series(self, slots: np.ndarray) -> None:
+        """Re-warm these resident slots with the current model over their retained windows (their state
+        and last forecast recomputed, as a swap does)."""
+        self._rewarm_slots(np.asarray(slots, dtype=np.int64))
+
     def _rewarm_slots(self, slots: np.ndarray) -> None:
         tb = self.table
         slots = slots[tb.count[slots] > 0]

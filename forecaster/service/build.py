@@ -126,6 +126,7 @@ def build_service(
         scaling=Scaling.from_settings(settings.scaling),
         window=settings.state.window,
         background_above=service.background_rewarm_values,
+        promotion=settings.checkpoints.promotion,
     )
     # Step 4. Clients, committer and recovery.
     consumer = make_consumer(kafka, consumer_options(settings))

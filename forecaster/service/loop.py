@@ -39,6 +39,7 @@ from forecaster.service.clients import Consumer, Rebalance, TopicPartition
 from forecaster.service.committer import Committer
 from forecaster.service.exactly_once.committer import is_fenced
 from forecaster.service.health import Health
+from forecaster.service.trial import Trial
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class Service:
         self.ledger = ledger
         self.swapper = swapper
         self.metrics = metrics or ServiceMetrics()
+        self.trial = Trial(settings, engine, swapper, self.metrics.registry)
         self.clock = clock
         self.timer = time.perf_counter  # the batch time budget's clock
         self.decoder = RecordDecoder.from_settings(
@@ -182,7 +184,9 @@ class Service:
         """The engine over the good values of the batch."""
         started = time.perf_counter()
         self.ledger.revive(batch.series)  # evicted series that came back resume
+        self.trial.before(batch.series)  # shadow promotion: the challenger holds what the champion holds
         out = self.engine.process(batch.series, batch.ts, batch.values)
+        self.trial.observe(batch.series, batch.ts, batch.values, out)  # stepped and scored, never sent
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.metrics.values_stepped.inc(len(out))
         self.metrics.values_duplicate.inc(out.duplicates)
@@ -236,6 +240,7 @@ class Service:
         version = self.swapper.swap_if_ready(self.engine)
         if version is not None:
             self.metrics.set_model(version, self.engine.model.cell)
+        self.trial.tend(version)  # shadow promotion: start, decide or end a trial
 
     def refresh(self, force: bool = False) -> None:
         """State figures, online error and idle evictions every ``refresh_seconds``; consumer lag and the
@@ -249,6 +254,7 @@ class Service:
             self.metrics.update_evicted(self.ledger.store.stats())
             self.metrics.online_error.update(engine.errors)
             self.metrics.coverage.update(engine.coverage)
+            self.trial.refresh()
         if force or now >= self._next_lag:
             self._next_lag = now + settings.lag_interval_seconds
             lag = self.consumer_lag()

@@ -29,11 +29,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from forecaster.checkpoints.promotion import propose
 from forecaster.checkpoints.store import (
     LoadedCheckpoint,
     latest_version,
@@ -63,6 +65,7 @@ class TrainOutcome:
     evaluation: Evaluation
     parent: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    proposed: bool = False  # shadow promotion: ``published`` is on trial (CANDIDATE), not in LATEST
 
 
 def baseline_model(settings: Any, baseline: dict[str, Any], mix: np.ndarray) -> RecurrentForecaster:
@@ -187,7 +190,9 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
             None, reason, fitted, evaluation, published.version if published else None, metrics
         )
     # Step 5. Write the checkpoint and publish it in one step (validated by the one loader on the way; the
-    # folder appears only together with LATEST).
+    # folder appears only together with LATEST). In shadow promotion a model that has a champion to beat
+    # is proposed instead (CANDIDATE): the services score it on live values before it serves.
+    on_trial = settings.checkpoints.promotion == "shadow" and published is not None
     version = save_checkpoint(
         settings.checkpoints.dir,
         model,
@@ -203,8 +208,18 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
                 "seed": settings.model.seed,
             }
         },
-        publish=True,
+        publish=not on_trial,
     )
+    if on_trial:
+        load_checkpoint(Path(settings.checkpoints.dir) / version)  # the one loader, before it is proposed
+        propose(settings.checkpoints.dir, version)
+        log.info(
+            "proposed checkpoint %s in %s (CANDIDATE): the services compare it with %s on live values",
+            version,
+            settings.checkpoints.dir,
+            published.version,
+        )
+        return TrainOutcome(version, reason, fitted, evaluation, published.version, metrics, proposed=True)
     log.info("published checkpoint %s in %s", version, settings.checkpoints.dir)
     return TrainOutcome(
         version, reason, fitted, evaluation, published.version if published else None, metrics

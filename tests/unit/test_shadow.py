@@ -1,0 +1,163 @@
+"""Shadow: the challenger stepped beside the champion, the paired score, the verdict."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from forecaster.engine.engine import Engine
+from forecaster.engine.shadow import PairedScore, Shadow
+from forecaster.model import RecurrentForecaster
+
+
+def _model(seed: int, hidden: int = 6, horizon: int = 3) -> RecurrentForecaster:
+    torch.manual_seed(seed)
+    return RecurrentForecaster("gru", hidden_size=hidden, num_layers=1, horizon=horizon)
+
+
+def _engine(model: RecurrentForecaster, **kwargs) -> Engine:
+    return Engine(model, version="champ", window=64, capacity=4, clock=lambda: 1000.0, **kwargs)
+
+
+def _stream(n_series: int, n_values: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(5.0, 20.0, n_series)
+    for t in range(1, n_values + 1):
+        names = [f"s{i}" for i in range(n_series)]
+        values = base + np.sin(t / 3.0 + np.arange(n_series)) + rng.normal(0, 0.3, n_series)
+        yield names, [t] * n_series, values
+
+
+def _run(champion: Engine, shadow: Shadow | None, batches) -> list[np.ndarray]:
+    got = []
+    for names, ts, values in batches:
+        if shadow is not None:
+            shadow.before(names)
+        out = champion.process(names, ts, values)
+        if shadow is not None:
+            shadow.observe(names, ts, values, out)
+        got.append(out.forecasts.copy())
+    return got
+
+
+def test_the_champions_forecasts_are_the_same_with_and_without_a_shadow() -> None:
+    alone = _run(_engine(_model(0)), None, _stream(5, 30))
+    champion = _engine(_model(0))
+    _run(champion, None, _stream(5, 10))
+    shadow = Shadow(champion, _model(1, hidden=9), "chal")  # another shape: copied by window, re-warmed
+    with_shadow = _run(champion, shadow, list(_stream(5, 30))[10:])
+    np.testing.assert_array_equal(np.concatenate(alone[10:]), np.concatenate(with_shadow))
+    assert shadow.score.count(1) == 5 * 19  # every value after the first of the shadow, at step 1
+    assert shadow.unpaired_batches == 0
+
+
+def test_a_challenger_identical_to_the_champion_scores_equal_and_is_never_promoted() -> None:
+    champion = _engine(_model(0))
+    _run(champion, None, _stream(4, 20))  # 20 values < window: the re-warm rebuilds the same state
+    shadow = Shadow(champion, _model(0), "same", min_values=10, max_values=60)
+    _run(champion, shadow, list(_stream(4, 40))[20:])
+    for step in (1, 3):
+        stats = shadow.score.stats(step)
+        assert stats.count > 0 and stats.mean_difference == 0.0 and stats.z == 0.0
+        assert stats.mae_champion == stats.mae_challenger
+    decision, detail = shadow.verdict()
+    assert decision == "reject" and detail["steps"][0]["count"] >= 60
+
+
+def test_the_paired_score_matches_a_plain_loop_over_each_series() -> None:
+    rng = np.random.default_rng(5)
+    horizon = 4
+    score = PairedScore(horizon, capacity=2)
+    history: dict[str, list] = {}
+    names = ["a", "b", "c"]
+    for _ in range(12):  # batches with repeats of a series (several rounds) and slots changing hands
+        rows = list(rng.choice(names, size=5))
+        rows.sort(key=lambda n: 0)  # stepped order: one value per series per round
+        by_round: list[str] = []
+        counts: dict[str, int] = {}
+        for name in rows:
+            counts[name] = counts.get(name, 0) + 1
+        for r in range(max(counts.values())):
+            by_round += [n for n in names if counts.get(n, 0) > r]
+        slots = np.array([names.index(n) for n in by_round], dtype=np.int64)
+        values = rng.normal(size=len(by_round))
+        champ = rng.normal(size=(len(by_round), horizon))
+        chal = rng.normal(size=(len(by_round), horizon))
+        score.add(slots, by_round, values, champ, chal)
+        for i, name in enumerate(by_round):
+            history.setdefault(name, []).append((values[i], champ[i], chal[i]))
+    for step in (1, horizon):
+        d, n = [], 0
+        for rows in history.values():
+            for k in range(step, len(rows)):
+                v = rows[k][0]
+                e_champ, e_chal = abs(v - rows[k - step][1][step - 1]), abs(v - rows[k - step][2][step - 1])
+                d.append(e_champ - e_chal)
+                n += 1
+        stats = score.stats(step)
+        assert stats.count == n
+        np.testing.assert_allclose(stats.mean_difference, np.mean(d))
+        np.testing.assert_allclose(stats.z, np.mean(d) / (np.std(d, ddof=1) / np.sqrt(n)))
+
+
+def test_a_slot_that_changes_hands_starts_its_history_afresh() -> None:
+    score = PairedScore(horizon=1)
+    one = np.ones((1, 1))
+    score.add(np.array([0]), ["a"], np.array([1.0]), one, one)
+    score.add(np.array([0]), ["a"], np.array([2.0]), one, one)
+    assert score.count(1) == 1
+    score.add(np.array([0]), ["b"], np.array([2.0]), one, one)  # slot 0 now holds b: not scored against a
+    assert score.count(1) == 1
+
+
+def test_a_plainly_better_challenger_is_promoted_and_a_worse_one_rejected() -> None:
+    champion = _engine(_model(0))
+    _run(champion, None, _stream(8, 5))
+
+    better = _model(3)
+    shadow = Shadow(champion, better, "better", min_values=50, max_values=400)
+    # scored by hand: the challenger's errors are half the champion's
+    rng = np.random.default_rng(0)
+    slots = np.arange(8)
+    names = [f"s{i}" for i in range(8)]
+    for _ in range(30):
+        v = rng.normal(size=8)
+        champ = v[:, None] + rng.normal(0, 1.0, (8, 3))
+        chal = v[:, None] + rng.normal(0, 0.5, (8, 3))
+        shadow.score.add(slots, names, v, champ, chal)
+    assert shadow.verdict()[0] is None or shadow.score.count(1) >= 50
+    for _ in range(60):
+        v = rng.normal(size=8)
+        shadow.score.add(
+            slots, names, v, v[:, None] + rng.normal(0, 1.0, (8, 3)), v[:, None] + rng.normal(0, 0.5, (8, 3))
+        )
+    assert shadow.verdict()[0] == "promote"
+    worse = Shadow(champion, _model(4), "worse", min_values=50, max_values=400)
+    for _ in range(60):
+        v = rng.normal(size=8)
+        worse.score.add(
+            slots, names, v, v[:, None] + rng.normal(0, 1.0, (8, 3)), v[:, None] + rng.normal(0, 1.05, (8, 3))
+        )
+        assert worse.verdict()[0] != "promote"
+    assert worse.verdict()[0] == "reject"
+
+
+def test_prune_forgets_series_the_champion_no_longer_holds() -> None:
+    champion = _engine(_model(0))
+    _run(champion, None, _stream(4, 5))
+    shadow = Shadow(champion, _model(1), "chal")
+    assert set(shadow.challenger.table.slots) == {"s0", "s1", "s2", "s3"}
+    champion.drop(["s1", "s2"])
+    assert shadow.prune() == 2 and set(shadow.challenger.table.slots) == {"s0", "s3"}
+    # s1 comes back to the champion (a new series there): the challenger follows it from the champion
+    shadow.before(["s1"])
+    assert "s1" not in shadow.challenger.table.slots  # not in the champion yet either
+    out = champion.process(["s1"], [99], [3.0])
+    shadow.observe(["s1"], [99], [3.0], out)
+    assert "s1" in shadow.challenger.table.slots
+
+
+def test_shadow_fits_only_when_two_tables_stay_within_max_series() -> None:
+    champion = _engine(_model(0))
+    _run(champion, None, _stream(6, 2))
+    assert Shadow.fits(champion, max_series=12) and not Shadow.fits(champion, max_series=11)
