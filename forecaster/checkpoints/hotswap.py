@@ -163,6 +163,7 @@ class ModelSwapper:
         self._challenger: LoadedCheckpoint | None = None
         self.on_trial: str | None = None  # the candidate the loop is trying in shadow
         self.candidate_now: str | None = None  # what CANDIDATE named at the last look
+        self._tried: set[str] = set()  # candidates whose trial ended here (or decided before)
         self.current_version = current_version
         self.poll_seconds = float(poll_seconds)
         self.device = device
@@ -213,11 +214,13 @@ class ModelSwapper:
         self.candidate_now = wanted
         with self._lock:
             ready = self._challenger.version if self._challenger else None
-        if wanted is None or wanted in (self.current_version, ready, self.on_trial) or wanted in self._refused:
+        if wanted is None or wanted in (self.current_version, ready, self.on_trial):
+            return
+        if wanted in self._refused or wanted in self._tried:
             return
         try:
             if decision_of(self.checkpoint_dir, wanted) is not None:
-                self._refused.add(wanted)  # decided already: never on trial again
+                self._tried.add(wanted)  # decided already: never on trial again
                 return
             loaded = load_checkpoint(self.checkpoint_dir / wanted, device=self.device)
             _check_compatible(loaded, scaling=self.scaling, horizon=self.horizon, window=self.window)
@@ -239,9 +242,10 @@ class ModelSwapper:
         return ready
 
     def trial_ended(self, version: str, refused: bool = False) -> None:
-        """The trial of ``version`` is over (decided, or refused to start: never tried again here)."""
+        """The trial of ``version`` is over (``refused``: decided, or refused to start: never tried again
+        here; a promoted version still swaps in through ``LATEST``)."""
         if refused:
-            self._refused.add(version)
+            self._tried.add(version)
         if self.on_trial == version:
             self.on_trial = None
 

@@ -1,4 +1,9 @@
-"""``forecaster checkpoints list``, ``promote VERSION`` (publish or roll back) and ``history``.
+"""``forecaster checkpoints list``, ``promote VERSION`` (publish or roll back), ``reject VERSION``,
+``candidate`` and ``history``.
+
+With ``checkpoints.promotion = shadow`` the trainer proposes (``CANDIDATE``) rather than publishes; the
+services try the candidate in shadow and decide. ``promote`` and ``reject`` decide by hand: the decision
+is written into the version's manifest (``by: hand``), so the services end its trial.
 
 A running ``forecaster serve`` watches ``LATEST`` and swaps to the promoted version within
 ``settings.service.checkpoint_poll_seconds``. Every promotion is recorded in ``HISTORY`` beside
@@ -13,7 +18,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from forecaster.checkpoints.store import list_checkpoints, load_checkpoint, promote, read_history
+from forecaster.checkpoints.promotion import candidate_version, decide, decision_of
+from forecaster.checkpoints.store import (
+    latest_version,
+    list_checkpoints,
+    load_checkpoint,
+    promote,
+    read_history,
+)
 from forecaster.config import Settings
 from forecaster.errors import CheckpointError
 
@@ -26,14 +38,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     promoting = sub.add_parser("promote", help="point LATEST at VERSION (after validating it)")
     promoting.add_argument("version")
+    rejecting = sub.add_parser("reject", help="reject VERSION: never tried in shadow (again)")
+    rejecting.add_argument("version")
+    sub.add_parser("candidate", help="the version on trial in shadow (CANDIDATE) and its decision, if any")
     sub.add_parser("history", help="the versions published or promoted, oldest first (HISTORY)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     root = args.checkpoint_dir or settings.checkpoints.dir
     if args.action == "promote":
-        loaded = promote(root, args.version)
-        print(f"LATEST -> {args.version} ({loaded.model.cell if loaded else '?'}) in {root}")
+        decided = _decided_before(root, args.version)
+        if decided:
+            decide(root, args.version, "promoted", by="hand")  # records it; ends a trial of it
+        else:
+            promote(root, args.version)
+        print(f"LATEST -> {args.version} in {root}")
+        return 0
+    if args.action == "reject":
+        if latest_version(root) == args.version:
+            print(f"{args.version} is the published version (LATEST): promote another first", file=sys.stderr)
+            return 1
+        decide(root, args.version, "rejected", by="hand")
+        print(f"{args.version} rejected in {root}")
+        return 0
+    if args.action == "candidate":
+        version = candidate_version(root)
+        if version is None:
+            print(f"no candidate in {root}")
+            return 0
+        print(json.dumps({"candidate": version, "decision": decision_of(root, version)}, indent=2))
         return 0
     if args.action == "history":
         try:
@@ -53,13 +86,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"no checkpoints in {root}", file=sys.stderr)
         return 0
     print(
-        f"{'':1} {'version':28} {'created':26} {'model':18} {'val MAE':>10} {'MASE':>8} {'parent':28} problem"
+        f"{'':1} {'version':28} {'created':26} {'model':18} {'val MAE':>10} {'MASE':>8} {'parent':28} {'decision':9} problem"
     )
     for row in rows:
         print(
             f"{'*' if row['latest'] else ' ':1} {row['version']:28} {row['created_at'][:26]:26} {row['model']:18} "
             f"{_num(row['mae']):>10} {_num(row['mase']):>8} {row['parent'] or '-':28} "
-            f"{row['problem'] or ''}"
+            f"{row['decision'] or '-':9} {row['problem'] or ''}"
         )
     return 0
 
@@ -83,9 +116,15 @@ def _row(info: Any, verify: bool) -> dict[str, Any]:
         "mae": validation.get("mae"),
         "mase": validation.get("mase"),  # Hyndman & Koehler's; absent from manifests written before it
         "parent": manifest.get("parent"),
+        "decision": (manifest.get("promotion") or {}).get("decision"),  # shadow promotion, or by hand
         "problem": problem,
     }
 
 
 def _num(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else "-"
+
+
+def _decided_before(root: Any, version: str) -> bool:
+    """Whether promoting ``version`` by hand is a decision to record: it is a candidate, or was one."""
+    return candidate_version(root) == version or decision_of(root, version) is not None

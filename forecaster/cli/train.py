@@ -103,6 +103,7 @@ def summarize(outcome: TrainOutcome) -> dict[str, Any]:
     evaluation = outcome.evaluation
     return {
         "published": outcome.published,
+        "proposed": outcome.proposed,  # shadow promotion: on trial (CANDIDATE), not yet serving
         "reason": outcome.reason,
         "epochs": outcome.fit.epochs,
         "season": evaluation.season,

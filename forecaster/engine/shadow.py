@@ -151,6 +151,22 @@ class PairedScore:
         return StepScore(step, int(n), abs_champion / n, abs_challenger / n, mean, z)
 
 
+def _pairing(champion: np.ndarray, challenger: np.ndarray) -> np.ndarray | bool | None:
+    """Which challenger row holds the value of each champion row (both list the input rows they stepped;
+    within a round each engine orders them by its own slots): True when in the same order, None when
+    they stepped different values."""
+    if len(champion) != len(challenger):
+        return None
+    if np.array_equal(champion, challenger):
+        return True
+    a, b = np.argsort(champion, kind="stable"), np.argsort(challenger, kind="stable")
+    if not np.array_equal(champion[a], challenger[b]):
+        return None
+    pos = np.empty(len(champion), dtype=np.int64)
+    pos[a] = b
+    return pos
+
+
 class Shadow:
     """The challenger ``model`` (version ``version``) stepped beside ``champion``; see the module docstring."""
 
@@ -205,12 +221,21 @@ class Shadow:
     ) -> EngineOutput:
         """Step the challenger over the batch the champion just stepped, and score both."""
         out = self.challenger.process(series, ts, values)
-        if len(out) != len(champion_out) or not np.array_equal(out.index, champion_out.index):
-            self.unpaired_batches += 1  # e.g. a series the champion had and the challenger could not copy
+        pos = _pairing(champion_out.index, out.index)
+        if pos is None:
+            self.unpaired_batches += 1  # the two stepped different values: not scored
             return out
-        slots = np.fromiter(map(self.challenger.table.slots.__getitem__, out.series), np.int64, len(out))
-        v = np.asarray(values, dtype=np.float64).reshape(-1)[out.index]
-        self.score.add(slots, out.series, v, np.asarray(champion_out.forecasts), np.asarray(out.forecasts))
+        mine = self.challenger.table.slots
+        slots = np.fromiter(map(mine.__getitem__, champion_out.series), np.int64, len(champion_out))
+        v = np.asarray(values, dtype=np.float64).reshape(-1)[champion_out.index]
+        chal = np.asarray(out.forecasts)
+        self.score.add(
+            slots,
+            champion_out.series,
+            v,
+            np.asarray(champion_out.forecasts),
+            chal if pos is True else chal[pos],
+        )
         return out
 
     # ---- between batches -----------------------------------------------------------------------------

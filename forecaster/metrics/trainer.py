@@ -24,7 +24,8 @@ class TrainerMetrics:
         register_process_collectors(registry)
         self.runs = Counter(
             "forecaster_trainer_runs_total",
-            "Training runs by result: published, not_published (not better), no_data (waiting for history), failed",
+            "Training runs by result: published, proposed (on trial in shadow), not_published (not better),"
+            " no_data (waiting for history), failed",
             ["result"],
             registry=registry,
         )
@@ -45,20 +46,22 @@ class TrainerMetrics:
         self.published = Info(
             "forecaster_trainer_published_version", "The checkpoint version LATEST names", registry=registry
         )
-        for result in ("published", "not_published", "no_data", "failed"):
+        for result in ("published", "proposed", "not_published", "no_data", "failed"):
             self.runs.labels(result=result)
 
     def record(self, outcome: Any, seconds: float, now: float) -> None:
         """A finished run: ``outcome`` is a ``TrainOutcome`` (or None when the run had nothing to do)."""
         published = getattr(outcome, "published", None)
-        self.runs.labels(result="published" if published else "not_published").inc()
+        proposed = bool(getattr(outcome, "proposed", False))
+        result = ("proposed" if proposed else "published") if published else "not_published"
+        self.runs.labels(result=result).inc()
         self.duration.set(seconds)
         self.last_success.set(now)
         fit = getattr(outcome, "fit", None)
         if fit is not None and fit.train_losses:
             self.loss.labels(split="train").set(fit.train_losses[-1])
             self.loss.labels(split="validation").set(fit.best_validation_loss)
-        if published:
+        if published and not proposed:
             self.published.info({"version": published})
 
     def waiting(self, seconds: float) -> None:

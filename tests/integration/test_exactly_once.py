@@ -480,3 +480,118 @@ def test_the_changelog_is_created_compacted_and_co_partitioned_or_refused_clearl
     kafka_settings.changelog_topic = f"cl-missing-{uuid.uuid4().hex[:8]}"
     with pytest.raises(KafkaSetupError, match="does not exist"):
         changelog.ensure_changelog(kafka_settings, source, create=False)
+
+
+# ---- shadow promotion --------------------------------------------------------------------------------
+
+
+def _last_value_model(loaded) -> object:
+    """A challenger of the champion's shape that forecasts the last value (untrained over a season-1
+    baseline): on these series plainly better than the untrained champion, at every step."""
+    from forecaster.model import ForecasterConfig, build_model
+
+    config = ForecasterConfig(**{**loaded.model.config.model_dump(), "season": 1, "base_seasons": 1})
+    return build_model(config, seed=1)
+
+
+def _trial_active(service) -> bool:
+    return any(
+        name == "forecaster_shadow_active" and value == 1 for (name, _), value in service.metrics().items()
+    )
+
+
+@pytest.mark.parametrize("kafka_client", ["confluent"])
+def test_shadow_promotes_a_better_challenger_and_a_kill_9_in_the_trial_changes_no_forecast(
+    eos, broker, tmp_path
+):
+    """Shadow promotion, exactly once: the trial starts, the instance is killed -9 mid-trial, the new one
+    tries the candidate again from its restored state and promotes it. Every value has one forecast; those
+    of the champion's version equal its full pass (the trial changed nothing), and the candidate serves
+    after its promotion, which its manifest records."""
+    from forecaster.checkpoints.promotion import decision_of, propose
+    from forecaster.checkpoints.store import latest_version
+
+    topics, loaded, start = eos
+    root = tmp_path / "checkpoints"
+    challenger = save_checkpoint(root, _last_value_model(loaded), loaded.scaling)
+    propose(root, challenger)
+    frame = generate(n_series=60, n_values=120, start_ms=START_MS, step_ms=60_000, seed=31)
+    rounds = windowed_records(frame)
+    shadow = {
+        "FORECASTER_CHECKPOINTS__PROMOTION": "shadow",
+        "FORECASTER_SERVICE__CHECKPOINT_POLL_SECONDS": "0.2",
+    }
+    never = {f"FORECASTER_CHECKPOINTS__SHADOW_{k}_VALUES": "1000000000" for k in ("MIN", "MAX")}
+    service = start("a", **shadow, **never)  # a trial that never decides
+    third = len(rounds) // 3
+    producer = stream(topics.bootstrap, topics.input, rounds[:third], seconds=4)
+    broker.wait_for(lambda: _trial_active(service), timeout=30, what="the shadow trial")
+    time.sleep(2)
+    assert latest_version(root) == loaded.version  # on trial, not serving
+    assert service.kill() == -9
+    producer.join(60)
+    service = start("a", **shadow, FORECASTER_CHECKPOINTS__SHADOW_MIN_VALUES="300")
+    stream(topics.bootstrap, topics.input, rounds[third : 2 * third], seconds=3).join(60)
+    broker.wait_for(lambda: latest_version(root) == challenger, timeout=60, what="the promotion")
+    serving = ("forecaster_model_info", (("cell", "gru"), ("version", challenger)))
+    broker.wait_for(lambda: service.metrics().get(serving) == 1, timeout=30, what="the swap to the winner")
+    stream(topics.bootstrap, topics.input, rounds[2 * third :], seconds=2).join(60)
+    forecasts = read_committed(topics.bootstrap, topics.output, len(frame), timeout=90)
+    samples = service.metrics()
+    assert service.terminate() == 0
+    keys = Counter((f["series"], f["ts"]) for f in forecasts)
+    assert set(keys) == set(zip(frame["series"], frame["ts"], strict=True)) and max(keys.values()) == 1
+    by_version = Counter(f["model_version"] for f in forecasts)
+    assert set(by_version) == {loaded.version, challenger}, by_version  # the champion's, then the winner's
+    champion_only = frame.assign(key=list(zip(frame["series"], frame["ts"], strict=True)))
+    made = {(f["series"], f["ts"]): f for f in forecasts}
+    for name, group in champion_only.groupby("series", sort=False):
+        expected = reference_forecast(loaded.model, group["value"].to_numpy(), loaded.scaling)
+        for row, key in enumerate(group["key"]):
+            if made[key]["model_version"] == loaded.version:
+                np.testing.assert_allclose(
+                    made[key]["forecast"], expected[row], rtol=1e-5, atol=1e-5, err_msg=name
+                )
+    decision = decision_of(root, challenger)
+    assert (
+        decision["decision"] == "promoted"
+        and decision["by"] == "shadow"
+        and decision["champion"] == loaded.version
+    )
+    assert all(step["z"] > 3 and step["count"] >= 300 for step in decision["detail"]["steps"])
+    assert samples[("forecaster_promotions_total", (("by", "shadow"), ("decision", "promoted")))] == 1
+
+
+@pytest.mark.parametrize("kafka_client", ["kafka-python"])
+def test_shadow_rejects_a_worse_challenger_and_the_champion_keeps_serving(eos, broker, tmp_path):
+    from forecaster.checkpoints.promotion import candidate_version, decision_of, propose
+    from forecaster.checkpoints.store import latest_version
+
+    topics, _, start = eos
+    root = tmp_path / "checkpoints"
+    champion_model = _last_value_model(load_checkpoint(root))
+    champion = save_checkpoint(root, champion_model, Scaling.from_settings(Settings().scaling))
+    promote(root, champion)
+    loaded = load_checkpoint(root)
+    worse = save_checkpoint(root, fresh_model(Settings(model=TINY_MODEL)), loaded.scaling)
+    frame = generate(n_series=40, n_values=80, start_ms=START_MS, step_ms=60_000, seed=32)
+    service = start(
+        "a",
+        FORECASTER_SERVICE__PROCESSING_GUARANTEE="at_least_once",
+        FORECASTER_CHECKPOINTS__PROMOTION="shadow",
+        FORECASTER_CHECKPOINTS__SHADOW_MIN_VALUES="100",
+        FORECASTER_CHECKPOINTS__SHADOW_MAX_VALUES="600",
+        FORECASTER_SERVICE__CHECKPOINT_POLL_SECONDS="0.2",
+    )
+    propose(root, worse)
+    broker.wait_for(lambda: _trial_active(service), timeout=30, what="the shadow trial")
+    stream(topics.bootstrap, topics.input, windowed_records(frame), seconds=3).join(60)
+    broker.wait_for(lambda: decision_of(root, worse) is not None, timeout=60, what="the decision")
+    forecasts = read_committed(topics.bootstrap, topics.output, len(frame), timeout=60)
+    samples = service.metrics()
+    assert service.terminate() == 0
+    assert decision_of(root, worse)["decision"] == "rejected" and candidate_version(root) is None
+    assert latest_version(root) == champion
+    assert {f["model_version"] for f in forecasts} == {champion}
+    assert samples[("forecaster_promotions_total", (("by", "shadow"), ("decision", "rejected")))] == 1
+    assert not _trial_active(service) if service.proc.poll() is None else True

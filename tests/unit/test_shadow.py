@@ -161,3 +161,23 @@ def test_shadow_fits_only_when_two_tables_stay_within_max_series() -> None:
     champion = _engine(_model(0))
     _run(champion, None, _stream(6, 2))
     assert Shadow.fits(champion, max_series=12) and not Shadow.fits(champion, max_series=11)
+
+
+def test_batches_of_several_values_per_series_pair_up_whatever_slots_each_table_gave() -> None:
+    """Within a round each engine orders its rows by its own slots: the pairing goes by input row."""
+    champion = _engine(_model(0))
+    _run(champion, None, _stream(3, 4))
+    shadow = Shadow(champion, _model(0), "same")
+    shadow.challenger.drop(["s0", "s1", "s2"])
+    shadow.adopt(["s2", "s0", "s1"])  # other slots than the champion's
+    rng = np.random.default_rng(1)
+    for t in range(5, 45, 4):  # four values per series per batch, series interleaved
+        names = [f"s{i % 3}" for i in range(12)]
+        ts = [t + i // 3 for i in range(12)]
+        values = rng.normal(10.0, 1.0, 12)
+        shadow.before(names)
+        out = champion.process(names, ts, values)
+        shadow.observe(names, ts, values, out)
+    assert shadow.unpaired_batches == 0
+    stats = shadow.score.stats(3)
+    assert stats.count > 0 and stats.mean_difference == 0.0  # the same model: the same errors, paired right
