@@ -28,6 +28,7 @@ import torch
 
 from forecaster.engine.engine import Engine
 from forecaster.engine.intervals import Intervals
+from forecaster.engine.shadow import Shadow
 from forecaster.model import RecurrentForecaster
 
 MODEL = {"cell": "gru", "hidden_size": 64, "num_layers": 2, "horizon": 12}
@@ -60,12 +61,19 @@ class Stream:
         self.ts = 1_700_000_000_000
         self.values = rng.normal(size=batch)
         self.calls = 0
+        self.shadow: Shadow | None = None  # a challenger stepped beside (shadow_cost)
 
     def call(self) -> None:
         self.ts += 1
         self.calls += 1
         names = self.subsets[self.calls % len(self.subsets)]
-        self.engine.process(names, np.full(self.batch, self.ts), self.values)
+        ts = np.full(self.batch, self.ts)
+        if self.shadow is None:
+            self.engine.process(names, ts, self.values)
+            return
+        self.shadow.before(names)
+        out = self.engine.process(names, ts, self.values)
+        self.shadow.observe(names, ts, self.values, out)
 
 
 def populate(engine: Engine, names: list[str], chunk: int = 65_536) -> None:
@@ -142,6 +150,41 @@ class Bench:
         bytes_on = self.engine(1024, True).state_bytes / 1024
         bytes_off = self.engine(1024, False).state_bytes / 1024
         out["state_bytes_per_series"] = {"on": bytes_on, "off": bytes_off, "calibrator": bytes_on - bytes_off}
+        return out
+
+    # ---- shadow promotion: the champion alone vs the champion with a challenger beside it -------------
+
+    def shadow_cost(self, batches: list[int]) -> dict[str, Any]:
+        """Cost per value of one engine alone and of the same engine with a ``Shadow`` (a second model of
+        the same shape stepped on every value, both scored), repeats interleaved. Goal: <= 2.2x."""
+        torch.manual_seed(1)
+        challenger = RecurrentForecaster(**MODEL).to(self.device).eval()
+        out: dict[str, Any] = {}
+        for batch in batches:
+            names = [f"s{i}" for i in range(batch)]
+            alone = Stream(self.engine(capacity=max(1024, batch)), names, batch)
+            paired = Stream(self.engine(capacity=max(1024, batch)), names, batch)
+            for _ in range(20):
+                alone.call()
+                paired.call()
+            paired.shadow = Shadow(paired.engine, challenger, "challenger")
+            for _ in range(20):  # past the first values of the trial (nothing to score yet)
+                paired.call()
+            progress(f"shadow batch {batch}")
+            calls = {
+                k: calls_for(s.call, self.args.seconds, self.sync)
+                for k, s in (("alone", alone), ("shadow", paired))
+            }
+            us: dict[str, list[float]] = {"alone": [], "shadow": []}
+            for _ in range(self.args.repeats):
+                for key, stream in (("alone", alone), ("shadow", paired)):
+                    us[key].append(1e6 * timed(stream.call, calls[key], self.sync) / batch)
+            ratios = [a / b for a, b in zip(us["shadow"], us["alone"], strict=True)]
+            out[str(batch)] = {
+                "us_per_value_alone": summary(us["alone"]),
+                "us_per_value_shadow": summary(us["shadow"]),
+                "ratio_shadow_over_alone": summary(ratios),
+            }
         return out
 
     # ---- engine throughput and baseline (b) ----------------------------------------------------------
@@ -283,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         "--intervals-only", action="store_true", help="only the cost of prediction intervals (on vs off)"
     )
     parser.add_argument(
+        "--shadow-only",
+        action="store_true",
+        help="only the cost of a challenger in shadow (vs the engine alone)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="small sizes: a smoke run of well under a minute"
     )
     parser.add_argument("--window", type=int, default=256, help="retained values per series (W)")
@@ -333,7 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     started = time.perf_counter()
     torch.set_num_threads(1)
+    if args.shadow_only:
+        report["shadow"] = bench.shadow_cost(batches)
+        report["seconds"] = time.perf_counter() - started
+        print(json.dumps(report, indent=2))
+        return 0
     report["intervals"] = bench.intervals_cost(batches)
+    report["shadow"] = bench.shadow_cost(batches)
     if args.intervals_only:
         report["seconds"] = time.perf_counter() - started
         print(json.dumps(report, indent=2))

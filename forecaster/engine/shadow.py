@@ -14,8 +14,10 @@ values scored at each, and rejected after ``max_values`` values at step 1 withou
 default: errors of one series are correlated from value to value, so the standard error is optimistic and
 the margin is kept wide.
 
-The second table costs what the first does (``Engine.state_bytes``), and the challenger holds only
-series the champion holds (``prune``), so shadowing at most doubles the state memory.
+The second table costs what the first does without the interval calibrator (``Engine.state_bytes``;
+the challenger's forecasts are never sent, so it computes no bounds and its coverage is not compared),
+and the challenger holds only series the champion holds (``prune``), so shadowing at most doubles the
+state memory.
 
 >>> import torch
 >>> from forecaster.model import RecurrentForecaster
@@ -66,15 +68,13 @@ class StepScore:
 class PairedScore:
     """Both models' absolute errors on the same values at step 1 and at the last step ``horizon``, paired.
 
-    Rows are keyed by the challenger's table slot; ``owner`` tells when a slot changed hands (its history
-    is then forgotten). Kept: each model's last step-1 forecast and a ring of its last ``horizon``
-    last-step forecasts per slot.
+    Rows are keyed by the challenger's table slot (``forget`` when a slot changes hands). Kept: each
+    model's last step-1 forecast and a ring of its last ``horizon`` last-step forecasts per slot.
     """
 
     def __init__(self, horizon: int, capacity: int = 1024) -> None:
         self.horizon = horizon
         self.steps = sorted({1, horizon})
-        self.owner = np.empty(0, dtype=object)
         self.seen = np.zeros(0, dtype=np.int64)
         self.prev = np.zeros((2, 0))  # (model, slot) step-1 forecast made after the last value
         self.ring = np.zeros((2, 0, horizon))  # (model, slot, k) last-step forecast made after value k mod H
@@ -86,31 +86,22 @@ class PairedScore:
         old = len(self.seen)
         if capacity <= old:
             return
-        self.owner = np.concatenate([self.owner, np.full(capacity - old, None, dtype=object)])
         self.seen = np.concatenate([self.seen, np.zeros(capacity - old, dtype=np.int64)])
         self.prev = np.concatenate([self.prev, np.zeros((2, capacity - old))], axis=1)
         self.ring = np.concatenate([self.ring, np.zeros((2, capacity - old, self.horizon))], axis=1)
 
     def add(
-        self,
-        slots: np.ndarray,
-        names: Sequence[str],
-        values: np.ndarray,
-        champion: np.ndarray,
-        challenger: np.ndarray,
+        self, slots: np.ndarray, values: np.ndarray, champion: np.ndarray, challenger: np.ndarray
     ) -> None:
         """Score one batch: rows in stepped order (a series' values in order), ``champion`` and
         ``challenger`` the (n, horizon) forecasts each model made after each row's value."""
         if not len(slots):
             return
         self._grow(int(slots.max()) + 1)
-        names_arr = np.empty(len(names), dtype=object)
-        names_arr[:] = list(names)
-        changed = self.owner[slots] != names_arr
-        if changed.any():  # a slot now holds another series: start its history afresh
-            self.owner[slots[changed]] = names_arr[changed]
-            self.seen[slots[changed]] = 0
         forecasts = np.stack([champion, challenger]).astype(np.float64)  # (2, n, H)
+        if len(np.unique(slots)) == len(slots):  # one value per series: one round
+            self._round(slots, values, forecasts)
+            return
         order = np.argsort(slots, kind="stable")
         sorted_slots = slots[order]
         first = np.concatenate(([True], sorted_slots[1:] != sorted_slots[:-1]))
@@ -120,6 +111,11 @@ class PairedScore:
         for r in range(int(rank.max()) + 1):  # the k-th value of each series, in turn
             rows = np.flatnonzero(rank == r)
             self._round(slots[rows], values[rows], forecasts[:, rows])
+
+    def forget(self, slots: np.ndarray) -> None:
+        """These slots change hands (freed, or given a series anew): their history starts afresh."""
+        self._grow(int(np.max(slots, initial=-1)) + 1)
+        self.seen[slots] = 0
 
     def _round(self, s: np.ndarray, v: np.ndarray, f: np.ndarray) -> None:
         n = self.seen[s]
@@ -193,11 +189,13 @@ class Shadow:
             device=champion.device,
             window=tb.window_size,
             capacity=max(tb.capacity, 16),
-            max_series=tb.max_series,
+            # It never evicts on its own: it holds what the champion holds (``before``, ``prune``), so a
+            # slot changes hands only where this class says so (``PairedScore.forget``).
+            max_series=1 << 62,
             ttl_seconds=champion.ttl_seconds,
             scaling=champion.scaling,
             clock=champion.clock,
-            intervals=champion.intervals,
+            intervals=None,  # its forecasts are scored, never sent: no bounds to compute
         )
         self.score = PairedScore(model.horizon, capacity=self.challenger.table.capacity)
         self.unpaired_batches = 0  # batches the two engines stepped differently (not scored)
@@ -229,13 +227,7 @@ class Shadow:
         slots = np.fromiter(map(mine.__getitem__, champion_out.series), np.int64, len(champion_out))
         v = np.asarray(values, dtype=np.float64).reshape(-1)[champion_out.index]
         chal = np.asarray(out.forecasts)
-        self.score.add(
-            slots,
-            champion_out.series,
-            v,
-            np.asarray(champion_out.forecasts),
-            chal if pos is True else chal[pos],
-        )
+        self.score.add(slots, v, np.asarray(champion_out.forecasts), chal if pos is True else chal[pos])
         return out
 
     # ---- between batches -----------------------------------------------------------------------------
@@ -254,11 +246,14 @@ class Shadow:
         dst.last_ts[dst_slots] = src.last_ts[src_slots]
         dst.dirty[dst_slots] = False
         self.challenger.rewarm_series(dst_slots)
+        self.score.forget(dst_slots)
 
     def prune(self) -> int:
         """Forget the challenger's series the champion no longer holds (evicted, or partitions gone)."""
-        theirs = self.champion.table.slots
-        gone = [s for s in self.challenger.table.slots if s not in theirs]
+        theirs, mine = self.champion.table.slots, self.challenger.table.slots
+        gone = [s for s in mine if s not in theirs]
+        if gone:
+            self.score.forget(np.fromiter((mine[s] for s in gone), np.int64, len(gone)))
         return len(self.challenger.drop(gone))
 
     def verdict(self) -> tuple[str | None, dict[str, Any]]:

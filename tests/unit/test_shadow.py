@@ -83,7 +83,7 @@ def test_the_paired_score_matches_a_plain_loop_over_each_series() -> None:
         values = rng.normal(size=len(by_round))
         champ = rng.normal(size=(len(by_round), horizon))
         chal = rng.normal(size=(len(by_round), horizon))
-        score.add(slots, by_round, values, champ, chal)
+        score.add(slots, values, champ, chal)
         for i, name in enumerate(by_round):
             history.setdefault(name, []).append((values[i], champ[i], chal[i]))
     for step in (1, horizon):
@@ -103,10 +103,11 @@ def test_the_paired_score_matches_a_plain_loop_over_each_series() -> None:
 def test_a_slot_that_changes_hands_starts_its_history_afresh() -> None:
     score = PairedScore(horizon=1)
     one = np.ones((1, 1))
-    score.add(np.array([0]), ["a"], np.array([1.0]), one, one)
-    score.add(np.array([0]), ["a"], np.array([2.0]), one, one)
+    score.add(np.array([0]), np.array([1.0]), one, one)
+    score.add(np.array([0]), np.array([2.0]), one, one)
     assert score.count(1) == 1
-    score.add(np.array([0]), ["b"], np.array([2.0]), one, one)  # slot 0 now holds b: not scored against a
+    score.forget(np.array([0]))  # slot 0 now holds another series: not scored against the last one's
+    score.add(np.array([0]), np.array([2.0]), one, one)
     assert score.count(1) == 1
 
 
@@ -119,24 +120,23 @@ def test_a_plainly_better_challenger_is_promoted_and_a_worse_one_rejected() -> N
     # scored by hand: the challenger's errors are half the champion's
     rng = np.random.default_rng(0)
     slots = np.arange(8)
-    names = [f"s{i}" for i in range(8)]
     for _ in range(30):
         v = rng.normal(size=8)
         champ = v[:, None] + rng.normal(0, 1.0, (8, 3))
         chal = v[:, None] + rng.normal(0, 0.5, (8, 3))
-        shadow.score.add(slots, names, v, champ, chal)
+        shadow.score.add(slots, v, champ, chal)
     assert shadow.verdict()[0] is None or shadow.score.count(1) >= 50
     for _ in range(60):
         v = rng.normal(size=8)
         shadow.score.add(
-            slots, names, v, v[:, None] + rng.normal(0, 1.0, (8, 3)), v[:, None] + rng.normal(0, 0.5, (8, 3))
+            slots, v, v[:, None] + rng.normal(0, 1.0, (8, 3)), v[:, None] + rng.normal(0, 0.5, (8, 3))
         )
     assert shadow.verdict()[0] == "promote"
     worse = Shadow(champion, _model(4), "worse", min_values=50, max_values=400)
     for _ in range(60):
         v = rng.normal(size=8)
         worse.score.add(
-            slots, names, v, v[:, None] + rng.normal(0, 1.0, (8, 3)), v[:, None] + rng.normal(0, 1.05, (8, 3))
+            slots, v, v[:, None] + rng.normal(0, 1.0, (8, 3)), v[:, None] + rng.normal(0, 1.05, (8, 3))
         )
         assert worse.verdict()[0] != "promote"
     assert worse.verdict()[0] == "reject"
