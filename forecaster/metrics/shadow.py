@@ -4,7 +4,8 @@
 both stepped since the trial began (``role`` champion or challenger, ``step`` 1 and the last step);
 ``forecaster_shadow_values{step}`` how many were scored, ``forecaster_shadow_z{step}`` the paired
 statistic the decision reads (above ``checkpoints.shadow_z`` at both steps: promoted);
-``forecaster_shadow_active{champion, challenger}`` is 1 during a trial;
+``forecaster_shadow_active{champion, challenger}`` is 1 during a trial (the others keep the last
+trial's figures until the next one begins);
 ``forecaster_promotions_total{decision, by}`` counts this instance's decisions.
 
 >>> from prometheus_client import CollectorRegistry
@@ -23,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 class ShadowMetrics:
-    """The trial's figures; ``update(shadow)`` at each refresh, ``clear()`` when the trial ends."""
+    """The trial's figures; ``update(shadow)`` at each refresh, ``ended()`` when the trial ends."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -60,9 +61,12 @@ class ShadowMetrics:
         for decision in ("promoted", "rejected"):
             for by in ("shadow", "elsewhere"):
                 self.decisions.labels(decision=decision, by=by)
+        self._trial: tuple[str, str] | None = None
 
     def update(self, shadow: Any) -> None:
-        self.active.clear()
+        if (shadow.champion_version, shadow.version) != self._trial:  # a new trial: the last one's go
+            self.clear()
+            self._trial = (shadow.champion_version, shadow.version)
         self.active.labels(champion=shadow.champion_version, challenger=shadow.version).set(1)
         for step in shadow.score.steps:
             stats = shadow.score.stats(step)
@@ -77,9 +81,14 @@ class ShadowMetrics:
                 if math.isfinite(mae):
                     self.mae.labels(role=role, model_version=version, step=label).set(mae)
 
+    def ended(self) -> None:
+        """The trial is over: not active; its figures stay until the next trial begins."""
+        self.active.clear()
+
     def clear(self) -> None:
         for gauge in (self.active, self.mae, self.values, self.z):
             gauge.clear()
+        self._trial = None
 
     def decided(self, decision: str, by: str) -> None:
         self.decisions.labels(decision=decision, by=by).inc()

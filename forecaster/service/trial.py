@@ -159,4 +159,5 @@ class Trial:
         log.info("shadow trial of %s ended: %s", shadow.version, why)
         self.swapper.trial_ended(shadow.version, refused=refused or seen)
         if self.metrics is not None:
-            self.metrics.clear()
+            self.metrics.update(shadow)  # the figures the decision read
+            self.metrics.ended()

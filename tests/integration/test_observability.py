@@ -230,6 +230,10 @@ def pipeline(kafka_bootstrap: str, kafka_admin, tmp_path_factory: pytest.TempPat
             "FORECASTER_MODEL__HORIZON": "3",
             "FORECASTER_TRAIN__EPOCHS": "2",
             "FORECASTER_TRAIN__SEASON": "24",
+            # Shadow promotion, a candidate at every run after the first: the champion-and-challenger
+            # panels have a trial to show.
+            "FORECASTER_CHECKPOINTS__PROMOTION": "shadow",
+            "FORECASTER_TRAIN__PUBLISH_ONLY_IF_BETTER": "false",
             "FORECASTER_SERVICE__CHECKPOINT_POLL_SECONDS": "0.5",
             "FORECASTER_METRICS__REFRESH_SECONDS": "0.5",
             "FORECASTER_METRICS__LAG_INTERVAL_SECONDS": "1",
