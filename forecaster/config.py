@@ -189,7 +189,10 @@ class ServiceSettings(BaseModel):
     # restore waits for a previous owner's open transaction to settle.
     transaction_timeout_ms: int = Field(default=60_000, ge=1_000, le=900_000)
     close_timeout_seconds: float = Field(default=30.0, gt=0.0)  # flush on stop at most this long
-    session_timeout_ms: int = Field(default=10_000, ge=1_000)  # a member silent this long leaves the group
+    # A member silent this long leaves the group (heartbeats run on the clients' own threads). 6 s, the
+    # broker's minimum: after a broker outage a member whose session ran out rejoins only once its old
+    # membership has timed out on the restarted coordinator, so this bounds that wait.
+    session_timeout_ms: int = Field(default=6_000, ge=1_000)
     # A member that has lag but consumes nothing, has lost its group membership, or whose loop has not
     # turned, for this long, is stalled: logged once, counted, /healthz fails, and it rejoins the group.
     stall_seconds: float = Field(default=60.0, gt=0.0)
@@ -227,7 +230,8 @@ class MetricsSettings(BaseModel):
     host: str = "0.0.0.0"
     port: int = Field(default=9108, ge=0, le=65535)  # 0: do not serve
     refresh_seconds: float = Field(default=1.0, gt=0.0)  # state figures and online error copied this often
-    lag_interval_seconds: float = Field(default=5.0, gt=0.0)  # consumer lag asked of the broker this often
+    # Consumer lag asked of the broker this often; also how soon /readyz notices the broker gone or back.
+    lag_interval_seconds: float = Field(default=2.0, gt=0.0)
     # /series/<id> and /series/<id>/view (a series' recent values and forecast): None = on when `host` is a
     # loopback address only, since the page shows data to whoever reaches the port.
     series_view: bool | None = None

@@ -29,17 +29,21 @@ log = logging.getLogger(__name__)
 
 class Health:
     """See the module docstring. ``progress_seconds`` bounds how long ``ready()`` stays true while
-    lag does not move (at most ``stall_seconds``)."""
+    lag does not move (at most ``stall_seconds``); ``turn_seconds`` how long it stays true while the
+    loop does not turn (a batch runs at most ``service.max_batch_ms``; a loop held longer waits on the
+    broker, e.g. a commit while it is away)."""
 
     def __init__(
         self,
         stall_seconds: float,
         *,
         progress_seconds: float = 10.0,
+        turn_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stall_seconds = stall_seconds
         self.progress_seconds = min(progress_seconds, stall_seconds)
+        self.turn_seconds = min(turn_seconds, stall_seconds)
         self.clock = clock
         now = clock()
         self.last_turn = now
@@ -141,5 +145,5 @@ class Health:
             and self.connected
             and not self.restoring()
             and progressing
-            and now - self.last_turn < self.stall_seconds
+            and now - self.last_turn < self.turn_seconds
         )

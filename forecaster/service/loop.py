@@ -102,7 +102,9 @@ class Service:
         self.decoder = RecordDecoder.from_settings(
             settings.service, clock=clock, positive=engine.scaling.positive
         )  # log scaling: values must be > 0
-        self.health = Health(settings.service.stall_seconds)
+        # Not ready once the loop has not turned for 5 s (or two batch budgets): it waits on the broker.
+        turn = max(5.0, 2.0 * settings.service.max_batch_ms / 1000.0)
+        self.health = Health(settings.service.stall_seconds, turn_seconds=turn)
         self.health.restoring = lambda: bool(getattr(self.recovery, "to_restore", ()))
         self.rebalance = Rebalance(self._assigned, self._revoked, self._lost)
         self._stopping = threading.Event()

@@ -352,6 +352,25 @@ def test_ready_only_while_polling_with_partitions():
     assert not service.ready()
 
 
+def test_a_loop_held_past_the_turn_limit_is_not_ready_but_still_alive():
+    """A commit waiting on a broker that went away holds the loop: /readyz says so within seconds,
+    /healthz only after stall_seconds."""
+    from forecaster.service.health import Health
+
+    now = [0.0]
+    health = Health(stall_seconds=60.0, turn_seconds=5.0, clock=lambda: now[0])
+    health.assigned([("in", 0)])
+    health.turned()
+    health.lag(0)
+    assert health.ready() and health.healthy()
+    now[0] = 4.9
+    assert health.ready()
+    now[0] = 5.1  # the loop has not turned for 5 s
+    assert not health.ready() and health.healthy()
+    health.turned()
+    assert health.ready()
+
+
 def test_a_swap_between_batches_updates_the_model_info():
     service, _ = make_service([], swapper=FakeSwapper("v2"))
     service.start()

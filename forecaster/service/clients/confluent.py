@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 # How long past its own timeout a transactional call may block before the producer is given up on:
 # librdkafka can miss the timeout of a coordinator request (send_offsets_to_transaction after a broker
 # restart was seen blocked for minutes; librdkafka issues 5456 and 5511).
-STUCK_GRACE_S = 5.0
+STUCK_GRACE_S = 2.0
 
 _REASONS: dict[int, str] = {}
 for _reason, _names in {

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # wait on a coordinator it lost track of after a broker restart) and the producer is replaced, the
 # transaction's records consumed again, instead of the instance standing still for the whole
 # transaction timeout.
-OFFSETS_TIMEOUT_S = 15.0
+OFFSETS_TIMEOUT_S = 5.0
 
 
 def is_fenced(exc: BaseException | None) -> bool:
