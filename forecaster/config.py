@@ -256,6 +256,8 @@ class CheckpointSettings(BaseModel):
     # The win: the mean paired difference of absolute errors (champion minus challenger) above this many
     # standard errors, at step 1 and at the last step.
     shadow_z: float = Field(default=3.0, gt=0.0)
+    # Also compare interval coverage: the challenger computes bounds too (about 1.3x its step cost).
+    shadow_coverage: bool = False
 
     @model_validator(mode="after")
     def _shadow_bounds(self) -> CheckpointSettings:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,8 @@ class StepScore:
     count: int
     mae_champion: float
     mae_challenger: float
+    rmse_champion: float
+    rmse_challenger: float
     mean_difference: float  # mean(|champion error| - |challenger error|): > 0 when the challenger is better
     z: float  # mean_difference over its standard error
 
@@ -79,8 +81,8 @@ class PairedScore:
         self.prev = np.zeros((2, 0))  # (model, slot) step-1 forecast made after the last value
         self.ring = np.zeros((2, 0, horizon))  # (model, slot, k) last-step forecast made after value k mod H
         self._grow(capacity)
-        # per step: n, sum |e champion|, sum |e challenger|, sum d, sum d^2
-        self.sums = {step: np.zeros(5) for step in self.steps}
+        # per step: n, sum |e champion|, sum |e challenger|, sum d, sum d^2, sum e champion^2, ... challenger^2
+        self.sums = {step: np.zeros(7) for step in self.steps}
 
     def _grow(self, capacity: int) -> None:
         old = len(self.seen)
@@ -128,7 +130,8 @@ class PairedScore:
             made = self.prev[:, s[ok]] if step == 1 else self.ring[:, s[ok], n[ok] % h]
             errors = np.abs(v[ok][None, :] - made)  # (2, m)
             d = errors[0] - errors[1]
-            self.sums[step] += (len(d), errors[0].sum(), errors[1].sum(), d.sum(), d @ d)
+            squares = (errors * errors).sum(axis=1)
+            self.sums[step] += (len(d), errors[0].sum(), errors[1].sum(), d.sum(), d @ d, *squares)
         self.prev[:, s] = f[:, :, 0]
         self.ring[:, s, n % h] = f[:, :, h - 1]
         self.seen[s] = n + 1
@@ -137,14 +140,23 @@ class PairedScore:
         return int(self.sums[step][0])
 
     def stats(self, step: int) -> StepScore:
-        n, abs_champion, abs_challenger, sum_d, sum_d2 = self.sums[step].tolist()
+        n, abs_champion, abs_challenger, sum_d, sum_d2, sq_champion, sq_challenger = self.sums[step].tolist()
         if n == 0:
-            return StepScore(step, 0, math.nan, math.nan, math.nan, math.nan)
+            return StepScore(step, 0, *([math.nan] * 6))
         mean = sum_d / n
         var = max(sum_d2 / n - mean * mean, 0.0) * n / max(n - 1.0, 1.0)
         se = math.sqrt(var / n)
         z = mean / se if se > 0 else (math.inf if mean > 0 else (-math.inf if mean < 0 else 0.0))
-        return StepScore(step, int(n), abs_champion / n, abs_challenger / n, mean, z)
+        return StepScore(
+            step,
+            int(n),
+            abs_champion / n,
+            abs_challenger / n,
+            math.sqrt(sq_champion / n),
+            math.sqrt(sq_challenger / n),
+            mean,
+            z,
+        )
 
 
 def _pairing(champion: np.ndarray, challenger: np.ndarray) -> np.ndarray | bool | None:
@@ -175,6 +187,7 @@ class Shadow:
         min_values: int = 1000,
         max_values: int = 50_000,
         z: float = 3.0,
+        coverage: bool = False,
     ) -> None:
         self.champion = champion
         self.version = version
@@ -195,8 +208,11 @@ class Shadow:
             ttl_seconds=champion.ttl_seconds,
             scaling=champion.scaling,
             clock=champion.clock,
-            intervals=None,  # its forecasts are scored, never sent: no bounds to compute
+            # Its forecasts are scored, never sent: bounds only to compare interval coverage (``coverage``).
+            intervals=champion.intervals if coverage else None,
         )
+        # The champion's coverage counts so far: the trial compares what both score from now on.
+        self._coverage_from = champion.coverage.get(champion.version) if coverage else None
         self.score = PairedScore(model.horizon, capacity=self.challenger.table.capacity)
         self.unpaired_batches = 0  # batches the two engines stepped differently (not scored)
         names = list(tb.slots)
@@ -255,6 +271,28 @@ class Shadow:
         if gone:
             self.score.forget(np.fromiter((mine[s] for s in gone), np.int64, len(gone)))
         return len(self.challenger.drop(gone))
+
+    def coverage(self) -> dict[str, tuple[str, Any]]:
+        """``{role: (model version, CoverageStats)}`` of both models' intervals on the trial's values
+        (empty unless the shadow was started with ``coverage``)."""
+        if self.challenger.intervals is None:
+            return {}
+        out = {}
+        mine = self.challenger.coverage.get(self.version)
+        if mine is not None:
+            out["challenger"] = (self.version, mine)
+        theirs = self.champion.coverage.get(self.champion_version)
+        if theirs is not None:
+            start = self._coverage_from
+            if start is not None:
+                theirs = replace(
+                    theirs,
+                    count=theirs.count - start.count,
+                    inside=theirs.inside - start.inside,
+                    width=theirs.width - start.width,
+                )
+            out["champion"] = (self.champion_version, theirs)
+        return out
 
     def verdict(self) -> tuple[str | None, dict[str, Any]]:
         """``("promote" | "reject" | None, figures)``: see the module docstring."""

@@ -2,7 +2,9 @@
 
 ``forecaster_shadow_mae{role, model_version, step}`` is each model's mean absolute error on the values
 both stepped since the trial began (``role`` champion or challenger, ``step`` 1 and the last step);
-``forecaster_shadow_values{step}`` how many were scored, ``forecaster_shadow_z{step}`` the paired
+``forecaster_shadow_rmse`` the same as a root mean square, ``forecaster_shadow_coverage{role,
+model_version, level, step}`` each model's interval coverage on those values (with
+``checkpoints.shadow_coverage``), ``forecaster_shadow_values{step}`` how many were scored, ``forecaster_shadow_z{step}`` the paired
 statistic the decision reads (above ``checkpoints.shadow_z`` at both steps: promoted);
 ``forecaster_shadow_active{champion, challenger}`` is 1 during a trial (the others keep the last
 trial's figures until the next one begins);
@@ -40,6 +42,19 @@ class ShadowMetrics:
             ["role", "model_version", "step"],
             registry=registry,
         )
+        self.rmse = Gauge(
+            "forecaster_shadow_rmse",
+            "Root mean squared error on the values both models stepped since the trial began",
+            ["role", "model_version", "step"],
+            registry=registry,
+        )
+        self.coverage = Gauge(
+            "forecaster_shadow_coverage",
+            "Share of the trial's values inside each model's interval made `step` values earlier"
+            " (checkpoints.shadow_coverage)",
+            ["role", "model_version", "level", "step"],
+            registry=registry,
+        )
         self.values = Gauge(
             "forecaster_shadow_values",
             "Values scored for both models in the trial",
@@ -74,19 +89,29 @@ class ShadowMetrics:
             self.values.labels(step=label).set(stats.count)
             if math.isfinite(stats.z):
                 self.z.labels(step=label).set(stats.z)
-            for role, version, mae in (
-                ("champion", shadow.champion_version, stats.mae_champion),
-                ("challenger", shadow.version, stats.mae_challenger),
+            for role, version, mae, rmse in (
+                ("champion", shadow.champion_version, stats.mae_champion, stats.rmse_champion),
+                ("challenger", shadow.version, stats.mae_challenger, stats.rmse_challenger),
             ):
                 if math.isfinite(mae):
                     self.mae.labels(role=role, model_version=version, step=label).set(mae)
+                    self.rmse.labels(role=role, model_version=version, step=label).set(rmse)
+        for role, (version, cov) in shadow.coverage().items():
+            for s, step in enumerate(cov.steps):
+                if cov.count[s] <= 0:
+                    continue
+                for level_index, level in enumerate(cov.levels):
+                    share = float(cov.inside[level_index, s] / cov.count[s])
+                    self.coverage.labels(role=role, model_version=version, level=level, step=f"h{step}").set(
+                        share
+                    )
 
     def ended(self) -> None:
         """The trial is over: not active; its figures stay until the next trial begins."""
         self.active.clear()
 
     def clear(self) -> None:
-        for gauge in (self.active, self.mae, self.values, self.z):
+        for gauge in (self.active, self.mae, self.rmse, self.coverage, self.values, self.z):
             gauge.clear()
         self._trial = None
 

@@ -110,6 +110,7 @@ class Trial:
             min_values=self.settings.shadow_min_values,
             max_values=self.settings.shadow_max_values,
             z=self.settings.shadow_z,
+            coverage=self.settings.shadow_coverage,
         )
         log.info(
             "shadow trial: %s steps beside the champion %s on every value (%d series copied and re-warmed,"

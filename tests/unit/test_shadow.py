@@ -87,16 +87,20 @@ def test_the_paired_score_matches_a_plain_loop_over_each_series() -> None:
         for i, name in enumerate(by_round):
             history.setdefault(name, []).append((values[i], champ[i], chal[i]))
     for step in (1, horizon):
-        d, n = [], 0
+        d, n, e_champs, e_chals = [], 0, [], []
         for rows in history.values():
             for k in range(step, len(rows)):
                 v = rows[k][0]
                 e_champ, e_chal = abs(v - rows[k - step][1][step - 1]), abs(v - rows[k - step][2][step - 1])
+                e_champs.append(e_champ)
+                e_chals.append(e_chal)
                 d.append(e_champ - e_chal)
                 n += 1
         stats = score.stats(step)
         assert stats.count == n
         np.testing.assert_allclose(stats.mean_difference, np.mean(d))
+        np.testing.assert_allclose(stats.rmse_champion, np.sqrt(np.mean(np.square(e_champs))))
+        np.testing.assert_allclose(stats.rmse_challenger, np.sqrt(np.mean(np.square(e_chals))))
         np.testing.assert_allclose(stats.z, np.mean(d) / (np.std(d, ddof=1) / np.sqrt(n)))
 
 
@@ -181,3 +185,34 @@ def test_batches_of_several_values_per_series_pair_up_whatever_slots_each_table_
     assert shadow.unpaired_batches == 0
     stats = shadow.score.stats(3)
     assert stats.count > 0 and stats.mean_difference == 0.0  # the same model: the same errors, paired right
+
+
+def test_with_coverage_both_models_intervals_are_scored_on_the_trials_values_only() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from forecaster.metrics.shadow import ShadowMetrics
+
+    champion = _engine(_model(0))
+    _run(champion, None, _stream(4, 30))  # coverage the champion scored before the trial
+    before = champion.coverage[champion.version].count.copy()
+    shadow = Shadow(champion, _model(1), "chal", coverage=True)
+    assert Shadow(champion, _model(1), "plain").coverage() == {}  # off by default: no bounds computed
+    _run(champion, shadow, list(_stream(4, 60))[30:])
+    both = shadow.coverage()
+    assert set(both) == {"champion", "challenger"}
+    champ_version, champ = both["champion"]
+    chal_version, chal = both["challenger"]
+    assert champ_version == "champ" and chal_version == "chal"
+    total = champion.coverage[champion.version].count
+    np.testing.assert_array_equal(champ.count, total - before)  # only what the trial scored
+    assert (chal.count > 0).all() and (chal.inside <= chal.count).all()
+    metrics = ShadowMetrics(CollectorRegistry())
+    metrics.update(shadow)
+    get = metrics.registry.get_sample_value
+    share = get(
+        "forecaster_shadow_coverage",
+        {"role": "challenger", "model_version": "chal", "level": "80", "step": "h1"},
+    )
+    assert share == chal.inside[0, 0] / chal.count[0]
+    rmse = get("forecaster_shadow_rmse", {"role": "champion", "model_version": "champ", "step": "1"})
+    assert rmse == shadow.score.stats(1).rmse_champion > 0
