@@ -110,3 +110,22 @@ class Committer(ABC):
 
     @abstractmethod
     def close(self, timeout: float) -> None: ...
+
+
+def is_fenced(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) says another producer with this transactional id took over."""
+    return _reason_in_chain(exc, "fenced")
+
+
+def is_group_fenced(exc: BaseException | None) -> bool:
+    """Whether the offsets were refused because the group does not know this member's generation."""
+    return _reason_in_chain(exc, "group")
+
+
+def _reason_in_chain(exc: BaseException | None, reason: str) -> bool:
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, KafkaClientError) and exc.reason == reason:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False

@@ -36,8 +36,7 @@ from forecaster.records import (
     encode_forecasts,
 )
 from forecaster.service.clients import Consumer, Rebalance, TopicPartition
-from forecaster.service.committer import Committer
-from forecaster.service.exactly_once.committer import is_fenced
+from forecaster.service.committer import Committer, is_fenced
 from forecaster.service.health import Health
 from forecaster.service.trial import Trial
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from forecaster.errors import ForecasterError, KafkaClientError, ProducerFenced
 from forecaster.retry import Backoff
-from forecaster.service.committer import Committer
+from forecaster.service.committer import Committer, is_fenced
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +39,6 @@ log = logging.getLogger(__name__)
 # transaction's records consumed again, instead of the instance standing still for the whole
 # transaction timeout.
 OFFSETS_TIMEOUT_S = 5.0
-
-
-def is_fenced(exc: BaseException | None) -> bool:
-    """Whether ``exc`` (or what caused it) says another producer with this transactional id took over."""
-    return _reason_in_chain(exc, "fenced")
-
-
-def is_group_fenced(exc: BaseException | None) -> bool:
-    """Whether the offsets were refused because the group does not know this member's generation."""
-    return _reason_in_chain(exc, "group")
-
-
-def _reason_in_chain(exc: BaseException | None, reason: str) -> bool:
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, KafkaClientError) and exc.reason == reason:
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
 
 
 def transactional_id(settings: Any) -> str:

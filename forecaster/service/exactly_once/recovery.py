@@ -26,8 +26,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from forecaster.service.clients import Rebalance, TopicPartition
+from forecaster.service.committer import is_group_fenced
 from forecaster.service.exactly_once.changelog import ChangelogReader
-from forecaster.service.exactly_once.committer import is_group_fenced
 from forecaster.service.exactly_once.ledger import RestoreReport, SeriesLedger
 
 log = logging.getLogger(__name__)
