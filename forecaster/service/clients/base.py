@@ -14,10 +14,13 @@ them, and the connection settings (security, SASL, TLS, timeouts), to its own co
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+from forecaster.errors import KafkaClientError
 
 # The overhead a record adds to its key and value on the wire (record batch header, record header,
 # timestamp and length fields): a record is refused before it is sent when it would not fit the limit.
@@ -283,3 +286,28 @@ class Admin(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+
+def call_within(call: Callable[[], Any], timeout: float, what: str) -> Any:
+    """``call()`` on a daemon helper thread, waited for at most ``timeout`` s: what it returns, or what it
+    raises. Not returned by then: ``KafkaClientError("timeout")``, and the thread is left behind, blocked
+    (the caller gives the client up: a transactional call that never answers is replaced, not waited
+    for; kafka-python's have no limit, librdkafka's can miss theirs)."""
+    done = threading.Event()
+    outcome: list[Any] = []
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            raised.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"forecaster-{what}", daemon=True).start()
+    if not done.wait(timeout):
+        raise KafkaClientError("timeout", f"{what}: no answer within {timeout:g} s")
+    if raised:
+        raise raised[0]
+    return outcome[0]

@@ -11,7 +11,6 @@ callbacks and delivery reports are served on the thread that calls ``poll`` / ``
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -45,6 +44,7 @@ from forecaster.service.clients.base import (
     Record,
     TopicInfo,
     TopicPartition,
+    call_within,
 )
 
 log = logging.getLogger(__name__)
@@ -441,30 +441,18 @@ class ConfluentProducer(Producer):
                 raise translate(exc, what) from exc
 
     def _bounded(self, what: str, call: Callable[[float], Any], timeout: float) -> None:
-        """``call(timeout)`` on a helper thread, waited for at most ``timeout`` + ``STUCK_GRACE_S``: a call
-        librdkafka does not return from in time marks this producer stuck (its thread is left behind,
-        blocked; the committer replaces the producer, whose successor fences this one)."""
-        done = threading.Event()
-        raised: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                call(timeout)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                raised.append(exc)
-            finally:
-                done.set()
-
-        threading.Thread(target=run, name=f"forecaster-{what}", daemon=True).start()
-        if not done.wait(timeout + STUCK_GRACE_S):
+        """``call(timeout)``, waited for at most ``timeout`` + ``STUCK_GRACE_S``: a call librdkafka does not
+        return from in time marks this producer stuck (the committer replaces it; its successor fences
+        this one)."""
+        try:
+            call_within(lambda: call(timeout), timeout + STUCK_GRACE_S, what)
+        except KafkaClientError as exc:  # librdkafka raises KafkaException: this is the wait running out
             self._stuck = what
             raise KafkaClientError(
                 "timeout",
                 f"{what}: librdkafka did not return within {timeout + STUCK_GRACE_S:.0f} s (its own timeout"
                 f" {timeout:.0f} s); the producer is replaced",
-            )
-        if raised:
-            raise raised[0]
+            ) from exc
 
     def init_transactions(self, timeout: float) -> None:
         self._transactional("init_transactions", self._p.init_transactions, timeout)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -57,6 +56,7 @@ from forecaster.service.clients.base import (
     Record,
     TopicInfo,
     TopicPartition,
+    call_within,
 )
 
 log = logging.getLogger(__name__)
@@ -128,28 +128,14 @@ def connection_options(settings: KafkaSettings, client_id: str | None = None) ->
 
 
 def bounded(call: Callable[[], Any], timeout: float, what: str) -> Any:
-    """``call()`` on a helper thread, waiting at most ``timeout`` s: kafka-python's transaction calls wait
+    """``call()`` waited for at most ``timeout`` s (``call_within``): kafka-python's transaction calls wait
     without a limit, and a producer that never answers must be replaced, not waited for."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = call()
-        except BaseException as exc:  # handed back to the caller below
-            outcome["error"] = exc
-        outcome["done"] = True
-
-    thread = threading.Thread(target=run, name="forecaster-txn", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if "done" not in outcome:
-        raise KafkaClientError("timeout", f"{what} still waiting after {timeout:g} s")
-    if "error" in outcome:
-        error = outcome["error"]
-        if isinstance(error, KafkaClientError):
-            raise error
-        raise translate(error, what) from error
-    return outcome.get("value")
+    try:
+        return call_within(call, timeout, what)
+    except KafkaClientError:
+        raise
+    except BaseException as exc:
+        raise translate(exc, what) from exc
 
 
 def _tps(tps: Sequence[TopicPartition]) -> list[_TP]:
