@@ -38,10 +38,10 @@ from forecaster.checkpoints.store import (
     list_checkpoints,
     load_checkpoint,
 )
+from forecaster.engine.rewarm import RewarmJob
 from forecaster.errors import CheckpointError
 from forecaster.metrics import SwapMetrics
 from forecaster.model import RecurrentForecaster, build_model
-from forecaster.engine.rewarm import RewarmJob
 from forecaster.scaling import Scaling
 
 log = logging.getLogger(__name__)

@@ -112,7 +112,10 @@ def decide(
     }
     if decision == "promoted":
         promote(root, version)  # validates it first; a version that does not load is not promoted
-    _write_file(path / f".{MANIFEST_FILE}.tmp", (json.dumps({**manifest, "promotion": record}, indent=2, sort_keys=True) + "\n").encode())
+    _write_file(
+        path / f".{MANIFEST_FILE}.tmp",
+        (json.dumps({**manifest, "promotion": record}, indent=2, sort_keys=True) + "\n").encode(),
+    )
     with _written(path / MANIFEST_FILE):
         os.replace(path / f".{MANIFEST_FILE}.tmp", path / MANIFEST_FILE)
     _fsync_dir(path)
