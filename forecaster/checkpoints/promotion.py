@@ -46,6 +46,7 @@ from forecaster.checkpoints.store import (
     _written,
     latest_version,
     promote,
+    read_pointer,
 )
 from forecaster.errors import CheckpointError
 
@@ -55,12 +56,7 @@ DECISIONS = ("promoted", "rejected")
 
 def candidate_version(root: str | os.PathLike[str]) -> str | None:
     """The version ``CANDIDATE`` names, or None when none is on trial."""
-    try:
-        text = (Path(root) / CANDIDATE_FILE).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{CANDIDATE_FILE}: cannot be read: {exc}") from None
+    text = read_pointer(root, CANDIDATE_FILE)
     if not text:
         return None
     _check_name(text)

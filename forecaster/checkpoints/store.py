@@ -332,15 +332,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def latest_version(root: str | os.PathLike[str]) -> str | None:
-    """The version ``LATEST`` names, or None when nothing is published."""
+def read_pointer(root: str | os.PathLike[str], name: str) -> str | None:
+    """The stripped text of the pointer file ``name`` (``LATEST``, ``CANDIDATE``), None when it is absent."""
     try:
-        text = (Path(root) / LATEST_FILE).read_text(encoding="utf-8").strip()
+        return (Path(root) / name).read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"LATEST: cannot be read: {exc}") from None
-    _check_name(text)
+        raise CheckpointError(f"{name}: cannot be read: {exc}") from None
+
+
+def latest_version(root: str | os.PathLike[str]) -> str | None:
+    """The version ``LATEST`` names, or None when nothing is published."""
+    text = read_pointer(root, LATEST_FILE)
+    if text is not None:
+        _check_name(text)
     return text
 
 
