@@ -74,7 +74,10 @@ class Trial:
     def refresh(self) -> None:
         """Every metrics refresh: the challenger follows the champion's evictions; figures out."""
         if self.shadow is not None and self.metrics is not None:
-            self.shadow.prune()
+            # Only memory is at stake (a series the champion dropped and the challenger kept has seen no
+            # values since in either), so the walk over the challenger's series waits until it holds more.
+            if self.shadow.challenger.resident > self.engine.resident:
+                self.shadow.prune()
             self.metrics.update(self.shadow)
 
     # ---- inside ----------------------------------------------------------------------------------------
