@@ -141,7 +141,19 @@ class Service:
     def poll(self) -> list[KafkaRecord]:
         """The next batch of records, all partitions together."""
         service = self.settings.service
+        started = time.monotonic()
         records = self.consumer.poll(service.max_poll_records, service.poll_timeout_ms / 1000.0)
+        took = time.monotonic() - started
+        if took > max(service.session_timeout_ms / 1000.0, 2.0 * service.poll_timeout_ms / 1000.0 + 1.0):
+            # A poll of poll_timeout_ms that took longer than the session: the process was stopped or
+            # starved meanwhile (heartbeats too). Said here whatever the client reports next (a lost
+            # assignment, or only a rebalance).
+            log.warning(
+                "this member was stopped or starved for %.0f s, past its session timeout (%d ms): the group"
+                " has probably moved its partitions; it takes part in the next rebalance",
+                took,
+                service.session_timeout_ms,
+            )
         self.health.turned()
         if self.recovery.rewinding:
             return []  # a transaction failed meanwhile: positions go back to the last commit

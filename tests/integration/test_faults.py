@@ -119,9 +119,10 @@ def test_a_member_stopped_past_its_session_timeout_says_so_rejoins_and_loses_not
     broker.wait_for(lambda: b.http("/readyz")[0] == 200, timeout=30, what="b serving alone")
     broker.send(topics.input, records[len(records) // 3 : 2 * len(records) // 3])
     a.proc.send_signal(signal.SIGCONT)
-    broker.wait_for(
-        lambda: a.log_path.read_text().count("lost partitions") >= 1, timeout=60, what="a noticed"
-    )
+    # What the member says depends on what its client reports: a lost assignment ("lost partitions"), or
+    # only a rebalance; the poll that spanned the stop says so either way.
+    said = ("lost partitions", "was stopped or starved")
+    broker.wait_for(lambda: any(w in a.log_path.read_text() for w in said), timeout=60, what="a noticed")
     broker.wait_for(lambda: a.http("/readyz")[0] == 200, timeout=60, what="a back in the group")
     broker.send(topics.input, records[2 * len(records) // 3 :])
     expected = set(zip(frame["series"], frame["ts"], strict=True))
@@ -132,7 +133,7 @@ def test_a_member_stopped_past_its_session_timeout_says_so_rejoins_and_loses_not
     broker.wait_for(lambda: forecast() >= expected, timeout=60, what="every value forecast")
     assert forecast() == expected  # nothing lost (at least once: a replay is allowed)
     text = a.log_path.read_text()
-    assert text.count("lost partitions") == 1, text[-3000:]  # said once, with what happens next
-    assert "joins the group again" in text
+    assert text.count("lost partitions") <= 1 and text.count("was stopped or starved") <= 1, text[-3000:]
+    assert "joins the group again" in text or "takes part in the next rebalance" in text  # what happens next
     assert a.http("/healthz")[0] == 200 and b.http("/healthz")[0] == 200
     assert a.terminate() == 0 and b.terminate() == 0

@@ -4,6 +4,7 @@ graceful stop, readiness, hot-swap hook. The real-broker behaviour is in tests/i
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -500,3 +501,25 @@ def test_a_batch_over_its_time_budget_puts_the_rest_back(monkeypatch):
     assert [f["input"]["offset"] for f in service.producer.bodies("ts.forecasts")] == [0, 0, 1]
     assert ("seek", 1, 1) in events and ("seek", 0, 2) in events  # read again from there
     assert service.consumer.commits == [{0: 2, 1: 1}]  # only what was processed
+
+
+def test_a_poll_that_spans_a_stop_past_the_session_is_said_once(monkeypatch, caplog):
+    """The process was stopped (SIGSTOP) inside a poll for longer than its session: said whatever the
+    client reports next; an ordinary poll says nothing."""
+    import forecaster.service.loop as loop_module
+
+    now = [100.0]
+    monkeypatch.setattr(loop_module.time, "monotonic", lambda: now[0])
+
+    def stopped(n: int) -> None:
+        if n == 3:
+            now[0] += 12.0  # the poll returns 12 s after it began
+
+    service, _ = make_service([], on_poll=stopped, session_timeout_ms=6000)
+    service.start()
+    with caplog.at_level(logging.WARNING, logger="forecaster.service.loop"):
+        for _ in range(4):
+            service.poll()
+    said = [r.getMessage() for r in caplog.records if "stopped or starved" in r.getMessage()]
+    assert len(said) == 1 and "for 12 s" in said[0] and "6000 ms" in said[0]
+    service.close()
