@@ -235,7 +235,12 @@ def consume(bootstrap: str, topic: str, count: int, timeout: float, keep_bodies:
     seen, last, bodies = 0, time.time(), []
     deadline = time.monotonic() + timeout
     while seen < count and time.monotonic() < deadline:
-        messages = consumer.consume(num_messages=50_000, timeout=0.1)
+        # poll returns at the first record (consume would wait its whole timeout for a full batch, and
+        # that wait would count as latency); what is queued behind it is taken without waiting
+        first = consumer.poll(0.1)
+        if first is None:
+            continue
+        messages = [first, *consumer.consume(num_messages=50_000, timeout=0)]
         now = time.time()
         for m in messages:
             if m.error() is not None:
@@ -320,6 +325,12 @@ def latency(args, broker: Broker, client: str, rate: float, guarantee: str) -> d
                 consumed.append(arrived * 1000 - sent_ms)
                 produced.append(forecast_ms - sent_ms)
         c, p = np.array(consumed), np.array(produced)
+        if os.environ.get("BENCH_DUMP"):  # every value's (sent, produced, consumed) for a closer look
+            sent = [json.loads(v)["ts"] for _, _, v in bodies]
+            np.save(
+                os.environ["BENCH_DUMP"],
+                np.array([(s, f, a * 1000) for s, (a, f, _) in zip(sent, bodies, strict=True)]),
+            )
         return {
             "client": client,
             "guarantee": guarantee,
@@ -360,7 +371,11 @@ def start_service(
     }
     log = open(Path(args.log_dir) / f"serve-{source}.log", "wb")  # noqa: SIM115 - lives with the process
     proc = subprocess.Popen(
-        [sys.executable, "-m", "forecaster", "serve"], env=env, cwd=ROOT, stdout=log, stderr=log
+        [sys.executable, *(os.environ.get("BENCH_SERVE") or "-m forecaster serve").split()],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=log,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -409,6 +424,7 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--no-peer", action="store_true", help="skip the Quix Streams peer (the bench extra)")
     parser.add_argument("--timeout", type=float, help="longest wait for one run's output (s)")
+    parser.add_argument("--latency-only", action="store_true", help="only the fixed-rate latency runs")
     args = parser.parse_args()
     args.single_values = args.single_values or (20_000 if args.quick else 200_000)
     args.window_values = args.window_values or (100_000 if args.quick else 1_000_000)
@@ -420,7 +436,11 @@ def main() -> None:
 
     broker = Broker(args.bootstrap, args.partitions)
     kinds = {"single": (1, args.single_values), "windowed": (args.window, args.window_values)}
+    bare, service, peer = {}, {}, {}
     try:
+        if args.latency_only:
+            args.no_peer = True
+            kinds = {}
         bare = {
             c: {kind: relay(args, broker, c, w, n, service=None) for kind, (w, n) in kinds.items()}
             for c in args.clients
@@ -459,7 +479,7 @@ def main() -> None:
         return runs[0][to]["p99"] if runs else None
 
     goals = {}
-    if "confluent" in args.clients and set(GUARANTEES) <= set(args.guarantees):
+    if "confluent" in args.clients and set(GUARANTEES) <= set(args.guarantees) and not args.latency_only:
         eos_single, alo_single = (
             vps("confluent", "exactly_once", "single"),
             vps("confluent", "at_least_once", "single"),

@@ -11,6 +11,8 @@ False
 from __future__ import annotations
 
 import logging
+from collections import deque
+from typing import Any
 
 from forecaster.errors import DeliveryError, KafkaClientError
 from forecaster.service.clients import Rebalance, TopicPartition
@@ -20,15 +22,36 @@ log = logging.getLogger(__name__)
 
 
 class AtLeastOnceCommitter(Committer):
-    """Commits every ``interval_ms`` or ``max_records``: flush, then the group's offsets."""
+    """Commits every ``interval_ms`` or ``max_records``: the group's offsets move past input records once
+    the broker acknowledged their output.
 
-    def commit(self) -> bool:
-        """Make the output of the records polled so far durable, then move the group's offsets past them."""
-        self.last_commit = self.clock()
-        if not self.pending:
-            return True
-        # Step 1. Wait until the broker answered every forecast and dead letter sent so far.
-        self.producer.flush()
+    The loop does not wait for the acknowledgements: at each interval the records polled so far are set
+    aside with a mark of the producer (``Producer.mark``), and their offsets are committed on a later
+    turn, once every record sent before the mark was answered. ``commit()`` (a revoke, closing) waits.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiting: deque[tuple[dict[tuple[str, int], int], Any]] = deque()  # (offsets, mark), oldest first
+        if self.consumer is not None:
+            self.consumer.commit_answered = self.answered  # commits that did not wait are answered later
+
+    def due(self) -> bool:
+        return bool(self.waiting) or super().due()
+
+    def commit(self, wait: bool = True) -> bool:
+        """Move the group's offsets past the records whose output the broker acknowledged; with ``wait``,
+        past every record polled so far, waiting for the broker's answers."""
+        if self.pending and (wait or super().due()):
+            self.waiting.append((self.pending, self.producer.mark()))
+            self.pending, self.pending_records = {}, 0
+            self.last_commit = self.clock()
+        # Step 1. The sets of records whose output was all answered (waiting for them with ``wait``).
+        if wait and self.waiting:
+            self.producer.flush()
+        offsets: dict[tuple[str, int], int] = {}
+        while self.waiting and self.producer.answered(self.waiting[0][1]):
+            offsets.update(self.waiting.popleft()[0])
         # Step 2. A record the broker refused for what it is (too large) is counted and skipped; any
         # other failure leaves output missing: do not commit past it.
         failures = self.producer.take_failures()
@@ -38,17 +61,28 @@ class AtLeastOnceCommitter(Committer):
         lost = [f for f in failures if f.reason not in RECORD_FAILURES]
         if lost:
             self.pending, self.pending_records = {}, 0
+            self.waiting.clear()
             raise DeliveryError(f"{len(lost)} record(s) not acknowledged by the broker: {lost[0].detail}")
-        # Step 3. Commit the input offsets: the next offset to read, per partition.
-        offsets, self.pending, self.pending_records = self.pending, {}, 0
+        if not offsets:
+            return True
+        # Step 3. Commit the input offsets: the next offset to read, per partition (the loop's commits do
+        # not wait for the broker's answer either: it comes to ``answered``).
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(offsets, wait=wait)
         except KafkaClientError as exc:  # e.g. the group rebalanced: the next reader replays these records
-            log.warning("offset commit failed, the records since the last commit will be replayed: %s", exc)
-            self.on_commit(False)
+            self.answered(False, str(exc))
             return False
-        self.on_commit(True)
+        if wait:
+            self.on_commit(True)
         return True
+
+    def answered(self, ok: bool, detail: str) -> None:
+        """The broker's answer to an offset commit."""
+        if not ok:
+            log.warning(
+                "offset commit failed, the records since the last commit will be replayed: %s", detail
+            )
+        self.on_commit(ok)
 
     def close(self, timeout: float) -> None:
         self.producer.close(timeout=timeout)

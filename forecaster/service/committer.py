@@ -6,7 +6,7 @@ Both take the same calls from the loop: ``track`` the records of a poll, ``send`
 counted and logged, and the service goes on; failures that are not about the record propagate.
 
 >>> class Nothing(Committer):
-...     def commit(self) -> bool: return True
+...     def commit(self, wait: bool = True) -> bool: return True
 ...     def close(self, timeout: float) -> None: ...
 >>> c = Nothing(consumer=None, producer=None, interval_ms=100, max_records=2)
 >>> c.track([Record("in", 0, 7, 0, None, b"")]); c.pending, c.due()
@@ -105,8 +105,9 @@ class Committer(ABC):
         )
 
     @abstractmethod
-    def commit(self) -> bool:
-        """Make the output of the tracked records durable and commit their offsets; True when done."""
+    def commit(self, wait: bool = True) -> bool:
+        """Make the output of the tracked records durable and commit their offsets; True when done.
+        ``wait=False`` (the loop's cadence) lets a committer that can commit later without blocking."""
 
     @abstractmethod
     def close(self, timeout: float) -> None: ...

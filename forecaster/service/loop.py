@@ -172,7 +172,7 @@ class Service:
             self.process_chunk(records[lo:hi])
             lo = hi
         if self.committer.due():
-            self.committer.commit()
+            self.committer.commit(wait=False)
 
     def process_chunk(self, records: Sequence[KafkaRecord]) -> None:
         """Validate, dead-letter the bad, step the good, produce forecasts."""

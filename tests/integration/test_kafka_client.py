@@ -64,6 +64,28 @@ def member(settings: KafkaSettings, topic: str, group: str, events: list | None 
     return consumer
 
 
+def test_marks_tell_when_the_records_before_them_were_answered(settings, topic_factory):
+    topic = topic_factory(partitions=3)
+    producer = make_producer(settings, ProducerOptions(linger_ms=1000))
+    empty = producer.mark()
+    assert producer.answered(empty)  # nothing was sent before it
+    for index in range(50):
+        producer.send(topic, b"first %d" % index, b"k%d" % index)
+    first = producer.mark()
+    assert not producer.answered(first)  # still lingering in the client: not answered, and no waiting
+    for index in range(50):
+        producer.send(topic, b"second %d" % index, b"k%d" % index)
+    second = producer.mark()
+    deadline = time.monotonic() + 30
+    while not producer.answered(second) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert producer.answered(second) and producer.answered(first)  # second answered: first was too
+    assert producer.take_failures() == []
+    producer.close(10)
+    records = consume(reader(settings, topic, 3), 100)
+    assert len(records) == 100
+
+
 def test_keyed_records_keep_their_partition_and_order(settings, topic_factory, group_factory):
     topic = topic_factory(partitions=4)
     producer = make_producer(settings)

@@ -46,7 +46,19 @@ class FakeProducer:
 
     def flush(self, timeout=None):
         self.events.append(("flush",))
+        self.hold = False
         return 0
+
+    hold = False  # True: the broker has not answered yet (until flush, or the test lets it)
+
+    def mark(self):
+        return len(self.sent)
+
+    def answered(self, mark):
+        if self.hold:
+            return False
+        self.events.append(("answered",))
+        return True
 
     def take_failures(self):
         failures, self.failures = self.failures, []
@@ -100,6 +112,8 @@ class FakeConsumer:
         if self.commit_error:
             raise self.commit_error
         self.commits.append({tp[1]: offset for tp, offset in offsets.items()})
+        if not wait:  # the broker's answer, which a real client serves from a later poll
+            self.commit_answered(True, "")
 
     def assignment(self):
         return list(self.assigned)
@@ -278,14 +292,50 @@ def test_windowed_record_gives_one_forecast_per_value_with_its_index():
     assert {(f["input"]["partition"], f["input"]["offset"]) for f in forecasts} == {(1, 4)}
 
 
-def test_commit_comes_after_flush_with_the_next_offsets():
+def test_commit_comes_after_the_output_was_answered_with_the_next_offsets():
     batch = [rec(0, 5, encode_input("a", 1, 1.0)), rec(1, 9, b"bad"), rec(0, 6, encode_input("a", 2, 1.0))]
     service, events = make_service([batch])
     run_batches(service, 1)
     assert service.consumer.commits == [{0: 7, 1: 10}]
     kinds = [e[0] for e in events]
-    assert kinds.index("flush") > max(i for i, k in enumerate(kinds) if k == "send")
-    assert kinds.index("commit") > kinds.index("flush")
+    assert kinds.index("answered") > max(i for i, k in enumerate(kinds) if k == "send")
+    assert kinds.index("commit") > kinds.index("answered")
+    assert "flush" not in kinds  # the loop did not wait for the broker
+    assert service.metrics.registry.get_sample_value("forecaster_commits_total") == 1  # once answered
+
+
+def test_a_commit_answered_with_an_error_is_logged_not_counted(caplog):
+    service, _ = make_service([[rec(0, 0, encode_input("a", 1, 1.0))]])
+    service.consumer.commit_answered = lambda ok, detail: None  # the answer has not come yet
+    run_batches(service, 1)
+    assert service.consumer.commits == [{0: 1}]
+    service.committer.answered(False, "the group rebalanced")
+    assert service.metrics.registry.get_sample_value("forecaster_commits_total") == 0
+    assert "will be replayed: the group rebalanced" in caplog.text
+
+
+def test_the_loop_commits_on_a_later_turn_once_the_broker_answered():
+    batches = [[rec(0, 3, encode_input("a", 1, 1.0))], [rec(0, 4, encode_input("a", 2, 1.0))], []]
+    service, events = make_service(batches)
+    service.producer.hold = True
+    run_batches(service, 1)
+    assert service.consumer.commits == [] and ("flush",) not in events  # not answered: no commit, no wait
+    assert service.committer.due()  # asked again next turn
+    run_batches(service, 1)
+    assert service.consumer.commits == []
+    service.producer.hold = False
+    run_batches(service, 1)  # an empty poll: what waited is committed
+    assert service.consumer.commits == [{0: 5}]
+    assert not service.committer.due()
+
+
+def test_a_waiting_commit_waits_for_the_broker():
+    service, events = make_service([[rec(0, 3, encode_input("a", 1, 1.0))]], commit_interval_ms=10**9)
+    service.producer.hold = True
+    run_batches(service, 1)
+    assert service.consumer.commits == []
+    assert service.committer.commit() is True  # a revoke, closing
+    assert ("flush",) in events and service.consumer.commits == [{0: 4}]
 
 
 def test_a_failed_send_stops_before_the_commit():

@@ -14,6 +14,7 @@ them, and the connection settings (security, SASL, TLS, timeouts), to its own co
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,6 +26,9 @@ from forecaster.errors import KafkaClientError
 # The overhead a record adds to its key and value on the wire (record batch header, record header,
 # timestamp and length fields): a record is refused before it is sent when it would not fit the limit.
 RECORD_OVERHEAD_BYTES = 128
+
+
+log = logging.getLogger(__name__)
 
 
 class TopicPartition(NamedTuple):
@@ -192,7 +196,15 @@ class Consumer(ABC):
 
     @abstractmethod
     def commit(self, offsets: Mapping[TopicPartition, int], wait: bool = True) -> None:
-        """Store ``offsets`` (the next offset to read) for the group; ``wait=False`` does not wait."""
+        """Store ``offsets`` (the next offset to read) for the group; ``wait=False`` does not wait: the
+        broker's answer comes to ``commit_answered`` from a later ``poll``."""
+
+    def commit_answered(self, ok: bool, detail: str) -> None:
+        """The broker's answer to a commit that did not wait (a committer puts its own in its place)."""
+        if not ok:
+            log.warning(
+                "offset commit failed, the records since the last commit will be replayed: %s", detail
+            )
 
     @abstractmethod
     def close(self) -> None:
@@ -219,6 +231,18 @@ class Producer(ABC):
     @abstractmethod
     def take_failures(self) -> list[Failure]:
         """The records refused since the last call (answered ones only)."""
+
+    def mark(self) -> Any:
+        """A point in the stream of records sent; ``answered(mark)`` tells whether the broker has answered
+        (acknowledged or refused) every record sent before it. This default tracks nothing: ``answered``
+        waits for every record sent (``flush``)."""
+        return None
+
+    def answered(self, mark: Any) -> bool:
+        """Whether every record sent before ``mark`` was answered; a client that tracks its records says so
+        without waiting."""
+        self.flush()
+        return True
 
     def fits(self, key: bytes | None, value: bytes | None) -> bool:
         """Whether a record of this key and value is within ``message_max_bytes``."""

@@ -194,6 +194,7 @@ class ConfluentConsumer(Consumer):
             "fetch.max.bytes": options.fetch_max_bytes,
             "receive.message.max.bytes": options.fetch_max_bytes + (1 << 20),
             "partition.assignment.strategy": "cooperative-sticky" if options.cooperative else "range",
+            "on_commit": self._answered,
             **self.connection.callbacks(logged=options.group_id is not None),
         }
         try:
@@ -337,11 +338,45 @@ class ConfluentConsumer(Consumer):
         except KafkaException as exc:
             raise translate(exc, "commit offsets") from exc
 
+    def _answered(self, error: KafkaError | None, parts: list[_TP]) -> None:
+        """librdkafka's answer to a commit that did not wait (served by ``poll``)."""
+        failed = error is not None or any(p.error is not None for p in parts or ())
+        detail = error.str() if error is not None else "; ".join(str(p.error) for p in parts if p.error)
+        self.commit_answered(not failed, detail if failed else "")
+
     def close(self) -> None:
         try:
             self._c.close()
         except (KafkaException, RuntimeError) as exc:
             log.debug("closing the consumer: %r", exc)
+
+
+class _Mark:
+    """The delivery reports still due for the records sent since the previous mark (librdkafka calls it
+    once per record, refused records too: those are kept as failures)."""
+
+    __slots__ = ("left", "failures", "previous")
+
+    def __init__(self, failures: list[Failure], previous: _Mark | None = None) -> None:
+        self.left = 0
+        self.failures = failures
+        self.previous = previous  # dropped once every record before this mark was answered
+
+    def answered(self) -> bool:
+        chain, mark = [], self
+        while mark is not None:
+            if mark.left > 0:
+                return False
+            chain.append(mark)
+            mark = mark.previous
+        for mark in chain:
+            mark.previous = None
+        return True
+
+    def __call__(self, error: KafkaError | None, message: Any) -> None:
+        self.left -= 1
+        if error is not None:
+            self.failures.append(Failure(message.topic(), message.key(), reason_of(error), error.str()))
 
 
 class ConfluentProducer(Producer):
@@ -360,8 +395,6 @@ class ConfluentProducer(Producer):
             "partitioner": "murmur2_random",
             "message.max.bytes": options.message_max_bytes,
             "queue.buffering.max.messages": 1_000_000,
-            "delivery.report.only.error": True,
-            "on_delivery": self._delivered,
             **self.connection.callbacks(),
             **options.extra,
         }
@@ -373,12 +406,9 @@ class ConfluentProducer(Producer):
         except KafkaException as exc:
             raise translate(exc, "create a producer") from exc
         self._failures: list[Failure] = []
+        self._marks = _Mark(self._failures)  # every record's delivery report counts down the open mark
         self._unserved = 0
         self._stuck: str | None = None  # the transactional call librdkafka did not return from
-
-    def _delivered(self, error: KafkaError | None, message: Any) -> None:
-        if error is not None:
-            self._failures.append(Failure(message.topic(), message.key(), reason_of(error), error.str()))
 
     def send(self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None) -> None:
         if not self.fits(key, value):
@@ -388,7 +418,9 @@ class ConfluentProducer(Producer):
             )
         while True:
             try:
-                self._p.produce(topic, value, key, -1 if partition is None else partition)
+                self._p.produce(
+                    topic, value, key, -1 if partition is None else partition, on_delivery=self._marks
+                )
                 break
             except BufferError:  # the local queue is full: let librdkafka send some, then try again
                 try:
@@ -397,6 +429,7 @@ class ConfluentProducer(Producer):
                     raise translate(exc, f"send to {topic}") from exc
             except KafkaException as exc:
                 raise translate(exc, f"send to {topic}") from exc
+        self._marks.left += 1
         self._unserved += 1
         if self._unserved >= 256:  # serve delivery reports now and then (cheap)
             self._unserved = 0
@@ -416,12 +449,27 @@ class ConfluentProducer(Producer):
         return left
 
     def take_failures(self) -> list[Failure]:
+        self._serve()
+        failures = list(self._failures)
+        self._failures.clear()  # the list the marks append to
+        return failures
+
+    def _serve(self) -> None:
         try:
             self._p.poll(0)  # serve the reports that arrived
         except KafkaException as exc:  # a fatal producer (fenced): its transaction calls say so
             log.debug("serving delivery reports: %r", exc)
-        failures, self._failures = self._failures, []
-        return failures
+
+    def mark(self) -> _Mark:
+        mark = self._marks
+        self._marks = _Mark(self._failures, mark)
+        return mark
+
+    def answered(self, mark: Any) -> bool:
+        """Without waiting: whether the reports of every record sent before ``mark`` were served."""
+        if not mark.answered():
+            self._serve()
+        return mark.answered()
 
     def _transactional(self, what: str, call: Callable[[float], Any], timeout: float) -> None:
         """``call(timeout)``, again while librdkafka says the error is retriable, within ``timeout``."""

@@ -10,6 +10,7 @@ transaction calls wait without a limit: here they run on a helper thread and are
 
 from __future__ import annotations
 
+import collections
 import logging
 import ssl
 import time
@@ -276,12 +277,9 @@ class KafkaPythonConsumer(Consumer):
         except KafkaError as exc:
             raise translate(exc, "commit offsets") from exc
 
-    @staticmethod
-    def _answered(offsets: Any, result: Any) -> None:
-        if isinstance(result, Exception):
-            log.warning(
-                "offset commit failed, the records since the last commit will be replayed: %r", result
-            )
+    def _answered(self, offsets: Any, result: Any) -> None:
+        failed = isinstance(result, Exception)
+        self.commit_answered(not failed, repr(result) if failed else "")
 
     def close(self) -> None:
         self._c.close(autocommit=False)
@@ -306,6 +304,8 @@ class KafkaPythonProducer(Producer):
         except KafkaError as exc:
             raise translate(exc, "create a producer") from exc
         self._futures: list[tuple[str, bytes | None, Any]] = []
+        # the futures sent since the last mark; kept once marks are asked for (at least once)
+        self._marked: collections.deque[Any] | None = None
 
     def send(self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None) -> None:
         if not self.fits(key, value):
@@ -318,6 +318,25 @@ class KafkaPythonProducer(Producer):
         except KafkaError as exc:
             raise translate(exc, f"send to {topic}") from exc
         self._futures.append((topic, key, future))
+        if self._marked is not None:
+            self._marked.append(future)
+
+    def mark(self) -> collections.deque[Any]:
+        """The futures of the records sent since the previous mark, with that mark before them."""
+        mark, self._marked = self._marked or collections.deque(), collections.deque()
+        self._marked.append(mark)
+        return mark
+
+    def answered(self, mark: Any) -> bool:
+        while mark:  # done futures (and answered earlier marks) leave from the front
+            head = mark[0]
+            if isinstance(head, collections.deque):
+                if not self.answered(head):
+                    return False
+            elif not head.is_done:
+                return False
+            mark.popleft()
+        return True
 
     def flush(self, timeout: float | None = None) -> int:
         try:

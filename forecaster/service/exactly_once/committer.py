@@ -118,8 +118,9 @@ class ExactlyOnceCommitter(Committer):
 
     # ---- commit --------------------------------------------------------------------------------------
 
-    def commit(self) -> bool:
-        """Close the open transaction (one is opened for evictions waiting); True when it committed."""
+    def commit(self, wait: bool = True) -> bool:
+        """Close the open transaction (one is opened for evictions waiting); True when it committed.
+        It always waits: the transaction's records become readable with its commit."""
         self.last_commit = self.clock()
         if self.fenced:
             return False
