@@ -40,6 +40,7 @@ from forecaster.records import (
     encode_input,
     encode_window,
 )
+from forecaster.records.output import Bounds, with_intervals
 
 HORIZON = 12
 WINDOW = 100
@@ -203,7 +204,19 @@ def encoding(n: int, repeats: int, calls: int, rng: np.random.Generator) -> dict
         assert np.array_equal(np.float32(a.pop("forecast")), np.float32(b.pop("forecast"))) and a == b
     dead = input_records("single", n, rng)
     error = InvalidRecord("non_finite", "value is NaN")
+    low = single["forecasts"][:, None, :] - rng.uniform(1.0, 3.0, size=(n, 2, HORIZON)).astype(np.float32)
+    bounds = Bounds(["80", "95"], low, 2 * single["forecasts"][:, None, :] - low)
+    rows = [[r] for r in range(n)]
     return {
+        "forecasts_one_per_value_with_intervals": compare(
+            {
+                "record_by_record": lambda: with_intervals(encode_forecasts(*args), bounds, rows),
+                "one_pass": lambda: encode_forecasts(*args, bounds),
+            },
+            n,
+            repeats,
+            calls,
+        ),
         "forecasts_one_per_value": compare(
             {"json": lambda: json_encode_forecasts(*args), "orjson": lambda: encode_forecasts(*args)},
             n,
@@ -265,7 +278,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for kind, result in decode.items()
     }
     ratios.update(
-        {f"encode_{kind}_orjson_vs_json": ratio(result, "orjson", "json") for kind, result in encode.items()}
+        {
+            f"encode_{kind}_orjson_vs_json": ratio(result, "orjson", "json")
+            for kind, result in encode.items()
+            if "json" in result
+        }
+    )
+    ratios["encode_intervals_one_pass_vs_record_by_record"] = ratio(
+        encode["forecasts_one_per_value_with_intervals"], "one_pass", "record_by_record"
     )
     report = {
         "bench": "codec",

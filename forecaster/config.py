@@ -289,6 +289,9 @@ class TrainSettings(BaseModel):
     warmup: int = Field(default=8, ge=0)
     # Publish only if the validation MAE is at least this fraction below the published model's.
     min_improvement: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # `forecaster train` lowers its own CPU priority by this much (nice(2)): on cores it shares with
+    # `forecaster serve`, a training run then takes what serving leaves instead of delaying forecasts.
+    niceness: int = Field(default=10, ge=0, le=19)
 
 
 class Settings(BaseSettings):

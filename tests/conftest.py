@@ -25,6 +25,8 @@ from forecaster.service.clients import TopicSpec, ensure_topics, make_admin, wai
 ROOT = Path(__file__).resolve().parent.parent
 INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 BOOTSTRAP_ENV = "FORECASTER_KAFKA__BOOTSTRAP_SERVERS"
+# Training run in this process (``main(["train", ...])``) must not lower the whole test session's priority.
+os.environ.setdefault("FORECASTER_TRAIN__NICENESS", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -12,6 +12,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -118,6 +119,20 @@ def summarize(outcome: TrainOutcome) -> dict[str, Any]:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+def lower_priority(niceness: int) -> int:
+    """Lower this process's CPU priority by ``niceness`` (0: unchanged); returns the niceness now.
+
+    >>> lower_priority(0) == os.nice(0)
+    True
+    """
+    if niceness:
+        try:
+            os.nice(niceness)
+        except OSError as exc:  # not on this platform, or not allowed: train at the usual priority
+            log.warning("could not lower the trainer's CPU priority: %s", exc)
+    return os.nice(0)
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         return _run(args, settings)
@@ -131,6 +146,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     settings = apply_overrides(args, settings)
+    lower_priority(settings.train.niceness)
     start_ms = parse_start_ms(args.from_time)
     progress = False if args.no_progress else None
 

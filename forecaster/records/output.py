@@ -104,18 +104,46 @@ def encode_forecasts(
         + orjson.dumps(version).replace(b"%", b"%%")
         + b',"forecast":[%b],"input":{"partition":%d,"offset":%d}%b}'
     )
+    if intervals is not None:
+        template = template[:-1] + b"%b}"  # the bounds after everything else, as ``with_intervals`` puts them
+        bounds = interval_members(intervals, len(series))
     names: dict[str, bytes] = {}
     encoded = []
     columns = zip(series, ts.tolist(), rows, partition.tolist(), offset.tolist(), index.tolist(), strict=True)
-    for name, when, row, part, off, i in columns:
+    for r, (name, when, row, part, off, i) in enumerate(columns):
         name_json = names.get(name)
         if name_json is None:
             name_json = names[name] = orjson.dumps(name)
         tail = b',"index":%d' % i if i >= 0 else b""
-        encoded.append(template % (name_json, when, row, part, off, tail))
-    if intervals is not None:
-        return with_intervals(encoded, intervals, [[r] for r in range(len(encoded))])
+        if intervals is None:
+            encoded.append(template % (name_json, when, row, part, off, tail))
+        else:
+            encoded.append(template % (name_json, when, row, part, off, tail, bounds[r]))
     return encoded
+
+
+def interval_members(bounds: Bounds, n: int) -> list[bytes]:
+    """``,"lower":{...},"upper":{...}`` of each of ``n`` forecast rows, as ``with_intervals`` writes them
+    for single rows: both bound arrays are written by one orjson call each and cut into rows of H.
+
+    >>> lower = np.array([[[1.0, 2.0], [0.5, np.nan]]], np.float32)  # (1 row, 2 levels, horizon 2)
+    >>> interval_members(Bounds(["80", "95"], lower, lower + 1), 1)[0]
+    b',"lower":{"80":[1.0,2.0],"95":[0.5,null]},"upper":{"80":[2.0,3.0],"95":[1.5,null]}'
+    """
+    labels = [orjson.dumps(label).replace(b"%", b"%%") for label in bounds.labels]
+    side = b",".join(label + b":[%b]" for label in labels)
+    template = b',"lower":{' + side + b'},"upper":{' + side + b"}"
+    levels = len(labels)
+    lower, upper = (
+        orjson.dumps(np.ascontiguousarray(a, dtype=np.float32).reshape(n * levels, -1), option=_NUMPY)[
+            2:-2
+        ].split(b"],[")
+        for a in (bounds.lower, bounds.upper)
+    )
+    return [
+        template % (*lower[r * levels : (r + 1) * levels], *upper[r * levels : (r + 1) * levels])
+        for r in range(n)
+    ]
 
 
 def encode_forecast_groups(

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from forecaster.errors import InvalidRecord
 from forecaster.records import RecordDecoder, encode_forecast_groups, encode_forecasts, encode_window
+from forecaster.records.output import Bounds, with_intervals
 from forecaster.records.strict_json import parse, parse_json
 
 NOW_S = 1_800_000_000.0
@@ -241,3 +242,30 @@ def test_float32_forecasts_round_trip_bit_for_bit_including_subnormals_and_negat
     raw = encode_forecasts(["s"], np.array([1]), "v", forecasts, np.array([0]), np.array([0]), np.array([-1]))
     back = np.array(json.loads(raw[0])["forecast"], dtype=np.float32)
     assert back.tobytes() == forecasts[0].tobytes()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=6),
+    st.lists(st.sampled_from(["80", "95", "50", "99.5", "%d"]), min_size=1, max_size=3, unique=True),
+    st.integers(0, 4),
+    st.data(),
+)
+def test_bounds_written_in_one_pass_equal_those_added_record_by_record(names, labels, horizon, data):
+    n, levels = len(names), len(labels)
+    cells = st.floats(width=32) | st.sampled_from(FLOAT32_EDGES)
+    lower, upper = (
+        np.array(
+            data.draw(st.lists(cells, min_size=n * levels * horizon, max_size=n * levels * horizon)),
+            dtype=np.float32,
+        ).reshape(n, levels, horizon)
+        for _ in range(2)
+    )
+    forecasts = np.zeros((n, horizon), np.float32)
+    ts, partition, offset, index = np.arange(n), np.arange(n) % 3, np.arange(n), np.arange(n) % 3 - 1
+    bounds = Bounds(labels, lower, upper)
+    plain = encode_forecasts(names, ts, "v", forecasts, partition, offset, index)
+    fast = encode_forecasts(names, ts, "v", forecasts, partition, offset, index, bounds)
+    assert fast == with_intervals(plain, bounds, [[r] for r in range(n)])
+    for raw in fast:
+        json.loads(raw, parse_constant=refuse)  # valid JSON, no NaN or Infinity

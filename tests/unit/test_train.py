@@ -32,7 +32,7 @@ from forecaster.checkpoints.store import (
 )
 from forecaster.cli import main
 from forecaster.cli.train import apply_overrides
-from forecaster.config import Settings
+from forecaster.config import Settings, TrainSettings
 from forecaster.engine.engine import reference_forecast
 from forecaster.errors import ConfigError, DataError, NotEnoughHistory
 from forecaster.metrics import TrainerMetrics
@@ -723,3 +723,14 @@ def test_a_periodic_run_without_enough_history_waits_and_is_not_a_failure() -> N
     assert sample("forecaster_trainer_runs_total", {"result": "no_data"}) == 1
     assert sample("forecaster_trainer_runs_total", {"result": "failed"}) == 1
     assert waits and waits[0] <= 30.0  # the next try comes soon, as after a failure
+
+
+def test_the_trainer_lowers_its_cpu_priority_by_its_niceness():
+    # in a child process: a process cannot raise its priority back
+    code = (
+        "import os; from forecaster.cli.train import lower_priority;"
+        " before = os.nice(0); print(lower_priority(3) - before)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "3"
+    assert TrainSettings().niceness == 10  # the default (the test session sets 0 for in-process runs)
