@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 from forecaster.engine import snapshot as snap
-from forecaster.engine.intervals import Intervals, centers, units
+from forecaster.engine.calibrator import Calibrator
+from forecaster.engine.intervals import Intervals
 from forecaster.engine.recalibrate import recalibrate
 from forecaster.engine.rewarm import rows_per_call
+from forecaster.engine.scores import CoverageAccumulator, CoverageStats, ErrorAccumulator, ErrorStats
 from forecaster.engine.state import StateTable
 from forecaster.engine.view import answer_asks
 from forecaster.model import RecurrentForecaster
@@ -27,38 +29,6 @@ from forecaster.scaling import Scaling
 def resolve_device(setting: str) -> str:
     """``auto`` -> cuda when available, else cpu."""
     return ("cuda" if torch.cuda.is_available() else "cpu") if setting == "auto" else setting
-
-
-@dataclass
-class ErrorStats:
-    """Cumulative one-step-ahead error of one model version (the metrics layer reads deltas)."""
-
-    count: int = 0
-    sum_abs: float = 0.0
-    sum_sq: float = 0.0
-
-    @property
-    def mae(self) -> float:
-        return self.sum_abs / self.count if self.count else float("nan")
-
-    @property
-    def rmse(self) -> float:
-        return (self.sum_sq / self.count) ** 0.5 if self.count else float("nan")
-
-
-@dataclass
-class CoverageStats:
-    """Cumulative online coverage of one model version's intervals at a few steps.
-
-    ``count[s]``: values scored at step ``steps[s]``; ``inside[l, s]``: of those, within the level-``l``
-    bounds; ``width[l, s]``: sum of those intervals' widths in units of each series' scale.
-    """
-
-    levels: list[str]
-    steps: list[int]
-    count: np.ndarray  # (S,) int64
-    inside: np.ndarray  # (L, S) float64
-    width: np.ndarray  # (L, S) float64
 
 
 @dataclass
@@ -79,34 +49,6 @@ class EngineOutput:
 
     def __len__(self) -> int:
         return len(self.series)
-
-
-class _ErrorAccumulator:
-    """count on the host; sums on the device (no sync per step)."""
-
-    def __init__(self, like: Any) -> None:
-        self.count = 0
-        self.sums = like.new_zeros(2) if isinstance(like, torch.Tensor) else np.zeros(2)
-
-    def stats(self) -> ErrorStats:
-        sums = self.sums.tolist()
-        return ErrorStats(self.count, float(sums[0]), float(sums[1]))
-
-
-class _CoverageAccumulator:
-    """counts per step on the host; inside and half-width sums (2, L, H) on the device (no sync per step);
-    ``stats`` reports the steps in ``steps``."""
-
-    def __init__(self, like: Any, levels: int, horizon: int, steps: list[int]) -> None:
-        self.steps = steps
-        self.count = np.zeros(horizon, dtype=np.int64)
-        shape = (2, levels, horizon)
-        self.sums = like.new_zeros(shape) if isinstance(like, torch.Tensor) else np.zeros(shape)
-
-    def stats(self, labels: list[str]) -> CoverageStats:
-        cols = [s - 1 for s in self.steps]
-        sums = np.asarray(self.sums.tolist(), dtype=np.float64)[:, :, cols]  # (2, L, S)
-        return CoverageStats(labels, list(self.steps), self.count[cols], sums[0], 2.0 * sums[1])
 
 
 class Engine:
@@ -160,9 +102,9 @@ class Engine:
         self.duplicates_total = 0
         self.values_total = 0
         self._cpu = self.table.host_views  # numpy on the host; False: torch tensors on the device
-        self._errors: dict[str, _ErrorAccumulator] = {}
-        self._coverage: dict[str, _CoverageAccumulator] = {}
-        self._set_steps(model.horizon)
+        self._errors: dict[str, ErrorAccumulator] = {}
+        self._coverage: dict[str, CoverageAccumulator] = {}
+        self.calibrator = None if intervals is None else Calibrator(intervals, self.table, self.scaling)
         self.asks: deque[Any] = deque()  # reads from other threads (forecaster.engine.view.ask_series)
 
     @classmethod
@@ -270,7 +212,7 @@ class Engine:
         acc.sums[0] += abs(err).sum()
         acc.sums[1] += err @ err
         if self.intervals is not None:  # Step 1b. score the forecasts of 1..H steps earlier, calibrate
-            calibrated = self._calibrate(slots, idx, count, v)
+            calibrated = self.calibrator.score(slots, idx, count, v, self._coverage_accumulator)
         # Step 2. scale, and keep the model input and the value in the ring buffers.
         stats = scaling.update(tb.stats_a[idx], v)  # (n, N_STATS)
         scale = scaling.scale(stats)  # (n,)
@@ -292,52 +234,9 @@ class Engine:
         tb.count[slots] = count + 1
         if self.intervals is None:
             return (f,)
-        # Step 5. bounds around the new forecasts; remember their centres and scales for the next scores.
-        center = centers(scaling, f)  # (n, H) float32
-        unit = units(scaling, stats) if scaling.kind == "none" else scale  # (n,)
-        unit = unit.astype(np.float32) if self._cpu else unit.float()
-        at = slots * tb.horizon + count % tb.horizon  # (n,) rows of the ring of past forecasts
-        at = at if self._cpu else torch.from_numpy(at).to(self.device)
-        lo, hi = self.intervals.bounds(center, unit, *calibrated, scaling)
-        tb.past_rows[at] = center
-        tb.past_scale_flat[at] = unit
+        # Step 5. bounds around the new forecasts (their centres and scales kept for the next scores).
+        lo, hi = self.calibrator.bounds(slots, count, f, stats, scale, calibrated)
         return f, lo, hi
-
-    def _set_steps(self, horizon: int) -> None:
-        self._steps = np.arange(1, horizon + 1)  # (H,) k = 1..H
-        # row j of this: the ring rows ((j - k) mod H) of the forecasts made k = 1..H values before ordinal j
-        self._lag_rows = (np.arange(horizon)[:, None] - self._steps) % horizon  # (H, H)
-
-    def _calibrate(self, slots: np.ndarray, idx: Any, count: np.ndarray, v: Any) -> tuple[Any, Any]:
-        """Score value ``v`` of each slot against the forecasts made 1..H values before it (those made
-        since the slot's ``score_from``), update the calibrator and the coverage counts. Returns the new
-        mean errors (n, H) and multipliers (n, L, H)."""
-        tb, horizon, cpu = self.table, self.table.horizon, self._cpu
-        k = self._steps  # (H,) 1..H
-        # errors scored at step k with this one: forecasts made after ordinals score_from .. count - k
-        n_errors = (count - tb.score_from[slots])[:, None] + (1 - k)  # (n, H)
-        valid = (
-            None if len(slots) and n_errors[:, -1].min() > 0 else n_errors > 0
-        )  # (n, H); None: every step of every slot
-        row = self._lag_rows[count % horizon] + (slots * horizon)[:, None]  # (n, H) ring rows of those
-        at = row * horizon + (k - 1)  # (n, H) flat positions of the k-step centres
-        if not cpu:
-            row, at, n_errors = (torch.from_numpy(a).to(self.device) for a in (row, at, n_errors))
-        inner_v = self.scaling.inner(v)  # (n,) float64
-        score = abs(inner_v[:, None] - tb.past_flat[at]) / tb.past_scale_flat[row]  # (n, H) float64
-        score = score.astype(np.float32) if cpu else score.float()
-        valid_d = valid if cpu or valid is None else torch.from_numpy(valid).to(self.device)
-        if valid is not None:
-            score = np.where(valid, score, np.float32(0.0)) if cpu else torch.where(valid_d, score, 0.0)
-        mean_err, mult = tb.mean_err_a[idx], tb.mult_a[idx]  # (n, H), (n, L, H)
-        new_mean, new_mult, inside, half = self.intervals.update(score, valid_d, n_errors, mean_err, mult)
-        tb.mean_err_a[idx], tb.mult_a[idx] = new_mean, new_mult
-        # Coverage per level and step (sums stay on the device).
-        acc = self._coverage.get(self.version) or self._coverage_accumulator(score)
-        acc.count += len(slots) if valid is None else valid.sum(axis=0)
-        acc.sums[0] += inside.sum(0)  # (L, H)
-        acc.sums[1] += (half if valid is None else half * valid_d[:, None, :]).sum(0)  # (L, H) half-widths
-        return new_mean, new_mult
 
     def _past(self, slots: np.ndarray, count: np.ndarray, stats: Any) -> torch.Tensor:
         """The ``model.context`` values each series stepped before its current one, from the ring buffer of
@@ -354,16 +253,19 @@ class Engine:
         past = self.scaling.rescale(stats, tb.values_flat[torch.from_numpy(at).to(self.device)].double())
         return past.masked_fill(torch.from_numpy(gone).to(self.device), float("nan"))
 
-    def _accumulator(self, like: Any) -> _ErrorAccumulator:
+    def _accumulator(self, like: Any) -> ErrorAccumulator:
         acc = self._errors.get(self.version)
         if acc is None:
-            acc = self._errors[self.version] = _ErrorAccumulator(like)
+            acc = self._errors[self.version] = ErrorAccumulator(like)
         return acc
 
-    def _coverage_accumulator(self, like: Any) -> _CoverageAccumulator:
-        horizon, steps = self.model.horizon, self.intervals.score_steps(self.model.horizon)
-        levels = len(self.intervals.levels)
-        acc = self._coverage[self.version] = _CoverageAccumulator(like, levels, horizon, steps)
+    def _coverage_accumulator(self, like: Any) -> CoverageAccumulator:
+        """The coverage sums of the serving version (made like ``like`` on first use)."""
+        acc = self._coverage.get(self.version)
+        if acc is None:
+            horizon, steps = self.model.horizon, self.intervals.score_steps(self.model.horizon)
+            levels = len(self.intervals.levels)
+            acc = self._coverage[self.version] = CoverageAccumulator(like, levels, horizon, steps)
         return acc
 
     def _concat(self, parts: list[Any], shape: tuple[int, ...]) -> np.ndarray:
@@ -454,7 +356,6 @@ class Engine:
         if shape != (tb.num_layers, tb.hidden_size, tb.horizon, tb.lstm):
             raise ValueError(f"model shape {shape} does not fit the state table; use rewarm()")
         self.model, self.version, tb.version = model.to(self.device).eval(), version, version
-        self._set_steps(model.horizon)
 
     def rewarm(self, model: RecurrentForecaster, version: str) -> None:
         """Switch to ``model``: every resident series restarts from the zero state and runs the new model
@@ -462,7 +363,6 @@ class Engine:
         model = model.to(self.device).eval()
         self.table.fit_model(model)
         self.model, self.version, self.table.version = model, version, version
-        self._set_steps(model.horizon)
         self._rewarm_slots(self.table.occupied())
 
     def rewarm_series(self, slots: np.ndarray) -> None:

@@ -1,0 +1,112 @@
+"""Prediction intervals in the engine's step: each new value scores the forecasts its series made 1..H
+values before it, folds the scores into the series' calibrator (``Intervals.update``), and the new
+forecasts get their bounds.
+
+What a series keeps for this lives in the state table (its ring of past forecast centres and scales, mean
+errors and multipliers); ``Intervals`` holds the method, this module only the reads and writes around it.
+
+>>> from forecaster.engine.intervals import Intervals
+>>> from forecaster.engine.state import StateTable
+>>> table = StateTable(1, 4, 3, window=8, intervals=Intervals())
+>>> Calibrator(Intervals(), table, Scaling()).lag_rows(3)  # ring rows of the forecasts 1..3 values back
+array([[2, 1, 0],
+       [0, 2, 1],
+       [1, 0, 2]])
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from forecaster.engine.intervals import Intervals, centers, units
+from forecaster.engine.scores import CoverageAccumulator
+from forecaster.engine.state import StateTable
+from forecaster.scaling import Scaling
+
+
+class Calibrator:
+    """The calibrator's reads and writes of ``table`` for one round of distinct ``slots``: ``score``
+    before the recurrent step, ``bounds`` after it."""
+
+    def __init__(self, intervals: Intervals, table: StateTable, scaling: Scaling) -> None:
+        self.intervals = intervals
+        self.table = table
+        self.scaling = scaling
+
+    @property
+    def _cpu(self) -> bool:
+        return self.table.host_views
+
+    @staticmethod
+    @functools.cache
+    def lag_rows(horizon: int) -> np.ndarray:
+        """Row j: the ring rows ((j - k) mod H) of the forecasts made k = 1..H values before ordinal j
+        (H, H)."""
+        return (np.arange(horizon)[:, None] - np.arange(1, horizon + 1)) % horizon
+
+    def score(
+        self,
+        slots: np.ndarray,
+        idx: Any,
+        count: np.ndarray,
+        v: Any,
+        coverage: Callable[[Any], CoverageAccumulator],
+    ) -> tuple[Any, Any]:
+        """Score value ``v`` of each slot against the forecasts made 1..H values before it (those made
+        since the slot's ``score_from``), update the calibrator and the coverage sums (``coverage(like)``:
+        those of the serving version). Returns the new mean errors (n, H) and multipliers (n, L, H)."""
+        tb, cpu = self.table, self._cpu
+        horizon, device = tb.horizon, tb.device
+        k = np.arange(1, horizon + 1)  # (H,) 1..H
+        # Step 1. which past forecasts are scored: those made after ordinals score_from .. count - k
+        n_errors = (count - tb.score_from[slots])[:, None] + (1 - k)  # (n, H)
+        valid = None if len(slots) and n_errors[:, -1].min() > 0 else n_errors > 0  # None: all of them
+        row = self.lag_rows(horizon)[count % horizon] + (slots * horizon)[:, None]  # (n, H) ring rows
+        at = row * horizon + (k - 1)  # (n, H) flat positions of the k-step centres
+        if not cpu:
+            row, at, n_errors = (torch.from_numpy(a).to(device) for a in (row, at, n_errors))
+        # Step 2. their normalised absolute errors
+        inner_v = self.scaling.inner(v)  # (n,) float64
+        score = abs(inner_v[:, None] - tb.past_flat[at]) / tb.past_scale_flat[row]  # (n, H) float64
+        score = score.astype(np.float32) if cpu else score.float()
+        valid_d = valid if cpu or valid is None else torch.from_numpy(valid).to(device)
+        if valid is not None:
+            score = np.where(valid, score, np.float32(0.0)) if cpu else torch.where(valid_d, score, 0.0)
+        # Step 3. the calibrator's update
+        mean_err, mult = tb.mean_err_a[idx], tb.mult_a[idx]  # (n, H), (n, L, H)
+        new_mean, new_mult, inside, half = self.intervals.update(score, valid_d, n_errors, mean_err, mult)
+        tb.mean_err_a[idx], tb.mult_a[idx] = new_mean, new_mult
+        # Step 4. coverage per level and step (sums stay on the device)
+        acc = coverage(score)
+        acc.count += len(slots) if valid is None else valid.sum(axis=0)
+        acc.sums[0] += inside.sum(0)  # (L, H)
+        acc.sums[1] += (half if valid is None else half * valid_d[:, None, :]).sum(0)  # (L, H) half-widths
+        return new_mean, new_mult
+
+    def bounds(
+        self,
+        slots: np.ndarray,
+        count: np.ndarray,
+        f: Any,
+        stats: Any,
+        scale: Any,
+        calibrated: tuple[Any, Any],
+    ) -> tuple[Any, Any]:
+        """Bounds (n, L, H) around the new forecasts ``f`` (n, H) made at ordinals ``count``, with the
+        calibrator ``calibrated`` (``score``'s answer); keeps their centres and scales for the next
+        scores."""
+        tb, scaling, cpu = self.table, self.scaling, self._cpu
+        center = centers(scaling, f)  # (n, H) float32
+        unit = units(scaling, stats) if scaling.kind == "none" else scale  # (n,)
+        unit = unit.astype(np.float32) if cpu else unit.float()
+        at = slots * tb.horizon + count % tb.horizon  # (n,) rows of the ring of past forecasts
+        at = at if cpu else torch.from_numpy(at).to(tb.device)
+        lo, hi = self.intervals.bounds(center, unit, *calibrated, scaling)
+        tb.past_rows[at] = center
+        tb.past_scale_flat[at] = unit
+        return lo, hi
