@@ -142,7 +142,7 @@ def test_a_transactional_call_librdkafka_does_not_return_from_gives_the_producer
     from forecaster.errors import KafkaClientError
     from forecaster.service.clients import ProducerOptions, confluent
 
-    monkeypatch.setattr(confluent, "STUCK_GRACE_S", 0.2)
+    monkeypatch.setattr(confluent.producer, "STUCK_GRACE_S", 0.2)
     producer = confluent.ConfluentProducer(
         KafkaSettings(bootstrap_servers="127.0.0.1:1"), ProducerOptions(transactional_id="stuck")
     )
