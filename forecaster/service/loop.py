@@ -110,6 +110,7 @@ class Service:
         self._fenced = False
         self._next_refresh = 0.0
         self._next_lag = 0.0
+        self._polled = self._polled_at_lag = 0  # records polled in all, and when the lag was last taken
         self._server: MetricsServer | None = None
 
     # ---- the loop ------------------------------------------------------------------------------------
@@ -158,6 +159,7 @@ class Service:
         if self.recovery.rewinding:
             return []  # a transaction failed meanwhile: positions go back to the last commit
         self.health.consumed(len(records))
+        self._polled += len(records)
         return records
 
     def process(self, records: Sequence[KafkaRecord]) -> None:
@@ -282,9 +284,15 @@ class Service:
         if not assigned:
             return {}
         timeout = min(2.0, self.settings.kafka.request_timeout_ms / 1000.0)
+        # The ends the client's fetches saw cost no request; the broker is asked when the client cannot
+        # tell, or when they show lag and nothing was consumed since the last look (a stall, or records of
+        # transactions still open, which read_committed cannot consume yet: the broker's answer tells).
+        idle, self._polled_at_lag = self._polled == self._polled_at_lag, self._polled
         try:
-            ends = self.consumer.end_offsets(assigned, timeout)
             at = self.consumer.position(assigned)
+            ends = self.consumer.fetched_ends(assigned)
+            if len(ends) < len(assigned) or idle and any(ends[tp] > at.get(tp, 0) for tp in assigned):
+                ends = self.consumer.end_offsets(assigned, timeout)
             unknown = [tp for tp in assigned if tp not in at]  # nothing consumed since assigned
             if unknown:
                 at.update(

@@ -86,6 +86,22 @@ def test_marks_tell_when_the_records_before_them_were_answered(settings, topic_f
     assert len(records) == 100
 
 
+def test_fetched_ends_are_the_ends_the_fetches_saw(settings, topic_factory):
+    topic = topic_factory(partitions=1)
+    producer = make_producer(settings)
+    for index in range(5):
+        producer.send(topic, b"%d" % index, b"k")
+    assert producer.flush(30) == 0
+    producer.close(10)
+    consumer = reader(settings, topic, 1)
+    assert len(consume(consumer, 5)) == 5
+    tp = TopicPartition(topic, 0)
+    ends = consumer.fetched_ends([tp])
+    consumer.close()
+    # librdkafka keeps the high watermark of each fetch response; kafka-python's is asked of the broker
+    assert ends == ({tp: 5} if settings.client == "confluent" else {})
+
+
 def test_keyed_records_keep_their_partition_and_order(settings, topic_factory, group_factory):
     topic = topic_factory(partitions=4)
     producer = make_producer(settings)

@@ -121,8 +121,15 @@ class FakeConsumer:
     def partitions_for(self, topic, timeout):
         return [0, 1]
 
+    fetched: int | None = None  # the end the client's fetches saw (None: it cannot tell)
+    asked_ends = 0
+
     def end_offsets(self, tps, timeout):
+        self.asked_ends += 1
         return {tp: self.end for tp in tps}
+
+    def fetched_ends(self, tps):
+        return {} if self.fetched is None else {tp: self.fetched for tp in tps}
 
     def position(self, tps):
         return {tp: 7 for tp in tps}
@@ -442,6 +449,35 @@ def test_refresh_copies_state_error_and_lag():
     assert get("forecaster_state_bytes") == service.engine.state_bytes
     assert get("forecaster_forecast_abs_error_count", {"model_version": "v1"}) == 2  # second value of a and b
     assert get("forecaster_consumer_lag", {"partition": "0"}) == 3  # fake end 10, position 7
+
+
+def test_lag_comes_from_what_the_fetches_saw_while_records_flow():
+    batches = [
+        [rec(0, 6, encode_input("a", 1000, 1.0), b"a")],
+        [rec(0, 7, encode_input("a", 2000, 1.0), b"a")],
+    ]
+    service, _ = make_service(batches)
+    service.consumer.fetched = 12
+    get = service.metrics.registry.get_sample_value
+    for _ in batches:  # a record consumed before each look
+        run_batches(service, 1)
+        service.refresh(force=True)
+        assert get("forecaster_consumer_lag", {"partition": "0"}) == 5  # fetched end 12, position 7
+    assert service.consumer.asked_ends == 0  # the broker was not asked
+
+
+def test_lag_without_progress_is_asked_of_the_broker():
+    # the fetches' high watermark counts records of an open transaction; the broker's last stable offset
+    # (the fake's end, 7) does not: read_committed has nothing to consume yet
+    service, _ = make_service([])
+    service.consumer.fetched, service.consumer.end = 12, 7
+    run_batches(service, 1)
+    service.refresh(force=True)
+    assert service.consumer.asked_ends == 1
+    assert service.metrics.registry.get_sample_value("forecaster_consumer_lag", {"partition": "0"}) == 0
+    service.consumer.fetched = None  # a client that cannot tell: always asked
+    service.refresh(force=True)
+    assert service.consumer.asked_ends == 2
 
 
 def test_a_record_too_large_to_send_is_counted_and_the_batch_goes_on():

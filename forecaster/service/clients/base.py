@@ -185,6 +185,13 @@ class Consumer(ABC):
         """The end of each partition as this consumer's isolation level sees it (the last stable offset
         under ``read_committed``, the high watermark under ``read_uncommitted``)."""
 
+    def fetched_ends(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The end of each partition as the client's latest fetch saw it, without asking the broker: the
+        high watermark, which counts records of open transactions (``end_offsets`` gives the last stable
+        offset under ``read_committed``). Partitions the client cannot tell are left out; this default
+        tells none."""
+        return {}
+
     @abstractmethod
     def beginning_offsets(
         self, tps: Sequence[TopicPartition], timeout: float

@@ -164,6 +164,20 @@ class ConfluentConsumer(Consumer):
             if low_high is None:
                 raise KafkaClientError("timeout", f"no offsets for {tp[0]}[{tp[1]}] within {timeout:g} s")
             out[TopicPartition(tp[0], tp[1])] = low_high[1] if high else low_high[0]
+        self.connection.up()
+        return out
+
+    def fetched_ends(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """librdkafka's high watermark of each partition from its latest fetch response (no request; a
+        request would queue behind the fetch the broker holds, up to ``fetch.wait.max.ms`` each). Empty
+        while librdkafka reports the brokers down (until a request is answered again)."""
+        if self.connection.down:
+            return {}
+        out = {}
+        for tp in tps:
+            _, high = self._c.get_watermark_offsets(_TP(tp[0], tp[1]), cached=True)
+            if high >= 0:
+                out[TopicPartition(tp[0], tp[1])] = high
         return out
 
     def end_offsets(self, tps: Sequence[TopicPartition], timeout: float) -> dict[TopicPartition, int]:
