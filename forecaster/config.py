@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from forecaster.errors import ConfigError
 from forecaster.model import ForecasterConfig
+from forecaster.records.input import MAX_ABS_VALUE
 
 ENV_PREFIX = "FORECASTER_"
 ENV_DELIMITER = "__"
@@ -175,6 +176,8 @@ class ServiceSettings(BaseModel):
     max_window_values: int = Field(default=10_000, ge=1)  # values in one windowed input record
     max_series_length: int = Field(default=256, ge=1, le=4096)  # characters in a series id
     max_future_ms: int = Field(default=366 * 24 * 3600 * 1000, ge=0)  # ts further ahead is absurd
+    # A value further from 0 is dead-lettered (out_of_range); see MAX_ABS_VALUE.
+    max_abs_value: float = Field(default=MAX_ABS_VALUE, gt=0.0, le=MAX_ABS_VALUE)
     transactional_id: str | None = None  # default: "<group_id>-<instance_id>"
     # Stable per instance across restarts (a restart fences its own zombie); default: the host name, so
     # replicas (`docker compose --scale`) differ while a restarted container keeps its own.

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from forecaster.errors import DataError
+from forecaster.records.input import MAX_ABS_VALUE
 
 TIME_COLUMNS = ("ts", "time", "timestamp", "date", "datetime")
 LONG_COLUMNS = ("series", "ts", "value")
@@ -153,7 +154,9 @@ def _long(raw: pd.DataFrame, layout: str) -> LoadedSeries:
     values = pd.to_numeric(raw["value"].replace("", np.nan), errors="coerce").to_numpy(dtype=np.float64)
     ts, ts_ok = parse_timestamps(raw["ts"])
     reasons = np.full(len(raw), "", dtype=object)
-    reasons[~np.isfinite(values)] = "value_not_number"
+    finite = np.isfinite(values)
+    reasons[~finite] = "value_not_number"
+    reasons[finite & (np.abs(values) > MAX_ABS_VALUE)] = "value_out_of_range"
     reasons[~ts_ok] = "bad_ts"
     reasons[(series.isna() | (series == "")).to_numpy()] = "missing_series"
     good = reasons == ""
@@ -185,9 +188,12 @@ def _wide(raw: pd.DataFrame, source: object) -> LoadedSeries:
         cells = raw[column]
         blank = (cells.astype("string").str.strip() == "").fillna(True).to_numpy(dtype=bool)
         values = pd.to_numeric(cells, errors="coerce").to_numpy(dtype=np.float64)
-        bad_value = ts_ok & ~blank & ~np.isfinite(values)
+        finite = np.isfinite(values)
+        bad_value = ts_ok & ~blank & ~finite
         bad += [BadRow(int(line), "value_not_number", str(column)) for line in lines[bad_value]]
-        keep = ts_ok & np.isfinite(values)
+        huge = ts_ok & finite & (np.abs(values) > MAX_ABS_VALUE)
+        bad += [BadRow(int(line), "value_out_of_range", str(column)) for line in lines[huge]]
+        keep = ts_ok & finite & ~huge
         parts.append(
             pd.DataFrame({"series": str(column), "ts": ts[keep], "value": values[keep], "line": lines[keep]})
         )

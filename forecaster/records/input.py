@@ -42,6 +42,9 @@ from forecaster.errors import InvalidRecord
 from forecaster.records.strict_json import may_be_too_deep_for_json, parse, parse_json
 
 SCHEMA_VERSION = 1
+# The largest magnitude of a value (``service.max_abs_value``'s default): beyond it a series' forecasts and
+# bounds overflow float32, and one such value leaves its scale and the online error infinite for good.
+MAX_ABS_VALUE = 1e30
 FIELDS = frozenset({"schema", "series", "ts", "value", "values"})
 REASONS = (
     "not_utf8",
@@ -63,6 +66,7 @@ REASONS = (
     "window_too_large",
     "empty_window",
     "not_positive",
+    "out_of_range",
 )
 _NUMBER = (int, float)  # bool is excluded by checking type() exactly
 
@@ -115,6 +119,7 @@ class RecordDecoder:
         max_series_length: int = 256,
         max_window_values: int = 10_000,
         max_future_ms: int = 366 * 24 * 3600 * 1000,
+        max_abs_value: float = MAX_ABS_VALUE,
         clock: Callable[[], float] = time.time,
         positive: bool = False,
         fast: bool = True,
@@ -123,6 +128,7 @@ class RecordDecoder:
         self.max_series_length = max_series_length
         self.max_window_values = max_window_values
         self.max_future_ms = max_future_ms
+        self.max_abs_value = max_abs_value
         self.clock = clock
         self.positive = positive  # values must be > 0 (the engine scales their logarithm)
         self.fast = fast
@@ -136,6 +142,7 @@ class RecordDecoder:
             max_series_length=service.max_series_length,
             max_window_values=service.max_window_values,
             max_future_ms=service.max_future_ms,
+            max_abs_value=service.max_abs_value,
             clock=clock,
             positive=positive,
         )
@@ -231,6 +238,8 @@ class RecordDecoder:
         value = float(value) if type(value) is float or abs(value) < 2**1023 else math.inf
         if not math.isfinite(value):
             raise InvalidRecord("non_finite", f"value is {value}")
+        if abs(value) > self.max_abs_value:
+            raise InvalidRecord("out_of_range", f"value is {value:g}, beyond ±{self.max_abs_value:g}")
         if self.positive and not value > 0.0:
             raise InvalidRecord("not_positive", f"value is {value}; the serving model scales logarithms")
         if "ts" in body:
@@ -284,6 +293,9 @@ class RecordDecoder:
                 raise InvalidRecord("non_finite", "a value overflows float64") from None
         if not np.isfinite(array).all():
             raise InvalidRecord("non_finite", f"values holds {array[~np.isfinite(array)][0]}")
+        if np.abs(array).max() > self.max_abs_value:
+            bad = array[np.abs(array) > self.max_abs_value][0]
+            raise InvalidRecord("out_of_range", f"values holds {bad:g}, beyond ±{self.max_abs_value:g}")
         if self.positive and not (array > 0.0).all():
             bad = array[~(array > 0.0)][0]
             raise InvalidRecord("not_positive", f"values holds {bad}; the serving model scales logarithms")

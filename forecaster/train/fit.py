@@ -95,6 +95,9 @@ def make_batches(
     return batches
 
 
+MAX_SCALED_TARGET = 1e6  # targets further out (in scales of their series) are left out of the loss
+
+
 def chunk_targets(
     batch: Batch, start: int, stop: int, horizon: int, warmup: int, part: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +114,11 @@ def chunk_targets(
     n_train = torch.as_tensor(batch.n_train)[:, None, None]  # (B, 1, 1)
     in_part = index < n_train if part == "train" else index >= n_train  # (B, T, H)
     origin_ok = torch.arange(start, stop)[None, :, None] >= warmup  # (1, T, 1)
-    mask = in_part & origin_ok & torch.isfinite(target)
-    return target.nan_to_num(0.0).float(), mask
+    # a target this many of its series' scales away is an outlier (e.g. 1e29 among values of 10): its
+    # square would overflow the loss, and fitting it would teach the net nothing it can use
+    plausible = target.abs() <= MAX_SCALED_TARGET
+    mask = in_part & origin_ok & torch.isfinite(target) & plausible
+    return target.nan_to_num(0.0).masked_fill(~plausible, 0.0).float(), mask
 
 
 @dataclass

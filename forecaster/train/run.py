@@ -131,6 +131,11 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
         seed=settings.model.seed,
         progress=progress,
     )
+    if fitted.train_losses and math.isinf(fitted.train_losses[0]):
+        raise DataError(
+            "training diverged: the loss overflowed (values far larger than their series' usual ones?);"
+            " nothing was published"
+        )
     if not fitted.train_losses or not math.isfinite(fitted.train_losses[0]):
         raise NotEnoughHistory(
             f"history too short to train: {len(values)} series, longest {max(len(v) for v in values)} values "

@@ -102,6 +102,7 @@ BAD = [
     ),
     (None, b'{"series": "x", "ts": [], "values": []}', "empty_window"),
     (None, b'{"series": "x", "ts": 1700000000000, "value": -4}', "not_positive"),  # under log scaling
+    (None, b'{"series": "x", "ts": 1700000000000, "value": 1e300}', "out_of_range"),
 ]
 
 

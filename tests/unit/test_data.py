@@ -136,3 +136,15 @@ def test_nixtla_parquet_with_datetimes_and_extra_columns(tmp_path):
 def test_nixtla_layout_missing_a_column_says_which():
     with pytest.raises(DataError, match=r"unique_id,ds,y; missing y"):
         read_series(io.StringIO("unique_id,ds,target\na,1,1\n"))
+
+
+def test_values_beyond_the_service_limit_are_bad_rows_in_both_layouts():
+    long = read_series(io.StringIO("series,ts,value\na,1,1\na,2,1e300\na,3,-2e30\na,4,1e30\n"))
+    assert long.frame["ts"].tolist() == [1, 4]
+    assert [(b.line, b.reason) for b in long.bad_rows] == [
+        (3, "value_out_of_range"),
+        (4, "value_out_of_range"),
+    ]
+    wide = read_series(io.StringIO("ts,a,b\n1,1,5e31\n2,2,3\n"))
+    assert sorted(wide.frame["value"].tolist()) == [1.0, 2.0, 3.0]
+    assert [(b.line, b.reason, b.detail) for b in wide.bad_rows] == [(2, "value_out_of_range", "b")]

@@ -89,6 +89,7 @@ def test_schema_one_is_accepted(decoder):
 
 
 BAD_CORPUS = [
+    (b'{"series": "a", "ts": 1, "value": 2e30}', None, "out_of_range"),
     (b"\xff\xfe{}", None, "not_utf8"),
     (b"{not json", None, "not_json"),
     (None, None, "not_json"),
@@ -178,6 +179,26 @@ def test_far_future_ts_is_out_of_range_near_future_is_not(decoder):
     assert decoder.decode(ok, None, 0)[1] == now_ms + 1000
     late = json.dumps({"series": "a", "ts": now_ms + 1001, "value": 1}).encode()
     assert reason_of(decoder, late) == "ts_out_of_range"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"series": "a", "ts": 1, "value": 1e300}',
+        b'{"series": "a", "ts": 1, "value": -1e31}',
+        b'{"series": "a", "ts": 1, "value": 100000000000000000000000000000000000000000}',
+        b'{"series": "a", "ts": [1, 2], "values": [1.0, -3.4e38]}',
+    ],
+)
+def test_values_beyond_the_limit_are_out_of_range(decoder, raw):
+    assert reason_of(decoder, raw) == "out_of_range"
+
+
+def test_values_at_the_limit_pass(decoder):
+    assert decoder.decode(b'{"series": "a", "ts": [1, 2], "values": [1e30, -1e30]}', None, 0)[2].tolist() == [
+        1e30,
+        -1e30,
+    ]
 
 
 # Under log scaling (``positive``) a value must be > 0; the same values pass a default decoder.

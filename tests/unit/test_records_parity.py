@@ -84,7 +84,7 @@ def test_valid_records_decode_as_the_json_codec_decoded_them(body, ensure_ascii,
 def test_values_at_the_edges_of_float64_survive_exactly():
     edges = [1e308, -1.7976931348623157e308, 5e-324, -5e-324, 2.2250738585072014e-308, -0.0, 2**64, 10**30]
     raw = encode_window("s", list(range(1, 9)), edges)
-    decoder = RecordDecoder(max_window_values=8, clock=lambda: NOW_S)
+    decoder = RecordDecoder(max_window_values=8, max_abs_value=math.inf, clock=lambda: NOW_S)  # no limit
     _, _, values = decoder.decode(raw, None, -1)
     assert values.tobytes() == np.array(edges, dtype=np.float64).tobytes()  # -0.0 keeps its sign
 

@@ -734,3 +734,20 @@ def test_the_trainer_lowers_its_cpu_priority_by_its_niceness():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "3"
     assert TrainSettings().niceness == 10  # the default (the test session sets 0 for in-process runs)
+
+
+def test_one_extreme_value_does_not_make_the_loss_overflow(tmp_path: Path, monkeypatch, capsys) -> None:
+    # 1e29 among values of about 10 (within the service's limit): its target, in its series' scales,
+    # would square past float32; it is left out of the loss, and training goes on
+    frame = generate(2, 160, seed=3, shape=SeriesShape(noise=0.5, shift_probability=0.0))
+    frame.loc[frame.index[100], "value"] = 1e29
+    data = tmp_path / "outlier.csv"
+    frame.to_csv(data, index=False)
+    for name, value in {
+        "CHECKPOINTS__DIR": tmp_path / "ck",
+        "MODEL__HIDDEN_SIZE": 4,
+        "MODEL__NUM_LAYERS": 1,
+    }.items():
+        monkeypatch.setenv(f"FORECASTER_{name}", str(value))
+    assert main(["train", "--input", str(data), "--epochs", "1", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["published"]
