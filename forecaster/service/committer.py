@@ -93,6 +93,18 @@ class Committer(ABC):
             self.refused(topic, key, exc.reason, exc.detail)
             return False
 
+    def send_many(self, topic: str, values: Sequence[bytes], keys: Sequence[bytes]) -> None:
+        """``send`` for many records (the forecasts of a batch): a record that cannot be sent is counted and
+        logged, and the ones after it are sent."""
+        at = 0
+        while at < len(values):
+            try:
+                at += self.producer.send_many(topic, values[at:], keys[at:])
+            except KafkaClientError as exc:
+                failed = at + getattr(exc, "sent", 0)
+                self.send(topic, values[failed], keys[failed])  # counted, logged, or raised as it should be
+                at = failed + 1
+
     def refused(self, topic: str, key: bytes | None, reason: str, detail: str) -> None:
         """A record that was not sent or not taken by the broker: counted, logged, skipped."""
         self.on_send_failure(reason)

@@ -227,9 +227,7 @@ class Service:
                 out.series, out.ts, out.version, out.forecasts, partition, offset, index, bounds
             )
         self.ledger.note(out.series, partition.tolist())  # each series' changelog partition
-        send = self.committer.send
-        for name, value in zip(keys, encoded, strict=True):
-            send(topic, value, name.encode())
+        self.committer.send_many(topic, encoded, [name.encode() for name in keys])
         created = np.array([r.timestamp for r in batch.records], dtype=np.float64)[record] / 1000.0
         latency = self.clock() - created[created >= 0]
         self.metrics.end_to_end_latency.observe_many(latency)

@@ -25,6 +25,7 @@ from forecaster.service.clients import (
     max_message_bytes,
     wait_for_broker,
 )
+from forecaster.service.committer import Committer
 
 CLIENTS = ["confluent", "kafka-python"]
 
@@ -100,6 +101,30 @@ def test_fetched_ends_are_the_ends_the_fetches_saw(settings, topic_factory):
     consumer.close()
     # librdkafka keeps the high watermark of each fetch response; kafka-python's is asked of the broker
     assert ends == ({tp: 5} if settings.client == "confluent" else {})
+
+
+def test_many_records_sent_at_once_and_one_too_large_among_them(settings, topic_factory):
+    topic = topic_factory(partitions=3)
+    producer = make_producer(settings, ProducerOptions(message_max_bytes=4096))
+    values = [b"v%03d" % i for i in range(100)]
+    keys = [b"k%d" % (i % 7) for i in range(100)]
+    assert producer.send_many(topic, values, keys) == 100  # all fit: one loop of sends
+
+    class Counting(Committer):
+        def commit(self, wait: bool = True) -> bool:
+            return True
+
+        def close(self, timeout: float) -> None: ...
+
+    refused: list[str] = []
+    committer = Counting(None, producer, interval_ms=100, max_records=10, on_send_failure=refused.append)
+    mixed = [b"a" * 10, b"b" * 10_000, b"c" * 10]  # the second is over the limit
+    committer.send_many(topic, mixed, [b"x", b"y", b"z"])
+    assert refused == ["too_large"]
+    assert producer.flush(30) == 0 and producer.take_failures() == []
+    producer.close(10)
+    records = consume(reader(settings, topic, 3), 102)
+    assert sorted(r.value for r in records) == sorted([*values, b"a" * 10, b"c" * 10])
 
 
 def test_keyed_records_keep_their_partition_and_order(settings, topic_factory, group_factory):

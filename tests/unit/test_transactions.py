@@ -14,6 +14,7 @@ from forecaster.engine.engine import Engine
 from forecaster.errors import KafkaClientError, ProducerFenced
 from forecaster.model import RecurrentForecaster
 from forecaster.service.clients import TopicPartition
+from forecaster.service.clients.base import Producer
 from forecaster.service.exactly_once import changelog
 from forecaster.service.exactly_once.changelog import ChangelogContents
 from forecaster.service.exactly_once.committer import ExactlyOnceCommitter, is_fenced
@@ -25,6 +26,8 @@ TOPIC = "in"
 
 class FakeProducer:
     """A transactional producer that records calls; ``fail`` maps a method name to the error it raises."""
+
+    send_many = Producer.send_many  # the interface's own, over this fake's send
 
     def __init__(self, log: list, fail: dict | None = None) -> None:
         self.log, self.fail, self.closed = log, dict(fail or {}), False

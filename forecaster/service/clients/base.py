@@ -231,6 +231,20 @@ class Producer(ABC):
         self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
     ) -> None: ...
 
+    def send_many(self, topic: str, values: Sequence[bytes], keys: Sequence[bytes]) -> int:
+        """Send ``values[i]`` keyed ``keys[i]`` in order until one cannot be sent; returns how many were
+        sent, the error of the one that could not be (``KafkaClientError``) propagating with that count
+        in its ``sent`` attribute. This default sends one at a time."""
+        sent = 0
+        try:
+            for value, key in zip(values, keys, strict=True):
+                self.send(topic, value, key)
+                sent += 1
+        except KafkaClientError as exc:
+            exc.sent = sent  # type: ignore[attr-defined]
+            raise
+        return sent
+
     @abstractmethod
     def flush(self, timeout: float | None = None) -> int:
         """Wait until every record sent was answered (at most ``timeout`` s); returns how many were not."""
