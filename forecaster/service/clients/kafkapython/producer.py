@@ -51,8 +51,9 @@ class KafkaPythonProducer(Producer):
         except KafkaError as exc:
             raise translate(exc, "create a producer") from exc
         self._futures: list[tuple[str, bytes | None, Any]] = []
-        # the futures sent since the last mark; kept once marks are asked for (at least once)
-        self._marked: collections.deque[Any] | None = None
+        # the futures sent since the last mark (from the first send on: a mark covers every record before
+        # it); a transaction starts it afresh, since transactions are not marked
+        self._marked: collections.deque[Any] = collections.deque()
 
     def send(self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None) -> None:
         if not self.fits(key, value):
@@ -65,13 +66,12 @@ class KafkaPythonProducer(Producer):
         except KafkaError as exc:
             raise translate(exc, f"send to {topic}") from exc
         self._futures.append((topic, key, future))
-        if self._marked is not None:
-            self._marked.append(future)
+        self._marked.append(future)
 
     def mark(self) -> collections.deque[Any]:
         """The futures of the records sent since the previous mark, with that mark before them."""
-        mark, self._marked = self._marked or collections.deque(), collections.deque()
-        self._marked.append(mark)
+        mark = self._marked
+        self._marked = collections.deque([mark])
         return mark
 
     def answered(self, mark: Any) -> bool:
@@ -111,6 +111,7 @@ class KafkaPythonProducer(Producer):
         except KafkaError as exc:
             raise translate(exc, "begin_transaction") from exc
         self._futures = []
+        self._marked = collections.deque()
 
     def send_offsets_to_transaction(
         self, offsets: Mapping[TopicPartition, int], group_metadata: Any, timeout: float
