@@ -125,18 +125,20 @@ class KafkaPythonConsumer(Consumer):
             raise translate(exc, "read committed offsets") from exc
 
     def end_offsets(self, tps: Sequence[TopicPartition], timeout: float) -> dict[TopicPartition, int]:
-        try:
-            ends = self._c.end_offsets(_tps(tps))
-        except KafkaError as exc:
-            raise translate(exc, "read end offsets") from exc
-        return {TopicPartition(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+        return self._offsets(self._c.end_offsets, tps, "end")
 
     def beginning_offsets(self, tps: Sequence[TopicPartition], timeout: float) -> dict[TopicPartition, int]:
+        return self._offsets(self._c.beginning_offsets, tps, "beginning")
+
+    @staticmethod
+    def _offsets(
+        ask: Callable[[Any], dict], tps: Sequence[TopicPartition], which: str
+    ) -> dict[TopicPartition, int]:
         try:
-            begins = self._c.beginning_offsets(_tps(tps))
+            found = ask(_tps(tps))
         except KafkaError as exc:
-            raise translate(exc, "read beginning offsets") from exc
-        return {TopicPartition(tp.topic, tp.partition): offset for tp, offset in begins.items()}
+            raise translate(exc, f"read {which} offsets") from exc
+        return {TopicPartition(tp.topic, tp.partition): offset for tp, offset in found.items()}
 
     def partitions_for(self, topic: str, timeout: float) -> list[int]:
         deadline = time.monotonic() + timeout
