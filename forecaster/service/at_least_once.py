@@ -34,7 +34,9 @@ class AtLeastOnceCommitter(Committer):
         super().__init__(*args, **kwargs)
         self.waiting: deque[tuple[dict[tuple[str, int], int], Any]] = deque()  # (offsets, mark), oldest first
         if self.consumer is not None:
-            self.consumer.commit_answered = self.answered  # commits that did not wait are answered later
+            self.consumer.commit_answered = (
+                self.commit_answered
+            )  # commits that did not wait are answered later
 
     def due(self) -> bool:
         return bool(self.waiting) or super().due()
@@ -66,17 +68,17 @@ class AtLeastOnceCommitter(Committer):
         if not offsets:
             return True
         # Step 3. Commit the input offsets: the next offset to read, per partition (the loop's commits do
-        # not wait for the broker's answer either: it comes to ``answered``).
+        # not wait for the broker's answer either: it comes to ``commit_answered``).
         try:
             self.consumer.commit(offsets, wait=wait)
         except KafkaClientError as exc:  # e.g. the group rebalanced: the next reader replays these records
-            self.answered(False, str(exc))
+            self.commit_answered(False, str(exc))
             return False
         if wait:
             self.on_commit(True)
         return True
 
-    def answered(self, ok: bool, detail: str) -> None:
+    def commit_answered(self, ok: bool, detail: str) -> None:
         """The broker's answer to an offset commit."""
         if not ok:
             log.warning(

@@ -86,11 +86,7 @@ class Committer(ABC):
             self.producer.send(topic, value, key, partition)
             return True
         except KafkaClientError as exc:
-            if exc.reason == "fenced":
-                raise ProducerFenced(f"fenced while sending: {exc.detail}") from exc
-            if exc.reason not in RECORD_FAILURES:
-                raise
-            self.refused(topic, key, exc.reason, exc.detail)
+            self.not_sent(topic, key, exc)
             return False
 
     def send_many(self, topic: str, values: Sequence[bytes], keys: Sequence[bytes]) -> None:
@@ -102,8 +98,17 @@ class Committer(ABC):
                 at += self.producer.send_many(topic, values[at:], keys[at:])
             except KafkaClientError as exc:
                 failed = at + getattr(exc, "sent", 0)
-                self.send(topic, values[failed], keys[failed])  # counted, logged, or raised as it should be
+                self.not_sent(topic, keys[failed], exc)
                 at = failed + 1
+
+    def not_sent(self, topic: str, key: bytes | None, exc: KafkaClientError) -> None:
+        """A record ``send`` refused: counted and logged when the failure is the record's own; fencing and
+        failures of the client, topic or broker propagate."""
+        if exc.reason == "fenced":
+            raise ProducerFenced(f"fenced while sending: {exc.detail}") from exc
+        if exc.reason not in RECORD_FAILURES:
+            raise exc
+        self.refused(topic, key, exc.reason, exc.detail)
 
     def refused(self, topic: str, key: bytes | None, reason: str, detail: str) -> None:
         """A record that was not sent or not taken by the broker: counted, logged, skipped."""

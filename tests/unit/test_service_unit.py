@@ -319,7 +319,7 @@ def test_a_commit_answered_with_an_error_is_logged_not_counted(caplog):
     service.consumer.commit_answered = lambda ok, detail: None  # the answer has not come yet
     run_batches(service, 1)
     assert service.consumer.commits == [{0: 1}]
-    service.committer.answered(False, "the group rebalanced")
+    service.committer.commit_answered(False, "the group rebalanced")
     assert service.metrics.registry.get_sample_value("forecaster_commits_total") == 0
     assert "will be replayed: the group rebalanced" in caplog.text
 
