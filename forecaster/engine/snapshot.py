@@ -27,9 +27,11 @@ if TYPE_CHECKING:
     from forecaster.engine.state import StateTable
 
 MAGIC = b"FCSTATE"
-# 2: the ring of values in data units (a model baseline reads them); 3: the interval calibrator's state
-FORMAT_VERSION = 3
+# 2: the ring of values in data units (a model baseline reads them); 3: the interval calibrator's state;
+# 4: the per-series choice's state
+FORMAT_VERSION = 4
 CALIBRATOR = ("past", "past_scale", "mean_err", "mult")  # per-slot tensors of the interval calibrator
+CHOOSER = ("model_past", "choice_err", "choice_n")  # per-slot tensors of the per-series choice
 _PREFIX = struct.Struct("<HI")  # format version, header length
 _CRC = struct.Struct("<I")
 
@@ -55,6 +57,14 @@ def expected_arrays(shape: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ..
             mean_err=("float32", (h,)),
             mult=("float32", (lv, h)),
             score_from=("int64", ()),
+        )
+    if shape["candidates"]:
+        h, c = shape["horizon"], shape["candidates"]
+        arrays.update(
+            model_past=("float32", (h, h)),
+            choice_err=("float32", (c, h)),
+            choice_n=("float32", (h,)),
+            choose_from=("int64", ()),
         )
     return arrays
 
@@ -139,6 +149,7 @@ def table_shape(table: StateTable) -> dict[str, Any]:
         "lstm": table.lstm,
         "n_stats": Scaling.N_STATS,
         "levels": table.levels,
+        "candidates": table.candidates,
     }
 
 
@@ -162,6 +173,10 @@ def take(table: StateTable, series: str) -> bytes:
             arrays[name] = getattr(table, name)[slot].cpu().numpy()
         if table.levels:
             arrays["score_from"] = np.array(table.score_from[slot], dtype=np.int64)
+        for name in CHOOSER if table.candidates else ():
+            arrays[name] = getattr(table, name)[slot].cpu().numpy()
+        if table.candidates:
+            arrays["choose_from"] = np.array(table.choose_from[slot], dtype=np.int64)
     return encode(table_shape(table), table.version, arrays)
 
 
@@ -179,10 +194,12 @@ def put(table: StateTable, series: str, data: bytes, now: float) -> str:
         table.stats[slot] = torch.from_numpy(arrays["stats"]).to(device)
         table.ring[slot] = torch.from_numpy(arrays["ring"]).to(device)
         table.values[slot] = torch.from_numpy(arrays["values"]).to(device)
-        for name in CALIBRATOR if table.levels else ():
+        for name in (CALIBRATOR if table.levels else ()) + (CHOOSER if table.candidates else ()):
             getattr(table, name)[slot] = torch.from_numpy(arrays[name]).to(device)
     if table.levels:
         table.score_from[slot] = int(arrays["score_from"])
+    if table.candidates:
+        table.choose_from[slot] = int(arrays["choose_from"])
     table.last_ts[slot] = int(arrays["last_ts"])
     table.count[slot] = int(arrays["count"])
     table.dirty[slot] = True
@@ -206,11 +223,15 @@ def take_many(table: StateTable, series: Sequence[str]) -> list[bytes]:
             t.index_select(0, idx) for t in (table.forecast, table.stats, table.ring, table.values)
         ]
         calibrator = [getattr(table, name).index_select(0, idx) for name in CALIBRATOR if table.levels]
+        chooser = [getattr(table, name).index_select(0, idx) for name in CHOOSER if table.candidates]
         arrays = [np.ascontiguousarray(t.cpu().numpy()) for t in per_series]
         calibrator = [np.ascontiguousarray(t.cpu().numpy()) for t in calibrator]
+        chooser = [np.ascontiguousarray(t.cpu().numpy()) for t in chooser]
     arrays += [table.last_ts[slots].astype(np.int64), table.count[slots].astype(np.int64)]  # header order
     if table.levels:
         arrays += [*calibrator, table.score_from[slots].astype(np.int64)]
+    if table.candidates:
+        arrays += [*chooser, table.choose_from[slots].astype(np.int64)]
     spec = expected_arrays(table_shape(table))
     header = {
         "model_version": table.version,
@@ -264,10 +285,13 @@ def put_many(
         table.h.index_copy_(1, idx, stacked("h", axis=1))  # (layers, n, hidden)
         if table.c is not None:
             table.c.index_copy_(1, idx, stacked("c", axis=1))
-        for name in ("forecast", "stats", "ring", "values") + (CALIBRATOR if table.levels else ()):
+        chooser = CHOOSER if table.candidates else ()
+        for name in ("forecast", "stats", "ring", "values") + (CALIBRATOR if table.levels else ()) + chooser:
             getattr(table, name).index_copy_(0, idx, stacked(name))
     if table.levels:
         table.score_from[slots] = [int(a["score_from"]) for a in decoded]
+    if table.candidates:
+        table.choose_from[slots] = [int(a["choose_from"]) for a in decoded]
     table.last_ts[slots] = [int(a["last_ts"]) for a in decoded]
     table.count[slots] = [int(a["count"]) for a in decoded]
     table.dirty[slots] = False

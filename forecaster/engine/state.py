@@ -8,7 +8,11 @@ epoch ms), count of values ever stepped, last-seen wall time, a dirty flag. With
 (``intervals``, see ``forecaster.engine.intervals``) also the calibrator's state: the centres of the last
 H forecasts ``past`` (capacity, H, H) and their scales ``past_scale`` (capacity, H), the mean absolute
 k-step error ``mean_err`` (capacity, H) and the coverage multipliers ``mult`` (capacity, L, H), float32
-on the device, and on the host the ordinal of the first forecast to score ``score_from``. Capacity doubles when full
+on the device, and on the host the ordinal of the first forecast to score ``score_from``. With the
+per-series choice (``choice``, see ``forecaster.engine.choice``) also the model's last H forecasts
+``model_past`` (capacity, H, H), the mean k-step errors of each candidate ``choice_err`` (capacity, C, H)
+and their counts ``choice_n`` (capacity, H), float32 on the device, and on the host the ordinal of the
+first model forecast to score ``choose_from``. Capacity doubles when full
 (amortised growth); freed slots are reused. Idle series are evicted after ``ttl_seconds`` and the least
 recently seen one when a new series would pass ``max_series``; an optional ``on_evict(series, snapshot)``
 receives each evicted series' snapshot.
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from forecaster.engine import snapshot as snap
+from forecaster.engine.choice import Choice, naive_reach
 from forecaster.engine.intervals import WARMUP, Intervals, centers, units
 from forecaster.scaling import Scaling
 
@@ -66,6 +71,8 @@ class StateTable:
         version: str = "init",
         host_views: bool | None = None,
         intervals: Intervals | None = None,
+        choice: Choice | None = None,
+        season: int = 1,
     ) -> None:
         if min(num_layers, hidden_size, horizon, window, capacity, max_series) < 1:
             raise ValueError("num_layers, hidden_size, horizon, window, capacity and max_series must be >= 1")
@@ -78,6 +85,9 @@ class StateTable:
         self.lstm = lstm
         self.intervals = intervals
         self.levels = len(intervals.levels) if intervals is not None else 0
+        self.choice = choice
+        self.season = season  # of the model's baseline: the seasonal naive candidate's
+        self.candidates = naive_reach(season, horizon, window) if choice is not None else 0
         self.device = torch.device(device)
         # Index per-slot arrays through numpy views (CPU only; cheaper per call than torch indexing).
         # False runs the torch path a GPU table takes, which tests use to cover it on a CPU.
@@ -133,6 +143,12 @@ class StateTable:
             self.mean_err = grow(None if first else self.mean_err, (capacity, h), torch.float32)
             self.mult = grow(None if first else self.mult, (capacity, lv, h), torch.float32)
             self.score_from = grow_np(None if first else self.score_from, 0, np.int64)
+        if self.candidates:
+            h, c = self.horizon, self.candidates
+            self.model_past = grow(None if first else self.model_past, (capacity, h, h), torch.float32)
+            self.choice_err = grow(None if first else self.choice_err, (capacity, c, h), torch.float32)
+            self.choice_n = grow(None if first else self.choice_n, (capacity, h), torch.float32)
+            self.choose_from = grow_np(None if first else self.choose_from, 0, np.int64)
         self.last_ts = grow_np(None if first else self.last_ts, NO_TS, np.int64)
         self.count = grow_np(None if first else self.count, 0, np.int64)
         self.last_seen = grow_np(None if first else self.last_seen, np.inf, np.float64)  # inf: free
@@ -161,13 +177,35 @@ class StateTable:
             self.past_rows = self.past.view(-1, h).numpy() if cpu else self.past.view(-1, h)  # [slot*H + j]
             self.mean_err_a = self.mean_err.numpy() if cpu else self.mean_err
             self.mult_a = self.mult.numpy() if cpu else self.mult
+        if self.candidates:
+            h = self.horizon
+            self.model_past_flat = self.model_past.view(-1).numpy() if cpu else self.model_past.view(-1)
+            self.model_past_rows = self.model_past.view(-1, h).numpy() if cpu else self.model_past.view(-1, h)
+            self.choice_err_a = self.choice_err.numpy() if cpu else self.choice_err
+            self.choice_n_a = self.choice_n.numpy() if cpu else self.choice_n
 
     @_inference
     def fit_model(self, model: Any) -> None:
-        """Reshape the model-shaped arrays when ``model`` differs in layers, hidden size, horizon or cell."""
+        """Reshape the model-shaped arrays when ``model`` differs in layers, hidden size, horizon or cell,
+        and the choice's when it differs in season (a swap resets the choice: ``reset_choice``)."""
         shape = (model.num_layers, model.hidden_size, model.horizon, model.is_lstm)
         if shape != (self.num_layers, self.hidden_size, self.horizon, self.lstm):
             self.reshape_model(*shape)
+        self.season = model.season
+        candidates = naive_reach(model.season, model.horizon, self.window_size) if self.choice else 0
+        if candidates != self.candidates:
+            self.candidates = candidates
+            self._new_choice()
+
+    def _new_choice(self) -> None:
+        """The choice's arrays, empty, at the current capacity, horizon and candidates."""
+        if self.candidates:
+            h, c, dev = self.horizon, self.candidates, self.device
+            self.model_past = torch.zeros(self.capacity, h, h, device=dev)
+            self.choice_err = torch.zeros(self.capacity, c, h, device=dev)
+            self.choice_n = torch.zeros(self.capacity, h, device=dev)
+            self.choose_from = np.zeros(self.capacity, dtype=np.int64)
+        self._views()
 
     def reshape_model(self, num_layers: int, hidden_size: int, horizon: int, lstm: bool) -> None:
         """Fit the model-shaped arrays to a new model: states and forecasts start from zero."""
@@ -183,7 +221,7 @@ class StateTable:
             self.mean_err = torch.ones(self.capacity, h, device=self.device)
             self.mult = torch.as_tensor(self.intervals.prior, dtype=torch.float32, device=self.device)
             self.mult = self.mult[:, None].expand(self.capacity, lv, h).contiguous()
-        self._views()
+        self._new_choice()  # the choice starts over too (reset_choice sets choose_from)
 
     @property
     def resident(self) -> int:
@@ -199,6 +237,9 @@ class StateTable:
         if self.levels:
             tensors += [self.past, self.past_scale, self.mean_err, self.mult]
             arrays.append(self.score_from)
+        if self.candidates:
+            tensors += [self.model_past, self.choice_err, self.choice_n]
+            arrays.append(self.choose_from)
         return sum(t.numel() * t.element_size() for t in tensors) + sum(a.nbytes for a in arrays)
 
     # ---- slots ---------------------------------------------------------------------------------------
@@ -275,6 +316,10 @@ class StateTable:
             self.mean_err.index_fill_(0, idx, 1.0)  # prior spread: one unit of the series' scale
             self.mult.index_copy_(0, idx, self._prior_mult(len(slots)))
             self.score_from[slots] = WARMUP - 1
+        if self.candidates:
+            for t in (self.model_past, self.choice_err, self.choice_n):
+                t.index_fill_(0, idx, 0.0)
+            self.choose_from[slots] = 0
         self.last_ts[slots] = NO_TS
         self.count[slots] = 0
         self.dirty[slots] = False
@@ -298,6 +343,20 @@ class StateTable:
         self.past[idx, row] = center
         self.past_scale[idx, row] = scale
         self.score_from[slots] = count - 1
+
+    @_inference
+    def reset_choice(self, slots: np.ndarray) -> None:
+        """After a re-warm of ``slots`` (each with a value): the model is new, so the choice starts over
+        from its last forecast (no errors yet: the model's forecasts are emitted until ``min_errors``)."""
+        if not self.candidates or not len(slots):
+            return
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        count = self.count[slots]  # (n,) > 0
+        row = torch.as_tensor((count - 1) % self.horizon, device=self.device)  # (n,) ring row of it
+        self.model_past[idx, row] = self.forecast.index_select(0, idx)
+        self.choice_err.index_fill_(0, idx, 0.0)
+        self.choice_n.index_fill_(0, idx, 0.0)
+        self.choose_from[slots] = count - 1
 
     def slot_of(self, series: str) -> int | None:
         return self.slots.get(series)

@@ -186,6 +186,13 @@ class ServiceMetrics:
         self.online_error = OnlineError(r)
         self.coverage = IntervalCoverage(r)
         self.series_resident = Gauge("forecaster_series_resident", "Series with state in memory", registry=r)
+        self.series_choice = Gauge(
+            "forecaster_series_choice",
+            "Resident series by where their forecast at this step comes from: the model, or the naive "
+            "forecast their own recent errors favour (per-series choice)",
+            ["step", "source"],
+            registry=r,
+        )
         self.state_evictions = Counter(
             "forecaster_state_evictions_total",
             "Series evicted from the state table (idle or LRU)",
@@ -275,6 +282,12 @@ class ServiceMetrics:
         if evictions_total > self._evictions_seen:
             self.state_evictions.inc(evictions_total - self._evictions_seen)
         self._evictions_seen = evictions_total
+
+    def update_choice(self, sources: Mapping[tuple[int, str], int]) -> None:
+        """Copy the engine's ``choice_sources`` (label sets of another horizon or season go)."""
+        self.series_choice.clear()
+        for (step, source), count in sources.items():
+            self.series_choice.labels(step=str(step), source=source).set(count)
 
     def set_lag(self, lag: Mapping[int, int]) -> None:
         """Lag per assigned partition; partitions no longer assigned disappear."""

@@ -264,6 +264,7 @@ class Service:
             engine = self.engine
             engine.evict_idle()  # exactly once: the committer writes them to the changelog when due
             self.metrics.update_state(engine.resident, engine.evictions_total, engine.state_bytes)
+            self.metrics.update_choice(engine.choice_sources())
             self.metrics.update_evicted(self.ledger.store.stats())
             self.metrics.online_error.update(engine.errors)
             self.metrics.coverage.update(engine.coverage)

@@ -27,6 +27,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from forecaster.checkpoints.hotswap import fresh_model
 from forecaster.checkpoints.store import load_checkpoint, promote, save_checkpoint
 from forecaster.config import KafkaSettings, Settings
+from forecaster.engine.choice import Choice
 from forecaster.engine.engine import reference_forecast
 from forecaster.records import encode_window
 from forecaster.scaling import Scaling
@@ -45,6 +46,8 @@ FAST = {
     "FORECASTER_SERVICE__COMMIT_INTERVAL_MS": "200",
     "FORECASTER_STATE__WINDOW": "32",
 }
+# What these services emit per series: the model's forecast or, per step, the naive one the series picked.
+SERVED = {"choice": Choice(), "window": int(FAST["FORECASTER_STATE__WINDOW"])}
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ def check_exactly_once(forecasts: list[dict], frame: pd.DataFrame, model, scalin
         by_series[f["series"]].append(f)
     for name, group in frame.groupby("series", sort=False):
         got = sorted(by_series[name], key=lambda f: f["ts"])
-        expected = reference_forecast(model, group["value"].to_numpy(), scaling)  # (T, horizon)
+        expected = reference_forecast(model, group["value"].to_numpy(), scaling, **SERVED)  # (T, horizon)
         np.testing.assert_allclose(
             np.array([f["forecast"] for f in got]), expected, rtol=1e-5, atol=1e-5, err_msg=name
         )
@@ -418,11 +421,10 @@ def test_corrupt_and_unknown_version_changelog_records_are_refused_and_those_ser
             [f["forecast"] for f in sorted((f for f in later if f["series"] == name), key=lambda f: f["ts"])]
         )
         if name == "series-2":  # restored: continues its whole history
-            expected = reference_forecast(model, frame[frame["series"] == name]["value"].to_numpy(), scaling)[
-                10:
-            ]
+            values = frame[frame["series"] == name]["value"].to_numpy()
+            expected = reference_forecast(model, values, scaling, **SERVED)[10:]
         else:  # refused: started fresh from the values after the restart
-            expected = reference_forecast(model, group["value"].to_numpy(), scaling)
+            expected = reference_forecast(model, group["value"].to_numpy(), scaling, **SERVED)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
@@ -546,7 +548,7 @@ def test_shadow_promotes_a_better_challenger_and_a_kill_9_in_the_trial_changes_n
     champion_only = frame.assign(key=list(zip(frame["series"], frame["ts"], strict=True)))
     made = {(f["series"], f["ts"]): f for f in forecasts}
     for name, group in champion_only.groupby("series", sort=False):
-        expected = reference_forecast(loaded.model, group["value"].to_numpy(), loaded.scaling)
+        expected = reference_forecast(loaded.model, group["value"].to_numpy(), loaded.scaling, **SERVED)
         for row, key in enumerate(group["key"]):
             if made[key]["model_version"] == loaded.version:
                 np.testing.assert_allclose(

@@ -26,6 +26,7 @@ from kafka.admin import ACLResourcePatternType as Pattern
 from forecaster.checkpoints.hotswap import fresh_model
 from forecaster.checkpoints.store import load_checkpoint, promote, save_checkpoint
 from forecaster.config import KafkaSettings, Settings
+from forecaster.engine.choice import Choice
 from forecaster.engine.engine import reference_forecast
 from forecaster.errors import KafkaSetupError
 from forecaster.records import encode_input
@@ -210,7 +211,9 @@ def check_each_value_forecast_once(forecasts, frame, loaded) -> None:
     assert set(counts.values()) == {1}, [key for key, n in counts.items() if n > 1][:5]
     for name, group in frame.groupby("series"):
         got = sorted((b for b in bodies if b["series"] == name), key=lambda b: b["ts"])
-        expected = reference_forecast(loaded.model, group["value"].to_numpy(), loaded.scaling)  # (T, horizon)
+        expected = reference_forecast(
+            loaded.model, group["value"].to_numpy(), loaded.scaling, Choice()
+        )  # (T, H)
         np.testing.assert_allclose([b["forecast"] for b in got], expected, rtol=1e-5, atol=1e-5, err_msg=name)
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 from streams import AT_LEAST_ONCE, START_MS, records_of
 
 from forecaster.checkpoints.hotswap import fresh_model
+from forecaster.engine.choice import Choice
 from forecaster.engine.engine import reference_forecast
 from forecaster.engine.intervals import Intervals, reference_intervals
 from forecaster.metrics import kafka_partition
@@ -27,6 +28,7 @@ NEVER_COMMIT = {
     "FORECASTER_SERVICE__COMMIT_INTERVAL_MS": str(10**9),
     "FORECASTER_SERVICE__COMMIT_RECORDS": str(10**9),
 }
+CHOICE = Choice()  # the service's default per-series choice
 FAST_REJOIN = {"FORECASTER_SERVICE__SESSION_TIMEOUT_MS": "6000"}
 # The restart tests below are about the at-least-once mode (exactly once: tests/integration/test_exactly_once.py).
 
@@ -59,7 +61,9 @@ def test_end_to_end_forecasts_equal_the_reference(topics, serve, broker):
         bodies.sort(key=lambda b: b["ts"])
         assert [b["ts"] for b in bodies] == expected_frame["ts"].tolist()
         assert {b["model_version"] for b in bodies} == {"init"}
-        expected = reference_forecast(model, expected_frame["value"].to_numpy(), scaling)  # (T, horizon)
+        expected = reference_forecast(  # (T, horizon), each step the model's or its naive pick
+            model, expected_frame["value"].to_numpy(), scaling, CHOICE, settings.state.window
+        )
         np.testing.assert_allclose(np.array([b["forecast"] for b in bodies]), expected, rtol=1e-6, atol=1e-5)
         # the intervals are those of the calibrator over this series alone, fed the forecasts emitted
         emitted = np.array([b["forecast"] for b in bodies], dtype=np.float32)
@@ -269,7 +273,9 @@ def test_window_forecast_records_one_per_input_record_equal_the_reference(topics
         assert ts == expected_frame["ts"].tolist()
         assert all(len(b["ts"]) == (7 if name in windowed else 1) for b in bodies)
         assert all(b["index"] == (list(range(7)) if name in windowed else [-1]) for b in bodies)
-        expected = reference_forecast(model, expected_frame["value"].to_numpy(), scaling)
+        expected = reference_forecast(
+            model, expected_frame["value"].to_numpy(), scaling, CHOICE, settings.state.window
+        )
         np.testing.assert_allclose(forecasts, expected, rtol=1e-6, atol=1e-5)
         lower, _ = reference_intervals(
             forecasts.astype(np.float32), expected_frame["value"].to_numpy(), Intervals(), scaling
