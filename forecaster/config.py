@@ -134,7 +134,9 @@ class ChoiceSettings(BaseModel):
 
     enabled: bool = True
     halflife: float = Field(default=32.0, gt=0.0)  # memory of each candidate's mean k-step error, in errors
-    margin: float = Field(default=0.1, ge=0.0, le=10.0)  # a naive forecast must beat the model by this ratio
+    # A naive forecast must beat the model's mean error by this share of its own and by z standard errors.
+    margin: float = Field(default=0.05, ge=0.0, le=10.0)
+    z: float = Field(default=2.0, ge=0.0, le=10.0)
     min_errors: int = Field(default=16, ge=1)  # k-step errors a series needs before it may switch
 
 

@@ -16,25 +16,33 @@ are scored on the points where all of them exist (naive forecasts are re-read fr
 model's from a ring of its last H forecasts); each mean is cumulative for the first ``halflife`` errors,
 then exponentially weighted (``halflife`` in errors).
 
-**Pick.** For step k a series emits the best naive forecast instead of the model's once it has
-``min_errors`` k-step errors and that naive error, times ``1 + margin``, is below the model's: the margin is
-the noise a mean of a few dozen errors carries, so a series switches only on a clear difference, and it
-switches back as soon as the model's error falls below. A new series, and every series after a model swap
-(``reset``: the new model has no errors yet), emits the model's forecast until it has ``min_errors``.
+**Pick.** For step k a series emits a naive forecast instead of the model's once it has ``min_errors``
+k-step errors and the model's mean error exceeds that naive one's by more than noise: by more than
+``margin`` of it, and by more than ``z`` standard errors of the difference of the two (kept as a running
+mean of the squared difference of the two errors; k-step errors of neighbouring values overlap, so at step
+k the mean is taken to be worth 1/k as many independent errors). Of the naive forecasts that qualify, the
+one with the lower error is emitted; the series goes back to the model as soon as none qualifies. A new
+series, and every series after a model swap (``reset``: the new model has no errors yet), emits the model's
+forecast until it has ``min_errors``.
 
 Per series the state table keeps the model's last H forecasts (H x H float32), the means (C x H float32),
-the error counts (H float32) and the ordinal of the first model forecast to score (int64):
-``4 * (H * H + C * H + H) + 8`` bytes (776 for H = 12 and three candidates).
+the squared differences ((C - 1) x H float32), the error counts (H float32) and the ordinal of the first
+model forecast to score (int64): ``4 * (H * H + (2C - 1) * H + H) + 8`` bytes (872 for H = 12 and three
+candidates).
 
 The arithmetic is written once for numpy arrays (a CPU table) and torch tensors (a GPU table) alike.
 
 >>> import numpy as np
->>> choice = Choice(halflife=8.0, margin=0.1, min_errors=2)
+>>> choice = Choice(halflife=8.0, margin=0.1, z=2.0, min_errors=2)
 >>> err = np.array([[[3.0, 3.0], [1.0, 4.0], [2.0, 1.0]]], np.float32)  # (1 series, 3 candidates, 2 steps)
+>>> steady = (err[:, :1] - err[:, 1:]) ** 2  # the differences never varied: no noise
 >>> model = np.array([[10.0, 11.0]], np.float32)
 >>> naive = np.array([[[7.0, 7.0], [6.0, 5.0]]], np.float32)  # last value, seasonal naive
->>> choice.pick(model, naive, err, np.full((1, 2), 5.0, np.float32))[0].tolist()
+>>> n = np.full((1, 2), 5.0, np.float32)
+>>> choice.pick(model, naive, err, steady, n)[0].tolist()
 [7.0, 5.0]
+>>> choice.pick(model, naive, err, steady + 9.0, n)[0].tolist()  # within the noise: the model's
+[10.0, 11.0]
 """
 
 from __future__ import annotations
@@ -56,23 +64,25 @@ MAX_COUNT = 1e6  # error counts stop here (float32 counts stay exact; the mean i
 
 @dataclass(frozen=True)
 class Choice:
-    """How series choose: ``halflife`` (in errors) of the mean errors, ``margin`` a naive forecast must win
-    by, ``min_errors`` before a series may switch."""
+    """How series choose: ``halflife`` (in errors) of the means, ``margin`` and ``z`` a naive forecast must
+    win by (a share of its error; standard errors of the difference), ``min_errors`` before a series may
+    switch."""
 
     halflife: float = 32.0
-    margin: float = 0.1
+    margin: float = 0.05
+    z: float = 2.0
     min_errors: int = 16
 
     def __post_init__(self) -> None:
-        if not self.halflife > 0.0 or not self.margin >= 0.0 or self.min_errors < 1:
-            raise ValueError("halflife must be > 0, margin >= 0 and min_errors >= 1")
+        if not self.halflife > 0.0 or not self.margin >= 0.0 or not self.z >= 0.0 or self.min_errors < 1:
+            raise ValueError("halflife must be > 0, margin and z >= 0, min_errors >= 1")
 
     @classmethod
     def from_settings(cls, settings: Any) -> Choice | None:
         """From a ``ChoiceSettings`` section; None when the choice is off (the model's forecast always)."""
         if not settings.enabled:
             return None
-        return cls(settings.halflife, settings.margin, settings.min_errors)
+        return cls(settings.halflife, settings.margin, settings.z, settings.min_errors)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -83,9 +93,17 @@ class Choice:
         """Weight of a new error in the mean once a series has ``halflife`` of them."""
         return 1.0 - 0.5 ** (1.0 / self.halflife)
 
-    def update(self, errors: Array, valid: Array | None, n: Array, mean: Array) -> tuple[Array, Array]:
+    @functools.cached_property
+    def effective(self) -> float:
+        """How many errors an exponentially weighted mean at ``floor`` is worth: (2 - w) / w."""
+        return (2.0 - self.floor) / self.floor
+
+    def update(
+        self, errors: Array, valid: Array | None, n: Array, mean: Array, sq: Array
+    ) -> tuple[Array, Array, Array]:
         """Fold one value's absolute k-step errors ``errors`` (n, C, H) in, where ``valid`` (n, H) (None:
-        everywhere), into the counts ``n`` (n, H) and means ``mean`` (n, C, H). Returns both, new."""
+        everywhere), into the counts ``n`` (n, H), the means ``mean`` (n, C, H) and the mean squared
+        differences of the model's error and each naive one's ``sq`` (n, C - 1, H). Returns all three."""
         lib = _lib(errors)
         new_n = n + (1.0 if valid is None else valid)
         new_n = new_n.clamp(max=MAX_COUNT) if lib is torch else np.minimum(new_n, MAX_COUNT)
@@ -93,30 +111,47 @@ class Choice:
         weight = weight.clamp(min=self.floor) if lib is torch else np.maximum(weight, np.float32(self.floor))
         if valid is not None:
             weight = weight * valid
-        return new_n, mean + weight[:, None, :] * (errors - mean)
+        weight = weight[:, None, :]  # (n, 1, H)
+        diff = errors[:, :1] - errors[:, 1:]  # (n, C - 1, H) the model's error minus each naive one's
+        return new_n, mean + weight * (errors - mean), sq + weight * (diff * diff - sq)
 
-    def switches(self, best_err: Array, model_err: Array, n: Array) -> Array:
-        """Where the best naive mean error ``best_err``, times ``1 + margin``, is below the model's
-        ``model_err`` with ``n`` errors counted, at least ``min_errors`` (all (n, H))."""
-        factor = np.float32(1.0 + self.margin) if _lib(n) is np else 1.0 + self.margin
-        return (n >= self.min_errors) & (best_err * factor < model_err)
-
-    def pick(self, model: Array, naive: Array, mean: Array, n: Array) -> Array:
-        """The forecast each series emits per step: ``model`` (n, H), or the best of ``naive`` (n, C - 1, H)
-        where its mean error (``mean`` (n, C, H), inf where that naive forecast does not exist) beats the
-        model's by the margin and ``n`` (n, H) errors are counted."""
-        lib = _lib(model)
+    def decide(self, mean: Array, sq: Array, n: Array) -> tuple[Array, Array]:
+        """Per series and step (of ``mean`` (n, C, H), inf where a naive forecast does not exist, ``sq``
+        (n, C - 1, H), ``n`` (n, H)): whether a naive forecast is emitted, and which (0: the last value, 1:
+        seasonal naive), both (n, H). A naive forecast qualifies when the model's mean error exceeds its
+        own by more than ``margin`` of it and by ``z`` standard errors of the difference; k-step errors of
+        neighbouring values overlap, so at step k a mean is worth about 1/k as many independent errors."""
+        lib = _lib(mean)
+        horizon = mean.shape[-1]
+        k = np.arange(1, horizon + 1, dtype=np.float32)
+        k = k if lib is np else torch.as_tensor(k, device=mean.device)
+        gain = mean[:, :1] - mean[:, 1:]  # (n, C - 1, H) how much lower each naive mean error is
+        var = sq - gain * gain  # (n, C - 1, H) of the difference
+        worth = n.clamp(max=self.effective) if lib is torch else np.minimum(n, np.float32(self.effective))
+        worth = worth[:, None, :] / k  # (n, 1, H) independent errors, about
+        noise = var.clamp(min=0.0) if lib is torch else np.maximum(var, 0.0)
+        noise = self.z * (noise / (worth.clamp(min=1.0) if lib is torch else np.maximum(worth, 1.0))) ** 0.5
+        wins = (gain > mean[:, 1:] * self.margin) & (gain > noise) & (n >= self.min_errors)[:, None, :]
+        score = lib.where(wins, mean[:, 1:], np.float32(np.inf) if lib is np else float("inf"))
         if lib is torch:
-            best_err, best = mean[:, 1:].min(dim=1)  # (n, H)
-            best_f = naive.gather(1, best[:, None]).squeeze(1)  # (n, H)
+            best_err, best = score.min(dim=1)  # (n, H)
         else:
-            best = mean[:, 1:].argmin(axis=1)  # (n, H)
-            best_err = np.take_along_axis(mean[:, 1:], best[:, None], 1)[:, 0]  # (n, H)
-            best_f = np.take_along_axis(naive, best[:, None], 1)[:, 0]  # (n, H)
-        switch = self.switches(best_err, mean[:, 0], n)  # (n, H)
+            best = score.argmin(axis=1)  # (n, H)
+            best_err = np.take_along_axis(score, best[:, None], 1)[:, 0]
+        return best_err < (np.float32(np.inf) if lib is np else float("inf")), best
+
+    def pick(self, model: Array, naive: Array, mean: Array, sq: Array, n: Array) -> Array:
+        """The forecast each series emits per step: ``model`` (n, H), or where ``decide`` says so the chosen
+        one of ``naive`` (n, C - 1, H)."""
+        lib = _lib(model)
+        switch, best = self.decide(mean, sq, n)  # (n, H)
         if lib is np and not switch.any():
             return model
-        return lib.where(switch, best_f, model)
+        if lib is torch:
+            chosen = naive.gather(1, best[:, None]).squeeze(1)  # (n, H)
+        else:
+            chosen = np.take_along_axis(naive, best[:, None], 1)[:, 0]  # (n, H)
+        return lib.where(switch, chosen, model)
 
 
 def naive_reach(season: int, horizon: int, window: int) -> int:
@@ -154,6 +189,7 @@ def reference_choice(
     made_all = np.concatenate([forecasts.astype(np.float32)[:, None], naive.astype(np.float32)], axis=1)
     k = np.arange(1, horizon + 1)
     mean = np.zeros((1, c, horizon), np.float32)
+    sq = np.zeros((1, c - 1, horizon), np.float32)
     n = np.zeros((1, horizon), np.float32)
     out = np.zeros((steps, horizon), np.float32)
     for t in range(steps):
@@ -163,12 +199,11 @@ def reference_choice(
         past = made_all[at, :, k - 1]  # (H, C)
         valid &= np.isfinite(past).all(axis=1)
         errors = np.abs(v[t] - np.nan_to_num(past).astype(np.float64)).T[None].astype(np.float32)  # (1, C, H)
-        n, mean = choice.update(errors, valid[None], n, mean)
+        n, mean, sq = choice.update(errors, valid[None], n, mean, sq)
         now = np.nan_to_num(naive[t : t + 1], nan=0.0).astype(np.float32)  # (1, C - 1, H)
         exists = np.concatenate([np.ones((1, 1, horizon), bool), np.isfinite(naive[t : t + 1])], axis=1)
-        out[t] = choice.pick(forecasts[t : t + 1].astype(np.float32), now, np.where(exists, mean, np.inf), n)[
-            0
-        ]
+        f = forecasts[t : t + 1].astype(np.float32)
+        out[t] = choice.pick(f, now, np.where(exists, mean, np.inf), sq, n)[0]
     return out
 
 
@@ -212,8 +247,10 @@ class Chooser:
             errors = np.abs(v[:, None, None] - np.concatenate(made_f, axis=1)).astype(np.float32)  # (n, C, H)
         else:
             errors = (v[:, None, None] - torch.cat(made_f, dim=1)).abs().float()
-        n, mean = self.choice.update(errors, valid, tb.choice_n_a[idx], tb.choice_err_a[idx])
-        tb.choice_n_a[idx], tb.choice_err_a[idx] = n, mean
+        n, mean, sq = self.choice.update(
+            errors, valid, tb.choice_n_a[idx], tb.choice_err_a[idx], tb.choice_sq_a[idx]
+        )
+        tb.choice_n_a[idx], tb.choice_err_a[idx], tb.choice_sq_a[idx] = n, mean, sq
 
     def pick(self, slots: np.ndarray, idx: Any, count: np.ndarray, f: Any) -> Any:
         """Keep the model's forecasts ``f`` (n, H) made at ordinals ``count`` for the next scores, and
@@ -230,7 +267,11 @@ class Chooser:
             exists = ordinal >= 0  # (n, H) the seasonal naive forecast reads a value stepped
             exists = None if exists.all() else exists
         value_at = np.stack(value_at, axis=1)  # (n, C - 1, H)
-        mean, n = tb.choice_err_a[idx], tb.choice_n_a[idx]  # (n, C, H), (n, H)
+        mean, sq, n = (
+            tb.choice_err_a[idx],
+            tb.choice_sq_a[idx],
+            tb.choice_n_a[idx],
+        )  # (n, C, H), (n, C-1, H), (n, H)
         if not cpu:
             value_at = torch.from_numpy(value_at).to(device)
         naive = tb.values_flat[value_at]  # (n, C - 1, H) float32
@@ -239,7 +280,7 @@ class Chooser:
             gone[:, 2] = ~exists
             gone = gone if cpu else torch.from_numpy(gone).to(device)
             mean = _lib(mean).where(gone, np.float32(np.inf) if cpu else float("inf"), mean)
-        return self.choice.pick(f, naive, mean, n)
+        return self.choice.pick(f, naive, mean, sq, n)
 
     def sources(self) -> dict[tuple[int, str], int]:
         """How many resident series emit each candidate at step 1 and the last step: ``{(step, source):
@@ -249,14 +290,12 @@ class Chooser:
         steps = sorted({1, tb.horizon})
         counts = np.zeros((tb.candidates, len(steps)), dtype=np.int64)
         if len(slots) and tb.candidates:
-            at = torch.as_tensor(np.array(steps) - 1, device=tb.device)
             idx = torch.from_numpy(slots).to(tb.device)
-            mean = tb.choice_err.index_select(0, idx).index_select(2, at).cpu().numpy()  # (n, C, S)
-            n = tb.choice_n.index_select(0, idx).index_select(1, at).cpu().numpy()  # (n, S)
-            best = mean[:, 1:].argmin(axis=1)  # (n, S)
-            best_err = np.take_along_axis(mean[:, 1:], best[:, None], 1)[:, 0]
-            switch = self.choice.switches(best_err, mean[:, 0], n)
-            source = np.where(switch, best + 1, 0)  # (n, S)
+            mean = tb.choice_err.index_select(0, idx).cpu().numpy()  # (n, C, H)
+            sq = tb.choice_sq.index_select(0, idx).cpu().numpy()  # (n, C - 1, H)
+            n = tb.choice_n.index_select(0, idx).cpu().numpy()  # (n, H)
+            switch, best = self.choice.decide(mean, sq, n)  # (n, H)
+            source = np.where(switch, best + 1, 0)[:, np.array(steps) - 1]  # (n, S)
             for j in range(len(steps)):
                 counts[:, j] = np.bincount(source[:, j], minlength=tb.candidates)
         return {

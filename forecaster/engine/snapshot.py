@@ -31,7 +31,7 @@ MAGIC = b"FCSTATE"
 # 4: the per-series choice's state
 FORMAT_VERSION = 4
 CALIBRATOR = ("past", "past_scale", "mean_err", "mult")  # per-slot tensors of the interval calibrator
-CHOOSER = ("model_past", "choice_err", "choice_n")  # per-slot tensors of the per-series choice
+CHOOSER = ("model_past", "choice_err", "choice_sq", "choice_n")  # per-slot tensors of the per-series choice
 _PREFIX = struct.Struct("<HI")  # format version, header length
 _CRC = struct.Struct("<I")
 
@@ -63,6 +63,7 @@ def expected_arrays(shape: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ..
         arrays.update(
             model_past=("float32", (h, h)),
             choice_err=("float32", (c, h)),
+            choice_sq=("float32", (c - 1, h)),
             choice_n=("float32", (h,)),
             choose_from=("int64", ()),
         )

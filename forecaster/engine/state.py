@@ -10,8 +10,9 @@ H forecasts ``past`` (capacity, H, H) and their scales ``past_scale`` (capacity,
 k-step error ``mean_err`` (capacity, H) and the coverage multipliers ``mult`` (capacity, L, H), float32
 on the device, and on the host the ordinal of the first forecast to score ``score_from``. With the
 per-series choice (``choice``, see ``forecaster.engine.choice``) also the model's last H forecasts
-``model_past`` (capacity, H, H), the mean k-step errors of each candidate ``choice_err`` (capacity, C, H)
-and their counts ``choice_n`` (capacity, H), float32 on the device, and on the host the ordinal of the
+``model_past`` (capacity, H, H), the mean k-step errors of each candidate ``choice_err`` (capacity, C, H),
+the mean squared differences of the model's and each naive one's ``choice_sq`` (capacity, C - 1, H) and
+their counts ``choice_n`` (capacity, H), float32 on the device, and on the host the ordinal of the
 first model forecast to score ``choose_from``. Capacity doubles when full
 (amortised growth); freed slots are reused. Idle series are evicted after ``ttl_seconds`` and the least
 recently seen one when a new series would pass ``max_series``; an optional ``on_evict(series, snapshot)``
@@ -147,6 +148,7 @@ class StateTable:
             h, c = self.horizon, self.candidates
             self.model_past = grow(None if first else self.model_past, (capacity, h, h), torch.float32)
             self.choice_err = grow(None if first else self.choice_err, (capacity, c, h), torch.float32)
+            self.choice_sq = grow(None if first else self.choice_sq, (capacity, c - 1, h), torch.float32)
             self.choice_n = grow(None if first else self.choice_n, (capacity, h), torch.float32)
             self.choose_from = grow_np(None if first else self.choose_from, 0, np.int64)
         self.last_ts = grow_np(None if first else self.last_ts, NO_TS, np.int64)
@@ -182,6 +184,7 @@ class StateTable:
             self.model_past_flat = self.model_past.view(-1).numpy() if cpu else self.model_past.view(-1)
             self.model_past_rows = self.model_past.view(-1, h).numpy() if cpu else self.model_past.view(-1, h)
             self.choice_err_a = self.choice_err.numpy() if cpu else self.choice_err
+            self.choice_sq_a = self.choice_sq.numpy() if cpu else self.choice_sq
             self.choice_n_a = self.choice_n.numpy() if cpu else self.choice_n
 
     @_inference
@@ -203,6 +206,7 @@ class StateTable:
             h, c, dev = self.horizon, self.candidates, self.device
             self.model_past = torch.zeros(self.capacity, h, h, device=dev)
             self.choice_err = torch.zeros(self.capacity, c, h, device=dev)
+            self.choice_sq = torch.zeros(self.capacity, c - 1, h, device=dev)
             self.choice_n = torch.zeros(self.capacity, h, device=dev)
             self.choose_from = np.zeros(self.capacity, dtype=np.int64)
         self._views()
@@ -238,7 +242,7 @@ class StateTable:
             tensors += [self.past, self.past_scale, self.mean_err, self.mult]
             arrays.append(self.score_from)
         if self.candidates:
-            tensors += [self.model_past, self.choice_err, self.choice_n]
+            tensors += [self.model_past, self.choice_err, self.choice_sq, self.choice_n]
             arrays.append(self.choose_from)
         return sum(t.numel() * t.element_size() for t in tensors) + sum(a.nbytes for a in arrays)
 
@@ -317,7 +321,7 @@ class StateTable:
             self.mult.index_copy_(0, idx, self._prior_mult(len(slots)))
             self.score_from[slots] = WARMUP - 1
         if self.candidates:
-            for t in (self.model_past, self.choice_err, self.choice_n):
+            for t in (self.model_past, self.choice_err, self.choice_sq, self.choice_n):
                 t.index_fill_(0, idx, 0.0)
             self.choose_from[slots] = 0
         self.last_ts[slots] = NO_TS
@@ -354,8 +358,8 @@ class StateTable:
         count = self.count[slots]  # (n,) > 0
         row = torch.as_tensor((count - 1) % self.horizon, device=self.device)  # (n,) ring row of it
         self.model_past[idx, row] = self.forecast.index_select(0, idx)
-        self.choice_err.index_fill_(0, idx, 0.0)
-        self.choice_n.index_fill_(0, idx, 0.0)
+        for t in (self.choice_err, self.choice_sq, self.choice_n):
+            t.index_fill_(0, idx, 0.0)
         self.choose_from[slots] = count - 1
 
     def slot_of(self, series: str) -> int | None:
