@@ -216,3 +216,31 @@ def test_with_coverage_both_models_intervals_are_scored_on_the_trials_values_onl
     assert share == chal.inside[0, 0] / chal.count[0]
     rmse = get("forecaster_shadow_rmse", {"role": "champion", "model_version": "champ", "step": "1"})
     assert rmse == shadow.score.stats(1).rmse_champion > 0
+
+
+def test_with_the_per_series_choice_both_sides_are_scored_as_served() -> None:
+    """The challenger chooses like the champion: its forecasts are those an engine serving it with the same
+    choice would emit (from its re-warm on), so the trial compares what each would serve."""
+    from forecaster.engine.choice import Choice
+
+    choice = Choice(halflife=8.0, min_errors=4)
+    champion = _engine(_model(0), choice=choice)
+    batches = list(_stream(3, 80, seed=2))
+    _run(champion, None, batches[:10])
+    shadow = Shadow(champion, _model(5), "challenger", min_values=10_000, max_values=20_000)
+    assert shadow.challenger.choice == choice
+    twin = _engine(_model(0), choice=choice)  # the same history, then the challenger swapped in
+    _run(twin, None, batches[:10])
+    twin.rewarm(_model(5), "challenger")
+    got, want = [], []
+    for names, ts, values in batches[10:]:
+        shadow.before(names)
+        out = champion.process(names, ts, values)
+        got.append(shadow.observe(names, ts, values, out).forecasts)
+        want.append(twin.process(names, ts, values).forecasts)
+    np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), rtol=1e-6, atol=1e-6)
+    raw = _engine(_model(0))
+    _run(raw, None, batches[:10])
+    raw.rewarm(_model(5), "challenger")
+    unchosen = np.concatenate([raw.process(n, t, v).forecasts for n, t, v in batches[10:]])
+    assert (np.abs(np.concatenate(got) - unchosen) > 1e-4).any()  # the choice changed some of them
