@@ -8,7 +8,7 @@ errors and multipliers); ``Intervals`` holds the method, this module only the re
 >>> from forecaster.engine.intervals import Intervals
 >>> from forecaster.engine.state import StateTable
 >>> table = StateTable(1, 4, 3, window=8, intervals=Intervals())
->>> Calibrator(Intervals(), table, Scaling()).lag_rows(3)  # ring rows of the forecasts 1..3 values back
+>>> lag_rows(3)  # ring rows of the forecasts 1..3 values back
 array([[2, 1, 0],
        [0, 2, 1],
        [1, 0, 2]])
@@ -16,14 +16,13 @@ array([[2, 1, 0],
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from forecaster.engine.intervals import Intervals, centers, units
+from forecaster.engine.intervals import Intervals, centers, lag_rows, units
 from forecaster.engine.scores import CoverageAccumulator
 from forecaster.engine.state import StateTable
 from forecaster.scaling import Scaling
@@ -42,13 +41,6 @@ class Calibrator:
     def _cpu(self) -> bool:
         return self.table.host_views
 
-    @staticmethod
-    @functools.cache
-    def lag_rows(horizon: int) -> np.ndarray:
-        """Row j: the ring rows ((j - k) mod H) of the forecasts made k = 1..H values before ordinal j
-        (H, H)."""
-        return (np.arange(horizon)[:, None] - np.arange(1, horizon + 1)) % horizon
-
     def score(
         self,
         slots: np.ndarray,
@@ -66,7 +58,7 @@ class Calibrator:
         # Step 1. which past forecasts are scored: those made after ordinals score_from .. count - k
         n_errors = (count - tb.score_from[slots])[:, None] + (1 - k)  # (n, H)
         valid = None if len(slots) and n_errors[:, -1].min() > 0 else n_errors > 0  # None: all of them
-        row = self.lag_rows(horizon)[count % horizon] + (slots * horizon)[:, None]  # (n, H) ring rows
+        row = lag_rows(horizon)[count % horizon] + (slots * horizon)[:, None]  # (n, H) ring rows
         at = row * horizon + (k - 1)  # (n, H) flat positions of the k-step centres
         if not cpu:
             row, at, n_errors = (torch.from_numpy(a).to(device) for a in (row, at, n_errors))

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from forecaster.engine.intervals import lag_rows
 from forecaster.scaling import _lib
 
 Array = Any  # np.ndarray or torch.Tensor, same kind throughout one call
@@ -105,15 +106,27 @@ class Choice:
         everywhere), into the counts ``n`` (n, H), the means ``mean`` (n, C, H) and the mean squared
         differences of the model's error and each naive one's ``sq`` (n, C - 1, H). Returns all three."""
         lib = _lib(errors)
-        new_n = n + (1.0 if valid is None else valid)
-        new_n = new_n.clamp(max=MAX_COUNT) if lib is torch else np.minimum(new_n, MAX_COUNT)
-        weight = 1.0 / (new_n.clamp(min=1.0) if lib is torch else np.maximum(new_n, 1.0))  # (n, H)
-        weight = weight.clamp(min=self.floor) if lib is torch else np.maximum(weight, np.float32(self.floor))
-        if valid is not None:
-            weight = weight * valid
-        weight = weight[:, None, :]  # (n, 1, H)
         diff = errors[:, :1] - errors[:, 1:]  # (n, C - 1, H) the model's error minus each naive one's
-        return new_n, mean + weight * (errors - mean), sq + weight * (diff * diff - sq)
+        diff *= diff
+        if lib is torch:
+            new_n = (n + (1.0 if valid is None else valid)).clamp(max=MAX_COUNT)
+            weight = (1.0 / new_n.clamp(min=1.0)).clamp(min=self.floor)  # (n, H)
+            weight = (weight if valid is None else weight * valid)[:, None, :]  # (n, 1, H)
+            return new_n, mean + weight * (errors - mean), sq + weight * (diff - sq)
+        new_n = np.minimum(n + (np.float32(1.0) if valid is None else valid), np.float32(MAX_COUNT))
+        floor = np.float32(self.floor)
+        if valid is None and new_n.size and float(new_n.min()) * self.floor >= 1.0:
+            weight = floor  # every mean past its first errors: one weight (what the line below gives)
+        else:
+            weight = np.maximum(np.float32(1.0) / np.maximum(new_n, np.float32(1.0)), floor)  # (n, H)
+            weight = (weight if valid is None else weight * valid)[:, None, :]  # (n, 1, H)
+        errors = errors - mean  # m + w (e - m), as (e - m) w + m
+        errors *= weight
+        errors += mean
+        diff -= sq
+        diff *= weight
+        diff += sq
+        return new_n, errors, diff
 
     def decide(self, mean: Array, sq: Array, n: Array) -> tuple[Array, Array]:
         """Per series and step (of ``mean`` (n, C, H), inf where a naive forecast does not exist, ``sq``
@@ -122,23 +135,40 @@ class Choice:
         own by more than ``margin`` of it and by ``z`` standard errors of the difference; k-step errors of
         neighbouring values overlap, so at step k a mean is worth about 1/k as many independent errors."""
         lib = _lib(mean)
-        horizon = mean.shape[-1]
-        k = np.arange(1, horizon + 1, dtype=np.float32)
-        k = k if lib is np else torch.as_tensor(k, device=mean.device)
-        gain = mean[:, :1] - mean[:, 1:]  # (n, C - 1, H) how much lower each naive mean error is
-        var = sq - gain * gain  # (n, C - 1, H) of the difference
-        worth = n.clamp(max=self.effective) if lib is torch else np.minimum(n, np.float32(self.effective))
-        worth = worth[:, None, :] / k  # (n, 1, H) independent errors, about
-        noise = var.clamp(min=0.0) if lib is torch else np.maximum(var, 0.0)
-        noise = self.z * (noise / (worth.clamp(min=1.0) if lib is torch else np.maximum(worth, 1.0))) ** 0.5
-        wins = (gain > mean[:, 1:] * self.margin) & (gain > noise) & (n >= self.min_errors)[:, None, :]
-        score = lib.where(wins, mean[:, 1:], np.float32(np.inf) if lib is np else float("inf"))
-        if lib is torch:
-            best_err, best = score.min(dim=1)  # (n, H)
-        else:
-            best = score.argmin(axis=1)  # (n, H)
-            best_err = np.take_along_axis(score, best[:, None], 1)[:, 0]
-        return best_err < (np.float32(np.inf) if lib is np else float("inf")), best
+        cpu = lib is np
+        inf = np.float32(np.inf) if cpu else float("inf")
+        k = np.arange(1, mean.shape[-1] + 1, dtype=np.float32)  # (H,)
+        k = k if cpu else torch.as_tensor(k, device=mean.device)
+        worth = (np.minimum(n, np.float32(self.effective)) if cpu else n.clamp(max=self.effective)) / k
+        worth = (
+            np.maximum(worth, np.float32(1.0)) if cpu else worth.clamp(min=1.0)
+        )  # (n, H) independent errors
+        # gain > z * sqrt(max(var, 0) / worth), var = sq - gain^2, is gain^2 (worth + z^2) > z^2 sq for a
+        # gain > 0; a weight of 0 where fewer than min_errors are counted fails it
+        z2 = self.z * self.z
+        weight = lib.where(n >= self.min_errors, worth + z2, np.float32(0.0) if cpu else 0.0)  # (n, H)
+        best_err = best = None
+        for c in range(1, mean.shape[1]):  # one or two naive forecasts: elementwise beats reductions
+            gain = mean[:, 0] - mean[:, c]  # (n, H) how much lower its mean error is (-inf: none)
+            with np.errstate(invalid="ignore"):  # inf * 0 where neither is: NaN, which fails the test
+                wins = (gain > mean[:, c] * self.margin) & (gain * gain * weight > sq[:, c - 1] * z2)
+            err = lib.where(wins, mean[:, c], inf)  # (n, H)
+            if best_err is None:
+                best_err, best = err, lib.zeros_like(n, dtype=np.int64 if cpu else torch.long)
+            else:
+                better = err < best_err
+                best = lib.where(better, c - 1, best)
+                best_err = lib.where(better, err, best_err)
+        return best_err < inf, best
+
+    def may_switch(self, mean: np.ndarray, n: np.ndarray) -> bool:
+        """Whether any naive forecast beats the model by the margin where ``min_errors`` are counted (numpy
+        arrays): when none does, ``decide`` says the model's everywhere, and costs more."""
+        best = mean[:, 1]
+        for c in range(2, mean.shape[1]):  # elementwise: cheaper than a reduction over a short axis
+            best = np.minimum(best, mean[:, c])
+        best = best * np.float32(1.0 + self.margin)  # (n, H)
+        return bool(((best < mean[:, 0]) & (n >= self.min_errors)).any())
 
     def pick(self, model: Array, naive: Array, mean: Array, sq: Array, n: Array) -> Array:
         """The forecast each series emits per step: ``model`` (n, H), or where ``decide`` says so the chosen
@@ -147,10 +177,9 @@ class Choice:
         switch, best = self.decide(mean, sq, n)  # (n, H)
         if lib is np and not switch.any():
             return model
-        if lib is torch:
-            chosen = naive.gather(1, best[:, None]).squeeze(1)  # (n, H)
-        else:
-            chosen = np.take_along_axis(naive, best[:, None], 1)[:, 0]  # (n, H)
+        chosen = naive[:, 0]
+        for c in range(1, naive.shape[1]):
+            chosen = lib.where(best == c, naive[:, c], chosen)  # (n, H)
         return lib.where(switch, chosen, model)
 
 
@@ -198,13 +227,20 @@ def reference_choice(
         at = np.clip(made, 0, None)
         past = made_all[at, :, k - 1]  # (H, C)
         valid &= np.isfinite(past).all(axis=1)
-        errors = np.abs(v[t] - np.nan_to_num(past).astype(np.float64)).T[None].astype(np.float32)  # (1, C, H)
+        errors = np.abs(np.float32(v[t]) - np.nan_to_num(past)).T[None]  # (1, C, H) float32
         n, mean, sq = choice.update(errors, valid[None], n, mean, sq)
         now = np.nan_to_num(naive[t : t + 1], nan=0.0).astype(np.float32)  # (1, C - 1, H)
         exists = np.concatenate([np.ones((1, 1, horizon), bool), np.isfinite(naive[t : t + 1])], axis=1)
         f = forecasts[t : t + 1].astype(np.float32)
         out[t] = choice.pick(f, now, np.where(exists, mean, np.inf), sq, n)[0]
     return out
+
+
+@functools.cache
+def _model_rows(horizon: int) -> np.ndarray:
+    """Row j: where in a series' ring of model forecasts (H x H, flat) the k-step forecast made k = 1..H
+    values before ordinal j sits, ``lag_rows(H)[j] * H + k - 1`` (H, H)."""
+    return lag_rows(horizon) * horizon + np.arange(horizon)
 
 
 class Chooser:
@@ -215,69 +251,91 @@ class Chooser:
         self.choice = choice
         self.table = table
 
-    def _cycles(self) -> np.ndarray:
-        """Per step k: how far back from the target the seasonal naive forecast reads, season * ceil(k /
-        season) (H,)."""
-        season, k = self.table.season, np.arange(1, self.table.horizon + 1)
-        return season * -(-k // season)
+    @staticmethod
+    @functools.cache
+    def _backs(horizon: int, season: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
+        """How far back from a value (its ordinal j) the naive forecasts read, (C - 1, H) each: those made
+        k values before j that targeted it (``scored``: k; season * ceil(k / season)), and those made at j
+        (``emitted``: 0; season * ceil(k / season) - k)."""
+        k = np.arange(1, horizon + 1)
+        cycles = season * -(-k // season)  # (H,)
+        scored = np.stack([k, cycles][: candidates - 1])  # (C - 1, H)
+        emitted = np.stack([np.zeros_like(k), cycles - k][: candidates - 1])  # (C - 1, H)
+        return scored, emitted
 
-    def score(self, slots: np.ndarray, idx: Any, count: np.ndarray, v: Any) -> None:
+    @staticmethod
+    @functools.cache
+    def _phase_table(window: int, back: bytes, shape: tuple[int, int]) -> np.ndarray | None:
+        """``(j - back) mod window`` for every phase j of the ring: (W, C - 1, H), looked up by ``count % W``
+        (one gather instead of several passes); None for windows too long to tabulate."""
+        if window > 1 << 13:
+            return None
+        offsets = np.frombuffer(back, dtype=np.int64).reshape(shape)
+        return (np.arange(window)[:, None, None] - offsets) % window
+
+    def _ring(self, slots: np.ndarray, count: np.ndarray, back: np.ndarray) -> np.ndarray:
+        """Flat ring positions of the values ``back`` (C - 1, H) before each slot's ordinal ``count``."""
+        w = self.table.window_size
+        table = self._phase_table(w, back.tobytes(), back.shape)
+        if table is not None:
+            return table[count % w] + (slots * w)[:, None, None]
+        pos = (count % w)[:, None, None] - back  # (n, C - 1, H)
+        pos %= w
+        return pos + (slots * w)[:, None, None]
+
+    def score(self, slots: np.ndarray, idx: Any, count: np.ndarray, v: Any) -> tuple[Any, Any, Any]:
         """Score value ``v`` (n,) of each slot (its ordinal: ``count``) against every candidate's forecasts
-        made 1..H values before it, and fold the errors into the slot's means."""
+        made 1..H values before it, and fold the errors into the slot's means; returns the new counts, means
+        and squared differences (``pick``'s ``scored``)."""
         tb = self.table
         horizon, w, device, cpu = tb.horizon, tb.window_size, tb.device, tb.host_views
-        k = np.arange(1, horizon + 1)  # (H,)
-        made = count[:, None] - k  # (n, H) ordinals those forecasts were made at
-        valid = (made >= tb.choose_from[slots][:, None]) & (k <= w)  # (n, H) all candidates exist
-        model_at = ((slots * horizon)[:, None] + made % horizon) * horizon + (k - 1)  # (n, H) model_past
-        value_at = [slots[:, None] * w + made % w]  # (n, H) ring positions of the last values then
-        if tb.candidates > 2:
-            back = count[:, None] - self._cycles()  # (n, H) ordinal the seasonal naive forecast read
-            valid &= back >= 0
-            value_at.append(slots[:, None] * w + back % w)
-        value_at = np.stack(value_at, axis=1)  # (n, C - 1, H)
-        everywhere = bool(valid.all())
+        back, _ = self._backs(horizon, tb.season, tb.candidates)  # (C - 1, H)
+        # Step 1. where every candidate's forecast exists: the model's since choose_from, the values in the ring
+        k = back[0]
+        reach = int(back.max())
+        valid = None
+        if reach > w or int((count - tb.choose_from[slots]).min()) < max(reach, horizon):  # some do not
+            valid = (count[:, None] - k >= tb.choose_from[slots][:, None]) & (back.max(axis=0) <= w)
+            valid &= (count[:, None] - back.max(axis=0)) >= 0  # (n, H)
+        # Step 2. the forecasts: the model's from its ring, the naive ones re-read from the ring of values
+        model_at = _model_rows(horizon)[count % horizon] + (slots * (horizon * horizon))[:, None]  # (n, H)
+        value_at = self._ring(slots, count, back)  # (n, C - 1, H)
         if not cpu:
             model_at, value_at = (torch.from_numpy(a).to(device) for a in (model_at, value_at))
-            valid = None if everywhere else torch.from_numpy(valid).to(device)
-        elif everywhere:
-            valid = None
-        made_f = [tb.model_past_flat[model_at][:, None], tb.values_flat[value_at]]  # (n, 1, H), (n, C - 1, H)
-        if cpu:
-            errors = np.abs(v[:, None, None] - np.concatenate(made_f, axis=1)).astype(np.float32)  # (n, C, H)
+            valid = None if valid is None else torch.from_numpy(valid).to(device)
+            past = torch.cat([tb.model_past_flat[model_at][:, None], tb.values_flat[value_at]], dim=1)
+            errors = (v.float()[:, None, None] - past).abs()  # (n, C, H) float32
         else:
-            errors = (v[:, None, None] - torch.cat(made_f, dim=1)).abs().float()
+            v32 = v.astype(np.float32)[:, None]  # (n, 1)
+            errors = np.empty((len(slots), tb.candidates, horizon), np.float32)  # (n, C, H)
+            np.subtract(v32, tb.model_past_flat[model_at], out=errors[:, 0])
+            np.subtract(v32[:, None], tb.values_flat[value_at], out=errors[:, 1:])
+            np.abs(errors, out=errors)
+        # Step 3. the running means
         n, mean, sq = self.choice.update(
             errors, valid, tb.choice_n_a[idx], tb.choice_err_a[idx], tb.choice_sq_a[idx]
         )
         tb.choice_n_a[idx], tb.choice_err_a[idx], tb.choice_sq_a[idx] = n, mean, sq
+        return n, mean, sq
 
-    def pick(self, slots: np.ndarray, idx: Any, count: np.ndarray, f: Any) -> Any:
+    def pick(self, slots: np.ndarray, count: np.ndarray, f: Any, scored: tuple[Any, Any, Any]) -> Any:
         """Keep the model's forecasts ``f`` (n, H) made at ordinals ``count`` for the next scores, and
-        return what each series emits (n, H) float32."""
+        return what each series emits (n, H) float32 (``scored``: ``score``'s answer for these slots)."""
         tb = self.table
-        horizon, w, device, cpu = tb.horizon, tb.window_size, tb.device, tb.host_views
+        horizon, device, cpu = tb.horizon, tb.device, tb.host_views
         row = slots * horizon + count % horizon  # (n,) ring rows of the model's forecasts
         tb.model_past_rows[row if cpu else torch.from_numpy(row).to(device)] = f
-        value_at = [np.repeat((slots * w + count % w)[:, None], horizon, axis=1)]  # (n, H) the newest value
-        exists = None
-        if tb.candidates > 2:
-            ordinal = count[:, None] + np.arange(1, horizon + 1) - self._cycles()  # (n, H) value read
-            value_at.append(slots[:, None] * w + ordinal % w)
-            exists = ordinal >= 0  # (n, H) the seasonal naive forecast reads a value stepped
-            exists = None if exists.all() else exists
-        value_at = np.stack(value_at, axis=1)  # (n, C - 1, H)
-        mean, sq, n = (
-            tb.choice_err_a[idx],
-            tb.choice_sq_a[idx],
-            tb.choice_n_a[idx],
-        )  # (n, C, H), (n, C-1, H), (n, H)
-        if not cpu:
-            value_at = torch.from_numpy(value_at).to(device)
-        naive = tb.values_flat[value_at]  # (n, C - 1, H) float32
-        if exists is not None:  # that candidate cannot be picked
-            gone = np.zeros(mean.shape, bool)
-            gone[:, 2] = ~exists
+        n, mean, sq = scored  # (n, H), (n, C, H), (n, C - 1, H)
+        if cpu and not self.choice.may_switch(mean, n):
+            return f
+        _, ahead = self._backs(horizon, tb.season, tb.candidates)  # (C - 1, H) offsets from the newest value
+        value_at = self._ring(slots, count, ahead)  # (n, C - 1, H)
+        naive = tb.values_flat[value_at if cpu else torch.from_numpy(value_at).to(device)]  # (n, C - 1, H)
+        if int(count.min()) < int(
+            ahead.max()
+        ):  # a young series' seasonal naive forecast reads before its first
+            gone = np.zeros(mean.shape, bool)  # (n, C, H)
+            gone[:, 1:] = count[:, None, None] - ahead < 0
             gone = gone if cpu else torch.from_numpy(gone).to(device)
             mean = _lib(mean).where(gone, np.float32(np.inf) if cpu else float("inf"), mean)
         return self.choice.pick(f, naive, mean, sq, n)

@@ -221,7 +221,7 @@ class Engine:
         if self.intervals is not None:  # Step 1b. score the forecasts of 1..H steps earlier, calibrate
             calibrated = self.calibrator.score(slots, idx, count, v, self._coverage_accumulator)
         if self.chooser is not None and self.table.candidates:  # Step 1c. score every candidate's forecasts
-            self.chooser.score(slots, idx, count, v)
+            scored = self.chooser.score(slots, idx, count, v)
         # Step 2. scale, and keep the model input and the value in the ring buffers.
         stats = scaling.update(tb.stats_a[idx], v)  # (n, N_STATS)
         scale = scaling.scale(stats)  # (n,)
@@ -240,7 +240,7 @@ class Engine:
         f = scaling.denormalize(stats, y.numpy() if self._cpu else y, scale)  # (n, horizon) float64
         f = f.astype(np.float32) if self._cpu else f.float()
         if self.chooser is not None and tb.candidates:
-            f = self.chooser.pick(slots, idx, count, f)
+            f = self.chooser.pick(slots, count, f, scored)
         tb.forecast_a[idx] = f
         tb.stats_a[idx] = stats
         tb.count[slots] = count + 1

@@ -175,6 +175,13 @@ class Intervals:
         return lower, upper
 
 
+@functools.cache
+def lag_rows(horizon: int) -> np.ndarray:
+    """Row j: the rows ((j - k) mod H) of a ring of H forecasts holding those made k = 1..H values before
+    ordinal j (H, H)."""
+    return (np.arange(horizon)[:, None] - np.arange(1, horizon + 1)) % horizon
+
+
 def units(scaling: Scaling, stats: Array) -> Array:
     """The scale of each series for its intervals (n,) float32: the scaling's divisor (1 without)."""
     one = _lib(stats).ones_like(stats[:, 0]) if scaling.kind == "none" else scaling.scale(stats)

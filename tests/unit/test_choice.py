@@ -20,11 +20,18 @@ from forecaster.train.baselines import last_value, seasonal_naive, targets
 CHOICE = Choice(halflife=16.0, margin=0.1, min_errors=8)
 
 
-def seasonal_model(season: int = 4, horizon: int = 5, seed: int = 0) -> RecurrentForecaster:
+def seasonal_model(
+    season: int = 4, horizon: int = 5, seed: int = 0, residual: float = 0.0
+) -> RecurrentForecaster:
+    """The seasonal naive baseline of ``season``, plus a random residual of about ``residual`` scales."""
     torch.manual_seed(seed)
-    return RecurrentForecaster(
+    model = RecurrentForecaster(
         "gru", hidden_size=8, num_layers=1, horizon=horizon, season=season, base_seasons=1
     )
+    with torch.no_grad():
+        model.head.weight.normal_(0.0, residual)
+        model.head.bias.normal_(0.0, residual)
+    return model
 
 
 def noisy_model(horizon: int = 5, seed: int = 0) -> RecurrentForecaster:
@@ -42,6 +49,9 @@ def streams(n: int = 120, seed: int = 1) -> dict[str, np.ndarray]:
     return {
         "walk": 50.0 + np.cumsum(rng.normal(size=n)),  # the last value is hard to beat
         "season": 10.0 + 3.0 * np.sin(2 * np.pi * t / 4) + rng.normal(scale=0.1, size=n),
+        "phases": 10.0
+        + np.tile([0.0, 5.0, -3.0, 9.0], n // 4)
+        + rng.normal(scale=0.1, size=n),  # seasonal naive
         "short": 5.0 + rng.normal(size=n // 3),  # ends early: rounds of different sizes
     }
 
@@ -70,10 +80,14 @@ def run(engine: Engine, data: dict[str, np.ndarray], seed: int = 2) -> dict[str,
 def test_the_engine_emits_the_reference_choice_of_each_series_whatever_the_batching(
     host_views, season, window
 ):
-    model = seasonal_model(season) if season > 1 else noisy_model()
+    model = seasonal_model(season, residual=3.0) if season > 1 else noisy_model()
     data = streams()
     engine = Engine(model, window=window, choice=CHOICE, host_views=host_views, scaling=Scaling())
     got = run(engine, data)
+    sources = engine.choice_sources()
+    assert sources[(1, "last_value")] >= 1  # the random walk
+    if engine.table.candidates == 3:
+        assert sources[(5, "seasonal_naive")] >= 1  # the series that repeats every 4 values
     switched = 0
     for name, values in data.items():
         raw = reference_forecast(model, values, Scaling()).astype(np.float32)
