@@ -340,20 +340,34 @@ class Chooser:
             mean = _lib(mean).where(gone, np.float32(np.inf) if cpu else float("inf"), mean)
         return self.choice.pick(f, naive, mean, sq, n)
 
+    def source_index(self, slots: np.ndarray) -> np.ndarray:
+        """Where the last forecast of each of ``slots`` (each with a value) came from, per step: 0 the
+        model, 1 the last value, 2 seasonal naive (n, H) int64 (what ``pick`` decided)."""
+        tb = self.table
+        idx = torch.from_numpy(slots).to(tb.device)
+        mean = tb.choice_err.index_select(0, idx).cpu().numpy()  # (n, C, H)
+        sq = tb.choice_sq.index_select(0, idx).cpu().numpy()  # (n, C - 1, H)
+        n = tb.choice_n.index_select(0, idx).cpu().numpy()  # (n, H)
+        _, ahead = self._backs(tb.horizon, tb.season, tb.candidates)  # (C - 1, H)
+        made = tb.count[slots] - 1  # (n,) ordinal the last forecast was made at
+        mean[:, 1:][made[:, None, None] - ahead < 0] = np.inf  # as pick: what reads before the first value
+        switch, best = self.choice.decide(mean, sq, n)  # (n, H)
+        return np.where(switch, best + 1, 0)
+
+    def source_names(self, slots: np.ndarray) -> list[list[str]]:
+        """``source_index`` as candidate names, per slot and step."""
+        return [[CANDIDATES[c] for c in row] for row in self.source_index(slots).tolist()]
+
     def sources(self) -> dict[tuple[int, str], int]:
         """How many resident series emit each candidate at step 1 and the last step: ``{(step, source):
-        count}`` (from their current means; the metrics read it between batches)."""
+        count}`` (the metrics read it between batches)."""
         tb = self.table
         slots = tb.occupied()
+        slots = slots[tb.count[slots] > 0]
         steps = sorted({1, tb.horizon})
         counts = np.zeros((tb.candidates, len(steps)), dtype=np.int64)
-        if len(slots) and tb.candidates:
-            idx = torch.from_numpy(slots).to(tb.device)
-            mean = tb.choice_err.index_select(0, idx).cpu().numpy()  # (n, C, H)
-            sq = tb.choice_sq.index_select(0, idx).cpu().numpy()  # (n, C - 1, H)
-            n = tb.choice_n.index_select(0, idx).cpu().numpy()  # (n, H)
-            switch, best = self.choice.decide(mean, sq, n)  # (n, H)
-            source = np.where(switch, best + 1, 0)[:, np.array(steps) - 1]  # (n, S)
+        if len(slots):
+            source = self.source_index(slots)[:, np.array(steps) - 1]  # (n, S)
             for j in range(len(steps)):
                 counts[:, j] = np.bincount(source[:, j], minlength=tb.candidates)
         return {

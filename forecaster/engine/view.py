@@ -35,7 +35,8 @@ class SeriesState:
 
     ``values``: the retained values, oldest first (the last ``min(count, window)``); the state table keeps
     the ts of the newest one only (``last_ts``, epoch ms). ``forecast[k]``: the value expected k+1 steps
-    after ``last_ts``, made by ``model_version`` after the newest value.
+    after ``last_ts``, made by ``model_version`` after the newest value; ``sources[k]``: where it comes from
+    (``model``, ``last_value`` or ``seasonal_naive``: the per-series choice), None without the choice.
     """
 
     series: str
@@ -45,6 +46,7 @@ class SeriesState:
     window: int
     forecast: list[float]
     model_version: str
+    sources: list[str] | None = None
 
 
 def series_state(engine: Engine, series: str) -> SeriesState | None:
@@ -67,6 +69,7 @@ def series_state(engine: Engine, series: str) -> SeriesState | None:
         window=table.window_size,
         forecast=forecast,
         model_version=engine.version,
+        sources=engine.chooser.source_names(slots)[0] if engine.chooser and table.candidates and n else None,
     )
 
 

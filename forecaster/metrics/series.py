@@ -174,10 +174,19 @@ def series_page(found: SeriesState | NotResident) -> bytes:
         f"{n} retained value{'s' if n != 1 else ''} (of {found.count} stepped; window {found.window})"
         f" &middot; last at {html.escape(_iso(found.last_ts) or str(found.last_ts))}"
         f" &middot; forecast of the next {h} step{'s' if h != 1 else ''} by model"
-        f" {html.escape(found.model_version)}"
+        f" {html.escape(found.model_version)}{_naive_steps(found.sources)}"
     )
     chart = _chart(found)
     return _PAGE.format(title=name, heading=name, summary=summary, json_url=json_url, chart=chart).encode()
+
+
+def _naive_steps(sources: list[str] | None) -> str:
+    """The steps this series takes from a naive forecast (per-series choice), for the page's summary."""
+    naive = {}
+    for step, source in enumerate(sources or [], start=1):
+        if source != "model":
+            naive.setdefault(source.replace("_", " "), []).append(str(step))
+    return "".join(f", steps {', '.join(steps)} from the {name}" for name, steps in naive.items())
 
 
 def _chart(found: SeriesState) -> str:

@@ -99,6 +99,28 @@ def test_json_is_the_engines_state_of_the_series(engine: Engine, served) -> None
     assert json.loads(get(server.port, url("b"))[2])["values"] == [1.0]
 
 
+def test_with_the_per_series_choice_the_view_names_where_each_step_comes_from() -> None:
+    from forecaster.engine.choice import Choice
+    from forecaster.metrics.series import series_page
+
+    engine = Engine(
+        RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=HORIZON),
+        window=WINDOW,
+        choice=Choice(min_errors=4),
+    )
+    assert series_state(engine, "a") is None
+    for t in range(30):  # a flat series: the last value is exact, the untrained model is not
+        out = engine.process(["a", "b"], [t, t], [7.0, 7.0 + (t % 2)])
+    state = series_state(engine, "a")
+    assert state.sources == ["last_value"] * HORIZON
+    assert state.forecast == pytest.approx([7.0] * HORIZON) and out.forecasts[0].tolist() == [7.0] * HORIZON
+    assert "steps 1, 2, 3 from the last value" in series_page(state).decode()
+    assert Engine(RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=HORIZON)).choice is None
+    plain = Engine(RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=HORIZON))
+    plain.process(["a"], [1], [7.0])
+    assert series_state(plain, "a").sources is None
+
+
 def test_a_series_not_resident_gets_404_naming_its_partition(served) -> None:
     server, _ = served
     status, _, body = get(server.port, url("nowhere"))
