@@ -117,7 +117,7 @@ class Bench:
         self,
         capacity: int = 1024,
         intervals: bool = True,
-        choice: bool = False,
+        choice: Choice | None = None,
         model: RecurrentForecaster | None = None,
     ) -> Engine:
         return Engine(
@@ -127,7 +127,7 @@ class Bench:
             capacity=capacity,
             max_series=10_000_000,
             intervals=Intervals() if intervals else None,
-            choice=Choice() if choice else None,
+            choice=choice,
         )
 
     def _on_off(self, batches: list[int], make: Callable[[bool, int], Engine], label: str) -> dict[str, Any]:
@@ -166,15 +166,23 @@ class Bench:
 
     def choice_cost(self, batches: list[int]) -> dict[str, Any]:
         """Cost per value with the per-series choice on and off (intervals on in both), for the bench's
-        model (no baseline: two candidates) and for one over a seasonal baseline of 12 (three)."""
+        model (no baseline: two candidates) and for one over a seasonal baseline of 12 (three). The stream
+        repeats its values, so the last value is exact and every series switches to it (``all_switched``,
+        the worst case: the whole decision runs); ``none_switched`` never lets a series switch (a model
+        that serves its series well: the errors are scored, the decision skipped)."""
         torch.manual_seed(0)
         seasonal = RecurrentForecaster(**MODEL, season=12, base_seasons=1).to(self.device).eval()
-        return {
-            name: self._on_off(
-                batches, lambda on, capacity, m=m: self.engine(capacity, choice=on, model=m), "choice"
-            )
-            for name, m in (("no_baseline", self.model), ("seasonal_12", seasonal))
-        }
+        out: dict[str, Any] = {}
+        for case, choice in (("all_switched", Choice()), ("none_switched", Choice(min_errors=1 << 62))):
+            for name, m in (("no_baseline", self.model), ("seasonal_12", seasonal)):
+                out[f"{name}_{case}"] = self._on_off(
+                    batches,
+                    lambda on, capacity, m=m, c=choice: self.engine(
+                        capacity, choice=c if on else None, model=m
+                    ),
+                    "choice",
+                )
+        return out
 
     # ---- shadow promotion: the champion alone vs the champion with a challenger beside it -------------
 

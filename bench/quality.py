@@ -620,6 +620,7 @@ def main() -> None:
     parser.add_argument("--output", help="also write the JSON here, rewritten after each set")
     parser.add_argument("--hidden-size", type=int, help="every set's hidden size (default: the set's)")
     parser.add_argument("--num-layers", type=int, help="every set's layers (default: the set's)")
+    parser.add_argument("--epochs", type=int, help="every set's training epochs (default: the set's)")
     parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated, from gru,lstm,rnn")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -638,7 +639,7 @@ def main() -> None:
         data = DATASETS[name]
         if args.quick and name in QUICK:
             data = DataSet(**{**data.__dict__, **QUICK[name]})
-        shape = {"hidden_size": args.hidden_size, "num_layers": args.num_layers}
+        shape = {"hidden_size": args.hidden_size, "num_layers": args.num_layers, "epochs": args.epochs}
         data = DataSet(**{**data.__dict__, **{k: v for k, v in shape.items() if v is not None}})
         print(f"{name}...", file=sys.stderr)
         report["datasets"][name] = run_dataset(data, cells, args.quick)

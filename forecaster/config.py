@@ -133,7 +133,7 @@ class ChoiceSettings(BaseModel):
     """Per-series choice between the model's forecast and the naive ones (``forecaster.engine.choice``)."""
 
     enabled: bool = True
-    halflife: float = Field(default=32.0, gt=0.0)  # memory of each candidate's mean k-step error, in errors
+    halflife: float = Field(default=64.0, gt=0.0)  # memory of each candidate's mean k-step error, in errors
     # A naive forecast must beat the model's mean error by this share of its own and by z standard errors.
     margin: float = Field(default=0.05, ge=0.0, le=10.0)
     z: float = Field(default=2.0, ge=0.0, le=10.0)

@@ -59,7 +59,8 @@ from forecaster.engine.intervals import lag_rows
 from forecaster.scaling import _lib
 
 Array = Any  # np.ndarray or torch.Tensor, same kind throughout one call
-CANDIDATES = ("model", "last_value", "seasonal_naive")
+CANDIDATES = ("model", "last_value", "seasonal_naive", "seasonal_mean")
+MEAN_SEASONS = 4  # seasons the seasonal mean averages, at most (fewer when the window holds fewer)
 MAX_COUNT = 1e6  # error counts stop here (float32 counts stay exact; the mean is past its floor long before)
 
 
@@ -69,7 +70,7 @@ class Choice:
     win by (a share of its error; standard errors of the difference), ``min_errors`` before a series may
     switch."""
 
-    halflife: float = 32.0
+    halflife: float = 64.0
     margin: float = 0.05
     z: float = 2.0
     min_errors: int = 16
@@ -183,13 +184,49 @@ class Choice:
         return lib.where(switch, chosen, model)
 
 
+def averaged_seasons(season: int, horizon: int, window: int) -> int:
+    """How many seasons the seasonal mean can average within ``window`` values at every step (up to
+    ``MEAN_SEASONS``; 0 without a season)."""
+    if season <= 1:
+        return 0
+    return min(MEAN_SEASONS, window // (season * -(-horizon // season)))
+
+
 def naive_reach(season: int, horizon: int, window: int) -> int:
-    """How many candidates a table of ``window`` values can score: 3 when the seasonal naive forecast of
-    ``season`` (> 1) reads within the window at every step, else 2 (the model and the last value)."""
-    return 3 if season > 1 and season * -(-horizon // season) <= window else 2
+    """How many candidates a table of ``window`` values can score: 4 when the seasonal mean of two seasons
+    or more fits in the window, 3 when seasonal naive does (``season`` > 1), else 2 (the model and the last
+    value)."""
+    m = averaged_seasons(season, horizon, window)
+    return 4 if m >= 2 else 3 if m == 1 else 2
 
 
-def naive_forecasts(values: np.ndarray, horizon: int, season: int, candidates: int) -> np.ndarray:
+def _mean_backs(horizon: int, season: int, seasons: int) -> tuple[np.ndarray, np.ndarray]:
+    """How far back from ordinal j the seasonal mean reads, (m, H) each: made k values before j for
+    target j (``scored``), made at j (``emitted``); row i: the season i cycles further back."""
+    k = np.arange(1, horizon + 1)
+    cycles = season * -(-k // season)  # (H,)
+    further = season * np.arange(seasons)[:, None]  # (m, 1)
+    return cycles + further, cycles - k + further
+
+
+def seasonal_mean(values: Any, back: np.ndarray, count: Any) -> Any:
+    """The mean (n, H) float32 of ``values`` (n, m, H), read ``back`` (m, H) values before ordinals
+    ``count`` (n,), over those at ordinals >= 0 (0 where none is: that forecast does not exist, and the
+    callers leave it out)."""
+    lib = _lib(values)
+    seen = count[:, None, None] - back >= 0  # (n, m, H) numpy
+    if bool(seen.all()):
+        return values.sum(1) / np.float32(back.shape[0])
+    seen_count = seen.sum(1).astype(np.float32)  # (n, H)
+    if lib is torch:
+        seen = torch.from_numpy(seen).to(values.device)
+        return (values * seen).sum(1) / torch.from_numpy(np.maximum(seen_count, 1.0)).to(values.device)
+    return np.where(seen, values, np.float32(0.0)).sum(1) / np.maximum(seen_count, np.float32(1.0))
+
+
+def naive_forecasts(
+    values: np.ndarray, horizon: int, season: int, candidates: int, window: int
+) -> np.ndarray:
     """The naive candidates made after each of one series' ``values`` (T,): (T, C - 1, H) float64, NaN
     where one does not exist yet."""
     from forecaster.train.baselines import last_value, seasonal_naive
@@ -197,6 +234,12 @@ def naive_forecasts(values: np.ndarray, horizon: int, season: int, candidates: i
     made = [last_value(values, horizon)]
     if candidates > 2:
         made.append(seasonal_naive(values, horizon, season))
+    if candidates > 3:
+        _, back = _mean_backs(horizon, season, averaged_seasons(season, horizon, window))  # (m, H)
+        at = np.arange(len(values))[:, None, None] - back  # (T, m, H) ordinals read
+        ring = np.asarray(values, dtype=np.float32)  # as the ring of values keeps them
+        mean = seasonal_mean(ring[np.clip(at, 0, None)], back, np.arange(len(values)))  # (T, H)
+        made.append(np.where(np.isfinite(made[1]), mean, np.nan))  # where seasonal naive exists
     return np.stack(made, axis=1)
 
 
@@ -214,7 +257,7 @@ def reference_choice(
     v = np.asarray(values, dtype=np.float64)
     steps, horizon = forecasts.shape
     c = naive_reach(season, horizon, window)
-    naive = naive_forecasts(v, horizon, season, c)  # (T, C - 1, H)
+    naive = naive_forecasts(v, horizon, season, c, window)  # (T, C - 1, H)
     made_all = np.concatenate([forecasts.astype(np.float32)[:, None], naive.astype(np.float32)], axis=1)
     k = np.arange(1, horizon + 1)
     mean = np.zeros((1, c, horizon), np.float32)
@@ -256,12 +299,30 @@ class Chooser:
     def _backs(horizon: int, season: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
         """How far back from a value (its ordinal j) the naive forecasts read, (C - 1, H) each: those made
         k values before j that targeted it (``scored``: k; season * ceil(k / season)), and those made at j
-        (``emitted``: 0; season * ceil(k / season) - k)."""
+        (``emitted``: 0; season * ceil(k / season) - k); for the seasonal mean, its newest season (it exists
+        where that does)."""
         k = np.arange(1, horizon + 1)
         cycles = season * -(-k // season)  # (H,)
-        scored = np.stack([k, cycles][: candidates - 1])  # (C - 1, H)
-        emitted = np.stack([np.zeros_like(k), cycles - k][: candidates - 1])  # (C - 1, H)
+        scored = np.stack([k, cycles, cycles][: candidates - 1])  # (C - 1, H)
+        emitted = np.stack([np.zeros_like(k), cycles - k, cycles - k][: candidates - 1])  # (C - 1, H)
         return scored, emitted
+
+    def _naive(self, slots: np.ndarray, count: np.ndarray, which: int) -> Any:
+        """The naive candidates' forecasts (n, C - 1, H) float32, re-read from the ring of values: those
+        made 1..H values before each slot's ordinal ``count`` for it (``which`` 0), or those made at it (1)."""
+        tb = self.table
+        cpu, device, c = tb.host_views, tb.device, tb.candidates
+        single = self._backs(tb.horizon, tb.season, c)[which][:2]  # (<= 2, H) one value each
+        at = self._ring(slots, count, single)  # (n, <= 2, H)
+        got = tb.values_flat[at if cpu else torch.from_numpy(at).to(device)]
+        if c < 4:
+            return got
+        back = _mean_backs(tb.horizon, tb.season, averaged_seasons(tb.season, tb.horizon, tb.window_size))[
+            which
+        ]
+        at = self._ring(slots, count, back)  # (n, m, H)
+        mean = seasonal_mean(tb.values_flat[at if cpu else torch.from_numpy(at).to(device)], back, count)
+        return np.concatenate([got, mean[:, None]], 1) if cpu else torch.cat([got, mean[:, None]], 1)
 
     @staticmethod
     @functools.cache
@@ -299,17 +360,17 @@ class Chooser:
             valid &= (count[:, None] - back.max(axis=0)) >= 0  # (n, H)
         # Step 2. the forecasts: the model's from its ring, the naive ones re-read from the ring of values
         model_at = _model_rows(horizon)[count % horizon] + (slots * (horizon * horizon))[:, None]  # (n, H)
-        value_at = self._ring(slots, count, back)  # (n, C - 1, H)
+        naive = self._naive(slots, count, 0)  # (n, C - 1, H)
         if not cpu:
-            model_at, value_at = (torch.from_numpy(a).to(device) for a in (model_at, value_at))
+            model_at = torch.from_numpy(model_at).to(device)
             valid = None if valid is None else torch.from_numpy(valid).to(device)
-            past = torch.cat([tb.model_past_flat[model_at][:, None], tb.values_flat[value_at]], dim=1)
+            past = torch.cat([tb.model_past_flat[model_at][:, None], naive], dim=1)
             errors = (v.float()[:, None, None] - past).abs()  # (n, C, H) float32
         else:
             v32 = v.astype(np.float32)[:, None]  # (n, 1)
             errors = np.empty((len(slots), tb.candidates, horizon), np.float32)  # (n, C, H)
             np.subtract(v32, tb.model_past_flat[model_at], out=errors[:, 0])
-            np.subtract(v32[:, None], tb.values_flat[value_at], out=errors[:, 1:])
+            np.subtract(v32[:, None], naive, out=errors[:, 1:])
             np.abs(errors, out=errors)
         # Step 3. the running means
         n, mean, sq = self.choice.update(
@@ -329,8 +390,7 @@ class Chooser:
         if cpu and not self.choice.may_switch(mean, n):
             return f
         _, ahead = self._backs(horizon, tb.season, tb.candidates)  # (C - 1, H) offsets from the newest value
-        value_at = self._ring(slots, count, ahead)  # (n, C - 1, H)
-        naive = tb.values_flat[value_at if cpu else torch.from_numpy(value_at).to(device)]  # (n, C - 1, H)
+        naive = self._naive(slots, count, 1)  # (n, C - 1, H)
         if int(count.min()) < int(
             ahead.max()
         ):  # a young series' seasonal naive forecast reads before its first
@@ -342,7 +402,7 @@ class Chooser:
 
     def source_index(self, slots: np.ndarray) -> np.ndarray:
         """Where the last forecast of each of ``slots`` (each with a value) came from, per step: 0 the
-        model, 1 the last value, 2 seasonal naive (n, H) int64 (what ``pick`` decided)."""
+        model, 1 the last value, 2 seasonal naive, 3 the seasonal mean (n, H) int64 (what ``pick`` decided)."""
         tb = self.table
         idx = torch.from_numpy(slots).to(tb.device)
         mean = tb.choice_err.index_select(0, idx).cpu().numpy()  # (n, C, H)

@@ -10,7 +10,7 @@ import torch
 
 from forecaster.config import Settings
 from forecaster.engine import Engine, reference_forecast
-from forecaster.engine.choice import Choice, naive_reach, reference_choice
+from forecaster.engine.choice import Choice, averaged_seasons, naive_reach, reference_choice
 from forecaster.errors import StateError
 from forecaster.metrics.service import ServiceMetrics
 from forecaster.model import RecurrentForecaster
@@ -102,10 +102,12 @@ def test_the_engine_emits_the_reference_choice_of_each_series_whatever_the_batch
 
 def test_the_seasonal_candidate_needs_a_season_and_a_window_that_holds_it():
     assert naive_reach(1, 12, 256) == 2
-    assert naive_reach(12, 12, 256) == 3
+    assert naive_reach(12, 12, 256) == 4  # the seasonal mean of four years too
+    assert averaged_seasons(12, 12, 256) == 4 and averaged_seasons(12, 12, 36) == 3
     assert naive_reach(12, 13, 23) == 2  # step 13 reads 24 values back
-    assert naive_reach(12, 13, 24) == 3
-    assert Engine(seasonal_model(4), window=32, choice=CHOICE).table.candidates == 3
+    assert naive_reach(12, 13, 24) == 3  # seasonal naive only: a mean of two seasons needs 48
+    assert naive_reach(12, 13, 48) == 4
+    assert Engine(seasonal_model(4), window=32, choice=CHOICE).table.candidates == 4
     assert Engine(seasonal_model(4), window=32).table.candidates == 0  # off by default in the library
 
 
@@ -126,19 +128,40 @@ def test_a_bad_model_falls_back_to_the_best_naive_forecast_per_series_and_step()
     np.testing.assert_array_equal(emitted[: CHOICE.min_errors], raw[: CHOICE.min_errors])
 
 
-def test_a_good_model_keeps_its_forecasts():
-    """Where the model beats the naive forecasts, nothing switches: here the model is the seasonal
-    baseline and a naive candidate is no better than it by the margin."""
-    model = seasonal_model(season=4, horizon=4)
+def test_a_good_model_keeps_its_forecasts_and_a_noisy_season_takes_the_seasonal_mean():
+    """Where no naive forecast beats the model, nothing switches: a model whose baseline is the mean of
+    the last four seasons keeps its forecasts on a noisy seasonal series; one that forecasts seasonal naive
+    (the noise of one season) gives way to the seasonal mean of four."""
     rng = np.random.default_rng(6)
     t = np.arange(300)
-    values = 20.0 + 5.0 * np.sin(2 * np.pi * t / 4) + rng.normal(scale=0.2, size=300)
-    raw = reference_forecast(model, values, Scaling()).astype(np.float32)
+    values = 20.0 + 5.0 * np.sin(2 * np.pi * t / 4) + rng.normal(scale=1.0, size=300)
+    torch.manual_seed(0)
+    mean_model = RecurrentForecaster("gru", hidden_size=8, num_layers=1, horizon=4, season=4, base_seasons=4)
+    raw = reference_forecast(mean_model, values, Scaling()).astype(np.float32)
+    np.testing.assert_array_equal(reference_choice(raw, values, CHOICE, 4, 256), raw)
+    naive_model = seasonal_model(season=4, horizon=4)
+    raw = reference_forecast(naive_model, values, Scaling()).astype(np.float32)
     np.testing.assert_allclose(
         raw[8:], seasonal_naive(values, 4, 4)[8:], atol=1e-3
     )  # untrained: the baseline
-    emitted = reference_choice(raw, values, CHOICE, 4, 256)
-    np.testing.assert_array_equal(emitted, raw)
+    emitted = reference_choice(raw, values, Choice(), 4, 256)
+    later = slice(100, 296)
+    # at step 1 (later steps count their overlapping errors as fewer, 1/k, so need more to switch): the
+    # seasonal mean whenever its lead over the running means is clear, and a lower error overall
+    taken = np.isclose(emitted[later, 0], _seasonal_mean(values, 4, 4)[later, 0], atol=1e-3)
+    assert taken.mean() > 0.3 and (taken | (emitted[later, 0] == raw[later, 0])).all()
+    target = targets(values, 4)[later, 0]
+    assert np.abs(emitted[later, 0] - target).mean() < 0.95 * np.abs(raw[later, 0] - target).mean()
+
+
+def _seasonal_mean(values: np.ndarray, season: int, seasons: int) -> np.ndarray:
+    """Mean of ``seasons`` seasonal naive forecasts, each a season further back: (T, H) (NaN before)."""
+    from forecaster.train.baselines import seasonal_naive
+
+    shifted = [np.roll(seasonal_naive(values, season, season), season * i, axis=0) for i in range(seasons)]
+    for i, s in enumerate(shifted):
+        s[: season * i] = np.nan
+    return np.mean(shifted, axis=0)
 
 
 def test_a_naive_forecast_must_beat_the_model_by_the_margin_and_by_more_than_noise():
@@ -237,7 +260,7 @@ def test_settings_turn_the_choice_off_and_the_metrics_count_series_by_source(mon
     monkeypatch.setenv("FORECASTER_CHOICE__ENABLED", "true")
     monkeypatch.setenv("FORECASTER_CHOICE__MIN_ERRORS", "4")
     on = Engine.from_settings(model, Settings())
-    assert on.choice == Choice(32.0, 0.05, 2.0, 4)
+    assert on.choice == Choice(64.0, 0.05, 2.0, 4)
     for t in range(60):
         off.process(["walk"], [t], [values[t]])
         on.process(["walk", "flat"], [t, t], [values[t], 3.0])
