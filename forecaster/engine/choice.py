@@ -9,7 +9,10 @@ engine keeps, per series and step k, the running mean absolute k-step error of e
 * 0 ``model``: the published model's forecast (kept as the model made it, whatever was emitted);
 * 1 ``last_value``: the last value;
 * 2 ``seasonal_naive``: the value one season before the target (``season`` of the model's baseline; only
-  when it is above 1 and the window holds what it reads).
+  when it is above 1 and the window holds what it reads);
+* 3 ``seasonal_mean``: the mean of the values at the target's phase in the last ``MEAN_SEASONS`` seasons
+  (as many as the window holds, two at least; those before a series' first value left out): what a noisy
+  seasonal series is best served by.
 
 **Score.** When value ``v_t`` arrives, the forecasts every candidate made ``k = 1..H`` values earlier for it
 are scored on the points where all of them exist (naive forecasts are re-read from the ring of values, the
@@ -27,7 +30,7 @@ forecast until it has ``min_errors``.
 
 Per series the state table keeps the model's last H forecasts (H x H float32), the means (C x H float32),
 the squared differences ((C - 1) x H float32), the error counts (H float32) and the ordinal of the first
-model forecast to score (int64): ``4 * (H * H + (2C - 1) * H + H) + 8`` bytes (872 for H = 12 and three
+model forecast to score (int64): ``4 * (H * H + (2C - 1) * H + H) + 8`` bytes (968 for H = 12 and four
 candidates).
 
 The arithmetic is written once for numpy arrays (a CPU table) and torch tensors (a GPU table) alike.
@@ -55,7 +58,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from forecaster.engine.intervals import lag_rows
 from forecaster.scaling import _lib
 
 Array = Any  # np.ndarray or torch.Tensor, same kind throughout one call
@@ -200,7 +202,7 @@ def naive_reach(season: int, horizon: int, window: int) -> int:
     return 4 if m >= 2 else 3 if m == 1 else 2
 
 
-def _mean_backs(horizon: int, season: int, seasons: int) -> tuple[np.ndarray, np.ndarray]:
+def mean_backs(horizon: int, season: int, seasons: int) -> tuple[np.ndarray, np.ndarray]:
     """How far back from ordinal j the seasonal mean reads, (m, H) each: made k values before j for
     target j (``scored``), made at j (``emitted``); row i: the season i cycles further back."""
     k = np.arange(1, horizon + 1)
@@ -235,7 +237,7 @@ def naive_forecasts(
     if candidates > 2:
         made.append(seasonal_naive(values, horizon, season))
     if candidates > 3:
-        _, back = _mean_backs(horizon, season, averaged_seasons(season, horizon, window))  # (m, H)
+        _, back = mean_backs(horizon, season, averaged_seasons(season, horizon, window))  # (m, H)
         at = np.arange(len(values))[:, None, None] - back  # (T, m, H) ordinals read
         ring = np.asarray(values, dtype=np.float32)  # as the ring of values keeps them
         mean = seasonal_mean(ring[np.clip(at, 0, None)], back, np.arange(len(values)))  # (T, H)
@@ -277,161 +279,3 @@ def reference_choice(
         f = forecasts[t : t + 1].astype(np.float32)
         out[t] = choice.pick(f, now, np.where(exists, mean, np.inf), sq, n)[0]
     return out
-
-
-@functools.cache
-def _model_rows(horizon: int) -> np.ndarray:
-    """Row j: where in a series' ring of model forecasts (H x H, flat) the k-step forecast made k = 1..H
-    values before ordinal j sits, ``lag_rows(H)[j] * H + k - 1`` (H, H)."""
-    return lag_rows(horizon) * horizon + np.arange(horizon)
-
-
-class Chooser:
-    """The choice's reads and writes of a state ``table`` (with ``choice``) for one round of distinct
-    ``slots``: ``score`` before the value is written to the ring, ``pick`` after the recurrent step."""
-
-    def __init__(self, choice: Choice, table: Any) -> None:
-        self.choice = choice
-        self.table = table
-
-    @staticmethod
-    @functools.cache
-    def _backs(horizon: int, season: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
-        """How far back from a value (its ordinal j) the naive forecasts read, (C - 1, H) each: those made
-        k values before j that targeted it (``scored``: k; season * ceil(k / season)), and those made at j
-        (``emitted``: 0; season * ceil(k / season) - k); for the seasonal mean, its newest season (it exists
-        where that does)."""
-        k = np.arange(1, horizon + 1)
-        cycles = season * -(-k // season)  # (H,)
-        scored = np.stack([k, cycles, cycles][: candidates - 1])  # (C - 1, H)
-        emitted = np.stack([np.zeros_like(k), cycles - k, cycles - k][: candidates - 1])  # (C - 1, H)
-        return scored, emitted
-
-    def _naive(self, slots: np.ndarray, count: np.ndarray, which: int) -> Any:
-        """The naive candidates' forecasts (n, C - 1, H) float32, re-read from the ring of values: those
-        made 1..H values before each slot's ordinal ``count`` for it (``which`` 0), or those made at it (1)."""
-        tb = self.table
-        cpu, device, c = tb.host_views, tb.device, tb.candidates
-        single = self._backs(tb.horizon, tb.season, c)[which][:2]  # (<= 2, H) one value each
-        at = self._ring(slots, count, single)  # (n, <= 2, H)
-        got = tb.values_flat[at if cpu else torch.from_numpy(at).to(device)]
-        if c < 4:
-            return got
-        back = _mean_backs(tb.horizon, tb.season, averaged_seasons(tb.season, tb.horizon, tb.window_size))[
-            which
-        ]
-        at = self._ring(slots, count, back)  # (n, m, H)
-        mean = seasonal_mean(tb.values_flat[at if cpu else torch.from_numpy(at).to(device)], back, count)
-        return np.concatenate([got, mean[:, None]], 1) if cpu else torch.cat([got, mean[:, None]], 1)
-
-    @staticmethod
-    @functools.cache
-    def _phase_table(window: int, back: bytes, shape: tuple[int, int]) -> np.ndarray | None:
-        """``(j - back) mod window`` for every phase j of the ring: (W, C - 1, H), looked up by ``count % W``
-        (one gather instead of several passes); None for windows too long to tabulate."""
-        if window > 1 << 13:
-            return None
-        offsets = np.frombuffer(back, dtype=np.int64).reshape(shape)
-        return (np.arange(window)[:, None, None] - offsets) % window
-
-    def _ring(self, slots: np.ndarray, count: np.ndarray, back: np.ndarray) -> np.ndarray:
-        """Flat ring positions of the values ``back`` (C - 1, H) before each slot's ordinal ``count``."""
-        w = self.table.window_size
-        table = self._phase_table(w, back.tobytes(), back.shape)
-        if table is not None:
-            return table[count % w] + (slots * w)[:, None, None]
-        pos = (count % w)[:, None, None] - back  # (n, C - 1, H)
-        pos %= w
-        return pos + (slots * w)[:, None, None]
-
-    def score(self, slots: np.ndarray, idx: Any, count: np.ndarray, v: Any) -> tuple[Any, Any, Any]:
-        """Score value ``v`` (n,) of each slot (its ordinal: ``count``) against every candidate's forecasts
-        made 1..H values before it, and fold the errors into the slot's means; returns the new counts, means
-        and squared differences (``pick``'s ``scored``)."""
-        tb = self.table
-        horizon, w, device, cpu = tb.horizon, tb.window_size, tb.device, tb.host_views
-        back, _ = self._backs(horizon, tb.season, tb.candidates)  # (C - 1, H)
-        # Step 1. where every candidate's forecast exists: the model's since choose_from, the values in the ring
-        k = back[0]
-        reach = int(back.max())
-        valid = None
-        if reach > w or int((count - tb.choose_from[slots]).min()) < max(reach, horizon):  # some do not
-            valid = (count[:, None] - k >= tb.choose_from[slots][:, None]) & (back.max(axis=0) <= w)
-            valid &= (count[:, None] - back.max(axis=0)) >= 0  # (n, H)
-        # Step 2. the forecasts: the model's from its ring, the naive ones re-read from the ring of values
-        model_at = _model_rows(horizon)[count % horizon] + (slots * (horizon * horizon))[:, None]  # (n, H)
-        naive = self._naive(slots, count, 0)  # (n, C - 1, H)
-        if not cpu:
-            model_at = torch.from_numpy(model_at).to(device)
-            valid = None if valid is None else torch.from_numpy(valid).to(device)
-            past = torch.cat([tb.model_past_flat[model_at][:, None], naive], dim=1)
-            errors = (v.float()[:, None, None] - past).abs()  # (n, C, H) float32
-        else:
-            v32 = v.astype(np.float32)[:, None]  # (n, 1)
-            errors = np.empty((len(slots), tb.candidates, horizon), np.float32)  # (n, C, H)
-            np.subtract(v32, tb.model_past_flat[model_at], out=errors[:, 0])
-            np.subtract(v32[:, None], naive, out=errors[:, 1:])
-            np.abs(errors, out=errors)
-        # Step 3. the running means
-        n, mean, sq = self.choice.update(
-            errors, valid, tb.choice_n_a[idx], tb.choice_err_a[idx], tb.choice_sq_a[idx]
-        )
-        tb.choice_n_a[idx], tb.choice_err_a[idx], tb.choice_sq_a[idx] = n, mean, sq
-        return n, mean, sq
-
-    def pick(self, slots: np.ndarray, count: np.ndarray, f: Any, scored: tuple[Any, Any, Any]) -> Any:
-        """Keep the model's forecasts ``f`` (n, H) made at ordinals ``count`` for the next scores, and
-        return what each series emits (n, H) float32 (``scored``: ``score``'s answer for these slots)."""
-        tb = self.table
-        horizon, device, cpu = tb.horizon, tb.device, tb.host_views
-        row = slots * horizon + count % horizon  # (n,) ring rows of the model's forecasts
-        tb.model_past_rows[row if cpu else torch.from_numpy(row).to(device)] = f
-        n, mean, sq = scored  # (n, H), (n, C, H), (n, C - 1, H)
-        if cpu and not self.choice.may_switch(mean, n):
-            return f
-        _, ahead = self._backs(horizon, tb.season, tb.candidates)  # (C - 1, H) offsets from the newest value
-        naive = self._naive(slots, count, 1)  # (n, C - 1, H)
-        if int(count.min()) < int(
-            ahead.max()
-        ):  # a young series' seasonal naive forecast reads before its first
-            gone = np.zeros(mean.shape, bool)  # (n, C, H)
-            gone[:, 1:] = count[:, None, None] - ahead < 0
-            gone = gone if cpu else torch.from_numpy(gone).to(device)
-            mean = _lib(mean).where(gone, np.float32(np.inf) if cpu else float("inf"), mean)
-        return self.choice.pick(f, naive, mean, sq, n)
-
-    def source_index(self, slots: np.ndarray) -> np.ndarray:
-        """Where the last forecast of each of ``slots`` (each with a value) came from, per step: 0 the
-        model, 1 the last value, 2 seasonal naive, 3 the seasonal mean (n, H) int64 (what ``pick`` decided)."""
-        tb = self.table
-        idx = torch.from_numpy(slots).to(tb.device)
-        mean = tb.choice_err.index_select(0, idx).cpu().numpy()  # (n, C, H)
-        sq = tb.choice_sq.index_select(0, idx).cpu().numpy()  # (n, C - 1, H)
-        n = tb.choice_n.index_select(0, idx).cpu().numpy()  # (n, H)
-        _, ahead = self._backs(tb.horizon, tb.season, tb.candidates)  # (C - 1, H)
-        made = tb.count[slots] - 1  # (n,) ordinal the last forecast was made at
-        mean[:, 1:][made[:, None, None] - ahead < 0] = np.inf  # as pick: what reads before the first value
-        switch, best = self.choice.decide(mean, sq, n)  # (n, H)
-        return np.where(switch, best + 1, 0)
-
-    def source_names(self, slots: np.ndarray) -> list[list[str]]:
-        """``source_index`` as candidate names, per slot and step."""
-        return [[CANDIDATES[c] for c in row] for row in self.source_index(slots).tolist()]
-
-    def sources(self) -> dict[tuple[int, str], int]:
-        """How many resident series emit each candidate at step 1 and the last step: ``{(step, source):
-        count}`` (the metrics read it between batches)."""
-        tb = self.table
-        slots = tb.occupied()
-        slots = slots[tb.count[slots] > 0]
-        steps = sorted({1, tb.horizon})
-        counts = np.zeros((tb.candidates, len(steps)), dtype=np.int64)
-        if len(slots):
-            source = self.source_index(slots)[:, np.array(steps) - 1]  # (n, S)
-            for j in range(len(steps)):
-                counts[:, j] = np.bincount(source[:, j], minlength=tb.candidates)
-        return {
-            (step, CANDIDATES[c]): int(counts[c, j])
-            for c in range(tb.candidates)
-            for j, step in enumerate(steps)
-        }

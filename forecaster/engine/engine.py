@@ -16,7 +16,8 @@ import torch
 
 from forecaster.engine import snapshot as snap
 from forecaster.engine.calibrator import Calibrator
-from forecaster.engine.choice import Choice, Chooser, reference_choice
+from forecaster.engine.choice import Choice, reference_choice
+from forecaster.engine.chooser import Chooser
 from forecaster.engine.intervals import Intervals
 from forecaster.engine.recalibrate import recalibrate
 from forecaster.engine.rewarm import rows_per_call
