@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from forecaster.engine.choice import CANDIDATES, Choice, mean_backs, averaged_seasons, seasonal_mean
+from forecaster.engine.choice import CANDIDATES, Choice, averaged_seasons, mean_backs, seasonal_mean
 from forecaster.engine.intervals import lag_rows
 from forecaster.scaling import _lib
 
