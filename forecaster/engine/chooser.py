@@ -58,12 +58,21 @@ class Chooser:
         got = tb.values_flat[at if cpu else torch.from_numpy(at).to(device)]
         if c < 4:
             return got
-        back = mean_backs(tb.horizon, tb.season, averaged_seasons(tb.season, tb.horizon, tb.window_size))[
-            which
-        ]
-        at = self._ring(slots, count, back)  # (n, m, H)
+        back, steps = self._distinct(tb.horizon, tb.season, tb.window_size, which)  # (m, U), (H,)
+        at = self._ring(slots, count, back)  # (n, m, U)
         mean = seasonal_mean(tb.values_flat[at if cpu else torch.from_numpy(at).to(device)], back, count)
+        mean = mean[:, steps if cpu else torch.from_numpy(steps).to(device)]  # (n, H)
         return np.concatenate([got, mean[:, None]], 1) if cpu else torch.cat([got, mean[:, None]], 1)
+
+    @staticmethod
+    @functools.cache
+    def _distinct(horizon: int, season: int, window: int, which: int) -> tuple[np.ndarray, np.ndarray]:
+        """The seasonal mean's reads (``mean_backs``) without repeats, (m, U), and for each step the column
+        it takes (H,): the forecasts for one target made 1..season values before it are all the same mean,
+        so scoring reads ceil(H / season) of them, not H."""
+        back = mean_backs(horizon, season, averaged_seasons(season, horizon, window))[which]  # (m, H)
+        distinct, steps = np.unique(back, axis=1, return_inverse=True)
+        return np.ascontiguousarray(distinct), steps.reshape(-1)
 
     @staticmethod
     @functools.cache
