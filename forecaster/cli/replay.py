@@ -60,6 +60,18 @@ def resolve_checkpoint(path: Path | None, settings: Settings, device: str = "cpu
     return load_checkpoint(root / version, device=device)
 
 
+def format_sources(sources: dict[tuple[int, str], int]) -> str:
+    """The per-series choice at the end of the file: series by the source of their last forecast, at step 1
+    and the last step."""
+    steps = sorted({step for step, _ in sources})
+    parts = [
+        f"h{step}: "
+        + ", ".join(f"{n} {src.replace('_', ' ')}" for (k, src), n in sources.items() if k == step and n)
+        for step in steps
+    ]
+    return "per-series choice, series by the source of their last forecast: " + "; ".join(parts)
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.season is not None and args.season < 1:
         print("forecaster replay: --season must be >= 1", file=sys.stderr)
@@ -110,6 +122,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     "duplicates": result.duplicates,
                     "bad_rows": len(result.bad_rows),
                     **result.metrics(),
+                    "series_by_source": {f"h{k}:{src}": n for (k, src), n in engine.choice_sources().items()},
                 },
                 indent=2,
             )
@@ -120,6 +133,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         f"{checkpoint.version}; season {result.season}"
     )
     print(format_metrics(result))
+    if engine.choice_sources():
+        print(format_sources(engine.choice_sources()))
     if result.intervals is not None:
         print(format_intervals(result.intervals))
     if args.output is not None:

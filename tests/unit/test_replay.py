@@ -198,6 +198,7 @@ def test_cli_writes_forecasts_and_prints_the_metrics(tmp_path, published, capsys
     assert forecasts["ts"].is_monotonic_increasing
     assert "overall" in printed.out and "relMAE/snaive" in printed.out and version in printed.out
     assert "cover 80%" in printed.out and "Winkler 95%" in printed.out
+    assert "per-series choice, series by the source of their last forecast: h1: " in printed.out
     assert "line 11" in printed.err and "duplicate" in printed.err
 
 
@@ -207,6 +208,9 @@ def test_cli_json_figures(tmp_path, published, capsys) -> None:
     figures = json.loads(capsys.readouterr().out)
     assert figures["values"] == 8 and figures["duplicates"] == 1 and figures["bad_rows"] == 1
     assert figures["season"] == 2 and len(figures["model"]["mae_by_horizon"]) == 2
+    by_source = figures["series_by_source"]  # the service's default: the per-series choice on
+    assert sum(n for key, n in by_source.items() if key.startswith("h1:")) == 2  # series a and b
+    assert set(by_source) >= {"h1:model", "h1:last_value", "h2:model", "h2:last_value"}
 
 
 def test_cli_without_a_published_checkpoint_says_so(tmp_path, monkeypatch, capsys) -> None:
