@@ -75,7 +75,7 @@ class Chooser:
         return np.ascontiguousarray(distinct), steps.reshape(-1)
 
     @staticmethod
-    @functools.cache
+    @functools.lru_cache(maxsize=16)  # a few per table shape; up to W x (C - 1) x H int64 each
     def _phase_table(window: int, back: bytes, shape: tuple[int, int]) -> np.ndarray | None:
         """``(j - back) mod window`` for every phase j of the ring: (W, C - 1, H), looked up by ``count % W``
         (one gather instead of several passes); None for windows too long to tabulate."""
