@@ -113,6 +113,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         from forecaster.tools.report import write_report
 
         write_report(result, args.report)
+    sources = engine.choice_sources()  # empty with the per-series choice off
     if args.json:
         print(
             json.dumps(
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     "duplicates": result.duplicates,
                     "bad_rows": len(result.bad_rows),
                     **result.metrics(),
-                    "series_by_source": {f"h{k}:{src}": n for (k, src), n in engine.choice_sources().items()},
+                    "series_by_source": {f"h{k}:{src}": n for (k, src), n in sources.items()},
                 },
                 indent=2,
             )
@@ -133,8 +134,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         f"{checkpoint.version}; season {result.season}"
     )
     print(format_metrics(result))
-    if engine.choice_sources():
-        print(format_sources(engine.choice_sources()))
+    if sources:
+        print(format_sources(sources))
     if result.intervals is not None:
         print(format_intervals(result.intervals))
     if args.output is not None:

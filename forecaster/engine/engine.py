@@ -221,7 +221,7 @@ class Engine:
         acc.sums[1] += err @ err
         if self.intervals is not None:  # Step 1b. score the forecasts of 1..H steps earlier, calibrate
             calibrated = self.calibrator.score(slots, idx, count, v, self._coverage_accumulator)
-        if self.chooser is not None and self.table.candidates:  # Step 1c. score every candidate's forecasts
+        if self.chooser is not None:  # Step 1c. score every candidate's forecasts
             scored = self.chooser.score(slots, idx, count, v)
         # Step 2. scale, and keep the model input and the value in the ring buffers.
         stats = scaling.update(tb.stats_a[idx], v)  # (n, N_STATS)
@@ -240,7 +240,7 @@ class Engine:
         # remember them for the next score.
         f = scaling.denormalize(stats, y.numpy() if self._cpu else y, scale)  # (n, horizon) float64
         f = f.astype(np.float32) if self._cpu else f.float()
-        if self.chooser is not None and tb.candidates:
+        if self.chooser is not None:
             f = self.chooser.pick(slots, count, f, scored)
         tb.forecast_a[idx] = f
         tb.stats_a[idx] = stats
@@ -317,7 +317,7 @@ class Engine:
     def choice_sources(self) -> dict[tuple[int, str], int]:
         """Resident series per (step, source of their forecast) at step 1 and the last step; empty
         without the per-series choice."""
-        return self.chooser.sources() if self.chooser is not None and self.table.candidates else {}
+        return self.chooser.sources() if self.chooser is not None else {}
 
     @property
     def resident(self) -> int:

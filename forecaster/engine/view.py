@@ -69,7 +69,7 @@ def series_state(engine: Engine, series: str) -> SeriesState | None:
         window=table.window_size,
         forecast=forecast,
         model_version=engine.version,
-        sources=engine.chooser.source_names(slots)[0] if engine.chooser and table.candidates and n else None,
+        sources=engine.chooser.source_names(slots)[0] if engine.chooser is not None and n else None,
     )
 
 
