@@ -292,6 +292,9 @@ class TrainSettings(BaseModel):
     learning_rate: float = Field(default=1e-3, gt=0.0)
     validation_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     patience: int = Field(default=3, ge=1)
+    # What an error costs in training: "mae" (absolute: the median, what MAE and MASE score) or "mse"
+    # (squared: the mean). Early stopping watches the same loss on the validation part.
+    loss: Literal["mae", "mse"] = "mae"
     season: int | None = Field(default=None, ge=1)
     # Longer seasons the baseline may also use (e.g. a week of hourly values, 168, beside a day, 24); each
     # needs state.window to hold it (two of them to average two).

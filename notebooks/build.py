@@ -338,7 +338,7 @@ values = [g.to_numpy(copy=True) for _, g in frame.groupby("series", sort=False)[
 scaling = Scaling(halflife=96)
 # the trainer's options (forecaster.train.fit.fit); the last 20 % of each series is held out for validation
 TRAIN = dict(epochs=3 if FAST else 20, chunk_length=48, batch_series=8, learning_rate=5e-3,
-             validation_fraction=0.2, patience=3, progress=False)
+             validation_fraction=0.2, patience=3, loss="mse", progress=False)
 print(f"{len(values)} series of {len(values[0])} values; training options {TRAIN}")
 """
 
@@ -487,7 +487,8 @@ NB02 = [
     `forecaster.train.fit.fit(model, values, scaling, ...)` is the fitting step of `forecaster train`. It scales
     each series with `Scaling.transform`, runs it from the zero state to its end in chunks of
     `chunk_length` values (truncated back-propagation through time, the state carried across chunks), and
-    minimises the mean squared error of all $H$ forecasts with Adam, clipping gradients. It stops early when
+    minimises the mean squared error of all $H$ forecasts (`loss="mse"`; `forecaster train` minimises the
+    absolute error by default, the one MAE scores) with Adam, clipping gradients. It stops early when
     the loss on the held-out last 20 % of each series stops improving and keeps the best weights.
 
     The data: synthetic hourly series (daily season, trend, noise, level shifts), as in notebook 1.

@@ -4,8 +4,10 @@ Series are batched (similar lengths together) and run from the zero state to the
 ``chunk_length`` values; the state is carried from chunk to chunk (detached), so the model learns to run
 indefinitely, as it does in serving. Inputs are scaled by ``Scaling.transform`` (the serving code);
 targets are the next ``horizon`` values in the units of the forecast made at t (the forecast in data units
-is ``denormalize(stats_t, y_t)``, so the target is its inverse). Loss: MSE over all horizon steps whose
-target lies in the series' training part; validation loss: the same over targets in its last fraction.
+is ``denormalize(stats_t, y_t)``, so the target is its inverse). Loss: the mean absolute (``loss="mae"``,
+the default: the median, what MAE and MASE score) or squared (``"mse"``) error over all horizon steps
+whose target lies in the series' training part; validation loss: the same over targets in its last
+fraction.
 
 >>> from forecaster.model import RecurrentForecaster
 >>> from forecaster.scaling import Scaling
@@ -95,6 +97,8 @@ def make_batches(
     return batches
 
 
+# What a forecast error costs in training: squared (the mean) or absolute (the median, what MAE and MASE score).
+LOSSES = {"mse": torch.square, "mae": torch.abs}
 MAX_SCALED_TARGET = 1e6  # targets further out (in scales of their series) are left out of the loss
 
 
@@ -123,7 +127,7 @@ def chunk_targets(
 
 @dataclass
 class FitResult:
-    """What ``fit`` did: epochs run, mean losses per epoch (scaled MSE), and the best validation loss."""
+    """What ``fit`` did: epochs run, mean losses per epoch (scaled, ``fit``'s ``loss``), and the best validation loss."""
 
     epochs: int
     train_losses: list[float] = field(default_factory=list)
@@ -146,8 +150,11 @@ def fit(
     warmup: int = 8,
     seed: int = 0,
     progress: bool | None = None,
+    loss: str = "mae",
 ) -> FitResult:
     """Train ``model`` in place on per-series ``values``; the weights of the best validation epoch are kept."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
     horizon = model.horizon
     batches = make_batches(values, scaling, horizon, batch_series, validation_fraction)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
@@ -164,9 +171,9 @@ def fit(
     try:
         for epoch in range(epochs):
             train_loss = _train_epoch(
-                model, rng.sample(batches, len(batches)), optimizer, chunk_length, warmup, bar
+                model, rng.sample(batches, len(batches)), optimizer, chunk_length, warmup, bar, loss
             )
-            validation_loss = validation_mse(model, batches, chunk_length, warmup)
+            validation_loss = validation_error(model, batches, chunk_length, warmup, loss)
             result.epochs = epoch + 1
             result.train_losses.append(train_loss)
             result.validation_losses.append(validation_loss)
@@ -206,8 +213,10 @@ def _train_epoch(
     chunk_length: int,
     warmup: int,
     bar: tqdm,
+    loss: str = "mae",
 ) -> float:
     model.train()
+    penalty = LOSSES[loss]
     total, count = 0.0, 0
     for batch in batches:
         end = int(batch.n_train.max()) - 1  # the last origin with a training target
@@ -221,19 +230,22 @@ def _train_epoch(
             n = int(mask.sum())
             if n == 0:
                 continue
-            loss = ((y - target) ** 2 * mask).sum() / n
+            cost = (penalty(y - target) * mask).sum() / n
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            cost.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            total += float(loss.detach()) * n
+            total += float(cost.detach()) * n
             count += n
             bar.set_postfix(loss=f"{total / count:.4f}")
     return total / count if count else math.nan
 
 
-def validation_mse(model: RecurrentForecaster, batches: list[Batch], chunk_length: int, warmup: int) -> float:
-    """Scaled MSE of the forecasts whose targets lie in each series' validation part."""
+def validation_error(
+    model: RecurrentForecaster, batches: list[Batch], chunk_length: int, warmup: int, loss: str = "mae"
+) -> float:
+    """Scaled mean ``loss`` (``LOSSES``) of the forecasts whose targets lie in each series' validation part."""
+    penalty = LOSSES[loss]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -248,7 +260,7 @@ def validation_mse(model: RecurrentForecaster, batches: list[Batch], chunk_lengt
                 if stop <= first:
                     continue
                 target, mask = chunk_targets(batch, start, stop, model.horizon, warmup, "validation")
-                total += float(((y - target) ** 2 * mask).sum())
+                total += float((penalty(y - target) * mask).sum())
                 count += int(mask.sum())
     model.train(was_training)
     return total / count if count else math.nan

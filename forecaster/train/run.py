@@ -130,6 +130,7 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
         warmup=train.warmup,
         seed=settings.model.seed,
         progress=progress,
+        loss=train.loss,
     )
     if fitted.train_losses and math.isinf(fitted.train_losses[0]):
         raise DataError(

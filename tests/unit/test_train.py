@@ -227,6 +227,35 @@ def test_loss_decreases() -> None:
     assert result.validation_losses[-1] < result.validation_losses[0]
 
 
+@pytest.mark.parametrize("loss, low, high", [("mae", -0.5, 1.0), ("mse", 2.0, 4.0)])
+def test_the_loss_fits_the_median_or_the_mean(loss: str, low: float, high: float) -> None:
+    # Independent values, 0 seven times in ten and 10 otherwise: the median is 0, the mean 3.
+    rng = np.random.default_rng(1)
+    values = [np.where(rng.random(400) < 0.7, 0.0, 10.0) for _ in range(4)]
+    torch.manual_seed(0)
+    model = RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=1)
+    fit(
+        model,
+        values,
+        Scaling(kind="none"),
+        epochs=15,
+        chunk_length=50,
+        learning_rate=0.05,
+        patience=15,
+        progress=False,
+        loss=loss,
+    )
+    forecasts = model_forecasts(model, Scaling(kind="none"), values, batch_series=4, chunk_length=50)
+    assert low < float(np.mean([f[20:, 0].mean() for f in forecasts])) < high
+
+
+def test_an_unknown_loss_is_refused() -> None:
+    with pytest.raises(ValueError, match="loss must be one of"):
+        fit(tiny(), [np.arange(30.0)], Scaling(), epochs=1, progress=False, loss="huber")
+    with pytest.raises(ValueError):
+        TrainSettings(loss="huber")
+
+
 def test_batched_forecasts_equal_the_reference_path() -> None:
     model = tiny("lstm").eval()
     scaling = Scaling(halflife=6.0)
