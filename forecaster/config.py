@@ -295,6 +295,10 @@ class TrainSettings(BaseModel):
     # What an error costs in training: "mae" (absolute: the median, what MAE and MASE score) or "mse"
     # (squared: the mean). Early stopping watches the same loss on the validation part.
     loss: Literal["mae", "mse"] = "mae"
+    # The fitted net replaces its untrained baseline only when its validation MAE is lower by more than
+    # this many standard errors of the difference (0: any lower MAE); on a few short series the two are
+    # often within noise, and then the baseline is kept.
+    trust_z: float = Field(default=1.0, ge=0.0)
     season: int | None = Field(default=None, ge=1)
     # Longer seasons the baseline may also use (e.g. a week of hourly values, 168, beside a day, 24); each
     # needs state.window to hold it (two of them to average two).

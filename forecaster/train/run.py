@@ -47,7 +47,7 @@ from forecaster.errors import CheckpointError, DataError, NotEnoughHistory
 from forecaster.model import RecurrentForecaster, build_model
 from forecaster.scaling import Scaling
 from forecaster.train.choice import choose_baseline
-from forecaster.train.evaluation import BASELINES, Evaluation, evaluate
+from forecaster.train.evaluation import BASELINES, Evaluation, advantage, evaluate
 from forecaster.train.fit import FitResult, fit, split_point
 from forecaster.train.history import History
 from forecaster.train.seasons import SeasonPlan, plan_seasons
@@ -142,24 +142,21 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
             f"history too short to train: {len(values)} series, longest {max(len(v) for v in values)} values "
             f"(need more than warmup={train.warmup} + validation)"
         )
-    # Step 2. An untrained model forecasts its baseline: keep that where the fitted model does worse.
+    # Step 2. An untrained model forecasts its baseline: keep that unless the fitted model beats it on the
+    # validation part by more than noise (``train.trust_z`` standard errors of the difference).
     untrained = baseline_model(settings, baseline, mix)
-    trust = evaluate(
-        {"model": (model, scaling), "untrained": (untrained, scaling)},
-        values,
-        validation_fraction=train.validation_fraction,
-        season=season,
-    )
-    if trust.mae("untrained") < trust.mae("model"):
+    trust = advantage(model, untrained, scaling, values, validation_fraction=train.validation_fraction)
+    fell_back = not trust.z <= -train.trust_z
+    if fell_back:
         log.warning(
-            "the fitted model does worse than its baseline on the validation data (MAE %.6g vs %.6g): "
-            "keeping the baseline",
-            trust.mae("model"),
-            trust.mae("untrained"),
+            "the fitted model does not beat its baseline on the validation data by more than noise (MAE %.6g "
+            "vs %.6g, %.2f standard errors, %s needed): keeping the baseline",
+            trust.mae,
+            trust.baseline_mae,
+            -trust.z,
+            train.trust_z,
         )
-        model, fell_back = untrained.eval(), True
-    else:
-        fell_back = False
+        model = untrained.eval()
     # Step 3. Score it, the naive baselines and the published model on the same validation points.
     published = published_checkpoint(settings.checkpoints.dir)
     models = {"model": (model, scaling)}
@@ -177,7 +174,17 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
     summary = evaluation.summary()
     metrics = {
         "validation": summary,
-        "baseline": {**baseline, "mix": [round(float(w), 4) for w in mix], "kept_untrained": fell_back},
+        "baseline": {
+            **baseline,
+            "mix": [round(float(w), 4) for w in mix],
+            "kept_untrained": fell_back,
+            "fitted_vs_baseline": {
+                "mae": trust.mae,
+                "baseline_mae": trust.baseline_mae,
+                "z": trust.z,
+                "origins": trust.origins,
+            },
+        },
         "fit": {
             "epochs": fitted.epochs,
             "train_loss": fitted.train_losses[-1],

@@ -51,7 +51,7 @@ from forecaster.train.baselines import (
     seasonal_naive,
     targets,
 )
-from forecaster.train.evaluation import evaluate, model_forecasts
+from forecaster.train.evaluation import advantage, evaluate, model_forecasts
 from forecaster.train.fit import chunk_targets, fit, make_batches, split_point
 from forecaster.train.history import History, read_history_file
 from forecaster.train.periodic import parse_duration, run_periodically
@@ -691,6 +691,45 @@ def test_a_fitted_model_worse_than_its_baseline_is_not_published(tmp_path: Path,
     assert (loaded.model.season, loaded.model.base_seasons) == (12, chosen["base_seasons"])
     assert not loaded.model.head.weight.detach().any() and not loaded.model.head.bias.detach().any()
     assert outcome.evaluation.relative_mae("model", "seasonal_naive") < 1.5
+
+
+def test_a_fitted_model_within_noise_of_its_baseline_is_not_trusted(tmp_path: Path, monkeypatch) -> None:
+    rng = np.random.default_rng(2)
+    values = [10 + np.sin(np.arange(200) * 2 * np.pi / 12) + rng.normal(0, 0.3, 200) for _ in range(3)]
+    history = History.from_long(
+        np.repeat(["a", "b", "c"], 200), np.tile(np.arange(200), 3), np.concatenate(values)
+    )
+    real_fit = train_module.fit
+
+    def nudged_fit(model, *args, **kwargs):
+        result = real_fit(model, *args, **kwargs)
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.fill_(0.002)  # the baseline moved by a hair: better or worse by chance alone
+        return result
+
+    monkeypatch.setattr(train_module, "fit", nudged_fit)
+    kept = {}
+    for trust_z in (1.0, 0.0):
+        settings = trainer_settings(tmp_path / str(trust_z), epochs=1, season=12, trust_z=trust_z)
+        chosen = train_once(settings, history, progress=False).metrics["baseline"]
+        z = chosen["fitted_vs_baseline"]["z"]
+        assert abs(z) < 1.0 and chosen["fitted_vs_baseline"]["origins"] > 100
+        kept[trust_z] = chosen["kept_untrained"]
+    assert kept[1.0] is True  # within a standard error: the baseline stays
+    assert kept[0.0] is (z > 0)  # no margin: whichever has the lower MAE
+
+
+def test_advantage_is_the_difference_in_standard_errors() -> None:
+    rng = np.random.default_rng(3)
+    values = [np.tile([1.0, 5.0, 2.0, 8.0], 30) + rng.normal(0, 0.1, 120) for _ in range(2)]
+    seasonal = RecurrentForecaster("gru", hidden_size=2, num_layers=1, horizon=3, season=4, base_seasons=1)
+    last = RecurrentForecaster("gru", hidden_size=2, num_layers=1, horizon=3, season=1, base_seasons=1)
+    better = advantage(seasonal, last, Scaling(), values, validation_fraction=0.25)
+    worse = advantage(last, seasonal, Scaling(), values, validation_fraction=0.25)
+    assert better.mae < 0.2 < 2.0 < better.baseline_mae and better.z < -10.0
+    assert worse.z == pytest.approx(-better.z) and worse.mae == pytest.approx(better.baseline_mae)
+    assert better.origins == 2 * 30  # the forecasts from the last training value on, per series
 
 
 def test_a_step_a_whole_season_ahead_keeps_its_baseline(tmp_path: Path) -> None:
