@@ -15,7 +15,7 @@ from pathlib import Path
 from forecaster.checkpoints.store import LoadedCheckpoint, latest_version, load_checkpoint
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine
-from forecaster.errors import CheckpointError
+from forecaster.errors import CheckpointError, ConfigError
 from forecaster.tools.replay import format_intervals, format_metrics, format_problems, replay, write_forecasts
 
 
@@ -72,6 +72,29 @@ def format_sources(sources: dict[tuple[int, str], int]) -> str:
     return "per-series choice, series by the source of their last forecast: " + "; ".join(parts)
 
 
+def writable(option: str, path: Path) -> None:
+    """``ConfigError`` unless ``path`` names a file whose folder exists (checked before the replay runs)."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; name a file in it")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{option} {path}: the folder {path.parent} does not exist")
+
+
+def usable_device(device: str) -> str:
+    """``device`` ("auto": cuda where there is one), or ``ConfigError`` when torch cannot use it here."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"device {device!r}: not one torch knows (cpu, cuda or cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA device is available here (use cpu)")
+    return device
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.season is not None and args.season < 1:
         print("forecaster replay: --season must be >= 1", file=sys.stderr)
@@ -79,15 +102,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.batch_rows is not None and args.batch_rows < 1:
         print("forecaster replay: --batch-rows must be >= 1", file=sys.stderr)
         return 2
+    for option, path in (("--output", args.output), ("--report", args.report)):
+        if path is not None:
+            writable(option, path)  # before the work, not after it
     if args.report is not None:
         from forecaster.tools.report import require_matplotlib
 
-        require_matplotlib()  # before the work, not after it
-    device = args.device or settings.state.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        require_matplotlib()
+    device = usable_device(args.device or settings.state.device)
     checkpoint = resolve_checkpoint(args.checkpoint, settings, device)
     if checkpoint.model.context >= settings.state.window:  # the service refuses it too
         raise CheckpointError(

@@ -25,6 +25,7 @@ from forecaster.engine.scores import CoverageAccumulator, CoverageStats, ErrorAc
 from forecaster.engine.state import StateTable
 from forecaster.engine.view import answer_asks
 from forecaster.model import RecurrentForecaster
+from forecaster.records.input import MAX_ABS_VALUE
 from forecaster.scaling import Scaling
 
 
@@ -145,6 +146,11 @@ class Engine:
             )
         if not np.isfinite(values).all():
             raise ValueError("values must be finite (validate records before the engine)")
+        if len(values) and np.abs(values).max() > MAX_ABS_VALUE:
+            raise ValueError(
+                f"values must be within ±{MAX_ABS_VALUE:g}: beyond it a series' scale overflows float32"
+                " (validate records before the engine)"
+            )
         if self.scaling.positive and not (values > 0.0).all():
             raise ValueError(
                 f"values must be > 0 with {self.scaling.kind} scaling (validate records before the engine)"

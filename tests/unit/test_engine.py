@@ -286,7 +286,11 @@ def test_non_finite_values_are_refused_before_any_change() -> None:
     for bad in (np.nan, np.inf):
         with pytest.raises(ValueError, match="finite"):
             engine.process(["a", "b"], [1, 1], [1.0, bad])
+    for bad in (1e300, -2e30):  # finite, but a series' scale would overflow float32 for good
+        with pytest.raises(ValueError, match="within"):
+            engine.process(["a", "b"], [1, 1], [1.0, bad])
     assert engine.resident == 0
+    assert np.isfinite(engine.process(["a"], [1], [-1e30]).forecasts).all()  # the bound itself is served
     with pytest.raises(ValueError, match="length"):
         engine.process(["a"], [1, 2], [1.0])
     assert len(engine.process([], [], [])) == 0

@@ -15,6 +15,7 @@ import torch
 
 from forecaster.checkpoints.store import promote, save_checkpoint
 from forecaster.cli import main
+from forecaster.cli import replay as replay_cli
 from forecaster.engine.engine import Engine, reference_forecast
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
@@ -237,6 +238,33 @@ def test_cli_malformed_files_give_one_line(tmp_path, published, capsys, text, me
 def test_cli_missing_file(tmp_path, published, capsys) -> None:
     assert main(["replay", "--input", str(tmp_path / "absent.csv"), "--no-progress"]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--output", "{tmp}"], "is a folder"),
+        (["--output", "{tmp}/absent/forecasts.csv"], "does not exist"),
+        (["--report", "{tmp}/absent/report.png"], "does not exist"),
+        (["--device", "tpu"], "not one torch knows"),
+    ],
+)
+def test_cli_unusable_outputs_and_devices_are_refused_before_the_replay(
+    tmp_path, published, capsys, monkeypatch, extra, message
+) -> None:
+    replayed = []
+    monkeypatch.setattr(replay_cli, "replay", lambda *a, **k: replayed.append(a))
+    argv = ["replay", "--input", str(write(tmp_path, TINY)), "--no-progress"]
+    assert main(argv + [arg.format(tmp=tmp_path) for arg in extra]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert replayed == []
+
+
+def test_cli_cuda_without_a_gpu_is_refused_in_one_line(tmp_path, published, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["replay", "--input", str(write(tmp_path, TINY)), "--device", "cuda", "--no-progress"]) == 1
+    assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_cli_non_numeric_and_unsorted_rows_are_counted_not_fatal(tmp_path, published, capsys) -> None:
