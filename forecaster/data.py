@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,13 +122,31 @@ def parse_timestamps(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     ms[ok] = numeric[ok].astype(np.int64)
     text = ~ok & column.notna().to_numpy()
     if text.any():
-        parsed = pd.to_datetime(column[text].astype("string"), errors="coerce", utc=True, format="mixed")
+        parsed = _parse_dates(column[text].astype("string"))
         parsed_ok = parsed.notna().to_numpy()
         where = np.flatnonzero(text)[parsed_ok]
         ms[where] = parsed[parsed_ok].astype("datetime64[ms, UTC]").astype("int64").to_numpy()
         ok[where] = True
     ok = ok & (ms >= MIN_TS_MS) & (ms < MAX_TS_MS)
     return ms, ok
+
+
+def _parse_dates(text: pd.Series) -> pd.Series:
+    """Text timestamps as UTC datetimes (NaT where none), in one format for the whole column where one
+    reads as many as parsing each entry on its own does: month first, else day first (``01/02/2020`` is
+    2 January unless a ``13/02/2020`` shows the column is day first). Only columns of mixed formats are
+    parsed entry by entry."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "could not infer format": the mixed parse below covers it
+        mixed = pd.to_datetime(text, errors="coerce", utc=True, format="mixed")
+        for dayfirst in (False, True):
+            try:
+                parsed = pd.to_datetime(text, errors="coerce", utc=True, dayfirst=dayfirst)
+            except (ValueError, TypeError):
+                continue
+            if parsed.notna().sum() >= mixed.notna().sum():
+                return parsed
+    return mixed
 
 
 def _read_table(source: str | os.PathLike[str] | IO[str], fmt: str | None) -> pd.DataFrame:
@@ -182,6 +201,12 @@ def _wide(raw: pd.DataFrame, source: object) -> LoadedSeries:
         )
     lines = np.arange(len(raw), dtype=np.int64) + 2
     ts, ts_ok = parse_timestamps(raw[time_column])
+    repeats = int(pd.Series(ts[ts_ok]).duplicated().sum())
+    if repeats:  # one row per time in a wide file: this is a long file under other column names
+        raise DataError(
+            f"{_name(source)}: read as {LAYOUTS['wide']} with time column {time_column!r}, but {repeats} of"
+            f" its times repeat; a long file needs columns series,ts,value (or unique_id,ds,y)"
+        )
     bad = [BadRow(int(line), "bad_ts") for line in lines[~ts_ok]]
     parts = []
     for column in value_columns:

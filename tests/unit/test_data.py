@@ -148,3 +148,33 @@ def test_values_beyond_the_service_limit_are_bad_rows_in_both_layouts():
     wide = read_series(io.StringIO("ts,a,b\n1,1,5e31\n2,2,3\n"))
     assert sorted(wide.frame["value"].tolist()) == [1.0, 2.0, 3.0]
     assert [(b.line, b.reason, b.detail) for b in wide.bad_rows] == [(2, "value_out_of_range", "b")]
+
+
+def test_a_long_file_under_other_names_is_not_read_as_wide():
+    text = "store,date,sales\n" + "".join(f"{s},2020-01-0{d},{s * d}\n" for s in (1, 2, 3) for d in (1, 2, 3))
+    with pytest.raises(DataError, match="6 of its times repeat.*series,ts,value"):
+        read_series(io.StringIO(text))
+
+
+def test_day_first_dates_are_read_in_one_format():
+    days = pd.date_range("2020-01-01", periods=40, freq="D")
+    text = "series,ts,value\n" + "".join(f"a,{d:%d/%m/%Y},{i}\n" for i, d in enumerate(days))
+    frame = read_series(io.StringIO(text)).frame
+    assert (
+        frame["ts"].to_numpy() == np.asarray(days, dtype="datetime64[ms]").astype(np.int64)
+    ).all()  # not 2020-02-01 for 02/01/2020
+
+
+def test_month_first_dates_and_mixed_formats_still_parse():
+    days = pd.date_range("2020-01-01", periods=40, freq="D")
+    text = "series,ts,value\n" + "".join(f"a,{d:%m/%d/%Y},{i}\n" for i, d in enumerate(days))
+    assert (
+        read_series(io.StringIO(text)).frame["ts"].to_numpy()
+        == np.asarray(days, dtype="datetime64[ms]").astype(np.int64)
+    ).all()
+    mixed = "series,ts,value\na,2020-01-01,1\na,2020-01-02 06:00,2\na,2020-01-03T00:00:00Z,3\n"
+    assert read_series(io.StringIO(mixed)).frame["ts"].tolist() == [
+        1577836800000,
+        1577836800000 + 30 * 3_600_000,
+        1577836800000 + 2 * 86_400_000,
+    ]

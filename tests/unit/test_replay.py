@@ -19,7 +19,7 @@ from forecaster.cli import replay as replay_cli
 from forecaster.engine.engine import Engine, reference_forecast
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
-from forecaster.tools.replay import format_metrics, format_problems, replay, score
+from forecaster.tools.replay import format_metrics, format_problems, load_rows, replay, score
 from forecaster.train.baselines import detect_season
 
 # Unsorted rows, a duplicate (line 6: same series and ts as line 5) and a bad value (line 11).
@@ -336,3 +336,11 @@ def test_cli_reads_the_statsforecast_layout_and_says_so(tmp_path, published, cap
         outputs.append(pd.read_csv(out))
     pd.testing.assert_frame_equal(outputs[0], outputs[1])
     assert f"{nixtla}: long (unique_id, ds, y; statsforecast/NeuralForecast) layout" in caplog.text
+
+
+def test_a_sorted_wide_file_is_not_out_of_time_order() -> None:
+    text = "date,A,B\n2020-01-01,1,5\n2020-01-02,2,6\n2020-01-03,3,7\n"
+    frame, bad, out_of_order = load_rows(io.StringIO(text))
+    assert (out_of_order, len(frame), bad) == (0, 6, [])
+    _, _, late = load_rows(io.StringIO("date,A,B\n2020-01-02,1,5\n2020-01-01,2,6\n"))
+    assert late == 2  # both series' values on the second line are earlier than the first line's
