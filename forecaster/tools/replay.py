@@ -113,7 +113,8 @@ def load_rows(source: str | os.PathLike[str] | IO[str]) -> tuple[pd.DataFrame, l
     rows were out of time order in the file."""
     loaded = read_series(source)
     frame = loaded.frame
-    ts = frame.sort_values("line", kind="stable")["ts"].to_numpy()  # in file order (wide: one line, all series)
+    # in file order (a wide file's line holds every series' value at one time)
+    ts = frame.sort_values("line", kind="stable")["ts"].to_numpy()
     out_of_order = int((ts < np.maximum.accumulate(ts)).sum()) if len(ts) else 0
     frame = frame.sort_values(["ts", "line"], kind="stable").reset_index(drop=True)
     return frame, loaded.bad_rows, out_of_order
