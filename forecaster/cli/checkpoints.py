@@ -26,6 +26,7 @@ from forecaster.checkpoints.store import (
     promote,
     read_history,
 )
+from forecaster.cli import jsonout
 from forecaster.config import Settings
 from forecaster.errors import CheckpointError
 
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     rows = [_row(info, getattr(args, "verify", False)) for info in list_checkpoints(root)]
     if getattr(args, "json", False):
-        print(json.dumps(rows, indent=2))
+        print(jsonout.dumps(rows, indent=2))
         return 0
     if not rows:
         print(f"no checkpoints in {root}", file=sys.stderr)

@@ -8,11 +8,11 @@ forecaster replay --input data.csv --report report.png --season 24
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from forecaster.checkpoints.store import LoadedCheckpoint, latest_version, load_checkpoint
+from forecaster.cli import jsonout
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine
 from forecaster.errors import CheckpointError, ConfigError
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     sources = engine.choice_sources()  # empty with the per-series choice off
     if args.json:
         print(
-            json.dumps(
+            jsonout.dumps(
                 {
                     "checkpoint": checkpoint.version,
                     "values": len(result.rows),

@@ -23,6 +23,7 @@ import pandas as pd
 from prometheus_client import CollectorRegistry
 
 from forecaster.checkpoints.store import latest_version
+from forecaster.cli import jsonout
 from forecaster.config import Settings
 from forecaster.errors import CheckpointError, ConfigError
 from forecaster.metrics import TrainerMetrics
@@ -159,7 +160,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
     if not args.every:
         outcome = once()
-        print(json.dumps(summarize(outcome), indent=2))
+        print(jsonout.dumps(summarize(outcome), indent=2))
         return 0
     every = parse_duration(args.every)
     metrics = TrainerMetrics(CollectorRegistry())

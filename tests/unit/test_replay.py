@@ -344,3 +344,20 @@ def test_a_sorted_wide_file_is_not_out_of_time_order() -> None:
     assert (out_of_order, len(frame), bad) == (0, 6, [])
     _, _, late = load_rows(io.StringIO("date,A,B\n2020-01-02,1,5\n2020-01-01,2,6\n"))
     assert late == 2  # both series' values on the second line are earlier than the first line's
+
+
+def _strict(text: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_cli_json_is_strict_when_a_figure_does_not_exist(tmp_path, published, capsys) -> None:
+    text = "series,ts,value\n" + "".join(f"a,{t * 1000},5.0\n" for t in range(12))  # MASE's scale: 0
+    assert (
+        main(["replay", "--input", str(write(tmp_path, text)), "--json", "--season", "2", "--no-progress"])
+        == 0
+    )
+    figures = _strict(capsys.readouterr().out)
+    assert figures["values"] == 12 and figures["model"]["mase"] is None
