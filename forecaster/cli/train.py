@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from forecaster.checkpoints.store import latest_version
 from forecaster.cli import jsonout
@@ -58,15 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# (command-line option as argparse names it, the train setting it sets)
+OPTION_FIELDS = (
+    ("epochs", "epochs"),
+    ("learning_rate", "learning_rate"),
+    ("season", "season"),
+    ("metrics_port", "metrics_port"),
+)
+
+
 def apply_overrides(args: argparse.Namespace, settings: Settings) -> Settings:
     """Settings with the command-line options applied (validated like the environment)."""
     train: dict[str, Any] = {}
-    for option, field in (
-        ("epochs", "epochs"),
-        ("learning_rate", "learning_rate"),
-        ("season", "season"),
-        ("metrics_port", "metrics_port"),
-    ):
+    for option, field in OPTION_FIELDS:
         if getattr(args, option, None) is not None:
             train[field] = getattr(args, option)
     if getattr(args, "seasons", None):
@@ -81,8 +86,14 @@ def apply_overrides(args: argparse.Namespace, settings: Settings) -> Settings:
         data["checkpoints"]["dir"] = args.checkpoint_dir
     try:
         return Settings.model_validate(data)
-    except ValueError as exc:
-        raise ConfigError(f"invalid option: {exc}") from None
+    except ValidationError as exc:  # one line per bad value, named by its option
+        options = {field: f"--{option.replace('_', '-')}" for option, field in OPTION_FIELDS}
+        options.update({"seasons": "--seasons", "cell": "--cell", "dir": "--checkpoint-dir"})
+        lines = []
+        for error in exc.errors():
+            field = str(error["loc"][-1]) if not str(error["loc"][-1]).isdigit() else str(error["loc"][-2])
+            lines.append(f"{options.get(field, field)}: {error['msg']} (got {error.get('input')!r})")
+        raise ConfigError("invalid option: " + "; ".join(lines)) from None
 
 
 def parse_start_ms(text: str | None) -> int | None:

@@ -169,6 +169,12 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
         season=season,
         intervals=Intervals.from_settings(settings.intervals),
     )
+    if not evaluation.errors["model"].count.sum():
+        raise NotEnoughHistory(
+            f"no validation point to score: the last {train.validation_fraction:g} of the series holds no "
+            f"forecast whose target and seasonal-naive forecast (season {season}) both exist; nothing was "
+            "published (longer history, or a shorter season)"
+        )
     # Step 4. Decide.
     publish, reason = _decide(evaluation, published, train)
     summary = evaluation.summary()

@@ -488,6 +488,18 @@ def test_cli_train_seasons_option(tmp_path: Path) -> None:
         apply_overrides(argparse.Namespace(seasons="weekly"), Settings())
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [("season", 0, "--season"), ("epochs", 0, "--epochs"), ("learning_rate", -1.0, "--learning-rate")],
+)
+def test_cli_bad_options_are_one_line_naming_the_option(option: str, value: float, named: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        apply_overrides(argparse.Namespace(**{option: value}), Settings())
+    message = str(caught.value)
+    assert message.startswith(f"invalid option: {named}: ") and f"(got {value!r})" in message
+    assert "\n" not in message and "pydantic" not in message
+
+
 @pytest.mark.slow
 def test_cli_every_serves_metrics_and_stops_on_sigterm(tmp_path: Path) -> None:
     data = synthetic_csv(tmp_path / "data.csv", n_series=2, n_values=100)
@@ -730,6 +742,14 @@ def test_advantage_is_the_difference_in_standard_errors() -> None:
     assert better.mae < 0.2 < 2.0 < better.baseline_mae and better.z < -10.0
     assert worse.z == pytest.approx(-better.z) and worse.mae == pytest.approx(better.baseline_mae)
     assert better.origins == 2 * 30  # the forecasts from the last training value on, per series
+
+
+def test_nothing_is_published_without_a_validation_point(tmp_path: Path) -> None:
+    values = 10 + np.sin(np.arange(200) / 3.0)
+    settings = trainer_settings(tmp_path, epochs=1, season=500)  # seasonal naive never exists here
+    with pytest.raises(NotEnoughHistory, match="no validation point to score"):
+        train_once(settings, History.from_long(["a"] * 200, np.arange(200), values), progress=False)
+    assert not (tmp_path / "LATEST").exists()
 
 
 def test_a_step_a_whole_season_ahead_keeps_its_baseline(tmp_path: Path) -> None:
