@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 # anything outside is not a timestamp a user meant.
 MIN_TS_MS = -62_135_596_800_000
 MAX_TS_MS = 7_258_118_400_000
+DAY_MS = 86_400_000
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,11 @@ class LoadedSeries:
 def read_series(source: str | os.PathLike[str] | IO[str], *, fmt: str | None = None) -> LoadedSeries:
     """Read a long or wide CSV (or a Parquet file) into a ``LoadedSeries``; logs the layout it found."""
     loaded = _read_any(source, fmt)
+    if loaded.frame.empty:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(loaded.bad_summary().items()))
+        first = loaded.bad_rows[0].line if loaded.bad_rows else None
+        raise DataError(f"{_name(source)}: no good row ({reasons}; the first at line {first})")
+    _warn_unlikely_ts(loaded.frame["ts"].to_numpy(), _name(source))
     log.info(
         "%s: %s layout, %d rows, %d series",
         _name(source),
@@ -84,6 +90,20 @@ def read_series(source: str | os.PathLike[str] | IO[str], *, fmt: str | None = N
         loaded.frame["series"].nunique(),
     )
     return loaded
+
+
+def _warn_unlikely_ts(ts: np.ndarray, name: str) -> None:
+    """Log a warning when the timestamps, read as epoch milliseconds, all fall within 1970: numbers in other
+    units (seconds, years, 20200101 dates) read as milliseconds."""
+    if len(ts) < 2 or ts.min() < 0 or ts.max() >= 365 * DAY_MS:
+        return
+    log.warning(
+        "%s: ts runs from %d to %d, read as epoch milliseconds: all within 1970. Seconds need * 1000; years "
+        "or dates such as 20200101 need ISO-8601 text (2020-01-01)",
+        name,
+        ts.min(),
+        ts.max(),
+    )
 
 
 def _read_any(source: str | os.PathLike[str] | IO[str], fmt: str | None) -> LoadedSeries:

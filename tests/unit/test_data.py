@@ -178,3 +178,20 @@ def test_month_first_dates_and_mixed_formats_still_parse():
         1577836800000 + 30 * 3_600_000,
         1577836800000 + 2 * 86_400_000,
     ]
+
+
+@pytest.mark.parametrize("first", [20200101, 1_600_000_000])  # a date as a number; epoch seconds
+def test_numbers_that_are_not_epoch_milliseconds_are_warned_about(first, caplog):
+    text = "series,ts,value\n" + "".join(f"a,{first + i * 3600},{i}\n" for i in range(5))
+    with caplog.at_level("WARNING", logger="forecaster.data"):
+        read_series(io.StringIO(text))
+    assert "all within 1970" in caplog.text and "ISO-8601" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="forecaster.data"):
+        read_series(io.StringIO("series,ts,value\na,2020-01-01,1\na,2020-01-02,2\n"))
+    assert caplog.text == ""
+
+
+def test_a_file_without_a_good_row_is_an_error():
+    with pytest.raises(DataError, match=r"no good row \(2 bad_ts; the first at line 2\)"):
+        read_series(io.StringIO("series,ts,value\na,1e40,1\na,soon,2\n"))
