@@ -53,6 +53,9 @@ from forecaster.train.history import History
 from forecaster.train.seasons import SeasonPlan, plan_seasons
 
 log = logging.getLogger(__name__)
+# With log scaling, values <= 0 are left out when they are at most this share of the history (the service
+# dead-letters them); more, and the data is not positive: the run is refused.
+MAX_SKIPPED_SHARE = 0.01
 
 
 @dataclass
@@ -109,8 +112,14 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
         raise NotEnoughHistory("no history to train on")
     scaling = Scaling.from_settings(settings.scaling)
     if scaling.positive and any((v <= 0).any() for v in values):
-        bad = sum(int((v <= 0).sum()) for v in values)
-        raise DataError(f"{bad} values are <= 0: scaling.kind={scaling.kind} needs positive values (use ewm)")
+        bad, total = sum(int((v <= 0).sum()) for v in values), sum(len(v) for v in values)
+        if bad > MAX_SKIPPED_SHARE * total:
+            raise DataError(
+                f"{bad} of {total} values are <= 0: scaling.kind={scaling.kind} needs positive values (use ewm)"
+            )
+        # A few, as the service dead-letters them (and replay skips them): left out, as the service would.
+        log.warning("%d of %d values are <= 0: left out (scaling.kind=%s)", bad, total, scaling.kind)
+        values = [kept for v in values if len(kept := v[v > 0])]
     # Step 1. The seasons to try, the baseline the model forecasts over, then fit the model on the training
     # part of every series.
     seasons = resolve_seasons(settings, history)
