@@ -13,6 +13,7 @@ import torch
 from forecaster.engine.engine import Engine
 from forecaster.errors import KafkaClientError, ProducerFenced
 from forecaster.model import RecurrentForecaster
+from forecaster.retry import Backoff
 from forecaster.service.clients import TopicPartition
 from forecaster.service.clients.base import Producer
 from forecaster.service.exactly_once import changelog
@@ -446,3 +447,42 @@ def test_a_write_the_broker_does_not_allow_aborts_and_stops() -> None:
     with pytest.raises(KafkaClientError):
         committer.commit()
     assert log[-1] == ("abort",) and not committer.open  # nothing of it commits
+
+
+class FlakyReader(FakeReader):
+    """Fails its first ``failures`` reads as librdkafka does just after a broker restart."""
+
+    def __init__(self, latest, failures: int, reason: str = "other"):
+        super().__init__(latest)
+        self.failures, self.reason = failures, reason
+
+    def read(self, parts, divert=None):
+        if self.failures:
+            self.failures -= 1
+            raise KafkaClientError(self.reason, "read the offsets of cl[0]: Local: Unknown partition")
+        return super().read(parts, divert)
+
+
+def test_a_restore_that_fails_on_a_passing_broker_error_is_tried_again_on_the_next_turn() -> None:
+    source = _engine()
+    source.process(["x"], [5], [1.0])
+    latest = {0: {"x": changelog.encode(source.snapshot("x"))}}
+    owner, engine, consumer, _, reports = make_owner(True, committed={0: 3})
+    waits = []
+    owner.reader = FlakyReader(latest, failures=2)
+    owner._restore_backoff = Backoff(first=0.1, jitter=0.0, sleep=waits.append)
+    owner.assigned(tps(0))
+    catch_up(owner)
+    catch_up(owner)  # two turns fail: still paused, nothing consumed, nothing raised
+    assert consumer.paused == {0} and owner.to_restore == {0} and waits == [0.1, 0.2]
+    catch_up(owner)
+    assert consumer.paused == set() and owner.to_restore == set() and consumer.positions == {0: 3}
+    assert set(engine.table.slots) == {"x"} and len(reports) == 1
+
+
+def test_a_restore_refused_for_lack_of_rights_is_not_tried_again() -> None:
+    owner, _, _, _, _ = make_owner(True, committed={0: 3})
+    owner.reader = FlakyReader({}, failures=1, reason="auth")
+    owner.assigned(tps(0))
+    with pytest.raises(KafkaClientError):
+        catch_up(owner)

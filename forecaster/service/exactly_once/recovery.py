@@ -25,6 +25,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from forecaster.errors import KafkaClientError
+from forecaster.retry import Backoff
 from forecaster.service.clients import Rebalance, TopicPartition
 from forecaster.service.committer import is_group_fenced
 from forecaster.service.exactly_once.changelog import ChangelogReader
@@ -51,6 +53,7 @@ class PartitionOwner:
         topic: str,
         cooperative: bool,
         on_restore: Any = None,
+        restore_backoff: Backoff | None = None,
     ) -> None:
         self.consumer = consumer
         self.committer = committer
@@ -63,6 +66,7 @@ class PartitionOwner:
         self.to_restore: set[int] = set()
         self.rebalance = Rebalance(self.assigned, self.revoked, self.lost)
         self._refused_generation: int | None = None  # generation of the last commit refused by the group
+        self._restore_backoff = restore_backoff or Backoff(first=0.1, cap=2.0)
 
     # ---- the rebalance listener (consumer network thread) --------------------------------------------
 
@@ -133,7 +137,17 @@ class PartitionOwner:
             if self.owned:
                 self.consumer.pause(self._tps(self.owned))
         if self.to_restore:
-            self.restore(set(self.to_restore))
+            try:
+                self.restore(set(self.to_restore))
+            except KafkaClientError as exc:
+                if exc.reason in ("auth", "fatal"):  # trying again cannot help
+                    raise
+                # E.g. just after a broker restart: the changelog's partitions not known yet. They stay
+                # paused and are restored from the start on a later turn (a stall shows in /healthz).
+                log.warning("restoring partitions %s failed, trying again: %s", sorted(self.to_restore), exc)
+                self._restore_backoff.wait()
+            else:
+                self._restore_backoff.reset()
 
     def _rejoin_if_forgotten(self) -> bool:
         """Twice in a row the group refused this member's offsets while the consumer saw no rebalance: the
