@@ -120,6 +120,12 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
         # A few, as the service dead-letters them (and replay skips them): left out, as the service would.
         log.warning("%d of %d values are <= 0: left out (scaling.kind=%s)", bad, total, scaling.kind)
         values = [kept for v in values if len(kept := v[v > 0])]
+    # A forecast made after value t >= warmup with its next value in the training part: none, nothing to fit.
+    if not any(split_point(len(v), train.validation_fraction) >= train.warmup + 2 for v in values):
+        raise NotEnoughHistory(
+            f"history too short to train: {len(values)} series, longest {max(len(v) for v in values)} values "
+            f"(need more than warmup={train.warmup} + validation)"
+        )
     # Step 1. The seasons to try, the baseline the model forecasts over, then fit the model on the training
     # part of every series.
     seasons = resolve_seasons(settings, history)

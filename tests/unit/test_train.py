@@ -748,6 +748,18 @@ def test_advantage_is_the_difference_in_standard_errors() -> None:
     assert better.origins == 2 * 30  # the forecasts from the last training value on, per series
 
 
+@pytest.mark.parametrize("lengths", [[3], [1, 2] * 50, [11, 5]])
+def test_a_history_too_short_to_train_is_refused_before_fitting(tmp_path: Path, lengths, monkeypatch) -> None:
+    fits = []
+    monkeypatch.setattr(train_module, "fit", lambda *a, **k: fits.append(a))
+    names = [f"s{i}" for i, n in enumerate(lengths) for _ in range(n)]
+    ts = [t for n in lengths for t in range(n)]
+    history = History.from_long(names, ts, np.arange(len(ts), dtype=float) + 1.0)
+    with pytest.raises(NotEnoughHistory, match="history too short to train"):
+        train_once(trainer_settings(tmp_path, epochs=1, season=2), history, progress=False)
+    assert fits == []  # said before any epoch
+
+
 def test_nothing_is_published_without_a_validation_point(tmp_path: Path) -> None:
     values = 10 + np.sin(np.arange(200) / 3.0)
     settings = trainer_settings(tmp_path, epochs=1, season=500)  # seasonal naive never exists here
