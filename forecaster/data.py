@@ -158,15 +158,19 @@ def _parse_dates(text: pd.Series) -> pd.Series:
     parsed entry by entry."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "could not infer format": the mixed parse below covers it
-        mixed = pd.to_datetime(text, errors="coerce", utc=True, format="mixed")
+        mixed = None
         for dayfirst in (False, True):
             try:
                 parsed = pd.to_datetime(text, errors="coerce", utc=True, dayfirst=dayfirst)
             except (ValueError, TypeError):
                 continue
+            if parsed.notna().all():  # every entry in one format: the usual case, no entry-by-entry parse
+                return parsed
+            if mixed is None:
+                mixed = pd.to_datetime(text, errors="coerce", utc=True, format="mixed")
             if parsed.notna().sum() >= mixed.notna().sum():
                 return parsed
-    return mixed
+    return mixed if mixed is not None else pd.to_datetime(text, errors="coerce", utc=True, format="mixed")
 
 
 def _read_table(source: str | os.PathLike[str] | IO[str], fmt: str | None) -> pd.DataFrame:

@@ -94,6 +94,13 @@ def resolve_seasons(settings: Any, history: History) -> SeasonPlan:
     )
 
 
+def _too_short(values: list[np.ndarray], train: Any) -> NotEnoughHistory:
+    return NotEnoughHistory(
+        f"history too short to train: {len(values)} series, longest {max(len(v) for v in values)} values "
+        f"(need more than warmup={train.warmup} + validation)"
+    )
+
+
 def published_checkpoint(root: Any, device: str = "cpu") -> LoadedCheckpoint | None:
     """The checkpoint LATEST names, or None if nothing (valid) is published."""
     try:
@@ -122,10 +129,7 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
         values = [kept for v in values if len(kept := v[v > 0])]
     # A forecast made after value t >= warmup with its next value in the training part: none, nothing to fit.
     if not any(split_point(len(v), train.validation_fraction) >= train.warmup + 2 for v in values):
-        raise NotEnoughHistory(
-            f"history too short to train: {len(values)} series, longest {max(len(v) for v in values)} values "
-            f"(need more than warmup={train.warmup} + validation)"
-        )
+        raise _too_short(values, train)
     # Step 1. The seasons to try, the baseline the model forecasts over, then fit the model on the training
     # part of every series.
     seasons = resolve_seasons(settings, history)
@@ -153,10 +157,7 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
             " nothing was published"
         )
     if not fitted.train_losses or not math.isfinite(fitted.train_losses[0]):
-        raise NotEnoughHistory(
-            f"history too short to train: {len(values)} series, longest {max(len(v) for v in values)} values "
-            f"(need more than warmup={train.warmup} + validation)"
-        )
+        raise _too_short(values, train)
     # Step 2. An untrained model forecasts its baseline: keep that unless the fitted model beats it on the
     # validation part by more than noise (``train.trust_z`` standard errors of the difference).
     untrained = baseline_model(settings, baseline, mix)
