@@ -109,6 +109,10 @@ class ScalingSettings(BaseModel):
     halflife: float = Field(default=256.0, gt=0.0)
     # Floor of the scale relative to |mean| (and absolute), so a flat series does not divide by zero.
     min_scale: float = Field(default=1e-3, gt=0.0)
+    # A value farther than this many running scales from its series' running mean is stepped at that
+    # distance (after the series' first 8 values, once it has varied; 0: off). The one-step error still
+    # counts it as it came.
+    clip: float = Field(default=100.0, ge=0.0)
 
 
 class IntervalSettings(BaseModel):

@@ -5,6 +5,12 @@ value t include value t, so the model input ``x_t = (v_t - mean_t) / scale_t`` u
 The weight of a new value is ``max(1 / count, 1 - 0.5 ** (1 / halflife))``: the first values act as a
 cumulative mean, later ones as an EWM with the given half-life (in values).
 
+A value farther than ``clip`` running scales from its series' running mean (once the series has
+``MIN_CLIP_COUNT`` values and has varied) is folded in at that distance (``winsorize``): a glitch of 1e29 among values
+near 1 moves the statistics as a value 100 scales out would, instead of leaving the scale at 1e26 for
+tens of thousands of values. A real level shift is followed within a few values (each clipped value
+raises the variance by up to ``alpha * clip**2`` of itself).
+
 ``kind="log"`` does the same on the logarithm of the values (positive values only): forecasts are
 ``exp`` of the model's, and a baseline that moves the seasonal pattern to the current level moves it by
 ratios rather than differences, which suits a seasonal swing that grows with the level.
@@ -56,18 +62,22 @@ class Scaling:
 
     N_STATS: ClassVar[int] = 3  # count, mean, variance
     KINDS: ClassVar[tuple[str, ...]] = ("ewm", "log", "none")
+    MIN_CLIP_COUNT: ClassVar[int] = 8  # values a series has seen before ``clip`` applies to it
 
     kind: str = "ewm"
     halflife: float = 256.0
     min_scale: float = 1e-3
+    clip: float = 100.0  # in running scales; 0: values are folded in as they are
 
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
             raise ValueError(f"kind must be one of {self.KINDS}, got {self.kind!r}")
         if not self.halflife > 0.0 or not self.min_scale > 0.0:
             raise ValueError("halflife and min_scale must be > 0")
-        object.__setattr__(self, "halflife", float(self.halflife))
-        object.__setattr__(self, "min_scale", float(self.min_scale))
+        if not self.clip >= 0.0:
+            raise ValueError("clip must be >= 0 (0: off)")
+        for name in ("halflife", "min_scale", "clip"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @functools.cached_property
     def alpha(self) -> float:
@@ -86,7 +96,9 @@ class Scaling:
     @classmethod
     def from_settings(cls, settings: Any) -> Scaling:
         """Build from a ``ScalingSettings`` section."""
-        return cls(kind=settings.kind, halflife=settings.halflife, min_scale=settings.min_scale)
+        return cls(
+            kind=settings.kind, halflife=settings.halflife, min_scale=settings.min_scale, clip=settings.clip
+        )
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -96,6 +108,38 @@ class Scaling:
     def initial_stats(self, n: int, device: torch.device | str | None = "cpu") -> torch.Tensor:
         """Statistics of ``n`` series that have seen nothing: (n, N_STATS) float64 zeros."""
         return torch.zeros(n, self.N_STATS, dtype=torch.float64, device=device)
+
+    def winsorize(self, stats: Array, values: Array) -> tuple[Array, Array | None]:
+        """The values (n,) as the statistics ``stats`` (n, N_STATS) fold them in: each farther than ``clip``
+        scales from its series' mean (in ``inner`` units; once it has seen ``MIN_CLIP_COUNT`` values and its
+        deviation is above the scale's floor) moved to that distance. Returns them and which were moved ((n,) bool; None where none was, on the CPU).
+        The engine steps, stores and scores the returned values; the trainer fits on them.
+
+        >>> s = Scaling(halflife=10.0, clip=100.0)
+        >>> _, stats = s.transform(np.array([1.0, 2.0] * 8))
+        >>> v, moved = s.winsorize(stats[-1:].numpy(), np.array([1e29]))
+        >>> round(float(v[0]), 2), moved.tolist()
+        (51.5, [True])
+        """
+        if self.kind == "none" or self.clip == 0.0:
+            return values, None
+        lib = _lib(stats)
+        inner = self.inner(values)  # (n,)
+        deviation = lib.sqrt(stats[:, 2])  # (n,)
+        floor = self.min_scale * _floor(abs(stats[:, 1]), 1.0)  # (n,) as in ``scale``
+        reach = self.clip * lib.maximum(deviation, floor)  # (n,)
+        low, high = stats[:, 1] - reach, stats[:, 1] + reach  # (n,)
+        # only a series that has varied: the first rise of one that was flat (all zeros so far, as
+        # intermittent demand starts) is how its range is learnt
+        moved = (inner < low) | (inner > high)  # (n,)
+        moved &= (stats[:, 0] >= self.MIN_CLIP_COUNT) & (deviation > floor)
+        if lib is np and not moved.any():
+            return values, None
+        clipped = lib.minimum(lib.maximum(inner, low), high)  # (n,)
+        clipped = lib.exp(clipped) if self.kind == "log" else clipped
+        # a float32 value: what the engine's ring of values keeps, so rewinding it (a re-warm) is exact
+        clipped = clipped.float().double() if lib is torch else clipped.astype(np.float32).astype(np.float64)
+        return lib.where(moved, clipped, values), moved
 
     def update(self, stats: Array, values: Array) -> Array:
         """Fold one new value per series in: stats (n, N_STATS), values (n,) float64 -> new stats."""
@@ -196,7 +240,14 @@ class Scaling:
 
     def transform(self, values: Array) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale whole series: values (T,) or (batch, T) -> model inputs (same shape, float32) and
-        the statistics after each value (..., T, N_STATS) float64. It is ``update`` looped over time."""
+        the statistics after each value (..., T, N_STATS) float64. It is ``winsorize`` and ``update``
+        looped over time."""
+        x, stats, _ = self.transform_values(values)
+        return x, stats
+
+    def transform_values(self, values: Array) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``transform``, and the values as they were folded in (``winsorize``; same shape, float64): what
+        the engine keeps in its ring of values, and what a model's baseline reads."""
         if isinstance(values, np.ndarray) and not values.flags.writeable:
             values = values.copy()  # torch warns about (and may not share) a read-only buffer
         v = torch.as_tensor(values, dtype=torch.float64)
@@ -209,13 +260,16 @@ class Scaling:
         vv = v.numpy() if v.device.type == "cpu" else v
         stats = self.initial_stats(batch, v.device)  # (batch, N_STATS)
         stats = stats.numpy() if v.device.type == "cpu" else stats
-        xs, all_stats = [], []
+        xs, all_stats, folded = [], [], []
         for t in range(steps):
-            stats = self.update(stats, vv[:, t])
-            xs.append(self.normalize(stats, vv[:, t]))
+            vt, _ = self.winsorize(stats, vv[:, t])
+            stats = self.update(stats, vt)
+            xs.append(self.normalize(stats, vt))
             all_stats.append(stats)
+            folded.append(vt)
         lib = _lib(stats)
         x = lib.stack(xs, 1) if xs else lib.zeros((batch, 0), dtype=lib.float32)  # (batch, T)
         st = lib.stack(all_stats, 1) if xs else lib.zeros((batch, 0, self.N_STATS), dtype=lib.float64)
-        x, st = torch.as_tensor(x, device=v.device), torch.as_tensor(st, device=v.device)
-        return (x[0], st[0]) if squeeze else (x, st)
+        kept = lib.stack(folded, 1) if xs else vv  # (batch, T)
+        x, st, kept = (torch.as_tensor(a, device=v.device) for a in (x, st, kept))
+        return (x[0], st[0], kept[0]) if squeeze else (x, st, kept)

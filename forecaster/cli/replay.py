@@ -126,6 +126,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         season=args.season,
         batch_rows=args.batch_rows or settings.service.max_poll_records,
         progress=False if args.no_progress else None,
+        max_series_length=settings.service.max_series_length,
     )
     for line in format_problems(result):
         print(line, file=sys.stderr)
@@ -143,6 +144,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     "checkpoint": checkpoint.version,
                     "values": len(result.rows),
                     "duplicates": result.duplicates,
+                    "clipped": result.rows.clipped,
                     "bad_rows": len(result.bad_rows),
                     **result.metrics(),
                     "series_by_source": {f"h{k}:{src}": n for (k, src), n in sources.items()},

@@ -49,6 +49,7 @@ class EngineOutput:
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (n,) int64
     lower: np.ndarray | None = None  # (n, levels, horizon) float32 data units; None without intervals
     upper: np.ndarray | None = None  # (n, levels, horizon) float32
+    clipped: int = 0  # values stepped nearer their series' range than they were (``Scaling.winsorize``)
 
     def __len__(self) -> int:
         return len(self.series)
@@ -107,6 +108,8 @@ class Engine:
         )
         self.duplicates_total = 0
         self.values_total = 0
+        self.clipped_total = 0  # values stepped as ``Scaling.winsorize`` moved them
+        self._clipped: Any = 0  # of the current call (a tensor on a GPU until the call ends)
         self._cpu = self.table.host_views  # numpy on the host; False: torch tensors on the device
         self._errors: dict[str, ErrorAccumulator] = {}
         self._coverage: dict[str, CoverageAccumulator] = {}
@@ -162,7 +165,7 @@ class Engine:
         duplicates = len(ts) - len(rows)
         slots = row_slots[rows]
         # Step 3. one batched step per round.
-        forecasts = []
+        forecasts, self._clipped = [], 0
         with torch.inference_mode():
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
                 forecasts.append(self._step(slots[lo:hi], values[rows[lo:hi]]))
@@ -170,7 +173,10 @@ class Engine:
         self.duplicates_total += duplicates
         self.values_total += len(rows)
         out_names = [series[i] for i in rows.tolist()]
-        return self._output(out_names, ts[rows], forecasts, duplicates, rows)
+        out = self._output(out_names, ts[rows], forecasts, duplicates, rows)
+        out.clipped, self._clipped = int(self._clipped), 0
+        self.clipped_total += out.clipped
+        return out
 
     def _plan(self, row_slots: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """Rows to step, in stepped order (round by round), and the round bounds within them.
@@ -223,12 +229,18 @@ class Engine:
         acc.count += n_scored
         acc.sums[0] += abs(err).sum()
         acc.sums[1] += err @ err
-        if self.intervals is not None:  # Step 1b. score the forecasts of 1..H steps earlier, calibrate
+        # Step 1b. a value far out of its series' range steps as the statistics fold it in (a glitch of
+        # 1e29 counts in the error above, but not in the state).
+        before = tb.stats_a[idx]  # (n, N_STATS)
+        v, moved = scaling.winsorize(before, v)
+        if moved is not None:
+            self._clipped += int(moved.sum()) if self._cpu else moved.sum()
+        if self.intervals is not None:  # Step 1c. score the forecasts of 1..H steps earlier, calibrate
             calibrated = self.calibrator.score(slots, idx, count, v, self._coverage_accumulator)
-        if self.chooser is not None:  # Step 1c. score every candidate's forecasts
+        if self.chooser is not None:  # Step 1d. score every candidate's forecasts
             scored = self.chooser.score(slots, idx, count, v)
         # Step 2. scale, and keep the model input and the value in the ring buffers.
-        stats = scaling.update(tb.stats_a[idx], v)  # (n, N_STATS)
+        stats = scaling.update(before, v)  # (n, N_STATS)
         scale = scaling.scale(stats)  # (n,)
         x = scaling.normalize(stats, v, scale)  # (n,) float32
         at = slots * tb.window_size + count % tb.window_size  # (n,) flat ring positions
@@ -427,16 +439,13 @@ def reference_forecast(
         made = reference_forecast(model, values, scaling).astype(np.float32)
         return reference_choice(made, values, choice, model.season, window)
     scaling = scaling if scaling is not None else Scaling(kind="none")
-    v = np.array(values, dtype=np.float64)  # a writable copy: torch shares its buffer below
-    x, stats = scaling.transform(v)  # (T,), (T, N_STATS)
+    x, stats, v = scaling.transform_values(np.array(values, dtype=np.float64))  # (T,), (T, N_STATS), (T,)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            base = model.scaled_baseline(
-                torch.from_numpy(v)[None], stats[None], scaling, 0, len(v)
-            )  # (1, T, H)
+            base = model.scaled_baseline(v[None], stats[None], scaling, 0, len(v))  # (1, T, H)
             y, _ = model(
                 x.to(device)[None, :, None], base=None if base is None else base.to(device)
             )  # (1, T, H)

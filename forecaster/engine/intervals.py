@@ -203,10 +203,10 @@ def reference_intervals(
     each of ``values`` (T,). Returns lower, upper (T, L, H) float32: what the engine emits for that series
     whatever the batching."""
     scaling = scaling if scaling is not None else Scaling(kind="none")
-    v = np.asarray(values, dtype=np.float64)
     steps, horizon = forecasts.shape
-    _, stats = scaling.transform(v.copy())  # (T, N_STATS)
-    stats = stats.numpy()
+    # (T, N_STATS) statistics and (T,) values as the engine steps them
+    _, stats, v = scaling.transform_values(np.array(values, dtype=np.float64))
+    stats, v = stats.numpy(), v.numpy()
     k = np.arange(1, horizon + 1)
     past = np.zeros((horizon, horizon), np.float32)  # row j: centres of the forecast made at ordinal j % H
     past_scale = np.ones(horizon, np.float32)

@@ -168,6 +168,12 @@ class ServiceMetrics:
             "Values not newer than their series' last ts (dropped)",
             registry=r,
         )
+        self.values_clipped = Counter(
+            "forecaster_values_clipped_total",
+            "Values stepped nearer their series' running mean than they were (farther than scaling.clip"
+            " scales from it)",
+            registry=r,
+        )
         self.forecasts_emitted = Counter(
             "forecaster_forecasts_emitted_total", "Forecast records produced", registry=r
         )

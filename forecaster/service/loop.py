@@ -205,6 +205,7 @@ class Service:
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.metrics.values_stepped.inc(len(out))
         self.metrics.values_duplicate.inc(out.duplicates)
+        self.metrics.values_clipped.inc(out.clipped)
         return out
 
     def send_forecasts(self, out: Any, batch: DecodedBatch) -> None:

@@ -60,6 +60,7 @@ class Stepped:
     forecasts: np.ndarray  # (n, horizon) float32
     versions: list[str]  # (n,) model version of each forecast
     duplicate_lines: list[int] = field(default_factory=list)
+    clipped: int = 0  # values moved nearer their series' running mean (``Scaling.winsorize``)
     lower: np.ndarray | None = None  # (n, levels, horizon) float32; None without intervals
     upper: np.ndarray | None = None
     labels: list[str] = field(default_factory=list)  # level names ("80", "95")
@@ -134,6 +135,7 @@ def step_rows(
     parts: dict[str, list[np.ndarray]] = {"ts": [], "values": [], "forecasts": [], "lower": [], "upper": []}
     versions: list[str] = []
     duplicate_lines: list[int] = []
+    clipped = 0
     with tqdm(total=len(frame), unit="values", desc="replay", disable=_disabled(progress)) as bar:
         for lo in range(0, len(frame), batch_rows):
             hi = min(lo + batch_rows, len(frame))
@@ -146,6 +148,7 @@ def step_rows(
                 parts["lower"].append(out.lower)
                 parts["upper"].append(out.upper)
             versions.extend([out.version] * len(out))
+            clipped += out.clipped
             if out.duplicates:
                 stepped = np.zeros(hi - lo, dtype=bool)
                 stepped[out.index] = True
@@ -161,6 +164,7 @@ def step_rows(
         else np.zeros((0, horizon), np.float32),
         versions=versions,
         duplicate_lines=sorted(duplicate_lines),
+        clipped=clipped,
         lower=np.concatenate(parts["lower"]) if parts["lower"] else None,
         upper=np.concatenate(parts["upper"]) if parts["upper"] else None,
         labels=engine.intervals.labels if engine.intervals is not None else [],
@@ -205,28 +209,36 @@ def replay(
     batch_rows: int = 2000,
     score_from: int | None = None,
     progress: bool | None = None,
+    max_series_length: int | None = None,
 ) -> ReplayResult:
-    """Replay a series file through ``engine`` and score its forecasts (see ``replay_frame``)."""
+    """Replay a series file through ``engine`` and score its forecasts (see ``replay_frame``). Rows the
+    service would dead-letter (a series id longer than ``max_series_length``, a value <= 0 under log
+    scaling) are bad rows."""
     frame, bad_rows, out_of_order = load_rows(source)
-    if (
-        engine.scaling.positive
-    ):  # the engine scales logarithms: a value <= 0 is a bad row (the service dead-letters it)
+    if max_series_length is not None:  # what the service dead-letters as series_too_long
+        long = (frame["series"].str.len() > max_series_length).to_numpy()
+        frame, bad_rows = _drop(frame, long, bad_rows, "series_too_long", f"> {max_series_length} characters")
+    if engine.scaling.positive:  # the engine scales logarithms: the service dead-letters a value <= 0
         bad = ~(frame["value"].to_numpy() > 0.0)
-        detail = f"with {engine.scaling.kind} scaling"
-        bad_rows = sorted(
-            bad_rows
-            + [
-                BadRow(int(line), "not_positive", f"value {value} {detail}")
-                for line, value in frame.loc[bad, ["line", "value"]].itertuples(index=False)
-            ],
-            key=lambda b: b.line,
-        )
-        frame = frame[~bad].reset_index(drop=True)
+        frame, bad_rows = _drop(frame, bad, bad_rows, "not_positive", f"with {engine.scaling.kind} scaling")
     result = replay_frame(
         frame, engine, season=season, batch_rows=batch_rows, score_from=score_from, progress=progress
     )
     result.bad_rows, result.out_of_order = bad_rows, out_of_order
     return result
+
+
+def _drop(
+    frame: pd.DataFrame, bad: np.ndarray, bad_rows: list[BadRow], reason: str, detail: str
+) -> tuple[pd.DataFrame, list[BadRow]]:
+    """``frame`` without the rows ``bad`` marks, and ``bad_rows`` with them (in line order)."""
+    if not bad.any():
+        return frame, bad_rows
+    more = [
+        BadRow(int(line), reason, f"{name[:40]!r} {value} {detail}")
+        for line, name, value in frame.loc[bad, ["line", "series", "value"]].itertuples(index=False)
+    ]
+    return frame[~bad].reset_index(drop=True), sorted(bad_rows + more, key=lambda b: b.line)
 
 
 def replay_frame(
@@ -342,7 +354,8 @@ def format_intervals(scores: IntervalScores) -> str:
 
 
 def format_problems(result: ReplayResult) -> list[str]:
-    """Lines about the rows that were skipped, dropped as duplicates, or out of time order."""
+    """Lines about the rows that were skipped, dropped as duplicates, moved by the clip, or out of time
+    order."""
     lines = []
     if result.bad_rows:
         counts = pd.Series([b.reason for b in result.bad_rows]).value_counts()
@@ -363,6 +376,11 @@ def format_problems(result: ReplayResult) -> list[str]:
         lines.append(
             f"dropped {result.duplicates} duplicate rows (ts not newer than an earlier row of the same "
             f"series): lines {shown}{more}"
+        )
+    if result.rows.clipped:
+        lines.append(
+            f"{result.rows.clipped} values lay farther than scaling.clip running scales from their series'"
+            " running mean: stepped at that distance (their errors count them as they are)"
         )
     if result.out_of_order:
         lines.append(

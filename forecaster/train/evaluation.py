@@ -67,8 +67,8 @@ def model_forecasts(
                         for i in rows
                     ]
                 )  # (B, L): right padding never reaches earlier values
-                x, stats = scaling.transform(raw)  # (B, L), (B, L, N_STATS)
-                raw_t = torch.from_numpy(raw)  # (B, L) what the baseline reads
+                # (B, L) inputs, (B, L, N_STATS) statistics, (B, L) values as stepped: the baseline reads them
+                x, stats, raw_t = scaling.transform_values(raw)
                 h, ys = None, []
                 for start in range(0, length, chunk_length):
                     stop = min(start + chunk_length, length)

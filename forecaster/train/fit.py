@@ -2,7 +2,8 @@
 
 Series are batched (similar lengths together) and run from the zero state to their end in chunks of
 ``chunk_length`` values; the state is carried from chunk to chunk (detached), so the model learns to run
-indefinitely, as it does in serving. Inputs are scaled by ``Scaling.transform`` (the serving code);
+indefinitely, as it does in serving. Inputs are scaled by ``Scaling.transform_values`` (the serving code),
+and targets and baselines read the values as it folded them in (a glitch moved into its series' range);
 targets are the next ``horizon`` values in the units of the forecast made at t (the forecast in data units
 is ``denormalize(stats_t, y_t)``, so the target is its inverse). Loss: the mean absolute (``loss="mae"``,
 the default: the median, what MAE and MASE score) or squared (``"mse"``) error over all horizon steps
@@ -78,7 +79,8 @@ def make_batches(
         for r, i in enumerate(rows):  # right-pad with the last value: causal scaling ignores what follows
             raw[r, : n[r]] = values[i]
             raw[r, n[r] :] = values[i][-1]
-        x, stats = scaling.transform(raw)  # (B, L) float32, (B, L, N_STATS) float64
+        x, stats, folded = scaling.transform_values(raw)  # (B, L) float32, (B, L, N_STATS), (B, L) float64
+        raw = folded.numpy()  # the values as the engine keeps them (a glitch moved into its series' range)
         past_end = torch.arange(length)[None, :] >= torch.as_tensor(n)[:, None]  # (B, L)
         v = torch.full((len(rows), length + horizon), math.nan, dtype=torch.float64)
         v[:, :length] = torch.from_numpy(raw).masked_fill(past_end, math.nan)

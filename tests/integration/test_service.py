@@ -251,6 +251,13 @@ def test_metrics_after_a_run(topics, serve, broker):
     assert metric("forecaster_model_info", version="init", cell="gru") == 1
     assert metric("forecaster_model_swaps_total", result="ok") == 0
     assert not any("series-" in str(labels) for _, labels in service.metrics())  # no series id as a label
+    assert metric("forecaster_values_clipped_total") == 0
+    glitch = {"series": "series-3", "ts": int(frame["ts"].max()) + 1, "value": 1e29}
+    broker.send(topics.input, [(b"series-3", json.dumps(glitch).encode())])  # after 20 values near 120
+    broker.wait_for(lambda: metric("forecaster_values_clipped_total") == 1, what="the glitch clipped")
+    bodies = [json.loads(r.value) for r in broker.read(topics.output, count=len(frame) + 1, timeout=30)]
+    (after,) = [b for b in bodies if b["series"] == "series-3" and b["ts"] == glitch["ts"]]
+    assert max(abs(f) for f in after["forecast"]) < 1e6  # not 1e26
     assert service.http("/healthz")[0] == 200
     assert service.terminate() == 0
 

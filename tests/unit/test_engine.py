@@ -13,7 +13,8 @@ from forecaster.errors import StateError
 from forecaster.model import CELLS, RecurrentForecaster
 from forecaster.scaling import Scaling
 
-SCALINGS = {"none": None, "ewm": Scaling(halflife=6.0)}
+# "clipped" moves many values (more than 1.5 scales out, once a series has 8): parity holds through them
+SCALINGS = {"none": None, "ewm": Scaling(halflife=6.0), "clipped": Scaling(halflife=6.0, clip=1.5)}
 
 
 def _model(cell: str = "gru", seed: int = 0, **kwargs) -> RecurrentForecaster:
@@ -270,6 +271,30 @@ def test_duplicates_and_out_of_order_values_are_counted_never_stepped(stream, se
         assert [t for t, _ in got[s]] == [t for t, _ in rows]
         expected = reference_forecast(model, [v for _, v in rows], None)
         np.testing.assert_allclose(np.stack([f for _, f in got[s]]), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("host_views", [True, False])
+def test_a_glitch_does_not_ruin_its_series(host_views: bool) -> None:
+    """1e29 among values near 5: counted in the one-step error as it came, stepped as a value 100 scales
+    out; forecasts stay in the series' range (without the clip they stayed near -1e26 for good)."""
+    rng = np.random.default_rng(4)
+    values = np.concatenate([5.0 + rng.normal(size=300), [1e29], 5.0 + rng.normal(size=40)])
+    ts = np.arange(len(values))
+    out = {}
+    for clip in (100.0, 0.0):
+        engine = Engine(_model(), window=16, scaling=Scaling(halflife=64.0, clip=clip), host_views=host_views)
+        with np.errstate(over="ignore"):  # without the clip the intervals overflow float32
+            first = engine.process(["a"] * 300, ts[:300], values[:300])
+            glitch = engine.process(["a"], ts[300:301], values[300:301])
+            rest = engine.process(["a"] * 40, ts[301:], values[301:])
+        assert first.clipped == rest.clipped == 0 and glitch.clipped == engine.clipped_total == (clip > 0)
+        assert engine.errors["init"].mae > 1e26  # the error saw the value as it came
+        out[clip] = rest.forecasts
+    assert np.isfinite(out[100.0]).all() and np.abs(out[100.0] - 5.0).max() < 50.0
+    assert np.abs(out[0.0]).min() > 1e20
+    np.testing.assert_allclose(
+        out[100.0], reference_forecast(_model(), values, Scaling(halflife=64.0))[301:], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_duplicates_within_and_across_calls() -> None:

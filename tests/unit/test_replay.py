@@ -361,3 +361,25 @@ def test_cli_json_is_strict_when_a_figure_does_not_exist(tmp_path, published, ca
     )
     figures = _strict(capsys.readouterr().out)
     assert figures["values"] == 12 and figures["model"]["mase"] is None
+
+
+def test_cli_counts_a_glitch_it_moved_into_its_series_range(tmp_path, published, capsys) -> None:
+    rows = [f"a,{t},{5.0 + (t % 3) * 0.5}" for t in range(1, 21)] + ["a,21,1e29", "a,22,5.5"]
+    data = write(tmp_path, "series,ts,value\n" + "\n".join(rows) + "\n")
+    assert main(["replay", "--input", str(data), "--season", "1", "--no-progress", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["values"] == 22 and figures["clipped"] == 1
+    assert main(["replay", "--input", str(data), "--season", "1", "--no-progress"]) == 0
+    assert "1 values lay farther than scaling.clip" in capsys.readouterr().err
+
+
+def test_cli_skips_series_ids_the_service_would_dead_letter_as_too_long(
+    tmp_path, published, capsys, monkeypatch
+) -> None:
+    monkeypatch.setenv("FORECASTER_SERVICE__MAX_SERIES_LENGTH", "5")
+    text = "series,ts,value\n" + "".join(f"{s},{t},{t}\n" for t in (1, 2, 3) for s in ("short", "longer"))
+    assert main(["replay", "--input", str(write(tmp_path, text)), "--season", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "skipped 3 bad rows (series_too_long 3)" in printed.err
+    assert "line 3 (series_too_long: 'longer'" in printed.err
+    assert "replayed 3 values of 1 series" in printed.out

@@ -58,9 +58,10 @@ def test_transform_equals_stepwise_update(values: np.ndarray, halflife: float) -
     x_seq, stats_seq = scaling.transform(values)
     stats = scaling.initial_stats(values.shape[0]).numpy()
     for t in range(values.shape[1]):
-        stats = scaling.update(stats, values[:, t])  # the engine's path on a CPU table
+        v, _ = scaling.winsorize(stats, values[:, t])  # the engine's path on a CPU table
+        stats = scaling.update(stats, v)
         assert np.array_equal(stats, stats_seq[:, t].numpy())
-        assert np.array_equal(scaling.normalize(stats, values[:, t]), x_seq[:, t].numpy())
+        assert np.array_equal(scaling.normalize(stats, v), x_seq[:, t].numpy())
 
 
 @settings(max_examples=20, deadline=None)
@@ -88,9 +89,10 @@ def test_flat_series_never_divides_by_zero() -> None:
 @given(values=arrays(np.float64, st.integers(1, 20), elements=finite))
 def test_denormalize_inverts_normalize(values: np.ndarray) -> None:
     scaling = Scaling(halflife=3.0)
-    x, stats = scaling.transform(values)
+    x, stats, folded = scaling.transform_values(values)
     back = scaling.denormalize(stats, x.double()[:, None])[:, 0]
-    np.testing.assert_allclose(back.numpy(), values, atol=1e-4 * (1 + np.abs(values).max()))
+    np.testing.assert_allclose(back.numpy(), folded.numpy(), atol=1e-4 * (1 + np.abs(values).max()))
+    np.testing.assert_array_equal(folded[: Scaling.MIN_CLIP_COUNT].numpy(), values[: Scaling.MIN_CLIP_COUNT])
 
 
 def test_numpy_and_torch_paths_agree() -> None:
@@ -122,8 +124,11 @@ def test_none_is_the_identity() -> None:
 
 def test_from_settings() -> None:
     scaling = Scaling.from_settings(ScalingSettings(kind="ewm", halflife=12.0, min_scale=0.01))
-    assert scaling == Scaling("ewm", 12.0, 0.01)
-    assert scaling.settings == {"kind": "ewm", "halflife": 12.0, "min_scale": 0.01}
+    assert scaling == Scaling("ewm", 12.0, 0.01, 100.0)
+    assert scaling.settings == {"kind": "ewm", "halflife": 12.0, "min_scale": 0.01, "clip": 100.0}
+    assert Scaling.from_settings(ScalingSettings(clip=0)).clip == 0.0
+    with pytest.raises(ValueError, match="clip"):
+        Scaling(clip=-1.0)
     with pytest.raises(ValueError):
         Scaling(kind="zscore")
 
@@ -146,3 +151,63 @@ def test_log_kind_scales_the_logarithm_and_forecasts_by_exp() -> None:
     assert log.positive and not ewm.positive and not Scaling("none").positive
     assert math.isfinite(float(log.denormalize(stats[-1:], torch.full((1, 1), 1e6))[0, 0]))  # capped, not inf
     assert Scaling.from_settings(ScalingSettings(kind="log")) == log.__class__("log")
+
+
+def _glitch(n_before: int = 300, after: int = 50, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.concatenate([5.0 + rng.normal(size=n_before), [1e29], 5.0 + rng.normal(size=after)])
+
+
+def test_a_glitch_is_folded_in_at_clip_scales_and_the_scale_recovers() -> None:
+    values = _glitch()
+    clipped, plain = Scaling(halflife=64.0), Scaling(halflife=64.0, clip=0.0)
+    x, stats, folded = clipped.transform_values(values)
+    before = stats[299]
+    reach = 100.0 * float(clipped.scale(before[None])[0])
+    assert float(folded[300]) == pytest.approx(float(before[1]) + reach)  # moved to 100 scales out
+    np.testing.assert_array_equal(np.delete(folded.numpy(), 300), np.delete(values, 300))  # only it
+    assert abs(float(x[300])) < 100.0  # the model's input stays in range
+    # the scale grows by sqrt(1 + alpha * 100**2) at most, not to 1e26
+    grown = float(clipped.scale(stats[300][None])[0]) / float(clipped.scale(before[None])[0])
+    assert 1.0 < grown <= math.sqrt(1.0 + clipped.alpha * 100.0**2)
+    _, plain_stats = plain.transform(values)
+    assert float(plain.scale(plain_stats[-1][None])[0]) > 1e25  # what it did before: the series ruined
+    # folding the moved value in is exact to undo (the engine keeps it in its ring; a re-warm rewinds it)
+    back = clipped.rewind(stats[300][None].numpy(), folded[300:301].numpy())
+    np.testing.assert_allclose(back[0], before.numpy(), rtol=1e-9)
+
+
+def test_a_level_shift_is_followed_within_a_few_values() -> None:
+    rng = np.random.default_rng(2)
+    values = np.concatenate([100.0 + 0.5 * rng.normal(size=200), 1e5 + 0.5 * rng.normal(size=200)])
+    _, stats, folded = Scaling().transform_values(values)
+    moved = np.flatnonzero(folded.numpy() != values)
+    assert 1 <= len(moved) <= 6 and moved.min() == 200  # the first values after the shift, then none
+    _, unclipped = Scaling(clip=0.0).transform(values)  # the running mean as it would be without clip
+    assert float(stats[-1, 1]) == pytest.approx(float(unclipped[-1, 1]), rel=0.05)
+
+
+def test_clip_waits_for_the_first_values_and_acts_on_the_logarithm_with_log() -> None:
+    early = np.array([1.0, 2.0, 1.0, 1e6, 1.0])  # a series' 4th value is never moved
+    _, _, folded = Scaling().transform_values(early)
+    np.testing.assert_array_equal(folded.numpy(), early)
+    flat = np.concatenate([np.zeros(50), [30.0], np.zeros(30), [40.0]])  # intermittent: a flat start
+    _, _, folded = Scaling().transform_values(flat)
+    np.testing.assert_array_equal(folded.numpy(), flat)  # its first rise is how its range is learnt
+    values = np.concatenate([np.full(20, 10.0) * np.exp(0.01 * np.arange(20)), [1e29]])
+    log = Scaling("log", halflife=8.0, clip=10.0)
+    _, stats, folded = log.transform_values(values)
+    expected = math.exp(float(stats[19, 1]) + 10.0 * float(log.scale(stats[19][None])[0]))
+    assert float(folded[20]) == pytest.approx(expected) and 0.0 < float(folded[20]) < 1e3
+    assert Scaling("none").winsorize(np.zeros((1, 3)), np.array([1e29]))[1] is None
+
+
+def test_winsorize_agrees_on_numpy_and_torch() -> None:
+    scaling = Scaling(halflife=8.0, clip=2.0)
+    _, stats = scaling.transform(np.random.default_rng(3).normal(size=(4, 12)))
+    last = stats[:, -1]  # (4, N_STATS)
+    v = np.array([0.0, 50.0, -50.0, 1.0])
+    got_np, moved_np = scaling.winsorize(last.numpy(), v)
+    got_t, moved_t = scaling.winsorize(last, torch.from_numpy(v))
+    np.testing.assert_allclose(got_np, got_t.numpy(), rtol=1e-12)
+    assert moved_np.tolist() == moved_t.tolist() and moved_np[1] and moved_np[2]
