@@ -192,6 +192,20 @@ def test_targets_are_the_inverse_of_the_served_forecast() -> None:
     assert (val_mask[0].numpy() == ((index >= 7) & (index < 10) & (np.arange(9)[:, None] >= 2))).all()
 
 
+def test_batches_hold_the_values_as_the_engine_steps_them() -> None:
+    """A glitch in the history is fitted as the service steps it: moved to ``clip`` scales (inputs,
+    baselines and targets alike)."""
+    rng = np.random.default_rng(0)
+    values = [np.concatenate([10.0 + rng.normal(size=30), [1e29], 10.0 + rng.normal(size=10)])]
+    scaling = Scaling(halflife=8.0)
+    (batch,) = make_batches(values, scaling, 2, 4, validation_fraction=0.3)
+    x, _, folded = scaling.transform_values(values[0])
+    assert float(folded[30]) < 1e3  # moved
+    np.testing.assert_array_equal(batch.values[0].numpy(), folded.numpy())
+    np.testing.assert_array_equal(batch.v[0, :41].numpy(), folded.numpy())  # the targets read them too
+    np.testing.assert_array_equal(batch.x[0, :, 0].numpy(), x.numpy())
+
+
 def test_state_is_carried_across_chunks_and_detached(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny()
     seen = []
