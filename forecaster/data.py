@@ -139,15 +139,15 @@ def parse_timestamps(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     numeric = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     ms = np.zeros(len(column), dtype=np.int64)
     ok = np.isfinite(numeric)
-    ms[ok] = numeric[ok].astype(np.int64)
     text = ~ok & column.notna().to_numpy()
+    ok &= (numeric >= MIN_TS_MS) & (numeric < MAX_TS_MS)  # a number out of range (beyond int64: no cast)
+    ms[ok] = numeric[ok].astype(np.int64)
     if text.any():
         parsed = _parse_dates(column[text].astype("string"))
         parsed_ok = parsed.notna().to_numpy()
         where = np.flatnonzero(text)[parsed_ok]
         ms[where] = parsed[parsed_ok].astype("datetime64[ms, UTC]").astype("int64").to_numpy()
-        ok[where] = True
-    ok = ok & (ms >= MIN_TS_MS) & (ms < MAX_TS_MS)
+        ok[where] = (ms[where] >= MIN_TS_MS) & (ms[where] < MAX_TS_MS)
     return ms, ok
 
 

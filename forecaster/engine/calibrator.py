@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from forecaster.engine.intervals import Intervals, centers, lag_rows, units
+from forecaster.engine.intervals import WARMUP, Intervals, centers, lag_rows, units
 from forecaster.engine.scores import CoverageAccumulator
 from forecaster.engine.state import StateTable
 from forecaster.scaling import Scaling
@@ -101,4 +101,8 @@ class Calibrator:
         lo, hi = self.intervals.bounds(center, unit, *calibrated, scaling)
         tb.past_rows[at] = center
         tb.past_scale_flat[at] = unit
+        young = count < WARMUP - 1  # (n,) made after fewer than WARMUP values: no interval yet (null)
+        if young.any():
+            young = young if cpu else torch.from_numpy(young).to(tb.device)
+            lo[young], hi[young] = float("nan"), float("nan")
         return lo, hi

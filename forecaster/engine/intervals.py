@@ -18,9 +18,10 @@ Tibshirani 2023), on each series' own k-step errors in the units of its scaling.
   misses over any long stretch stays within ``(max c - min c + lr) / (lr * T)`` of ``alpha_l``, with no
   assumption about their distribution. It starts at the Gaussian value ``z_l * sqrt(pi / 2)`` (the
   quantile over the mean absolute error of normal errors), so the tracker only corrects the shape.
-* **Young series.** The forecasts a series makes before it has ``WARMUP`` values are not scored: their
-  scale is a running deviation of one to three values, so their normalised errors say nothing (the first
-  one's scale is the floor). Before its first k-step error a series' ``m_k`` is 1 (one unit of its running scale,
+* **Young series.** The forecasts a series makes before it has ``WARMUP`` values have no bounds (NaN,
+  written as null) and are not scored: their scale is a running deviation of one to three values (the
+  first one's is the floor, a thousandth of the level), so bounds would be arbitrarily narrow and their
+  normalised errors say nothing. Before its first k-step error a series' ``m_k`` is 1 (one unit of its running scale,
   the spread of the series itself: wide, never absurd); the first error replaces it. A prior pooled across
   series was not taken: it would make a series' intervals depend on the other series and on arrival
   order, and the replay of a file would no longer give the service's intervals.
@@ -227,5 +228,5 @@ def reference_intervals(
         scale = units(scaling, stats[t : t + 1])  # (1,)
         past[t % horizon], past_scale[t % horizon] = center[0], scale[0]
         lo, hi = intervals.bounds(center, scale, mean_err, mult, scaling)
-        lower[t], upper[t] = lo[0], hi[0]
+        lower[t], upper[t] = (lo[0], hi[0]) if t >= first else (np.nan, np.nan)
     return lower, upper

@@ -46,13 +46,16 @@ class IntervalScores:
 
     def add(self, values: np.ndarray, lower: np.ndarray, upper: np.ndarray, start: int = 0) -> None:
         """Score one series: ``values`` (T,), bounds (T, L, H) made after each value; origins from
-        ``start`` on (each origin's targets that exist)."""
+        ``start`` on (each origin's targets that exist; origins without bounds are left out)."""
         horizon = self.count.shape[0]
         steps = len(values)
         for k in range(1, horizon + 1):
             origins = np.arange(start, steps - k)
             if not len(origins):
                 continue
+            # origins whose bounds exist (a young series' first forecasts have none: NaN)
+            made = np.isfinite(lower[origins, :, k - 1]).all(1) & np.isfinite(upper[origins, :, k - 1]).all(1)
+            origins = origins[made]
             y = values[origins + k][:, None]  # (m, 1)
             lo, hi = lower[origins, :, k - 1], upper[origins, :, k - 1]  # (m, L)
             below, above = np.maximum(lo - y, 0.0), np.maximum(y - hi, 0.0)

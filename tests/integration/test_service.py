@@ -69,7 +69,7 @@ def test_end_to_end_forecasts_equal_the_reference(topics, serve, broker):
         emitted = np.array([b["forecast"] for b in bodies], dtype=np.float32)
         lower, upper = reference_intervals(emitted, expected_frame["value"].to_numpy(), Intervals(), scaling)
         for side, bounds in (("lower", lower), ("upper", upper)):
-            got = np.array([[b[side][level] for level in ("80", "95")] for b in bodies])  # (T, L, H)
+            got = np.array([[b[side][level] for level in ("80", "95")] for b in bodies], float)  # (T, L, H)
             np.testing.assert_allclose(got, bounds, rtol=1e-5, atol=1e-5)
         for body in bodies:  # the input coordinates point at the record holding that value
             source = inputs[(body["input"]["partition"], body["input"]["offset"])]
@@ -287,7 +287,7 @@ def test_window_forecast_records_one_per_input_record_equal_the_reference(topics
         lower, _ = reference_intervals(
             forecasts.astype(np.float32), expected_frame["value"].to_numpy(), Intervals(), scaling
         )
-        got = np.array([[row for row in b["lower"]["95"]] for b in bodies]).reshape(len(ts), -1)  # (T, H)
+        got = np.array([b["lower"]["95"] for b in bodies], float).reshape(len(ts), -1)  # (T, H); null: NaN
         np.testing.assert_allclose(got, lower[:, 1], rtol=1e-5, atol=1e-5)
 
 

@@ -197,6 +197,33 @@ def test_intervals_off() -> None:
         Settings(intervals={"levels": [80, 100]})
 
 
+@pytest.mark.parametrize("host_views", [None, False])
+def test_a_new_series_first_forecasts_have_no_bounds(host_views: bool | None) -> None:
+    """The first forecast's scale is the floor (a thousandth of the level): its bounds were +-0.1 % wide.
+    The first WARMUP - 1 forecasts carry none (NaN, written as null); the next ones do, in one call or
+    value by value alike."""
+    values = [100.0, 104.0, 97.0, 101.0, 99.0, 103.0]
+    whole = Engine(model(), window=8, host_views=host_views).process(["s"] * 6, np.arange(6), values)
+    single = Engine(model(), window=8, host_views=host_views)
+    parts = [single.process(["s"], [t], [v]) for t, v in enumerate(values)]
+    for lower, upper in ((whole.lower, whole.upper), (np.concatenate([p.lower for p in parts]), None)):
+        assert np.isnan(lower[: WARMUP - 1]).all() and np.isfinite(lower[WARMUP - 1 :]).all()
+        assert upper is None or (np.isnan(upper[: WARMUP - 1]).all() and (upper[3:] > lower[3:]).all())
+    record = json.loads(
+        encode_forecasts(
+            ["s"],
+            np.array([0]),
+            "v1",
+            whole.forecasts[:1],
+            np.array([0]),
+            np.array([0]),
+            np.array([-1]),
+            intervals=Bounds(["80", "95"], whole.lower[:1], whole.upper[:1]),
+        )[0]
+    )
+    assert record["lower"] == {"80": [None] * 3, "95": [None] * 3} and None not in record["forecast"]
+
+
 def test_forecast_records_carry_the_bounds_in_both_layouts() -> None:
     lower = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
     bounds = Bounds(["80", "95"], lower, lower + 100.0)
