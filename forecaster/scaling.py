@@ -125,6 +125,10 @@ class Scaling:
             return values, None
         lib = _lib(stats)
         inner = self.inner(values)  # (n,)
+        if lib is np:  # the usual case first: every value within clip deviations (a few operations)
+            delta = inner - stats[:, 1]  # (n,)
+            if (delta * delta <= self.clip * self.clip * stats[:, 2]).all():
+                return values, None
         deviation = lib.sqrt(stats[:, 2])  # (n,)
         floor = self.min_scale * _floor(abs(stats[:, 1]), 1.0)  # (n,) as in ``scale``
         reach = self.clip * lib.maximum(deviation, floor)  # (n,)
