@@ -173,6 +173,27 @@ def _parse_dates(text: pd.Series) -> pd.Series:
     return mixed if mixed is not None else pd.to_datetime(text, errors="coerce", utc=True, format="mixed")
 
 
+def _separator(source: str | os.PathLike[str] | IO[str]) -> str:
+    """The CSV's field separator, from its header line: a comma, else a semicolon or a tab (files written
+    where the comma is the decimal mark); a comma for a stream that cannot be read twice."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, encoding="utf-8", errors="replace") as f:
+                header = f.readline()
+        elif source.seekable():
+            at = source.tell()
+            header = source.readline()
+            source.seek(at)
+        else:
+            return ","
+    except (OSError, ValueError, AttributeError):
+        return ","
+    header = header.decode("utf-8", "replace") if isinstance(header, bytes) else str(header)
+    if "," in header:
+        return ","
+    return next((sep for sep in (";", "\t") if sep in header), ",")
+
+
 def _read_table(source: str | os.PathLike[str] | IO[str], fmt: str | None) -> pd.DataFrame:
     name = _name(source)
     fmt = fmt or ("parquet" if name.lower().endswith((".parquet", ".pq")) else "csv")
@@ -181,7 +202,9 @@ def _read_table(source: str | os.PathLike[str] | IO[str], fmt: str | None) -> pd
             return pd.read_parquet(source).reset_index(drop=True)
         if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
             raise DataError(f"{name}: no such file")
-        return pd.read_csv(source, dtype=str, keep_default_na=False, skip_blank_lines=True)
+        return pd.read_csv(
+            source, sep=_separator(source), dtype=str, keep_default_na=False, skip_blank_lines=True
+        )
     except DataError:
         raise
     except pd.errors.EmptyDataError:

@@ -6,9 +6,9 @@ The weight of a new value is ``max(1 / count, 1 - 0.5 ** (1 / halflife))``: the 
 cumulative mean, later ones as an EWM with the given half-life (in values).
 
 A value farther than ``clip`` running scales from its series' running mean (once the series has
-``MIN_CLIP_COUNT`` values and has varied) is folded in at that distance (``winsorize``): a glitch of 1e29 among values
-near 1 moves the statistics as a value 100 scales out would, instead of leaving the scale at 1e26 for
-tens of thousands of values. A real level shift is followed within a few values (each clipped value
+``MIN_CLIP_COUNT`` values and has varied) is folded in at that distance (``winsorize``): a glitch of 1e29
+among values near 1 moves the statistics as a value 100 scales out would, instead of leaving the scale at
+1e26 for tens of thousands of values. A real level shift is followed within a few values (each clipped value
 raises the variance by up to ``alpha * clip**2`` of itself).
 
 ``kind="log"`` does the same on the logarithm of the values (positive values only): forecasts are
@@ -112,8 +112,9 @@ class Scaling:
     def winsorize(self, stats: Array, values: Array) -> tuple[Array, Array | None]:
         """The values (n,) as the statistics ``stats`` (n, N_STATS) fold them in: each farther than ``clip``
         scales from its series' mean (in ``inner`` units; once it has seen ``MIN_CLIP_COUNT`` values and its
-        deviation is above the scale's floor) moved to that distance. Returns them and which were moved ((n,) bool; None where none was, on the CPU).
-        The engine steps, stores and scores the returned values; the trainer fits on them.
+        deviation is above the scale's floor) moved to that distance. Returns them and which were moved
+        ((n,) bool; None on the CPU where none was). The engine steps, stores and scores the returned
+        values; the trainer fits on them.
 
         >>> s = Scaling(halflife=10.0, clip=100.0)
         >>> _, stats = s.transform(np.array([1.0, 2.0] * 8))

@@ -195,3 +195,19 @@ def test_numbers_that_are_not_epoch_milliseconds_are_warned_about(first, caplog)
 def test_a_file_without_a_good_row_is_an_error():
     with pytest.raises(DataError, match=r"no good row \(2 bad_ts; the first at line 2\)"):
         read_series(io.StringIO("series,ts,value\na,1e40,1\na,soon,2\n"))
+
+
+def test_semicolon_and_tab_separated_files_are_read(tmp_path):
+    semicolon = "series;ts;value\na;2020-01-01;1.5\nb;2020-01-01;2\na;2020-01-02;3\n"
+    loaded = read_series(io.StringIO(semicolon))
+    assert loaded.layout == "long" and loaded.frame["series"].tolist() == ["a", "b", "a"]
+    assert loaded.frame["value"].tolist() == [1.5, 2.0, 3.0]
+    path = tmp_path / "wide.tsv"
+    path.write_text("ts\tx\ty\n2020-01-01\t1\t2\n2020-01-02\t3\t4\n")
+    wide = read_series(path)
+    assert wide.layout == "wide" and sorted(wide.frame["series"].unique()) == ["x", "y"]
+    # a comma in the header wins: a semicolon inside a series id stays in it
+    assert read_series(io.StringIO("series,ts,value\na;b,1000,1\n")).frame["series"].tolist() == ["a;b"]
+    # a decimal comma is not guessed: its rows are bad rows, and a file of only those says so
+    with pytest.raises(DataError, match="value_not_number"):
+        read_series(io.StringIO("series;ts;value\na;2020-01-01;1,5\n"))
