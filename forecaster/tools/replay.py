@@ -88,7 +88,7 @@ class ReplayResult:
     errors: dict[str, ForecastErrors]
     season: int
     bad_rows: list[BadRow] = field(default_factory=list)
-    out_of_order: int = 0  # rows whose ts is older than a row above them in the file
+    out_of_order: int = 0  # rows whose ts is older than a row of the same series above them in the file
     intervals: IntervalScores | None = None  # coverage and Winkler score per level and step
 
     @property
@@ -111,12 +111,13 @@ class ReplayResult:
 
 def load_rows(source: str | os.PathLike[str] | IO[str]) -> tuple[pd.DataFrame, list[BadRow], int]:
     """Good rows of a series file in event-time order (ties in file order), the bad rows, and how many
-    rows were out of time order in the file."""
+    rows were out of time order within their series in the file (a file sorted by series, then time, is in
+    order)."""
     loaded = read_series(source)
     frame = loaded.frame
     # in file order (a wide file's line holds every series' value at one time)
-    ts = frame.sort_values("line", kind="stable")["ts"].to_numpy()
-    out_of_order = int((ts < np.maximum.accumulate(ts)).sum()) if len(ts) else 0
+    in_file = frame.sort_values("line", kind="stable")
+    out_of_order = int((in_file["ts"] < in_file.groupby("series", sort=False)["ts"].cummax()).sum())
     frame = frame.sort_values(["ts", "line"], kind="stable").reset_index(drop=True)
     return frame, loaded.bad_rows, out_of_order
 
@@ -384,7 +385,8 @@ def format_problems(result: ReplayResult) -> list[str]:
         )
     if result.out_of_order:
         lines.append(
-            f"{result.out_of_order} rows were out of time order in the file; replayed in event-time order"
+            f"{result.out_of_order} rows were out of time order within their series in the file; replayed in"
+            " event-time order"
         )
     return lines
 
