@@ -111,8 +111,8 @@ class Scaling:
 
     def winsorize(self, stats: Array, values: Array) -> tuple[Array, Array | None]:
         """The values (n,) as the statistics ``stats`` (n, N_STATS) fold them in: each farther than ``clip``
-        scales from its series' mean (in ``inner`` units; once it has seen ``MIN_CLIP_COUNT`` values and its
-        deviation is above the scale's floor) moved to that distance. Returns them and which were moved
+        scales from its series' mean (in ``inner`` units; once it has seen ``MIN_CLIP_COUNT`` values and
+        they varied) moved to that distance. Returns them and which were moved
         ((n,) bool; None on the CPU where none was). The engine steps, stores and scores the returned
         values; the trainer fits on them.
 
@@ -137,7 +137,7 @@ class Scaling:
         # only a series that has varied: the first rise of one that was flat (all zeros so far, as
         # intermittent demand starts) is how its range is learnt
         moved = (inner < low) | (inner > high)  # (n,)
-        moved &= (stats[:, 0] >= self.MIN_CLIP_COUNT) & (deviation > floor)
+        moved &= (stats[:, 0] >= self.MIN_CLIP_COUNT) & (stats[:, 2] > 0.0)
         if lib is np and not moved.any():
             return values, None
         clipped = lib.minimum(lib.maximum(inner, low), high)  # (n,)

@@ -194,6 +194,10 @@ def test_clip_waits_for_the_first_values_and_acts_on_the_logarithm_with_log() ->
     flat = np.concatenate([np.zeros(50), [30.0], np.zeros(30), [40.0]])  # intermittent: a flat start
     _, _, folded = Scaling().transform_values(flat)
     np.testing.assert_array_equal(folded.numpy(), flat)  # its first rise is how its range is learnt
+    # a high level with little noise (its deviation under the scale's floor, a thousandth of the level)
+    calm = np.concatenate([1e6 + 0.01 * np.random.default_rng(5).normal(size=20), [1e29]])
+    _, _, folded = Scaling().transform_values(calm)
+    assert float(folded[20]) == pytest.approx(1e6 + 100 * 1e3, rel=1e-6)  # 100 floors out
     values = np.concatenate([np.full(20, 10.0) * np.exp(0.01 * np.arange(20)), [1e29]])
     log = Scaling("log", halflife=8.0, clip=10.0)
     _, stats, folded = log.transform_values(values)
