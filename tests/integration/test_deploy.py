@@ -43,6 +43,7 @@ REQUIRED_ALERTS = {
     "ForecasterTrainerNotSucceeding",
     "ForecasterModelSwapRefused",
     "ForecasterLatencyOverGoal",
+    "ForecasterValuesClipped",
 }
 
 
