@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from forecaster.engine.intervals import WARMUP, Intervals, centers, lag_rows, units
+from forecaster.engine.intervals import WARMUP, Intervals, centers, half_offsets, lag_rows, units
 from forecaster.engine.scores import CoverageAccumulator
 from forecaster.engine.state import StateTable
 from forecaster.scaling import Scaling
@@ -60,8 +60,12 @@ class Calibrator:
         valid = None if len(slots) and n_errors[:, -1].min() > 0 else n_errors > 0  # None: all of them
         row = lag_rows(horizon)[count % horizon] + (slots * horizon)[:, None]  # (n, H) ring rows
         at = row * horizon + (k - 1)  # (n, H) flat positions of the k-step centres
+        # (n, L, H) flat positions of the half-widths the k-step bounds were emitted with
+        half_at = half_offsets(horizon, tb.levels)[count % horizon] + (slots * tb.half_size)[:, None, None]
         if not cpu:
-            row, at, n_errors = (torch.from_numpy(a).to(device) for a in (row, at, n_errors))
+            row, at, n_errors, half_at = (
+                torch.from_numpy(a).to(device) for a in (row, at, n_errors, half_at)
+            )
         # Step 2. their normalised absolute errors
         inner_v = self.scaling.inner(v)  # (n,) float64
         score = abs(inner_v[:, None] - tb.past_flat[at]) / tb.past_scale_flat[row]  # (n, H) float64
@@ -71,7 +75,10 @@ class Calibrator:
             score = np.where(valid, score, np.float32(0.0)) if cpu else torch.where(valid_d, score, 0.0)
         # Step 3. the calibrator's update
         mean_err, mult = tb.mean_err_a[idx], tb.mult_a[idx]  # (n, H), (n, L, H)
-        new_mean, new_mult, inside, half = self.intervals.update(score, valid_d, n_errors, mean_err, mult)
+        emitted = tb.past_half_flat.take(half_at) if cpu else tb.past_half_flat[half_at]  # (n, L, H)
+        new_mean, new_mult, inside, half = self.intervals.update(
+            score, valid_d, n_errors, mean_err, mult, emitted
+        )
         tb.mean_err_a[idx], tb.mult_a[idx] = new_mean, new_mult
         # Step 4. coverage per level and step (sums stay on the device)
         acc = coverage(score)
@@ -101,6 +108,8 @@ class Calibrator:
         lo, hi = self.intervals.bounds(center, unit, *calibrated, scaling)
         tb.past_rows[at] = center
         tb.past_scale_flat[at] = unit
+        mean_err, mult = calibrated
+        tb.past_half_rows[at] = mult * mean_err[:, None, :]  # (n, L, H) what these bounds were made with
         young = count < WARMUP - 1  # (n,) made after fewer than WARMUP values: no interval yet (null)
         if young.any():
             young = young if cpu else torch.from_numpy(young).to(tb.device)

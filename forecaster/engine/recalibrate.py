@@ -68,7 +68,11 @@ def recalibrate(table: Any, model: RecurrentForecaster, scaling: Scaling, slots:
     mean_err = torch.ones(len(slots), horizon, device=dev)  # (n, H)
     prior = torch.as_tensor(iv.prior, dtype=torch.float32, device=dev)  # (L,)
     mult = prior[:, None].expand(len(slots), -1, horizon)  # (n, L, H)
+    # the half-widths each of the last H forecasts' bounds were made with, by position mod H
+    halves = torch.zeros(len(slots), horizon, len(iv.levels), horizon, device=dev)  # (n, H, L, H)
+    halves[:, 0] = mult * mean_err[:, None, :]  # the forecast after position 0, before any score
     k = torch.arange(1, horizon + 1, device=dev)
+    levels = torch.arange(len(iv.levels), device=dev)
     inner_v = scaling.inner(v)  # (n, W)
     for j in range(1, w):
         made = j - k  # (H,) position of the forecast made k values before position j
@@ -80,7 +84,10 @@ def recalibrate(table: Any, model: RecurrentForecaster, scaling: Scaling, slots:
         score = (inner_v[:, j, None] - past).abs() / unit[:, mk]  # (n, H) float64, as the engine
         score = torch.where(valid, score.float(), 0.0)  # (n, H) float32
         n_errors = ordinal0[:, None] + made[None] - first[:, None] + 1  # (n, H)
-        mean_err, mult, _, _ = iv.update(score, valid, n_errors, mean_err, mult)
+        emitted = halves[:, (mk % horizon)[None, :], levels[:, None], (k - 1)[None, :]]  # (n, L, H)
+        mean_err, mult, _, _ = iv.update(score, valid, n_errors, mean_err, mult, emitted)
+        held_j = (j < lengths)[:, None, None]  # (n, 1, 1) past a series' last value: padding, kept out
+        halves[:, j % horizon] = torch.where(held_j, mult * mean_err[:, None, :], halves[:, j % horizon])
     # Step 5. The calibrator's state, and the last H forecasts awaiting their values.
     table.mean_err.index_copy_(0, idx, mean_err)
     table.mult.index_copy_(0, idx, mult.contiguous())
@@ -92,3 +99,4 @@ def recalibrate(table: Any, model: RecurrentForecaster, scaling: Scaling, slots:
         sel, prow = idx[ok], row[ok]
         table.past[sel, prow] = center[rows, pos][ok].float()
         table.past_scale[sel, prow] = unit[rows, pos][ok].float()
+        table.past_half[sel, prow] = halves[rows, pos % horizon][ok]

@@ -28,9 +28,15 @@ if TYPE_CHECKING:
 
 MAGIC = b"FCSTATE"
 # 2: the ring of values in data units (a model baseline reads them); 3: the interval calibrator's state;
-# 4: the per-series choice's state
-FORMAT_VERSION = 4
-CALIBRATOR = ("past", "past_scale", "mean_err", "mult")  # per-slot tensors of the interval calibrator
+# 4: the per-series choice's state; 5: the half-widths of the bounds awaiting their values
+FORMAT_VERSION = 5
+CALIBRATOR = (
+    "past",
+    "past_scale",
+    "past_half",
+    "mean_err",
+    "mult",
+)  # per-slot tensors of the interval calibrator
 CHOOSER = ("model_past", "choice_err", "choice_sq", "choice_n")  # per-slot tensors of the per-series choice
 _PREFIX = struct.Struct("<HI")  # format version, header length
 _CRC = struct.Struct("<I")
@@ -54,6 +60,7 @@ def expected_arrays(shape: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ..
         arrays.update(
             past=("float32", (h, h)),
             past_scale=("float32", (h,)),
+            past_half=("float32", (h, lv, h)),
             mean_err=("float32", (h,)),
             mult=("float32", (lv, h)),
             score_from=("int64", ()),

@@ -6,8 +6,9 @@ buffers of the last W model inputs (``ring``, what a re-warm replays) and of the
 units (``values``, what a model's baseline reads), (capacity, W) float32 each. On the host (numpy): last event ts (int64
 epoch ms), count of values ever stepped, last-seen wall time, a dirty flag. With prediction intervals
 (``intervals``, see ``forecaster.engine.intervals``) also the calibrator's state: the centres of the last
-H forecasts ``past`` (capacity, H, H) and their scales ``past_scale`` (capacity, H), the mean absolute
-k-step error ``mean_err`` (capacity, H) and the coverage multipliers ``mult`` (capacity, L, H), float32
+H forecasts ``past`` (capacity, H, H), their scales ``past_scale`` (capacity, H) and the normalised
+half-widths of their bounds ``past_half`` (capacity, H, L, H), the mean absolute k-step error
+``mean_err`` (capacity, H) and the coverage multipliers ``mult`` (capacity, L, H), float32
 on the device, and on the host the ordinal of the first forecast to score ``score_from``. With the
 per-series choice (``choice``, see ``forecaster.engine.choice``) also the model's last H forecasts
 ``model_past`` (capacity, H, H), the mean k-step errors of each candidate ``choice_err`` (capacity, C, H),
@@ -141,6 +142,7 @@ class StateTable:
             h, lv = self.horizon, self.levels
             self.past = grow(None if first else self.past, (capacity, h, h), torch.float32)
             self.past_scale = grow(None if first else self.past_scale, (capacity, h), torch.float32)
+            self.past_half = grow(None if first else self.past_half, (capacity, h, lv, h), torch.float32)
             self.mean_err = grow(None if first else self.mean_err, (capacity, h), torch.float32)
             self.mult = grow(None if first else self.mult, (capacity, lv, h), torch.float32)
             self.score_from = grow_np(None if first else self.score_from, 0, np.int64)
@@ -177,6 +179,11 @@ class StateTable:
             self.past_scale_flat = self.past_scale.view(-1).numpy() if cpu else self.past_scale.view(-1)
             h = self.horizon
             self.past_rows = self.past.view(-1, h).numpy() if cpu else self.past.view(-1, h)  # [slot*H + j]
+            half = self.past_half
+            self.past_half_flat = half.view(-1).numpy() if cpu else half.view(-1)  # [((slot*H+j)*L+l)*H+k-1]
+            lv = self.levels
+            self.half_size = h * lv * h  # a slot's emitted half-widths
+            self.past_half_rows = half.view(-1, lv, h).numpy() if cpu else half.view(-1, lv, h)  # [slot*H+j]
             self.mean_err_a = self.mean_err.numpy() if cpu else self.mean_err
             self.mult_a = self.mult.numpy() if cpu else self.mult
         if self.candidates:
@@ -222,6 +229,7 @@ class StateTable:
             h, lv = horizon, self.levels
             self.past = torch.zeros(self.capacity, h, h, device=self.device)
             self.past_scale = torch.ones(self.capacity, h, device=self.device)
+            self.past_half = torch.zeros(self.capacity, h, lv, h, device=self.device)
             self.mean_err = torch.ones(self.capacity, h, device=self.device)
             self.mult = torch.as_tensor(self.intervals.prior, dtype=torch.float32, device=self.device)
             self.mult = self.mult[:, None].expand(self.capacity, lv, h).contiguous()
@@ -239,7 +247,7 @@ class StateTable:
         )
         arrays = [self.last_ts, self.count, self.last_seen, self.dirty]
         if self.levels:
-            tensors += [self.past, self.past_scale, self.mean_err, self.mult]
+            tensors += [self.past, self.past_scale, self.past_half, self.mean_err, self.mult]
             arrays.append(self.score_from)
         if self.candidates:
             tensors += [self.model_past, self.choice_err, self.choice_sq, self.choice_n]
@@ -317,6 +325,7 @@ class StateTable:
         if self.levels:
             self.past.index_fill_(0, idx, 0.0)
             self.past_scale.index_fill_(0, idx, 1.0)  # finite scores from rows not written yet
+            self.past_half.index_fill_(0, idx, 0.0)
             self.mean_err.index_fill_(0, idx, 1.0)  # prior spread: one unit of the series' scale
             self.mult.index_copy_(0, idx, self._prior_mult(len(slots)))
             self.score_from[slots] = WARMUP - 1
@@ -346,6 +355,8 @@ class StateTable:
         scale = units(scaling, self.stats.index_select(0, idx))  # (n,)
         self.past[idx, row] = center
         self.past_scale[idx, row] = scale
+        half = self.mult.index_select(0, idx) * self.mean_err.index_select(0, idx)[:, None, :]  # (n, L, H)
+        self.past_half[idx, row] = half
         self.score_from[slots] = count - 1
 
     @_inference

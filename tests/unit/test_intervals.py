@@ -154,7 +154,7 @@ def test_rewarm_replays_the_window_through_the_new_model_and_the_calibrator(
             engine.process([f"s{i}"] * n, np.arange(n), values[i, :n])
     swapped.rewarm(model(seed=1, season=4, base_seasons=2), "v2")
     a, b = new.table, swapped.table
-    for name in ("mean_err", "mult", "past", "past_scale"):
+    for name in ("mean_err", "mult", "past", "past_scale", "past_half"):
         np.testing.assert_allclose(
             getattr(a, name)[[a.slots[f"s{i}"] for i in range(3)]].numpy(),
             getattr(b, name)[[b.slots[f"s{i}"] for i in range(3)]].numpy(),
@@ -192,7 +192,10 @@ def test_intervals_off() -> None:
     assert out.lower is None and out.upper is None and engine.coverage == {}
     on = Engine.from_settings(model(), Settings(intervals={"levels": [95, 50]}))
     assert on.intervals.labels == ["50", "95"]
-    assert on.table.state_bytes - engine.table.state_bytes == 1024 * (4 * (3 * 3 + 2 * 3 + 3 * 2) + 8)
+    # per series: centres H x H, scales H, spreads H, multipliers L x H, emitted half-widths H x L x H, int64
+    assert on.table.state_bytes - engine.table.state_bytes == 1024 * (
+        4 * (3 * 3 + 2 * 3 + 3 * 2 + 3 * 2 * 3) + 8
+    )
     with pytest.raises(ValueError):
         Settings(intervals={"levels": [80, 100]})
 
