@@ -131,7 +131,7 @@ class Scaling:
             if (delta * delta <= self.clip * self.clip * stats[:, 2]).all():
                 return values, None
         deviation = lib.sqrt(stats[:, 2])  # (n,)
-        floor = self.min_scale * _floor(abs(stats[:, 1]), 1.0)  # (n,) as in ``scale``
+        floor = self.scale_floor(stats)  # (n,)
         reach = self.clip * lib.maximum(deviation, floor)  # (n,)
         low, high = stats[:, 1] - reach, stats[:, 1] + reach  # (n,)
         # only a series that has varied: the first rise of one that was flat (all zeros so far, as
@@ -188,8 +188,12 @@ class Scaling:
         """The divisor of each series (n,) (of stats (..., N_STATS): (...)), floored so a flat series
         never divides by zero."""
         lib = _lib(stats)
-        floor = self.min_scale * _floor(abs(stats[..., 1]), 1.0)  # (n,)
-        return lib.maximum(lib.sqrt(stats[..., 2]), floor)  # (n,)
+        return lib.maximum(lib.sqrt(stats[..., 2]), self.scale_floor(stats))  # (n,)
+
+    def scale_floor(self, stats: Array) -> Array:
+        """The least a series' scale can be (of stats (..., N_STATS): (...)): ``min_scale`` of |mean|, and
+        of 1 below it."""
+        return self.min_scale * _floor(abs(stats[..., 1]), 1.0)
 
     def normalize(self, stats: Array, values: Array, scale: Array | None = None) -> Array:
         """Model input of the value just folded in by ``update``: (n,) float32.
