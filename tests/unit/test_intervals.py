@@ -296,6 +296,43 @@ def test_coverage_counters_follow_the_engine() -> None:
     assert sample("scored", "80", "h1") == 60 - WARMUP
 
 
+@pytest.mark.parametrize("kind", ["ewm", "log"])
+def test_host_and_device_style_tables_agree_on_bounds_and_coverage(kind: str) -> None:
+    # the host table runs the compiled loop (forecaster.engine.fused), the torch-indexed one the tensor
+    # arithmetic: same bounds, same coverage counts, same width sums; and the counts are those of the
+    # emitted bounds, scored by hand
+    rng = np.random.default_rng(11)
+    names = [f"s{i}" for i in range(7)]
+    values = rng.lognormal(size=(50, len(names)))
+    engines = {
+        hv: Engine(model(), window=8, scaling=Scaling(kind=kind), host_views=hv) for hv in (None, False)
+    }
+    outs: dict[bool | None, list] = {hv: [] for hv in engines}
+    for t in range(50):
+        live = [i for i in range(len(names)) if t >= 3 * i]  # series join at different times
+        for hv, engine in engines.items():
+            out = engine.process([names[i] for i in live], np.full(len(live), t), values[t, live])
+            outs[hv].append(out)
+    for a, b in zip(outs[None], outs[False], strict=True):
+        np.testing.assert_allclose(a.lower, b.lower, rtol=1e-5, equal_nan=True)
+        np.testing.assert_allclose(a.upper, b.upper, rtol=1e-5, equal_nan=True)
+    host, device = engines[None].coverage["init"], engines[False].coverage["init"]
+    assert host.count.tolist() == device.count.tolist() and host.count[0] > 0
+    np.testing.assert_array_equal(host.inside, device.inside)
+    np.testing.assert_allclose(host.width, device.width, rtol=1e-5)
+    # by hand: a value within the level-80 bounds its series' 1-step forecast was emitted with
+    inside = scored = 0
+    for t in range(1, 50):
+        prev = {n: j for j, n in enumerate(outs[None][t - 1].series)}
+        for name in outs[None][t].series:
+            if name in prev and np.isfinite(outs[None][t - 1].lower[prev[name], 0, 0]):
+                v = values[t, names.index(name)]
+                scored += 1
+                lo, hi = outs[None][t - 1].lower[prev[name], 0, 0], outs[None][t - 1].upper[prev[name], 0, 0]
+                inside += bool(lo * (1 - 1e-6) <= v <= hi * (1 + 1e-6))
+    assert host.count[0] == scored and host.inside[0, 0] == inside
+
+
 def test_background_swap_to_another_horizon_restarts_the_calibrator() -> None:
     from forecaster.engine.rewarm import RewarmJob
 
@@ -308,3 +345,24 @@ def test_background_swap_to_another_horizon_restarts_the_calibrator() -> None:
     assert out.lower.shape == (6, 2, 5) and (out.lower <= out.forecasts[:, None]).all()
     assert engine.coverage["v2"].steps == [1, 5]
     assert engine.coverage["v2"].count.tolist() == [6, 2]  # from the re-warmed forecast (ordinal 11) on
+
+
+def test_the_compiled_loops_need_no_writable_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    # numba refuses cache=True where it finds nowhere writable (a read-only install, no home folder)
+    import numba
+
+    from forecaster.engine import fused
+
+    njit = numba.njit
+
+    def refusing(*args: object, cache: bool = False, **kwargs: object) -> object:
+        if cache:
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'f.py'")
+        return njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", refusing)
+
+    def twice(x: int) -> int:
+        return 2 * x
+
+    assert fused._compiled(twice)(21) == 42
