@@ -33,7 +33,8 @@ the squared differences ((C - 1) x H float32), the error counts (H float32) and 
 model forecast to score (int64): ``4 * (H * H + (2C - 1) * H + H) + 8`` bytes (968 for H = 12 and four
 candidates).
 
-The arithmetic is written once for numpy arrays (a CPU table) and torch tensors (a GPU table) alike.
+The arithmetic is written once for numpy arrays (the per-series reference) and torch tensors (a GPU table)
+alike; a CPU table runs it as compiled loops (``forecaster.engine.fused``), held equal to both by the tests.
 
 >>> import numpy as np
 >>> choice = Choice(halflife=8.0, margin=0.1, z=2.0, min_errors=2)
@@ -163,15 +164,6 @@ class Choice:
                 best = lib.where(better, c - 1, best)
                 best_err = lib.where(better, err, best_err)
         return best_err < inf, best
-
-    def may_switch(self, mean: np.ndarray, n: np.ndarray) -> bool:
-        """Whether any naive forecast beats the model by the margin where ``min_errors`` are counted (numpy
-        arrays): when none does, ``decide`` says the model's everywhere, and costs more."""
-        best = mean[:, 1]
-        for c in range(2, mean.shape[1]):  # elementwise: cheaper than a reduction over a short axis
-            best = np.minimum(best, mean[:, c])
-        best = best * np.float32(1.0 + self.margin)  # (n, H)
-        return bool(((best < mean[:, 0]) & (n >= self.min_errors)).any())
 
     def pick(self, model: Array, naive: Array, mean: Array, sq: Array, n: Array) -> Array:
         """The forecast each series emits per step: ``model`` (n, H), or where ``decide`` says so the chosen

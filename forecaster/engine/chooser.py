@@ -4,7 +4,8 @@ picked per step (``pick``, after the recurrent step).
 
 What a series keeps for this lives in the state table (the model's last H forecasts, the means, the squared
 differences, the counts); ``Choice`` in ``forecaster.engine.choice`` holds the method, this module only the
-reads and writes around it.
+reads and writes around it: on a CPU table two compiled loops (``forecaster.engine.fused``), on a GPU table
+tensor operations.
 """
 
 from __future__ import annotations
@@ -15,9 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from forecaster.engine.choice import CANDIDATES, Choice, averaged_seasons, mean_backs, seasonal_mean
+from forecaster.engine import fused
+from forecaster.engine.choice import (
+    CANDIDATES,
+    MAX_COUNT,
+    Choice,
+    averaged_seasons,
+    mean_backs,
+    seasonal_mean,
+)
 from forecaster.engine.intervals import lag_rows
-from forecaster.scaling import _lib
 
 
 @functools.cache
@@ -34,6 +42,16 @@ class Chooser:
     def __init__(self, choice: Choice, table: Any) -> None:
         self.choice = choice
         self.table = table
+        if table.host_views:  # compile both loops now, not in the first round
+            none = np.zeros(0, np.int64)
+            self.score(none, None, none, np.zeros(0))
+            self.pick(none, none, np.zeros((0, table.horizon), np.float32), None)
+
+    def _ring_shape(self) -> tuple[int, int, int]:
+        """Window, season and seasons averaged by the seasonal mean (0 without it) of the table."""
+        tb = self.table
+        seasons = averaged_seasons(tb.season, tb.horizon, tb.window_size) if tb.candidates > 3 else 0
+        return tb.window_size, max(tb.season, 1), seasons
 
     @staticmethod
     @functools.cache
@@ -94,12 +112,18 @@ class Chooser:
         pos %= w
         return pos + (slots * w)[:, None, None]
 
-    def score(self, slots: np.ndarray, idx: Any, count: np.ndarray, v: Any) -> tuple[Any, Any, Any]:
+    def score(self, slots: np.ndarray, idx: Any, count: np.ndarray, v: Any) -> tuple[Any, Any, Any] | None:
         """Score value ``v`` (n,) of each slot (its ordinal: ``count``) against every candidate's forecasts
         made 1..H values before it, and fold the errors into the slot's means; returns the new counts, means
-        and squared differences (``pick``'s ``scored``)."""
-        tb = self.table
-        horizon, w, device, cpu = tb.horizon, tb.window_size, tb.device, tb.host_views
+        and squared differences (``pick``'s ``scored``; None on the host, where ``pick`` reads the table)."""
+        tb, choice = self.table, self.choice
+        if tb.host_views:  # one compiled loop (the same arithmetic, in the same order)
+            fused.choose_score(
+                slots, count, tb.choose_from, v, tb.model_past_flat, tb.values_flat, *self._ring_shape(),
+                tb.choice_n_a, tb.choice_err_a, tb.choice_sq_a, np.float32(choice.floor), np.float32(MAX_COUNT),
+            )  # fmt: skip
+            return None
+        horizon, w, device = tb.horizon, tb.window_size, tb.device
         back, _ = self._backs(horizon, tb.season, tb.candidates)  # (C - 1, H)
         # Step 1. where every candidate's forecast exists: the model's since choose_from, the values in the ring
         k = back[0]
@@ -108,37 +132,34 @@ class Chooser:
         if reach > w or int((count - tb.choose_from[slots]).min()) < max(reach, horizon):  # some do not
             valid = (count[:, None] - k >= tb.choose_from[slots][:, None]) & (back.max(axis=0) <= w)
             valid &= (count[:, None] - back.max(axis=0)) >= 0  # (n, H)
+            valid = torch.from_numpy(valid).to(device)
         # Step 2. the forecasts: the model's from its ring, the naive ones re-read from the ring of values
         model_at = _model_rows(horizon)[count % horizon] + (slots * (horizon * horizon))[:, None]  # (n, H)
         naive = self._naive(slots, count, 0)  # (n, C - 1, H)
-        if not cpu:
-            model_at = torch.from_numpy(model_at).to(device)
-            valid = None if valid is None else torch.from_numpy(valid).to(device)
-            past = torch.cat([tb.model_past_flat[model_at][:, None], naive], dim=1)
-            errors = (v.float()[:, None, None] - past).abs()  # (n, C, H) float32
-        else:
-            v32 = v.astype(np.float32)[:, None]  # (n, 1)
-            errors = np.empty((len(slots), tb.candidates, horizon), np.float32)  # (n, C, H)
-            np.subtract(v32, tb.model_past_flat[model_at], out=errors[:, 0])
-            np.subtract(v32[:, None], naive, out=errors[:, 1:])
-            np.abs(errors, out=errors)
+        past = torch.cat([tb.model_past_flat[torch.from_numpy(model_at).to(device)][:, None], naive], dim=1)
+        errors = (v.float()[:, None, None] - past).abs()  # (n, C, H) float32
         # Step 3. the running means
-        n, mean, sq = self.choice.update(
+        n, mean, sq = choice.update(
             errors, valid, tb.choice_n_a[idx], tb.choice_err_a[idx], tb.choice_sq_a[idx]
         )
         tb.choice_n_a[idx], tb.choice_err_a[idx], tb.choice_sq_a[idx] = n, mean, sq
         return n, mean, sq
 
-    def pick(self, slots: np.ndarray, count: np.ndarray, f: Any, scored: tuple[Any, Any, Any]) -> Any:
+    def pick(self, slots: np.ndarray, count: np.ndarray, f: Any, scored: tuple[Any, Any, Any] | None) -> Any:
         """Keep the model's forecasts ``f`` (n, H) made at ordinals ``count`` for the next scores, and
         return what each series emits (n, H) float32 (``scored``: ``score``'s answer for these slots)."""
-        tb = self.table
-        horizon, device, cpu = tb.horizon, tb.device, tb.host_views
-        row = slots * horizon + count % horizon  # (n,) ring rows of the model's forecasts
-        tb.model_past_rows[row if cpu else torch.from_numpy(row).to(device)] = f
-        n, mean, sq = scored  # (n, H), (n, C, H), (n, C - 1, H)
-        if cpu and not self.choice.may_switch(mean, n):
+        tb, choice = self.table, self.choice
+        if tb.host_views:
+            f = np.ascontiguousarray(f, dtype=np.float32)
+            fused.choose_pick(
+                slots, count, f, tb.model_past_rows, tb.values_flat, *self._ring_shape(), tb.choice_n_a,
+                tb.choice_err_a, tb.choice_sq_a, np.float32(choice.min_errors), np.float32(choice.margin),
+                np.float32(choice.z * choice.z), np.float32(choice.effective),
+            )  # fmt: skip
             return f
+        horizon, device = tb.horizon, tb.device
+        tb.model_past_rows[torch.from_numpy(slots * horizon + count % horizon).to(device)] = f  # ring rows
+        n, mean, sq = scored  # (n, H), (n, C, H), (n, C - 1, H)
         _, ahead = self._backs(horizon, tb.season, tb.candidates)  # (C - 1, H) offsets from the newest value
         naive = self._naive(slots, count, 1)  # (n, C - 1, H)
         if int(count.min()) < int(
@@ -146,9 +167,8 @@ class Chooser:
         ):  # a young series' seasonal naive forecast reads before its first
             gone = np.zeros(mean.shape, bool)  # (n, C, H)
             gone[:, 1:] = count[:, None, None] - ahead < 0
-            gone = gone if cpu else torch.from_numpy(gone).to(device)
-            mean = _lib(mean).where(gone, np.float32(np.inf) if cpu else float("inf"), mean)
-        return self.choice.pick(f, naive, mean, sq, n)
+            mean = torch.where(torch.from_numpy(gone).to(device), float("inf"), mean)
+        return choice.pick(f, naive, mean, sq, n)
 
     def source_index(self, slots: np.ndarray) -> np.ndarray:
         """Where the last forecast of each of ``slots`` (each with a value) came from, per step: 0 the

@@ -1,11 +1,15 @@
-"""The calibrator's step on a CPU table, fused: one compiled loop per round instead of some forty numpy
-operations (at a few series per round each costs more than its arithmetic; at thousands each reads and
-writes (n, L, H) temporaries). The same arithmetic as ``Intervals.update`` and ``Intervals.bounds``, in the
-same float32 order: the engine's bounds equal the per-series reference (``reference_intervals``, numpy)
-and the GPU table's (torch), which the tests hold it to.
+"""The calibrator's and the per-series choice's steps on a CPU table, fused: one compiled loop per round
+and part instead of some forty numpy operations each (at a few series per round each operation costs more
+than its arithmetic; at thousands each reads and writes (n, C or L, H) temporaries).
 
-Compiled on first use (numba, about a second), cached on disk where numba finds a writable place (next to
-this file, the user's cache folder, or ``NUMBA_CACHE_DIR``); compiled in each process where none is.
+The same arithmetic as ``Intervals.update`` / ``Intervals.bounds`` and ``Choice.update`` / ``Choice.decide``,
+in the same float32 order: the engine's bounds and choices equal the per-series references
+(``reference_intervals``, ``reference_choice``: numpy) and those of a GPU table (torch), which the tests hold
+them to.
+
+Compiled on first use (numba, about a second; the engine compiles them when it is made), cached on disk
+where numba finds a writable place (next to this file, the user's cache folder, or ``NUMBA_CACHE_DIR``);
+compiled in each process where none is.
 """
 
 from __future__ import annotations
@@ -124,3 +128,135 @@ def compile_for(table: Any) -> None:
         none, none, np.zeros((0, horizon), np.float32), np.zeros(0, np.float32), table.mean_err_a,
         table.mult_a, table.past_rows, table.past_scale_flat, table.past_half_rows, np.int64(0), out, out,
     )  # fmt: skip
+
+
+@_compiled
+def _naive_value(values: np.ndarray, base: int, window: int, ordinal: int, back: int) -> np.float32:
+    """The ring's value ``back`` values before ``ordinal`` (a slot's ring starts at ``base``)."""
+    return values[base + (ordinal - back) % window]
+
+
+@_compiled
+def _seasonal_mean(
+    values: np.ndarray, base: int, window: int, ordinal: int, back: int, season: int, seasons: int
+) -> np.float32:
+    """Mean of the values ``back``, ``back + season``, ... (``seasons`` of them) before ``ordinal``, over
+    those at ordinals >= 0 (0 where none is), summed in order as ``choice.seasonal_mean``."""
+    total = np.float32(0.0)
+    seen = 0
+    for i in range(seasons):
+        b = back + season * i
+        if ordinal - b >= 0:
+            total += values[base + (ordinal - b) % window]
+            seen += 1
+    return total / np.float32(max(seen, 1))
+
+
+@_compiled
+def choose_score(  # noqa: PLR0913
+    slots: np.ndarray,  # (n,) int64 distinct
+    count: np.ndarray,  # (n,) int64 ordinals of the new values (not yet in the ring)
+    choose_from: np.ndarray,  # (capacity,) int64
+    v: np.ndarray,  # (n,) float64 the new values
+    model_past_flat: np.ndarray,  # (capacity * H * H,) float32 the model's last H forecasts
+    values_flat: np.ndarray,  # (capacity * W,) float32 ring of values
+    window: int,
+    season: int,
+    seasons: int,  # the seasonal mean's (0: no such candidate)
+    n_err: np.ndarray,  # (capacity, H) float32, updated in place
+    mean: np.ndarray,  # (capacity, C, H) float32, updated in place
+    sq: np.ndarray,  # (capacity, C - 1, H) float32, updated in place
+    floor: np.float32,
+    max_count: np.float32,
+) -> None:
+    """``Chooser.score`` and ``Choice.update`` for one round: every candidate's k-step forecast scored where
+    all of them exist, the running means and squared differences updated."""
+    candidates, horizon = mean.shape[1], mean.shape[2]
+    one = np.float32(1.0)
+    errors = np.empty(candidates, np.float32)
+    for i in range(slots.shape[0]):
+        s, c = slots[i], count[i]
+        v32 = np.float32(v[i])
+        base = s * window
+        lag = c % horizon
+        for j in range(horizon):
+            k = j + 1
+            cycles = season * ((k + season - 1) // season) if candidates > 2 else 0
+            reach = max(k, cycles)
+            if c - k < choose_from[s] or reach > window or c - reach < 0:
+                continue  # some candidate's forecast does not exist
+            back = lag - k
+            row = back if back >= 0 else back + horizon
+            errors[0] = abs(v32 - model_past_flat[(s * horizon + row) * horizon + j])
+            errors[1] = abs(v32 - _naive_value(values_flat, base, window, c, k))
+            if candidates > 2:
+                errors[2] = abs(v32 - _naive_value(values_flat, base, window, c, cycles))
+            if candidates > 3:
+                errors[3] = abs(v32 - _seasonal_mean(values_flat, base, window, c, cycles, season, seasons))
+            count_now = min(n_err[s, j] + one, max_count)
+            n_err[s, j] = count_now
+            weight = one / max(count_now, one)
+            weight = weight if weight > floor else floor
+            for cand in range(1, candidates):
+                diff = errors[0] - errors[cand]
+                diff = diff * diff
+                old = sq[s, cand - 1, j]
+                sq[s, cand - 1, j] = (diff - old) * weight + old
+            for cand in range(candidates):
+                old = mean[s, cand, j]
+                mean[s, cand, j] = (errors[cand] - old) * weight + old
+
+
+@_compiled
+def choose_pick(  # noqa: PLR0913
+    slots: np.ndarray,  # (n,) int64
+    count: np.ndarray,  # (n,) int64 ordinals of the new values (now in the ring)
+    f: np.ndarray,  # (n, H) float32 the model's forecasts: kept, and replaced in place where a series switches
+    model_past_rows: np.ndarray,  # (capacity * H, H) float32, written
+    values_flat: np.ndarray,  # (capacity * W,) float32
+    window: int,
+    season: int,
+    seasons: int,
+    n_err: np.ndarray,  # (capacity, H) float32
+    mean: np.ndarray,  # (capacity, C, H) float32
+    sq: np.ndarray,  # (capacity, C - 1, H) float32
+    min_errors: np.float32,
+    margin: np.float32,
+    z2: np.float32,
+    effective: np.float32,
+) -> None:
+    """``Chooser.pick`` and ``Choice.decide`` for one round: the model's forecasts kept for the next scores,
+    and per step the naive forecast emitted instead where it wins by the margin and by more than noise."""
+    candidates, horizon = mean.shape[1], mean.shape[2]
+    one = np.float32(1.0)
+    inf = np.float32(np.inf)
+    for i in range(slots.shape[0]):
+        s, c = slots[i], count[i]
+        at = s * horizon + c % horizon
+        for j in range(horizon):
+            model_past_rows[at, j] = f[i, j]
+        base = s * window
+        for j in range(horizon):
+            n = n_err[s, j]
+            if n < min_errors:
+                continue  # fewer than min_errors: the model's
+            k = j + 1
+            worth = min(n, effective) / np.float32(k)
+            worth = worth if worth > one else one
+            weight = worth + z2
+            cycles = season * ((k + season - 1) // season) if candidates > 2 else 0
+            best_err = inf
+            best = 0
+            for cand in range(1, candidates):
+                if cand > 1 and c - (cycles - k) < 0:
+                    continue  # a young series' seasonal forecast reads before its first value
+                m = mean[s, cand, j]
+                gain = mean[s, 0, j] - m
+                if gain > m * margin and gain * gain * weight > sq[s, cand - 1, j] * z2 and m < best_err:
+                    best_err, best = m, cand
+            if best == 1:
+                f[i, j] = values_flat[base + c % window]
+            elif best == 2:
+                f[i, j] = _naive_value(values_flat, base, window, c, cycles - k)
+            elif best == 3:
+                f[i, j] = _seasonal_mean(values_flat, base, window, c, cycles - k, season, seasons)

@@ -43,7 +43,8 @@ and the ordinal of the first forecast to score (int64: past a new series' warm-u
 first the new model made, see ``forecaster.engine.recalibrate``):
 ``4 * (H * H + 2 * H + H * L + H * L * H) + 8`` bytes (1928 for H = 12, two levels).
 
-The arithmetic is written once for numpy arrays (a CPU table) and torch tensors (a GPU table) alike.
+The arithmetic is written once for numpy arrays (the per-series reference) and torch tensors (a GPU table)
+alike; a CPU table runs it as compiled loops (``forecaster.engine.fused``), held equal to both by the tests.
 
 >>> import numpy as np
 >>> iv = Intervals(levels=(80.0, 95.0))

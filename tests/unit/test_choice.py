@@ -100,6 +100,25 @@ def test_the_engine_emits_the_reference_choice_of_each_series_whatever_the_batch
     assert switched > 0  # the choice did something on these series
 
 
+@pytest.mark.parametrize("host_views", [None, False], ids=["numpy", "torch"])
+def test_a_long_horizon_switches_early_steps_on_few_errors_as_the_reference(host_views):
+    # min_errors below the horizon: at the far steps a mean is worth fewer than one independent error,
+    # and is counted as one (Choice.decide); the seasonal mean candidate takes part (window 64)
+    choice = Choice(halflife=16.0, margin=0.1, z=1.0, min_errors=2)
+    model = seasonal_model(season=4, horizon=12, residual=3.0)
+    data = streams(n=96)
+    engine = Engine(model, window=64, choice=choice, host_views=host_views, scaling=Scaling())
+    assert engine.table.candidates == 4
+    got = run(engine, data, seed=5)
+    switched = 0
+    for name, values in data.items():
+        raw = reference_forecast(model, values, Scaling()).astype(np.float32)
+        want = reference_choice(raw, values, choice, 4, 64)
+        np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-4, err_msg=name)
+        switched += int((np.abs(want[:, 8:] - raw[:, 8:]) > 1e-6).sum())
+    assert switched > 0
+
+
 def test_the_seasonal_candidate_needs_a_season_and_a_window_that_holds_it():
     assert naive_reach(1, 12, 256) == 2
     assert naive_reach(12, 12, 256) == 4  # the seasonal mean of four years too
