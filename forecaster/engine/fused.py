@@ -179,6 +179,7 @@ def choose_score(  # noqa: PLR0913
         v32 = np.float32(v[i])
         base = s * window
         lag = c % horizon
+        mean_at, seasonal = -1, np.float32(0.0)  # the seasonal mean read ``mean_at`` values back
         for j in range(horizon):
             k = j + 1
             cycles = season * ((k + season - 1) // season) if candidates > 2 else 0
@@ -192,7 +193,10 @@ def choose_score(  # noqa: PLR0913
             if candidates > 2:
                 errors[2] = abs(v32 - _naive_value(values_flat, base, window, c, cycles))
             if candidates > 3:
-                errors[3] = abs(v32 - _seasonal_mean(values_flat, base, window, c, cycles, season, seasons))
+                if cycles != mean_at:  # the same mean for every step within one season ahead
+                    mean_at = cycles
+                    seasonal = _seasonal_mean(values_flat, base, window, c, cycles, season, seasons)
+                errors[3] = abs(v32 - seasonal)
             count_now = min(n_err[s, j] + one, max_count)
             n_err[s, j] = count_now
             weight = one / max(count_now, one)
