@@ -41,8 +41,14 @@ class Calibrator:
         self.table = table
         self.scaling = scaling
         self._up = intervals._up_np[:, 0].copy()  # (L,) float32: the step of a miss
-        if table.host_views:
-            fused.compile_for(table)
+        if table.host_views:  # compile both loops now, not in the first round
+            none, h = np.zeros(0, np.int64), table.horizon
+            steps = intervals.score_steps(h)
+            self.score(
+                none, none, none, np.zeros(0), lambda v: CoverageAccumulator(v, table.levels, h, steps)
+            )
+            f, stats = np.zeros((0, h), np.float32), np.zeros((0, Scaling.N_STATS))
+            self.bounds(none, none, f, stats, np.zeros(0), None)
 
     def score(
         self,

@@ -118,12 +118,8 @@ class Choice:
             weight = (weight if valid is None else weight * valid)[:, None, :]  # (n, 1, H)
             return new_n, mean + weight * (errors - mean), sq + weight * (diff - sq)
         new_n = np.minimum(n + (np.float32(1.0) if valid is None else valid), np.float32(MAX_COUNT))
-        floor = np.float32(self.floor)
-        if valid is None and new_n.size and float(new_n.min()) * self.floor >= 1.0:
-            weight = floor  # every mean past its first errors: one weight (what the line below gives)
-        else:
-            weight = np.maximum(np.float32(1.0) / np.maximum(new_n, np.float32(1.0)), floor)  # (n, H)
-            weight = (weight if valid is None else weight * valid)[:, None, :]  # (n, 1, H)
+        weight = np.maximum(np.float32(1.0) / np.maximum(new_n, np.float32(1.0)), np.float32(self.floor))
+        weight = (weight if valid is None else weight * valid)[:, None, :]  # (n, 1, H)
         errors = errors - mean  # m + w (e - m), as (e - m) w + m
         errors *= weight
         errors += mean

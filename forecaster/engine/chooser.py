@@ -66,21 +66,20 @@ class Chooser:
         emitted = np.stack([np.zeros_like(k), cycles - k, cycles - k][: candidates - 1])  # (C - 1, H)
         return scored, emitted
 
-    def _naive(self, slots: np.ndarray, count: np.ndarray, which: int) -> Any:
-        """The naive candidates' forecasts (n, C - 1, H) float32, re-read from the ring of values: those
-        made 1..H values before each slot's ordinal ``count`` for it (``which`` 0), or those made at it (1)."""
+    def _naive(self, slots: np.ndarray, count: np.ndarray, which: int) -> torch.Tensor:
+        """The naive candidates' forecasts (n, C - 1, H) float32 (a GPU table's tensors), re-read from the
+        ring of values: those made 1..H values before each slot's ordinal ``count`` for it (``which`` 0), or
+        those made at it (1)."""
         tb = self.table
-        cpu, device, c = tb.host_views, tb.device, tb.candidates
+        device, c = tb.device, tb.candidates
         single = self._backs(tb.horizon, tb.season, c)[which][:2]  # (<= 2, H) one value each
-        at = self._ring(slots, count, single)  # (n, <= 2, H)
-        got = tb.values_flat[at if cpu else torch.from_numpy(at).to(device)]
+        got = tb.values_flat[torch.from_numpy(self._ring(slots, count, single)).to(device)]  # (n, <= 2, H)
         if c < 4:
             return got
         back, steps = self._distinct(tb.horizon, tb.season, tb.window_size, which)  # (m, U), (H,)
-        at = self._ring(slots, count, back)  # (n, m, U)
-        mean = seasonal_mean(tb.values_flat[at if cpu else torch.from_numpy(at).to(device)], back, count)
-        mean = mean[:, steps if cpu else torch.from_numpy(steps).to(device)]  # (n, H)
-        return np.concatenate([got, mean[:, None]], 1) if cpu else torch.cat([got, mean[:, None]], 1)
+        at = torch.from_numpy(self._ring(slots, count, back)).to(device)  # (n, m, U)
+        mean = seasonal_mean(tb.values_flat[at], back, count)[:, torch.from_numpy(steps).to(device)]  # (n, H)
+        return torch.cat([got, mean[:, None]], 1)
 
     @staticmethod
     @functools.cache

@@ -113,23 +113,6 @@ def bounds_round(  # noqa: PLR0913
             upper[i] = nan
 
 
-def compile_for(table: Any) -> None:
-    """Compile (or load from the cache) both loops for ``table``'s arrays now, with no series: the first
-    round then does not wait for it."""
-    none = np.zeros(0, np.int64)
-    levels, horizon = table.levels, table.horizon
-    score_round(
-        none, none, table.score_from, np.zeros(0), table.past_flat, table.past_scale_flat,
-        table.past_half_flat, table.mean_err_a, table.mult_a, np.zeros(levels, np.float32), np.float32(0.0),
-        np.float32(0.0), np.zeros(horizon, np.int64), np.zeros((2, levels, horizon)),
-    )  # fmt: skip
-    out = np.zeros((0, levels, horizon), np.float32)
-    bounds_round(
-        none, none, np.zeros((0, horizon), np.float32), np.zeros(0, np.float32), table.mean_err_a,
-        table.mult_a, table.past_rows, table.past_scale_flat, table.past_half_rows, np.int64(0), out, out,
-    )  # fmt: skip
-
-
 @_compiled
 def _naive_value(values: np.ndarray, base: int, window: int, ordinal: int, back: int) -> np.float32:
     """The ring's value ``back`` values before ``ordinal`` (a slot's ring starts at ``base``)."""

@@ -162,16 +162,11 @@ class Intervals:
         new_mult -= inside * np.float32(self.learning_rate)
         new_mult = new_mult.clamp(min=0.0) if lib is torch else np.maximum(new_mult, 0.0, out=new_mult)
         floor = self.floor
-        if (
-            lib is np and valid is None and n_errors.size and int(n_errors.min()) * floor >= 1.0
-        ):  # all past their first errors
-            weight = np.float32(floor)
-        else:
-            n = n_errors.float() if lib is torch else n_errors.astype(np.float32)
-            weight = 1.0 / (n.clamp(min=1.0) if lib is torch else np.maximum(n, 1.0))  # (n, H)
-            weight = weight.clamp(min=floor) if lib is torch else np.maximum(weight, floor)
-            if valid is not None:
-                weight = weight * valid
+        n = n_errors.float() if lib is torch else n_errors.astype(np.float32)
+        weight = 1.0 / (n.clamp(min=1.0) if lib is torch else np.maximum(n, 1.0))  # (n, H)
+        weight = weight.clamp(min=floor) if lib is torch else np.maximum(weight, floor)
+        if valid is not None:
+            weight = weight * valid
         new_mean = mean_err + weight * (score - mean_err)  # (n, H); unchanged where not valid
         return new_mean, new_mult, inside, half
 
