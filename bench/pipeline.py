@@ -157,9 +157,13 @@ def cpu_seconds(pid: int) -> float:
 def bare_relay(bootstrap: str, client: str, source: str, target: str, count: int, cpu) -> None:
     """Child process: the client's consume -> produce loop, one output record per consumed value."""
     kafka = KafkaSettings(bootstrap_servers=bootstrap, client=client)
-    consumer = make_consumer(
-        kafka, ConsumerOptions(group_id=f"bench-bare-{uuid.uuid4().hex[:8]}", fetch_wait_max_ms=10)
+    service = Settings(kafka=kafka).service  # the service's fetch settings for this client: same batches
+    options = ConsumerOptions(
+        group_id=f"bench-bare-{uuid.uuid4().hex[:8]}",
+        fetch_wait_max_ms=service.fetch_wait_max_ms,
+        fetch_min_bytes=service.fetch_min_bytes,
     )
+    consumer = make_consumer(kafka, options)
     producer = make_producer(kafka, ProducerOptions(linger_ms=5))
     consumer.subscribe(source, Rebalance())
     started, seen = None, 0
@@ -516,6 +520,7 @@ def main() -> None:
         "commit_interval_ms": settings.service.commit_interval_ms,
         "linger_ms": settings.service.linger_ms,
         "fetch_wait_max_ms": settings.service.fetch_wait_max_ms,
+        "fetch_min_bytes": settings.service.fetch_min_bytes,
         "bare": bare,
         "service": service,
         "quix_streams_peer": peer,

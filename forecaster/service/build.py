@@ -50,6 +50,7 @@ def consumer_options(settings: Settings) -> ConsumerOptions:
         session_timeout_ms=service.session_timeout_ms,
         heartbeat_interval_ms=max(100, service.session_timeout_ms // 3),
         fetch_wait_max_ms=service.fetch_wait_max_ms,
+        fetch_min_bytes=service.fetch_min_bytes,
     )
 
 

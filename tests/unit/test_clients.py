@@ -1,5 +1,6 @@
 """``wait_for_broker`` on refused logins with ``kafka.client = kafka-python``, its admin client replaced by
-one that logs what kafka-python logs and fails as it fails. The real broker: test_security.py."""
+one that logs what kafka-python logs and fails as it fails (the real broker: test_security.py); and the
+input consumer's fetch settings as each library gets them."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import logging
 import pytest
 from kafka.errors import KafkaConnectionError, KafkaTimeoutError, SaslAuthenticationFailedError
 
-from forecaster.config import KafkaSettings
+from forecaster.config import FETCH_DEFAULTS, KafkaSettings, Settings
 from forecaster.errors import KafkaSetupError
 from forecaster.service import clients
+from forecaster.service.build import consumer_options
 from forecaster.service.clients import kafkapython
+from forecaster.service.clients.confluent import consumer as confluent_consumer
+from forecaster.service.clients.kafkapython import consumer as kafkapython_consumer
 
 SASL = {
     "client": "kafka-python",
@@ -200,3 +204,29 @@ def test_librdkafka_lines_go_through_logging_and_a_broker_away_is_told_once_a_wh
     assert len(failed) >= 3  # librdkafka retried, through logging
     shown = [line for line in stream.getvalue().splitlines() if "Connection refused" in line]
     assert len(shown) == 1
+
+
+@pytest.mark.parametrize(
+    ("client", "names"),
+    [
+        ("confluent", ("fetch.min.bytes", "fetch.wait.max.ms")),
+        ("kafka-python", ("fetch_min_bytes", "fetch_max_wait_ms")),
+    ],
+)
+def test_the_input_consumers_fetch_settings_reach_both_libraries(monkeypatch, client, names) -> None:
+    """``service.fetch_min_bytes`` and ``service.fetch_wait_max_ms`` (how long a record may wait for a batch
+    to fill at the broker) are what each library's consumer is made with."""
+    made: list[dict] = []
+
+    def capture(*args, **kwargs):
+        made.append(args[0] if args else kwargs)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(confluent_consumer, "_Consumer", capture)
+    monkeypatch.setattr(kafkapython_consumer, "KafkaConsumer", capture)
+    settings = Settings(kafka={"client": client}, service={"fetch_min_bytes": 12_345, "fetch_wait_max_ms": 7})
+    with pytest.raises(RuntimeError, match="captured"):
+        clients.make_consumer(settings.kafka, consumer_options(settings))
+    assert (made[0][names[0]], made[0][names[1]]) == (12_345, 7)
+    unset = Settings(kafka={"client": client}).service  # each client's own defaults fill what is not set
+    assert (unset.fetch_min_bytes, unset.fetch_wait_max_ms) == FETCH_DEFAULTS[client]

@@ -97,7 +97,8 @@ class ConsumerOptions:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int | None = None  # default: a third of the session timeout
     max_poll_interval_ms: int = 300_000
-    fetch_wait_max_ms: int = 100  # how long the broker may hold a fetch that has no data yet
+    fetch_wait_max_ms: int = 100  # how long the broker may hold a fetch that has less than fetch_min_bytes
+    fetch_min_bytes: int = 1  # the broker answers a fetch once this much is there (or after the wait)
     max_partition_fetch_bytes: int = 1 << 20
     fetch_max_bytes: int = 50 << 20
     auto_offset_reset: str = "earliest"

@@ -41,6 +41,7 @@ class ConfluentConsumer(Consumer):
             or max(100, options.session_timeout_ms // 3),
             "max.poll.interval.ms": options.max_poll_interval_ms,
             "fetch.wait.max.ms": options.fetch_wait_max_ms,
+            "fetch.min.bytes": options.fetch_min_bytes,
             "max.partition.fetch.bytes": options.max_partition_fetch_bytes,
             "fetch.max.bytes": options.fetch_max_bytes,
             "receive.message.max.bytes": options.fetch_max_bytes + (1 << 20),

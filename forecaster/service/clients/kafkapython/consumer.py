@@ -59,6 +59,7 @@ class KafkaPythonConsumer(Consumer):
             or max(100, options.session_timeout_ms // 3),
             "max_poll_interval_ms": options.max_poll_interval_ms,
             "fetch_max_wait_ms": options.fetch_wait_max_ms,
+            "fetch_min_bytes": options.fetch_min_bytes,
             "max_partition_fetch_bytes": options.max_partition_fetch_bytes,
             "fetch_max_bytes": options.fetch_max_bytes,
         }
