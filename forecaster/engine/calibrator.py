@@ -40,7 +40,7 @@ class Calibrator:
         self.intervals = intervals
         self.table = table
         self.scaling = scaling
-        self._up = intervals._up_np[:, 0].copy()  # (L,) float32: the step of a miss
+        self._up = intervals.miss_step[:, 0].copy()  # (L,) float32: the step of a miss
         if table.host_views:  # compile both loops now, not in the first round
             none, h = np.zeros(0, np.int64), table.horizon
             steps = intervals.score_steps(h)

@@ -118,7 +118,7 @@ class Intervals:
         return 1.0 - 0.5 ** (1.0 / self.halflife)
 
     @functools.cached_property
-    def _up_np(self) -> np.ndarray:
+    def miss_step(self) -> np.ndarray:
         """lr * (1 - alpha) per level, (L, 1) float32: the step of a miss."""
         return (self.learning_rate * (1.0 - self.alpha)).astype(np.float32)[:, None]
 
@@ -157,7 +157,7 @@ class Intervals:
         if valid is not None:
             inside &= valid[:, None, :]
         # c + lr * (miss - alpha) where scored: + lr * (1 - alpha), and - lr where inside
-        up = self._up_np if lib is np else torch.as_tensor(self._up_np, device=mult.device)
+        up = self.miss_step if lib is np else torch.as_tensor(self.miss_step, device=mult.device)
         new_mult = mult + (up if valid is None else valid[:, None, :] * up)  # (n, L, H)
         new_mult -= inside * np.float32(self.learning_rate)
         new_mult = new_mult.clamp(min=0.0) if lib is torch else np.maximum(new_mult, 0.0, out=new_mult)
