@@ -15,6 +15,8 @@ at fixed rates (``--rate``, default 1k and 10k values/s) through the service, ea
 per value, the time from its send (its ``ts`` is the wall clock at send, ms) to its forecast produced (the
 forecast record's broker timestamp) and to its forecast consumed here; p50 / p99 / max in ms. Exactly
 once, a forecast is readable only once its transaction commits (``service.commit_interval_ms``).
+``cores_busy``: over a latency run, the cores the whole machine kept busy (``of`` the cores it has) and
+those the service used: whether a run was bound by this machine's CPU or by the service's.
 
 The load generator and the reader of the outputs use confluent-kafka, so neither limits a run.
 
@@ -152,6 +154,14 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far, every core together (Linux /proc/stat)."""
+    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    tck = os.sysconf("SC_CLK_TCK")
+    return (sum(ticks) - idle) / tck, sum(ticks) / tck
 
 
 def bare_relay(bootstrap: str, client: str, source: str, target: str, count: int, cpu) -> None:
@@ -316,11 +326,23 @@ def latency(args, broker: Broker, client: str, rate: float, guarantee: str) -> d
         child = mp.Process(
             target=produce, args=(args.bootstrap, source, args.series, n_values, 1, rate, started)
         )
+        # Where the CPU went while values flowed: was the machine saturated, and how much did the service get?
+        machine_before, service_before, clock_before = (
+            machine_cpu_seconds(),
+            cpu_seconds(proc.pid),
+            time.monotonic(),
+        )
         child.start()
         seen, _, bodies = consume(
             args.bootstrap, target, n_values, timeout=args.latency_seconds + args.timeout, keep_bodies=True
         )
         child.join()
+        (busy, whole), elapsed = machine_cpu_seconds(), time.monotonic() - clock_before
+        cores = {
+            "machine": round((busy - machine_before[0]) / elapsed, 2),
+            "of": round((whole - machine_before[1]) / elapsed, 1),  # the cores there are
+            "service": round((cpu_seconds(proc.pid) - service_before) / elapsed, 2),
+        }
         # the first 2 s: connections, first batches, and a fresh instance's first transactions (each
         # partition's first in a transaction was seen to take about 300 ms on a fresh topic)
         warmup = rate * 2.0
@@ -347,6 +369,7 @@ def latency(args, broker: Broker, client: str, rate: float, guarantee: str) -> d
             "complete": seen >= n_values,
             "to_forecast_consumed_ms": {"p50": pct(c, 50), "p99": pct(c, 99), "max": pct(c, 100)},
             "to_forecast_produced_ms": {"p50": pct(p, 50), "p99": pct(p, 99), "max": pct(p, 100)},
+            "cores_busy": cores,
         }
     finally:
         stop_service(proc)
