@@ -77,14 +77,23 @@ def free_port() -> int:
 
 
 def produce(
-    bootstrap: str, topic: str, n_series: int, n_values: int, window: int, rate: float, started
+    bootstrap: str,
+    topic: str,
+    n_series: int,
+    n_values: int,
+    window: int,
+    rate: float,
+    started,
+    linger_ms: float = 0.0,
 ) -> None:
     """Child process: ``n_values`` synthetic values as records of ``window`` values, paced at ``rate``
-    values/s (0: as fast as possible). With a rate, each value's ts is the wall clock at its send."""
+    values/s (0: as fast as possible, batched for 5 ms). With a rate, each value's ts is the wall clock at
+    its send, and the producer waits ``linger_ms`` to batch (0: a request per value when the broker keeps
+    up)."""
     producer = Producer(
         {
             "bootstrap.servers": bootstrap,
-            "linger.ms": 0 if rate else 5,
+            "linger.ms": linger_ms if rate else 5,
             "queue.buffering.max.messages": 2_000_000,
         }
     )
@@ -324,7 +333,8 @@ def latency(args, broker: Broker, client: str, rate: float, guarantee: str) -> d
         n_values = int(rate * args.latency_seconds)
         started = mp.Value("d", 0.0)
         child = mp.Process(
-            target=produce, args=(args.bootstrap, source, args.series, n_values, 1, rate, started)
+            target=produce,
+            args=(args.bootstrap, source, args.series, n_values, 1, rate, started, args.producer_linger_ms),
         )
         # Where the CPU went while values flowed: was the machine saturated, and how much did the service get?
         machine_before, service_before, clock_before = (
@@ -448,6 +458,12 @@ def main() -> None:
         help="offered values/s of the latency runs",
     )
     parser.add_argument("--latency-seconds", type=float, help="length of the latency run")
+    parser.add_argument(
+        "--producer-linger-ms",
+        type=float,
+        default=0.0,
+        help="the latency runs' producer batches this long (0: each value sent at once)",
+    )
     parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS))
     parser.add_argument("--guarantees", nargs="+", choices=GUARANTEES, default=list(GUARANTEES))
     parser.add_argument("--partitions", type=int, default=6)
@@ -544,6 +560,7 @@ def main() -> None:
         "linger_ms": settings.service.linger_ms,
         "fetch_wait_max_ms": settings.service.fetch_wait_max_ms,
         "fetch_min_bytes": settings.service.fetch_min_bytes,
+        "latency_producer_linger_ms": args.producer_linger_ms,
         "bare": bare,
         "service": service,
         "quix_streams_peer": peer,
