@@ -337,11 +337,8 @@ def latency(args, broker: Broker, client: str, rate: float, guarantee: str) -> d
             args=(args.bootstrap, source, args.series, n_values, 1, rate, started, args.producer_linger_ms),
         )
         # Where the CPU went while values flowed: was the machine saturated, and how much did the service get?
-        machine_before, service_before, clock_before = (
-            machine_cpu_seconds(),
-            cpu_seconds(proc.pid),
-            time.monotonic(),
-        )
+        (busy_before, whole_before), service_before = machine_cpu_seconds(), cpu_seconds(proc.pid)
+        clock_before = time.monotonic()
         child.start()
         seen, _, bodies = consume(
             args.bootstrap, target, n_values, timeout=args.latency_seconds + args.timeout, keep_bodies=True
@@ -349,8 +346,8 @@ def latency(args, broker: Broker, client: str, rate: float, guarantee: str) -> d
         child.join()
         (busy, whole), elapsed = machine_cpu_seconds(), time.monotonic() - clock_before
         cores = {
-            "machine": round((busy - machine_before[0]) / elapsed, 2),
-            "of": round((whole - machine_before[1]) / elapsed, 1),  # the cores there are
+            "machine": round((busy - busy_before) / elapsed, 2),
+            "of": round((whole - whole_before) / elapsed, 1),  # the cores there are
             "service": round((cpu_seconds(proc.pid) - service_before) / elapsed, 2),
         }
         # the first 2 s: connections, first batches, and a fresh instance's first transactions (each

@@ -352,17 +352,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fetch_defaults(self) -> Settings:
-        service = self.service
-        if service.fetch_min_bytes is None or service.fetch_wait_max_ms is None:
-            min_bytes, wait_ms = FETCH_DEFAULTS[self.kafka.client]
-            self.service = service.model_copy(
-                update={
-                    "fetch_min_bytes": service.fetch_min_bytes or min_bytes,
-                    "fetch_wait_max_ms": wait_ms
-                    if service.fetch_wait_max_ms is None
-                    else service.fetch_wait_max_ms,
-                }
-            )
+        """The fetch settings left unset take the chosen Kafka client's defaults."""
+        defaults = zip(
+            ("fetch_min_bytes", "fetch_wait_max_ms"), FETCH_DEFAULTS[self.kafka.client], strict=True
+        )
+        unset = {name: value for name, value in defaults if getattr(self.service, name) is None}
+        if unset:
+            self.service = self.service.model_copy(update=unset)
         return self
 
     def masked_json(self) -> str:
