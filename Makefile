@@ -18,4 +18,4 @@ PYTEST_ARGS ?=
 
 test:  ## installs what the tests need, then every test (the integration tests start a broker when none answers)
 	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev,notebooks]'
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q --durations=25 $(PYTEST_ARGS)

@@ -1,7 +1,8 @@
 """Logging of the Kafka clients: their lines through Python's logging, each kind at most once a while.
 
-While a broker is away both clients say so many times a second (librdkafka one ``FAIL`` line per connect
-attempt, kafka-python one ``No node available`` per metadata refresh); the service reports a lost broker
+While a broker is away both clients say so again and again (librdkafka a ``FAIL`` line per connect attempt,
+though 2.12 holds most of its repeats back itself; kafka-python one ``No node available`` per
+metadata refresh, many a second); the service reports a lost broker
 once, from its own checks. ``Repeats`` passes a given line of a client at most once per ``interval``
 seconds and tells how many it held back. librdkafka's lines go through Python's logging too
 (``forecaster.librdkafka``, handed to confluent-kafka as its ``logger``) instead of straight to stderr.

@@ -171,7 +171,7 @@ def test_a_transactional_call_librdkafka_does_not_return_from_gives_the_producer
 
 
 def test_librdkafka_lines_go_through_logging_and_a_broker_away_is_told_once_a_while() -> None:
-    """A consumer with no broker to reach: librdkafka's connect failures (many a second) arrive in the
+    """A consumer with no broker to reach: librdkafka's connect failures arrive in the
     forecaster.librdkafka logger, and the Repeats filter lets one through per interval."""
     import io
     import time
@@ -201,7 +201,10 @@ def test_librdkafka_lines_go_through_logging_and_a_broker_away_is_told_once_a_wh
         target.removeHandler(handler)
         target.removeHandler(counter)
     failed = [r for r in counted if "Connection refused" in r.getMessage()]
-    assert len(failed) >= 3  # librdkafka retried, through logging
+    assert failed  # librdkafka's line, through logging
+    # librdkafka >= 2.12 holds back most of its own repeats; more attempts say the same, and are held
+    for record in failed * 3:
+        handler.handle(logging.makeLogRecord(record.__dict__))
     shown = [line for line in stream.getvalue().splitlines() if "Connection refused" in line]
     assert len(shown) == 1
 
