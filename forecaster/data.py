@@ -225,8 +225,8 @@ def _read_table(source: str | os.PathLike[str] | IO[str], fmt: str | None) -> tu
 
 def _numbers(cells: pd.Series, decimal_comma: bool) -> np.ndarray:
     """A value column as float64, NaN where a cell is not a number; a number written as text reads as the
-    float ``float()`` gives (pandas' own parse is off by one unit in the last place for about a fifth of
-    17-digit values). With ``decimal_comma`` (a CSV separated by semicolons or tabs), a column where some
+    float ``float()`` gives (pandas 2's own parse, with numpy 2.4, is one unit in the last place off for
+    about a fifth of 17-digit values). With ``decimal_comma`` (a CSV separated by semicolons or tabs), a column where some
     cells are numbers only with a decimal comma (``1,5``, ``-1.234,5``, ``1 234,5``) is read with the comma
     as the decimal mark and points or spaces as thousands separators, wherever they group digits by three."""
     values = _exactly(cells, pd.to_numeric(cells.replace("", np.nan), errors="coerce"))
@@ -239,17 +239,15 @@ def _numbers(cells: pd.Series, decimal_comma: bool) -> np.ndarray:
     column = cells.astype("string").str.strip()
     european = (column.str.fullmatch(_DECIMAL_COMMA) | column.str.fullmatch(_GROUPED)).fillna(False)
     rewritten = column[european].str.replace(r"[.\s\u00a0\u202f]", "", regex=True).str.replace(",", ".")
-    values[european.to_numpy(dtype=bool)] = _exactly(
-        rewritten.astype(object), pd.to_numeric(rewritten, errors="coerce")
-    )
+    values[european.to_numpy(dtype=bool)] = _exactly(rewritten, pd.to_numeric(rewritten, errors="coerce"))
     return values
 
 
 def _exactly(cells: pd.Series, parsed: pd.Series) -> np.ndarray:
     """``parsed`` (``pd.to_numeric`` of ``cells``) as float64, its numbers read from text parsed again by
     ``float()``: the nearest double, as Python, orjson and the service read the same digits."""
-    values = parsed.to_numpy(dtype=np.float64, na_value=np.nan)
-    if cells.dtype != object:
+    values = np.array(parsed.to_numpy(dtype=np.float64, na_value=np.nan))  # a copy: pandas 3's is read-only
+    if not (cells.dtype == object or pd.api.types.is_string_dtype(cells.dtype)):
         return values
     at = np.flatnonzero(np.isfinite(values))
     text = cells.to_numpy(dtype=object)[at]
