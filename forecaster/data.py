@@ -226,18 +226,18 @@ def _read_table(source: str | os.PathLike[str] | IO[str], fmt: str | None) -> tu
 def _numbers(cells: pd.Series, decimal_comma: bool) -> np.ndarray:
     """A value column as float64, NaN where a cell is not a number; a number written as text reads as the
     float ``float()`` gives (pandas 2's own parse, with numpy 2.4, is one unit in the last place off for
-    about a fifth of 17-digit values). With ``decimal_comma`` (a CSV separated by semicolons or tabs), a column where some
-    cells are numbers only with a decimal comma (``1,5``, ``-1.234,5``, ``1 234,5``) is read with the comma
-    as the decimal mark and points or spaces as thousands separators, wherever they group digits by three."""
+    about a fifth of 17-digit values). With ``decimal_comma`` (a CSV separated by semicolons or tabs), a
+    column where some cells are numbers only with a decimal comma (``1,5``, ``-1.234,5``, ``1 234,5``) is
+    read with the comma as the decimal mark and points or spaces as thousands separators, wherever they
+    group digits by three."""
     values = _exactly(cells, pd.to_numeric(cells.replace("", np.nan), errors="coerce"))
-    if not decimal_comma:
-        return values
-    failed = ~np.isfinite(values)
-    text = cells[failed].astype("string").str.strip()
-    if not text.str.fullmatch(_DECIMAL_COMMA).fillna(False).any():
+    if not decimal_comma or np.isfinite(values).all():
         return values
     column = cells.astype("string").str.strip()
-    european = (column.str.fullmatch(_DECIMAL_COMMA) | column.str.fullmatch(_GROUPED)).fillna(False)
+    comma = column.str.fullmatch(_DECIMAL_COMMA).fillna(False)  # never a plain number: a failed cell
+    if not comma.any():
+        return values
+    european = comma | column.str.fullmatch(_GROUPED).fillna(False)
     rewritten = column[european].str.replace(r"[.\s\u00a0\u202f]", "", regex=True).str.replace(",", ".")
     values[european.to_numpy(dtype=bool)] = _exactly(rewritten, pd.to_numeric(rewritten, errors="coerce"))
     return values
@@ -265,7 +265,7 @@ def _float_or(text: object, fallback: float) -> float:
         return fallback
 
 
-def _long(raw: pd.DataFrame, layout: str, decimal_comma: bool = False) -> LoadedSeries:
+def _long(raw: pd.DataFrame, layout: str, decimal_comma: bool) -> LoadedSeries:
     lines = np.arange(len(raw), dtype=np.int64) + 2
     series = raw["series"].astype("string").str.strip()
     values = _numbers(raw["value"], decimal_comma)
@@ -289,7 +289,7 @@ def _long(raw: pd.DataFrame, layout: str, decimal_comma: bool = False) -> Loaded
     return LoadedSeries(frame.reset_index(drop=True), bad, layout)
 
 
-def _wide(raw: pd.DataFrame, source: object, decimal_comma: bool = False) -> LoadedSeries:
+def _wide(raw: pd.DataFrame, source: object, decimal_comma: bool) -> LoadedSeries:
     lowered = {c.lower(): c for c in raw.columns}
     time_column = next((lowered[c] for c in TIME_COLUMNS if c in lowered), raw.columns[0])
     value_columns = [c for c in raw.columns if c != time_column]
