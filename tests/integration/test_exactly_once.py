@@ -116,6 +116,12 @@ def read_committed(bootstrap: str, topic: str, count: int, timeout: float) -> li
         consumer.close()
 
 
+def has_committed_state(service) -> bool:
+    """Whether ``service`` has committed a transaction with state in the changelog: waited for before a
+    test's kills or moves, so that a restore has something to restore even where the input comes late."""
+    return service.metrics().get(("forecaster_changelog_records_total", ()), 0) > 0
+
+
 def check_exactly_once(forecasts: list[dict], frame: pd.DataFrame, model, scaling: Scaling) -> None:
     """One forecast per value, equal to the uninterrupted run (the full forward pass) within 1e-5."""
     per_value = Counter((f["series"], f["ts"]) for f in forecasts)
@@ -164,6 +170,7 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(eos, broker):
     rng = random.Random(os.getpid())
     service = start("a")
     producer = stream(topics.bootstrap, topics.input, windowed_records(frame), seconds=25)
+    broker.wait_for(lambda: has_committed_state(service), timeout=60, what="a first transaction with state")
     kills = 0
     while kills < 5:
         time.sleep(rng.uniform(0.5, 4.0))  # a random point of the stream and of the commit cycle
@@ -253,7 +260,8 @@ def test_scaling_1_2_3_1_loses_and_duplicates_nothing(eos, broker):
     frame = generate(n_series=500, n_values=100, start_ms=START_MS, step_ms=60_000, seed=23)
     a = start("a")
     producer = stream(topics.bootstrap, topics.input, windowed_records(frame), seconds=30)
-    time.sleep(3)
+    broker.wait_for(lambda: has_committed_state(a), timeout=60, what="a first transaction with state")
+    time.sleep(2)
     b = start("b")  # 1 -> 2: partitions move from a to b
     time.sleep(3)
     c = start("c")  # 2 -> 3
