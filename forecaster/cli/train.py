@@ -123,6 +123,7 @@ def summarize(outcome: TrainOutcome) -> dict[str, Any]:
         "validation_points": int(evaluation.errors["model"].count.sum()),
         "mae": {name: evaluation.mae(name) for name in evaluation.errors},
         "mase": {name: evaluation.mase(name) for name in evaluation.errors},
+        "mase_series_left_out": evaluation.errors["model"].unscaled_series,  # no in-sample scale
         "relative_mae_vs_seasonal_naive": evaluation.relative_mae("model", "seasonal_naive"),
         "relative_mae_vs_last_value": evaluation.relative_mae("model", "last_value"),
     }

@@ -338,6 +338,11 @@ def format_metrics(result: ReplayResult) -> str:
         f"{model.overall_mase():>8.4f} {naive.overall_mase():>11.4f} {relative_mae(model, naive)[0]:>13.4f} "
         f"{relative_mae(model, last)[0]:>11.4f} {naive.overall_mae():>12.6g} {last.overall_mae():>12.6g}"
     )
+    if model.unscaled_series:
+        lines.append(
+            f"MASE leaves out {model.unscaled_series} series without an in-sample scale (a flat history, or a"
+            " single value); MAE and RMSE count them"
+        )
     return "\n".join(lines)
 
 

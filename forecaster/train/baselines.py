@@ -8,7 +8,8 @@ Two scores compare methods. MASE is Hyndman & Koehler's mean absolute scaled err
 divided by its series' in-sample seasonal-naive MAE (``insample_scale``, over the values known before the
 first scored forecast: a series' training part), and the scaled errors are averaged over every point of every
 series (statsforecast, darts and the M-competitions compute the same; series of equal test length weigh
-equally). Relative MAE is the MAE of a forecast over that of a baseline on the same points (out-of-sample
+equally). A series whose history has no such scale (flat, or a single value) is left out of MASE and counted
+(``unscaled_series``); its errors still count in MAE and RMSE. Relative MAE is the MAE of a forecast over that of a baseline on the same points (out-of-sample
 scaling): below 1 the forecast beats the baseline.
 
 >>> v = np.array([1.0, 2.0, 3.0, 4.0])
@@ -118,17 +119,21 @@ def detect_season(
 
 @dataclass
 class ForecastErrors:
-    """Accumulated errors per horizon step: ``count``, ``sum_abs``, ``sum_sq`` and ``sum_scaled`` (absolute
-    errors over their series' ``insample_scale``; NaN when a series had none), each (horizon,)."""
+    """Accumulated errors per horizon step: ``count``, ``sum_abs``, ``sum_sq``, and ``sum_scaled`` (absolute
+    errors over their series' ``insample_scale``) over the ``count_scaled`` points of series that have one,
+    each (horizon,); ``unscaled_series``: series with points scored but no scale (left out of MASE)."""
 
     count: np.ndarray
     sum_abs: np.ndarray
     sum_sq: np.ndarray
     sum_scaled: np.ndarray
+    count_scaled: np.ndarray
+    unscaled_series: int = 0
 
     @classmethod
     def empty(cls, horizon: int) -> ForecastErrors:
-        return cls(np.zeros(horizon, np.int64), np.zeros(horizon), np.zeros(horizon), np.zeros(horizon))
+        zero = np.zeros(horizon, np.int64)
+        return cls(zero, np.zeros(horizon), np.zeros(horizon), np.zeros(horizon), zero.copy())
 
     @classmethod
     def of(
@@ -145,8 +150,11 @@ class ForecastErrors:
             keep &= mask
         err = np.where(keep, forecast - target, 0.0)  # (T, horizon)
         count = keep.sum(0).astype(np.int64)
-        scaled = np.abs(err).sum(0) / scale if math.isfinite(scale) else np.where(count > 0, np.nan, 0.0)
-        return cls(count, np.abs(err).sum(0), (err * err).sum(0), scaled)
+        sum_abs = np.abs(err).sum(0)
+        if math.isfinite(scale):
+            return cls(count, sum_abs, (err * err).sum(0), sum_abs / scale, count.copy())
+        unscaled = int(count.sum() > 0)
+        return cls(count, sum_abs, (err * err).sum(0), np.zeros_like(sum_abs), np.zeros_like(count), unscaled)
 
     def __add__(self, other: ForecastErrors) -> ForecastErrors:
         return ForecastErrors(
@@ -154,6 +162,8 @@ class ForecastErrors:
             self.sum_abs + other.sum_abs,
             self.sum_sq + other.sum_sq,
             self.sum_scaled + other.sum_scaled,
+            self.count_scaled + other.count_scaled,
+            self.unscaled_series + other.unscaled_series,
         )
 
     def mae(self) -> np.ndarray:
@@ -166,13 +176,12 @@ class ForecastErrors:
         return np.sqrt(mse)
 
     def mase(self) -> np.ndarray:
-        """MASE per horizon step: the mean scaled absolute error (NaN where nothing was counted)."""
-        return np.divide(
-            self.sum_scaled, self.count, out=np.full(len(self.count), np.nan), where=self.count > 0
-        )
+        """MASE per horizon step: the mean scaled absolute error (NaN where no series with a scale counted)."""
+        n = self.count_scaled
+        return np.divide(self.sum_scaled, n, out=np.full(len(n), np.nan), where=n > 0)
 
     def overall_mase(self) -> float:
-        n = int(self.count.sum())
+        n = int(self.count_scaled.sum())
         return float(self.sum_scaled.sum() / n) if n else float("nan")
 
     def overall_mae(self) -> float:
@@ -184,12 +193,14 @@ class ForecastErrors:
         return float(np.sqrt(self.sum_sq.sum() / n)) if n else float("nan")
 
     def summary(self) -> dict[str, object]:
-        """JSON-ready figures: overall and per-horizon MAE, RMSE and MASE, and the count."""
+        """JSON-ready figures: overall and per-horizon MAE, RMSE and MASE, the count, and how many series
+        MASE left out (no in-sample scale)."""
         return {
             "count": int(self.count.sum()),
             "mae": self.overall_mae(),
             "rmse": self.overall_rmse(),
             "mase": self.overall_mase(),
+            "mase_series_left_out": self.unscaled_series,
             "mae_by_horizon": [float(x) for x in self.mae()],
             "rmse_by_horizon": [float(x) for x in self.rmse()],
             "mase_by_horizon": [float(x) for x in self.mase()],

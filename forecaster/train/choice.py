@@ -117,7 +117,7 @@ def choose_baseline(
             [(b, last, early, u) for b, (_, last, early, _, u) in zip(bases, parts, strict=True)], horizon
         )
         later = [(b, last, late) for b, (_, last, _, late, _) in zip(bases, parts, strict=True)]
-        for weights in (mix, np.zeros(horizon)):
+        for weights in (mix, np.zeros(horizon)) if mix.any() else (mix,):  # a zero mix is the plain one
             scored.append((candidate, weights, _origin_errors(later, weights)))
     if not any(len(e) for _, _, e in scored):
         return candidates[0], np.zeros(horizon)

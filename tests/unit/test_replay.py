@@ -95,6 +95,21 @@ def test_metrics_of_a_tiny_file_equal_a_hand_computation() -> None:
     assert "2 rows were out of time order within their series" in problems
 
 
+def test_a_flat_series_is_left_out_of_mase_and_the_table_says_so() -> None:
+    """The tiny file's figures with a flat series c beside a and b: MASE as before, MAE with c's points."""
+    engine = Engine(constant_model([2.0, 3.0]), version="const", scaling=Scaling(kind="none"))
+    flat = "".join(f"c,{t * 1000},7\n" for t in range(1, 5))
+    result = replay(io.StringIO(TINY + flat), engine, season=2, batch_rows=3, progress=False)
+    model = result.errors["model"]
+    # c (7, 7, 7, 7) has no in-sample scale; its h1 points t=1,2 and h2 points t=0,1 (errors 5 and 4).
+    assert model.count.tolist() == [6, 6] and model.unscaled_series == 1
+    np.testing.assert_allclose(model.mae(), [(13 + 10) / 6, (11 + 8) / 6])
+    np.testing.assert_allclose(model.mase(), [8 / 4, 6.5 / 4])  # a's and b's alone, as above
+    assert result.metrics()["model"]["mase_series_left_out"] == 1
+    assert "MASE leaves out 1 series without an in-sample scale" in format_metrics(result)
+    assert "leaves out" not in format_metrics(replay(io.StringIO(TINY), engine, season=2, progress=False))
+
+
 def test_replay_forecasts_equal_the_reference_whatever_the_batch_size() -> None:
     torch.manual_seed(1)
     model = RecurrentForecaster("lstm", hidden_size=6, num_layers=2, horizon=3)

@@ -109,6 +109,24 @@ def test_mase_by_hand_uses_each_series_training_part() -> None:
     # Two series pool their scaled errors point by point (equal test lengths: the mean of their MASEs).
     both = errors["model"] + score_with_baselines({"model": 2 * forecast}, 2 * v, slice(4, 6), 1, 2)["model"]
     assert both.overall_mase() == pytest.approx((3 + 3) / 2 / scale)
+    assert both.unscaled_series == 0
+
+
+def test_a_series_without_a_scale_is_left_out_of_mase_not_of_mae() -> None:
+    """One flat series among others must not turn the pooled MASE into NaN: it is left out and counted."""
+    v = np.array([1.0, 2.0, 4.0, 3.0, 7.0, 5.0, 9.0])
+    forecast = np.full((7, 1), np.nan)
+    forecast[4, 0], forecast[5, 0] = 8.0, 6.0
+    scored = score_with_baselines({"model": forecast}, v, slice(4, 6), 1, 2)["model"]
+    flat = score_with_baselines({"model": forecast}, np.full(7, 5.0), slice(4, 6), 1, 2)["model"]
+    assert flat.unscaled_series == 1 and np.isnan(flat.overall_mase())
+    both = scored + flat
+    assert both.overall_mase() == pytest.approx(scored.overall_mase())  # the flat series' points left out
+    np.testing.assert_allclose(both.mase(), scored.mase())
+    assert both.overall_mae() == pytest.approx((3 + 3 + 3 + 1) / 4)  # ... but not out of MAE
+    assert both.unscaled_series == 1 and both.summary()["mase_series_left_out"] == 1
+    assert (both + ForecastErrors.empty(1)).unscaled_series == 1  # a series with no point scored adds none
+    assert ForecastErrors.of(np.full((2, 1), np.nan), np.ones((2, 1))).unscaled_series == 0
 
 
 @pytest.mark.parametrize("period", [7, 24])
