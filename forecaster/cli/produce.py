@@ -11,7 +11,12 @@ from forecaster.tools.produce import produce_file, produce_synthetic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--file", help="replay a series file (CSV long series,ts,value or wide; Parquet)")
+    parser.add_argument(
+        "--file",
+        "--input",
+        dest="file",
+        help="replay a series file (CSV long series,ts,value or wide; Parquet); --input as in train and replay",
+    )
     parser.add_argument("--series", type=int, default=100, help="synthetic: number of series (default 100)")
     parser.add_argument("--values", type=int, default=1000, help="synthetic: values per series, 0: forever")
     parser.add_argument("--rate", type=float, default=0.0, help="values per second, 0: as fast as possible")

@@ -77,7 +77,7 @@ def test_long_csv_replay_with_a_bad_row(produce, topic_factory, broker, tmp_path
         "series,ts,value\na,2023-01-01T00:00:00Z,1.5\nb,1672531200000,2.5\na,1672531260000,x\na,1672531260000,3\n"
     )
     topic = topic_factory()
-    out = produce("--topic", topic, "--file", str(path))
+    out = produce("--topic", topic, "--input", str(path))  # --file's other name, as train and replay spell it
     assert "produced 3 values in 3 records" in out and "value_not_number=1" in out
     got = values_by_series(broker.read(topic, count=3))
     assert got == {"a": [(1672531200000, 1.5), (1672531260000, 3.0)], "b": [(1672531200000, 2.5)]}
