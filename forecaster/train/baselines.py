@@ -8,9 +8,9 @@ Two scores compare methods. MASE is Hyndman & Koehler's mean absolute scaled err
 divided by its series' in-sample seasonal-naive MAE (``insample_scale``, over the values known before the
 first scored forecast: a series' training part), and the scaled errors are averaged over every point of every
 series (statsforecast, darts and the M-competitions compute the same; series of equal test length weigh
-equally). A series whose history has no such scale (flat, or a single value) is left out of MASE and counted
-(``unscaled_series``); its errors still count in MAE and RMSE. Relative MAE is the MAE of a forecast over that of a baseline on the same points (out-of-sample
-scaling): below 1 the forecast beats the baseline.
+equally). A series whose history has no such scale (flat, or a single value) is left out of MASE and
+counted (``unscaled_series``); its errors still count in MAE and RMSE. Relative MAE is the MAE of a forecast
+over that of a baseline on the same points (out-of-sample scaling): below 1 the forecast beats the baseline.
 
 >>> v = np.array([1.0, 2.0, 3.0, 4.0])
 >>> last_value(v, 2)[1].tolist(), seasonal_naive(v, 2, season=2)[1].tolist(), targets(v, 2)[1].tolist()
@@ -150,11 +150,11 @@ class ForecastErrors:
             keep &= mask
         err = np.where(keep, forecast - target, 0.0)  # (T, horizon)
         count = keep.sum(0).astype(np.int64)
-        sum_abs = np.abs(err).sum(0)
+        sum_abs, sum_sq = np.abs(err).sum(0), (err * err).sum(0)
         if math.isfinite(scale):
-            return cls(count, sum_abs, (err * err).sum(0), sum_abs / scale, count.copy())
+            return cls(count, sum_abs, sum_sq, sum_abs / scale, count.copy())
         unscaled = int(count.sum() > 0)
-        return cls(count, sum_abs, (err * err).sum(0), np.zeros_like(sum_abs), np.zeros_like(count), unscaled)
+        return cls(count, sum_abs, sum_sq, np.zeros_like(sum_abs), np.zeros_like(count), unscaled)
 
     def __add__(self, other: ForecastErrors) -> ForecastErrors:
         return ForecastErrors(
