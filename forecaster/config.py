@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from forecaster.errors import ConfigError
 from forecaster.model import ForecasterConfig
 from forecaster.records.input import MAX_ABS_VALUE
+from forecaster.timegrid import parse_period
 
 ENV_PREFIX = "FORECASTER_"
 ENV_DELIMITER = "__"
@@ -161,6 +162,21 @@ class StateSettings(BaseModel):
     # evicted), the rest in one SQLite file per instance under spill_dir (recreated at every start).
     evicted_memory_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     spill_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "forecaster-state")
+    # A step is a period: "auto" takes the serving model's (the spacing it was trained on) and lets each
+    # series without one learn its own from its first spacings; "none" steps every value as it comes; a
+    # duration ("1h", "30min", "15m", "1d" or milliseconds) puts every series on that grid.
+    period: str = "auto"
+    # A gap of more missing periods than this is stepped through only to its season's phase (a restart):
+    # the cost of one late value stays bounded.
+    max_gap_periods: int = Field(default=256, ge=0, le=100_000)
+
+    @field_validator("period")
+    @classmethod
+    def _known_period(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("auto", "none"):
+            parse_period(value)  # raises ValueError with the accepted forms
+        return value
 
     @field_validator("spill_dir")
     @classmethod

@@ -80,6 +80,9 @@ class ForecasterConfig(BaseModel):
     base_level: bool = False
     trend_span: int = Field(default=0, ge=0, le=100_000)  # values between the two seasons giving the slope
     damping: float = Field(default=1.0, gt=0.0, le=1.0)  # of the trend, per step ahead
+    # The spacing of the series the model was trained on (ms; 0: none found): one step is one period, and
+    # the service puts series on that time grid (``forecaster.timegrid``).
+    period_ms: int = Field(default=0, ge=0, le=2**62)
 
     @model_validator(mode="after")
     def _baseline_reads_the_value(self) -> ForecasterConfig:
@@ -122,6 +125,7 @@ class RecurrentForecaster(nn.Module):
         base_level: bool = False,
         trend_span: int = 0,
         damping: float = 1.0,
+        period_ms: int = 0,
     ) -> None:
         super().__init__()
         if cell not in CELLS:
@@ -146,6 +150,7 @@ class RecurrentForecaster(nn.Module):
         self.base_level = bool(base_level) and self.base_seasons > 0
         self.trend_span = int(trend_span) if self.base_seasons else 0
         self.damping = float(damping)
+        self.period_ms = int(period_ms)
         # nn.GRU warns about dropout with a single layer; it has no effect there anyway.
         rnn_dropout = self.dropout if num_layers > 1 else 0.0
         self.rnn = CELLS[cell](input_size, hidden_size, num_layers, batch_first=True, dropout=rnn_dropout)

@@ -38,6 +38,16 @@ def _lib(a: Array) -> ModuleType:
     return torch if isinstance(a, torch.Tensor) else np
 
 
+def _as(mask: np.ndarray, like: Array) -> Array:
+    """A numpy mask as ``like``'s kind (a tensor on its device, or itself)."""
+    return torch.as_tensor(mask, device=like.device) if isinstance(like, torch.Tensor) else mask
+
+
+def _float32(a: Array) -> Array:
+    """Values rounded to float32 and back (what the engine's ring of values holds)."""
+    return a.float().double() if isinstance(a, torch.Tensor) else a.astype(np.float32).astype(np.float64)
+
+
 def _floor(a: Array, low: float) -> Array:
     """max(a, low) elementwise (numpy's ``clip`` is a slow Python wrapper)."""
     return a.clamp(min=low) if isinstance(a, torch.Tensor) else np.maximum(a, low)
@@ -254,9 +264,15 @@ class Scaling:
         x, stats, _ = self.transform_values(values)
         return x, stats
 
-    def transform_values(self, values: Array) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def transform_values(
+        self, values: Array, missing: np.ndarray | None = None, season: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``transform``, and the values as they were folded in (``winsorize``; same shape, float64): what
-        the engine keeps in its ring of values, and what a model's baseline reads."""
+        the engine keeps in its ring of values, and what a model's baseline reads.
+
+        ``missing`` (bool, the shape of ``values``) marks missing periods of a series on its time grid: each
+        takes the value folded in one ``season`` earlier (else the one before), as float32 holds it, unmoved
+        by ``winsorize``, as the engine steps a missing period (``forecaster.timegrid``)."""
         if isinstance(values, np.ndarray) and not values.flags.writeable:
             values = values.copy()  # torch warns about (and may not share) a read-only buffer
         v = torch.as_tensor(values, dtype=torch.float64)
@@ -270,8 +286,12 @@ class Scaling:
         stats = self.initial_stats(batch, v.device)  # (batch, N_STATS)
         stats = stats.numpy() if v.device.type == "cpu" else stats
         xs, all_stats, folded = [], [], []
+        gaps = None if missing is None or not np.any(missing) else np.asarray(missing).reshape(batch, steps)
         for t in range(steps):
             vt, _ = self.winsorize(stats, vv[:, t])
+            if gaps is not None and t > 0 and gaps[:, t].any():
+                back = season if season > 1 and t >= season else 1
+                vt = _lib(vt).where(_as(gaps[:, t], vt), _float32(folded[t - back]), vt)
             stats = self.update(stats, vt)
             xs.append(self.normalize(stats, vt))
             all_stats.append(stats)

@@ -22,16 +22,30 @@ from forecaster.engine.intervals import Intervals
 from forecaster.engine.recalibrate import recalibrate
 from forecaster.engine.rewarm import rows_per_call
 from forecaster.engine.scores import CoverageAccumulator, CoverageStats, ErrorAccumulator, ErrorStats
-from forecaster.engine.state import StateTable
+from forecaster.engine.state import NO_TS, StateTable
 from forecaster.engine.view import answer_asks
 from forecaster.model import RecurrentForecaster
 from forecaster.records.input import MAX_ABS_VALUE
 from forecaster.scaling import Scaling
+from forecaster.timegrid import DEFAULT_MAX_GAP, grid_steps, resolve_period
 
 
 def resolve_device(setting: str) -> str:
     """``auto`` -> cuda when available, else cpu."""
     return ("cuda" if torch.cuda.is_available() else "cpu") if setting == "auto" else setting
+
+
+@dataclass
+class Plan:
+    """``Engine._plan``'s answer: the rows to step in stepped order and the round bounds within them; with
+    missing periods, every step (``step_rows`` -1: a missing period of ``step_slots``) by round instead."""
+
+    rows: np.ndarray
+    bounds: list[int]
+    step_rows: np.ndarray | None = None
+    step_slots: np.ndarray | None = None
+    imputed: int = 0
+    restarts: int = 0
 
 
 @dataclass
@@ -50,6 +64,9 @@ class EngineOutput:
     lower: np.ndarray | None = None  # (n, levels, horizon) float32 data units; None without intervals
     upper: np.ndarray | None = None  # (n, levels, horizon) float32
     clipped: int = 0  # values stepped nearer their series' range than they were (``Scaling.winsorize``)
+    step_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (n,) period; 0: none
+    imputed: int = 0  # missing periods stepped through (``forecaster.timegrid``) before these values
+    restarts: int = 0  # gaps longer than ``max_gap_periods`` stepped through only to the season's phase
 
     def __len__(self) -> int:
         return len(self.series)
@@ -82,7 +99,11 @@ class Engine:
         host_views: bool | None = None,
         intervals: Intervals | None = Intervals(),  # noqa: B008 - immutable
         choice: Choice | None = None,
+        period_ms: int | None = None,
+        max_gap_periods: int = DEFAULT_MAX_GAP,
     ) -> None:
+        if period_ms is not None and period_ms < 0 or max_gap_periods < 0:
+            raise ValueError("period_ms and max_gap_periods must be >= 0")
         self.device = torch.device(device)
         self.intervals = intervals
         self.scaling = scaling if scaling is not None else Scaling(kind="none")
@@ -105,7 +126,16 @@ class Engine:
             intervals=intervals,
             choice=choice,
             season=model.season,
+            period=model.period_ms if period_ms is None else period_ms,
         )
+        self.table.learn = period_ms != 0
+        # None: the model's period (``model.period_ms``; where it has none, every series learns its own from
+        # its first spacings); 0: value by value (no grid); P > 0: series start with P. Either way a series
+        # whose first spacings say otherwise takes its own (``StateTable.observe_ts``).
+        self.period_ms = period_ms
+        self.max_gap_periods = max_gap_periods
+        self.imputed_total = 0  # missing periods stepped through
+        self.restarts_total = 0  # gaps stepped through only to the season's phase
         self.duplicates_total = 0
         self.values_total = 0
         self.clipped_total = 0  # values stepped as ``Scaling.winsorize`` moved them
@@ -130,6 +160,8 @@ class Engine:
             scaling=Scaling.from_settings(settings.scaling),
             intervals=Intervals.from_settings(settings.intervals),
             choice=Choice.from_settings(settings.choice),
+            period_ms=resolve_period(settings.state.period, None),  # "auto": None, the model's
+            max_gap_periods=settings.state.max_gap_periods,
         )
         options.update(kwargs)
         return cls(model, **options)
@@ -160,85 +192,164 @@ class Engine:
             return self._output([], ts, [], 0, ts)
         # Step 1. the slot of every row (new series get one, possibly evicting LRU ones).
         row_slots = self.table.locate(series, self.clock())
-        # Step 2. which values are new, and in which round each steps.
-        rows, bounds = self._plan(row_slots, ts)
+        # Step 2. which values are new, the missing periods before each, and in which round each steps.
+        plan = self._plan(row_slots, ts)
+        rows, bounds = plan.rows, plan.bounds
         duplicates = len(ts) - len(rows)
-        slots = row_slots[rows]
-        # Step 3. one batched step per round.
+        # Step 3. one batched step per round (missing periods first, each in a round of its own).
         forecasts, self._clipped = [], 0
         with torch.inference_mode():
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-                forecasts.append(self._step(slots[lo:hi], values[rows[lo:hi]]))
-        self.table.mark_dirty(slots)
+            if plan.step_rows is None:
+                slots = row_slots[rows]
+                for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                    forecasts.append(self._step(slots[lo:hi], values[rows[lo:hi]]))
+            else:
+                for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                    step_rows, step_slots = plan.step_rows[lo:hi], plan.step_slots[lo:hi]
+                    real = step_rows >= 0
+                    if not real.all():
+                        self._step(step_slots[~real], None)
+                    if real.any():
+                        forecasts.append(self._step(step_slots[real], values[step_rows[real]]))
+        self.table.mark_dirty(row_slots[rows])
         self.duplicates_total += duplicates
         self.values_total += len(rows)
+        self.imputed_total += plan.imputed
+        self.restarts_total += plan.restarts
         out_names = [series[i] for i in rows.tolist()]
         out = self._output(out_names, ts[rows], forecasts, duplicates, rows)
+        out.step_ms = self.table.period[row_slots[rows]]
+        out.imputed, out.restarts = plan.imputed, plan.restarts
         out.clipped, self._clipped = int(self._clipped), 0
         self.clipped_total += out.clipped
         return out
 
-    def _plan(self, row_slots: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, list[int]]:
-        """Rows to step, in stepped order (round by round), and the round bounds within them.
+    def _plan(self, row_slots: np.ndarray, ts: np.ndarray) -> Plan:
+        """Rows to step, in stepped order (round by round), the round bounds, and the missing periods.
 
-        A value is dropped when its ts is not newer than its series' last one or than an earlier value
-        of the same series in this batch (of equal ts, the first given wins). Round k holds the k-th new
-        value of every series; sets the series' last ts.
+        A value is dropped when its ts is not newer than its series' newest one (or an earlier value of
+        the same series in this batch), or for a series with a period when it falls in the same period
+        (``forecaster.timegrid.grid_steps``: of two, the first given wins). Round k holds the k-th step of
+        every series, a missing period's step included; sets each series' newest ts.
         """
-        last_ts = self.table.last_ts
+        tb = self.table
+        last_ts, period = tb.last_ts, tb.period
         sorted_slots = row_slots if len(row_slots) == 1 else np.sort(row_slots)
-        if not (sorted_slots[1:] == sorted_slots[:-1]).any():  # one value per series: one round, input order
-            rows = np.flatnonzero(ts > last_ts[row_slots])
-            last_ts[row_slots[rows]] = ts[rows]
-            return rows, [0, len(rows)]
-        order = np.lexsort((ts, row_slots))  # by series, then ts; stable
-        c, t = row_slots[order], ts[order]
-        new_series = np.empty(len(c), dtype=bool)
-        new_series[0] = True
-        np.not_equal(c[1:], c[:-1], out=new_series[1:])
-        keep = t > last_ts[c]
-        keep[1:] &= new_series[1:] | (t[1:] != t[:-1])
-        rows, c = order[keep], c[keep]
+        if not (sorted_slots[1:] == sorted_slots[:-1]).any():  # one value per series: input order
+            c, t, order = row_slots, ts, None
+            before = last_ts[c]
+        else:
+            order = np.lexsort((ts, row_slots))  # by series, then ts; stable
+            c, t = row_slots[order], ts[order]
+            first = np.empty(len(c), dtype=bool)
+            first[0] = True
+            np.not_equal(c[1:], c[:-1], out=first[1:])
+            before = last_ts[c]
+            before[~first] = np.maximum(before[~first], t[np.flatnonzero(~first) - 1])
+        fresh = before == NO_TS
+        per = period[c]
+        if fresh.any():
+            per = np.where(fresh, 0, per)
+            before = np.where(fresh, t - 1, before)
+        steps, missing, restart = grid_steps(t - before, per, self.max_gap_periods, self.model.season)
+        if order is None:
+            last_ts[c] = np.maximum(last_ts[c], t)  # the newest ts seen, a same-period value's too
+        else:
+            np.maximum.at(last_ts, c, t)
+        keep = np.flatnonzero(steps)
+        rows = keep if order is None else order[keep]
+        c, missing = c[keep], missing[keep]
+        if self.period_ms != 0:
+            self._learn(c, t[keep])
+        gaps = int(missing.sum())
+        if order is None and gaps == 0:
+            return Plan(rows, [0, len(rows)])
+        # The step of each kept value: after its series' earlier values and the missing periods before it.
         m = len(rows)
         if m == 0:
-            return rows, [0]
+            return Plan(rows, [0])
+        width = missing + 1  # rounds each value takes
         starts = np.flatnonzero(np.concatenate(([True], c[1:] != c[:-1])))  # first row of each series
-        ends = np.append(starts[1:], m) - 1
-        last_ts[c[ends]] = ts[rows[ends]]
-        rank = np.arange(m) - np.repeat(starts, ends - starts + 1)  # k-th new value of its series
-        rows = rows[np.argsort(rank, kind="stable")]
-        return rows, np.concatenate(([0], np.cumsum(np.bincount(rank)))).tolist()
+        ends = np.append(starts[1:], m)
+        done = np.cumsum(width)
+        offset = np.repeat(done[starts] - width[starts], ends - starts)  # rounds before the series' first
+        rank = done - 1 - offset  # the round of each value
+        if gaps == 0:
+            rows = rows[np.argsort(rank, kind="stable")]
+            return Plan(rows, np.concatenate(([0], np.cumsum(np.bincount(rank)))).tolist())
+        # Missing periods: value i has missing[i] of them in the rounds rank[i] - missing[i] .. rank[i] - 1.
+        holes = np.flatnonzero(missing)
+        hole_of = np.repeat(holes, missing[holes])
+        first_hole = np.repeat(np.cumsum(missing[holes]) - missing[holes], missing[holes])
+        hole_rank = rank[hole_of] - missing[hole_of] + np.arange(gaps) - first_hole
+        all_rank = np.concatenate((rank, hole_rank))
+        all_rows = np.concatenate((rows, np.full(gaps, -1, dtype=np.int64)))
+        all_slots = np.concatenate((c, c[hole_of]))
+        by_round = np.argsort(all_rank, kind="stable")
+        bounds = np.concatenate(([0], np.cumsum(np.bincount(all_rank)))).tolist()
+        step_rows = all_rows[by_round]
+        return Plan(
+            step_rows[step_rows >= 0], bounds, step_rows, all_slots[by_round], gaps, int(restart[keep].sum())
+        )
 
-    def _step(self, slots: np.ndarray, v: np.ndarray) -> tuple[Any, ...]:
+    def _learn(self, slots: np.ndarray, ts: np.ndarray) -> None:
+        """Keep the first spacings of series still learning their period (``slots`` in stepped order per
+        series, ``ts`` theirs); a series with all of them gets its period (``StateTable.settle_period``)."""
+        tb = self.table
+        learning = tb.learning[slots]
+        if not learning.any():
+            return
+        slots, ts = slots[learning], ts[learning]
+        for slot, when in zip(slots.tolist(), ts.tolist(), strict=True):  # a series' first values only
+            if tb.learning[slot]:  # it may settle within this batch
+                tb.observe_ts(slot, when)
+
+    def _step(self, slots: np.ndarray, v: np.ndarray | None) -> tuple[Any, ...]:
         """Score, scale, step and store one value for each of ``slots`` (distinct); returns forecasts (and
-        their lower and upper bounds with intervals on)."""
+        their lower and upper bounds with intervals on). ``v`` None: a missing period of each, stepped
+        with its imputed value (``forecaster.timegrid.impute_at``) and scored by nothing."""
         tb, scaling = self.table, self.scaling
         count = tb.count[slots]  # (n,)
+        imputed = v is None
+        if imputed:  # the value one season earlier on the grid, else the one before (as to_grid fills)
+            season = self.model.season
+            back = np.where((season > 1) & (count >= season), season, 1)  # (n,)
+            at = slots * tb.window_size + (count - back) % tb.window_size
+            v = tb.values_flat[at] if self._cpu else tb.values_flat[torch.from_numpy(at).to(self.device)]
+            v = v.astype(np.float64) if self._cpu else v.double()
         if self._cpu:
             idx, idx_t = slots, torch.from_numpy(slots)
         else:
             idx = idx_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
-            v = torch.from_numpy(v).to(self.device, non_blocking=True)
-        # Step 1. score the value against the one-step-ahead forecast made at the previous step.
-        has = count > 0  # (n,) a previous forecast exists
-        err = v - tb.forecast_a[idx, 0]  # (n,) float64
-        n_scored = int(has.sum())
-        if n_scored < len(slots):
-            err = err * (has if self._cpu else torch.from_numpy(has).to(self.device))
-        acc = self._errors.get(self.version) or self._accumulator(err)
-        acc.count += n_scored
-        acc.sums[0] += abs(err).sum()
-        acc.sums[1] += err @ err
-        # Step 1b. a value far out of its series' range steps as the statistics fold it in (a glitch of
-        # 1e29 counts in the error above, but not in the state).
+            if not imputed:
+                v = torch.from_numpy(v).to(self.device, non_blocking=True)
         before = tb.stats_a[idx]  # (n, N_STATS)
-        v, moved = scaling.winsorize(before, v)
-        if moved is not None:
-            self._clipped += int(moved.sum()) if self._cpu else moved.sum()
-        if self.intervals is not None:  # Step 1c. score the forecasts of 1..H steps earlier, calibrate
-            calibrated = self.calibrator.score(slots, idx, count, v, self._coverage_accumulator)
-        if self.chooser is not None:  # Step 1d. score every candidate's forecasts
-            scored = self.chooser.score(slots, idx, count, v)
+        calibrated = scored = None
+        if not imputed:
+            # Step 1. score the value against the one-step-ahead forecast made at the previous step.
+            has = count > 0  # (n,) a previous forecast exists
+            err = v - tb.forecast_a[idx, 0]  # (n,) float64
+            n_scored = int(has.sum())
+            if n_scored < len(slots):
+                err = err * (has if self._cpu else torch.from_numpy(has).to(self.device))
+            acc = self._errors.get(self.version) or self._accumulator(err)
+            acc.count += n_scored
+            acc.sums[0] += abs(err).sum()
+            acc.sums[1] += err @ err
+            # Step 1b. a value far out of its series' range steps as the statistics fold it in (a glitch
+            # of 1e29 counts in the error above, but not in the state).
+            v, moved = scaling.winsorize(before, v)
+            if moved is not None:
+                self._clipped += int(moved.sum()) if self._cpu else moved.sum()
+            if self.intervals is not None:  # Step 1c. score the forecasts of 1..H steps earlier, calibrate
+                calibrated = self.calibrator.score(slots, idx, count, v, self._coverage_accumulator)
+            if self.chooser is not None:  # Step 1d. score every candidate's forecasts
+                scored = self.chooser.score(slots, idx, count, v)
+        elif not self._cpu:  # nothing scored: the calibrator and the choice as they stand
+            if self.intervals is not None:
+                calibrated = tb.mean_err_a[idx], tb.mult_a[idx]
+            if self.chooser is not None:
+                scored = tb.choice_n_a[idx], tb.choice_err_a[idx], tb.choice_sq_a[idx]
         # Step 2. scale, and keep the model input and the value in the ring buffers.
         stats = scaling.update(before, v)  # (n, N_STATS)
         scale = scaling.scale(stats)  # (n,)
@@ -247,6 +358,8 @@ class Engine:
         at = at if self._cpu else torch.from_numpy(at).to(self.device)
         tb.ring_flat[at] = x
         tb.values_flat[at] = v if self._cpu else v.float()
+        if tb.gaps is not None:
+            tb.gaps[slots, count % tb.window_size] = imputed
         # Step 3. one recurrent step for every series of the round (with the values before this one, for a
         # model that forecasts over a seasonal baseline).
         past = self._past(slots, count, stats) if self.model.context else None
@@ -335,6 +448,19 @@ class Engine:
         without the per-series choice."""
         return self.chooser.sources() if self.chooser is not None else {}
 
+    def period_counts(self) -> dict[str, int]:
+        """Resident series with a period, still learning it, and without one (``{"period", "learning",
+        "none"}``)."""
+        tb = self.table
+        slots = tb.occupied()
+        learning = tb.learning[slots]
+        with_period = int((tb.period[slots] > 0).sum())
+        return {
+            "period": with_period,
+            "learning": int((learning & (tb.period[slots] == 0)).sum()),
+            "none": int((~learning & (tb.period[slots] == 0)).sum()),
+        }
+
     @property
     def resident(self) -> int:
         return self.table.resident
@@ -394,6 +520,13 @@ class Engine:
             occupied = tb.occupied()
             tb.reset_choice(occupied[tb.count[occupied] > 0])
         self.model, self.version, tb.version = model.to(self.device).eval(), version, version
+        self._follow_period(model)
+
+    def _follow_period(self, model: RecurrentForecaster) -> None:
+        """New series start with the period of the model now serving (unless one was set): those resident
+        keep theirs."""
+        if self.period_ms is None:
+            self.table.default_period = model.period_ms
 
     def rewarm(self, model: RecurrentForecaster, version: str) -> None:
         """Switch to ``model``: every resident series restarts from the zero state and runs the new model
@@ -401,6 +534,7 @@ class Engine:
         model = model.to(self.device).eval()
         self.table.fit_model(model)
         self.model, self.version, self.table.version = model, version, version
+        self._follow_period(model)
         self._rewarm_slots(self.table.occupied())
 
     def rewarm_series(self, slots: np.ndarray) -> None:
@@ -430,16 +564,22 @@ def reference_forecast(
     scaling: Scaling | None = Scaling(),  # noqa: B008 - immutable
     choice: Choice | None = None,
     window: int = 256,
+    missing: np.ndarray | None = None,
 ) -> np.ndarray:
     """The plain full-sequence path for one series: scale, one ``model(x)`` over all T values (with the
     baseline of each in its units), back to data units with the statistics at each t. Returns (T, horizon)
     float64. With ``choice``, what an engine of that choice and ``window`` emits: the per-series choice
-    over those forecasts (``reference_choice``), float32."""
+    over those forecasts (``reference_choice``), float32. ``missing`` (T,) bool: ``values`` lie on the
+    series' time grid (``forecaster.timegrid.to_grid``) and these periods were missing, stepped as the
+    engine steps them (without ``choice``, which scores only the values that came)."""
+    if missing is not None and choice is not None:
+        raise ValueError("reference_forecast: missing periods with the per-series choice are not modelled")
     if choice is not None:
         made = reference_forecast(model, values, scaling).astype(np.float32)
         return reference_choice(made, values, choice, model.season, window)
     scaling = scaling if scaling is not None else Scaling(kind="none")
-    x, stats, v = scaling.transform_values(np.array(values, dtype=np.float64))  # (T,), (T, N_STATS), (T,)
+    raw = np.array(values, dtype=np.float64)
+    x, stats, v = scaling.transform_values(raw, missing, model.season)  # (T,), (T, N_STATS), (T,)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -22,14 +22,17 @@ import torch
 
 from forecaster.errors import StateError
 from forecaster.scaling import Scaling
+from forecaster.timegrid import LEARN_SPACINGS
 
 if TYPE_CHECKING:
     from forecaster.engine.state import StateTable
 
 MAGIC = b"FCSTATE"
 # 2: the ring of values in data units (a model baseline reads them); 3: the interval calibrator's state;
-# 4: the per-series choice's state; 5: the half-widths of the bounds awaiting their values
-FORMAT_VERSION = 5
+# 4: the per-series choice's state; 5: the half-widths of the bounds awaiting their values; 6: the series'
+# period, its first timestamps (while it learns its period) and which retained values were imputed
+FORMAT_VERSION = 6
+TIME_GRID = ("period", "times", "gaps")  # read from format 6 on; a format 5 snapshot leaves them as new
 CALIBRATOR = (
     "past",
     "past_scale",
@@ -42,8 +45,10 @@ _PREFIX = struct.Struct("<HI")  # format version, header length
 _CRC = struct.Struct("<I")
 
 
-def expected_arrays(shape: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Name -> (dtype, shape) of the arrays a table of ``shape`` stores per series."""
+def expected_arrays(
+    shape: dict[str, Any], fmt: int = FORMAT_VERSION
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of the arrays a table of ``shape`` stores per series (in format ``fmt``)."""
     arrays = {"h": ("float32", (shape["layers"], shape["hidden"]))}
     if shape["lstm"]:
         arrays["c"] = ("float32", (shape["layers"], shape["hidden"]))
@@ -55,6 +60,12 @@ def expected_arrays(shape: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ..
         last_ts=("int64", ()),
         count=("int64", ()),
     )
+    if fmt >= 6:
+        arrays.update(
+            period=("int64", ()),
+            times=("int64", (LEARN_SPACINGS + 1,)),
+            gaps=("bool", (shape["window"],)),
+        )
     if shape["levels"]:
         h, lv = shape["horizon"], shape["levels"]
         arrays.update(
@@ -105,13 +116,15 @@ def decode(data: bytes, shape: dict[str, Any]) -> tuple[str, dict[str, np.ndarra
     if zlib.crc32(body) != crc:
         raise StateError("state snapshot is corrupt (checksum mismatch)")
     fmt, head_len = _PREFIX.unpack_from(body, len(MAGIC))
-    if fmt != FORMAT_VERSION:
-        raise StateError(f"unknown state snapshot format version {fmt} (this build reads {FORMAT_VERSION})")
+    if fmt not in (5, FORMAT_VERSION):
+        raise StateError(
+            f"unknown state snapshot format version {fmt} (this build reads 5 and {FORMAT_VERSION})"
+        )
     start = len(MAGIC) + _PREFIX.size
     version, their_shape, layout = _header(body[start : start + head_len])
     if their_shape != shape:
         raise StateError(f"state snapshot shape {their_shape} does not fit this table {shape}")
-    expected, fields = _fields(tuple(sorted(shape.items())))
+    expected, fields = _fields(tuple(sorted(shape.items())), fmt)
     if layout != expected:
         raise StateError("state snapshot arrays do not match the expected layout")
     offset, arrays = start + head_len, {}
@@ -127,10 +140,10 @@ def decode(data: bytes, shape: dict[str, Any]) -> tuple[str, dict[str, np.ndarra
 
 @lru_cache(maxsize=16)
 def _fields(
-    shape: tuple[tuple[str, Any], ...],
+    shape: tuple[tuple[str, Any], ...], fmt: int = FORMAT_VERSION
 ) -> tuple[list[list[Any]], tuple[tuple[str, np.dtype, tuple[int, ...], int, int], ...]]:
     """The header layout a table of ``shape`` expects, and (name, dtype, dims, count, bytes) per array."""
-    spec = expected_arrays(dict(shape))
+    spec = expected_arrays(dict(shape), fmt)
     fields = []
     for name, (dtype, dims) in spec.items():
         count = int(np.prod(dims, dtype=np.int64))
@@ -176,6 +189,9 @@ def take(table: StateTable, series: str) -> bytes:
             "values": table.values[slot].cpu().numpy(),
             "last_ts": np.array(table.last_ts[slot], dtype=np.int64),
             "count": np.array(table.count[slot], dtype=np.int64),
+            "period": np.array(table.period[slot], dtype=np.int64),
+            "times": table.times[slot],
+            "gaps": table.gaps[slot],
         }
         for name in CALIBRATOR if table.levels else ():
             arrays[name] = getattr(table, name)[slot].cpu().numpy()
@@ -210,8 +226,20 @@ def put(table: StateTable, series: str, data: bytes, now: float) -> str:
         table.choose_from[slot] = int(arrays["choose_from"])
     table.last_ts[slot] = int(arrays["last_ts"])
     table.count[slot] = int(arrays["count"])
+    _put_time_grid(table, np.array([slot]), [arrays])
     table.dirty[slot] = True
     return version
+
+
+def _put_time_grid(table: StateTable, slots: np.ndarray, decoded: list[dict[str, np.ndarray]]) -> None:
+    """The period, first timestamps and imputed marks of restored series; a format 5 snapshot has none:
+    its series take the table's default period and learn as new ones do."""
+    for slot, arrays in zip(slots.tolist(), decoded, strict=True):
+        if "period" in arrays:
+            table.period[slot] = int(arrays["period"])
+            table.times[slot] = arrays["times"]
+            table.gaps[slot] = arrays["gaps"]
+            table.learning[slot] = table.learn and bool(arrays["times"][-1] == np.iinfo(np.int64).min)
 
 
 def take_many(table: StateTable, series: Sequence[str]) -> list[bytes]:
@@ -236,6 +264,7 @@ def take_many(table: StateTable, series: Sequence[str]) -> list[bytes]:
         calibrator = [np.ascontiguousarray(t.cpu().numpy()) for t in calibrator]
         chooser = [np.ascontiguousarray(t.cpu().numpy()) for t in chooser]
     arrays += [table.last_ts[slots].astype(np.int64), table.count[slots].astype(np.int64)]  # header order
+    arrays += [table.period[slots], table.times[slots], table.gaps[slots]]
     if table.levels:
         arrays += [*calibrator, table.score_from[slots].astype(np.int64)]
     if table.candidates:
@@ -302,5 +331,6 @@ def put_many(
         table.choose_from[slots] = [int(a["choose_from"]) for a in decoded]
     table.last_ts[slots] = [int(a["last_ts"]) for a in decoded]
     table.count[slots] = [int(a["count"]) for a in decoded]
+    _put_time_grid(table, slots, decoded)
     table.dirty[slots] = False
     return names, versions, refused

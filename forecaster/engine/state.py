@@ -22,6 +22,7 @@ receives each evicted series' snapshot.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from typing import Any
@@ -33,8 +34,20 @@ from forecaster.engine import snapshot as snap
 from forecaster.engine.choice import Choice, naive_reach
 from forecaster.engine.intervals import WARMUP, Intervals, centers, units
 from forecaster.scaling import Scaling
+from forecaster.timegrid import LEARN_SPACINGS, TOLERANCE, estimate_period
 
 NO_TS = np.iinfo(np.int64).min  # last ts of a slot that has seen nothing
+MAX_PERIOD_LOGS = 20  # series whose own period (or its lack) is logged; the rest show it in /series/<id>
+log = logging.getLogger(__name__)
+
+
+def _grow_rows(a: np.ndarray | None, capacity: int, width: int, fill: Any, dtype: Any) -> np.ndarray:
+    """A (capacity, width) host array filled with ``fill``, keeping the rows of ``a``."""
+    new = np.full((capacity, width), fill, dtype=dtype)
+    if a is not None:
+        keep = min(len(a), capacity)
+        new[:keep] = a[:keep]
+    return new
 
 
 def _inference(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -75,6 +88,7 @@ class StateTable:
         intervals: Intervals | None = None,
         choice: Choice | None = None,
         season: int = 1,
+        period: int | None = 0,
     ) -> None:
         if min(num_layers, hidden_size, horizon, window, capacity, max_series) < 1:
             raise ValueError("num_layers, hidden_size, horizon, window, capacity and max_series must be >= 1")
@@ -89,6 +103,11 @@ class StateTable:
         self.levels = len(intervals.levels) if intervals is not None else 0
         self.choice = choice
         self.season = season  # of the model's baseline: the seasonal naive candidate's
+        # The period new series start with (ms; 0: none yet), and whether their first spacings are
+        # watched (``observe_ts``): None learns every series' period, 0 steps value by value (no grid).
+        self.default_period = period or 0
+        self.learn = period != 0
+        self.irregular_logged = 0
         self.candidates = naive_reach(season, horizon, window) if choice is not None else 0
         self.device = torch.device(device)
         # Index per-slot arrays through numpy views (CPU only; cheaper per call than torch indexing).
@@ -154,6 +173,10 @@ class StateTable:
             self.choice_n = grow(None if first else self.choice_n, (capacity, h), torch.float32)
             self.choose_from = grow_np(None if first else self.choose_from, 0, np.int64)
         self.last_ts = grow_np(None if first else self.last_ts, NO_TS, np.int64)
+        self.period = grow_np(None if first else self.period, 0, np.int64)
+        self.learning = grow_np(None if first else self.learning, False, bool)
+        self.times = _grow_rows(None if first else self.times, capacity, LEARN_SPACINGS + 1, NO_TS, np.int64)
+        self.gaps = _grow_rows(None if first else self.gaps, capacity, self.window_size, False, bool)
         self.count = grow_np(None if first else self.count, 0, np.int64)
         self.last_seen = grow_np(None if first else self.last_seen, np.inf, np.float64)  # inf: free
         self.dirty = grow_np(None if first else self.dirty, False, bool)
@@ -245,7 +268,8 @@ class StateTable:
         tensors = [self.h, self.forecast, self.stats, self.ring, self.values] + (
             [self.c] if self.c is not None else []
         )
-        arrays = [self.last_ts, self.count, self.last_seen, self.dirty]
+        arrays = [self.last_ts, self.count, self.last_seen, self.dirty, self.period, self.learning]
+        arrays += [self.times, self.gaps]
         if self.levels:
             tensors += [self.past, self.past_scale, self.past_half, self.mean_err, self.mult]
             arrays.append(self.score_from)
@@ -334,8 +358,50 @@ class StateTable:
                 t.index_fill_(0, idx, 0.0)
             self.choose_from[slots] = 0
         self.last_ts[slots] = NO_TS
+        self.period[slots] = self.default_period
+        self.learning[slots] = self.learn
+        self.times[slots] = NO_TS
+        self.gaps[slots] = False
         self.count[slots] = 0
         self.dirty[slots] = False
+
+    def observe_ts(self, slot: int, ts: int) -> None:
+        """Keep one more of a learning series' first timestamps; with ``LEARN_SPACINGS`` spacings its
+        period is settled: the checkpoint's (``default_period``) when they agree with it, else their own
+        (``estimate_period``), else none (value by value, logged once per series)."""
+        row = self.times[slot]
+        free = np.flatnonzero(row == NO_TS)
+        row[free[0]] = ts
+        if len(free) > 1:
+            return
+        self.learning[slot] = False
+        own, default = estimate_period(row), self.default_period
+        if default and own and abs(own - default) <= TOLERANCE * default:
+            return  # the checkpoint's period it is
+        self.period[slot] = own
+        if own == 0 or default:
+            self._log_period(slot, own, default)
+
+    def _log_period(self, slot: int, own: int, default: int) -> None:
+        """Say once per series (the first ``MAX_PERIOD_LOGS`` of them) that it keeps a period of its own."""
+        self.irregular_logged += 1
+        if self.irregular_logged > MAX_PERIOD_LOGS:
+            return
+        name = self._series[slot]
+        if own == 0:
+            log.info(
+                "series %r has no stable spacing: it steps value by value (a step is its next value)", name
+            )
+        else:
+            log.info(
+                "series %r is spaced %d ms apart, not %d ms as the checkpoint's: its period is %d ms",
+                name,
+                own,
+                default,
+                own,
+            )
+        if self.irregular_logged == MAX_PERIOD_LOGS:
+            log.info("more series with a period of their own are not logged (see /series/<id>)")
 
     def _prior_mult(self, n: int) -> torch.Tensor:
         prior = torch.as_tensor(self.intervals.prior, dtype=torch.float32, device=self.device)  # (L,)

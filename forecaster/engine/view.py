@@ -37,6 +37,9 @@ class SeriesState:
     the ts of the newest one only (``last_ts``, epoch ms). ``forecast[k]``: the value expected k+1 steps
     after ``last_ts``, made by ``model_version`` after the newest value; ``sources[k]``: where it comes from
     (``model``, ``last_value`` or ``seasonal_naive``: the per-series choice), None without the choice.
+    ``period_ms``: the series' period (a step is one: ``forecast[k]`` is for ``last_ts + (k + 1) *
+    period_ms``), 0 without one (``grid``: ``"learning"`` it from the first spacings, or ``"none"``: a step
+    is the next value); ``imputed[i]``: ``values[i]`` filled a missing period.
     """
 
     series: str
@@ -47,6 +50,9 @@ class SeriesState:
     forecast: list[float]
     model_version: str
     sources: list[str] | None = None
+    period_ms: int = 0
+    grid: str = "none"
+    imputed: list[bool] | None = None
 
 
 def series_state(engine: Engine, series: str) -> SeriesState | None:
@@ -60,6 +66,8 @@ def series_state(engine: Engine, series: str) -> SeriesState | None:
         ordered, _, lengths = table._in_order(table.values, slots)  # (1, W) oldest first, right-aligned
         n = int(lengths[0])
         values = ordered[0, table.window_size - n :].double().cpu().tolist() if n else []
+        count, w = int(table.count[slot]), table.window_size
+        imputed = table.gaps[slot, (np.arange(count - n, count) % w)].tolist()
         forecast = table.forecast[slot].double().cpu().tolist()
     return SeriesState(
         series=series,
@@ -70,6 +78,9 @@ def series_state(engine: Engine, series: str) -> SeriesState | None:
         forecast=forecast,
         model_version=engine.version,
         sources=engine.chooser.source_names(slots)[0] if engine.chooser is not None and n else None,
+        period_ms=int(table.period[slot]),
+        grid="period" if table.period[slot] > 0 else "learning" if table.learning[slot] else "none",
+        imputed=imputed,
     )
 
 

@@ -174,6 +174,17 @@ class ServiceMetrics:
             " scales from it)",
             registry=r,
         )
+        self.values_imputed = Counter(
+            "forecaster_values_imputed_total",
+            "Missing periods stepped through with an imputed value before a value that came after a gap"
+            " (never scored, never emitted)",
+            registry=r,
+        )
+        self.gaps_restarted = Counter(
+            "forecaster_gaps_restarted_total",
+            "Gaps longer than state.max_gap_periods, stepped through only to their season's phase",
+            registry=r,
+        )
         self.forecasts_emitted = Counter(
             "forecaster_forecasts_emitted_total", "Forecast records produced", registry=r
         )
@@ -192,6 +203,13 @@ class ServiceMetrics:
         self.online_error = OnlineError(r)
         self.coverage = IntervalCoverage(r)
         self.series_resident = Gauge("forecaster_series_resident", "Series with state in memory", registry=r)
+        self.series_periods = Gauge(
+            "forecaster_series_period",
+            "Resident series by their time grid: with a period (a step is one period), learning it from"
+            " their first spacings, or without one (a step is the next value)",
+            ["grid"],
+            registry=r,
+        )
         self.series_choice = Gauge(
             "forecaster_series_choice",
             "Resident series by where their forecast at this step comes from: the model, or the naive "
@@ -288,6 +306,11 @@ class ServiceMetrics:
         if evictions_total > self._evictions_seen:
             self.state_evictions.inc(evictions_total - self._evictions_seen)
         self._evictions_seen = evictions_total
+
+    def update_periods(self, grids: Mapping[str, int]) -> None:
+        """Copy the engine's ``period_counts``."""
+        for grid, count in grids.items():
+            self.series_periods.labels(grid=grid).set(count)
 
     def update_choice(self, sources: Mapping[tuple[int, str], int]) -> None:
         """Copy the engine's ``choice_sources`` (label sets of another horizon or season go)."""

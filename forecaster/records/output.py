@@ -2,10 +2,13 @@
 
 Forecast (key = series id)::
 
-    {"series": "s1", "ts": 1700000000000, "model_version": "init", "forecast": [h1, ..., hH],
-     "input": {"partition": 0, "offset": 42}}
+    {"series": "s1", "ts": 1700000000000, "step_ms": 3600000, "model_version": "init",
+     "forecast": [h1, ..., hH], "input": {"partition": 0, "offset": 42}}
 
-``forecast[k]`` is the value expected k+1 steps after ``ts``; a forecast of a value from a windowed record
+``forecast[k]`` is the value expected at ``ts + (k + 1) * step_ms`` (epoch ms): a step is one period of
+the series (``forecaster.timegrid``). ``"step_ms": null`` says the series has no period (its spacing is not
+stable, or it is still learning it, or ``state.period`` is ``none``): then ``forecast[k]`` is the value
+expected k+1 values after ``ts``, whenever they come. A forecast of a value from a windowed record
 also carries ``"index"``: the position of that value in the record's window. A float32 forecast is
 written as the shortest decimal that reads back as the same float32; a forecast that is not a finite
 number is written as null. Dead letter::
@@ -65,11 +68,14 @@ def encode_forecast(
     partition: int,
     offset: int,
     index: int = -1,
+    step_ms: int = 0,
 ) -> bytes:
-    """A forecast record; ``index`` (the value's position in a windowed record) is left out when < 0."""
+    """A forecast record; ``index`` (the value's position in a windowed record) is left out when < 0;
+    ``step_ms`` 0 is written null (no period)."""
     body: dict[str, Any] = {
         "series": series,
         "ts": ts,
+        "step_ms": step_ms or None,
         "model_version": version,
         "forecast": forecast if isinstance(forecast, np.ndarray) else list(forecast),
         "input": {"partition": partition, "offset": offset},
@@ -88,6 +94,7 @@ def encode_forecasts(
     offset: np.ndarray,
     index: np.ndarray,
     intervals: Bounds | None = None,
+    step_ms: np.ndarray | None = None,
 ) -> list[bytes]:
     """Many forecast records at once (the service's hot path); each parses to ``encode_forecast``'s
     (with ``intervals``: plus ``"lower"`` and ``"upper"``, see ``with_intervals``).
@@ -100,7 +107,7 @@ def encode_forecasts(
     matrix = np.ascontiguousarray(forecasts).reshape(len(series), -1)  # (records, horizon)
     rows = orjson.dumps(matrix, option=_NUMPY)[2:-2].split(b"],[")
     template = (
-        b'{"series":%b,"ts":%d,"model_version":'
+        b'{"series":%b,"ts":%d,"step_ms":%b,"model_version":'
         + orjson.dumps(version).replace(b"%", b"%%")
         + b',"forecast":[%b],"input":{"partition":%d,"offset":%d}%b}'
     )
@@ -108,17 +115,31 @@ def encode_forecasts(
         template = template[:-1] + b"%b}"  # the bounds after everything else, as ``with_intervals`` puts them
         bounds = interval_members(intervals, len(series))
     names: dict[str, bytes] = {}
+    periods: dict[int, bytes] = {0: b"null"}
+    steps = np.zeros(len(series), np.int64) if step_ms is None else step_ms
     encoded = []
-    columns = zip(series, ts.tolist(), rows, partition.tolist(), offset.tolist(), index.tolist(), strict=True)
-    for r, (name, when, row, part, off, i) in enumerate(columns):
+    columns = zip(
+        series,
+        ts.tolist(),
+        steps.tolist(),
+        rows,
+        partition.tolist(),
+        offset.tolist(),
+        index.tolist(),
+        strict=True,
+    )
+    for r, (name, when, step, row, part, off, i) in enumerate(columns):
         name_json = names.get(name)
         if name_json is None:
             name_json = names[name] = orjson.dumps(name)
+        period = periods.get(step)
+        if period is None:
+            period = periods[step] = b"%d" % step
         tail = b',"index":%d' % i if i >= 0 else b""
         if intervals is None:
-            encoded.append(template % (name_json, when, row, part, off, tail))
+            encoded.append(template % (name_json, when, period, row, part, off, tail))
         else:
-            encoded.append(template % (name_json, when, row, part, off, tail, bounds[r]))
+            encoded.append(template % (name_json, when, period, row, part, off, tail, bounds[r]))
     return encoded
 
 
@@ -156,10 +177,11 @@ def encode_forecast_groups(
     index: np.ndarray,
     group: np.ndarray,
     intervals: Bounds | None = None,
+    step_ms: np.ndarray | None = None,
 ) -> tuple[list[str], list[bytes]]:
     """One record per input record (rows sharing ``group``): the ``forecast_records = "window"`` format.
 
-    ``{"series", "ts": [...], "model_version", "forecasts": [[h1..hH], ...], "index": [...],
+    ``{"series", "ts": [...], "step_ms", "model_version", "forecasts": [[h1..hH], ...], "index": [...],
     "input": {"partition", "offset"}}`` with the rows of one input record in window order (``index``
     is -1 for a single-value record), with ``intervals`` also ``"lower"`` and ``"upper"`` (one list per
     value under each level). Returns the keys (series ids) and the encoded values.
@@ -173,6 +195,7 @@ def encode_forecast_groups(
         body = {
             "series": series[first],
             "ts": ts[rows],
+            "step_ms": int(step_ms[rows[-1]]) or None if step_ms is not None else None,
             "model_version": version,
             "forecasts": forecasts[rows],  # (rows, horizon)
             "index": index[rows],

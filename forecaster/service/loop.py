@@ -206,6 +206,8 @@ class Service:
         self.metrics.values_stepped.inc(len(out))
         self.metrics.values_duplicate.inc(out.duplicates)
         self.metrics.values_clipped.inc(out.clipped)
+        self.metrics.values_imputed.inc(out.imputed)
+        self.metrics.gaps_restarted.inc(out.restarts)
         return out
 
     def send_forecasts(self, out: Any, batch: DecodedBatch) -> None:
@@ -220,12 +222,21 @@ class Service:
         bounds = None if out.lower is None else Bounds(self.engine.intervals.labels, out.lower, out.upper)
         if self.settings.service.forecast_records == "window":
             keys, encoded = encode_forecast_groups(
-                out.series, out.ts, out.version, out.forecasts, partition, offset, index, record, bounds
+                out.series,
+                out.ts,
+                out.version,
+                out.forecasts,
+                partition,
+                offset,
+                index,
+                record,
+                bounds,
+                out.step_ms,
             )
         else:
             keys = out.series
             encoded = encode_forecasts(
-                out.series, out.ts, out.version, out.forecasts, partition, offset, index, bounds
+                out.series, out.ts, out.version, out.forecasts, partition, offset, index, bounds, out.step_ms
             )
         self.ledger.note(out.series, partition.tolist())  # each series' changelog partition
         self.committer.send_many(topic, encoded, [name.encode() for name in keys])
@@ -266,6 +277,7 @@ class Service:
             engine.evict_idle()  # exactly once: the committer writes them to the changelog when due
             self.metrics.update_state(engine.resident, engine.evictions_total, engine.state_bytes)
             self.metrics.update_choice(engine.choice_sources())
+            self.metrics.update_periods(engine.period_counts())
             self.metrics.update_evicted(self.ledger.store.stats())
             self.metrics.online_error.update(engine.errors)
             self.metrics.coverage.update(engine.coverage)

@@ -80,7 +80,7 @@ def _run(engine: Engine, batches) -> dict[str, list]:
 def test_incremental_equals_full(cell: str, scaling: str, stream) -> None:
     data, batches = stream
     model = _model(cell)
-    engine = Engine(model, window=4, capacity=2, scaling=SCALINGS[scaling])
+    engine = Engine(model, period_ms=0, window=4, capacity=2, scaling=SCALINGS[scaling])
     _check_incremental_equals_full(engine, model, data, batches, SCALINGS[scaling])
 
 
@@ -92,12 +92,12 @@ def test_incremental_equals_full_on_the_device_path(cell: str, stream) -> None:
     data, batches = stream
     model = _model(cell)
     scaling = SCALINGS["ewm"]
-    engine = Engine(model, window=4, capacity=2, scaling=scaling, host_views=False)
+    engine = Engine(model, period_ms=0, window=4, capacity=2, scaling=scaling, host_views=False)
     _check_incremental_equals_full(engine, model, data, batches, scaling)
     engine.rewarm(_model(cell, seed=3), "v2")  # and the re-warm / snapshot paths through it
     assert engine.errors["init"].count == sum(len(ts) - 1 for ts, _ in data.values())
     name = next(iter(data))
-    twin = Engine(model, window=4, scaling=scaling, host_views=False)
+    twin = Engine(model, period_ms=0, window=4, scaling=scaling, host_views=False)
     twin.restore(name, engine.snapshot(name))  # another version's snapshot: re-warmed with this model
     twin.rewarm(model, "init")
     engine.rewarm(model, "init")
@@ -136,7 +136,9 @@ def test_incremental_equals_full_over_a_seasonal_baseline(
     data, batches = stream
     model = _residual_model(cell, **baseline)
     window = model.context + 1
-    engine = Engine(model, window=window, capacity=2, scaling=SCALINGS["ewm"], host_views=host_views)
+    engine = Engine(
+        model, period_ms=0, window=window, capacity=2, scaling=SCALINGS["ewm"], host_views=host_views
+    )
     _check_incremental_equals_full(engine, model, data, batches, SCALINGS["ewm"])
 
 

@@ -423,7 +423,7 @@ def test_a_failed_background_rewarm_is_refused(tmp_path: Path, monkeypatch: pyte
 
 @pytest.mark.parametrize("rows_per_copy", [None, 1])
 def test_catch_up_in_several_passes_loses_nothing(rows_per_copy) -> None:
-    engine = Engine(model_of("gru", seed=1), version="init", window=WINDOW, scaling=SCALING)
+    engine = Engine(model_of("gru", seed=1), version="init", period_ms=0, window=WINDOW, scaling=SCALING)
     data = stream({"a": 20, "b": 9, "c": 3}, seed=8)
     feed(engine, data)
     # Values stepped when each window is copied: one series per boundary with rows_per_copy=1 (a now, b

@@ -86,6 +86,7 @@ def test_config_rebuilds_the_same_module() -> None:
         "base_level": False,
         "trend_span": 0,
         "damping": 1.0,
+        "period_ms": 0,
     }
     twin = build_model(model.config)
     twin.load_state_dict(model.state_dict())

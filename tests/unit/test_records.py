@@ -294,6 +294,7 @@ def test_forecast_record_fields():
     assert body == {
         "series": "s1",
         "ts": 5,
+        "step_ms": None,
         "model_version": "v3",
         "forecast": [1.0, 2.0],
         "input": {"partition": 1, "offset": 9},
@@ -376,6 +377,7 @@ def test_grouped_forecasts_one_record_per_input_record_in_window_order():
     assert bodies[0] == {
         "series": "a",
         "ts": [1, 2, 3],
+        "step_ms": None,
         "model_version": "v1",
         "forecasts": [[5.0, None], [7.0, 8.0], [1.5, 2.0]],
         "index": [0, 1, 2],

@@ -205,6 +205,7 @@ def test_forecasts_read_back_as_the_json_encoding_of_the_same_float32(names, ver
         expected = {  # the single-record encoding the json codec wrote
             "series": names[k],
             "ts": int(ts[k]),
+            "step_ms": None,
             "model_version": version,
             "forecast": finite(forecasts[k]),
             "input": {"partition": int(partition[k]), "offset": int(offset[k])},

@@ -176,7 +176,8 @@ def test_corrupt_snapshots_raise_state_error() -> None:
 
 def test_state_bytes_counts_every_per_slot_array() -> None:
     table = _table(num_layers=2, hidden_size=4, horizon=3, window=5, capacity=8)
-    per_slot = 2 * 4 * 4 + 3 * 4 + 3 * 8 + 5 * 4 + 5 * 4 + 8 + 8 + 8 + 1  # h, forecast, stats, 2 rings, ...
+    # h, forecast, stats, 2 rings, last ts, count, last seen, dirty, period, learning, first ts, imputed marks
+    per_slot = 2 * 4 * 4 + 3 * 4 + 3 * 8 + 5 * 4 + 5 * 4 + 8 + 8 + 8 + 1 + 8 + 1 + 9 * 8 + 5
     assert table.state_bytes == 8 * per_slot
     lstm = _table(num_layers=2, hidden_size=4, horizon=3, window=5, capacity=8, lstm=True)
     assert lstm.state_bytes == 8 * (per_slot + 2 * 4 * 4)
