@@ -270,9 +270,10 @@ class Scaling:
         """``transform``, and the values as they were folded in (``winsorize``; same shape, float64): what
         the engine keeps in its ring of values, and what a model's baseline reads.
 
-        ``missing`` (bool, the shape of ``values``) marks missing periods of a series on its time grid: each
-        takes the value folded in one ``season`` earlier (else the one before), as float32 holds it, unmoved
-        by ``winsorize``, as the engine steps a missing period (``forecaster.timegrid``)."""
+        ``missing`` (bool, the shape of ``values``; None: where ``values`` are NaN) marks missing periods of
+        a series on its time grid: each takes the value folded in one ``season`` earlier (else the one
+        before), as float32 holds it, unmoved by ``winsorize``, as the engine steps a missing period
+        (``forecaster.timegrid``)."""
         if isinstance(values, np.ndarray) and not values.flags.writeable:
             values = values.copy()  # torch warns about (and may not share) a read-only buffer
         v = torch.as_tensor(values, dtype=torch.float64)
@@ -286,6 +287,8 @@ class Scaling:
         stats = self.initial_stats(batch, v.device)  # (batch, N_STATS)
         stats = stats.numpy() if v.device.type == "cpu" else stats
         xs, all_stats, folded = [], [], []
+        if missing is None and v.device.type == "cpu":
+            missing = np.isnan(vv)
         gaps = None if missing is None or not np.any(missing) else np.asarray(missing).reshape(batch, steps)
         for t in range(steps):
             vt, _ = self.winsorize(stats, vv[:, t])

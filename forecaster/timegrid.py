@@ -31,8 +31,8 @@ import numpy as np
 # Spacings a series shows before its own period is settled (the median of these).
 LEARN_SPACINGS = 8
 # A spacing counts as whole periods when it is within this fraction of a period of a whole number of them
-# (two values each off the grid by up to an eighth of a period).
-TOLERANCE = 0.25
+# (two values each off the grid by up to a twentieth of a period; wider, and event times look periodic).
+TOLERANCE = 0.1
 # Share of spacings that must be whole periods for the series to have a period at all.
 STABLE_SHARE = 0.75
 # A period under which most periods would be missing explains nothing (every spacing is a multiple of 1 ms):

@@ -29,6 +29,10 @@ from forecaster.records.input import MAX_ABS_VALUE
 from forecaster.scaling import Scaling
 from forecaster.timegrid import DEFAULT_MAX_GAP, grid_steps, resolve_period
 
+# Missing periods a series still checking its period steps through after one value (a longer gap may say
+# that the series is spaced otherwise than its first guess: it is not filled while the series learns).
+MAX_LEARNING_GAP = 2
+
 
 def resolve_device(setting: str) -> str:
     """``auto`` -> cuda when available, else cpu."""
@@ -46,6 +50,7 @@ class Plan:
     step_slots: np.ndarray | None = None
     imputed: int = 0
     restarts: int = 0
+    step_ms: np.ndarray | None = None  # (len(ts),) the period each input row steps with, by input row
 
 
 @dataclass
@@ -128,10 +133,10 @@ class Engine:
             season=model.season,
             period=model.period_ms if period_ms is None else period_ms,
         )
-        self.table.learn = period_ms != 0
-        # None: the model's period (``model.period_ms``; where it has none, every series learns its own from
-        # its first spacings); 0: value by value (no grid); P > 0: series start with P. Either way a series
-        # whose first spacings say otherwise takes its own (``StateTable.observe_ts``).
+        self.table.learn = period_ms is None  # a period given is every series' grid: nothing to learn
+        # None: the model's period (``model.period_ms``), which a series whose first spacings say otherwise
+        # replaces by its own (where the model has none, every series learns its own: ``observe_ts``); 0:
+        # value by value (no grid); P > 0: every series on that grid.
         self.period_ms = period_ms
         self.max_gap_periods = max_gap_periods
         self.imputed_total = 0  # missing periods stepped through
@@ -218,7 +223,7 @@ class Engine:
         self.restarts_total += plan.restarts
         out_names = [series[i] for i in rows.tolist()]
         out = self._output(out_names, ts[rows], forecasts, duplicates, rows)
-        out.step_ms = self.table.period[row_slots[rows]]
+        out.step_ms = plan.step_ms[rows]
         out.imputed, out.restarts = plan.imputed, plan.restarts
         out.clipped, self._clipped = int(self._clipped), 0
         self.clipped_total += out.clipped
@@ -248,26 +253,32 @@ class Engine:
             before[~first] = np.maximum(before[~first], t[np.flatnonzero(~first) - 1])
         fresh = before == NO_TS
         per = period[c]
+        step_ms = per
         if fresh.any():
-            per = np.where(fresh, 0, per)
+            per = np.where(fresh, 0, per)  # a first value has no predecessor: it steps as it is
             before = np.where(fresh, t - 1, before)
         steps, missing, restart = grid_steps(t - before, per, self.max_gap_periods, self.model.season)
         if order is None:
             last_ts[c] = np.maximum(last_ts[c], t)  # the newest ts seen, a same-period value's too
         else:
             np.maximum.at(last_ts, c, t)
+        learning = tb.learning[c]
+        if learning.any():  # a series still checking its period may be on another grid: only short gaps
+            missing = np.where(learning & (missing > MAX_LEARNING_GAP), 0, missing)
         keep = np.flatnonzero(steps)
         rows = keep if order is None else order[keep]
+        by_row = np.zeros(len(ts), np.int64)
+        by_row[rows] = step_ms[keep]  # before this batch settles any period
         c, missing = c[keep], missing[keep]
-        if self.period_ms != 0:
+        if self.period_ms is None:
             self._learn(c, t[keep])
         gaps = int(missing.sum())
         if order is None and gaps == 0:
-            return Plan(rows, [0, len(rows)])
+            return Plan(rows, [0, len(rows)], step_ms=by_row)
         # The step of each kept value: after its series' earlier values and the missing periods before it.
         m = len(rows)
         if m == 0:
-            return Plan(rows, [0])
+            return Plan(rows, [0], step_ms=by_row)
         width = missing + 1  # rounds each value takes
         starts = np.flatnonzero(np.concatenate(([True], c[1:] != c[:-1])))  # first row of each series
         ends = np.append(starts[1:], m)
@@ -276,7 +287,7 @@ class Engine:
         rank = done - 1 - offset  # the round of each value
         if gaps == 0:
             rows = rows[np.argsort(rank, kind="stable")]
-            return Plan(rows, np.concatenate(([0], np.cumsum(np.bincount(rank)))).tolist())
+            return Plan(rows, np.concatenate(([0], np.cumsum(np.bincount(rank)))).tolist(), step_ms=by_row)
         # Missing periods: value i has missing[i] of them in the rounds rank[i] - missing[i] .. rank[i] - 1.
         holes = np.flatnonzero(missing)
         hole_of = np.repeat(holes, missing[holes])
@@ -289,7 +300,13 @@ class Engine:
         bounds = np.concatenate(([0], np.cumsum(np.bincount(all_rank)))).tolist()
         step_rows = all_rows[by_round]
         return Plan(
-            step_rows[step_rows >= 0], bounds, step_rows, all_slots[by_round], gaps, int(restart[keep].sum())
+            step_rows[step_rows >= 0],
+            bounds,
+            step_rows,
+            all_slots[by_round],
+            gaps,
+            int(restart[keep].sum()),
+            by_row,
         )
 
     def _learn(self, slots: np.ndarray, ts: np.ndarray) -> None:

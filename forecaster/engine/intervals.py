@@ -217,15 +217,18 @@ def reference_intervals(
     values: Any,
     intervals: Intervals,
     scaling: Scaling | None = Scaling(),  # noqa: B008 - immutable
+    season: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The calibrator over one series on its own, value by value: ``forecasts`` (T, H) as emitted after
     each of ``values`` (T,). Returns lower, upper (T, L, H) float32: what the engine emits for that series
-    whatever the batching."""
+    whatever the batching. A NaN value is a missing period of a series on its time grid: stepped with the
+    value ``season`` earlier (``forecaster.timegrid``), scored by nothing, as the engine steps it."""
     scaling = scaling if scaling is not None else Scaling(kind="none")
     steps, horizon = forecasts.shape
     # (T, N_STATS) statistics and (T,) values as the engine steps them
-    _, stats, v = scaling.transform_values(np.array(values, dtype=np.float64))
-    stats, v = stats.numpy(), v.numpy()
+    raw = np.array(values, dtype=np.float64)
+    _, stats, v = scaling.transform_values(raw, season=season)
+    stats, v, gap = stats.numpy(), v.numpy(), np.isnan(raw)
     k = np.arange(1, horizon + 1)
     past = np.zeros((horizon, horizon), np.float32)  # row j: centres of the forecast made at ordinal j % H
     past_scale = np.ones(horizon, np.float32)
@@ -243,7 +246,8 @@ def reference_intervals(
         score = np.where(valid, score, 0.0).astype(np.float32)
         n_errors = (t - k - first + 1)[None]
         emitted = past_half[row, :, k - 1].T[None]  # (1, L, H) of the forecast made k values back
-        mean_err, mult, _, _ = intervals.update(score, valid, n_errors, mean_err, mult, emitted)
+        if not gap[t]:
+            mean_err, mult, _, _ = intervals.update(score, valid, n_errors, mean_err, mult, emitted)
         center = centers(scaling, forecasts[t : t + 1].astype(np.float32))  # (1, H)
         scale = units(scaling, stats[t : t + 1])  # (1,)
         past[t % horizon], past_scale[t % horizon] = center[0], scale[0]

@@ -100,7 +100,9 @@ def choose_baseline(
         cut, rows = split_point(len(v), train.validation_fraction), slice(min(train.warmup, len(v)), None)
         target = targets(v, horizon)[rows]  # (T', horizon)
         index = (np.arange(len(v))[:, None] + np.arange(1, horizon + 1))[rows]  # (T', horizon) of each target
-        unit = max(float(np.mean(np.abs(np.diff(v)))) if len(v) > 1 else 1.0, 1e-12)
+        change = np.abs(np.diff(v))
+        change = change[np.isfinite(change)]  # NaN: a missing period (time grid)
+        unit = max(float(change.mean()) if len(change) else 1.0, 1e-12)
         parts.append(
             (
                 rows,

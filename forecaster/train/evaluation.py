@@ -68,7 +68,7 @@ def model_forecasts(
                     ]
                 )  # (B, L): right padding never reaches earlier values
                 # (B, L) inputs, (B, L, N_STATS) statistics, (B, L) values as stepped: the baseline reads them
-                x, stats, raw_t = scaling.transform_values(raw)
+                x, stats, raw_t = scaling.transform_values(raw, season=model.season)  # NaN: missing
                 h, ys = None, []
                 for start in range(0, length, chunk_length):
                     stop = min(start + chunk_length, length)
@@ -145,8 +145,10 @@ def evaluate(
     evaluation = Evaluation(errors=errors, season=season, horizon=horizon)
     if intervals is not None:
         evaluation.intervals = {
-            name: validation_intervals(forecasts[name], values, scaling, intervals, validation_fraction)
-            for name, (_, scaling) in models.items()
+            name: validation_intervals(
+                forecasts[name], values, scaling, intervals, validation_fraction, model.season
+            )
+            for name, (model, scaling) in models.items()
         }
     return evaluation
 
@@ -215,13 +217,15 @@ def validation_intervals(
     scaling: Scaling,
     intervals: Intervals,
     validation_fraction: float,
+    season: int = 1,
 ) -> IntervalScores:
-    """The calibrator over each whole series (``reference_intervals``), scored on its validation origins."""
+    """The calibrator over each whole series (``reference_intervals``), scored on its validation origins
+    (NaN values: missing periods of a series on its time grid, imputed with ``season``, never scored)."""
     scores = IntervalScores.empty(intervals.labels, forecasts[0].shape[1] if len(forecasts) else 1)
     for f, v in zip(forecasts, values, strict=True):
         first = split_point(len(v), validation_fraction) - 1
         if len(v) < 2 or first < 0 or first >= len(v) - 1:
             continue
-        lower, upper = reference_intervals(f.astype(np.float32), v, intervals, scaling)
+        lower, upper = reference_intervals(f.astype(np.float32), v, intervals, scaling, season)
         scores.add(np.asarray(v, np.float64), lower, upper, first)
     return scores

@@ -66,8 +66,11 @@ def make_batches(
     horizon: int,
     batch_series: int,
     validation_fraction: float,
+    season: int = 1,
 ) -> list[Batch]:
-    """Group series of similar length into padded batches, scaled once."""
+    """Group series of similar length into padded batches, scaled once. A NaN value is a missing period of
+    its series (on its time grid): stepped with the value ``season`` earlier as the engine steps it, never
+    a target."""
     order = sorted(range(len(values)), key=lambda i: len(values[i]))
     order = [i for i in order if len(values[i]) > 0]
     batches = []
@@ -79,11 +82,13 @@ def make_batches(
         for r, i in enumerate(rows):  # right-pad with the last value: causal scaling ignores what follows
             raw[r, : n[r]] = values[i]
             raw[r, n[r] :] = values[i][-1]
-        x, stats, folded = scaling.transform_values(raw)  # (B, L) float32, (B, L, N_STATS), (B, L) float64
+        gap = np.isnan(raw)
+        x, stats, folded = scaling.transform_values(raw, season=season)  # (B, L) float32, stats, (B, L)
         raw = folded.numpy()  # the values as the engine keeps them (a glitch moved into its series' range)
         past_end = torch.arange(length)[None, :] >= torch.as_tensor(n)[:, None]  # (B, L)
+        missing = past_end | torch.from_numpy(gap)  # (B, L) no target here
         v = torch.full((len(rows), length + horizon), math.nan, dtype=torch.float64)
-        v[:, :length] = torch.from_numpy(raw).masked_fill(past_end, math.nan)
+        v[:, :length] = torch.from_numpy(raw).masked_fill(missing, math.nan)
         batches.append(
             Batch(
                 rows=rows,
@@ -158,7 +163,7 @@ def fit(
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
     horizon = model.horizon
-    batches = make_batches(values, scaling, horizon, batch_series, validation_fraction)
+    batches = make_batches(values, scaling, horizon, batch_series, validation_fraction, model.season)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     rng = random.Random(seed)
     result = FitResult(epochs=0)

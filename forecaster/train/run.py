@@ -46,6 +46,7 @@ from forecaster.engine.intervals import Intervals
 from forecaster.errors import CheckpointError, DataError, NotEnoughHistory
 from forecaster.model import RecurrentForecaster, build_model
 from forecaster.scaling import Scaling
+from forecaster.timegrid import estimate_period, history_period, to_grid
 from forecaster.train.choice import choose_baseline
 from forecaster.train.evaluation import BASELINES, Evaluation, advantage, evaluate
 from forecaster.train.fit import FitResult, fit, split_point
@@ -94,6 +95,30 @@ def resolve_seasons(settings: Any, history: History) -> SeasonPlan:
     )
 
 
+def on_grid(series: list[tuple[np.ndarray, np.ndarray]], max_gap: int) -> tuple[list[np.ndarray], dict]:
+    """Each series' values on its own time grid (``forecaster.timegrid.to_grid`` with the period its
+    spacing shows, NaN where a period is missing; a series without a stable period as it is), and what the
+    manifest says of it: the period most series have (``period_ms``, what the service starts series with)."""
+    values, missing, without = [], 0, 0
+    for ts, v in series:
+        period = estimate_period(ts)
+        if period == 0:
+            values.append(np.asarray(v, np.float64))
+            without += len(ts) > 2
+            continue
+        grid = to_grid(ts, v, period, max_gap=max_gap)
+        out = grid.values.copy()
+        out[grid.missing] = np.nan
+        values.append(out)
+        missing += int(grid.missing.sum())
+    period = history_period([ts for ts, _ in series])
+    if missing:
+        log.info(
+            "history on its time grid (period %d ms): %d missing periods stepped through", period, missing
+        )
+    return values, {"period_ms": period, "missing_periods": missing, "series_without_period": without}
+
+
 def _too_short(values: list[np.ndarray], train: Any) -> NotEnoughHistory:
     return NotEnoughHistory(
         f"history too short to train: {len(values)} series, longest {max(len(v) for v in values)} values "
@@ -114,19 +139,21 @@ def published_checkpoint(root: Any, device: str = "cpu") -> LoadedCheckpoint | N
 def train_once(settings: Any, history: History, *, progress: bool | None = None) -> TrainOutcome:
     """Fit, evaluate, decide, publish. Raises ``DataError`` when the history cannot train a model."""
     train = settings.train
-    values = [v for v in history.values if len(v) > 0]
-    if not values:
+    series = [(t, v) for t, v in zip(history.ts, history.values, strict=True) if len(v) > 0]
+    if not series:
         raise NotEnoughHistory("no history to train on")
     scaling = Scaling.from_settings(settings.scaling)
-    if scaling.positive and any((v <= 0).any() for v in values):
-        bad, total = sum(int((v <= 0).sum()) for v in values), sum(len(v) for v in values)
+    if scaling.positive and any((v <= 0).any() for _, v in series):
+        bad, total = sum(int((v <= 0).sum()) for _, v in series), sum(len(v) for _, v in series)
         if bad > MAX_SKIPPED_SHARE * total:
             raise DataError(
                 f"{bad} of {total} values are <= 0: scaling.kind={scaling.kind} needs positive values (use ewm)"
             )
         # A few, as the service dead-letters them (and replay skips them): left out, as the service would.
         log.warning("%d of %d values are <= 0: left out (scaling.kind=%s)", bad, total, scaling.kind)
-        values = [kept for v in values if len(kept := v[v > 0])]
+        series = [(t[v > 0], v[v > 0]) for t, v in series if (v > 0).any()]
+    # Each series on its time grid, as the service steps it: a missing period is NaN (stepped, never scored).
+    values, grid = on_grid(series, settings.state.max_gap_periods)
     # A forecast made after value t >= warmup with its next value in the training part: none, nothing to fit.
     if not any(split_point(len(v), train.validation_fraction) >= train.warmup + 2 for v in values):
         raise _too_short(values, train)
@@ -135,6 +162,7 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
     seasons = resolve_seasons(settings, history)
     season = seasons.season
     baseline, mix = choose_baseline(settings, values, scaling, season, seasons.more)
+    baseline = {**baseline, "period_ms": grid["period_ms"]}  # a step of the model is this period
     model = baseline_model(settings, baseline, mix)
     fitted = fit(
         model,
@@ -239,6 +267,7 @@ def train_once(settings: Any, history: History, *, progress: bool | None = None)
             "training": {
                 **train.model_dump(mode="json"),
                 "season_used": season,
+                "time_grid": grid,
                 "seasons": seasons.describe(),
                 "seed": settings.model.seed,
             }
