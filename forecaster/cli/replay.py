@@ -2,7 +2,11 @@
 
 forecaster replay --input data.csv                                  # the checkpoint LATEST names
 forecaster replay --input data.csv --checkpoint checkpoints/<version> --output forecasts.csv
+forecaster replay --input data.csv --output forecasts.csv --long        # Nixtla's unique_id, ds, cutoff, ...
 forecaster replay --input data.csv --report report.png --season 24
+
+Series are on the time grid the service puts them on (``state.period``, by default the model's period); a
+step is a period, and a forecast is scored against the value at its target time (``forecaster.tools.replay``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ from forecaster.cli import jsonout
 from forecaster.config import Settings
 from forecaster.engine.engine import Engine
 from forecaster.errors import CheckpointError, ConfigError
-from forecaster.tools.replay import format_intervals, format_metrics, format_problems, replay, write_forecasts
+from forecaster.tools.replay import (
+    format_intervals,
+    format_metrics,
+    format_period,
+    format_problems,
+    replay,
+    write_forecasts,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint folder, or a checkpoint root (its LATEST); default: LATEST in checkpoints.dir",
     )
     parser.add_argument(
-        "--output", type=Path, help="write the forecasts here (CSV: series,ts,model_version,h1..hH)"
+        "--output",
+        type=Path,
+        help="write the forecasts here (CSV: series,ts,model_version,h1..hH, their target times at_1..at_H"
+        " in epoch ms, and the intervals)",
+    )
+    parser.add_argument(
+        "--long",
+        action="store_true",
+        help="with --output: one row per forecast step, Nixtla's long layout (unique_id,ds,cutoff,step,y_hat,"
+        "lo-80,hi-80,...,model_version; ds the target time, cutoff the origin's ts)",
     )
     parser.add_argument("--report", type=Path, help="write a PNG report here (needs matplotlib)")
     parser.add_argument(
@@ -102,6 +122,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.batch_rows is not None and args.batch_rows < 1:
         print("forecaster replay: --batch-rows must be >= 1", file=sys.stderr)
         return 2
+    if args.long and args.output is None:
+        print("forecaster replay: --long is the layout of --output: name the file", file=sys.stderr)
+        return 2
     for option, path in (("--output", args.output), ("--report", args.report)):
         if path is not None:
             writable(option, path)  # before the work, not after it
@@ -117,6 +140,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             f"more than state.window ({settings.state.window}) retains: raise "
             "FORECASTER_STATE__WINDOW"
         )
+    # The service's engine: the same period setting (``state.period``), the same grid.
     engine = Engine.from_settings(
         checkpoint.model, settings, version=checkpoint.version, device=device, scaling=checkpoint.scaling
     )
@@ -131,7 +155,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     for line in format_problems(result):
         print(line, file=sys.stderr)
     if args.output is not None:
-        write_forecasts(result.rows, args.output)
+        write_forecasts(result.rows, args.output, long=args.long)
     if args.report is not None:
         from forecaster.tools.report import write_report
 
@@ -145,6 +169,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     "values": len(result.rows),
                     "duplicates": result.duplicates,
                     "clipped": result.rows.clipped,
+                    "period_ms": engine.model.period_ms if engine.period_ms is None else engine.period_ms,
+                    "series_with_a_period": result.series_with_a_period(),
+                    "imputed": result.rows.imputed,
                     "bad_rows": len(result.bad_rows),
                     **result.metrics(),
                     "series_by_source": {f"h{k}:{src}": n for (k, src), n in sources.items()},
@@ -157,6 +184,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         f"replayed {len(result.rows)} values of {len(result.rows.by_series())} series with checkpoint "
         f"{checkpoint.version}; season {result.season}"
     )
+    print(format_period(result, engine))
     print(format_metrics(result))
     if sources:
         print(format_sources(sources))

@@ -44,19 +44,34 @@ class IntervalScores:
     def alpha(self) -> np.ndarray:
         return 1.0 - np.array([float(label) for label in self.labels]) / 100.0  # (L,)
 
-    def add(self, values: np.ndarray, lower: np.ndarray, upper: np.ndarray, start: int = 0) -> None:
+    def add(
+        self,
+        values: np.ndarray,
+        lower: np.ndarray,
+        upper: np.ndarray,
+        start: int = 0,
+        targets: np.ndarray | None = None,
+    ) -> None:
         """Score one series: ``values`` (T,), bounds (T, L, H) made after each value; origins from
-        ``start`` on (each origin's targets that exist; origins without bounds are left out)."""
+        ``start`` on (each origin's targets that exist; origins without bounds are left out). ``targets``
+        (T, H): what each bound is scored against, NaN where nothing is (default: the k-th next value; on a
+        time grid, ``forecaster.tools.pairing.SeriesGrid.targets``)."""
         horizon = self.count.shape[0]
-        steps = len(values)
+        if targets is None:
+            # here, not at the top: forecaster.train's evaluation imports this module
+            from forecaster.train.baselines import targets as next_values
+
+            targets = next_values(values, horizon)
         for k in range(1, horizon + 1):
-            origins = np.arange(start, steps - k)
+            origins = np.arange(start, len(values))
+            # origins with a target whose bounds exist (a young series' first forecasts have none: NaN)
+            made = np.isfinite(targets[origins, k - 1])
+            made &= np.isfinite(lower[origins, :, k - 1]).all(1)
+            made &= np.isfinite(upper[origins, :, k - 1]).all(1)
+            origins = origins[made]
             if not len(origins):
                 continue
-            # origins whose bounds exist (a young series' first forecasts have none: NaN)
-            made = np.isfinite(lower[origins, :, k - 1]).all(1) & np.isfinite(upper[origins, :, k - 1]).all(1)
-            origins = origins[made]
-            y = values[origins + k][:, None]  # (m, 1)
+            y = targets[origins, k - 1][:, None]  # (m, 1)
             lo, hi = lower[origins, :, k - 1], upper[origins, :, k - 1]  # (m, L)
             below, above = np.maximum(lo - y, 0.0), np.maximum(y - hi, 0.0)
             self.count[k - 1] += len(origins)

@@ -5,8 +5,14 @@ order (ties keep file order, as ``forecaster produce`` sends them) and fed to on
 rows, the way the service feeds it polled batches: same engine, same checkpoint, same forecasts. A value
 whose ts is not newer than its series' last one is a duplicate, dropped and counted, as in the service.
 
-The forecasts are then scored against what happened next, next to the seasonal-naive and last-value
-baselines on exactly the same points (``forecaster.train.baselines``): per horizon step and overall MAE, RMSE,
+Series are put on a time grid as the service puts them (``Engine.from_settings``: ``state.period``, by
+default the model's period, a series spaced otherwise learning its own from its first values): a value that
+comes ``k`` periods after the one before is stepped through the ``k - 1`` missing ones (``forecaster.timegrid``).
+
+The forecasts are then scored against what happened: step ``k`` of a series with a period against its value
+``k`` periods after the origin (``forecaster.tools.pairing``: a missing period is never scored), of a series
+without one against its ``k``-th next value; next to the seasonal-naive and last-value baselines read on the
+same grid, on exactly the same points (``forecaster.train.baselines``): per horizon step and overall MAE, RMSE,
 MASE (Hyndman & Koehler's: errors scaled by each series' in-sample seasonal-naive MAE, over the values before
 the first scored forecast, or the whole series when every forecast is scored) and the relative MAE (MAE over
 a baseline's MAE); with intervals on, the coverage and the interval (Winkler) score of each level per step
@@ -36,14 +42,10 @@ from tqdm.auto import tqdm
 
 from forecaster.data import BadRow, read_series
 from forecaster.engine.engine import Engine
+from forecaster.timegrid import DEFAULT_MAX_GAP
 from forecaster.tools.interval_score import IntervalScores
-from forecaster.train.baselines import (
-    ForecastErrors,
-    detect_season,
-    error_report,
-    relative_mae,
-    score_with_baselines,
-)
+from forecaster.tools.pairing import SeriesGrid
+from forecaster.train.baselines import ForecastErrors, detect_season, error_report, relative_mae
 from forecaster.train.seasons import calendar_seasons
 
 BASELINES = ("seasonal_naive", "last_value")
@@ -64,6 +66,10 @@ class Stepped:
     lower: np.ndarray | None = None  # (n, levels, horizon) float32; None without intervals
     upper: np.ndarray | None = None
     labels: list[str] = field(default_factory=list)  # level names ("80", "95")
+    step_ms: np.ndarray | None = None  # (n,) int64: the period each row stepped with (0: none); None: all 0
+    imputed: int = 0  # missing periods the engine stepped through
+    grid_season: int = 1  # the engine model's season: it imputes a missing period, keeps a restart's phase
+    max_gap: int = DEFAULT_MAX_GAP  # the engine's max_gap_periods: a longer gap is a restart
 
     def __len__(self) -> int:
         return len(self.series)
@@ -78,6 +84,27 @@ class Stepped:
         order = np.argsort(codes, kind="stable")
         bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
         return {str(name): order[a:b] for name, a, b in zip(names, bounds[:-1], bounds[1:], strict=True)}
+
+    def periods(self) -> np.ndarray:
+        """(n,) int64: the period each row stepped with (0: none)."""
+        return self.step_ms if self.step_ms is not None else np.zeros(len(self), np.int64)
+
+    def grids(self) -> list[SeriesGrid]:
+        """Each series' time grid, in ``by_series`` order: where its forecasts are scored."""
+        step_ms = self.periods()
+        return [
+            SeriesGrid.of(
+                self.ts[at], self.values[at], step_ms[at], season=self.grid_season, max_gap=self.max_gap
+            )
+            for at in self.by_series().values()
+        ]
+
+    def target_times(self) -> np.ndarray:
+        """(n, horizon) int64 epoch ms: when each step's value is expected, ``ts + k * step_ms``; -1 for a
+        series without a period (a step is its next value, whenever that comes)."""
+        step_ms = self.periods()[:, None]
+        k = np.arange(1, self.horizon + 1)[None, :]
+        return np.where(step_ms > 0, self.ts[:, None] + k * step_ms, -1)
 
 
 @dataclass
@@ -98,6 +125,11 @@ class ReplayResult:
     @property
     def horizon(self) -> int:
         return self.rows.horizon
+
+    def series_with_a_period(self) -> int:
+        """Series whose last value was stepped on a time grid."""
+        periods = self.rows.periods()
+        return sum(int(periods[at[-1]] > 0) for at in self.rows.by_series().values())
 
     def metrics(self) -> dict[str, Any]:
         """JSON-ready figures: per method MAE/RMSE/MASE overall and by horizon; the model's relative MAE vs
@@ -133,10 +165,17 @@ def step_rows(
     values = frame["value"].to_numpy(dtype=np.float64)
     lines = frame["line"].to_numpy(dtype=np.int64) if "line" in frame else np.arange(len(frame)) + 2
     series: list[str] = []
-    parts: dict[str, list[np.ndarray]] = {"ts": [], "values": [], "forecasts": [], "lower": [], "upper": []}
+    parts: dict[str, list[np.ndarray]] = {
+        "ts": [],
+        "values": [],
+        "forecasts": [],
+        "lower": [],
+        "upper": [],
+        "step_ms": [],
+    }
     versions: list[str] = []
     duplicate_lines: list[int] = []
-    clipped = 0
+    clipped = imputed = 0
     with tqdm(total=len(frame), unit="values", desc="replay", disable=_disabled(progress)) as bar:
         for lo in range(0, len(frame), batch_rows):
             hi = min(lo + batch_rows, len(frame))
@@ -145,11 +184,13 @@ def step_rows(
             parts["ts"].append(out.ts)
             parts["values"].append(values[lo:hi][out.index])
             parts["forecasts"].append(out.forecasts)
+            parts["step_ms"].append(out.step_ms)
             if out.lower is not None:
                 parts["lower"].append(out.lower)
                 parts["upper"].append(out.upper)
             versions.extend([out.version] * len(out))
             clipped += out.clipped
+            imputed += out.imputed
             if out.duplicates:
                 stepped = np.zeros(hi - lo, dtype=bool)
                 stepped[out.index] = True
@@ -169,6 +210,10 @@ def step_rows(
         lower=np.concatenate(parts["lower"]) if parts["lower"] else None,
         upper=np.concatenate(parts["upper"]) if parts["upper"] else None,
         labels=engine.intervals.labels if engine.intervals is not None else [],
+        step_ms=np.concatenate(parts["step_ms"]) if parts["step_ms"] else np.zeros(0, np.int64),
+        imputed=imputed,
+        grid_season=engine.model.season,
+        max_gap=engine.max_gap_periods,
     )
 
 
@@ -179,13 +224,15 @@ def score(
     horizon: int,
     season: int,
     first_origin: Sequence[int] | None = None,
+    grids: Sequence[SeriesGrid] | None = None,
 ) -> dict[str, ForecastErrors]:
     """Errors of each method in ``forecasts`` (name -> per-series (T_i, >= horizon) arrays) and of both
     baselines, on the points where every method has a forecast and the target exists.
 
     ``first_origin[i]``: forecasts made before this position of series ``i`` are not scored (default 0);
     MASE's scale is the in-sample seasonal-naive MAE of the values up to that origin (of the whole series
-    without ``first_origin``).
+    without ``first_origin``). ``grids[i]``: where series ``i``'s forecasts are scored (``Stepped.grids``;
+    default: each value one step).
     """
     errors = {name: ForecastErrors.empty(horizon) for name in [*forecasts, *BASELINES]}
     for i, v in enumerate(values):
@@ -194,9 +241,8 @@ def score(
             continue
         rows = slice(start, len(v) - 1)  # the last value has nothing after it to score
         insample = len(v) if first_origin is None else start + 1
-        scored = score_with_baselines(
-            {name: f[i] for name, f in forecasts.items()}, v, rows, horizon, season, insample
-        )
+        grid = grids[i] if grids is not None else SeriesGrid.by_value(v)
+        scored = grid.errors({name: f[i] for name, f in forecasts.items()}, rows, horizon, season, insample)
         for name, e in scored.items():
             errors[name] = errors[name] + e
     return errors
@@ -260,6 +306,7 @@ def replay_frame(
     """
     rows = step_rows(engine, frame, batch_rows=batch_rows, progress=progress)
     groups = list(rows.by_series().values())
+    grids = rows.grids()
     values = [rows.values[at] for at in groups]
     if season is None:  # the calendar's first season, as the trainer's reference; else autocorrelation's
         calendar = calendar_seasons([rows.ts[at] for at in groups])[1]
@@ -273,18 +320,24 @@ def replay_frame(
         horizon=rows.horizon,
         season=season,
         first_origin=first,
+        grids=grids,
     )
-    return ReplayResult(rows, errors, season, intervals=score_intervals(rows, first))
+    intervals = score_intervals(rows, first, grids)
+    return ReplayResult(rows, errors, season, intervals=intervals)
 
 
-def score_intervals(rows: Stepped, first_origin: Sequence[int] | None = None) -> IntervalScores | None:
-    """Coverage and Winkler score of the emitted intervals per level and step (None without them)."""
+def score_intervals(
+    rows: Stepped, first_origin: Sequence[int] | None = None, grids: Sequence[SeriesGrid] | None = None
+) -> IntervalScores | None:
+    """Coverage and Winkler score of the emitted intervals per level and step, each against its target on
+    the series' grid (``grids``: ``rows.grids()`` when not given); None without intervals."""
     if rows.lower is None or rows.upper is None:
         return None
     scores = IntervalScores.empty(rows.labels, rows.horizon)
-    for i, at in enumerate(rows.by_series().values()):
+    grids = rows.grids() if grids is None else grids
+    for i, (at, grid) in enumerate(zip(rows.by_series().values(), grids, strict=True)):
         start = 0 if first_origin is None else int(first_origin[i])
-        scores.add(rows.values[at], rows.lower[at], rows.upper[at], start)
+        scores.add(rows.values[at], rows.lower[at], rows.upper[at], start, grid.targets(rows.horizon))
     return scores
 
 
@@ -298,10 +351,15 @@ def first_origins(rows: Stepped, score_from: int) -> list[int]:
 
 
 def forecasts_frame(rows: Stepped) -> pd.DataFrame:
-    """One row per stepped value: ``series, ts, model_version, h1..hH``."""
+    """One row per stepped value: ``series, ts, model_version, h1..hH``, the target time of each step
+    ``at_1..at_H`` (epoch ms, as ``ts``; empty for a series without a period), and with intervals
+    ``lower_80_h1 .. upper_95_hH``."""
     frame = pd.DataFrame({"series": rows.series, "ts": rows.ts, "model_version": rows.versions})
     for k in range(rows.horizon):
         frame[f"h{k + 1}"] = rows.forecasts[:, k]
+    at = rows.target_times()
+    for k in range(rows.horizon):
+        frame[f"at_{k + 1}"] = _times(at[:, k])
     if rows.lower is not None and rows.upper is not None:  # lower_80_h1 .. upper_95_hH
         for side, bounds in (("lower", rows.lower), ("upper", rows.upper)):
             for li, label in enumerate(rows.labels):
@@ -310,9 +368,39 @@ def forecasts_frame(rows: Stepped) -> pd.DataFrame:
     return frame
 
 
-def write_forecasts(rows: Stepped, path: str | os.PathLike[str]) -> None:
-    """The forecasts as CSV (float32 values written exactly: 9 significant digits)."""
-    forecasts_frame(rows).to_csv(path, index=False, float_format="%.9g")
+def long_frame(rows: Stepped) -> pd.DataFrame:
+    """Nixtla's long layout, one row per forecast step: ``unique_id``, ``ds`` (its target time, epoch ms;
+    empty for a series without a period), ``cutoff`` (the origin's ts), ``step`` (1..H), ``y_hat``,
+    ``lo-80, hi-80, lo-95, hi-95`` (each level of the intervals, when on) and ``model_version``."""
+    n, horizon = len(rows), rows.horizon
+    origin = np.repeat(np.arange(n), horizon)  # (n * H,) origin-major
+    frame = pd.DataFrame(
+        {
+            "unique_id": np.asarray(rows.series, dtype=object)[origin],
+            "ds": _times(rows.target_times().reshape(-1)),
+            "cutoff": rows.ts[origin],
+            "step": np.tile(np.arange(1, horizon + 1), n),
+            "y_hat": rows.forecasts.reshape(-1),
+        }
+    )
+    if rows.lower is not None and rows.upper is not None:
+        for li, label in enumerate(rows.labels):
+            frame[f"lo-{label}"] = rows.lower[:, li, :].reshape(-1)
+            frame[f"hi-{label}"] = rows.upper[:, li, :].reshape(-1)
+    frame["model_version"] = np.asarray(rows.versions, dtype=object)[origin]
+    return frame
+
+
+def _times(at: np.ndarray) -> pd.arrays.IntegerArray:
+    """Epoch ms as a nullable integer column: -1 (no target time) is written as an empty cell."""
+    return pd.arrays.IntegerArray(np.maximum(at, 0).astype(np.int64), at < 0)
+
+
+def write_forecasts(rows: Stepped, path: str | os.PathLike[str], *, long: bool = False) -> None:
+    """The forecasts as CSV, one row per origin (``forecasts_frame``) or per step (``long``: ``long_frame``);
+    float32 values written exactly (9 significant digits)."""
+    frame = long_frame(rows) if long else forecasts_frame(rows)
+    frame.to_csv(path, index=False, float_format="%.9g")
 
 
 def format_metrics(result: ReplayResult) -> str:
@@ -344,6 +432,35 @@ def format_metrics(result: ReplayResult) -> str:
             " single value); MAE and RMSE count them"
         )
     return "\n".join(lines)
+
+
+def format_period(result: ReplayResult, engine: Engine) -> str:
+    """One line: the period ``engine`` started series with, how many series had one at the end, the
+    missing periods stepped through."""
+    if engine.period_ms == 0:
+        begin = "no period (state.period none): a step is the next value"
+    elif engine.period_ms:
+        begin = f"every series on a grid of {duration(engine.period_ms)} (state.period)"
+    elif engine.model.period_ms:
+        begin = (
+            f"series started with the model's period of {duration(engine.model.period_ms)} (one spaced"
+            " otherwise learnt its own)"
+        )
+    else:
+        begin = "the model has no period: each series learnt its own from its first values"
+    return (
+        f"{begin}; {result.series_with_a_period()} of {len(result.rows.by_series())} series stepped on a time"
+        f" grid (the rest value by value); {result.rows.imputed} missing periods stepped through (imputed,"
+        " never scored)"
+    )
+
+
+def duration(ms: int) -> str:
+    """``ms`` in the largest unit it is a whole number of (``90min``, ``1h``, ``7d``), else in ms."""
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1_000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
 
 
 def format_intervals(scores: IntervalScores) -> str:

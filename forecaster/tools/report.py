@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from forecaster.errors import ReportError
-from forecaster.tools.replay import ReplayResult
+from forecaster.tools.replay import ReplayResult, duration
 
 SERIES_SHOWN = 4
 LAST_POINTS = 200  # values of each series drawn (its most recent ones)
@@ -49,9 +49,8 @@ def write_report(result: ReplayResult, path: str | os.PathLike[str]) -> None:
         # Panels 1..n: what happened, the one-step forecasts, and the full horizon from the last origin.
         for ax, name in zip(axes[:-1, 0], shown, strict=True):
             at = groups[name][-LAST_POINTS:]
-            t = (rows.ts[at] - rows.ts[at][0]) if len(at) else rows.ts[at]
-            step = float(np.median(np.diff(rows.ts[at]))) if len(at) > 1 else 1.0
-            x = t / step if step > 0 else np.arange(len(at))
+            period = int(rows.periods()[at[-1]])
+            x, nxt, unit = _axis(rows.ts[at], period)
             ax.plot(x, rows.values[at], color="black", lw=1.2, label="actual")
             if len(at) > 1 and rows.lower is not None and rows.upper is not None:
                 # One-step bands of each level (widest first, lighter), and the bands of the last origin.
@@ -60,11 +59,11 @@ def write_report(result: ReplayResult, path: str | os.PathLike[str]) -> None:
                     shade = 0.15 + 0.15 * (len(rows.labels) - 1 - li)
                     label = f"{rows.labels[li]}% interval"
                     lo, hi = rows.lower[at][:-1, li, 0], rows.upper[at][:-1, li, 0]
-                    ax.fill_between(x[1:], lo, hi, color="tab:blue", alpha=shade, lw=0, label=label)
+                    ax.fill_between(nxt, lo, hi, color="tab:blue", alpha=shade, lw=0, label=label)
                     lo, hi = rows.lower[at][-1, li], rows.upper[at][-1, li]
                     ax.fill_between(ahead, lo, hi, color="tab:orange", alpha=shade, lw=0)
             if len(at) > 1:
-                ax.plot(x[1:], rows.forecasts[at][:-1, 0], color="tab:blue", lw=1.0, label="forecast, 1 step")
+                ax.plot(nxt, rows.forecasts[at][:-1, 0], color="tab:blue", lw=1.0, label="forecast, 1 step")
                 ahead = x[-1] + np.arange(1, result.horizon + 1)
                 ax.plot(
                     ahead,
@@ -74,7 +73,7 @@ def write_report(result: ReplayResult, path: str | os.PathLike[str]) -> None:
                     ls="--",
                     label=f"forecast, {result.horizon} steps",
                 )
-            ax.set_title(f"{name} (last {len(at)} values, x in steps)", fontsize=9)
+            ax.set_title(f"{name} (last {len(at)} values, x in {unit})", fontsize=9)
             ax.legend(fontsize=7, loc="upper left")
         # Last panel: MAE by horizon step, the model against both baselines on the same points.
         ax = axes[-1, 0]
@@ -96,3 +95,18 @@ def write_report(result: ReplayResult, path: str | os.PathLike[str]) -> None:
         raise ReportError(f"{path}: cannot write the report: {exc}") from None
     finally:
         plt.close(fig)
+
+
+def _axis(ts: np.ndarray, period: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """x of each value, x of each one-step forecast (made after all values but the last), and the unit.
+
+    With a period, x is time in periods and a one-step forecast lies one period after its origin (a gap
+    shows as one); without, x is time in median spacings and a one-step forecast lies at the next value.
+    """
+    t = (ts - ts[0]).astype(np.float64)
+    if period > 0:
+        x = t / period
+        return x, x[:-1] + 1.0, f"periods of {duration(period)}"
+    step = float(np.median(np.diff(ts))) if len(ts) > 1 else 1.0
+    x = t / step if step > 0 else np.arange(len(ts), dtype=np.float64)
+    return x, x[1:], "steps (no period: a step is the next value)"

@@ -19,7 +19,16 @@ from forecaster.cli import replay as replay_cli
 from forecaster.engine.engine import Engine, reference_forecast
 from forecaster.model import RecurrentForecaster
 from forecaster.scaling import Scaling
-from forecaster.tools.replay import format_metrics, format_problems, load_rows, replay, score
+from forecaster.tools.replay import (
+    forecasts_frame,
+    format_metrics,
+    format_period,
+    format_problems,
+    load_rows,
+    long_frame,
+    replay,
+    score,
+)
 from forecaster.train.baselines import detect_season
 
 # Unsorted rows, a duplicate (line 6: same series and ts as line 5) and a bad value (line 11).
@@ -205,8 +214,19 @@ def test_cli_writes_forecasts_and_prints_the_metrics(tmp_path, published, capsys
     printed = capsys.readouterr()
     forecasts = pd.read_csv(out)
     bounds = [f"{side}_{level}_h{k}" for side in ("lower", "upper") for level in (80, 95) for k in (1, 2)]
-    assert forecasts.columns.tolist() == ["series", "ts", "model_version", "h1", "h2", *bounds]
-    made = forecasts.dropna()  # a series' first 3 forecasts have no bounds (empty cells)
+    assert forecasts.columns.tolist() == [
+        "series",
+        "ts",
+        "model_version",
+        "h1",
+        "h2",
+        "at_1",
+        "at_2",
+        *bounds,
+    ]
+    # The model has no period and no series is long enough to learn its own: steps are values, not times.
+    assert forecasts["at_1"].isna().all() and forecasts["at_2"].isna().all()
+    made = forecasts.dropna(subset=bounds)  # a series' first 3 forecasts have no bounds (empty cells)
     assert len(made) == 2 and forecasts[bounds].isna().all(axis=1).sum() == 6
     assert (made["lower_95_h1"] <= made["lower_80_h1"]).all()
     assert (made["lower_80_h2"] <= made["h2"]).all() and (made["h2"] <= made["upper_80_h2"]).all()
@@ -400,3 +420,73 @@ def test_cli_skips_series_ids_the_service_would_dead_letter_as_too_long(
     assert "skipped 3 bad rows (series_too_long 3)" in printed.err
     assert "line 3 (series_too_long: 'longer'" in printed.err
     assert "replayed 3 values of 1 series" in printed.out
+
+
+# ---- a step is a period ---------------------------------------------------------------------------------
+
+# Series a every 10 s with the periods at 30 s and 40 s missing; its value is its time in periods.
+GAPPED = "series,ts,value\n" + "".join(f"a,{t * 10_000},{t}\n" for t in (0, 1, 2, 5, 6, 7))
+
+
+def test_a_gapped_series_is_scored_on_its_grid_and_missing_targets_are_skipped() -> None:
+    engine = Engine(constant_model([0.0, 0.0]), scaling=Scaling(kind="none"), period_ms=10_000)
+    result = replay(io.StringIO(GAPPED), engine, season=1, progress=False)
+    assert result.rows.periods().tolist() == [10_000] * 6 and result.rows.imputed == 2
+    # Origins at 0..2 and 5..7 periods: a step-1 target exists for 0, 1, 5 and 6 (3 and 8 do not), a
+    # step-2 one for 0 and 5. The k-th next value would pair 2 with 5: scored on the grid, it is not.
+    model, last = result.errors["model"], result.errors["last_value"]
+    assert model.count.tolist() == [4, 2] and last.count.tolist() == [4, 2]
+    np.testing.assert_allclose(last.mae(), [1.0, 2.0])  # the value k periods on is k more
+    np.testing.assert_allclose(model.mae(), [(1 + 2 + 6 + 7) / 4, (2 + 7) / 2])
+    np.testing.assert_array_equal(result.rows.target_times()[:, 0], result.rows.ts + 10_000)
+    assert "every series on a grid of 10s (state.period)" in format_period(result, engine)
+    assert "1 of 1 series stepped on a time grid" in format_period(result, engine)
+    assert "2 missing periods stepped through" in format_period(result, engine)
+
+
+def test_without_a_period_a_step_is_the_next_value_and_has_no_target_time() -> None:
+    engine = Engine(constant_model([0.0, 0.0]), scaling=Scaling(kind="none"), period_ms=0)
+    result = replay(io.StringIO(GAPPED), engine, season=1, progress=False)
+    assert result.rows.periods().tolist() == [0] * 6 and result.rows.imputed == 0
+    assert result.errors["last_value"].count.tolist() == [5, 4]  # every next value, gaps or not
+    frame = forecasts_frame(result.rows)
+    assert frame["at_1"].isna().all() and frame["at_2"].isna().all()
+    assert long_frame(result.rows)["ds"].isna().all()
+    assert "a step is the next value" in format_period(result, engine)
+
+
+def test_the_long_layout_has_a_row_per_step_with_its_target_time() -> None:
+    engine = Engine(constant_model([1.5, 2.5]), scaling=Scaling(kind="none"), period_ms=10_000, version="v")
+    rows = replay(io.StringIO(GAPPED), engine, season=1, progress=False).rows
+    buffer = io.StringIO()
+    long_frame(rows).to_csv(buffer, index=False)
+    frame = pd.read_csv(io.StringIO(buffer.getvalue()))
+    levels = [f"{side}-{level}" for level in (80, 95) for side in ("lo", "hi")]
+    assert frame.columns.tolist() == ["unique_id", "ds", "cutoff", "step", "y_hat", *levels, "model_version"]
+    assert len(frame) == 2 * len(rows) and frame["step"].tolist() == [1, 2] * len(rows)
+    assert (frame["ds"] == frame["cutoff"] + 10_000 * frame["step"]).all()
+    assert frame["cutoff"].tolist() == np.repeat(rows.ts, 2).tolist()
+    assert frame["y_hat"].tolist() == [1.5, 2.5] * len(rows) and set(frame["model_version"]) == {"v"}
+    made = frame.dropna()  # a series' first forecasts have no bounds yet
+    assert len(made) and (made["lo-95"] <= made["lo-80"]).all() and (made["hi-80"] <= made["hi-95"]).all()
+
+
+def test_cli_writes_the_long_layout_on_the_models_grid(tmp_path, published, capsys) -> None:
+    root, _ = published
+    model = RecurrentForecaster("gru", hidden_size=4, num_layers=1, horizon=2, period_ms=10_000)
+    promote(root, save_checkpoint(root, model, Scaling()))  # trained on series 10 s apart
+    data, out = write(tmp_path, GAPPED), tmp_path / "long.csv"
+    argv = ["replay", "--input", str(data), "--output", str(out), "--long", "--season", "1", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "series started with the model's period of 10s" in printed
+    assert "2 missing periods stepped through" in printed
+    frame = pd.read_csv(out)
+    assert frame.columns[:5].tolist() == ["unique_id", "ds", "cutoff", "step", "y_hat"]
+    assert len(frame) == 6 * 2 and (frame["ds"] == frame["cutoff"] + 10_000 * frame["step"]).all()
+    assert main(["replay", "--input", str(data), "--long", "--no-progress"]) == 2
+    assert "--long is the layout of --output" in capsys.readouterr().err
+    assert main(["replay", "--input", str(data), "--json", "--season", "1", "--no-progress"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["period_ms"] == 10_000 and figures["imputed"] == 2 and figures["series_with_a_period"] == 1
+    assert figures["model"]["count"] == 4 + 2  # the step-1 and step-2 targets the grid holds

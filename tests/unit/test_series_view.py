@@ -12,6 +12,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pytest
@@ -19,11 +20,13 @@ from prometheus_client import CollectorRegistry
 
 from forecaster.config import MetricsSettings
 from forecaster.engine import Engine, ask_series, series_state
+from forecaster.engine.view import SeriesState
 from forecaster.metrics import MetricsServer, SeriesLookup, kafka_partition
 from forecaster.metrics.series import murmur2
 from forecaster.model import RecurrentForecaster
 
 WINDOW, HORIZON = 8, 3
+HOUR = 3_600_000
 
 
 class Loop:
@@ -244,7 +247,9 @@ def test_the_page_renders_in_headless_chromium(engine: Engine, served, tmp_path)
     server, loop = served
     name = "room <1>/temp"
     values = [float(v) for v in 20 + 5 * np.sin(np.arange(30) / 3)]
-    out = loop.feed([name] * 30, list(range(30)), values)
+    out = loop.feed(
+        [name] * 30, [HOUR * t for t in range(30)], values
+    )  # hourly: the series learns its period
     page = f"http://127.0.0.1:{server.port}{url(name, view=True)}"
     dom = headless("--dump-dom", page)
     assert dom.returncode == 0, dom.stderr
@@ -252,6 +257,8 @@ def test_the_page_renders_in_headless_chromium(engine: Engine, served, tmp_path)
     assert "<h1>room &lt;1&gt;/temp</h1>" in dom.stdout
     assert len(re.findall(r'<circle class="value"', dom.stdout)) == WINDOW
     assert len(re.findall(r'<circle class="forecast"', dom.stdout)) == HORIZON
+    # A time axis: the last value came at 29 h (01-02 05:00 UTC), the last step is 3 h later.
+    assert time_labels(dom.stdout)[-1] == "01-02 08:00" and "a step is one period of 1h" in dom.stdout
     # The JSON the page links to is the engine's state.
     answer = json.loads(get(server.port, url(name))[2])
     assert answer["values"] == pytest.approx(values[-WINDOW:], abs=1e-5)
@@ -259,3 +266,93 @@ def test_the_page_renders_in_headless_chromium(engine: Engine, served, tmp_path)
     shot = tmp_path / "series.png"
     result = headless(f"--screenshot={shot}", "--window-size=820,420", page)
     assert result.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_the_time_axis_and_the_interval_bands_are_in_the_browsers_dom() -> None:
+    lower, upper = [[9.0, 8.0, 7.0], [9.5, 9.0, 8.5]], [[13.0, 14.0, 15.0], [12.5, 13.0, 13.5]]
+    state = Banded(**asdict(daily_state()), lower=lower, upper=upper, levels=["95", "80"])
+    server = MetricsServer(CollectorRegistry(), host="127.0.0.1", port=0, series=lambda name: state).start()
+    try:
+        dom = headless("--dump-dom", f"http://127.0.0.1:{server.port}{url('h', view=True)}")
+    finally:
+        server.stop()
+    assert dom.returncode == 0, dom.stderr
+    assert time_labels(dom.stdout) == ["2024-02-29", "2024-03-02", "2024-03-04", "2024-03-05", "2024-03-07"]
+    bands = re.findall(r'<polygon class="band" data-level="(\d+)"', dom.stdout)
+    assert bands == ["95", "80"]  # the widest first, the narrower on top
+    assert len(re.findall(r'<circle class="imputed"', dom.stdout)) == 1
+
+
+# --- the time axis ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Banded(SeriesState):
+    """A state with the forecast's intervals, as the page draws them when the engine's state has them."""
+
+    lower: list[list[float]] | None = None
+    upper: list[list[float]] | None = None
+    levels: list[str] | None = None
+
+
+def time_labels(page: str) -> list[str]:
+    return re.findall(r'<text class="time"[^>]*>([^<]*)</text>', page)
+
+
+def daily_state(period_ms: int = 86_400_000, grid: str = "period") -> SeriesState:
+    """Five daily values up to 2024-03-04 (the third filled a missing day), a forecast of three days."""
+    last = 1_709_510_400_000  # 2024-03-04T00:00:00Z
+    return SeriesState(
+        series="h",
+        values=[10.0, 11.0, 12.0, 11.0, 10.0],
+        last_ts=last,
+        count=5,
+        window=WINDOW,
+        forecast=[11.0, 12.0, 11.0],
+        model_version="v1",
+        period_ms=period_ms,
+        grid=grid,
+        imputed=[False, False, True, False, False],
+    )
+
+
+def test_a_series_with_a_period_gets_dates_and_target_times() -> None:
+    from forecaster.metrics.series import series_json, series_page
+
+    state = daily_state()
+    page = series_page(state).decode()
+    # Steps -4..0 are the retained days, 1..3 the forecast's: 2024-02-29 .. 2024-03-07.
+    assert time_labels(page) == ["2024-02-29", "2024-03-02", "2024-03-04", "2024-03-05", "2024-03-07"]
+    assert "a step is one period of 1d; 1 of the retained values filled missing periods" in page
+    assert len(re.findall(r'<circle class="value"', page)) == 4 and '<circle class="imputed"' in page
+    assert "polygon" not in page  # no intervals in the state: no bands
+    body = json.loads(series_json(state))
+    assert body["forecast_times"] == ["2024-03-05T00:00:00Z", "2024-03-06T00:00:00Z", "2024-03-07T00:00:00Z"]
+    assert body["period_ms"] == 86_400_000
+
+
+@pytest.mark.parametrize(
+    ("grid", "says"),
+    [
+        ("none", "no period (its spacing is not stable): steps are values, not periods"),
+        ("learning", "learning its period from its first values: until then steps are values, not periods"),
+    ],
+)
+def test_a_series_without_a_period_says_steps_are_values(grid: str, says: str) -> None:
+    from forecaster.metrics.series import series_json, series_page
+
+    state = daily_state(period_ms=0, grid=grid)
+    page = series_page(state).decode()
+    assert says in page and "0 (last value)" in page and not time_labels(page)
+    assert json.loads(series_json(state))["forecast_times"] is None
+
+
+def test_bands_are_drawn_per_level_widest_first() -> None:
+    from forecaster.metrics.series import series_page
+
+    lower, upper = [[9.5, 9.0, 8.5], [9.0, 8.0, 7.0]], [[12.5, 13.0, 13.5], [13.0, 14.0, 15.0]]
+    state = Banded(**asdict(daily_state()), lower=lower, upper=upper, levels=["80", "95"])
+    page = series_page(state).decode()
+    assert re.findall(r'<polygon class="band" data-level="(\d+)"', page) == ["95", "80"]
+    assert "15" in page  # the y range holds the widest band
