@@ -1,14 +1,16 @@
 """Session-wide test fixtures: the real Kafka broker, and unique topics and consumer groups on it.
 
 The broker is the one at ``FORECASTER_KAFKA__BOOTSTRAP_SERVERS`` (default 127.0.0.1:9092) when it
-answers; otherwise ``deploy/kafka/start`` boots one for the session (its own data folder under .run/)
-and it is stopped and wiped when the session ends. Every test under tests/integration/ is marked
-``integration`` automatically, so ``pytest -m "not integration"`` runs without a broker.
+answers; otherwise ``deploy/kafka/start`` boots one for the run (its own data folder under .run/; with
+pytest-xdist's workers, one of them) and it is stopped and wiped when the run ends. Every test under
+tests/integration/ is marked ``integration`` automatically, so ``pytest -m "not integration"`` runs
+without a broker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import socket
@@ -49,32 +51,70 @@ def _unique(prefix: str, request: pytest.FixtureRequest) -> str:
     return f"{prefix}-{test}-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
-    """The bootstrap address of a real broker that answers, started for the session if needed."""
-    address = os.environ.get(BOOTSTRAP_ENV, "127.0.0.1:9092")
-    if _port_open(address):
-        wait_for_broker(KafkaSettings(bootstrap_servers=address), timeout=60)
-        yield address
-        return
+def _broker_env(address: str) -> dict[str, str]:
     host, _, port = address.split(",")[0].rpartition(":")
-    env = {
+    return {
         **os.environ,
         "KAFKA_HOST": host,
         "KAFKA_PORT": port,
         "KAFKA_CONTROLLER_PORT": os.environ.get("KAFKA_CONTROLLER_PORT", str(int(port) + 1)),
         "KAFKA_DATA_DIR": str(ROOT / ".run" / f"kafka-pytest-{port}"),
     }
-    started = subprocess.run(
-        [str(ROOT / "deploy" / "kafka" / "start")], env=env, capture_output=True, text=True, check=False
-    )
-    if started.returncode != 0:
-        pytest.fail(f"no broker at {address} and deploy/kafka/start failed:\n{started.stderr}", pytrace=False)
-    try:
-        wait_for_broker(KafkaSettings(bootstrap_servers=address), timeout=60)
-        yield address
-    finally:
-        subprocess.run([str(ROOT / "deploy" / "kafka" / "stop"), "--wipe"], env=env, check=False)
+
+
+def _started_marker(address: str) -> Path:
+    """Written by the process that started the session's broker; the run's main process stops it."""
+    return ROOT / ".run" / f"kafka-pytest-{address.split(',')[0].rpartition(':')[2]}.started"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # One id for the whole run, inherited by pytest-xdist's workers (they start after this).
+    if not hasattr(config, "workerinput"):
+        os.environ.setdefault("FORECASTER_TEST_RUN", uuid.uuid4().hex)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The main process (never an xdist worker) stops the broker a test of this run started."""
+    if hasattr(config, "workerinput"):
+        return
+    address = os.environ.get(BOOTSTRAP_ENV, "127.0.0.1:9092")
+    marker = _started_marker(address)
+    if marker.exists() and marker.read_text() == os.environ.get("FORECASTER_TEST_RUN"):
+        subprocess.run(
+            [str(ROOT / "deploy" / "kafka" / "stop"), "--wipe"], env=_broker_env(address), check=False
+        )
+        marker.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """The bootstrap address of a real broker that answers, started for the run if needed.
+
+    Parallel workers (pytest -n) take a lock first, so one of them starts it and the others find it; the
+    run's main process stops it at the end (``pytest_unconfigure``).
+    """
+    address = os.environ.get(BOOTSTRAP_ENV, "127.0.0.1:9092")
+    if not _port_open(address):
+        marker = _started_marker(address)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with open(marker.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not _port_open(address):
+                started = subprocess.run(
+                    [str(ROOT / "deploy" / "kafka" / "start")],
+                    env=_broker_env(address),
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                if started.returncode != 0:
+                    pytest.fail(
+                        f"no broker at {address} and deploy/kafka/start failed:\n{started.stderr}",
+                        pytrace=False,
+                    )
+                marker.write_text(os.environ.get("FORECASTER_TEST_RUN", ""))
+    wait_for_broker(KafkaSettings(bootstrap_servers=address), timeout=60)
+    yield address
 
 
 @pytest.fixture

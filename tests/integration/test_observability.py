@@ -251,8 +251,9 @@ def pipeline(kafka_bootstrap: str, kafka_admin, tmp_path_factory: pytest.TempPat
     )
     created = list(topics.values())
     try:
-        # History for the trainer's first run: 20 series x 150 values, one a minute, ending now.
-        start_ms = int(time.time() * 1000) - 150 * 60_000
+        # History for the trainer's first run: 20 series x 150 values, one a second (the period of the live
+        # producer below: the trained model's period is the history's), ending now.
+        start_ms = int(time.time() * 1000) - 150 * 1_000
         history = subprocess.run(
             [
                 sys.executable,
@@ -266,7 +267,7 @@ def pipeline(kafka_bootstrap: str, kafka_admin, tmp_path_factory: pytest.TempPat
                 "--start-ms",
                 str(start_ms),
                 "--step-ms",
-                "60000",
+                "1000",
                 "--no-progress",
             ],
             env=env,
