@@ -262,16 +262,15 @@ class Engine:
             last_ts[c] = np.maximum(last_ts[c], t)  # the newest ts seen, a same-period value's too
         else:
             np.maximum.at(last_ts, c, t)
-        learning = tb.learning[c]
-        if learning.any():  # a series still checking its period may be on another grid: only short gaps
-            missing = np.where(learning & (missing > MAX_LEARNING_GAP), 0, missing)
+        if self.period_ms is None and tb.learning[c].any():
+            step_ms = step_ms.copy()
+            learning = np.flatnonzero(tb.learning[c])
+            self._learn(learning, c, t, t - before, fresh, (steps, missing, restart, step_ms))
         keep = np.flatnonzero(steps)
         rows = keep if order is None else order[keep]
         by_row = np.zeros(len(ts), np.int64)
-        by_row[rows] = step_ms[keep]  # before this batch settles any period
+        by_row[rows] = step_ms[keep]
         c, missing = c[keep], missing[keep]
-        if self.period_ms is None:
-            self._learn(c, t[keep])
         gaps = int(missing.sum())
         if order is None and gaps == 0:
             return Plan(rows, [0, len(rows)], step_ms=by_row)
@@ -309,17 +308,35 @@ class Engine:
             by_row,
         )
 
-    def _learn(self, slots: np.ndarray, ts: np.ndarray) -> None:
-        """Keep the first spacings of series still learning their period (``slots`` in stepped order per
-        series, ``ts`` theirs); a series with all of them gets its period (``StateTable.settle_period``)."""
-        tb = self.table
-        learning = tb.learning[slots]
-        if not learning.any():
-            return
-        slots, ts = slots[learning], ts[learning]
-        for slot, when in zip(slots.tolist(), ts.tolist(), strict=True):  # a series' first values only
-            if tb.learning[slot]:  # it may settle within this batch
-                tb.observe_ts(slot, when)
+    def _learn(
+        self,
+        at: np.ndarray,
+        c: np.ndarray,
+        t: np.ndarray,
+        dt: np.ndarray,
+        fresh: np.ndarray,
+        out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    ) -> None:
+        """The values ``at`` (positions in ``c``/``t``, series by series in ts order) of series still
+        learning their period, one at a time as they would come one by one: each newer value is one more
+        of the series' first timestamps (``StateTable.observe_ts``), and once its period settles, its later
+        values in this batch step on that grid. While it learns, it steps on the checkpoint's period (or
+        value by value without one) and fills no gap longer than ``MAX_LEARNING_GAP`` (a long gap may say
+        that it is spaced otherwise). Rewrites ``out``: ``steps``, ``missing``, ``restart``, ``step_ms``."""
+        tb, season = self.table, self.model.season
+        steps, missing, restart, step_ms = out
+        for i in at.tolist():
+            slot = int(c[i])
+            period = int(tb.period[slot])
+            if not fresh[i]:
+                step, miss, long = grid_steps(dt[i : i + 1], np.array([period]), self.max_gap_periods, season)
+                steps[i], missing[i], restart[i] = step[0], miss[0], long[0]
+            step_ms[i] = period
+            if tb.learning[slot]:
+                if restart[i] or missing[i] > MAX_LEARNING_GAP:
+                    missing[i] = restart[i] = 0
+                if dt[i] > 0:
+                    tb.observe_ts(slot, int(t[i]))
 
     def _step(self, slots: np.ndarray, v: np.ndarray | None) -> tuple[Any, ...]:
         """Score, scale, step and store one value for each of ``slots`` (distinct); returns forecasts (and

@@ -187,6 +187,45 @@ def test_a_series_spaced_otherwise_than_the_checkpoint_takes_its_own_period() ->
     assert engine.table.period[engine.table.slots["h"]] == HOUR and engine.imputed_total == 1
 
 
+@pytest.mark.parametrize("model_period", [None, HOUR])
+def test_learning_series_forecast_the_same_in_any_batching(model_period: int | None) -> None:
+    """Series that learn their period in a batch step their later values in it on the settled grid, as
+    they would one batch per value: hourly, daily and per-minute series, with gaps of 1 to 5 periods after
+    their first values and same-period duplicates, in batches of 1, 7 and all the values."""
+    rng = np.random.default_rng(11)
+    names, ts, values = [], [], []
+    for name, spacing in (("h", HOUR), ("d", 24 * HOUR), ("m", 60_000)):
+        k = np.arange(40)
+        k = np.where(k > LEARN_SPACINGS + 2, k + np.cumsum(rng.random(40) < 0.2) * rng.integers(1, 5), k)
+        at = T0 + k * spacing
+        at = np.insert(at, 20, at[19] + spacing // 10)  # a second value in one period: dropped
+        names += [name] * len(at)
+        ts += at.tolist()
+        values += (np.sin(k / 3.0).tolist() + [0.5])[: len(at)]
+    order = np.argsort(np.array(ts), kind="stable")  # interleaved in time, as a topic would hold them
+    names, ts, values = [names[i] for i in order], np.array(ts)[order], np.array(values)[order]
+    outputs = {}
+    for batch in (1, 7, len(ts)):
+        model = _model()
+        model.period_ms = model_period
+        engine = Engine(model, window=16)
+        got = {}
+        for start in range(0, len(ts), batch):
+            part = slice(start, start + batch)
+            out = engine.process(names[part], ts[part], values[part])
+            for row, series in enumerate(out.series):
+                got[(series, int(out.ts[row]))] = (out.forecasts[row].copy(), int(out.step_ms[row]))
+        outputs[batch] = got, engine.imputed_total, engine.period_counts()
+    one, *others = outputs.values()
+    assert one[2] == {"period": 3, "learning": 0, "none": 0} and one[1] > 0
+    for got, imputed, counts in others:
+        assert (imputed, counts) == one[1:] and got.keys() == one[0].keys()
+        for key, (forecast, step_ms) in got.items():
+            assert step_ms == one[0][key][1]
+            # float32 steps, batched gathers vs one at a time: equal to rounding.
+            np.testing.assert_allclose(forecast, one[0][key][0], rtol=1e-5, atol=1e-5)
+
+
 def test_a_long_gap_keeps_only_the_phase() -> None:
     engine = Engine(_model(season=4), window=16, period_ms=HOUR, max_gap_periods=10)
     ts = T0 + np.arange(LEARN_SPACINGS + 1) * HOUR
