@@ -37,7 +37,8 @@ RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 GRAFANA_VARIABLES = {"$__rate_interval": "15s", "$__interval": "5s", "$__range": "5m"}
 WAIT_FOR_DATA_SECONDS = 90
 
-pytestmark = pytest.mark.slow
+# One pytest-xdist worker runs this file: its module fixture (a running pipeline) is set up once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("observability")]
 
 
 # --- PromQL against a Prometheus -----------------------------------------------------------------

@@ -34,7 +34,8 @@ from forecaster.scaling import Scaling
 from forecaster.service.clients import COMPACTED, TopicSpec, ensure_topics, wait_for_broker
 from forecaster.tools.synthetic import generate
 
-pytestmark = pytest.mark.slow
+# One pytest-xdist worker runs this file: its module fixture (a secure broker on a fixed port) is set up once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("security")]
 
 ROOT = Path(__file__).resolve().parents[2]
 START_MS = 1_700_000_000_000

@@ -19,6 +19,10 @@ from forecaster.tools.replay import step_rows
 HOUR = 3_600_000
 
 
+# One pytest-xdist worker runs this file: its module fixture is set up once.
+pytestmark = pytest.mark.xdist_group("bench_gaps")
+
+
 @pytest.fixture(scope="module")
 def quality():
     path = Path(__file__).resolve().parents[2] / "bench" / "quality.py"

@@ -58,6 +58,8 @@ def test_a_challenger_identical_to_the_champion_scores_equal_and_is_never_promot
     _run(champion, shadow, list(_stream(4, 40))[20:])
     for step in (1, 3):
         stats = shadow.score.stats(step)
+        # Exact: the challenger's table holds the series in the champion's slot order (the same operations
+        # in the same order).
         assert stats.count > 0 and stats.mean_difference == 0.0 and stats.z == 0.0
         assert stats.mae_champion == stats.mae_challenger
     decision, detail = shadow.verdict()
@@ -184,7 +186,9 @@ def test_batches_of_several_values_per_series_pair_up_whatever_slots_each_table_
         shadow.observe(names, ts, values, out)
     assert shadow.unpaired_batches == 0
     stats = shadow.score.stats(3)
-    assert stats.count > 0 and stats.mean_difference == 0.0  # the same model: the same errors, paired right
+    # The same model: the same errors, paired right (a mispairing differs by a value's spread, ~1); the two
+    # tables' slots differ, so float32 sums may run in another order: equal to their rounding.
+    assert stats.count > 0 and abs(stats.mean_difference) < 1e-6
 
 
 def test_with_coverage_both_models_intervals_are_scored_on_the_trials_values_only() -> None:

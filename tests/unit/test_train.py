@@ -331,6 +331,10 @@ def trainer_settings(root: Path, **train) -> Settings:
     )
 
 
+# One pytest-xdist worker runs this file: its module fixture is set up once.
+pytestmark = pytest.mark.xdist_group("train")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory):
     """One training run on a small synthetic set, shared by the tests that read its results."""
