@@ -1,7 +1,7 @@
 # The pipeline without Docker, and the tests. With Docker: `docker compose up` (see docker-compose.yml).
 PYTHON ?= python3
 
-.PHONY: up down down-all test
+.PHONY: up down down-all test test-fast lint docs
 
 up:  ## broker, topics, serve, train --every, synthetic produce, Prometheus when installed
 	PYTHON=$(PYTHON) deploy/local/up
@@ -23,3 +23,18 @@ WORKERS ?= 4
 test:  ## installs what the tests need, then every test (the integration tests start a broker when none answers)
 	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev,notebooks]'
 	$(PYTHON) -m pytest -q --durations=25 -n $(WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+# The quick loop while working (after `pip install -e '.[dev,notebooks]'`): no broker, two workers. The
+# markers are declared in pyproject.toml; tests/integration/ is marked integration as a whole.
+test-fast:  ## the tests marked neither slow nor integration
+	$(PYTHON) -m pytest -q -m "not slow and not integration" -n 2 $(PYTEST_ARGS)
+
+# The paths .ci/run lints.
+LINT_PATHS ?= forecaster tests bench
+
+lint:  ## ruff check and ruff format --check, as CI runs them
+	$(PYTHON) -m ruff check $(LINT_PATHS)
+	$(PYTHON) -m ruff format --check $(LINT_PATHS)
+
+docs:  ## the documentation site (mkdocs.yml, docs/) into site/; any warning fails it
+	$(PYTHON) -m mkdocs build --strict
