@@ -31,6 +31,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from forecaster.timegrid import impute, impute_reach
+
 Array = Any  # np.ndarray or torch.Tensor, same kind throughout one call
 
 
@@ -46,6 +48,19 @@ def _as(mask: np.ndarray, like: Array) -> Array:
 def _float32(a: Array) -> Array:
     """Values rounded to float32 and back (what the engine's ring of values holds)."""
     return a.float().double() if isinstance(a, torch.Tensor) else a.astype(np.float32).astype(np.float64)
+
+
+def _held(folded: list[Array], t: int, reach: int, like: Array) -> Array:
+    """The ``reach`` values folded in before position ``t`` as the ring holds them (float32), NaN before
+    the first: (batch, reach), what ``forecaster.timegrid.impute`` reads."""
+    lib = _lib(like)
+    have = folded[max(t - reach, 0) : t]
+    recent = lib.stack([_float32(f) for f in have], 1)
+    if len(have) < reach:
+        pad = lib.full((recent.shape[0], reach - len(have)), float("nan"), dtype=recent.dtype)
+        pad = pad if lib is np else pad.to(recent.device)
+        recent = lib.concatenate((pad, recent), 1) if lib is np else torch.cat((pad, recent), 1)
+    return recent
 
 
 def _floor(a: Array, low: float) -> Array:
@@ -287,14 +302,15 @@ class Scaling:
         stats = self.initial_stats(batch, v.device)  # (batch, N_STATS)
         stats = stats.numpy() if v.device.type == "cpu" else stats
         xs, all_stats, folded = [], [], []
+        reach = impute_reach(season)
         if missing is None and v.device.type == "cpu":
             missing = np.isnan(vv)
         gaps = None if missing is None or not np.any(missing) else np.asarray(missing).reshape(batch, steps)
         for t in range(steps):
             vt, _ = self.winsorize(stats, vv[:, t])
             if gaps is not None and t > 0 and gaps[:, t].any():
-                back = season if season > 1 and t >= season else 1
-                vt = _lib(vt).where(_as(gaps[:, t], vt), _float32(folded[t - back]), vt)
+                filled = impute(_held(folded, t, reach, vt), season)
+                vt = _lib(vt).where(_as(gaps[:, t], vt), filled, vt)
             stats = self.update(stats, vt)
             xs.append(self.normalize(stats, vt))
             all_stats.append(stats)

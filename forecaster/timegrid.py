@@ -5,7 +5,7 @@ A series with a period ``P`` (epoch ms) advances one step per period. A value th
 newest value seen of its series (a late one aside) is ``k = round(dt / P)`` periods on (``grid_steps``):
 ``k = 0`` is the same period again, dropped as a duplicate (the value stepped first keeps its period: a
 forecast was already emitted from it); ``k > 1`` leaves ``k - 1`` missing periods, stepped through with
-imputed values (``impute_at``) before the value itself. Values off the grid by less than half a period snap
+imputed values (``impute``) before the value itself. Values off the grid by less than half a period snap
 to it, and each spacing is measured from the newest value seen, so calendar months (28 to 31 days) stay
 one period each without drifting. A gap of more than ``max_gap_periods`` missing periods is not stepped
 through period by period: only ``(k - 1) mod season`` of it is, which keeps the season's phase at a bounded
@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
 # Spacings a series shows before its own period is settled (the median of these).
 LEARN_SPACINGS = 8
@@ -132,11 +134,32 @@ def grid_steps(
     return steps, missing, restart
 
 
-def impute_at(folded: np.ndarray, position: int, season: int) -> float:
-    """The value a missing period takes: the value one season earlier on the grid where the series has
-    one, else the one before it (seasonal naive, as the baseline forecasts it), as float32 holds it."""
-    back = season if season > 1 and position >= season else 1
-    return float(np.float32(folded[position - back]))
+def impute_reach(season: int) -> int:
+    """How many values before a missing period ``impute`` reads: two seasons (one without a season)."""
+    return 2 * season if season > 1 else 1
+
+
+def impute(recent: Any, season: int) -> Any:
+    """The values missing periods take, from ``recent`` (n, L): the values before each, newest last, as
+    float32 holds them, NaN before a series' first (numpy or torch). With ``L >= 2 * season`` values held:
+    the value one season earlier moved by the change of level since (the mean of the last season minus
+    the mean of the season before it; a trending series keeps its level, a flat one its pattern); with one
+    season: the value one season earlier; else (or ``season`` 1) the last value. -> (n,)
+
+    Measured (``bench/quality.py --gaps 5 --quick``): on 24 monthly employment series the gapped run's
+    MASE over the gapless one was 1.09 at h1 with this rule and 1.23 with the plain value a season earlier.
+    The engine reads at most its ring (``state.window``): a window under two seasons fills as with one."""
+    lib = np if isinstance(recent, np.ndarray) else torch
+    out = recent[:, -1]
+    width = recent.shape[1]
+    if season <= 1 or width < season:
+        return out
+    same = recent[:, -season]
+    out = lib.where(lib.isfinite(same), same, out)
+    if width < 2 * season:
+        return out
+    moved = same + recent[:, -season:].mean(1) - recent[:, -2 * season : -season].mean(1)
+    return lib.where(lib.isfinite(moved), moved, out)
 
 
 @dataclass
@@ -159,7 +182,7 @@ def to_grid(
     max_gap: int = DEFAULT_MAX_GAP,
 ) -> Grid:
     """Put one series (``ts`` increasing) on its grid as the engine steps it: ``grid_steps`` from each
-    value's predecessor, missing periods filled by ``impute_at`` over the values before them (the engine
+    value's predecessor, missing periods filled by ``impute`` over the values before them (the engine
     reads its ring of values the same way). ``period`` 0: every value one step."""
     ts = np.asarray(ts, dtype=np.int64)
     values = np.asarray(values, dtype=np.float64)
@@ -179,7 +202,10 @@ def to_grid(
     gap[position[kept]] = False
     grid_ts = np.empty(size, dtype=np.int64)
     grid_ts[position[kept]] = ts[kept]
+    reach = impute_reach(season)
+    held = np.concatenate((np.full(reach, np.nan), out.astype(np.float32).astype(np.float64)))
     for p in np.flatnonzero(gap).tolist():  # increasing: an imputed value may read an earlier one
-        out[p] = impute_at(out, p, season)
+        out[p] = impute(held[None, p : p + reach], season)[0]
+        held[reach + p] = np.float32(out[p])
         grid_ts[p] = grid_ts[p - 1] + max(period, 1)
     return Grid(out, gap, grid_ts, position.astype(np.int64), int(restart[steps].sum()))

@@ -27,7 +27,7 @@ from forecaster.engine.view import answer_asks
 from forecaster.model import RecurrentForecaster
 from forecaster.records.input import MAX_ABS_VALUE
 from forecaster.scaling import Scaling
-from forecaster.timegrid import DEFAULT_MAX_GAP, grid_steps, resolve_period
+from forecaster.timegrid import DEFAULT_MAX_GAP, grid_steps, impute, impute_reach, resolve_period
 
 # Missing periods a series still checking its period steps through after one value (a longer gap may say
 # that the series is spaced otherwise than its first guess: it is not filled while the series learns).
@@ -341,16 +341,21 @@ class Engine:
     def _step(self, slots: np.ndarray, v: np.ndarray | None) -> tuple[Any, ...]:
         """Score, scale, step and store one value for each of ``slots`` (distinct); returns forecasts (and
         their lower and upper bounds with intervals on). ``v`` None: a missing period of each, stepped
-        with its imputed value (``forecaster.timegrid.impute_at``) and scored by nothing."""
+        with its imputed value (``forecaster.timegrid.impute``) and scored by nothing."""
         tb, scaling = self.table, self.scaling
         count = tb.count[slots]  # (n,)
         imputed = v is None
-        if imputed:  # the value one season earlier on the grid, else the one before (as to_grid fills)
+        if imputed:  # from the values before it in the ring, as to_grid fills (forecaster.timegrid.impute)
             season = self.model.season
-            back = np.where((season > 1) & (count >= season), season, 1)  # (n,)
-            at = slots * tb.window_size + (count - back) % tb.window_size
-            v = tb.values_flat[at] if self._cpu else tb.values_flat[torch.from_numpy(at).to(self.device)]
-            v = v.astype(np.float64) if self._cpu else v.double()
+            back = np.arange(min(impute_reach(season), tb.window_size), 0, -1)  # (L,) oldest first
+            at = (count[:, None] - back) % tb.window_size + (slots * tb.window_size)[:, None]  # (n, L)
+            before_first = count[:, None] < back
+            if self._cpu:
+                recent = np.where(before_first, np.nan, tb.values_flat[at].astype(np.float64))
+            else:
+                recent = tb.values_flat[torch.from_numpy(at).to(self.device)].double()
+                recent = recent.masked_fill(torch.from_numpy(before_first).to(self.device), float("nan"))
+            v = impute(recent, season)
         if self._cpu:
             idx, idx_t = slots, torch.from_numpy(slots)
         else:

@@ -32,8 +32,10 @@ def test_missing_periods_are_never_targets_and_the_naive_reads_them_imputed() ->
     assert grid.target_rows(3).tolist() == [[1, 2, -1], [2, -1, -1], [-1, -1, 3], [4, 5, -1], [5, -1, -1]] + [
         [-1, -1, -1]
     ]
-    # The engine imputes a missing period with the value a season (2) before it: 30 <- 10, 40 <- 20.
-    assert grid.filled.tolist() == [1.0, 2.0, 3.0, 2.0, 3.0, 6.0, 7.0, 8.0]
+    # The engine imputes a missing period from the values before it (forecaster.timegrid.impute): 30 <- the
+    # value at 10, a season (2) before it (two seasons are not held yet); 40 <- the value at 20 moved by the
+    # change of level, the mean of the last season (at 20, 30: 3, 2) minus the one before (1, 2): 3 + 1.
+    assert grid.filled.tolist() == [1.0, 2.0, 3.0, 2.0, 4.0, 6.0, 7.0, 8.0]
     assert grid.seasonal_naive(2, 2)[2].tolist() == [2.0, 3.0]  # 30 and 40 a season back: 10 and 20
     # MASE's scale over pairs of real values a season apart: (3-1), (8-6) only.
     assert grid.scale(2, 6) == pytest.approx(2.0)

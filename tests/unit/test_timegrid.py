@@ -17,6 +17,7 @@ from forecaster.timegrid import (
     LEARN_SPACINGS,
     estimate_period,
     grid_steps,
+    impute,
     parse_period,
     resolve_period,
     to_grid,
@@ -72,12 +73,28 @@ def test_grid_steps_snap_drop_and_restart() -> None:
     assert steps.tolist() == [True, False, False] and missing.tolist() == [0, 0, 0]
 
 
-def test_to_grid_fills_with_the_value_a_season_earlier() -> None:
+def test_to_grid_fills_with_the_value_a_season_earlier_while_two_are_not_held() -> None:
     ts = np.array([0, 1, 2, 3, 4, 7, 8]) * 10  # 50 and 60 missing
     grid = to_grid(ts, np.array([1.0, 2.0, 3.0, 4.0, 5.0, 8.0, 9.0]), 10, season=4)
     assert grid.missing.tolist() == [False] * 5 + [True, True] + [False] * 2
     assert grid.values[5:7].tolist() == [2.0, 3.0]  # the values at positions 1 and 2, one season back
     assert grid.ts.tolist() == list(range(0, 90, 10)) and grid.position.tolist() == [0, 1, 2, 3, 4, 7, 8]
+
+
+def test_a_trending_series_is_filled_at_its_level_and_a_flat_one_with_its_pattern() -> None:
+    season = 4
+    pattern = np.array([0.0, 3.0, 1.0, -2.0])
+    flat = np.tile(pattern, 3)  # (12,)
+    trend = flat + np.arange(12) * 0.5  # half a unit a period
+    recent = np.stack([flat[-8:], trend[-8:]])  # two seasons before the missing period (position 12)
+    filled = impute(recent, season)
+    # The value a season back (position 8: pattern 0) moved by the change of level over a season (4 * 0.5).
+    np.testing.assert_allclose(filled, [flat[8], trend[8] + 2.0])  # = the truth at 12 for both
+    np.testing.assert_allclose(impute(torch.from_numpy(recent), season).numpy(), filled)  # torch: the same
+    # One season held: the value a season back; none (or no season): the last value.
+    np.testing.assert_allclose(impute(np.array([[np.nan] * 4 + [1.0, 2.0, 3.0, 4.0]]), season), [1.0])
+    np.testing.assert_allclose(impute(np.array([[np.nan] * 7 + [5.0]]), season), [5.0])
+    np.testing.assert_allclose(impute(np.array([[1.0, 2.0]]), 1), [2.0])
 
 
 @st.composite
