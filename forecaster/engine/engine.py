@@ -243,6 +243,13 @@ class Engine:
         if not (sorted_slots[1:] == sorted_slots[:-1]).any():  # one value per series: input order
             c, t, order = row_slots, ts, None
             before = last_ts[c]
+            # The common case first: each value the next period of its series (or, without a period, newer).
+            per, dt = period[c], t - before
+            if (
+                ((2 * np.abs(dt - per) < per) | ((per == 0) & (dt > 0))).all() and before.min() != NO_TS
+            ) and not (self.period_ms is None and tb.learning[c].any()):
+                last_ts[c] = t
+                return Plan(np.arange(len(t)), [0, len(t)], step_ms=per)
         else:
             order = np.lexsort((ts, row_slots))  # by series, then ts; stable
             c, t = row_slots[order], ts[order]
@@ -265,7 +272,7 @@ class Engine:
         if self.period_ms is None and tb.learning[c].any():
             step_ms = step_ms.copy()
             learning = np.flatnonzero(tb.learning[c])
-            self._learn(learning, c, t, t - before, fresh, (steps, missing, restart, step_ms))
+            self._learn(learning, c, t, t - before, (steps, missing, restart, step_ms))
         keep = np.flatnonzero(steps)
         rows = keep if order is None else order[keep]
         by_row = np.zeros(len(ts), np.int64)
@@ -314,29 +321,40 @@ class Engine:
         c: np.ndarray,
         t: np.ndarray,
         dt: np.ndarray,
-        fresh: np.ndarray,
         out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     ) -> None:
         """The values ``at`` (positions in ``c``/``t``, series by series in ts order) of series still
-        learning their period, one at a time as they would come one by one: each newer value is one more
-        of the series' first timestamps (``StateTable.observe_ts``), and once its period settles, its later
-        values in this batch step on that grid. While it learns, it steps on the checkpoint's period (or
-        value by value without one) and fills no gap longer than ``MAX_LEARNING_GAP`` (a long gap may say
-        that it is spaced otherwise). Rewrites ``out``: ``steps``, ``missing``, ``restart``, ``step_ms``."""
-        tb, season = self.table, self.model.season
+        learning their period, as they would come one by one: each newer value is one more of the series'
+        first timestamps (``StateTable.times``); the one that fills them settles its period
+        (``StateTable.settle_period``), and its series' later values in this batch step on that grid. While
+        it learns, a series steps on the checkpoint's period (or value by value without one) and fills no
+        gap longer than ``MAX_LEARNING_GAP`` (a long gap may say that it is spaced otherwise). Rewrites
+        ``out``: ``steps``, ``missing``, ``restart``, ``step_ms``."""
+        tb = self.table
         steps, missing, restart, step_ms = out
-        for i in at.tolist():
-            slot = int(c[i])
-            period = int(tb.period[slot])
-            if not fresh[i]:
-                step, miss, long = grid_steps(dt[i : i + 1], np.array([period]), self.max_gap_periods, season)
-                steps[i], missing[i], restart[i] = step[0], miss[0], long[0]
-            step_ms[i] = period
-            if tb.learning[slot]:
-                if restart[i] or missing[i] > MAX_LEARNING_GAP:
-                    missing[i] = restart[i] = 0
-                if dt[i] > 0:
-                    tb.observe_ts(slot, int(t[i]))
+        slots = c[at]
+        newer = dt[at] > 0
+        first = np.ones(len(at), dtype=bool)
+        np.not_equal(slots[1:], slots[:-1], out=first[1:])  # a series' rows are together, in ts order
+        before = np.cumsum(newer) - newer  # newer rows before each row, over all series
+        rank = before - np.repeat(before[first], np.diff(np.append(np.flatnonzero(first), len(at))))
+        free = (tb.times[slots] == NO_TS).sum(1)  # (n,) first timestamps each series still needs
+        seen = newer & (rank < free)
+        tb.times[slots[seen], tb.times.shape[1] - free[seen] + rank[seen]] = t[at[seen]]
+        for slot in slots[seen & (rank == free - 1)].tolist():  # once in a series' life
+            tb.settle_period(slot)
+        after = rank >= free  # stepped after its series settled, within this batch
+        while_learning = at[~after]
+        capped = restart[while_learning] | (missing[while_learning] > MAX_LEARNING_GAP)
+        missing[while_learning[capped]] = 0
+        restart[while_learning[capped]] = False
+        settled = at[after]
+        if len(settled):
+            period = tb.period[c[settled]]
+            steps[settled], missing[settled], restart[settled] = grid_steps(
+                dt[settled], period, self.max_gap_periods, self.model.season
+            )
+            step_ms[settled] = period
 
     def _step(self, slots: np.ndarray, v: np.ndarray | None) -> tuple[Any, ...]:
         """Score, scale, step and store one value for each of ``slots`` (distinct); returns forecasts (and

@@ -372,8 +372,12 @@ class StateTable:
         row = self.times[slot]
         free = np.flatnonzero(row == NO_TS)
         row[free[0]] = ts
-        if len(free) > 1:
-            return
+        if len(free) == 1:
+            self.settle_period(slot)
+
+    def settle_period(self, slot: int) -> None:
+        """A learning series whose first timestamps are all in (``times``) gets its period."""
+        row = self.times[slot]
         self.learning[slot] = False
         own, default = estimate_period(row), self.default_period
         if default and own and abs(own - default) <= TOLERANCE * default:

@@ -89,8 +89,12 @@ def test_engine_intervals_equal_the_per_series_reference_whatever_the_batching(
     for s, vs in values.items():
         forecasts = np.array([g[1] for g in got[s]])
         lower, upper = reference_intervals(forecasts, vs, iv, scaling)
-        np.testing.assert_allclose(np.array([g[2] for g in got[s]]), lower, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.array([g[3] for g in got[s]]), upper, rtol=1e-5, atol=1e-5)
+        # float32 steps in another order than the reference's: equal to rounding. Log scaling's bounds are
+        # exp of a float32 log-space bound, whose rounding (eps ~6e-8 times a log value up to ~88 near
+        # float32's largest) becomes a relative error of up to ~5e-6 per operation: 1e-4 there.
+        rtol = 1e-4 if kind == "log" else 1e-5
+        np.testing.assert_allclose(np.array([g[2] for g in got[s]]), lower, rtol=rtol, atol=1e-5)
+        np.testing.assert_allclose(np.array([g[3] for g in got[s]]), upper, rtol=rtol, atol=1e-5)
 
 
 def test_intervals_cover_a_stationary_series_and_are_scale_free() -> None:
