@@ -98,6 +98,10 @@ class ModelSettings(ForecasterConfig):
     """The model used when no checkpoint exists yet (and the shape the trainer fits), and its seed."""
 
     seed: int = 0
+    # The net reads its baseline's last one-step error beside the value (a residual it can forecast: the
+    # baseline's errors are autocorrelated on most real series, and the net cannot rebuild them from the
+    # value alone, bench/residuals.py). Checkpoints without the field load without it.
+    error_input: bool = True
 
     @property
     def config(self) -> ForecasterConfig:

@@ -83,6 +83,8 @@ class ForecasterConfig(BaseModel):
     # The spacing of the series the model was trained on (ms; 0: none found): one step is one period, and
     # the service puts series on that time grid (``forecaster.timegrid``).
     period_ms: int = Field(default=0, ge=0, le=2**62)
+    # With a baseline: the net also reads the baseline's last one-step error (module docstring).
+    error_input: bool = False
 
     @model_validator(mode="after")
     def _baseline_reads_the_value(self) -> ForecasterConfig:
@@ -126,6 +128,7 @@ class RecurrentForecaster(nn.Module):
         trend_span: int = 0,
         damping: float = 1.0,
         period_ms: int = 0,
+        error_input: bool = False,
     ) -> None:
         super().__init__()
         if cell not in CELLS:
@@ -151,9 +154,12 @@ class RecurrentForecaster(nn.Module):
         self.trend_span = int(trend_span) if self.base_seasons else 0
         self.damping = float(damping)
         self.period_ms = int(period_ms)
+        self.error_input = bool(error_input) and self.base_seasons > 0
         # nn.GRU warns about dropout with a single layer; it has no effect there anyway.
         rnn_dropout = self.dropout if num_layers > 1 else 0.0
-        self.rnn = CELLS[cell](input_size, hidden_size, num_layers, batch_first=True, dropout=rnn_dropout)
+        self.rnn = CELLS[cell](
+            input_size + self.error_input, hidden_size, num_layers, batch_first=True, dropout=rnn_dropout
+        )
         self.head = nn.Linear(hidden_size, horizon)
         if self.base_seasons:  # an untrained model forecasts the baseline itself
             nn.init.zeros_(self.head.weight)
@@ -179,7 +185,9 @@ class RecurrentForecaster(nn.Module):
         reach = int((self._lag if self.base_level else self._back).max())
         if self.trend_span:
             reach = max(reach, int(self._block.max()))
-        self._context = reach if self.base_seasons else 0  # read on every step: computed once
+        # Read on every step, computed once: the baseline reads ``reach`` inputs back; its error one more.
+        self._reach = reach if self.base_seasons else 0
+        self._context = self._reach + self.error_input
         self._packed: list[list[Tensor]] | None = None  # per layer [w_ih, w_hh, b_ih, b_hh], for step()
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): weights may be new tensors
@@ -213,13 +221,20 @@ class RecurrentForecaster(nn.Module):
         units (NaN past a series' end), in the units of the model input at that position (``stats``
         (batch, T, N_STATS) after each value; the baseline is computed on ``scaling.inner`` values, the
         logarithms for log scaling): the ``base`` of ``forward(x[:, start:stop], ...)``; None
-        without a baseline. Values are read as float32, as the serving engine's ring buffer keeps them."""
+        without a baseline. Values are read as float32, as the serving engine's ring buffer keeps them.
+        With ``error_input`` a last column is added, (batch, T, horizon + 1): the step-1 baseline after the
+        input before each, in that input's units (what the baseline's one-step error is taken from)."""
         if not self.base_seasons:
             return None
         lo = max(0, start - self.context)
         got = scaling.inner(values[:, lo:stop].float().double())  # (batch, <= context + T) float32 values
         full = F.pad(got, (self.context - (start - lo), 0), value=math.nan)  # (batch, context + T)
-        return scaling.standardize(stats[:, start:stop], self._baseline_seq(full))  # (batch, T, horizon)
+        seq, before = self._baselines(full)  # (batch, T, horizon), (batch, T) or None
+        base = scaling.standardize(stats[:, start:stop], seq)  # (batch, T, horizon)
+        if before is None:
+            return base
+        before = scaling.standardize(stats[:, start:stop], before[..., None])  # (batch, T, 1)
+        return torch.cat([base, before], -1)
 
     def baseline(self, recent: Tensor) -> Tensor:
         """Baseline forecasts in scaled units after the newest of ``recent`` (batch, n) inputs (NaN stands
@@ -228,12 +243,23 @@ class RecurrentForecaster(nn.Module):
         if recent.shape[1] < need:
             recent = F.pad(recent, (need - recent.shape[1], 0), value=math.nan)
         recent = recent[:, -need:]
-        return self._baseline_seq(recent)[:, 0]  # (batch, horizon)
+        return self._baseline_seq(recent)[:, -1]  # (batch, horizon)
+
+    def _baselines(self, full: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``full`` (batch, context + T) inputs -> the baseline after each of the last T (batch, T, horizon),
+        and with ``error_input`` the step-1 baseline after the input before each (batch, T), computed apart
+        and without gradients (before a series' first values it is NaN, which must not reach ``mix``)."""
+        base = self._baseline_seq(full[:, int(self.error_input) :])
+        if not self.error_input:
+            return base, None
+        with torch.no_grad():
+            return base, self._baseline_seq(full[:, :-1])[..., 0]
 
     def _baseline_seq(self, full: Tensor) -> Tensor:
-        """``full`` (batch, context + T) inputs -> the baseline after each of the last T: (batch, T, horizon)."""
-        steps = full.shape[1] - self.context
-        now = self.context + torch.arange(steps, device=full.device)  # (T,) position of each newest input
+        """``full`` (batch, n) inputs -> the baseline after each one that has ``reach`` before it: (batch,
+        n - reach, horizon) (with ``n = context + T``: the last T, and with ``error_input`` the one before)."""
+        steps = full.shape[1] - self._reach
+        now = self._reach + torch.arange(steps, device=full.device)  # position of each newest input
         newest = full[:, now, None]  # (batch, T, 1)
         seasonal = full[:, now[:, None, None] - self._back].nanmean(2)  # (batch, T, horizon), NaN: none seen
         base = torch.where(seasonal.isnan(), newest, seasonal)
@@ -261,12 +287,28 @@ class RecurrentForecaster(nn.Module):
         ``base`` (batch, time, horizon): the baseline after each input, in that input's units
         (``scaled_baseline``). Without it the baseline is read from ``x`` itself, which is right when the
         inputs' units do not change along the sequence (unscaled values); ``past`` (batch, context) are
-        then the inputs before ``x[:, 0]``, NaN before the series began (None: it starts with ``x``)."""
+        then the inputs before ``x[:, 0]``, NaN before the series began (None: it starts with ``x``).
+        With ``error_input``, ``base`` carries the previous step-1 baseline as a last column."""
+        if self.base_seasons:
+            if base is None:
+                base, before = self._baselines(self._with_past(x[..., 0], past))
+            elif self.error_input:
+                base, before = base[..., : self.horizon], base[..., self.horizon]
+            if self.error_input:
+                x = torch.cat([x, self._error(x[..., 0], before)[..., None]], -1)
         out, h = self.rnn(x, h)  # (batch, time, hidden)
         y = self.head(out)  # (batch, time, horizon)
         if self.base_seasons:
-            y = y + (self._baseline_seq(self._with_past(x[..., 0], past)) if base is None else base)
+            y = y + base
         return y, h
+
+    @staticmethod
+    def _error(value: Tensor, before: Tensor) -> Tensor:
+        """The baseline's one-step error: the value less the step-1 baseline made before it (0 without one).
+        An input, not a path for gradients: the baseline before a series' first values is NaN, and its
+        parameters (``mix``) learn through the forecast itself."""
+        error = value.detach() - before.detach().to(value.dtype)
+        return torch.where(error.isfinite(), error, torch.zeros_like(error))
 
     def step(self, x: Tensor, h: State, past: Tensor | None = None) -> tuple[Tensor, State]:
         """One value per series: ``x`` (batch, input_size) -> forecasts (batch, horizon) and the new state.
@@ -277,6 +319,12 @@ class RecurrentForecaster(nn.Module):
             y, h = self.forward(x.unsqueeze(1), h, past)  # dropout between layers: leave it to nn.RNNBase
             return y.squeeze(1), h
         value = x[:, :1]  # (batch, 1) the value input, for the baseline
+        base = None
+        if self.base_seasons:
+            seq, before = self._baselines(self._with_past(value, past))  # (batch, 1, horizon), (batch, 1)
+            base = seq[:, -1]
+            if before is not None:
+                x = torch.cat([x, self._error(value, before)], 1)
         weights = self._packed
         if weights is None:  # fetched once: nn.RNNBase.all_weights costs more than a small step
             weights = self._packed = self.rnn.all_weights  # per layer: [w_ih, w_hh, b_ih, b_hh]
@@ -296,8 +344,8 @@ class RecurrentForecaster(nn.Module):
                 new_h.append(x)
             state = torch.stack(new_h)  # (layers, batch, hidden)
         y = F.linear(x, self.head.weight, self.head.bias)  # (batch, horizon)
-        if self.base_seasons:
-            y = y + self.baseline(self._with_past(value, past))
+        if base is not None:
+            y = y + base
         return y, state
 
     def readout(self, h: State, recent: Tensor | None = None) -> Tensor:
@@ -316,7 +364,9 @@ class RecurrentForecaster(nn.Module):
         before them is ignored); returns the forecast after each series' last input (batch, horizon)
         and the state there, exactly what ``forward`` over those inputs alone returns. Every length
         must be >= 1. ``recent`` (batch, W): the same values in the units of the last input, right-aligned
-        (NaN before each series' values), for the baseline (None: read from ``x``).
+        (NaN before each series' values), for the baseline (None: read from ``x``). With ``error_input`` the
+        baseline's errors along the window are read in the last input's units (stepping read each in its
+        own): a re-warm from a window is a close start, not the stepped state.
         """
         window = x.shape[1]
         lengths = lengths.to(device=x.device, dtype=torch.long)
@@ -325,6 +375,9 @@ class RecurrentForecaster(nn.Module):
         recent = recent.masked_fill(  # (batch, W) right-aligned; NaN before each series' values
             torch.arange(window, device=x.device) < (window - lengths)[:, None], math.nan
         )
+        if self.error_input:  # the baseline's one-step errors along the window, in the newest input's units
+            seq = self._baseline_seq(F.pad(recent, (self._reach + 1, 0), value=math.nan))  # (batch, W + 1, H)
+            x = torch.cat([x, self._error(recent, seq[:, :window, 0])[..., None].to(x.dtype)], -1)
         # Left-align each row so packing sees its values first: row i starts at W - lengths[i].
         shift = torch.arange(window, device=x.device) + (window - lengths)[:, None]  # (batch, W)
         x = x.gather(1, (shift % window).unsqueeze(-1).expand(-1, -1, x.shape[2]))  # (batch, W, input)

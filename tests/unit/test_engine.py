@@ -121,8 +121,13 @@ def _residual_model(cell: str, seed: int = 0, **baseline) -> RecurrentForecaster
 
 @pytest.mark.parametrize(
     "baseline",
-    [{"base_level": False}, {"base_level": True}, {"trend_span": 3, "damping": 0.9}],
-    ids=["seasonal", "level", "trend"],
+    [
+        {"base_level": False},
+        {"base_level": True},
+        {"trend_span": 3, "damping": 0.9},
+        {"base_level": True, "error_input": True},
+    ],
+    ids=["seasonal", "level", "trend", "level+errors"],
 )
 @pytest.mark.parametrize("host_views", [True, False])
 @pytest.mark.parametrize("cell", CELLS)

@@ -87,6 +87,7 @@ def test_config_rebuilds_the_same_module() -> None:
         "trend_span": 0,
         "damping": 1.0,
         "period_ms": 0,
+        "error_input": False,
     }
     twin = build_model(model.config)
     twin.load_state_dict(model.state_dict())
@@ -215,14 +216,32 @@ def _randomize_head(model: RecurrentForecaster) -> RecurrentForecaster:
     [(1, 1, False), (3, 1, False), (4, 3, False), (3, 2, True), (2, 1, True)],
 )
 @pytest.mark.parametrize(("trend_span", "damping"), [(0, 1.0), (3, 0.9)])
+@pytest.mark.parametrize("error_input", [False, True], ids=["value", "errors"])
 def test_residual_step_chunks_and_warm_equal_forward(
-    cell: str, season: int, base_seasons: int, base_level: bool, trend_span: int, damping: float
+    cell: str,
+    season: int,
+    base_seasons: int,
+    base_level: bool,
+    trend_span: int,
+    damping: float,
+    error_input: bool,
 ) -> None:
+    """With ``error_input`` the net also reads the baseline's last one-step error, taken from the inputs
+    before each step (``past``: one more than the baseline reads); inputs in one unit here, so a warm over
+    a window equals forward over it as for the value alone."""
     model = _randomize_head(
         _residual(
-            cell, season, base_seasons, seed=2, base_level=base_level, trend_span=trend_span, damping=damping
+            cell,
+            season,
+            base_seasons,
+            seed=2,
+            base_level=base_level,
+            trend_span=trend_span,
+            damping=damping,
+            error_input=error_input,
         )
     )
+    assert model.rnn.input_size == 1 + error_input
     x = torch.randn(3, 20, 1)
     y, _ = model(x)
     # forward in chunks, each given the inputs before it
@@ -246,6 +265,9 @@ def test_residual_step_chunks_and_warm_equal_forward(
 def test_residual_config_and_context() -> None:
     model = _residual("lstm", 12, 3)
     assert model.context == 35 and _residual("gru", 4, 0).context == 0
+    # the baseline's error reads one input more; without a baseline there is no error to read
+    assert _residual("lstm", 12, 3, error_input=True).context == 36
+    assert not _residual("gru", 4, 0, error_input=True).error_input
     assert _residual("gru", 3, 2, horizon=5, base_level=True).context == 9  # 2 cycles for step 5, then 1 more
     rebuilt = build_model(model.config)
     assert (rebuilt.season, rebuilt.base_seasons, rebuilt.context) == (12, 3, 35)

@@ -107,7 +107,7 @@ def gapped_streams(draw):
         n = int(rng.integers(20, 60))
         keep = np.ones(n, bool)
         for _ in range(int(rng.integers(0, 6))):
-            start = int(rng.integers(1, n - 1))
+            start = int(rng.integers(8, n - 1))  # eight values first: the extras below read ts[5]
             keep[start : start + int(rng.integers(1, 7))] = False
         keep[-1] = True
         hours = np.flatnonzero(keep)
