@@ -15,14 +15,14 @@ down-all:  ## the same, and the broker `make up` started
 # The test dependencies first (pytest, ruff, the notebook runner: extras dev and notebooks), so that
 # `make test` works on a fresh clone after `pip install -e .`. PYTEST_ARGS: e.g. a test file, or -m "not slow".
 # WORKERS: pytest-xdist workers (tests wait on the broker and on subprocesses much of the time, so more than
-# the cores); tests are spread one by one, but a file marked xdist_group (a module fixture such as a running
-# pipeline) stays on one worker.
+# the cores); a file stays on one worker, in one piece (module fixtures such as a running pipeline or a
+# secure broker on a fixed port are set up once; spread test by test, a worker may run them in pieces).
 PYTEST_ARGS ?=
 WORKERS ?= 4
 
 test:  ## installs what the tests need, then every test (the integration tests start a broker when none answers)
 	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev,notebooks]'
-	$(PYTHON) -m pytest -q --durations=25 -n $(WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q --durations=25 -n $(WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The quick loop while working (after `pip install -e '.[dev,notebooks]'`): no broker, two workers. The
 # markers are declared in pyproject.toml; tests/integration/ is marked integration as a whole.
