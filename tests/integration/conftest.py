@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from exactly_once import FAST, publish_model
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from forecaster.config import Settings
-from forecaster.service.clients import COMPACTED
+from forecaster.config import KafkaSettings, Settings
+from forecaster.service.clients import COMPACTED, wait_for_broker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -295,3 +296,50 @@ class Broker:
 @pytest.fixture
 def broker(kafka_bootstrap: str) -> Broker:
     return Broker(kafka_bootstrap)
+
+
+# ---- exactly once (tests/integration/test_exactly_once*.py) ------------------------------------------
+
+
+@pytest.fixture
+def eos(topics, topic_factory, tmp_path, serve):
+    """Topics with a changelog (6 input partitions), a published checkpoint, and a serve factory."""
+    topics.input = topic_factory(partitions=6, prefix="in")
+    topics.changelog = topic_factory(partitions=6, config=COMPACTED, prefix="cl")
+    loaded = publish_model(tmp_path / "checkpoints")
+
+    def start(instance: str, wait: bool = True, **env: str):
+        process = serve(
+            FORECASTER_SERVICE__INSTANCE_ID=instance,
+            **{**FAST, **env},
+        )
+        return process.start(wait_ready=wait)
+
+    return topics, loaded, start
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    """A broker of this test alone (other ports, its own data): stopping it disturbs no other test."""
+    port = int(os.environ.get("FORECASTER_TEST_OWN_BROKER_PORT", "19492"))
+    env = {
+        **os.environ,
+        "KAFKA_PORT": str(port),
+        "KAFKA_CONTROLLER_PORT": str(port + 1),
+        "KAFKA_DATA_DIR": str(tmp_path / "kafka"),
+    }
+    script = ROOT / "deploy" / "kafka"
+
+    def run(name: str, *args: str) -> None:
+        done = subprocess.run(
+            [str(script / name), *args], env=env, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+
+    run("start")
+    address = f"127.0.0.1:{port}"
+    wait_for_broker(KafkaSettings(bootstrap_servers=address), timeout=60)
+    try:
+        yield address, lambda: run("stop"), lambda: run("start")
+    finally:
+        run("stop", "--wipe")
