@@ -249,9 +249,12 @@ class RecurrentForecaster(nn.Module):
         """``full`` (batch, context + T) inputs -> the baseline after each of the last T (batch, T, horizon),
         and with ``error_input`` the step-1 baseline after the input before each (batch, T), computed apart
         and without gradients (before a series' first values it is NaN, which must not reach ``mix``)."""
-        base = self._baseline_seq(full[:, int(self.error_input) :])
         if not self.error_input:
-            return base, None
+            return self._baseline_seq(full), None
+        if not torch.is_grad_enabled():  # serving: both from one pass, (batch, T + 1, horizon)
+            seq = self._baseline_seq(full)
+            return seq[:, 1:], seq[:, :-1, 0]
+        base = self._baseline_seq(full[:, 1:])
         with torch.no_grad():
             return base, self._baseline_seq(full[:, :-1])[..., 0]
 
