@@ -247,16 +247,12 @@ class RecurrentForecaster(nn.Module):
 
     def _baselines(self, full: Tensor) -> tuple[Tensor, Tensor | None]:
         """``full`` (batch, context + T) inputs -> the baseline after each of the last T (batch, T, horizon),
-        and with ``error_input`` the step-1 baseline after the input before each (batch, T), computed apart
-        and without gradients (before a series' first values it is NaN, which must not reach ``mix``)."""
+        and with ``error_input`` the step-1 baseline after the input before each (batch, T), without
+        gradients (an input of the net)."""
         if not self.error_input:
             return self._baseline_seq(full), None
-        if not torch.is_grad_enabled():  # serving: both from one pass, (batch, T + 1, horizon)
-            seq = self._baseline_seq(full)
-            return seq[:, 1:], seq[:, :-1, 0]
-        base = self._baseline_seq(full[:, 1:])
-        with torch.no_grad():
-            return base, self._baseline_seq(full[:, :-1])[..., 0]
+        seq = self._baseline_seq(full)  # (batch, T + 1, horizon): both from one pass
+        return seq[:, 1:], seq[:, :-1, 0].detach()
 
     def _baseline_seq(self, full: Tensor) -> Tensor:
         """``full`` (batch, n) inputs -> the baseline after each one that has ``reach`` before it: (batch,
@@ -272,7 +268,8 @@ class RecurrentForecaster(nn.Module):
             means = full[:, now[:, None, None] - self._block].nanmean(3)  # (batch, T, 2) newest, earlier
             slope = ((means[..., :1] - means[..., 1:]) / self.trend_span).nan_to_num(0.0)  # (batch, T, 1)
             base = base + slope * self._ahead
-        return base + self.mix * (newest - base)  # (batch, T, horizon)
+        # (NaN before a series' first value stays NaN; nan_to_num keeps 0 * NaN out of mix's gradient)
+        return base + self.mix * (newest - base).nan_to_num(0.0)  # (batch, T, horizon)
 
     def _with_past(self, values: Tensor, past: Tensor | None) -> Tensor:
         past = (
