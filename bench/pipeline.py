@@ -21,7 +21,7 @@ those the service used: whether a run was bound by this machine's CPU or by the 
 The load generator and the reader of the outputs use confluent-kafka, so neither limits a run.
 
     python bench/pipeline.py --quick        # a few minutes
-    python bench/pipeline.py                # the figures in README
+    python bench/pipeline.py                # the figures in docs/benchmarks.md
 
 The broker is ``FORECASTER_KAFKA__BOOTSTRAP_SERVERS`` or ``--bootstrap`` (default 127.0.0.1:9092);
 ``deploy/kafka/start`` starts one.

@@ -17,7 +17,7 @@ The baseline in the same run is N = 0 (nothing to restore). The broker is
 ``FORECASTER_KAFKA__BOOTSTRAP_SERVERS`` or ``--bootstrap`` (default 127.0.0.1:9092).
 
     python bench/recovery.py --quick      # about two minutes
-    python bench/recovery.py              # the figures in README
+    python bench/recovery.py              # the figures in docs/benchmarks.md
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from forecaster.timegrid import parse_period
 ENV_PREFIX = "FORECASTER_"
 ENV_DELIMITER = "__"
 # The input consumer's (fetch_min_bytes, fetch_wait_max_ms) when not set, per Kafka client. librdkafka waits
-# for 64 KB or 5 ms: under load the loop gets batches instead of a fetch per few records (README: latency),
+# for 64 KB or 5 ms: under load the loop gets batches instead of a fetch per few records (docs/configuration.md: latency),
 # for about 0.8 % of a core more when idle. kafka-python answers each fetch in Python: 10 ms cost it 11 % of
 # a core idle (2.6 % at 100 ms), so it keeps answering at once and holding an empty fetch 100 ms.
 FETCH_DEFAULTS = {"confluent": (65_536, 5), "kafka-python": (1, 100)}
@@ -246,7 +246,7 @@ class ServiceSettings(BaseModel):
         default=1, ge=0, le=1024
     )  # intra-op threads; one process per core. 0: torch's default
     # "value": one forecast record per stepped value; "window": one per input record, its values' forecasts
-    # in lists (amortises the per-record cost of windowed input; see README, wire formats).
+    # in lists (amortises the per-record cost of windowed input; see docs/wire-formats.md).
     forecast_records: Literal["value", "window"] = "value"
     # The largest record the service produces (Kafka's default max.request.size); a dead letter of a record
     # near the input's limit is cut to fit under it, so no input record can stop the service.
