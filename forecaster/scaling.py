@@ -309,7 +309,7 @@ class Scaling:
         for t in range(steps):
             vt, _ = self.winsorize(stats, vv[:, t])
             if gaps is not None and t > 0 and gaps[:, t].any():
-                filled = impute(_held(folded, t, reach, vt), season)
+                filled = impute(_held(folded, t, reach, vt), season, self.positive)
                 vt = _lib(vt).where(_as(gaps[:, t], vt), filled, vt)
             stats = self.update(stats, vt)
             xs.append(self.normalize(stats, vt))

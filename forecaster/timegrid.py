@@ -139,7 +139,7 @@ def impute_reach(season: int) -> int:
     return 2 * season if season > 1 else 1
 
 
-def impute(recent: Any, season: int) -> Any:
+def impute(recent: Any, season: int, positive: bool = False) -> Any:
     """The values missing periods take, from ``recent`` (n, L): the values before each, newest last, as
     float32 holds them, NaN before a series' first (numpy or torch). With ``L >= 2 * season`` values held:
     the value one season earlier moved by the change of level since (the mean of the last season minus
@@ -148,8 +148,12 @@ def impute(recent: Any, season: int) -> Any:
 
     Measured (``bench/quality.py --gaps 5 --quick``): on 24 monthly employment series the gapped run's
     MASE over the gapless one was 1.09 at h1 with this rule and 1.23 with the plain value a season earlier.
-    The engine reads at most its ring (``state.window``): a window under two seasons fills as with one."""
+    The engine reads at most its ring (``state.window``): a window under two seasons fills as with one.
+    ``positive`` (log scaling): the same on the logarithms, so the level moves by a ratio and the value
+    stays positive."""
     lib = np if isinstance(recent, np.ndarray) else torch
+    if positive:
+        return lib.exp(impute(lib.log(recent), season))
     out = recent[:, -1]
     width = recent.shape[1]
     if season <= 1 or width < season:

@@ -373,7 +373,7 @@ class Engine:
             else:
                 recent = tb.values_flat[torch.from_numpy(at).to(self.device)].double()
                 recent = recent.masked_fill(torch.from_numpy(before_first).to(self.device), float("nan"))
-            v = impute(recent, season)
+            v = impute(recent, season, scaling.positive)
         if self._cpu:
             idx, idx_t = slots, torch.from_numpy(slots)
         else:

@@ -97,6 +97,28 @@ def test_a_trending_series_is_filled_at_its_level_and_a_flat_one_with_its_patter
     np.testing.assert_allclose(impute(np.array([[1.0, 2.0]]), 1), [2.0])
 
 
+def test_a_falling_positive_series_is_filled_by_ratio_and_stays_positive() -> None:
+    """With log scaling the level moves by a ratio: a series halving every season is filled at half its
+    value a season back (a difference would take it below zero), in the engine as in the trainer."""
+    season = 4
+    pattern = np.array([1.0, 3.0, 2.0, 4.0])
+    falling = np.concatenate([pattern * 400.0, pattern * 200.0])  # (8,) halves each season
+    filled = impute(falling[None, :], season, positive=True)
+    np.testing.assert_allclose(filled, [pattern[0] * 100.0], rtol=1e-9)  # exp(log 200 + log 1/2) * 1
+    assert impute(falling[None, :], season)[0] < 0  # the additive move, for contrast
+    model = _model(season=season)
+    model.period_ms = HOUR
+    engine = Engine(model, window=16, scaling=Scaling(kind="log"))
+    ts = T0 + np.arange(len(falling) + 3) * HOUR
+    values = np.concatenate([falling, [50.0, 150.0, 25.0]])
+    keep = np.ones(len(ts), bool)
+    keep[8] = False  # the period after the two seasons is missing
+    out = engine.process(["s"] * int(keep.sum()), ts[keep], values[keep])
+    assert out.imputed == 1 and np.isfinite(out.forecasts).all()
+    (row,) = np.flatnonzero(engine.table.gaps[engine.table.slots["s"]])
+    assert engine.table.values_flat[engine.table.slots["s"] * 16 + row] == np.float32(100.0)
+
+
 @st.composite
 def gapped_streams(draw):
     """Three hourly series with random missing hours (runs of 1-6), a few ms of jitter, duplicates within a
