@@ -759,6 +759,7 @@ def run_gaps(data: DataSet, cells: tuple[str, ...], percent: float) -> dict[str,
             out["cells"][cell] = {
                 **gap,
                 "period_ms": {"gapless": info["period_ms"], "gapped": holed_info["period_ms"]},
+                "scaling": {"gapless": info["scaling"], "gapped": holed_info["scaling"]},
                 "imputed": holed_info["imputed"],
                 "baseline": {"gapless": info["baseline"], "gapped": holed_info["baseline"]},
             }
