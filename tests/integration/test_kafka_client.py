@@ -221,9 +221,10 @@ def test_pause_seek_resume_on_a_newly_assigned_partition(settings, topic_factory
     tp = TopicPartition(topic, 0)
     consumer = make_consumer(settings, ConsumerOptions(group_id=group_factory()))
     consumer.subscribe(topic, Rebalance(on_assign=lambda tps: consumer.pause(tps)))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90  # a new topic's metadata can come late on a loaded machine
     while not consumer.assignment() and time.monotonic() < deadline:
         assert consumer.poll(100, 0.2) == []  # paused: nothing is consumed before the restore
+    assert tp in consumer.assignment(), "no partition assigned within 90 s"
     assert consumer.poll(100, 0.5) == []
     consumer.seek(tp, 3)
     consumer.resume([tp])
