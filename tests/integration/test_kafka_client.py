@@ -220,6 +220,9 @@ def test_pause_seek_resume_on_a_newly_assigned_partition(settings, topic_factory
     producer.close(10)
     tp = TopicPartition(topic, 0)
     consumer = make_consumer(settings, ConsumerOptions(group_id=group_factory()))
+    # The topic in the consumer's metadata first: joined before it, kafka-python's member is given no
+    # partition and asks again only at its next metadata refresh (minutes).
+    assert consumer.partitions_for(topic, 60) == [0]
     consumer.subscribe(topic, Rebalance(on_assign=lambda tps: consumer.pause(tps)))
     deadline = time.monotonic() + 90  # a new topic's metadata can come late on a loaded machine
     while not consumer.assignment() and time.monotonic() < deadline:
