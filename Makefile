@@ -18,7 +18,7 @@ down-all:  ## the same, and the broker `make up` started
 # the cores); a file stays on one worker, in one piece (module fixtures such as a running pipeline or a
 # secure broker on a fixed port are set up once; spread test by test, a worker may run them in pieces).
 PYTEST_ARGS ?=
-WORKERS ?= 4
+WORKERS ?= 3
 
 test:  ## installs what the tests need, then every test (the integration tests start a broker when none answers)
 	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev,notebooks]'

@@ -122,7 +122,7 @@ def test_a_member_stopped_past_its_session_timeout_says_so_rejoins_and_loses_not
     # What the member says depends on what its client reports: a lost assignment ("lost partitions"), or
     # only a rebalance; the poll that spanned the stop says so either way.
     said = ("lost partitions", "was stopped or starved")
-    broker.wait_for(lambda: any(w in a.log_path.read_text() for w in said), timeout=60, what="a noticed")
+    broker.wait_for(lambda: any(w in a.log_path.read_text() for w in said), timeout=120, what="a noticed")
     broker.wait_for(lambda: a.http("/readyz")[0] == 200, timeout=60, what="a back in the group")
     broker.send(topics.input, records[2 * len(records) // 3 :])
     expected = set(zip(frame["series"], frame["ts"], strict=True))
