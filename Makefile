@@ -14,11 +14,13 @@ down-all:  ## the same, and the broker `make up` started
 
 # The test dependencies first (pytest, ruff, the notebook runner: extras dev and notebooks), so that
 # `make test` works on a fresh clone after `pip install -e .`. PYTEST_ARGS: e.g. a test file, or -m "not slow".
-# WORKERS: pytest-xdist workers (tests wait on the broker and on subprocesses much of the time, so more than
+# WORKERS: pytest-xdist workers (0: one process, the default: the fault tests time brokers and services,
+# and in parallel on two cores one of them failed now and then; `make test WORKERS=3` takes about 11 minutes)
+# WORKERS (more): (tests wait on the broker and on subprocesses much of the time, so more than
 # the cores); a file stays on one worker, in one piece (module fixtures such as a running pipeline or a
 # secure broker on a fixed port are set up once; spread test by test, a worker may run them in pieces).
 PYTEST_ARGS ?=
-WORKERS ?= 3
+WORKERS ?= 0
 
 test:  ## installs what the tests need, then every test (the integration tests start a broker when none answers)
 	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev,notebooks]'
